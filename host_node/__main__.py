@@ -1,0 +1,6 @@
+from fabric.runner import run_service, settings_from_argv
+from host_node.service import run_host_node
+from host_node.settings import HostNodeSettings
+
+settings = settings_from_argv(HostNodeSettings, "host_node")
+run_service(lambda: run_host_node(settings), settings.log_level, settings.node_id)

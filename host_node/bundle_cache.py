@@ -1,0 +1,43 @@
+"""Function code on this node: fetched once per digest from the bundle store, verified, unpacked."""
+
+import asyncio
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from fabric.bundles import BundleError, BundleStore, unpack
+
+DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
+
+
+class BundleCache:
+    def __init__(self, store: BundleStore, root: Path):
+        self._store = store
+        self._root = root
+        self._ready: set[str] = set()
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        root.mkdir(parents=True, exist_ok=True)
+
+    async def ensure(self, digest: str) -> tuple[Path, bool]:
+        """The unpacked bundle's directory, and whether this call had to fetch it."""
+        path = self._root / digest
+        if digest in self._ready:
+            return path, False
+        if not DIGEST_RE.match(digest):
+            raise BundleError(f"{digest!r} is not a bundle digest")  # also keeps paths inside the cache
+        async with self._locks[digest]:
+            if path.is_dir():
+                self._ready.add(digest)
+                return path, False
+            data = await self._store.fetch(digest)
+            staging = Path(tempfile.mkdtemp(dir=self._root, prefix=".unpack-"))
+            try:
+                await asyncio.to_thread(unpack, data, staging)
+                staging.rename(path)  # atomic: a crash never leaves a half-unpacked bundle in place
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._ready.add(digest)
+            return path, True

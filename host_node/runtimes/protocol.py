@@ -1,0 +1,19 @@
+"""Frames between the node and a python worker over a socketpair: u32 length, u8 kind, body.
+
+Stdlib only: the worker imports this module by path, and its cold start should import nothing else.
+"""
+
+import struct
+
+HEADER = struct.Struct("!IB")
+
+READY = 1  # worker -> node: handler imported; body = init duration in ms (ascii)
+INIT_ERROR = 2  # worker -> node: import failed; body = traceback
+INVOKE = 3  # node -> worker: body = payload
+OUTPUT = 4  # worker -> node: body = the handler's output
+HANDLER_ERROR = 5  # worker -> node: body = traceback
+OUTPUT_TOO_LARGE = 6  # worker -> node: body = the output's size (ascii)
+
+
+def frame(kind: int, body: bytes) -> bytes:
+    return HEADER.pack(len(body), kind) + body

@@ -1,0 +1,84 @@
+"""A warm python instance: import the handler once, then serve invocations one at a time.
+
+Run as `python -I python_worker.py FD MODULE:FUNCTION CODE_DIR MAX_OUTPUT_BYTES`. Talks to the node
+only over the socket FD; the handler's own stdout/stderr go to the node's log for the function.
+Stdlib only, so the worker's own start-up stays small next to the function's imports.
+"""
+
+import importlib
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import protocol
+
+
+def to_bytes(result: object) -> bytes:
+    if isinstance(result, bytes | bytearray | memoryview):
+        return bytes(result)
+    if isinstance(result, str):
+        return result.encode()
+    if result is None:
+        return b""
+    return json.dumps(result).encode()
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes | None:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            return None  # the node closed the socket: time to go
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def load_handler(spec: str, code_dir: str):
+    module_name, _, function_name = spec.partition(":")
+    sys.path.insert(0, code_dir)
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def serve(sock: socket.socket, handler, max_output: int) -> None:
+    while True:
+        header = recv_exact(sock, protocol.HEADER.size)
+        if header is None:
+            return
+        size, _kind = protocol.HEADER.unpack(header)
+        payload = recv_exact(sock, size)
+        if payload is None:
+            return
+        try:
+            output = to_bytes(handler(payload))
+        except Exception:
+            sock.sendall(protocol.frame(protocol.HANDLER_ERROR, traceback.format_exc().encode()))
+            continue
+        if len(output) > max_output:
+            sock.sendall(protocol.frame(protocol.OUTPUT_TOO_LARGE, str(len(output)).encode()))
+        else:
+            sock.sendall(protocol.frame(protocol.OUTPUT, output))
+
+
+def main() -> None:
+    fd, handler_spec, code_dir, max_output = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    sock = socket.socket(fileno=int(fd))
+    started = time.perf_counter()
+    try:
+        handler = load_handler(handler_spec, code_dir)
+        if not callable(handler):
+            raise TypeError(f"{handler_spec} is not callable")
+    except BaseException:
+        sock.sendall(protocol.frame(protocol.INIT_ERROR, traceback.format_exc().encode()))
+        return
+    init_ms = (time.perf_counter() - started) * 1000
+    sock.sendall(protocol.frame(protocol.READY, f"{init_ms:.3f}".encode()))
+    serve(sock, handler, max_output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Host node NATS handler (invoke), heartbeats, keep-alive reaping, and the process's lifecycle."""
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+from opentelemetry.trace import SpanKind
+
+from fabric import bus
+from fabric.bundles import BundleError, BundleStore
+from fabric.store import Store
+from fabric.tasks import TaskSet
+from fabric.telemetry import setup_tracing, tracer
+from host_node.bundle_cache import BundleCache
+from host_node.runtimes.errors import FunctionFailed
+from host_node.runtimes.exec import run_exec
+from host_node.runtimes.python import PythonInstance
+from host_node.settings import HostNodeSettings
+from host_node.spawner import PlainSpawner, Spawner
+from host_node.warm import WarmInstances
+from schemas import codec, keys, subjects
+from schemas.errors import Error
+from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, NodeRecord, instance_key
+
+log = logging.getLogger(__name__)
+_tracer = tracer("hetfaas.host_node")
+
+NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
+
+
+class HostNode:
+    def __init__(self, settings: HostNodeSettings, bundles: BundleCache, spawner: Spawner):
+        self.settings = settings
+        self._bundles = bundles
+        self._spawner = spawner
+        self.warm: WarmInstances[PythonInstance] = WarmInstances(settings.max_instances)
+        self.inflight = 0
+        self._logs = Path(settings.work_dir) / "logs"
+
+    def routes(self) -> list[bus.Route]:
+        return [bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke)]
+
+    async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
+        if self.inflight >= self.settings.capacity:
+            return self._error(req, "throttled", f"node is running {self.inflight} invocations, its capacity")
+        self.inflight += 1
+        try:
+            with _tracer.start_as_current_span(
+                "node.invoke",
+                context=ctx.trace_context,
+                kind=SpanKind.SERVER,
+                attributes={
+                    "faas.invocation_id": req.invocation_id,
+                    "faas.name": req.spec.name,
+                    "faas.instance": self.settings.node_id,
+                    "hetfaas.tenant": req.spec.tenant,
+                    "hetfaas.attempt": req.attempt,
+                },
+            ) as span:
+                reply = await self._invoke(req, ctx.received_at)
+                if isinstance(reply, InvokeReply):
+                    span.set_attribute("faas.coldstart", reply.cold_start)
+                else:
+                    span.set_attribute("hetfaas.error", reply.error.code)
+                return reply
+        finally:
+            self.inflight -= 1
+
+    async def _invoke(self, req: NodeInvoke, received_at: float) -> InvokeReply | ErrorReply:
+        deadline = received_at + min(req.timeout_ms, req.spec.timeout_ms) / 1000 - NODE_MARGIN_S
+        phases: dict[str, float] = {}
+        try:
+            code_dir, fetched = await self._bundles.ensure(req.bundle_digest)
+            if fetched:
+                phases["bundle_fetch_ms"] = _ms_since(received_at)
+            if req.spec.runtime == "python":
+                output, cold = await self._run_python(req, code_dir, deadline, phases)
+            else:
+                assert req.spec.command is not None
+                started = time.monotonic()
+                output = await run_exec(
+                    self._spawner,
+                    req.spec.command,
+                    code_dir,
+                    req.payload,
+                    deadline - started,
+                    self.settings.max_output_bytes,
+                )
+                phases["exec_ms"] = _ms_since(started)
+                cold = fetched
+        except FunctionFailed as failure:
+            return self._error(req, failure.code, failure.message, failure.detail)
+        except BundleError as exc:
+            return self._error(req, "internal", f"cannot get the function's code: {exc}")
+        return InvokeReply(
+            invocation_id=req.invocation_id,
+            node=self.settings.node_id,
+            cold_start=cold,
+            duration_ms=_ms_since(received_at),
+            output=output,
+            phases_ms=phases,
+            attempts=req.attempt,
+        )
+
+    async def _run_python(
+        self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
+    ) -> tuple[bytes, bool]:
+        spec = req.spec
+        assert spec.handler is not None
+        key = instance_key(spec.tenant, spec.name, req.bundle_digest)
+
+        async def start() -> PythonInstance:
+            log_path = self._logs / spec.tenant / f"{spec.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - local append-open, cold path only
+                return await PythonInstance.start(
+                    self._spawner,
+                    spec.handler,
+                    code_dir,
+                    log_file,
+                    self.settings.max_output_bytes,
+                    deadline - time.monotonic(),
+                )
+
+        acquire_started = time.monotonic()
+        limit = min(spec.concurrency, self.settings.max_instances_per_function)
+        instance, cold = await self.warm.acquire(key, limit, start, deadline - acquire_started)
+        phases["acquire_ms"] = _ms_since(acquire_started)
+        if cold:
+            phases["runtime_init_ms"] = instance.init_ms
+        handler_started = time.monotonic()
+        try:
+            output = await instance.invoke(req.payload, deadline - handler_started)
+        finally:
+            self.warm.release(key, instance)
+        phases["handler_ms"] = _ms_since(handler_started)
+        return output, cold
+
+    def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
+        return ErrorReply(
+            error=Error(code=code, message=message, detail=detail),
+            invocation_id=req.invocation_id,
+            node=self.settings.node_id,
+        )
+
+    def heartbeat(self, seq: int) -> Heartbeat:
+        return Heartbeat(
+            node_id=self.settings.node_id,
+            seq=seq,
+            inflight=self.inflight,
+            capacity=self.settings.capacity,
+            instances=self.warm.pool.total,
+            warm_idle=self.warm.pool.idle_counts(),
+        )
+
+    async def send_heartbeats(self, nc: NATS) -> None:
+        seq = 0
+        while True:
+            await nc.publish(subjects.heartbeat(self.settings.node_id), codec.encode(self.heartbeat(seq)))
+            seq += 1
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def reap_idle(self) -> None:
+        period = min(self.settings.keep_alive_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(period)
+            if reaped := self.warm.reap(self.settings.keep_alive_s):
+                log.info("stopped %d idle instances past their keep-alive", reaped)
+
+
+def _ms_since(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 3)
+
+
+async def run_host_node(settings: HostNodeSettings, spawner: Spawner | None = None) -> None:
+    provider = setup_tracing(settings.node_id, settings.state_dir, settings.tracing)
+    nc = await bus.connect(settings.nats_url, settings.node_id)
+    tasks = TaskSet()
+    bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
+    node = HostNode(settings, bundles, spawner or PlainSpawner())
+    server = bus.Server(nc, max_concurrent=settings.capacity * 2)
+    record = NodeRecord(
+        node_id=settings.node_id,
+        kind="host",
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        capacity=settings.capacity,
+        started_at=time.time(),
+    )
+    try:
+        async with Store(settings.etcd_endpoints) as store:
+            registration = store.leased_key(
+                keys.node(settings.node_id), lambda: codec.encode(record), settings.lease_ttl_s
+            )
+            await server.serve(node.routes())
+            tasks.spawn(node.send_heartbeats(nc), "heartbeats")
+            tasks.spawn(node.reap_idle(), "reap-idle")
+            tasks.spawn(registration.run(), "registration")
+            log.info("host node %s serving", settings.node_id)
+            try:
+                await asyncio.Future()
+            finally:
+                await server.close(grace_s=settings.shutdown_grace_s)
+                await registration.revoke()
+    finally:
+        await tasks.close()
+        node.warm.close()
+        await nc.drain()
+        if provider:
+            provider.shutdown()

@@ -1,0 +1,19 @@
+import msgspec
+
+
+class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    node_id: str
+    nats_url: str
+    etcd_endpoints: list[str]
+    work_dir: str  # bundles and function logs live here
+    state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
+    tracing: bool = True
+    log_level: str = "INFO"
+    lease_ttl_s: int = 5
+    heartbeat_interval_s: float = 1.0
+    capacity: int = 64  # invocations running at once; beyond it the node answers `throttled`
+    max_instances: int = 64  # warm python instances on this node, all functions together
+    max_instances_per_function: int = 16  # further capped by each function's `concurrency`
+    keep_alive_s: float = 600.0  # an idle instance lives this long
+    max_output_bytes: int = 6 * 1024 * 1024
+    shutdown_grace_s: float = 10.0  # on SIGTERM, running invocations get this long to finish

@@ -1,0 +1,98 @@
+"""Acquiring a warm instance: reuse an idle one, start one if the caps allow, else wait for one."""
+
+import asyncio
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
+
+from host_node.instances import InstancePool
+from host_node.runtimes.errors import FunctionFailed
+
+
+class Instance(Protocol):
+    healthy: bool
+
+    def kill(self) -> None: ...
+
+
+T = TypeVar("T", bound=Instance)
+
+
+class WarmInstances(Generic[T]):
+    def __init__(self, max_total: int):
+        self.pool: InstancePool[T] = InstancePool(max_total)
+        # Requests waiting for an instance of a function; a released instance goes to the first.
+        self._waiters: dict[str, deque[asyncio.Future[T | None]]] = defaultdict(deque)
+
+    async def acquire(
+        self, key: str, max_for_key: int, start: Callable[[], Awaitable[T]], timeout_s: float
+    ) -> tuple[T, bool]:
+        """An instance for `key` and whether it was started for this call (a cold start)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            instance = self.pool.take_idle(key)
+            if instance is not None:
+                return instance, False
+            if self._reserve(key, max_for_key):
+                try:
+                    return await start(), True
+                except BaseException:
+                    self.pool.discard(key)
+                    self._wake(key, None)
+                    raise
+            instance = await self._wait(key, deadline, max_for_key)
+            if instance is not None:
+                return instance, False
+
+    def _reserve(self, key: str, max_for_key: int) -> bool:
+        if self.pool.reserve(key, max_for_key):
+            return True
+        if self.pool.live(key) < max_for_key:
+            evicted = self.pool.evict_lru(except_key=key)  # full node: make room from another function
+            if evicted is not None:
+                evicted[1].kill()
+                return self.pool.reserve(key, max_for_key)
+        return False
+
+    async def _wait(self, key: str, deadline: float, max_for_key: int) -> T | None:
+        future: asyncio.Future[T | None] = asyncio.get_running_loop().create_future()
+        self._waiters[key].append(future)
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await future
+        except TimeoutError:
+            raise FunctionFailed(
+                "timeout", f"all {max_for_key} instances of the function stayed busy until the deadline"
+            ) from None
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+
+    def release(self, key: str, instance: T) -> None:
+        if not instance.healthy:
+            instance.kill()
+            self.pool.discard(key)
+            self._wake(key, None)  # a waiter may now start a fresh instance
+        elif not self._wake(key, instance):
+            self.pool.put_idle(key, instance, time.monotonic())
+
+    def _wake(self, key: str, instance: T | None) -> bool:
+        waiters = self._waiters.get(key)
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(instance)
+                return True
+        return False
+
+    def reap(self, keep_alive_s: float) -> int:
+        expired = self.pool.expired(time.monotonic(), keep_alive_s)
+        for _, instance in expired:
+            instance.kill()
+        return len(expired)
+
+    def close(self) -> None:
+        for _, instance in self.pool.drain():
+            instance.kill()

@@ -1,0 +1,1 @@
+"""The scheduler: receives invocations, keeps a cluster view, places, forwards, retries."""

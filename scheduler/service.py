@@ -1,0 +1,313 @@
+"""Scheduler NATS handlers: invoke (place, forward, retry), deploy, list, status, heartbeats."""
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+from nats.aio.client import Client as NATS
+from opentelemetry.trace import SpanKind
+
+from fabric import bus
+from fabric.bundles import BundleStore
+from fabric.store import STORE_ERRORS, Store
+from fabric.tasks import TaskSet
+from fabric.telemetry import inject_headers, setup_tracing, tracer
+from scheduler import state
+from scheduler.placement import choose_node
+from scheduler.settings import SchedulerSettings
+from scheduler.view import ClusterView, warm_key
+from schemas import codec, keys, subjects
+from schemas.errors import Error, ErrorCode
+from schemas.manifest import spec_problems
+from schemas.messages import (
+    ClusterStatus,
+    DeployReply,
+    DeployRequest,
+    ErrorReply,
+    FunctionList,
+    FunctionRecord,
+    Heartbeat,
+    InvokeRequest,
+    ListFunctions,
+    NodeInvoke,
+    SchedulerRecord,
+    StatusRequest,
+)
+
+log = logging.getLogger(__name__)
+_tracer = tracer("hetfaas.scheduler")
+
+RETRYABLE_NODE_ERRORS = {"unavailable", "throttled"}
+MAX_INVOCATION_ID = 128
+
+
+def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = "") -> ErrorReply:
+    return ErrorReply(error=Error(code=code, message=message), invocation_id=invocation_id, node=node)
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings, nc: NATS, store: Store, bundles: BundleStore):
+        self.settings = settings
+        self.view = ClusterView()
+        self._store = store
+        self._bundles = bundles
+        self._requester = bus.Requester(nc)
+        self.sync = state.ClusterSync(store, self.view, self._node_gone)
+
+    def routes(self) -> list[bus.Route]:
+        queue = subjects.SCHEDULER_QUEUE
+        return [
+            bus.Route(subjects.INVOKE_ALL, codec.invoke_request, self.on_invoke, queue),
+            bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue),
+            bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
+            bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
+            # Every replica needs every heartbeat: no queue group.
+            bus.Route(subjects.HEARTBEAT_ALL, codec.heartbeat, self.on_heartbeat, inline=True),
+        ]
+
+    async def start(self) -> None:
+        await self._requester.start()
+
+    # --- invoke ---
+
+    async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes:
+        with _tracer.start_as_current_span(
+            "scheduler.invoke",
+            context=ctx.trace_context,
+            kind=SpanKind.SERVER,
+            attributes={
+                "faas.invocation_id": req.invocation_id,
+                "faas.name": req.function,
+                "hetfaas.tenant": req.tenant,
+            },
+        ) as span:
+            reply = await self._invoke(req, ctx)
+            if isinstance(reply, ErrorReply):
+                span.set_attribute("hetfaas.error", reply.error.code)
+            return reply
+
+    async def _invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes:
+        problem = self._check_invoke(req, ctx.subject)
+        if problem:
+            return error("bad_request", problem, req.invocation_id)
+        record = self.view.functions.get((req.tenant, req.function)) or await self._lookup(req)
+        if isinstance(record, ErrorReply):
+            return record
+        deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
+        return await self._place_and_forward(req, record, deadline)
+
+    def _check_invoke(self, req: InvokeRequest, subject: str) -> str | None:
+        if subjects.parse_invoke(subject) != (req.tenant, req.function):
+            return f"subject {subject} does not match tenant {req.tenant!r} and function {req.function!r}"
+        if not req.invocation_id or len(req.invocation_id) > MAX_INVOCATION_ID:
+            return f"invocation_id must be 1..{MAX_INVOCATION_ID} characters"
+        if len(req.payload) > self.settings.max_payload_bytes:
+            return f"payload is {len(req.payload)} bytes, over the limit of {self.settings.max_payload_bytes}"
+        if not self.settings.reply_margin_ms < req.timeout_ms <= self.settings.max_timeout_ms:
+            return (
+                f"timeout_ms must be in {self.settings.reply_margin_ms + 1}..{self.settings.max_timeout_ms}"
+            )
+        return None
+
+    async def _lookup(self, req: InvokeRequest) -> FunctionRecord | ErrorReply:
+        """A function missing from the view may be deployed a moment ago via another replica."""
+        try:
+            record = await state.read_function(self._store, req.tenant, req.function)
+        except STORE_ERRORS:
+            return error(
+                "unavailable",
+                f"function {req.function!r} is unknown here and etcd is unreachable",
+                req.invocation_id,
+            )
+        if record is not None:
+            self.view.put_function(record)
+            return record
+        if not self.view.has_tenant(req.tenant):
+            return error(
+                "not_found", f"unknown tenant {req.tenant!r} (no functions deployed)", req.invocation_id
+            )
+        return error(
+            "not_found",
+            f"function {req.function!r} is not deployed for tenant {req.tenant!r}",
+            req.invocation_id,
+        )
+
+    async def _place_and_forward(
+        self, req: InvokeRequest, record: FunctionRecord, deadline: float
+    ) -> ErrorReply | bytes:
+        key = warm_key(record)
+        tried: set[str] = set()
+        failures: list[str] = []
+        while True:
+            now = time.monotonic()
+            node = choose_node(self.view.nodes.values(), key, now, self.settings.node_stale_after_s, tried)
+            if node is None:
+                why = "; ".join(failures) or "no healthy host node is registered"
+                return error("unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id)
+            remaining_ms = int((deadline - now) * 1000)
+            if remaining_ms <= 0:
+                return error(
+                    "timeout",
+                    f"deadline passed before {req.function!r} could run ({'; '.join(failures)})",
+                    req.invocation_id,
+                )
+            tried.add(node.node_id)
+            message = NodeInvoke(
+                invocation_id=req.invocation_id,
+                spec=record.spec,
+                bundle_digest=record.bundle_digest,
+                payload=req.payload,
+                timeout_ms=remaining_ms,
+                attempt=len(tried),
+            )
+            reply = await self._forward(node, message, remaining_ms, key, failures)
+            if reply is not None:
+                return reply
+
+    async def _forward(
+        self, node, message: NodeInvoke, remaining_ms: int, key: str, failures: list[str]
+    ) -> ErrorReply | bytes | None:
+        """One attempt on one node: the reply to relay, or None (after noting why) to try another."""
+        node_id = node.node_id
+        with _tracer.start_as_current_span(
+            "scheduler.forward",
+            kind=SpanKind.CLIENT,
+            attributes={"hetfaas.node": node_id, "hetfaas.attempt": message.attempt},
+        ):
+            node.inflight_here += 1
+            try:
+                msg = await self._requester.request(
+                    subjects.node_invoke(node_id),
+                    codec.encode(message),
+                    remaining_ms / 1000,
+                    inject_headers({}),
+                    node_id,
+                )
+            except bus.NoResponders:
+                node.unreachable = True
+                failures.append(f"{node_id} is not listening")
+                return None
+            except bus.PeerLost:
+                failures.append(f"{node_id} was lost mid-request")
+                return None
+            except bus.RequestTimeout:
+                return error(
+                    "timeout", f"{node_id} did not answer before the deadline", message.invocation_id, node_id
+                )
+            finally:
+                node.inflight_here -= 1
+        result = codec.invoke_result.decode(msg.data)
+        if isinstance(result, ErrorReply) and result.error.code in RETRYABLE_NODE_ERRORS:
+            failures.append(f"{node_id}: {result.error.message}")
+            return None
+        node.recent.add(key)
+        return msg.data  # relayed as the node encoded it: no re-encoding on the hot path
+
+    def _node_gone(self, node_id: str) -> None:
+        failed = self._requester.fail_peer(node_id)
+        if failed:
+            log.warning(
+                "node %s lost with %d invocations in flight; retrying them elsewhere", node_id, failed
+            )
+
+    async def watch_staleness(self) -> None:
+        """Fail requests waiting on nodes that stopped heartbeating, without waiting for their lease."""
+        period = self.settings.node_stale_after_s / 3
+        while True:
+            await asyncio.sleep(period)
+            for node_id in self.view.stale_nodes(time.monotonic(), self.settings.node_stale_after_s):
+                if self._requester.in_flight(node_id):
+                    self._node_gone(node_id)
+
+    # --- heartbeats ---
+
+    async def on_heartbeat(self, hb: Heartbeat, ctx: bus.Context) -> None:
+        self.view.on_heartbeat(hb, ctx.received_at)
+
+    # --- control ---
+
+    async def on_deploy(self, req: DeployRequest, ctx: bus.Context) -> DeployReply | ErrorReply:
+        problems = spec_problems(req.spec)
+        if problems:
+            return error("bad_request", "invalid function spec: " + "; ".join(problems))
+        try:
+            if not await self._bundles.exists(req.bundle_digest):
+                return error("not_found", f"bundle {req.bundle_digest} was not uploaded to the bundle store")
+            current = await state.read_function(self._store, req.spec.tenant, req.spec.name)
+            if current is not None and (current.spec, current.bundle_digest) == (req.spec, req.bundle_digest):
+                entry = await self._store.get(keys.function(req.spec.tenant, req.spec.name))
+                return DeployReply(
+                    function=current, revision=entry.mod_revision if entry else 0, updated=False
+                )
+            record = FunctionRecord(
+                spec=req.spec,
+                bundle_digest=req.bundle_digest,
+                bundle_size=req.bundle_size,
+                deployed_at=time.time(),
+            )
+            revision = await state.write_function(self._store, record)
+        except STORE_ERRORS as exc:
+            return error("unavailable", f"cannot deploy while etcd is unreachable: {exc}")
+        self.view.put_function(record)
+        log.info("deployed %s/%s (%s)", req.spec.tenant, req.spec.name, req.bundle_digest)
+        return DeployReply(function=record, revision=revision, updated=True)
+
+    async def on_list(self, req: ListFunctions, ctx: bus.Context) -> FunctionList | ErrorReply:
+        try:
+            records = await state.list_functions(self._store, req.tenant)
+        except STORE_ERRORS as exc:
+            return error("unavailable", f"cannot list functions while etcd is unreachable: {exc}")
+        return FunctionList(functions=sorted(records, key=lambda r: (r.spec.tenant, r.spec.name)))
+
+    async def on_status(self, req: StatusRequest, ctx: bus.Context) -> ClusterStatus:
+        try:
+            schedulers = await state.list_schedulers(self._store)
+        except STORE_ERRORS:
+            schedulers = []  # still show this replica's view of the nodes
+        now = time.monotonic()
+        stale = self.settings.node_stale_after_s
+        return ClusterStatus(
+            answered_by=self.settings.scheduler_id,
+            schedulers=sorted(schedulers, key=lambda s: s.scheduler_id),
+            nodes=[n.status(now, stale) for n in sorted(self.view.nodes.values(), key=lambda n: n.node_id)],
+            functions=len(self.view.functions),
+        )
+
+
+async def run_scheduler(settings: SchedulerSettings) -> None:
+    provider = setup_tracing(settings.scheduler_id, settings.state_dir, settings.tracing)
+    nc = await bus.connect(settings.nats_url, settings.scheduler_id)
+    tasks = TaskSet()
+    server = bus.Server(nc, settings.max_concurrent)
+    try:
+        async with Store(settings.etcd_endpoints) as store:
+            scheduler = Scheduler(settings, nc, store, BundleStore(nc.jetstream()))
+            await scheduler.start()
+            record = SchedulerRecord(
+                scheduler_id=settings.scheduler_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=time.time(),
+            )
+            registration = store.leased_key(
+                keys.scheduler(settings.scheduler_id), lambda: codec.encode(record), settings.lease_ttl_s
+            )
+            tasks.spawn(scheduler.sync.follow_nodes(), "follow-nodes")
+            tasks.spawn(scheduler.sync.follow_functions(), "follow-functions")
+            tasks.spawn(scheduler.watch_staleness(), "watch-staleness")
+            tasks.spawn(registration.run(), "registration")
+            await server.serve(scheduler.routes())
+            log.info("scheduler %s serving", settings.scheduler_id)
+            try:
+                await asyncio.Future()
+            finally:
+                await server.close()
+                await registration.revoke()
+                await tasks.close()
+    finally:
+        await tasks.close()
+        await nc.drain()
+        if provider:
+            provider.shutdown()

@@ -1,0 +1,105 @@
+"""etcd side of the scheduler: follow nodes and functions into the view, read and write records."""
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+from fabric.store import STORE_ERRORS, Compacted, Event, Store
+from scheduler.view import ClusterView
+from schemas import codec, keys
+from schemas.messages import FunctionRecord, SchedulerRecord
+
+log = logging.getLogger(__name__)
+
+
+class ClusterSync:
+    """Keeps a ClusterView in step with etcd: list, then watch from the listed revision, and list
+    again when the watch loses history (compaction) or etcd comes back after an outage."""
+
+    def __init__(self, store: Store, view: ClusterView, on_node_gone: Callable[[str], None]):
+        self._store = store
+        self._view = view
+        self._on_node_gone = on_node_gone
+        self.nodes_synced = asyncio.Event()
+        self.functions_synced = asyncio.Event()
+
+    async def follow_nodes(self) -> None:
+        await self._follow(keys.NODES, self._reset_nodes, self._apply_node, self.nodes_synced)
+
+    async def follow_functions(self) -> None:
+        await self._follow(keys.FUNCTIONS, self._reset_functions, self._apply_function, self.functions_synced)
+
+    async def _follow(self, prefix, reset, apply, synced: asyncio.Event) -> None:
+        retry_s = 0.2
+        while True:
+            try:
+                entries, revision = await self._store.list_prefix(prefix)
+                reset([e.value for e in entries])
+                synced.set()
+                retry_s = 0.2
+                async for batch in self._store.watch_prefix(prefix, revision + 1):
+                    for event in batch:
+                        apply(event)
+            except Compacted as exc:
+                log.info("re-listing %s: %s", prefix, exc)
+            except STORE_ERRORS as exc:
+                log.warning(
+                    "etcd unavailable while following %s (%s); serving from the last view", prefix, exc
+                )
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, 2.0)
+
+    def _reset_nodes(self, values: list[bytes]) -> None:
+        records = [r for r in map(_decode(codec.node_record), values) if r is not None]
+        for node_id in self._view.reset_nodes(records):
+            self._on_node_gone(node_id)
+
+    def _apply_node(self, event: Event) -> None:
+        if event.kind == "delete":
+            node_id = event.key.removeprefix(keys.NODES)
+            self._view.remove_node(node_id)
+            self._on_node_gone(node_id)
+        elif (record := _decode(codec.node_record)(event.value)) is not None:
+            self._view.put_node(record)
+
+    def _reset_functions(self, values: list[bytes]) -> None:
+        self._view.reset_functions([r for r in map(_decode(codec.function_record), values) if r is not None])
+
+    def _apply_function(self, event: Event) -> None:
+        if event.kind == "delete":
+            self._view.remove_function(*keys.parse_function(event.key))
+        elif (record := _decode(codec.function_record)(event.value)) is not None:
+            self._view.put_function(record)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder) -> Callable[[bytes], object]:
+    def decode(value: bytes):
+        try:
+            return decoder.decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("ignoring an unreadable record in etcd: %s", exc)
+            return None
+
+    return decode
+
+
+async def read_function(store: Store, tenant: str, name: str) -> FunctionRecord | None:
+    entry = await store.get(keys.function(tenant, name))
+    return None if entry is None else codec.function_record.decode(entry.value)
+
+
+async def write_function(store: Store, record: FunctionRecord) -> int:
+    return await store.put(keys.function(record.spec.tenant, record.spec.name), codec.encode(record))
+
+
+async def list_functions(store: Store, tenant: str | None) -> list[FunctionRecord]:
+    prefix = keys.tenant_functions(tenant) if tenant else keys.FUNCTIONS
+    entries, _ = await store.list_prefix(prefix)
+    return [codec.function_record.decode(e.value) for e in entries]
+
+
+async def list_schedulers(store: Store) -> list[SchedulerRecord]:
+    entries, _ = await store.list_prefix(keys.SCHEDULERS)
+    return [codec.scheduler_record.decode(e.value) for e in entries]

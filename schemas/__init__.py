@@ -1,0 +1,1 @@
+"""The wire contract: msgspec Structs, subjects, etcd keys and codecs. No I/O lives here."""

@@ -1,0 +1,27 @@
+"""msgpack codecs, created once per process (msgspec encoders and decoders are reusable and fast)."""
+
+from typing import Any
+
+import msgspec
+
+from schemas import messages as m
+
+encoder = msgspec.msgpack.Encoder()
+
+invoke_request = msgspec.msgpack.Decoder(m.InvokeRequest)
+node_invoke = msgspec.msgpack.Decoder(m.NodeInvoke)
+invoke_result = msgspec.msgpack.Decoder(m.InvokeResult)
+heartbeat = msgspec.msgpack.Decoder(m.Heartbeat)
+deploy_request = msgspec.msgpack.Decoder(m.DeployRequest)
+deploy_result = msgspec.msgpack.Decoder(m.DeployResult)
+list_functions = msgspec.msgpack.Decoder(m.ListFunctions)
+list_result = msgspec.msgpack.Decoder(m.ListResult)
+status_request = msgspec.msgpack.Decoder(m.StatusRequest)
+status_result = msgspec.msgpack.Decoder(m.StatusResult)
+function_record = msgspec.msgpack.Decoder(m.FunctionRecord)
+node_record = msgspec.msgpack.Decoder(m.NodeRecord)
+scheduler_record = msgspec.msgpack.Decoder(m.SchedulerRecord)
+
+
+def encode(obj: Any) -> bytes:
+    return encoder.encode(obj)

@@ -1,0 +1,27 @@
+"""The etcd key layout. Every key and prefix is built here (DESIGN.md §3)."""
+
+ROOT = "/hetfaas/"
+NODES = "/hetfaas/nodes/"
+SCHEDULERS = "/hetfaas/schedulers/"
+FUNCTIONS = "/hetfaas/functions/"
+
+
+def node(node_id: str) -> str:
+    return NODES + node_id
+
+
+def scheduler(scheduler_id: str) -> str:
+    return SCHEDULERS + scheduler_id
+
+
+def function(tenant: str, name: str) -> str:
+    return f"{FUNCTIONS}{tenant}/{name}"
+
+
+def tenant_functions(tenant: str) -> str:
+    return f"{FUNCTIONS}{tenant}/"
+
+
+def parse_function(key: str) -> tuple[str, str]:
+    tenant, _, name = key.removeprefix(FUNCTIONS).partition("/")
+    return tenant, name

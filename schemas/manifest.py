@@ -1,0 +1,81 @@
+"""`function.toml` -> FunctionSpec, with every problem named. Pure: text in, spec or errors out.
+
+Used by the CLI (to fail before uploading anything) and by the scheduler (never trust a client).
+"""
+
+import re
+import tomllib
+
+import msgspec
+
+from schemas.messages import FunctionSpec
+
+# Names become NATS subject tokens and etcd key segments: no dots, spaces or wildcards.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+LIMITS = {
+    "memory_mb": (16, 16_384),
+    "timeout_ms": (1, 900_000),
+    "concurrency": (1, 1_000),
+}
+ALLOWED_KEYS = frozenset(FunctionSpec.__struct_fields__)
+
+
+class ManifestError(ValueError):
+    """An invalid function manifest; `problems` lists every reason, one per line of the message."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def parse_manifest(text: str) -> FunctionSpec:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError([f"function.toml is not valid TOML: {exc}"]) from None
+    unknown = sorted(set(doc) - ALLOWED_KEYS)
+    if unknown:
+        allowed = ", ".join(sorted(ALLOWED_KEYS))
+        raise ManifestError([f"unknown key {k!r} (allowed: {allowed})" for k in unknown])
+    try:
+        spec = msgspec.convert(doc, FunctionSpec)
+    except msgspec.ValidationError as exc:
+        raise ManifestError([str(exc)]) from None
+    problems = spec_problems(spec)
+    if problems:
+        raise ManifestError(problems)
+    return spec
+
+
+def spec_problems(spec: FunctionSpec) -> list[str]:
+    """Everything wrong with a spec; empty when it is deployable."""
+    problems = []
+    for field in ("name", "tenant"):
+        value = getattr(spec, field)
+        if not NAME_RE.match(value):
+            problems.append(f"{field} {value!r} must match {NAME_RE.pattern}")
+    for field, (low, high) in LIMITS.items():
+        value = getattr(spec, field)
+        if not low <= value <= high:
+            problems.append(f"{field} = {value} is outside {low}..{high}")
+    if spec.placement == "dpu":
+        problems.append(f"placement 'dpu' needs runtime 'ebpf'; a {spec.runtime} function runs on hosts")
+    problems.extend(_runtime_problems(spec))
+    return problems
+
+
+def _runtime_problems(spec: FunctionSpec) -> list[str]:
+    if spec.runtime == "python":
+        if spec.command is not None:
+            return ["'command' is for exec functions; python functions take 'handler'"]
+        if spec.handler is None:
+            return ['python functions need handler = "module:function"']
+        if not HANDLER_RE.match(spec.handler):
+            return [f'handler {spec.handler!r} must look like "module:function"']
+        return []
+    if spec.handler is not None:
+        return ["'handler' is for python functions; exec functions take 'command'"]
+    if not spec.command or not all(spec.command):
+        return ['exec functions need command = ["program", "arg", ...] (non-empty)']
+    return []

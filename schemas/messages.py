@@ -1,0 +1,166 @@
+"""Every NATS message and etcd record. Frozen, keyword-only Structs; new fields get defaults.
+
+Families are tagged unions so one decoder can tell a reply from an error without guessing.
+"""
+
+from typing import Literal
+
+import msgspec
+
+from schemas.errors import Error
+
+Runtime = Literal["python", "exec"]
+Placement = Literal["host", "dpu", "any"]
+NodeKind = Literal["host", "dpu"]
+
+
+class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a tenant declares in `function.toml` (see `schemas.manifest` for the rules)."""
+
+    name: str
+    runtime: Runtime
+    tenant: str = "default"
+    handler: str | None = None  # python: "module:function"
+    command: list[str] | None = None  # exec: argv, run in the bundle directory
+    memory_mb: int = 128
+    timeout_ms: int = 3000
+    concurrency: int = 8  # most instances of this function one node runs at once
+    placement: Placement = "host"
+
+
+class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """etcd value at `keys.function(tenant, name)`: a deployed function and its code bundle."""
+
+    spec: FunctionSpec
+    bundle_digest: str  # "sha256-<hex>" of the bundle bytes
+    bundle_size: int
+    deployed_at: float  # unix seconds
+
+
+class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """etcd value at `keys.node(id)`, written under a lease the node keeps alive."""
+
+    node_id: str
+    kind: NodeKind
+    hostname: str
+    pid: int
+    capacity: int  # invocations the node runs at once
+    started_at: float
+
+
+class SchedulerRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """etcd value at `keys.scheduler(id)`, leased like a node's."""
+
+    scheduler_id: str
+    hostname: str
+    pid: int
+    started_at: float
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
+    """Published by every node on `subjects.heartbeat(id)`: its load and its idle warm instances."""
+
+    node_id: str
+    seq: int
+    inflight: int
+    capacity: int
+    instances: int
+    warm_idle: dict[str, int] = {}  # instance_key(...) -> idle instances ready for reuse
+
+
+# --- invoke -----------------------------------------------------------------------------------
+
+
+class InvokeRequest(msgspec.Struct, frozen=True, kw_only=True, tag="invoke"):
+    """Client -> scheduler on `subjects.invoke(tenant, function)`."""
+
+    invocation_id: str
+    tenant: str
+    function: str
+    payload: bytes = b""
+    timeout_ms: int = 30_000  # the caller's whole deadline, measured from when the scheduler receives it
+    trigger: str = "cli"
+
+
+class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
+    """Scheduler -> node on `subjects.node_invoke(id)`. Carries the spec so nodes need no lookups."""
+
+    invocation_id: str
+    spec: FunctionSpec
+    bundle_digest: str
+    payload: bytes
+    timeout_ms: int  # what is left of the caller's deadline when the scheduler sends it
+    attempt: int = 1
+
+
+class InvokeReply(msgspec.Struct, frozen=True, kw_only=True, tag="invoke_reply"):
+    invocation_id: str
+    node: str
+    cold_start: bool
+    duration_ms: float  # node-side, from receipt to reply
+    output: bytes
+    phases_ms: dict[str, float] = {}
+    attempts: int = 1
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
+    error: Error
+    invocation_id: str = ""
+    node: str = ""
+
+
+# --- control: deploy, list, status -----------------------------------------------------------
+
+
+class DeployRequest(msgspec.Struct, frozen=True, kw_only=True, tag="deploy"):
+    spec: FunctionSpec
+    bundle_digest: str
+    bundle_size: int
+
+
+class DeployReply(msgspec.Struct, frozen=True, kw_only=True, tag="deploy_reply"):
+    function: FunctionRecord
+    revision: int
+    updated: bool  # false when the same code and spec were already deployed
+
+
+class ListFunctions(msgspec.Struct, frozen=True, kw_only=True, tag="list_functions"):
+    tenant: str | None = None
+
+
+class FunctionList(msgspec.Struct, frozen=True, kw_only=True, tag="function_list"):
+    functions: list[FunctionRecord]
+
+
+class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, tag="status"):
+    pass
+
+
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    kind: NodeKind
+    hostname: str
+    healthy: bool
+    inflight: int
+    capacity: int
+    instances: int
+    warm_idle: int
+    heartbeat_age_ms: float | None  # None: registered but no heartbeat seen yet
+
+
+class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True, tag="cluster_status"):
+    answered_by: str  # the scheduler replica whose view this is
+    schedulers: list[SchedulerRecord]
+    nodes: list[NodeStatus]
+    functions: int
+
+
+InvokeResult = InvokeReply | ErrorReply
+DeployResult = DeployReply | ErrorReply
+ListResult = FunctionList | ErrorReply
+StatusResult = ClusterStatus | ErrorReply
+
+
+def instance_key(tenant: str, name: str, bundle_digest: str) -> str:
+    """Identity of a warm instance: same function *and* same code (a redeploy makes new ones)."""
+    return f"{tenant}/{name}@{bundle_digest}"

@@ -1,0 +1,30 @@
+"""The subject table. Nobody writes a subject string anywhere else (DESIGN.md §3)."""
+
+SCHEDULER_QUEUE = "hetfaas-scheduler"
+BUNDLE_BUCKET = "hetfaas-bundles"
+
+INVOKE_ALL = "hetfaas.invoke.*.*"
+HEARTBEAT_ALL = "hetfaas.heartbeat.*"
+DEPLOY = "hetfaas.control.deploy"
+LIST_FUNCTIONS = "hetfaas.control.functions"
+STATUS = "hetfaas.control.status"
+
+
+def invoke(tenant: str, function: str) -> str:
+    """Clients invoke here; the tenant in the subject allows per-tenant NATS permissions later."""
+    return f"hetfaas.invoke.{tenant}.{function}"
+
+
+def parse_invoke(subject: str) -> tuple[str, str] | None:
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["hetfaas", "invoke"]:
+        return None
+    return parts[2], parts[3]
+
+
+def node_invoke(node_id: str) -> str:
+    return f"hetfaas.node.{node_id}.invoke"
+
+
+def heartbeat(node_id: str) -> str:
+    return f"hetfaas.heartbeat.{node_id}"
