@@ -10,7 +10,7 @@ from nats.aio.client import Client as NATS
 from opentelemetry.trace import SpanKind
 
 from fabric import bus
-from fabric.bundles import BundleStore, digest_of, pack_directory
+from fabric.bundles import BundleStore, pack_directory
 from fabric.telemetry import inject_headers, tracer
 from schemas import codec, subjects
 from schemas.errors import Error
@@ -21,6 +21,7 @@ from schemas.messages import (
     DeployRequest,
     ErrorReply,
     FunctionRecord,
+    FunctionSpec,
     InvokeReply,
     InvokeRequest,
     ListFunctions,
@@ -58,7 +59,7 @@ class InvokeOutcome:
         return self.error is None
 
 
-def read_function_dir(path: Path) -> tuple[msgspec.Struct, bytes]:
+def read_function_dir(path: Path) -> tuple[FunctionSpec, bytes]:
     """The spec from `function.toml` and the packed bundle of its directory."""
     manifest = path if path.is_file() else path / MANIFEST
     if not manifest.is_file():
@@ -124,10 +125,12 @@ class Client:
             return InvokeOutcome(invocation_id, None, result.error, result.node, latency_ms)
         return InvokeOutcome(invocation_id, result, None, result.node, latency_ms)
 
-    async def deploy(self, path: Path) -> DeployReply:
+    async def deploy(self, path: Path, tenant: str | None = None) -> DeployReply:
+        """Upload the bundle (content-addressed: unchanged code is not sent again), then register."""
         spec, bundle = read_function_dir(path)
+        if tenant is not None:
+            spec = msgspec.structs.replace(spec, tenant=tenant)
         digest = await self._bundles.upload(bundle)
-        assert digest == digest_of(bundle)
         return await self._control(
             subjects.DEPLOY,
             DeployRequest(spec=spec, bundle_digest=digest, bundle_size=len(bundle)),

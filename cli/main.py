@@ -150,10 +150,11 @@ def status(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--tenant", default=None, help="deploy under this tenant instead of the manifest's")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def deploy(path: Path, as_json: bool) -> None:
+def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
     """Register the function in PATH (a directory holding function.toml, or the file itself)."""
-    reply = _run(lambda c: c.deploy(path))
+    reply = _run(lambda c: c.deploy(path, tenant))
     if as_json:
         _print_json(msgspec.to_builtins(reply))
         return

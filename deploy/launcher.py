@@ -207,9 +207,13 @@ def _reap(pid: int) -> None:
         pass
 
 
-def kill(info: ClusterInfo, name: str) -> None:
-    """SIGKILL one process: a real, unannounced failure (tests)."""
+def kill(info: ClusterInfo, name: str, timeout_s: float = 5.0) -> None:
+    """SIGKILL one process, a real unannounced failure (tests); returns once it has died."""
     pid = info.processes[name]
-    if is_ours(pid, Path(info.state_dir)):
+    state_dir = Path(info.state_dir)
+    if is_ours(pid, state_dir):
         os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while is_ours(pid, state_dir) and time.monotonic() < deadline:
         _reap(pid)
+        time.sleep(0.005)

@@ -32,12 +32,16 @@ class BundleCache:
                 self._ready.add(digest)
                 return path, False
             data = await self._store.fetch(digest)
-            staging = Path(tempfile.mkdtemp(dir=self._root, prefix=".unpack-"))
-            try:
-                await asyncio.to_thread(unpack, data, staging)
-                staging.rename(path)  # atomic: a crash never leaves a half-unpacked bundle in place
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+            await asyncio.to_thread(_install, data, self._root, path)
             self._ready.add(digest)
             return path, True
+
+
+def _install(data: bytes, root: Path, path: Path) -> None:
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".unpack-"))
+    try:
+        unpack(data, staging)
+        staging.rename(path)  # atomic: a crash never leaves a half-unpacked bundle in place
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

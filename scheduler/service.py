@@ -144,7 +144,7 @@ class Scheduler:
             now = time.monotonic()
             node = choose_node(self.view.nodes.values(), key, now, self.settings.node_stale_after_s, tried)
             if node is None:
-                why = "; ".join(failures) or "no healthy host node is registered"
+                why = "; ".join(failures) or self.view.explain_no_node(now, self.settings.node_stale_after_s)
                 return error("unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id)
             remaining_ms = int((deadline - now) * 1000)
             if remaining_ms <= 0:

@@ -90,8 +90,6 @@ class ClusterView:
         if node is None:
             self._early_heartbeats[hb.node_id] = (hb, now)
             return
-        if node.heartbeat is not None and hb.seq <= node.heartbeat.seq and hb.seq != 0:
-            return  # reordered or duplicated; seq 0 means the node restarted
         node.heartbeat, node.heartbeat_at = hb, now
         node.unreachable = False
         node.recent.clear()
@@ -113,6 +111,20 @@ class ClusterView:
 
     def reset_functions(self, records: list[FunctionRecord]) -> None:
         self.functions = {(r.spec.tenant, r.spec.name): r for r in records}
+
+    def explain_no_node(self, now: float, stale_after_s: float) -> str:
+        """Why placement found nothing, for the error message a user sees."""
+        if not self.nodes:
+            return "no host node is registered"
+        reasons = []
+        for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
+            if node.unreachable:
+                reasons.append(f"{node.node_id} is not listening")
+            elif node.heartbeat_at is None:
+                reasons.append(f"{node.node_id} has sent no heartbeat yet")
+            elif not node.healthy(now, stale_after_s):
+                reasons.append(f"{node.node_id} missed heartbeats for {now - node.heartbeat_at:.1f}s")
+        return "; ".join(reasons) or "every healthy node was tried"
 
     def has_tenant(self, tenant: str) -> bool:
         return any(t == tenant for t, _ in self.functions)

@@ -8,4 +8,5 @@ STARTED = time.time()  # module-level work runs once per instance: the cold star
 
 def handle(payload: bytes) -> dict:
     name = payload.decode().strip() or "world"
-    return {"greeting": f"hello, {name}!", "instance_pid": os.getpid(), "instance_age_s": round(time.time() - STARTED, 3)}
+    age_s = round(time.time() - STARTED, 3)
+    return {"greeting": f"hello, {name}!", "instance_pid": os.getpid(), "instance_age_s": age_s}

@@ -1,0 +1,87 @@
+"""Real clusters for integration tests: nats-server, etcd, scheduler(s) and host nodes, each its
+own process on free loopback ports, in a temporary state directory."""
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.client import Client
+from deploy import launcher
+
+pytestmark = pytest.mark.integration
+
+# Fast failure detection so the failure tests finish in seconds.
+HOST_OVERRIDES = {
+    "lease_ttl_s": 2,
+    "heartbeat_interval_s": 0.2,
+    "keep_alive_s": 30.0,
+    "max_output_bytes": 1 << 20,
+}
+SCHEDULER_OVERRIDES = {"lease_ttl_s": 2, "node_stale_after_s": 1.0, "max_payload_bytes": 64 * 1024}
+_tenants = itertools.count()
+
+
+def start_cluster(state_dir: Path, hosts: int = 2, schedulers: int = 1) -> launcher.ClusterInfo:
+    os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "100")  # flush spans quickly for the tracing test
+    return launcher.up(
+        state_dir,
+        hosts=hosts,
+        schedulers=schedulers,
+        host_overrides=HOST_OVERRIDES,
+        scheduler_overrides=SCHEDULER_OVERRIDES,
+    )
+
+
+async def wait_for_nodes(client: Client, count: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status = await client.status()
+            if sum(n.healthy for n in status.nodes) >= count:
+                return
+        except Exception:  # the scheduler may not be serving yet
+            if time.monotonic() > deadline:
+                raise
+        assert time.monotonic() < deadline, f"{count} nodes did not become healthy in {timeout_s}s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.ClusterInfo]:
+    info = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield info
+    launcher.stop(info)
+
+
+@pytest.fixture(scope="session")
+async def client(cluster: launcher.ClusterInfo) -> AsyncIterator[Client]:
+    client = await Client.connect(cluster.nats_url, "tests")
+    await wait_for_nodes(client, 2)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A fresh tenant per test, so tests never see each other's functions or warm instances."""
+    return f"t{os.getpid()}x{next(_tenants)}"
+
+
+def make_function(root: Path, name: str, manifest: str, files: dict[str, str]) -> Path:
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "function.toml").write_text(f'name = "{name}"\n' + manifest)
+    for filename, text in files.items():
+        path = directory / filename
+        path.write_text(text)
+        if text.startswith("#!"):
+            path.chmod(0o755)
+    return directory
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
