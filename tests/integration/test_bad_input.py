@@ -9,7 +9,6 @@ import pytest
 
 from cli.client import Client, ClientError
 from deploy import launcher
-from fabric import bus
 from schemas import codec, subjects
 from schemas.manifest import ManifestError
 from schemas.messages import DeployRequest, ErrorReply, FunctionSpec, InvokeRequest, NodeInvoke
@@ -198,7 +197,7 @@ async def test_handler_that_hangs_is_killed_at_its_timeout(client: Client, fault
     assert after.ok and after.reply.cold_start is True, "a fresh instance replaced the killed one"
 
 
-async def test_output_over_the_cap_and_a_crashing_instance(client: Client, faulty: str, cluster) -> None:  # noqa: ANN001
+async def test_output_over_the_cap_and_a_crashing_instance(client: Client, faulty: str, cluster) -> None:
     big = await client.invoke(faulty, "faulty", b"big")
     crashed = await client.invoke(faulty, "faulty", b"exit")
     after = await client.invoke(faulty, "faulty", b"ok")

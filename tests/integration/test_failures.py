@@ -38,7 +38,7 @@ async def fresh(tmp_path: Path) -> AsyncIterator[tuple[launcher.ClusterInfo, Cli
         launcher.stop(info)
 
 
-async def test_node_key_disappears_when_its_lease_expires(fresh) -> None:  # noqa: ANN001
+async def test_node_key_disappears_when_its_lease_expires(fresh) -> None:
     info, _ = fresh
     async with Store([info.etcd_endpoint]) as store:
         _, revision = await store.list_prefix(keys.NODES)
@@ -58,7 +58,7 @@ async def test_node_key_disappears_when_its_lease_expires(fresh) -> None:  # noq
     assert gone_after_s <= ttl + 1.5, f"key outlived its {ttl}s lease by too much ({gone_after_s:.1f}s)"
 
 
-async def test_a_graceful_stop_deregisters_at_once(fresh) -> None:  # noqa: ANN001
+async def test_a_graceful_stop_deregisters_at_once(fresh) -> None:
     info, client = fresh
     async with Store([info.etcd_endpoint]) as store:
         launcher.terminate(info.processes["host-2"], Path(info.state_dir), timeout_s=10)
@@ -81,7 +81,7 @@ async def run_load(
     return outcomes
 
 
-async def test_killing_a_node_under_load(fresh) -> None:  # noqa: ANN001
+async def test_killing_a_node_under_load(fresh) -> None:
     info, client = fresh
     timeout_ms = 5_000
     midway = asyncio.Event()
@@ -103,7 +103,7 @@ async def test_killing_a_node_under_load(fresh) -> None:  # noqa: ANN001
     assert [o.reply.output for o in outcomes if o.ok] == [o.reply.output for o in outcomes if o.ok]
 
 
-async def test_killing_a_scheduler_replica(fresh) -> None:  # noqa: ANN001
+async def test_killing_a_scheduler_replica(fresh) -> None:
     info, client = fresh
     before = await client.status()
     launcher.kill(info, "scheduler-0")
@@ -120,7 +120,7 @@ async def test_killing_a_scheduler_replica(fresh) -> None:  # noqa: ANN001
     assert answered_by == {"scheduler-1"}
 
 
-async def test_no_node_left(fresh) -> None:  # noqa: ANN001
+async def test_no_node_left(fresh) -> None:
     info, client = fresh
     launcher.kill(info, "host-1")
     launcher.kill(info, "host-2")

@@ -69,7 +69,11 @@ async def test_redeploy_runs_the_new_code_in_a_new_instance(client: Client, tena
 
 
 async def test_binary_and_str_and_none_results(client: Client, tenant: str, tmp_path) -> None:
-    code = "def raw(p):\n    return bytes(range(256))\n\ndef text(p):\n    return 'é'\n\ndef nothing(p):\n    return None\n"
+    code = (
+        "def raw(p):\n    return bytes(range(256))\n\n"
+        "def text(p):\n    return 'é'\n\n"
+        "def nothing(p):\n    return None\n"
+    )
     for handler in ("raw", "text", "nothing"):
         fn = make_function(
             tmp_path, handler, f'runtime = "python"\nhandler = "main:{handler}"\n', {"main.py": code}
