@@ -36,8 +36,9 @@ def parse_manifest(text: str) -> FunctionSpec:
         raise ManifestError([f"function.toml is not valid TOML: {exc}"]) from None
     unknown = sorted(set(doc) - ALLOWED_KEYS)
     if unknown:
-        allowed = ", ".join(sorted(ALLOWED_KEYS))
-        raise ManifestError([f"unknown key {k!r} (allowed: {allowed})" for k in unknown])
+        noun = "key" if len(unknown) == 1 else "keys"
+        names = ", ".join(repr(k) for k in unknown)
+        raise ManifestError([f"unknown {noun} {names} (allowed: {', '.join(sorted(ALLOWED_KEYS))})"])
     try:
         spec = msgspec.convert(doc, FunctionSpec)
     except msgspec.ValidationError as exc:

@@ -51,17 +51,28 @@ async def wait_for_nodes(client: Client, count: int, timeout_s: float = 30.0) ->
         await asyncio.sleep(0.05)
 
 
+async def _connect_and_wait(nats_url: str, nodes: int) -> None:
+    client = await Client.connect(nats_url, "tests-setup")
+    try:
+        await wait_for_nodes(client, nodes)
+    finally:
+        await client.close()
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.ClusterInfo]:
+    """The shared cluster (2 hosts, 1 scheduler), ready: both nodes registered and heartbeating."""
     info = start_cluster(tmp_path_factory.mktemp("cluster"))
-    yield info
-    launcher.stop(info)
+    try:
+        asyncio.run(_connect_and_wait(info.nats_url, 2))
+        yield info
+    finally:
+        launcher.stop(info)
 
 
 @pytest.fixture(scope="session")
 async def client(cluster: launcher.ClusterInfo) -> AsyncIterator[Client]:
     client = await Client.connect(cluster.nats_url, "tests")
-    await wait_for_nodes(client, 2)
     yield client
     await client.close()
 

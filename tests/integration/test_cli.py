@@ -1,0 +1,110 @@
+"""The `hetfaas` command as users run it: exit codes, --json shapes, stdin, up/down."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy import launcher
+from tests.integration.conftest import EXAMPLES, make_function
+
+pytestmark = pytest.mark.integration
+
+HETFAAS = [sys.executable, "-m", "cli"]
+
+
+def hetfaas(
+    state_dir: str | Path, *args: str, stdin: bytes | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HETFAAS_STATE_DIR": str(state_dir)}
+    env.pop("HETFAAS_NATS_URL", None)
+    return subprocess.run([*HETFAAS, *args], input=stdin, capture_output=True, env=env, timeout=timeout_s)
+
+
+def test_deploy_invoke_ls_with_json(cluster: launcher.ClusterInfo, tenant: str) -> None:
+    deployed = hetfaas(
+        cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant, "--json"
+    )
+    cold = hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--data", "Ada", "--json")
+    warm = hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json", stdin=b"Bob")
+    listed = hetfaas(cluster.state_dir, "ls", "--tenant", tenant, "--json")
+
+    assert deployed.returncode == 0, deployed.stderr
+    assert json.loads(deployed.stdout)["function"]["spec"]["name"] == "hello"
+    first, second = json.loads(cold.stdout), json.loads(warm.stdout)
+    assert first["ok"] and first["cold_start"] is True and first["error"] is None
+    assert json.loads(first["output"])["greeting"] == "hello, Ada!"
+    assert second["cold_start"] is False and json.loads(second["output"])["greeting"] == "hello, Bob!"
+    assert set(first) >= {"ok", "output", "invocation_id", "node", "cold_start", "duration_ms", "error"}
+    assert first["node"] in ("host-1", "host-2") and first["duration_ms"] > 0
+    assert [f["spec"]["name"] for f in json.loads(listed.stdout)] == ["hello"]
+
+
+def test_plain_output_and_data_file(cluster: launcher.ClusterInfo, tenant: str, tmp_path: Path) -> None:
+    payload = tmp_path / "payload.txt"
+    payload.write_text("a b c\n")
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "wordcount-exec"), "--tenant", tenant)
+    result = hetfaas(
+        cluster.state_dir, "invoke", "wordcount", "--tenant", tenant, "--data-file", str(payload), "-v"
+    )
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"lines": 1, "words": 3, "bytes": 6}
+    assert b"node=host-" in result.stderr and b"cold" in result.stderr
+
+
+def test_binary_output_is_base64_in_json(cluster: launcher.ClusterInfo, tenant: str, tmp_path: Path) -> None:
+    fn = make_function(
+        tmp_path,
+        "bin",
+        'runtime = "python"\nhandler = "m:h"\n',
+        {"m.py": "def h(p):\n    return b'\\xff\\x00' + p\n"},
+    )
+    hetfaas(cluster.state_dir, "deploy", str(fn), "--tenant", tenant)
+    result = json.loads(
+        hetfaas(cluster.state_dir, "invoke", "bin", "--tenant", tenant, "--data", "x", "--json").stdout
+    )
+    assert result["output_encoding"] == "base64" and base64.b64decode(result["output"]) == b"\xff\x00x"
+
+
+def test_errors_exit_non_zero(cluster: launcher.ClusterInfo, tenant: str, tmp_path: Path) -> None:
+    missing = hetfaas(cluster.state_dir, "invoke", "ghost", "--tenant", tenant)
+    missing_json = hetfaas(cluster.state_dir, "invoke", "ghost", "--tenant", tenant, "--json")
+    bad = make_function(tmp_path, "bad", 'runtime = "python"\nhandlr = "m:f"\n', {})
+    invalid = hetfaas(cluster.state_dir, "deploy", str(bad))
+
+    assert missing.returncode == 1 and b"error: not_found:" in missing.stderr
+    body = json.loads(missing_json.stdout)
+    assert missing_json.returncode == 1 and body["ok"] is False and body["error"]["code"] == "not_found"
+    assert invalid.returncode == 1 and b"unknown key 'handlr'" in invalid.stderr
+
+
+def test_no_cluster_is_a_clear_error(tmp_path: Path) -> None:
+    result = hetfaas(tmp_path / "nothing", "ls")
+    assert result.returncode == 1 and b"no cluster found" in result.stderr and b"hetfaas up" in result.stderr
+
+
+def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = hetfaas(state, "up", "--hosts", "1")
+    again = hetfaas(state, "up", "--hosts", "1")
+    status = hetfaas(state, "status", "--json")
+    info = launcher.read_cluster(state)
+    pids = dict(info.processes)
+    down = hetfaas(state, "down")
+    down_again = hetfaas(state, "down")
+
+    assert first.returncode == 0, first.stderr
+    assert b"cluster is up" in first.stdout and b"host-1" in first.stdout
+    assert again.returncode == 0 and b"already running" in again.stdout
+    body = json.loads(status.stdout)
+    assert body["state_dir"] == str(state) and [n["node_id"] for n in body["nodes"]] == ["host-1"]
+    assert body["nodes"][0]["healthy"] and all(body["processes"].values())
+    assert set(pids) == {"nats", "etcd", "scheduler-0", "host-1"}
+    assert down.returncode == 0 and b"stopped 4 process(es)" in down.stdout
+    assert not any(launcher.is_ours(pid, state) for pid in pids.values())
+    assert b"no cluster running" in down_again.stdout
+    assert (state / "logs" / "host-1.log").exists() and (state / "data" / "etcd").is_dir()
