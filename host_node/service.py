@@ -40,6 +40,9 @@ class HostNode:
         self.warm: WarmInstances[PythonInstance] = WarmInstances(settings.max_instances)
         self.inflight = 0
         self._logs = Path(settings.work_dir) / "logs"
+        # exec functions have no long-lived process; they are warm while their code is prepared
+        # here and recently used (instance_key -> last use, monotonic).
+        self._exec_warm: dict[str, float] = {}
 
     def routes(self) -> list[bus.Route]:
         return [bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke)]
@@ -71,7 +74,9 @@ class HostNode:
             self.inflight -= 1
 
     async def _invoke(self, req: NodeInvoke, received_at: float) -> InvokeReply | ErrorReply:
-        deadline = received_at + min(req.timeout_ms, req.spec.timeout_ms) / 1000 - NODE_MARGIN_S
+        # The caller's deadline bounds everything (fetch, waiting for an instance, init); the
+        # function's own timeout_ms bounds only its execution, as in Lambda.
+        deadline = received_at + req.timeout_ms / 1000 - NODE_MARGIN_S
         phases: dict[str, float] = {}
         try:
             code_dir, fetched = await self._bundles.ensure(req.bundle_digest)
@@ -80,18 +85,7 @@ class HostNode:
             if req.spec.runtime == "python":
                 output, cold = await self._run_python(req, code_dir, deadline, phases)
             else:
-                assert req.spec.command is not None
-                started = time.monotonic()
-                output = await run_exec(
-                    self._spawner,
-                    req.spec.command,
-                    code_dir,
-                    req.payload,
-                    deadline - started,
-                    self.settings.max_output_bytes,
-                )
-                phases["exec_ms"] = _ms_since(started)
-                cold = fetched
+                output, cold = await self._run_exec(req, code_dir, deadline, phases)
         except FunctionFailed as failure:
             return self._error(req, failure.code, failure.message, failure.detail)
         except BundleError as exc:
@@ -134,10 +128,29 @@ class HostNode:
             phases["runtime_init_ms"] = instance.init_ms
         handler_started = time.monotonic()
         try:
-            output = await instance.invoke(req.payload, deadline - handler_started)
+            output = await instance.invoke(req.payload, _run_budget(req, deadline, handler_started))
         finally:
             self.warm.release(key, instance)
         phases["handler_ms"] = _ms_since(handler_started)
+        return output, cold
+
+    async def _run_exec(
+        self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
+    ) -> tuple[bytes, bool]:
+        assert req.spec.command is not None
+        key = instance_key(req.spec.tenant, req.spec.name, req.bundle_digest)
+        started = time.monotonic()
+        cold = key not in self._exec_warm
+        self._exec_warm[key] = started
+        output = await run_exec(
+            self._spawner,
+            req.spec.command,
+            code_dir,
+            req.payload,
+            _run_budget(req, deadline, started),
+            self.settings.max_output_bytes,
+        )
+        phases["exec_ms"] = _ms_since(started)
         return output, cold
 
     def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
@@ -170,6 +183,13 @@ class HostNode:
             await asyncio.sleep(period)
             if reaped := self.warm.reap(self.settings.keep_alive_s):
                 log.info("stopped %d idle instances past their keep-alive", reaped)
+            cutoff = time.monotonic() - self.settings.keep_alive_s
+            self._exec_warm = {k: t for k, t in self._exec_warm.items() if t >= cutoff}
+
+
+def _run_budget(req: NodeInvoke, deadline: float, now: float) -> float:
+    """Seconds the function may run: its own timeout, cut short by the caller's deadline."""
+    return min(req.spec.timeout_ms / 1000, deadline - now)
 
 
 def _ms_since(start: float) -> float:

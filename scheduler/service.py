@@ -55,20 +55,39 @@ class Scheduler:
         self._bundles = bundles
         self._requester = bus.Requester(nc)
         self.sync = state.ClusterSync(store, self.view, self._node_gone)
+        self._heartbeat_seen = asyncio.Event()
 
-    def routes(self) -> list[bus.Route]:
+    def view_routes(self) -> list[bus.Route]:
+        """What keeps the view fresh. Every replica needs every heartbeat: no queue group."""
+        return [bus.Route(subjects.HEARTBEAT_ALL, codec.heartbeat, self.on_heartbeat, inline=True)]
+
+    def request_routes(self) -> list[bus.Route]:
+        """What clients ask; served only once the view is usable (see `wait_until_ready`)."""
         queue = subjects.SCHEDULER_QUEUE
         return [
             bus.Route(subjects.INVOKE_ALL, codec.invoke_request, self.on_invoke, queue),
             bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue),
             bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
-            # Every replica needs every heartbeat: no queue group.
-            bus.Route(subjects.HEARTBEAT_ALL, codec.heartbeat, self.on_heartbeat, inline=True),
         ]
 
     async def start(self) -> None:
         await self._requester.start()
+
+    async def wait_until_ready(self) -> None:
+        """A replica that joined the queue group before it knew the nodes' load would turn
+        invocations away ("no heartbeat yet") while its peers could serve them. So wait for the
+        etcd listing and one heartbeat from each registered node, at most one staleness period
+        (etcd may be down: then serve what heartbeats alone allow)."""
+        try:
+            async with asyncio.timeout(self.settings.node_stale_after_s):
+                await self.sync.nodes_synced.wait()
+                await self.sync.functions_synced.wait()
+                while any(n.heartbeat_at is None for n in self.view.nodes.values()):
+                    self._heartbeat_seen.clear()
+                    await self._heartbeat_seen.wait()
+        except TimeoutError:
+            log.warning("serving with a partial view: %s", self.view.explain_no_node(time.monotonic(), 0))
 
     # --- invoke ---
 
@@ -225,6 +244,7 @@ class Scheduler:
 
     async def on_heartbeat(self, hb: Heartbeat, ctx: bus.Context) -> None:
         self.view.on_heartbeat(hb, ctx.received_at)
+        self._heartbeat_seen.set()
 
     # --- control ---
 
@@ -297,8 +317,10 @@ async def run_scheduler(settings: SchedulerSettings) -> None:
             tasks.spawn(scheduler.sync.follow_nodes(), "follow-nodes")
             tasks.spawn(scheduler.sync.follow_functions(), "follow-functions")
             tasks.spawn(scheduler.watch_staleness(), "watch-staleness")
-            tasks.spawn(registration.run(), "registration")
-            await server.serve(scheduler.routes())
+            await server.serve(scheduler.view_routes())
+            await scheduler.wait_until_ready()
+            await server.serve(scheduler.request_routes())
+            tasks.spawn(registration.run(), "registration")  # listed in `status` once it serves
             log.info("scheduler %s serving", settings.scheduler_id)
             try:
                 await asyncio.Future()

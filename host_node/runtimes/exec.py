@@ -67,9 +67,10 @@ async def _tail(stream: asyncio.StreamReader) -> bytes:
 
 async def _feed(stdin: asyncio.StreamWriter, payload: bytes) -> None:
     try:
-        stdin.write(payload)
-        await stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the command need not read its input
+        if payload:
+            stdin.write(payload)
+            await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError, RuntimeError):
+        pass  # the command need not read its input (RuntimeError: uvloop's word for a closed pipe)
     finally:
         stdin.close()

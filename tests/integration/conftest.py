@@ -37,12 +37,13 @@ def start_cluster(state_dir: Path, hosts: int = 2, schedulers: int = 1) -> launc
     )
 
 
-async def wait_for_nodes(client: Client, count: int, timeout_s: float = 30.0) -> None:
+async def wait_for_nodes(client: Client, count: int, timeout_s: float = 30.0, schedulers: int = 1) -> None:
+    """Until `count` nodes are healthy and `schedulers` replicas serve (they register once they do)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             status = await client.status()
-            if sum(n.healthy for n in status.nodes) >= count:
+            if sum(n.healthy for n in status.nodes) >= count and len(status.schedulers) >= schedulers:
                 return
         except Exception:  # the scheduler may not be serving yet
             if time.monotonic() > deadline:

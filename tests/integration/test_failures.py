@@ -24,7 +24,7 @@ async def fresh(tmp_path: Path) -> AsyncIterator[tuple[launcher.ClusterInfo, Cli
     info = start_cluster(tmp_path / "state", hosts=2, schedulers=2)
     client = await Client.connect(info.nats_url, "failure-tests")
     try:
-        await wait_for_nodes(client, 2)
+        await wait_for_nodes(client, 2, schedulers=2)
         fn = make_function(
             tmp_path,
             "slow",
@@ -63,7 +63,8 @@ async def test_a_graceful_stop_deregisters_at_once(fresh) -> None:
     async with Store([info.etcd_endpoint]) as store:
         launcher.terminate(info.processes["host-2"], Path(info.state_dir), timeout_s=10)
         assert await store.get(keys.node("host-2")) is None, "SIGTERM revoked the lease"
-    assert (await client.invoke("load", "slow", b"x")).node == "host-1"
+    outcome = await client.invoke("load", "slow", b"x")
+    assert outcome.node == "host-1", outcome.error
 
 
 async def run_load(
