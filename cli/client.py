@@ -1,7 +1,9 @@
 """Async Python client for a hetfaas cluster: deploy, invoke, list, status. Talks only NATS."""
 
+import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +11,8 @@ import msgspec
 from nats.aio.client import Client as NATS
 from opentelemetry.trace import SpanKind
 
-from fabric import bus
+from fabric import bus, telemetry
 from fabric.bundles import BundleStore, pack_directory
-from fabric.telemetry import inject_headers, tracer
 from schemas import codec, subjects
 from schemas.errors import Error
 from schemas.manifest import parse_manifest
@@ -32,8 +33,6 @@ MANIFEST = "function.toml"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 CONTROL_TIMEOUT_S = 10.0
 REPLY_GRACE_S = 1.0  # the scheduler answers before the deadline; this covers the trip back
-
-_tracer = tracer("hetfaas.client")
 
 
 class ClientError(Exception):
@@ -97,7 +96,7 @@ class Client:
             timeout_ms=timeout_ms,
         )
         started = time.monotonic()
-        with _tracer.start_as_current_span(
+        with telemetry.span(
             "client.invoke",
             kind=SpanKind.CLIENT,
             attributes={"faas.invocation_id": invocation_id, "faas.name": function, "hetfaas.tenant": tenant},
@@ -109,7 +108,7 @@ class Client:
                     request,
                     codec.invoke_result,
                     timeout_ms / 1000 + REPLY_GRACE_S,
-                    inject_headers({}),
+                    telemetry.trace_headers(),
                 )
             except bus.NoResponders as exc:
                 result = ErrorReply(
@@ -143,6 +142,29 @@ class Client:
 
     async def status(self) -> ClusterStatus:
         return await self._control(subjects.STATUS, StatusRequest(), codec.status_result)
+
+    async def wait_until_ready(
+        self,
+        hosts: int,
+        schedulers: int = 1,
+        timeout_s: float = 60.0,
+        check: Callable[[], str | None] | None = None,
+    ) -> ClusterStatus:
+        """Poll status until `hosts` nodes are healthy and `schedulers` replicas serve (a replica
+        registers once it serves). `check` may report a reason to give up early (a dead process)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                status = await self.status()
+                if sum(n.healthy for n in status.nodes) >= hosts and len(status.schedulers) >= schedulers:
+                    return status
+            except ClientError:
+                pass  # no scheduler serves yet
+            if check is not None and (problem := check()):
+                raise ClientError(Error(code="unavailable", message=problem))
+            if time.monotonic() > deadline:
+                raise ClientError(Error(code="timeout", message=f"cluster not ready within {timeout_s:.0f}s"))
+            await asyncio.sleep(0.1)
 
     async def _control(self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder):
         try:

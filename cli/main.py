@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -104,22 +103,11 @@ def up(hosts: int, schedulers: int) -> None:
 
 
 async def _wait_for_nodes(client: Client, hosts: int, info: launcher.ClusterInfo):
-    deadline = time.monotonic() + UP_TIMEOUT_S
-    while True:
-        try:
-            status = await client.status()
-            if sum(n.healthy for n in status.nodes) >= hosts:
-                return status
-        except ClientError:
-            pass  # the scheduler is still starting
+    def dead_process() -> str | None:
         dead = [name for name, alive in launcher.running_processes(info).items() if not alive]
-        if dead:
-            raise click.ClickException(f"{', '.join(dead)} exited during start-up; see {info.state_dir}/logs")
-        if time.monotonic() > deadline:
-            raise click.ClickException(
-                f"nodes did not register within {UP_TIMEOUT_S:.0f}s; see {info.state_dir}/logs"
-            )
-        await asyncio.sleep(0.1)
+        return f"{', '.join(dead)} exited during start-up; see {info.state_dir}/logs" if dead else None
+
+    return await client.wait_until_ready(hosts, timeout_s=UP_TIMEOUT_S, check=dead_process)
 
 
 @cli.command()
@@ -195,7 +183,13 @@ def invoke(
             sys.stdout.write("\n")
         sys.stdout.flush()
     if verbose:
-        click.echo(render.invoke_summary(outcome), err=True)
+        unterminated = (
+            outcome.ok
+            and not as_json
+            and not sys.stdout.isatty()
+            and not outcome.reply.output.endswith(b"\n")
+        )
+        click.echo(("\n" if unterminated else "") + render.invoke_summary(outcome), err=True)
     if not outcome.ok:
         if not as_json:
             click.echo(f"error: {outcome.error.code}: {outcome.error.message}", err=True)

@@ -19,7 +19,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from fabric.tasks import TaskSet
-from fabric.telemetry import extract_context
 from schemas.codec import encode
 from schemas.errors import Error
 from schemas.messages import ErrorReply
@@ -58,12 +57,8 @@ class Context:
     """What a handler may know about the message beyond its body."""
 
     subject: str
-    headers: dict[str, str]
+    headers: dict[str, str] | None  # carries `traceparent` when the sender traces
     received_at: float  # time.monotonic() when the callback ran
-
-    @property
-    def trace_context(self):
-        return extract_context(self.headers)
 
 
 # A handler returns a reply Struct, bytes already encoded (a relayed reply), or None (no reply).
@@ -147,7 +142,7 @@ async def dispatch(route: Route, msg: Msg, received_at: float) -> msgspec.Struct
         return ErrorReply(
             error=Error(code="bad_request", message=f"malformed message on {msg.subject}: {exc}")
         )
-    ctx = Context(subject=msg.subject, headers=msg.headers or {}, received_at=received_at)
+    ctx = Context(subject=msg.subject, headers=msg.headers, received_at=received_at)
     try:
         return await route.handler(request, ctx)
     except Exception as exc:

@@ -10,11 +10,11 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 from opentelemetry.trace import SpanKind
 
-from fabric import bus
+from fabric import bus, telemetry
 from fabric.bundles import BundleError, BundleStore
 from fabric.store import Store
 from fabric.tasks import TaskSet
-from fabric.telemetry import setup_tracing, tracer
+from fabric.telemetry import setup_tracing
 from host_node.bundle_cache import BundleCache
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
@@ -27,7 +27,6 @@ from schemas.errors import Error
 from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, NodeRecord, instance_key
 
 log = logging.getLogger(__name__)
-_tracer = tracer("hetfaas.host_node")
 
 NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
 
@@ -52,9 +51,9 @@ class HostNode:
             return self._error(req, "throttled", f"node is running {self.inflight} invocations, its capacity")
         self.inflight += 1
         try:
-            with _tracer.start_as_current_span(
+            with telemetry.span(
                 "node.invoke",
-                context=ctx.trace_context,
+                parent=ctx.headers,
                 kind=SpanKind.SERVER,
                 attributes={
                     "faas.invocation_id": req.invocation_id,

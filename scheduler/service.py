@@ -6,14 +6,16 @@ import os
 import socket
 import time
 
+import msgspec
 from nats.aio.client import Client as NATS
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from fabric import bus
+from fabric import bus, telemetry
 from fabric.bundles import BundleStore
 from fabric.store import STORE_ERRORS, Store
 from fabric.tasks import TaskSet
-from fabric.telemetry import inject_headers, setup_tracing, tracer
+from fabric.telemetry import setup_tracing
 from scheduler import state
 from scheduler.placement import choose_node
 from scheduler.settings import SchedulerSettings
@@ -37,10 +39,18 @@ from schemas.messages import (
 )
 
 log = logging.getLogger(__name__)
-_tracer = tracer("hetfaas.scheduler")
 
 RETRYABLE_NODE_ERRORS = {"unavailable", "throttled"}
 MAX_INVOCATION_ID = 128
+
+
+# msgspec writes a tagged struct's tag first, so an encoded ErrorReply starts with a map header and
+# then exactly these bytes: the scheduler can spot a node's error without decoding every reply.
+_ERROR_TAG = msgspec.msgpack.encode({"type": "error"})[1:]
+
+
+def is_error_reply(data: bytes) -> bool:
+    return data[1 : 1 + len(_ERROR_TAG)] == _ERROR_TAG
 
 
 def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = "") -> ErrorReply:
@@ -92,9 +102,9 @@ class Scheduler:
     # --- invoke ---
 
     async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes:
-        with _tracer.start_as_current_span(
+        with telemetry.span(
             "scheduler.invoke",
-            context=ctx.trace_context,
+            parent=ctx.headers,
             kind=SpanKind.SERVER,
             attributes={
                 "faas.invocation_id": req.invocation_id,
@@ -190,39 +200,38 @@ class Scheduler:
     ) -> ErrorReply | bytes | None:
         """One attempt on one node: the reply to relay, or None (after noting why) to try another."""
         node_id = node.node_id
-        with _tracer.start_as_current_span(
-            "scheduler.forward",
-            kind=SpanKind.CLIENT,
-            attributes={"hetfaas.node": node_id, "hetfaas.attempt": message.attempt},
-        ):
-            node.inflight_here += 1
-            try:
-                msg = await self._requester.request(
-                    subjects.node_invoke(node_id),
-                    codec.encode(message),
-                    remaining_ms / 1000,
-                    inject_headers({}),
-                    node_id,
-                )
-            except bus.NoResponders:
-                node.unreachable = True
-                failures.append(f"{node_id} is not listening")
-                return None
-            except bus.PeerLost:
-                failures.append(f"{node_id} was lost mid-request")
-                return None
-            except bus.RequestTimeout:
-                return error(
-                    "timeout", f"{node_id} did not answer before the deadline", message.invocation_id, node_id
-                )
-            finally:
-                node.inflight_here -= 1
-        result = codec.invoke_result.decode(msg.data)
-        if isinstance(result, ErrorReply) and result.error.code in RETRYABLE_NODE_ERRORS:
-            failures.append(f"{node_id}: {result.error.message}")
+        trace.get_current_span().add_event(
+            "forward", {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt}
+        )
+        node.inflight_here += 1
+        try:
+            msg = await self._requester.request(
+                subjects.node_invoke(node_id),
+                codec.encode(message),
+                remaining_ms / 1000,
+                telemetry.trace_headers(),
+                node_id,
+            )
+        except bus.NoResponders:
+            node.unreachable = True
+            failures.append(f"{node_id} is not listening")
             return None
+        except bus.PeerLost:
+            failures.append(f"{node_id} was lost mid-request")
+            return None
+        except bus.RequestTimeout:
+            return error(
+                "timeout", f"{node_id} did not answer before the deadline", message.invocation_id, node_id
+            )
+        finally:
+            node.inflight_here -= 1
+        if is_error_reply(msg.data):
+            result = codec.invoke_result.decode(msg.data)
+            if result.error.code in RETRYABLE_NODE_ERRORS:
+                failures.append(f"{node_id}: {result.error.message}")
+                return None
         node.recent.add(key)
-        return msg.data  # relayed as the node encoded it: no re-encoding on the hot path
+        return msg.data  # relayed as the node encoded it: no decoding or re-encoding on the hot path
 
     def _node_gone(self, node_id: str) -> None:
         failed = self._requester.fail_peer(node_id)

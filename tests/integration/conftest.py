@@ -4,7 +4,6 @@ own process on free loopback ports, in a temporary state directory."""
 import asyncio
 import itertools
 import os
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -37,25 +36,10 @@ def start_cluster(state_dir: Path, hosts: int = 2, schedulers: int = 1) -> launc
     )
 
 
-async def wait_for_nodes(client: Client, count: int, timeout_s: float = 30.0, schedulers: int = 1) -> None:
-    """Until `count` nodes are healthy and `schedulers` replicas serve (they register once they do)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            status = await client.status()
-            if sum(n.healthy for n in status.nodes) >= count and len(status.schedulers) >= schedulers:
-                return
-        except Exception:  # the scheduler may not be serving yet
-            if time.monotonic() > deadline:
-                raise
-        assert time.monotonic() < deadline, f"{count} nodes did not become healthy in {timeout_s}s"
-        await asyncio.sleep(0.05)
-
-
 async def _connect_and_wait(nats_url: str, nodes: int) -> None:
     client = await Client.connect(nats_url, "tests-setup")
     try:
-        await wait_for_nodes(client, nodes)
+        await client.wait_until_ready(nodes, timeout_s=30)
     finally:
         await client.close()
 

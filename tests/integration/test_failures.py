@@ -11,7 +11,7 @@ from cli.client import Client, InvokeOutcome
 from deploy import launcher
 from fabric.store import Store
 from schemas import keys
-from tests.integration.conftest import HOST_OVERRIDES, make_function, start_cluster, wait_for_nodes
+from tests.integration.conftest import HOST_OVERRIDES, make_function, start_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ async def fresh(tmp_path: Path) -> AsyncIterator[tuple[launcher.ClusterInfo, Cli
     info = start_cluster(tmp_path / "state", hosts=2, schedulers=2)
     client = await Client.connect(info.nats_url, "failure-tests")
     try:
-        await wait_for_nodes(client, 2, schedulers=2)
+        await client.wait_until_ready(2, schedulers=2, timeout_s=30)
         fn = make_function(
             tmp_path,
             "slow",

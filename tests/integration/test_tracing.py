@@ -40,7 +40,7 @@ def test_an_invocation_is_one_trace_across_client_scheduler_and_node(
     result = json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
     invocation_id = result["invocation_id"]
 
-    names = {"client.invoke", "scheduler.invoke", "scheduler.forward", "node.invoke"}
+    names = {"client.invoke", "scheduler.invoke", "node.invoke"}
     deadline = time.monotonic() + 10
     while True:
         spans = read_spans(Path(cluster.state_dir) / "traces")
@@ -53,11 +53,14 @@ def test_an_invocation_is_one_trace_across_client_scheduler_and_node(
 
     by_name = {s["name"]: s for s in trace}
     client, sched, node = by_name["client.invoke"], by_name["scheduler.invoke"], by_name["node.invoke"]
-    forward = by_name["scheduler.forward"]
-    assert {s["traceId"] for s in (client, sched, node, forward)} == {client["traceId"]}
+    assert {s["traceId"] for s in (client, sched, node)} == {client["traceId"]}
     assert len(client["traceId"]) == 32 and "parentSpanId" not in client
     assert sched["parentSpanId"] == client["spanId"]
-    assert forward["parentSpanId"] == sched["spanId"]
-    assert node["parentSpanId"] == forward["spanId"]
+    assert node["parentSpanId"] == sched["spanId"]
+    forwards = [e for e in sched["events"] if e["name"] == "forward"]
+    assert [a["value"] for e in forwards for a in e["attributes"]] == [
+        {"stringValue": result["node"]},
+        {"intValue": "1"},
+    ], "the scheduler's span records each attempt: which node, which try"
     assert (client["service"], sched["service"], node["service"]) == ("cli", "scheduler-0", result["node"])
     assert node["attrs"]["faas.coldstart"] is True and node["attrs"]["faas.name"] == "hello"

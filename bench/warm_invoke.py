@@ -1,0 +1,174 @@
+"""Warm invocation throughput and latency end to end, against raw nats-py request-reply.
+
+Both are measured in the same run, on the same machine, with the same payload size:
+  raw: client -> nats-server -> a bare echo responder process -> client
+  e2e: client -> scheduler -> host node -> warm python instance -> node -> scheduler -> client
+Each in two modes: sequential (one request at a time) and 64 requests in flight.
+
+    .venv/bin/python -m bench.warm_invoke [--requests 3000] [--payload 64] [--tracing on|off]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import nats
+import uvloop
+
+from cli.client import Client
+from deploy import launcher
+
+ECHO = "def handle(payload):\n    return payload\n"
+SUBJECT = "bench.raw.echo"
+
+
+async def measure(call: Callable[[], Awaitable[None]], requests: int, in_flight: int) -> dict:
+    """Run `requests` calls with at most `in_flight` outstanding; latency of each, total rate."""
+    latencies: list[float] = []
+    remaining = requests
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "requests": requests,
+        "in_flight": in_flight,
+        "req_per_s": round(requests / elapsed),
+        "p50_us": round(statistics.median(latencies) * 1e6),
+        "p99_us": round(latencies[int(len(latencies) * 0.99) - 1] * 1e6),
+    }
+
+
+async def raw_round(url: str, payload: bytes, requests: int, in_flight: int) -> dict:
+    nc = await nats.connect(url)
+    try:
+
+        async def call() -> None:
+            await nc.request(SUBJECT, payload, timeout=5)
+
+        await measure(call, 300, in_flight)  # warm-up
+        return await measure(call, requests, in_flight)
+    finally:
+        await nc.close()
+
+
+async def e2e_round(url: str, payload: bytes, requests: int, in_flight: int) -> dict:
+    client = await Client.connect(url, "bench")
+    try:
+
+        async def call() -> None:
+            outcome = await client.invoke("bench", "echo", payload, timeout_ms=10_000)
+            if not outcome.ok or outcome.reply.output != payload:
+                raise RuntimeError(f"bad invocation: {outcome.error}")
+
+        await measure(call, 300, in_flight)  # warm-up: instances started, code cached
+        return await measure(call, requests, in_flight)
+    finally:
+        await client.close()
+
+
+async def prepare(url: str, work: Path, concurrency: int, hosts: int) -> None:
+    client = await Client.connect(url, "bench-setup")
+    try:
+        await client.wait_until_ready(hosts, timeout_s=30)
+        fn = work / "echo"
+        fn.mkdir()
+        (fn / "function.toml").write_text(
+            f'name = "echo"\ntenant = "bench"\nruntime = "python"\nhandler = "main:handle"\n'
+            f"concurrency = {concurrency}\n"
+        )
+        (fn / "main.py").write_text(ECHO)
+        await client.deploy(fn)
+    finally:
+        await client.close()
+
+
+def run(args: argparse.Namespace) -> dict:
+    payload = os.urandom(args.payload)
+    with tempfile.TemporaryDirectory(prefix="hetfaas-bench-") as tmp:
+        work = Path(tmp)
+        info = launcher.up(
+            work / "state",
+            hosts=args.hosts,
+            schedulers=args.schedulers,
+            scheduler_overrides={"tracing": args.tracing == "on"},
+            host_overrides={"tracing": args.tracing == "on"},
+        )
+        responder = subprocess.Popen(
+            [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
+        )
+        try:
+            assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
+            uvloop.run(prepare(info.nats_url, work, args.concurrency, args.hosts))
+            results = {}
+            for mode, in_flight in (("sequential", 1), ("in_flight_64", 64)):
+                results[f"raw_{mode}"] = uvloop.run(
+                    raw_round(info.nats_url, payload, args.requests, in_flight)
+                )
+                results[f"e2e_{mode}"] = uvloop.run(
+                    e2e_round(info.nats_url, payload, args.requests, in_flight)
+                )
+        finally:
+            responder.terminate()
+            responder.wait()
+            launcher.stop(info)
+    return results
+
+
+def report(results: dict, args: argparse.Namespace) -> str:
+    lines = [
+        f"payload {args.payload} B, {args.requests} requests per cell, {args.hosts} host nodes, "
+        f"{args.schedulers} scheduler(s), tracing {args.tracing}, function concurrency {args.concurrency}",
+        "",
+        "| mode | raw req/s | e2e req/s | e2e/raw | raw p50 / p99 µs | e2e p50 / p99 µs | p50 ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("sequential", "in_flight_64"):
+        raw, e2e = results[f"raw_{mode}"], results[f"e2e_{mode}"]
+        lines.append(
+            f"| {mode} | {raw['req_per_s']} | {e2e['req_per_s']} | {e2e['req_per_s'] / raw['req_per_s']:.0%} "
+            f"| {raw['p50_us']} / {raw['p99_us']} | {e2e['p50_us']} / {e2e['p99_us']} "
+            f"| {e2e['p50_us'] / raw['p50_us']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--payload", type=int, default=64, help="bytes per request")
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--schedulers", type=int, default=1)
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="the function's concurrency (instances/node)"
+    )
+    parser.add_argument("--tracing", choices=("on", "off"), default="on")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = parser.parse_args()
+    results = run(args)
+    print(report(results, args))
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

