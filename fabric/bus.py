@@ -59,10 +59,20 @@ class Context:
     subject: str
     headers: dict[str, str] | None  # carries `traceparent` when the sender traces
     received_at: float  # time.monotonic() when the callback ran
+    reply: str  # where the requester waits for the answer ("" for a plain publish)
 
 
-# A handler returns a reply Struct, bytes already encoded (a relayed reply), or None (no reply).
-Handler = Callable[[Any, Context], Awaitable[msgspec.Struct | bytes | None]]
+@dataclass(frozen=True)
+class ReplyTo:
+    """A handler's answer that goes to a third party: `message` to `subject`, then an empty
+    acknowledgement to the requester (the scheduler lets nodes answer clients directly)."""
+
+    subject: str
+    message: msgspec.Struct
+
+
+# A handler returns a reply Struct, bytes already encoded (a relayed reply), a ReplyTo, or None.
+Handler = Callable[[Any, Context], Awaitable[msgspec.Struct | bytes | ReplyTo | None]]
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,9 @@ class Server:
 
     async def _handle(self, route: Route, msg: Msg, received_at: float) -> None:
         reply = await dispatch(route, msg, received_at)
+        if isinstance(reply, ReplyTo):
+            await self.nc.publish(reply.subject, encode(reply.message))
+            reply = b""
         if reply is not None and msg.reply:
             await self.nc.publish(msg.reply, reply if isinstance(reply, bytes) else encode(reply))
 
@@ -134,7 +147,7 @@ class Server:
         await self.tasks.close()
 
 
-async def dispatch(route: Route, msg: Msg, received_at: float) -> msgspec.Struct | bytes | None:
+async def dispatch(route: Route, msg: Msg, received_at: float) -> msgspec.Struct | bytes | ReplyTo | None:
     """Decode, call the handler, and turn every failure into a structured error reply."""
     try:
         request = route.decoder.decode(msg.data)
@@ -142,7 +155,7 @@ async def dispatch(route: Route, msg: Msg, received_at: float) -> msgspec.Struct
         return ErrorReply(
             error=Error(code="bad_request", message=f"malformed message on {msg.subject}: {exc}")
         )
-    ctx = Context(subject=msg.subject, headers=msg.headers, received_at=received_at)
+    ctx = Context(subject=msg.subject, headers=msg.headers, received_at=received_at, reply=msg.reply)
     try:
         return await route.handler(request, ctx)
     except Exception as exc:

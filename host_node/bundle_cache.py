@@ -16,24 +16,25 @@ class BundleCache:
     def __init__(self, store: BundleStore, root: Path):
         self._store = store
         self._root = root
-        self._ready: set[str] = set()
+        self._ready: dict[str, Path] = {}  # digest -> its directory, once unpacked
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         root.mkdir(parents=True, exist_ok=True)
 
     async def ensure(self, digest: str) -> tuple[Path, bool]:
         """The unpacked bundle's directory, and whether this call had to fetch it."""
-        path = self._root / digest
-        if digest in self._ready:
-            return path, False
+        ready = self._ready.get(digest)
+        if ready is not None:
+            return ready, False
         if not DIGEST_RE.match(digest):
             raise BundleError(f"{digest!r} is not a bundle digest")  # also keeps paths inside the cache
+        path = self._root / digest
         async with self._locks[digest]:
             if path.is_dir():
-                self._ready.add(digest)
+                self._ready[digest] = path
                 return path, False
             data = await self._store.fetch(digest)
             await asyncio.to_thread(_install, data, self._root, path)
-            self._ready.add(digest)
+            self._ready[digest] = path
             return path, True
 
 

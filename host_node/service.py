@@ -28,6 +28,7 @@ from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, Nod
 
 log = logging.getLogger(__name__)
 
+SCHEDULER_RETRIES = {"throttled", "unavailable"}  # refusals the scheduler retries on another node
 NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
 
 
@@ -46,7 +47,13 @@ class HostNode:
     def routes(self) -> list[bus.Route]:
         return [bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke)]
 
-    async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
+    async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
+        reply = await self._invoke_traced(req, ctx)
+        if req.reply_to and not (isinstance(reply, ErrorReply) and reply.error.code in SCHEDULER_RETRIES):
+            return bus.ReplyTo(req.reply_to, reply)
+        return reply
+
+    async def _invoke_traced(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
         if self.inflight >= self.settings.capacity:
             return self._error(req, "throttled", f"node is running {self.inflight} invocations, its capacity")
         self.inflight += 1

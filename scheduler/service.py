@@ -53,6 +53,10 @@ def is_error_reply(data: bytes) -> bool:
     return data[1 : 1 + len(_ERROR_TAG)] == _ERROR_TAG
 
 
+class TryElsewhere(Exception):
+    """This attempt failed in a way another node may not (gone, unreachable, full)."""
+
+
 def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = "") -> ErrorReply:
     return ErrorReply(error=Error(code=code, message=message), invocation_id=invocation_id, node=node)
 
@@ -101,7 +105,7 @@ class Scheduler:
 
     # --- invoke ---
 
-    async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes:
+    async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
         with telemetry.span(
             "scheduler.invoke",
             parent=ctx.headers,
@@ -117,7 +121,7 @@ class Scheduler:
                 span.set_attribute("hetfaas.error", reply.error.code)
             return reply
 
-    async def _invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes:
+    async def _invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
         problem = self._check_invoke(req, ctx.subject)
         if problem:
             return error("bad_request", problem, req.invocation_id)
@@ -125,7 +129,7 @@ class Scheduler:
         if isinstance(record, ErrorReply):
             return record
         deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
-        return await self._place_and_forward(req, record, deadline)
+        return await self._place_and_forward(req, record, deadline, ctx.reply)
 
     def _check_invoke(self, req: InvokeRequest, subject: str) -> str | None:
         if subjects.parse_invoke(subject) != (req.tenant, req.function):
@@ -164,8 +168,9 @@ class Scheduler:
         )
 
     async def _place_and_forward(
-        self, req: InvokeRequest, record: FunctionRecord, deadline: float
-    ) -> ErrorReply | bytes:
+        self, req: InvokeRequest, record: FunctionRecord, deadline: float, reply_to: str
+    ) -> ErrorReply | bytes | None:
+        """Try nodes until one answers or the deadline passes. None: the node answered the caller."""
         key = warm_key(record)
         tried: set[str] = set()
         failures: list[str] = []
@@ -190,15 +195,18 @@ class Scheduler:
                 payload=req.payload,
                 timeout_ms=remaining_ms,
                 attempt=len(tried),
+                reply_to=reply_to,
             )
-            reply = await self._forward(node, message, remaining_ms, key, failures)
-            if reply is not None:
-                return reply
+            try:
+                return await self._forward(node, message, remaining_ms, key)
+            except TryElsewhere as exc:
+                failures.append(str(exc))
 
     async def _forward(
-        self, node, message: NodeInvoke, remaining_ms: int, key: str, failures: list[str]
+        self, node, message: NodeInvoke, remaining_ms: int, key: str
     ) -> ErrorReply | bytes | None:
-        """One attempt on one node: the reply to relay, or None (after noting why) to try another."""
+        """One attempt on one node: the reply to relay, None when the node answered the caller
+        itself, or TryElsewhere."""
         node_id = node.node_id
         trace.get_current_span().add_event(
             "forward", {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt}
@@ -214,11 +222,9 @@ class Scheduler:
             )
         except bus.NoResponders:
             node.unreachable = True
-            failures.append(f"{node_id} is not listening")
-            return None
+            raise TryElsewhere(f"{node_id} is not listening") from None
         except bus.PeerLost:
-            failures.append(f"{node_id} was lost mid-request")
-            return None
+            raise TryElsewhere(f"{node_id} was lost mid-request") from None
         except bus.RequestTimeout:
             return error(
                 "timeout", f"{node_id} did not answer before the deadline", message.invocation_id, node_id
@@ -228,10 +234,11 @@ class Scheduler:
         if is_error_reply(msg.data):
             result = codec.invoke_result.decode(msg.data)
             if result.error.code in RETRYABLE_NODE_ERRORS:
-                failures.append(f"{node_id}: {result.error.message}")
-                return None
+                raise TryElsewhere(f"{node_id}: {result.error.message}")
         node.recent.add(key)
-        return msg.data  # relayed as the node encoded it: no decoding or re-encoding on the hot path
+        # An empty acknowledgement: the node answered the caller itself. Otherwise relay the
+        # reply as the node encoded it (no decoding or re-encoding on the hot path).
+        return msg.data or None
 
     def _node_gone(self, node_id: str) -> None:
         failed = self._requester.fail_peer(node_id)

@@ -91,6 +91,10 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     payload: bytes
     timeout_ms: int  # what is left of the caller's deadline when the scheduler sends it
     attempt: int = 1
+    # When set, the node sends its answer straight to the caller here and acknowledges the
+    # scheduler with an empty message; refusals the scheduler retries (throttled, unavailable)
+    # still go to the scheduler. Saves the caller a hop through the scheduler.
+    reply_to: str = ""
 
 
 class InvokeReply(msgspec.Struct, frozen=True, kw_only=True, tag="invoke_reply"):

@@ -55,20 +55,29 @@ class FrameChannel(asyncio.Protocol):
             raise ConnectionError("python instance closed its socket")
         self._transport.write(data)
 
-    async def receive(self) -> tuple[int, bytes]:
+    async def receive(self, timeout_s: float) -> tuple[int, bytes]:
+        """The next frame; TimeoutError after `timeout_s` (a bare timer: cheaper than asyncio.timeout)."""
         if self._frames:
             return self._frames.popleft()
         if self.closed:
             raise ConnectionError("python instance closed its socket")
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(max(timeout_s, 0), _expire, waiter)
         try:
-            return await self._waiter
+            return await waiter
         finally:
+            timer.cancel()
             self._waiter = None
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class PythonInstance:
@@ -105,8 +114,7 @@ class PythonInstance:
             child.close()
         _, channel = await asyncio.get_running_loop().create_unix_connection(FrameChannel, sock=parent)
         try:
-            async with asyncio.timeout(timeout_s):
-                kind, body = await channel.receive()
+            kind, body = await channel.receive(timeout_s)
         except (TimeoutError, ConnectionError) as exc:
             kill_group(proc)
             channel.close()
@@ -126,9 +134,8 @@ class PythonInstance:
     async def invoke(self, payload: bytes, timeout_s: float) -> bytes:
         """Run the handler once; any failure that leaves the worker unusable marks it unhealthy."""
         try:
-            async with asyncio.timeout(timeout_s):
-                self._channel.send(protocol.frame(protocol.INVOKE, payload))
-                kind, body = await self._channel.receive()
+            self._channel.send(protocol.frame(protocol.INVOKE, payload))
+            kind, body = await self._channel.receive(timeout_s)
         except TimeoutError:
             self.kill()
             raise FunctionFailed(
