@@ -24,6 +24,7 @@ from host_node.spawner import PlainSpawner, Spawner
 from host_node.warm import WarmInstances
 from schemas import codec, keys, subjects
 from schemas.errors import Error
+from schemas.manifest import NAME_RE
 from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, NodeRecord, instance_key
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,7 @@ class HostNode:
         key = instance_key(spec.tenant, spec.name, req.bundle_digest)
 
         async def start() -> PythonInstance:
-            log_path = self._logs / spec.tenant / f"{spec.name}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path = self._log_path(spec.tenant, spec.name)
             with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - local append-open, cold path only
                 return await PythonInstance.start(
                     self._spawner,
@@ -158,6 +158,15 @@ class HostNode:
         )
         phases["exec_ms"] = _ms_since(started)
         return output, cold
+
+    def _log_path(self, tenant: str, name: str) -> Path:
+        """Where an instance's stdout and stderr go. The names come off the wire: anyone who can
+        publish to this node's subject could send "../", so check them before building a path."""
+        if not (NAME_RE.match(tenant) and NAME_RE.match(name)):
+            raise FunctionFailed("bad_request", f"invalid tenant or function name {tenant!r}/{name!r}")
+        path = self._logs / tenant / f"{name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
         return ErrorReply(

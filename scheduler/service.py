@@ -19,7 +19,7 @@ from fabric.telemetry import setup_tracing
 from scheduler import state
 from scheduler.placement import choose_node
 from scheduler.settings import SchedulerSettings
-from scheduler.view import ClusterView, warm_key
+from scheduler.view import ClusterView, NodeView, warm_key
 from schemas import codec, keys, subjects
 from schemas.errors import Error, ErrorCode
 from schemas.manifest import spec_problems
@@ -203,7 +203,7 @@ class Scheduler:
                 failures.append(str(exc))
 
     async def _forward(
-        self, node, message: NodeInvoke, remaining_ms: int, key: str
+        self, node: NodeView, message: NodeInvoke, remaining_ms: int, key: str
     ) -> ErrorReply | bytes | None:
         """One attempt on one node: the reply to relay, None when the node answered the caller
         itself, or TryElsewhere."""

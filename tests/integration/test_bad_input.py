@@ -258,3 +258,17 @@ async def test_bad_inputs_leave_other_invocations_unaffected(client: Client, fau
     assert all(o.reply.output == b"fine" for o in outcomes if o.ok)
     assert malformed.error.code == "bad_request"
     assert all(n.healthy for n in (await client.status()).nodes)
+
+
+async def test_node_rejects_names_that_would_be_paths(client: Client, tenant: str) -> None:
+    deployed = await client.deploy(EXAMPLES / "hello-python", tenant=tenant)
+    spec = FunctionSpec(name="../../../tmp/x", runtime="python", handler="handler:handle", tenant=tenant)
+    message = NodeInvoke(
+        invocation_id="p2",
+        spec=spec,
+        bundle_digest=deployed.function.bundle_digest,
+        payload=b"",
+        timeout_ms=5000,
+    )
+    reply = await raw_request(client, subjects.node_invoke("host-1"), codec.encode(message))
+    assert reply.error.code == "bad_request" and "invalid tenant or function name" in reply.error.message
