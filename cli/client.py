@@ -82,10 +82,15 @@ class Client:
     def __init__(self, nc: NATS):
         self.nc = nc
         self._bundles = BundleStore(nc.jetstream())
+        # Invocations use the shared-inbox requester: no per-request random token or wait_for
+        # task, which is a good share of a client's CPU per warm invocation.
+        self._requester = bus.Requester(nc)
 
     @classmethod
     async def connect(cls, nats_url: str, name: str = "hetfaas-cli") -> "Client":
-        return cls(await bus.connect(nats_url, name))
+        client = cls(await bus.connect(nats_url, name))
+        await client._requester.start()
+        return client
 
     async def close(self) -> None:
         await self.nc.drain()
@@ -113,17 +118,18 @@ class Client:
             attributes={"faas.invocation_id": invocation_id, "faas.name": function, "hetfaas.tenant": tenant},
         ):
             try:
-                result = await bus.request(
-                    self.nc,
+                msg = await self._requester.request(
                     subjects.invoke(tenant, function),
-                    request,
-                    codec.invoke_result,
+                    codec.encode(request),
                     timeout_ms / 1000 + REPLY_GRACE_S,
                     telemetry.trace_headers(),
+                    "scheduler",
                 )
-            except bus.NoResponders as exc:
+                result = codec.invoke_result.decode(msg.data)
+            except bus.NoResponders:
                 result = ErrorReply(
-                    error=Error(code="unavailable", message=str(exc)), invocation_id=invocation_id
+                    error=Error(code="unavailable", message="no scheduler is running"),
+                    invocation_id=invocation_id,
                 )
             except bus.RequestTimeout:
                 result = ErrorReply(

@@ -173,7 +173,7 @@ def invoke(
     elif data_file is not None:
         payload = data_file.read()
     else:
-        payload = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
+        payload = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     outcome = _run(lambda c: c.invoke(tenant, name, payload, timeout_ms))
     if as_json:
         _print_json(render.invoke_json(outcome))

@@ -272,3 +272,13 @@ async def test_node_rejects_names_that_would_be_paths(client: Client, tenant: st
     )
     reply = await raw_request(client, subjects.node_invoke("host-1"), codec.encode(message))
     assert reply.error.code == "bad_request" and "invalid tenant or function name" in reply.error.message
+
+
+async def test_garbage_heartbeats_are_ignored(client: Client) -> None:
+    await client.nc.publish(subjects.heartbeat("host-1"), b"\xc1 not a heartbeat")
+    await client.nc.publish(
+        subjects.heartbeat("ghost"), msgspec.msgpack.encode({"type": "heartbeat", "seq": "x"})
+    )
+    await client.nc.flush()
+    status = await client.status()
+    assert [(n.node_id, n.healthy) for n in status.nodes] == [("host-1", True), ("host-2", True)]

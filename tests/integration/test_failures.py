@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.client import Client, InvokeOutcome
+from cli.client import Client, ClientError, InvokeOutcome
 from deploy import launcher
 from fabric.store import Store
 from schemas import keys
@@ -128,3 +128,20 @@ async def test_no_node_left(fresh) -> None:
     outcome = await client.invoke("load", "slow", b"x", timeout_ms=3_000)
     assert outcome.error.code in ("unavailable", "timeout")
     assert outcome.latency_ms < 3_000
+
+
+async def test_etcd_down_invocations_continue_and_deploys_fail_clearly(fresh, tmp_path: Path) -> None:
+    info, client = fresh
+    launcher.kill(info, "etcd")
+    outcomes = [await client.invoke("load", "slow", b"still here", timeout_ms=3_000) for _ in range(5)]
+    fn = make_function(
+        tmp_path, "new", 'runtime = "python"\nhandler = "main:handle"\n', {"main.py": SLOW_ECHO}
+    )
+    started = time.monotonic()
+    with pytest.raises(ClientError) as refused:
+        await client.deploy(fn, tenant="load")
+    deploy_s = time.monotonic() - started
+
+    assert all(o.ok and o.reply.output == b"still here" for o in outcomes), [o.error for o in outcomes]
+    assert refused.value.error.code == "unavailable" and "etcd" in refused.value.error.message
+    assert deploy_s < 10, "the refusal came before the client's own timeout"
