@@ -7,13 +7,13 @@ so the hot path pays no span objects, no context switches and no NATS headers.
 """
 
 import contextlib
-import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _propagator = TraceContextTextMapPropagator()
+_json = msgspec.json.Encoder()
 _NOOP = contextlib.nullcontext(trace.INVALID_SPAN)
 _tracer: trace.Tracer | None = None  # set by setup_tracing; None means tracing is off
 
@@ -77,8 +78,8 @@ class JsonLinesSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        line = json.dumps(otlp_json(spans), separators=(",", ":")) + "\n"
-        with self._lock, open(self._path, "a") as out:
+        line = _json.encode(otlp_json(spans)) + b"\n"
+        with self._lock, open(self._path, "ab") as out:
             out.write(line)
         return SpanExportResult.SUCCESS
 
