@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ def hetfaas(
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "HETFAAS_STATE_DIR": str(state_dir)}
     env.pop("HETFAAS_NATS_URL", None)
-    return subprocess.run([*HETFAAS, *args], input=stdin, capture_output=True, env=env, timeout=timeout_s)
+    # Without a payload, give the command an empty stdin, never the test runner's own.
+    stdin_arg = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    return subprocess.run([*HETFAAS, *args], capture_output=True, env=env, timeout=timeout_s, **stdin_arg)
 
 
 def test_deploy_invoke_ls_with_json(cluster: launcher.ClusterInfo, tenant: str) -> None:
@@ -87,8 +90,18 @@ def test_no_cluster_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1 and b"no cluster found" in result.stderr and b"hetfaas up" in result.stderr
 
 
-def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
+@pytest.fixture
+def own_state(tmp_path: Path) -> Iterator[Path]:
+    """A state directory for a cluster the test starts itself; whatever it leaves running is stopped."""
     state = tmp_path / "state"
+    yield state
+    info = launcher.read_cluster(state)
+    if info is not None:
+        launcher.stop(info)
+
+
+def test_up_is_idempotent_and_down_stops_everything(own_state: Path) -> None:
+    state = own_state
     first = hetfaas(state, "up", "--hosts", "1")
     again = hetfaas(state, "up", "--hosts", "1")
     status = hetfaas(state, "status", "--json")
@@ -108,3 +121,19 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
     assert not any(launcher.is_ours(pid, state) for pid in pids.values())
     assert b"no cluster running" in down_again.stdout
     assert (state / "logs" / "host-1.log").exists() and (state / "data" / "etcd").is_dir()
+
+
+def test_functions_survive_down_and_up(own_state: Path) -> None:
+    state = own_state
+    assert hetfaas(state, "up", "--hosts", "1").returncode == 0
+    assert hetfaas(state, "deploy", str(EXAMPLES / "hello-python")).returncode == 0
+    assert hetfaas(state, "down").returncode == 0
+    restarted = hetfaas(state, "up", "--hosts", "1")
+    listed = json.loads(hetfaas(state, "ls", "--json").stdout)
+    result = json.loads(hetfaas(state, "invoke", "hello", "--data", "again", "--json").stdout)
+
+    assert restarted.returncode == 0, restarted.stderr
+    assert [f["spec"]["name"] for f in listed] == ["hello"], "etcd kept the function"
+    assert result["ok"] and json.loads(result["output"])["greeting"] == "hello, again!", (
+        "JetStream kept the code"
+    )
