@@ -1,0 +1,43 @@
+"""The example settings files operators copy must load, name every setting, and keep its default."""
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from fabric.settings import SettingsError, load_settings
+from host_node.settings import HostNodeSettings
+from scheduler.settings import SchedulerSettings
+
+CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "config"
+
+
+@pytest.mark.parametrize(
+    ("path", "settings_type"),
+    [("scheduler.example.toml", SchedulerSettings), ("host_node.example.toml", HostNodeSettings)],
+)
+def test_example_files_document_every_setting(path: str, settings_type: type) -> None:
+    text = (CONFIG / path).read_text()
+    settings = load_settings(settings_type, CONFIG / path)
+    documented = {
+        line.split("=")[0].strip() for line in text.splitlines() if "=" in line and not line.startswith("#")
+    }
+    assert documented == set(settings_type.__struct_fields__)
+    # Optional settings show their defaults, so the file doubles as the reference; state_dir's
+    # default (none: no trace files) is the one left out on purpose.
+    defaults = {
+        f.name: f.default
+        for f in msgspec.structs.fields(settings_type)
+        if f.default is not msgspec.NODEFAULT and f.name != "state_dir"
+    }
+    assert {name: getattr(settings, name) for name in defaults} == defaults
+
+
+def test_unknown_and_mistyped_settings_are_errors(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('scheduler_id = "s"\nnats_url = "n"\netcd_endpoints = ["e"]\nlease_ttl = 5\n')
+    with pytest.raises(SettingsError, match="unknown field `lease_ttl`"):
+        load_settings(SchedulerSettings, path)
+    path.write_text('scheduler_id = "s"\nnats_url = "n"\netcd_endpoints = "e"\n')
+    with pytest.raises(SettingsError, match="Expected `array`"):
+        load_settings(SchedulerSettings, path)
