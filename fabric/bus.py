@@ -52,6 +52,15 @@ async def connect(url: str, name: str) -> NATS:
     )
 
 
+async def close(nc: NATS) -> None:
+    """Drain (deliver what is in flight, then close); a connection already closed is fine."""
+    if not nc.is_closed:
+        try:
+            await nc.drain()
+        except nats.errors.Error as exc:
+            log.warning("closing the NATS connection: %s", exc)
+
+
 @dataclass(frozen=True)
 class Context:
     """What a handler may know about the message beyond its body."""

@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from fabric.runner import run_service, settings_from_argv
-from host_node.service import run_host_node
+from host_node.app import run_host_node
 from host_node.settings import HostNodeSettings
 
 settings = settings_from_argv(HostNodeSettings, "host_node")

@@ -2,8 +2,6 @@
 
 import asyncio
 import logging
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -11,21 +9,18 @@ from nats.aio.client import Client as NATS
 from opentelemetry.trace import SpanKind
 
 from fabric import bus, telemetry
-from fabric.bundles import BundleError, BundleStore
-from fabric.store import Store
-from fabric.tasks import TaskSet
-from fabric.telemetry import setup_tracing
+from fabric.bundles import BundleError
 from host_node.bundle_cache import BundleCache
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
 from host_node.runtimes.python import PythonInstance
 from host_node.settings import HostNodeSettings
-from host_node.spawner import PlainSpawner, Spawner
+from host_node.spawner import Spawner
 from host_node.warm import WarmInstances
-from schemas import codec, keys, subjects
+from schemas import codec, subjects
 from schemas.errors import Error
 from schemas.manifest import NAME_RE
-from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, NodeRecord, instance_key
+from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, instance_key
 
 log = logging.getLogger(__name__)
 
@@ -209,41 +204,3 @@ def _run_budget(req: NodeInvoke, deadline: float, now: float) -> float:
 
 def _ms_since(start: float) -> float:
     return round((time.monotonic() - start) * 1000, 3)
-
-
-async def run_host_node(settings: HostNodeSettings, spawner: Spawner | None = None) -> None:
-    provider = setup_tracing(settings.node_id, settings.state_dir, settings.tracing)
-    nc = await bus.connect(settings.nats_url, settings.node_id)
-    tasks = TaskSet()
-    bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
-    node = HostNode(settings, bundles, spawner or PlainSpawner())
-    server = bus.Server(nc, max_concurrent=settings.capacity * 2)
-    record = NodeRecord(
-        node_id=settings.node_id,
-        kind="host",
-        hostname=socket.gethostname(),
-        pid=os.getpid(),
-        capacity=settings.capacity,
-        started_at=time.time(),
-    )
-    try:
-        async with Store(settings.etcd_endpoints) as store:
-            registration = store.leased_key(
-                keys.node(settings.node_id), lambda: codec.encode(record), settings.lease_ttl_s
-            )
-            await server.serve(node.routes())
-            tasks.spawn(node.send_heartbeats(nc), "heartbeats")
-            tasks.spawn(node.reap_idle(), "reap-idle")
-            tasks.spawn(registration.run(), "registration")
-            log.info("host node %s serving", settings.node_id)
-            try:
-                await asyncio.Future()
-            finally:
-                await server.close(grace_s=settings.shutdown_grace_s)
-                await registration.revoke()
-    finally:
-        await tasks.close()
-        node.warm.close()
-        await nc.drain()
-        if provider:
-            provider.shutdown()

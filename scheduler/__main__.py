@@ -1,5 +1,5 @@
 from fabric.runner import run_service, settings_from_argv
-from scheduler.service import run_scheduler
+from scheduler.app import run_scheduler
 from scheduler.settings import SchedulerSettings
 
 settings = settings_from_argv(SchedulerSettings, "scheduler")

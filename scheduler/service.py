@@ -2,8 +2,6 @@
 
 import asyncio
 import logging
-import os
-import socket
 import time
 
 import msgspec
@@ -14,8 +12,6 @@ from opentelemetry.trace import SpanKind
 from fabric import bus, telemetry
 from fabric.bundles import BundleStore
 from fabric.store import STORE_ERRORS, Store
-from fabric.tasks import TaskSet
-from fabric.telemetry import setup_tracing
 from scheduler import state
 from scheduler.placement import choose_node
 from scheduler.settings import SchedulerSettings
@@ -34,7 +30,6 @@ from schemas.messages import (
     InvokeRequest,
     ListFunctions,
     NodeInvoke,
-    SchedulerRecord,
     StatusRequest,
 )
 
@@ -310,42 +305,3 @@ class Scheduler:
             nodes=[n.status(now, stale) for n in sorted(self.view.nodes.values(), key=lambda n: n.node_id)],
             functions=len(self.view.functions),
         )
-
-
-async def run_scheduler(settings: SchedulerSettings) -> None:
-    provider = setup_tracing(settings.scheduler_id, settings.state_dir, settings.tracing)
-    nc = await bus.connect(settings.nats_url, settings.scheduler_id)
-    tasks = TaskSet()
-    server = bus.Server(nc, settings.max_concurrent)
-    try:
-        async with Store(settings.etcd_endpoints) as store:
-            scheduler = Scheduler(settings, nc, store, BundleStore(nc.jetstream()))
-            await scheduler.start()
-            record = SchedulerRecord(
-                scheduler_id=settings.scheduler_id,
-                hostname=socket.gethostname(),
-                pid=os.getpid(),
-                started_at=time.time(),
-            )
-            registration = store.leased_key(
-                keys.scheduler(settings.scheduler_id), lambda: codec.encode(record), settings.lease_ttl_s
-            )
-            tasks.spawn(scheduler.sync.follow_nodes(), "follow-nodes")
-            tasks.spawn(scheduler.sync.follow_functions(), "follow-functions")
-            tasks.spawn(scheduler.watch_staleness(), "watch-staleness")
-            await server.serve(scheduler.view_routes())
-            await scheduler.wait_until_ready()
-            await server.serve(scheduler.request_routes())
-            tasks.spawn(registration.run(), "registration")  # listed in `status` once it serves
-            log.info("scheduler %s serving", settings.scheduler_id)
-            try:
-                await asyncio.Future()
-            finally:
-                await server.close()
-                await registration.revoke()
-                await tasks.close()
-    finally:
-        await tasks.close()
-        await nc.drain()
-        if provider:
-            provider.shutdown()
