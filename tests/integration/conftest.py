@@ -4,6 +4,7 @@ own process on free loopback ports, in a temporary state directory."""
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -81,3 +82,19 @@ def make_function(root: Path, name: str, manifest: str, files: dict[str, str]) -
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not process_gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -12,7 +12,7 @@ from deploy import launcher
 from schemas import codec, subjects
 from schemas.manifest import ManifestError
 from schemas.messages import DeployRequest, ErrorReply, FunctionSpec, InvokeRequest, NodeInvoke
-from tests.integration.conftest import EXAMPLES, make_function
+from tests.integration.conftest import EXAMPLES, make_function, wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -37,22 +37,6 @@ def handle(payload):
 async def raw_request(client: Client, subject: str, data: bytes) -> ErrorReply:
     msg = await client.nc.request(subject, data, timeout=5)
     return codec.invoke_result.decode(msg.data)
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-async def wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not process_gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from cli.client import Client
-from tests.integration.conftest import EXAMPLES, make_function
+from deploy import launcher
+from tests.integration.conftest import EXAMPLES, HOST_OVERRIDES, SCHEDULER_OVERRIDES, make_function, wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +115,27 @@ async def test_list_and_status(client: Client, tenant: str) -> None:
     assert [n.node_id for n in status.nodes] == ["host-1", "host-2"]
     assert all(n.healthy and n.capacity == 64 for n in status.nodes)
     assert [s.scheduler_id for s in status.schedulers] == ["scheduler-0"]
+
+
+async def test_idle_instances_stop_after_their_keep_alive(tmp_path) -> None:
+    info = launcher.up(
+        tmp_path / "state",
+        hosts=1,
+        host_overrides={**HOST_OVERRIDES, "keep_alive_s": 0.5},
+        scheduler_overrides=SCHEDULER_OVERRIDES,
+    )
+    client = await Client.connect(info.nats_url, "keep-alive-test")
+    try:
+        await client.wait_until_ready(1, timeout_s=30)
+        await client.deploy(EXAMPLES / "hello-python")
+        first = await client.invoke("default", "hello", b"a")
+        pid = json.loads(first.reply.output)["instance_pid"]
+        stopped = await wait_gone(pid, timeout_s=10)
+        again = await client.invoke("default", "hello", b"b")
+    finally:
+        await client.close()
+        launcher.stop(info)
+
+    assert stopped, "the idle instance outlived its keep-alive"
+    assert first.reply.cold_start and again.reply.cold_start, "the second call had to start a new instance"
+    assert json.loads(again.reply.output)["instance_pid"] != pid
