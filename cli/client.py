@@ -88,9 +88,7 @@ class Client:
 
     @classmethod
     async def connect(cls, nats_url: str, name: str = "hetfaas-cli") -> "Client":
-        client = cls(await bus.connect(nats_url, name))
-        await client._requester.start()
-        return client
+        return cls(await bus.connect(nats_url, name))
 
     async def close(self) -> None:
         await self.nc.drain()
@@ -185,11 +183,14 @@ class Client:
 
     async def _control(self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder):
         try:
-            reply = await bus.request(self.nc, subject, message, decoder, CONTROL_TIMEOUT_S)
+            msg = await self._requester.request(
+                subject, codec.encode(message), CONTROL_TIMEOUT_S, None, "scheduler"
+            )
         except bus.NoResponders:
             raise ClientError(Error(code="unavailable", message="no scheduler is running")) from None
         except bus.RequestTimeout:
             raise ClientError(Error(code="timeout", message=f"no answer on {subject}")) from None
+        reply = decoder.decode(msg.data)
         if isinstance(reply, ErrorReply):
             raise ClientError(reply.error)
         return reply

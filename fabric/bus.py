@@ -200,14 +200,14 @@ class Requester:
     ) -> Msg:
         if timeout_s <= 0:
             raise RequestTimeout(f"no time left to ask {peer}")
+        if not self._prefix:
+            await self.start()
         token = str(next(self._ids))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = (future, peer)
         self._by_peer[peer].add(token)
-        timer = loop.call_later(
-            timeout_s, self._fail, token, RequestTimeout(f"{peer} did not answer in time")
-        )
+        timer = loop.call_later(timeout_s, self._expire, token)
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
             return await future
@@ -227,6 +227,11 @@ class Requester:
             self._fail(token, PeerLost(f"{peer} was lost while handling the request"))
         return len(tokens)
 
+    def _expire(self, token: str) -> None:
+        entry = self._pending.get(token)
+        if entry is not None:
+            self._fail(token, RequestTimeout(f"{entry[1]} did not answer in time"))
+
     def _fail(self, token: str, exc: Exception) -> None:
         entry = self._pending.get(token)
         if entry is not None and not entry[0].done():
@@ -240,21 +245,3 @@ class Requester:
             entry[0].set_exception(NoResponders(f"{entry[1]} has no subscriber"))
         else:
             entry[0].set_result(msg)
-
-
-async def request(
-    nc: NATS,
-    subject: str,
-    message: msgspec.Struct,
-    decoder: msgspec.msgpack.Decoder,
-    timeout_s: float,
-    headers: dict[str, str] | None = None,
-) -> Any:
-    """One request with an explicit deadline; NATS errors become RequestTimeout / NoResponders."""
-    try:
-        msg = await nc.request(subject, encode(message), timeout=timeout_s, headers=headers)
-    except nats.errors.NoRespondersError:
-        raise NoResponders(f"nobody serves {subject}: is the cluster running?") from None
-    except nats.errors.TimeoutError:
-        raise RequestTimeout(f"no reply on {subject} within {timeout_s:.1f}s") from None
-    return decoder.decode(msg.data)
