@@ -184,13 +184,21 @@ class Requester:
     def __init__(self, nc: NATS):
         self._nc = nc
         self._prefix = ""
+        self._subscribed: asyncio.Future[None] | None = None
         self._ids = itertools.count()
         self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
         self._by_peer: dict[str, set[str]] = defaultdict(set)
 
     async def start(self) -> None:
-        self._prefix = self._nc.new_inbox() + "."
-        await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        """Subscribe to the shared inbox (once, however many callers race to the first request)."""
+        if self._subscribed is None:
+            self._subscribed = asyncio.ensure_future(self._subscribe())
+        await self._subscribed
+
+    async def _subscribe(self) -> None:
+        prefix = self._nc.new_inbox() + "."
+        await self._nc.subscribe(prefix + "*", cb=self._on_reply)
+        self._prefix = prefix
 
     def in_flight(self, peer: str) -> int:
         return len(self._by_peer.get(peer, ()))
