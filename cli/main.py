@@ -84,7 +84,12 @@ def up(hosts: int, schedulers: int) -> None:
     state = _state_dir()
     info = launcher.read_cluster(state)
     if info and info.processes and all(launcher.running_processes(info).values()):
-        click.echo(f"cluster already running (state directory {state}); `hetfaas down` stops it")
+        running_hosts = sum(name.startswith("host-") for name in info.processes)
+        click.echo(
+            f"cluster already running with {running_hosts} host node(s) (state directory {state}); "
+            "`hetfaas down` stops it"
+            + (", then `up` again to change its size" if running_hosts != hosts else "")
+        )
         return
     if info and info.processes:
         launcher.stop(info, progress=lambda m: click.echo(f"  {m} (left over)", err=True))
