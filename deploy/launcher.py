@@ -79,9 +79,12 @@ def up(
     schedulers: int = 1,
     host_overrides: dict[str, Any] | None = None,
     scheduler_overrides: dict[str, Any] | None = None,
+    listen_host: str = services.LOOPBACK,
     progress: Callable[[str], None] = lambda _: None,
 ) -> ClusterInfo:
-    """Start every process of a local cluster (the caller waits for the nodes to register)."""
+    """Start every process of a local cluster (the caller waits for the nodes to register).
+    nats-server and etcd listen on `listen_host`: loopback, or an address that other network
+    namespaces (the tests' stand-ins for other machines) can reach."""
     state_dir = state_dir.resolve()
     for sub in ("config", "logs", "data", "traces"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -95,8 +98,8 @@ def up(
         etcd_peer_port=_port(previous and previous.etcd_peer_port),
         started_at=time.time(),
     )
-    info.nats_url = f"nats://127.0.0.1:{info.nats_port}"
-    info.etcd_endpoint = f"127.0.0.1:{info.etcd_client_port}"
+    info.nats_url = f"nats://{listen_host}:{info.nats_port}"
+    info.etcd_endpoint = f"{listen_host}:{info.etcd_client_port}"
     try:
         progress(f"starting nats-server on port {info.nats_port}")
         info.processes["nats"] = services.start_nats(
@@ -104,6 +107,7 @@ def up(
             state_dir / "data" / "nats",
             state_dir / "config" / "nats.conf",
             state_dir / "logs" / "nats.log",
+            listen_host,
         ).pid
         _write_cluster(info)
         progress(f"starting etcd on port {info.etcd_client_port}")
@@ -112,6 +116,7 @@ def up(
             info.etcd_peer_port,
             state_dir / "data" / "etcd",
             state_dir / "logs" / "etcd.log",
+            listen_host,
         ).pid
         _write_cluster(info)
         for i in range(schedulers):
@@ -138,7 +143,9 @@ def start_scheduler(info: ClusterInfo, index: int, overrides: dict[str, Any]) ->
     return _start_service(info, name, "scheduler", settings)
 
 
-def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any]) -> int:
+def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: str | None = None) -> int:
+    """Start host node `host-<index>`; inside network namespace `netns` when given (a stand-in for
+    another machine: it reaches NATS and etcd only over the network)."""
     name = f"host-{index}"
     work_dir = str(Path(info.state_dir) / "data" / name)
     settings = HostNodeSettings(
@@ -149,15 +156,16 @@ def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any]) -> int:
         state_dir=info.state_dir,
         **overrides,
     )
-    return _start_service(info, name, "host_node", settings)
+    return _start_service(info, name, "host_node", settings, ["ip", "netns", "exec", netns] if netns else [])
 
 
-def _start_service(info: ClusterInfo, name: str, module: str, settings: msgspec.Struct) -> int:
+def _start_service(
+    info: ClusterInfo, name: str, module: str, settings: msgspec.Struct, prefix: list[str] | None = None
+) -> int:
     config = Path(info.state_dir) / "config" / f"{name}.toml"
     write_settings(settings, config)
-    proc = services.spawn(
-        [sys.executable, "-m", module, "--config", str(config)], Path(info.state_dir) / "logs" / f"{name}.log"
-    )
+    argv = [*(prefix or []), sys.executable, "-m", module, "--config", str(config)]
+    proc = services.spawn(argv, Path(info.state_dir) / "logs" / f"{name}.log")
     info.processes[name] = proc.pid
     _write_cluster(info)
     return proc.pid

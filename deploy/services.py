@@ -1,4 +1,7 @@
-"""Start real nats-server and etcd processes on loopback (the launcher and the test fixtures)."""
+"""Start real nats-server and etcd processes (the launcher and the test fixtures).
+
+They listen on loopback unless given another address of this machine (a test's veth, say).
+"""
 
 import shutil
 import socket
@@ -53,7 +56,7 @@ def etcd_binary() -> str:
     return _binary("etcd", packaged)
 
 
-def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
     """A detached child in its own session: it outlives the CLI that started it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -63,22 +66,23 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) ->
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=env,
         )
 
 
-def nats_argv(port: int, data_dir: Path, config_path: Path) -> list[str]:
+LOOPBACK = "127.0.0.1"
+
+
+def nats_argv(port: int, data_dir: Path, config_path: Path, host: str = LOOPBACK) -> list[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(
-        f'listen: "127.0.0.1:{port}"\n'
-        f"max_payload: {NATS_MAX_PAYLOAD}\n"
-        f'jetstream {{ store_dir: "{data_dir}" }}\n'
+        f'listen: "{host}:{port}"\nmax_payload: {NATS_MAX_PAYLOAD}\njetstream {{ store_dir: "{data_dir}" }}\n'
     )
     return [nats_server_binary(), "-c", str(config_path)]
 
 
-def etcd_argv(client_port: int, peer_port: int, data_dir: Path, name: str = "hetfaas") -> list[str]:
-    client, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+def etcd_argv(client_port: int, peer_port: int, data_dir: Path, host: str = LOOPBACK) -> list[str]:
+    name = "hetfaas"
+    client, peer = f"http://{host}:{client_port}", f"http://{LOOPBACK}:{peer_port}"
     return [
         etcd_binary(),
         "--name",
@@ -121,29 +125,33 @@ def _log_tail(log_path: Path | None) -> str:
     return f"; last lines of {log_path}:\n" + "\n".join(lines)
 
 
-def tcp_ready(port: int) -> bool:
+def tcp_ready(port: int, host: str = LOOPBACK) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
 
 
-def etcd_healthy(client_port: int) -> bool:
+def etcd_healthy(client_port: int, host: str = LOOPBACK) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{client_port}/health", timeout=0.5) as resp:
+        with urllib.request.urlopen(f"http://{host}:{client_port}/health", timeout=0.5) as resp:
             return b'"true"' in resp.read()
     except OSError:
         return False
 
 
-def start_nats(port: int, data_dir: Path, config_path: Path, log_path: Path) -> subprocess.Popen:
-    proc = spawn(nats_argv(port, data_dir, config_path), log_path)
-    wait_until(lambda: tcp_ready(port), "nats-server", proc, 15, log_path)
+def start_nats(
+    port: int, data_dir: Path, config_path: Path, log_path: Path, host: str = LOOPBACK
+) -> subprocess.Popen:
+    proc = spawn(nats_argv(port, data_dir, config_path, host), log_path)
+    wait_until(lambda: tcp_ready(port, host), "nats-server", proc, 15, log_path)
     return proc
 
 
-def start_etcd(client_port: int, peer_port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
-    proc = spawn(etcd_argv(client_port, peer_port, data_dir), log_path)
-    wait_until(lambda: etcd_healthy(client_port), "etcd", proc, 30, log_path)
+def start_etcd(
+    client_port: int, peer_port: int, data_dir: Path, log_path: Path, host: str = LOOPBACK
+) -> subprocess.Popen:
+    proc = spawn(etcd_argv(client_port, peer_port, data_dir, host), log_path)
+    wait_until(lambda: etcd_healthy(client_port, host), "etcd", proc, 30, log_path)
     return proc

