@@ -111,14 +111,7 @@ def up(
         ).pid
         _write_cluster(info)
         progress(f"starting etcd on port {info.etcd_client_port}")
-        info.processes["etcd"] = services.start_etcd(
-            info.etcd_client_port,
-            info.etcd_peer_port,
-            state_dir / "data" / "etcd",
-            state_dir / "logs" / "etcd.log",
-            listen_host,
-        ).pid
-        _write_cluster(info)
+        start_etcd(info)
         for i in range(schedulers):
             progress(f"starting scheduler-{i}")
             start_scheduler(info, i, scheduler_overrides or {})
@@ -129,6 +122,22 @@ def up(
         stop(info)
         raise
     return info
+
+
+def start_etcd(info: ClusterInfo) -> int:
+    """(Re)start the cluster's etcd on its ports and data directory: its data survives."""
+    host = info.etcd_endpoint.rsplit(":", 1)[0]
+    state_dir = Path(info.state_dir)
+    proc = services.start_etcd(
+        info.etcd_client_port,
+        info.etcd_peer_port,
+        state_dir / "data" / "etcd",
+        state_dir / "logs" / "etcd.log",
+        host,
+    )
+    info.processes["etcd"] = proc.pid
+    _write_cluster(info)
+    return proc.pid
 
 
 def start_scheduler(info: ClusterInfo, index: int, overrides: dict[str, Any]) -> int:

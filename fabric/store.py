@@ -140,7 +140,7 @@ class LeasedKey:
                 self.registered.set()
                 retry_s = 0.2
                 await self._keep_alive()
-            except STORE_ERRORS as exc:
+            except Exception as exc:  # etcd down, or anything else: the key must come back
                 log.warning("lease for %s: %s; retrying in %.1fs", self._key, exc, retry_s)
             self.registered.clear()
             await asyncio.sleep(retry_s)

@@ -5,6 +5,7 @@ import logging
 import time
 from pathlib import Path
 
+import nats
 from nats.aio.client import Client as NATS
 from opentelemetry.trace import SpanKind
 
@@ -183,7 +184,10 @@ class HostNode:
     async def send_heartbeats(self, nc: NATS) -> None:
         seq = 0
         while True:
-            await nc.publish(subjects.heartbeat(self.settings.node_id), codec.encode(self.heartbeat(seq)))
+            try:
+                await nc.publish(subjects.heartbeat(self.settings.node_id), codec.encode(self.heartbeat(seq)))
+            except nats.errors.Error as exc:  # e.g. mid-reconnect: the next beat will do
+                log.warning("heartbeat %d not sent: %s", seq, exc)
             seq += 1
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from fabric.store import STORE_ERRORS, Compacted, Event, Store
+from fabric.store import Compacted, Event, Store
 from scheduler.view import ClusterView
 from schemas import codec, keys
 from schemas.messages import FunctionRecord, SchedulerRecord
@@ -44,7 +44,7 @@ class ClusterSync:
                         apply(event)
             except Compacted as exc:
                 log.info("re-listing %s: %s", prefix, exc)
-            except STORE_ERRORS as exc:
+            except Exception as exc:  # etcd down (or worse): keep serving the last view, retry
                 log.warning(
                     "etcd unavailable while following %s (%s); serving from the last view", prefix, exc
                 )

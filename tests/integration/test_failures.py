@@ -130,7 +130,9 @@ async def test_no_node_left(fresh) -> None:
     assert outcome.latency_ms < 3_000
 
 
-async def test_etcd_down_invocations_continue_and_deploys_fail_clearly(fresh, tmp_path: Path) -> None:
+async def test_etcd_down_invocations_continue_deploys_fail_clearly_then_recover(
+    fresh, tmp_path: Path
+) -> None:
     info, client = fresh
     launcher.kill(info, "etcd")
     outcomes = [await client.invoke("load", "slow", b"still here", timeout_ms=3_000) for _ in range(5)]
@@ -142,6 +144,14 @@ async def test_etcd_down_invocations_continue_and_deploys_fail_clearly(fresh, tm
         await client.deploy(fn, tenant="load")
     deploy_s = time.monotonic() - started
 
+    launcher.start_etcd(info)
+    await client.wait_until_ready(2, schedulers=2, timeout_s=20)  # registrations are back in etcd
+    deployed = await client.deploy(fn, tenant="load")
+    fresh_fn = await client.invoke("load", "new", b"back", timeout_ms=5_000)
+
     assert all(o.ok and o.reply.output == b"still here" for o in outcomes), [o.error for o in outcomes]
     assert refused.value.error.code == "unavailable" and "etcd" in refused.value.error.message
     assert deploy_s < 10, "the refusal came before the client's own timeout"
+    assert deployed.updated and fresh_fn.ok and fresh_fn.reply.output == b"back", (
+        "caught up once etcd returned"
+    )
