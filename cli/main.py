@@ -66,6 +66,7 @@ def _print_json(obj: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hetfaas")
 def cli() -> None:
     """hetfaas: serverless functions on CPU hosts and DPUs.
 
