@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -181,7 +182,7 @@ class Client:
                 raise ClientError(Error(code="timeout", message=f"cluster not ready within {timeout_s:.0f}s"))
             await asyncio.sleep(0.1)
 
-    async def _control(self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder):
+    async def _control(self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder) -> Any:
         try:
             msg = await self._requester.request(
                 subject, codec.encode(message), CONTROL_TIMEOUT_S, None, "scheduler"

@@ -4,8 +4,9 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 import msgspec
@@ -36,7 +37,7 @@ def _nats_url() -> str:
     return info.nats_url
 
 
-def _run(coro_fn, *args: Any) -> Any:
+def _run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """Run one client operation with tracing into the state directory, mapping errors to exit 1."""
     state = _state_dir()
     provider = setup_tracing("cli", str(state) if state.is_dir() else None, enabled=True)
@@ -169,7 +170,13 @@ def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("-v", "--verbose", is_flag=True, help="also print node, cold/warm and latency to stderr")
 def invoke(
-    name: str, tenant: str, data: str | None, data_file, timeout_ms: int, as_json: bool, verbose: bool
+    name: str,
+    tenant: str,
+    data: str | None,
+    data_file: IO[bytes] | None,
+    timeout_ms: int,
+    as_json: bool,
+    verbose: bool,
 ) -> None:
     """Invoke function NAME; the payload is --data, --data-file, or stdin when it is not a terminal."""
     if data is not None and data_file is not None:

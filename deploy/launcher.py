@@ -93,9 +93,9 @@ def up(
         state_dir=str(state_dir),
         nats_url="",
         etcd_endpoint="",
-        nats_port=_port(previous and previous.nats_port),
-        etcd_client_port=_port(previous and previous.etcd_client_port),
-        etcd_peer_port=_port(previous and previous.etcd_peer_port),
+        nats_port=_port(previous.nats_port if previous else None),
+        etcd_client_port=_port(previous.etcd_client_port if previous else None),
+        etcd_peer_port=_port(previous.etcd_peer_port if previous else None),
         started_at=time.time(),
     )
     info.nats_url = f"nats://{listen_host}:{info.nats_port}"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024
@@ -105,8 +106,12 @@ def etcd_argv(client_port: int, peer_port: int, data_dir: Path, host: str = LOOP
 
 
 def wait_until(
-    check, what: str, proc: subprocess.Popen | None, timeout_s: float, log_path: Path | None = None
-):
+    check: Callable[[], bool],
+    what: str,
+    proc: subprocess.Popen | None,
+    timeout_s: float,
+    log_path: Path | None = None,
+) -> None:
     """Poll a readiness check of an external process (it offers no event to wait on)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

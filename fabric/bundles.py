@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
+from nats.js.object_store import ObjectStore
 
 from schemas.subjects import BUNDLE_BUCKET
 
@@ -48,7 +49,7 @@ def pack_directory(root: Path, max_bytes: int) -> bytes:
 
 
 def _walk(root: Path) -> list[Path]:
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_NAMES)
         files.extend(Path(dirpath) / name for name in sorted(filenames) if not name.endswith(".pyc"))
@@ -71,9 +72,9 @@ class BundleStore:
 
     def __init__(self, js: JetStreamContext):
         self._js = js
-        self._bucket = None
+        self._bucket: ObjectStore | None = None
 
-    async def _store(self):
+    async def _store(self) -> ObjectStore:
         if self._bucket is None:
             try:
                 self._bucket = await self._js.object_store(BUNDLE_BUCKET)
@@ -99,7 +100,7 @@ class BundleStore:
             result = await (await self._store()).get(digest)
         except js_errors.ObjectNotFoundError:
             raise BundleError(f"bundle {digest} is not in the bundle store") from None
-        data = bytes(result.data)
+        data = bytes(result.data or b"")
         if digest_of(data) != digest:
             raise BundleError(f"bundle {digest} failed verification: its bytes hash differently")
         return data

@@ -11,6 +11,7 @@ from typing import Literal
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+from etcd3aio.kv import KVService
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Store:
         await self._client.close()
 
     @property
-    def _kv(self):
+    def _kv(self) -> KVService:
         assert self._client.kv is not None, "store not connected"
         return self._client.kv
 

@@ -51,7 +51,7 @@ class InstancePool(Generic[T]):
 
     def expired(self, now: float, keep_alive_s: float) -> list[tuple[str, T]]:
         """Remove and return idle instances unused for longer than `keep_alive_s`."""
-        gone = []
+        gone: list[tuple[str, T]] = []
         for key, stack in self._idle.items():
             keep = [(inst, since) for inst, since in stack if now - since <= keep_alive_s]
             gone.extend((key, inst) for inst, since in stack if now - since > keep_alive_s)

@@ -107,7 +107,8 @@ class HostNode:
         self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
     ) -> tuple[bytes, bool]:
         spec = req.spec
-        assert spec.handler is not None
+        handler = spec.handler
+        assert handler is not None
         key = instance_key(spec.tenant, spec.name, req.bundle_digest)
 
         async def start() -> PythonInstance:
@@ -115,7 +116,7 @@ class HostNode:
             with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - local append-open, cold path only
                 return await PythonInstance.start(
                     self._spawner,
-                    spec.handler,
+                    handler,
                     code_dir,
                     log_file,
                     self.settings.max_output_bytes,

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -31,7 +32,13 @@ class ClusterSync:
     async def follow_functions(self) -> None:
         await self._follow(keys.FUNCTIONS, self._reset_functions, self._apply_function, self.functions_synced)
 
-    async def _follow(self, prefix, reset, apply, synced: asyncio.Event) -> None:
+    async def _follow(
+        self,
+        prefix: str,
+        reset: Callable[[list[bytes]], None],
+        apply: Callable[[Event], None],
+        synced: asyncio.Event,
+    ) -> None:
         retry_s = 0.2
         while True:
             try:
@@ -74,8 +81,8 @@ class ClusterSync:
             self._view.put_function(record)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder) -> Callable[[bytes], object]:
-    def decode(value: bytes):
+def _decode(decoder: msgspec.msgpack.Decoder) -> Callable[[bytes], Any]:
+    def decode(value: bytes) -> Any:
         try:
             return decoder.decode(value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:

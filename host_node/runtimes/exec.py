@@ -50,7 +50,7 @@ async def _communicate(
                 )
             chunks.append(chunk)
         await helpers[0]
-        stderr = await helpers[1]
+        stderr = await helpers[1] or b""
         return b"".join(chunks), stderr, await proc.wait()
     finally:
         for helper in helpers:

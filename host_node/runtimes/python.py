@@ -22,11 +22,11 @@ class FrameChannel(asyncio.Protocol):
         self._buffer = bytearray()
         self._frames: deque[tuple[int, bytes]] = deque()
         self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
-        self._transport: asyncio.Transport | None = None
+        self._transport: asyncio.BaseTransport | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment] - uvloop's transports are not subclasses
+        self._transport = transport  # a uvloop transport is no asyncio.Transport subclass, but writes
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -53,7 +53,7 @@ class FrameChannel(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.closed or self._transport is None:
             raise ConnectionError("python instance closed its socket")
-        self._transport.write(data)
+        self._transport.write(data)  # type: ignore[attr-defined]
 
     async def receive(self, timeout_s: float) -> tuple[int, bytes]:
         """The next frame; TimeoutError after `timeout_s` (a bare timer: cheaper than asyncio.timeout)."""
