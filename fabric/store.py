@@ -130,7 +130,6 @@ class LeasedKey:
         self._value = value
         self._ttl_s = ttl_s
         self._lease_id = 0
-        self.registered = asyncio.Event()
 
     async def run(self) -> None:
         retry_s = 0.2
@@ -138,12 +137,10 @@ class LeasedKey:
             try:
                 self._lease_id = await self._store._grant(self._ttl_s)
                 await self._store.put(self._key, self._value(), lease=self._lease_id)
-                self.registered.set()
                 retry_s = 0.2
                 await self._keep_alive()
             except Exception as exc:  # etcd down, or anything else: the key must come back
                 log.warning("lease for %s: %s; retrying in %.1fs", self._key, exc, retry_s)
-            self.registered.clear()
             await asyncio.sleep(retry_s)
             retry_s = min(retry_s * 2, self._ttl_s / 2)
 
