@@ -33,9 +33,22 @@ async def _until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> Non
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_grpc_stream_teardown)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
     try:
         await main()
     except asyncio.CancelledError:
         logging.getLogger(__name__).info("stopped by signal")
+
+
+def _quiet_grpc_stream_teardown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """When etcd goes away mid-stream, grpc.aio leaves the stream's request-iterator task pending
+    and asyncio reports it at ERROR ("Task was destroyed but it is pending", "aclose(): asynchronous
+    generator is already running"): a known, harmless grpc bug (grpc/grpc#37355). Log it at debug
+    so an etcd outage reads as the warnings that matter; everything else goes to asyncio as usual."""
+    text = f"{context.get('task') or context.get('future')!r} {context.get('exception')!r}"
+    if "_consume_request_iterator" in text or "asynchronous generator is already running" in text:
+        logging.getLogger(__name__).debug("grpc stream teardown: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)

@@ -15,6 +15,12 @@ from etcd3aio.kv import KVService
 
 log = logging.getLogger(__name__)
 
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 # Every way an etcd call can fail when etcd is down or slow; callers treat them as "unavailable".
 STORE_ERRORS = (EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
 
@@ -40,7 +46,13 @@ class Compacted(Exception):
 
 class Store:
     def __init__(self, endpoints: list[str], timeout_s: float = 5.0):
-        self._client = Etcd3Client(endpoints, rpc_max_attempts=2)
+        # Six attempts back off 50 ms doubling to 1.55 s in all: long enough to ride out the
+        # channel's reconnect (capped at 1 s below), short of the 5 s per-call timeout.
+        self._client = Etcd3Client(endpoints, rpc_max_attempts=6)
+        # gRPC backs off reconnects up to 120 s by default: after an etcd outage the store would
+        # stay "unavailable" long after etcd is back. Cap it (etcd3aio builds the channel from
+        # these options; it has no parameter for them).
+        self._client._manager.grpc_options.extend(RECONNECT_OPTIONS)
         self.timeout_s = timeout_s
 
     async def __aenter__(self) -> "Store":
@@ -76,13 +88,18 @@ class Store:
         resp = await self._kv.delete(key, timeout=self.timeout_s)
         return resp.deleted > 0
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
-        """Batches of events after `start_revision`; raises Compacted when history is gone."""
+    async def watch_prefix(
+        self, prefix: str, start_revision: int, on_created: Callable[[], None] | None = None
+    ) -> AsyncIterator[list[Event]]:
+        """Batches of events after `start_revision`; raises Compacted when history is gone.
+        `on_created` runs once etcd has set the watch up: from then on no event is missed."""
         assert self._client.watch is not None, "store not connected"
         stream = self._client.watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision)
         async for response in stream:
             if response.compact_revision > 0 or response.canceled:
                 raise Compacted(f"watch on {prefix} lost history at revision {response.compact_revision}")
+            if response.created and on_created is not None:
+                on_created()
             events = [
                 Event(
                     "put" if ev.type == 0 else "delete", ev.kv.key.decode(), ev.kv.value, ev.kv.mod_revision

@@ -1,6 +1,5 @@
 """The host node process: connections, registration, background tasks and the invoke handler."""
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -9,10 +8,8 @@ import time
 from pathlib import Path
 
 from fabric import bus
+from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
-from fabric.store import Store
-from fabric.tasks import TaskSet
-from fabric.telemetry import setup_tracing
 from host_node.bundle_cache import BundleCache
 from host_node.service import HostNode
 from host_node.settings import HostNodeSettings
@@ -23,40 +20,29 @@ from schemas.messages import NodeRecord
 log = logging.getLogger(__name__)
 
 
-class HostNodeApp(contextlib.AbstractAsyncContextManager):
+class HostNodeApp(ServiceApp):
     """`async with HostNodeApp(settings)` serves until the block ends; leaving it stops taking
     invocations, lets running ones finish (shutdown_grace_s), revokes the lease, stops the
     instances and drains NATS."""
 
     def __init__(self, settings: HostNodeSettings, spawner: Spawner | None = None):
+        super().__init__()
         self.settings = settings
         self._spawner = spawner or PlainSpawner()
-        self._stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> "HostNodeApp":
-        try:
-            await self._start(self._stack)
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._stack.aclose()
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
-        provider = setup_tracing(settings.node_id, settings.state_dir, settings.tracing)
-        if provider is not None:
-            stack.callback(provider.shutdown)
-        nc = await bus.connect(settings.nats_url, settings.node_id)
-        stack.push_async_callback(bus.close, nc)
+        nc, store, tasks = await open_connections(
+            stack,
+            settings.node_id,
+            settings.nats_url,
+            settings.etcd_endpoints,
+            settings.state_dir,
+            settings.tracing,
+        )
         bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
         node = self.node = HostNode(settings, bundles, self._spawner)
-        stack.callback(node.warm.close)
-        store = await stack.enter_async_context(Store(settings.etcd_endpoints))
-        tasks = TaskSet()
-        stack.push_async_callback(tasks.close)
+        stack.callback(node.warm.close)  # after the server stops and the lease is revoked
         record = NodeRecord(
             node_id=settings.node_id,
             kind="host",
@@ -79,5 +65,4 @@ class HostNodeApp(contextlib.AbstractAsyncContextManager):
 
 
 async def run_host_node(settings: HostNodeSettings) -> None:
-    async with HostNodeApp(settings):
-        await asyncio.Future()
+    await HostNodeApp(settings).serve_forever()

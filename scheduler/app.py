@@ -1,6 +1,5 @@
 """The scheduler process: connections, background tasks and handlers, started and stopped as one."""
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -8,10 +7,8 @@ import socket
 import time
 
 from fabric import bus
+from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
-from fabric.store import Store
-from fabric.tasks import TaskSet
-from fabric.telemetry import setup_tracing
 from scheduler.service import Scheduler
 from scheduler.settings import SchedulerSettings
 from schemas import codec, keys
@@ -20,35 +17,24 @@ from schemas.messages import SchedulerRecord
 log = logging.getLogger(__name__)
 
 
-class SchedulerApp(contextlib.AbstractAsyncContextManager):
+class SchedulerApp(ServiceApp):
     """`async with SchedulerApp(settings)` serves until the block ends; leaving it stops taking
     requests, revokes the replica's lease, cancels its tasks and drains NATS, in that order."""
 
     def __init__(self, settings: SchedulerSettings):
+        super().__init__()
         self.settings = settings
-        self._stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> "SchedulerApp":
-        try:
-            await self._start(self._stack)
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._stack.aclose()
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
-        provider = setup_tracing(settings.scheduler_id, settings.state_dir, settings.tracing)
-        if provider is not None:
-            stack.callback(provider.shutdown)
-        nc = await bus.connect(settings.nats_url, settings.scheduler_id)
-        stack.push_async_callback(bus.close, nc)
-        store = await stack.enter_async_context(Store(settings.etcd_endpoints))
-        tasks = TaskSet()
-        stack.push_async_callback(tasks.close)
+        nc, store, tasks = await open_connections(
+            stack,
+            settings.scheduler_id,
+            settings.nats_url,
+            settings.etcd_endpoints,
+            settings.state_dir,
+            settings.tracing,
+        )
         scheduler = self.scheduler = Scheduler(settings, nc, store, BundleStore(nc.jetstream()))
         await scheduler.start()
         record = SchedulerRecord(
@@ -74,5 +60,4 @@ class SchedulerApp(contextlib.AbstractAsyncContextManager):
 
 
 async def run_scheduler(settings: SchedulerSettings) -> None:
-    async with SchedulerApp(settings):
-        await asyncio.Future()
+    await SchedulerApp(settings).serve_forever()

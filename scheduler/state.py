@@ -44,9 +44,10 @@ class ClusterSync:
             try:
                 entries, revision = await self._store.list_prefix(prefix)
                 reset([e.value for e in entries])
-                synced.set()
                 retry_s = 0.2
-                async for batch in self._store.watch_prefix(prefix, revision + 1):
+                # Synced only once the watch is set up: a listing alone can miss what changes
+                # right after it, should etcd fail before the watch starts.
+                async for batch in self._store.watch_prefix(prefix, revision + 1, on_created=synced.set):
                     for event in batch:
                         apply(event)
             except Compacted as exc:
@@ -60,15 +61,20 @@ class ClusterSync:
 
     def _reset_nodes(self, values: list[bytes]) -> None:
         records = [r for r in map(_decode(codec.node_record), values) if r is not None]
+        log.info("nodes listed from etcd: %s", ", ".join(sorted(r.node_id for r in records)) or "none")
         for node_id in self._view.reset_nodes(records):
+            log.warning("node %s left (gone from etcd)", node_id)
             self._on_node_gone(node_id)
 
     def _apply_node(self, event: Event) -> None:
         if event.kind == "delete":
             node_id = event.key.removeprefix(keys.NODES)
+            log.warning("node %s left (its key was deleted: lease expired or revoked)", node_id)
             self._view.remove_node(node_id)
             self._on_node_gone(node_id)
         elif (record := _decode(codec.node_record)(event.value)) is not None:
+            if record.node_id not in self._view.nodes:
+                log.info("node %s joined", record.node_id)
             self._view.put_node(record)
 
     def _reset_functions(self, values: list[bytes]) -> None:

@@ -1,0 +1,57 @@
+"""What every service process shares: an async context manager whose start-up enters each
+resource on an exit stack, so leaving it (or failing half-way) releases them in reverse order."""
+
+import asyncio
+import contextlib
+from typing import Self
+
+from nats.aio.client import Client as NATS
+
+from fabric import bus
+from fabric.store import Store
+from fabric.tasks import TaskSet
+from fabric.telemetry import setup_tracing
+
+
+class ServiceApp(contextlib.AbstractAsyncContextManager):
+    def __init__(self) -> None:
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start(self._stack)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stack.aclose()
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        raise NotImplementedError
+
+    async def serve_forever(self) -> None:
+        """Run until cancelled (SIGTERM/SIGINT: see fabric.runner), then shut down in order."""
+        async with self:
+            await asyncio.Future()
+
+
+async def open_connections(
+    stack: contextlib.AsyncExitStack,
+    name: str,
+    nats_url: str,
+    etcd_endpoints: list[str],
+    state_dir: str | None,
+    tracing: bool,
+) -> tuple[NATS, Store, TaskSet]:
+    """Tracing, NATS, etcd and a task set, each closed by `stack` after what is entered later."""
+    provider = setup_tracing(name, state_dir, tracing)
+    if provider is not None:
+        stack.callback(provider.shutdown)
+    nc = await bus.connect(nats_url, name)
+    stack.push_async_callback(bus.close, nc)
+    store = await stack.enter_async_context(Store(etcd_endpoints))
+    tasks = TaskSet()
+    stack.push_async_callback(tasks.close)
+    return nc, store, tasks
