@@ -88,8 +88,11 @@ class Client:
         self._requester = bus.Requester(nc)
 
     @classmethod
-    async def connect(cls, nats_url: str, name: str = "hetfaas-cli") -> "Client":
-        return cls(await bus.connect(nats_url, name))
+    async def connect(
+        cls, nats_url: str, name: str = "hetfaas-cli", wait_for_server: bool = False
+    ) -> "Client":
+        """A client; by default it fails at once (NoServersError) when NATS is not reachable."""
+        return cls(await bus.connect(nats_url, name, wait_for_server))
 
     async def close(self) -> None:
         await self.nc.drain()

@@ -10,6 +10,7 @@ from typing import IO, Any
 
 import click
 import msgspec
+import nats
 
 from cli import render
 from cli.client import Client, ClientError
@@ -55,8 +56,10 @@ def _run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
     except (ManifestError, BundleError) as exc:
         raise click.ClickException(f"bad_request: {exc}") from None
-    except OSError as exc:
-        raise click.ClickException(f"unavailable: cannot reach the cluster at {_nats_url()}: {exc}") from None
+    except (OSError, nats.errors.Error) as exc:
+        raise click.ClickException(
+            f"unavailable: cannot reach the cluster at {_nats_url()} ({exc})"
+        ) from None
     finally:
         if provider:
             provider.shutdown()

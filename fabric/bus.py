@@ -40,16 +40,30 @@ class PeerLost(ConnectionError):
     """The peer was declared dead while the request was in flight."""
 
 
-async def connect(url: str, name: str) -> NATS:
+async def connect(url: str, name: str, wait_for_server: bool = True) -> NATS:
+    """Connect to NATS. Services wait for the server and reconnect for ever (`wait_for_server`);
+    a command-line client fails at once with NoServersError, so the user hears it."""
     return await nats.connect(
         url,
         name=name,
         connect_timeout=2,
         reconnect_time_wait=0.25,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=-1 if wait_for_server else 1,  # 0 would mean "for ever" here too
+        allow_reconnect=wait_for_server,
         ping_interval=10,
         max_outstanding_pings=3,
+        # nats-py's default logs a full traceback for every failed attempt; a client reports the
+        # final NoServersError instead.
+        error_cb=_log_connection_error if wait_for_server else _ignore_connection_error,
     )
+
+
+async def _log_connection_error(exc: Exception) -> None:
+    log.warning("NATS connection: %s", exc or type(exc).__name__)
+
+
+async def _ignore_connection_error(exc: Exception) -> None:
+    pass
 
 
 async def close(nc: NATS) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploy import launcher
+from deploy.services import free_port
 from tests.integration.conftest import EXAMPLES, make_function
 
 pytestmark = pytest.mark.integration
@@ -88,6 +89,16 @@ def test_errors_exit_non_zero(cluster: launcher.ClusterInfo, tenant: str, tmp_pa
 def test_no_cluster_is_a_clear_error(tmp_path: Path) -> None:
     result = hetfaas(tmp_path / "nothing", "ls")
     assert result.returncode == 1 and b"no cluster found" in result.stderr and b"hetfaas up" in result.stderr
+
+
+def test_unreachable_nats_fails_fast_and_plainly(tmp_path: Path) -> None:
+    env = {**os.environ, "HETFAAS_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    result = subprocess.run(
+        [*HETFAAS, "invoke", "hello"], capture_output=True, env=env, timeout=20, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(b"Error: unavailable: cannot reach the cluster at nats://127.0.0.1:")
+    assert b"Traceback" not in result.stderr
 
 
 @pytest.fixture
