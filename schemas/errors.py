@@ -16,8 +16,6 @@ ErrorCode = Literal[
     "internal",
 ]
 
-ERROR_CODES: tuple[str, ...] = ErrorCode.__args__  # type: ignore[attr-defined]
-
 
 class Error(msgspec.Struct, frozen=True, kw_only=True):
     """A structured error: `code` is for programs, `message` for people, `detail` for debugging."""

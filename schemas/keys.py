@@ -1,6 +1,5 @@
 """The etcd key layout. Every key and prefix is built here (DESIGN.md §3)."""
 
-ROOT = "/hetfaas/"
 NODES = "/hetfaas/nodes/"
 SCHEDULERS = "/hetfaas/schedulers/"
 FUNCTIONS = "/hetfaas/functions/"
