@@ -60,6 +60,11 @@ def span(
     return _tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes)
 
 
+def enabled() -> bool:
+    """Whether this process records spans (callers skip building span data when not)."""
+    return _tracer is not None
+
+
 def trace_headers() -> dict[str, str] | None:
     """NATS headers carrying the current span (`traceparent`), or None when there is nothing to carry."""
     if _tracer is None:

@@ -203,9 +203,9 @@ class Scheduler:
         """One attempt on one node: the reply to relay, None when the node answered the caller
         itself, or TryElsewhere."""
         node_id = node.node_id
-        trace.get_current_span().add_event(
-            "forward", {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt}
-        )
+        if telemetry.enabled():
+            attempt: dict[str, str | int] = {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt}
+            trace.get_current_span().add_event("forward", attempt)
         node.inflight_here += 1
         try:
             msg = await self._requester.request(
