@@ -4,6 +4,7 @@ Everything lives in one state directory (configs, logs, data, traces); `cluster.
 ports and pids so that `down`, `status` and the CLI can find the cluster again.
 """
 
+import hashlib
 import os
 import signal
 import sys
@@ -16,6 +17,8 @@ import msgspec
 
 from deploy import services
 from fabric.settings import write_settings
+from host_node.sandbox import cgroups
+from host_node.sandbox.settings import SandboxSettings
 from host_node.settings import HostNodeSettings
 from scheduler.settings import SchedulerSettings
 
@@ -157,6 +160,7 @@ def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: 
     another machine: it reaches NATS and etcd only over the network)."""
     name = f"host-{index}"
     work_dir = str(Path(info.state_dir) / "data" / name)
+    overrides = {"sandbox": _sandbox_settings(info)} | overrides
     settings = HostNodeSettings(
         node_id=name,
         nats_url=info.nats_url,
@@ -165,7 +169,21 @@ def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: 
         state_dir=info.state_dir,
         **overrides,
     )
-    return _start_service(info, name, "host_node", settings, ["ip", "netns", "exec", netns] if netns else [])
+    # nsenter, not `ip netns exec`: that one remounts /sys, which hides the host's cgroups
+    enter = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    return _start_service(info, name, "host_node", settings, enter)
+
+
+def _sandbox_settings(info: ClusterInfo) -> SandboxSettings:
+    """Secure sandboxes when root can make them, plain processes otherwise; every cluster's cgroups
+    under their own parent, so two local clusters (a demo and a test run) never share slots."""
+    if os.geteuid() != 0:
+        return SandboxSettings(mode="plain")
+    return SandboxSettings(cgroup_parent=_cgroup_parent(info))
+
+
+def _cgroup_parent(info: ClusterInfo) -> str:
+    return "hetfaas-" + hashlib.sha256(str(Path(info.state_dir).resolve()).encode()).hexdigest()[:10]
 
 
 def _start_service(
@@ -195,6 +213,8 @@ def stop(
             stopped.append(name)
     info.processes = {}
     _write_cluster(info)
+    if os.geteuid() == 0:  # nodes remove their cgroups when they stop; a crashed one leaves them
+        cgroups.remove_tree(_cgroup_parent(info))
     return stopped
 
 

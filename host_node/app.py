@@ -11,6 +11,7 @@ from fabric import bus
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
 from host_node.bundle_cache import BundleCache
+from host_node.sandbox.agent import ShardedSpawner
 from host_node.service import HostNode
 from host_node.settings import HostNodeSettings
 from host_node.spawner import PlainSpawner, Spawner
@@ -25,10 +26,9 @@ class HostNodeApp(ServiceApp):
     invocations, lets running ones finish (shutdown_grace_s), revokes the lease, stops the
     instances and drains NATS."""
 
-    def __init__(self, settings: HostNodeSettings, spawner: Spawner | None = None):
+    def __init__(self, settings: HostNodeSettings):
         super().__init__()
         self.settings = settings
-        self._spawner = spawner or PlainSpawner()
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
@@ -41,7 +41,8 @@ class HostNodeApp(ServiceApp):
             settings.tracing,
         )
         bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
-        node = self.node = HostNode(settings, bundles, self._spawner)
+        spawner = await open_spawner(settings, stack)
+        node = self.node = HostNode(settings, bundles, spawner)
         stack.callback(node.warm.close)  # after the server stops and the lease is revoked
         record = NodeRecord(
             node_id=settings.node_id,
@@ -62,6 +63,19 @@ class HostNodeApp(ServiceApp):
         tasks.spawn(node.reap_idle(), "reap-idle")
         tasks.spawn(registration.run(), "registration")
         log.info("host node %s serving", settings.node_id)
+
+
+async def open_spawner(settings: HostNodeSettings, stack: contextlib.AsyncExitStack) -> Spawner:
+    """The sandbox shards (or plain processes); closed after the instances are stopped, and on a
+    clean stop every cgroup of ours is removed (after a crash they stay, for the next start to adopt)."""
+    if settings.sandbox.mode == "plain":
+        log.warning("sandbox mode 'plain': functions run unsandboxed, as this node's user")
+        return PlainSpawner()
+    spawner = ShardedSpawner(settings.sandbox, settings.node_id, Path(settings.work_dir))
+    stack.callback(spawner.remove_all_slots)
+    stack.push_async_callback(spawner.close)
+    await spawner.open()
+    return spawner
 
 
 async def run_host_node(settings: HostNodeSettings) -> None:

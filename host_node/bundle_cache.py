@@ -42,6 +42,7 @@ def _install(data: bytes, root: Path, path: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".unpack-"))
     try:
         unpack(data, staging)
+        staging.chmod(0o755)  # mkdtemp made it 0700; the sandbox's unprivileged user must read it
         staging.rename(path)  # atomic: a crash never leaves a half-unpacked bundle in place
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

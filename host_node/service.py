@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,18 +16,20 @@ from host_node.bundle_cache import BundleCache
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
 from host_node.runtimes.python import PythonInstance
+from host_node.sandbox.cgroups import Limits
 from host_node.settings import HostNodeSettings
 from host_node.spawner import Spawner
 from host_node.warm import WarmInstances
 from schemas import codec, subjects
 from schemas.errors import Error
 from schemas.manifest import NAME_RE
-from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, instance_key
+from schemas.messages import ErrorReply, FunctionSpec, Heartbeat, InvokeReply, NodeInvoke, instance_key
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_RETRIES = {"throttled", "unavailable"}  # refusals the scheduler retries on another node
-NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
+NODE_MARGIN_S = 0.01
+MIN_CPU_MILLIS = 100  # reply this much before the scheduler's deadline so the reply still counts
 
 
 class HostNode:
@@ -113,15 +116,20 @@ class HostNode:
 
         async def start() -> PythonInstance:
             log_path = self._log_path(spec.tenant, spec.name)
-            with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - local append-open, cold path only
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
                 return await PythonInstance.start(
                     self._spawner,
                     handler,
                     code_dir,
-                    log_file,
+                    log_fd,
                     self.settings.max_output_bytes,
                     deadline - time.monotonic(),
+                    self._limits(spec),
+                    phases,
                 )
+            finally:
+                os.close(log_fd)
 
         acquire_started = time.monotonic()
         limit = min(spec.concurrency, self.settings.max_instances_per_function)
@@ -152,9 +160,17 @@ class HostNode:
             req.payload,
             _run_budget(req, deadline, started),
             self.settings.max_output_bytes,
+            self._limits(req.spec),
+            phases,
         )
-        phases["exec_ms"] = _ms_since(started)
+        phases["handler_ms"] = _ms_since(started)
         return output, cold
+
+    def _limits(self, spec: FunctionSpec) -> Limits:
+        """The function's size class: its memory, and CPU in proportion to it (as Lambda does)."""
+        cpu_millis = spec.memory_mb * 1000 // self.settings.memory_mb_per_cpu
+        cpu_millis = max(MIN_CPU_MILLIS, min(cpu_millis, 1000 * (os.cpu_count() or 1)))
+        return Limits(spec.memory_mb, cpu_millis, self.settings.sandbox.pids_max)
 
     def _log_path(self, tenant: str, name: str) -> Path:
         """Where an instance's stdout and stderr go. The names come off the wire: anyone who can
@@ -180,6 +196,8 @@ class HostNode:
             capacity=self.settings.capacity,
             instances=self.warm.pool.total,
             warm_idle=self.warm.pool.idle_counts(),
+            sandbox_mode=self.settings.sandbox.mode,
+            pool=self._spawner.states(),
         )
 
     async def send_heartbeats(self, nc: NATS) -> None:

@@ -1,49 +1,115 @@
-"""How a host node starts function processes. The secure sandbox (cgroup pools, namespaces,
-seccomp) replaces `PlainSpawner` behind this same interface."""
+"""How a host node starts function processes: the interface the runtimes use, and `PlainSpawner`,
+unsandboxed child processes for development without root. The secure sandboxes from sharded
+cgroup pools (`host_node.sandbox.agent.ShardedSpawner`) implement the same interface."""
 
 import asyncio
 import os
 import signal
-from typing import IO, Protocol
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from host_node.sandbox.cgroups import Limits
+from host_node.sandbox.protocol import Phases
+from schemas.messages import PoolShard
+
+RUNTIME_DIR = Path(__file__).resolve().with_name("runtimes")
+FUNCTION_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class View(msgspec.Struct, frozen=True):
+    """Paths as the function's process sees them."""
+
+    code_dir: str
+    runtime_dir: str
+    python: str
+
+
+class Process(Protocol):
+    pid: int
+    phases: Phases | None
+    exited: "asyncio.Future[int]"  # exit status, or -N when killed by signal N
+
+    def kill(self) -> None:
+        """Kill the process and everything it started."""
 
 
 class Spawner(Protocol):
-    async def spawn(
-        self,
-        argv: list[str],
-        *,
-        cwd: str,
-        stdin: int | IO[bytes] | None,
-        stdout: int | IO[bytes] | None,
-        stderr: int | IO[bytes] | None,
-        pass_fds: tuple[int, ...] = (),
-    ) -> asyncio.subprocess.Process: ...
+    def view(self, code_dir: Path) -> View: ...
+
+    async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> Process:
+        """Start argv with fds[i] as its fd i (0, 1, 2, then extra). The caller keeps its fds."""
+        ...
+
+    def states(self) -> list[PoolShard]:
+        """The pool's shards, for heartbeats and `hetfaas status` (empty when there is no pool)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SpawnFailed(OSError):
+    """The process could not be started (a missing command, a sandbox that failed to set up)."""
+
+
+def function_env() -> dict[str, str]:
+    return {"PATH": FUNCTION_PATH, "LANG": "C.UTF-8", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+class PlainProcess:
+    def __init__(self, pid: int, spawn_us: float):
+        self.pid = pid
+        self.phases: Phases | None = Phases(
+            slot_acquire_us=0, sandbox_setup_us=0, exec_us=spawn_us, prewarmed=False, slot_reused=False
+        )
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self._pidfd = os.pidfd_open(pid)
+        loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        _, status = os.waitpid(self.pid, 0)
+        if not self.exited.done():
+            self.exited.set_result(os.waitstatus_to_exitcode(status))
+
+    def kill(self) -> None:
+        if self.exited.done():
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # its own session: the group is everything it started
+        except ProcessLookupError:
+            pass
 
 
 class PlainSpawner:
-    """Plain child processes, each leading its own process group so a timeout can kill it whole."""
+    """Plain child processes, each leading its own session. No isolation: development only."""
 
-    async def spawn(self, argv, *, cwd, stdin, stdout, stderr, pass_fds=()):
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=cwd,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            pass_fds=pass_fds,
-            start_new_session=True,
-            env=_function_env(),
-        )
+    def view(self, code_dir: Path) -> View:
+        return View(str(code_dir), str(RUNTIME_DIR), sys.executable)
 
+    async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> Process:
+        actions = [(os.POSIX_SPAWN_DUP2, fd, number) for number, fd in enumerate(fds)]
+        started = time.monotonic()
+        try:
+            pid = _spawn_in(code_dir, argv, actions)
+        except OSError as exc:
+            raise SpawnFailed(exc.errno, f"cannot start {argv[0]!r}: {exc.strerror}") from None
+        return PlainProcess(pid, (time.monotonic() - started) * 1e6)
 
-def _function_env() -> dict[str, str]:
-    keep = ("PATH", "LANG", "LC_ALL", "TZ")
-    return {k: v for k, v in os.environ.items() if k in keep} | {"PYTHONDONTWRITEBYTECODE": "1"}
+    def states(self) -> list[PoolShard]:
+        return []
 
-
-def kill_group(proc: asyncio.subprocess.Process) -> None:
-    """Kill the process and everything it started (its session's process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    async def close(self) -> None:
         pass
+
+
+def _spawn_in(cwd: Path, argv: list[str], actions: list) -> int:
+    # posix_spawn has no working-directory option before Python 3.13: a shell changes into it
+    # (chdir in the node would race its other threads).
+    wrapper = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(cwd), *argv]
+    return os.posix_spawn(wrapper[0], wrapper, function_env(), file_actions=actions, setsid=True)

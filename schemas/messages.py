@@ -66,6 +66,24 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
     capacity: int
     instances: int
     warm_idle: dict[str, int] = {}  # instance_key(...) -> idle instances ready for reuse
+    sandbox_mode: str = ""
+    pool: list["PoolShard"] = []
+
+
+class PoolShard(msgspec.Struct, frozen=True, kw_only=True, tag="pool_shard"):
+    """One shard of a host node's sandbox pool, as its spawner last reported it."""
+
+    shard: int
+    mode: str
+    free: int  # cgroup slots ready
+    prewarmed: int  # sandboxes waiting to exec (prewarm mode)
+    busy: int
+    recycling: int
+    created: int
+    recycled: int
+    vanished: int  # slots that disappeared under us (another cgroup manager) and were replaced
+    inline: int  # slots created on the start path because the pool was empty
+    refilling: bool
 
 
 # --- invoke -----------------------------------------------------------------------------------

@@ -1,17 +1,18 @@
 """The node's side of a warm python instance (see python_worker.py for the other side)."""
 
 import asyncio
+import os
 import socket
-import sys
 from collections import deque
 from pathlib import Path
-from typing import IO
 
 from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
-from host_node.spawner import Spawner, kill_group
+from host_node.runtimes.launch import launch
+from host_node.sandbox.cgroups import Limits
+from host_node.spawner import Process, Spawner
 
-WORKER = Path(__file__).with_name("python_worker.py")
+WORKER_FD = 3  # the instance's end of the socket, as numbered inside its process
 
 
 class FrameChannel(asyncio.Protocol):
@@ -81,7 +82,7 @@ def _expire(waiter: asyncio.Future) -> None:
 
 
 class PythonInstance:
-    def __init__(self, proc: asyncio.subprocess.Process, channel: FrameChannel, init_ms: float):
+    def __init__(self, proc: Process, channel: FrameChannel, init_ms: float):
         self._proc = proc
         self._channel = channel
         self.init_ms = init_ms
@@ -89,34 +90,36 @@ class PythonInstance:
 
     @classmethod
     async def start(
-        cls, spawner: Spawner, handler: str, code_dir: Path, log: IO[bytes], max_output: int, timeout_s: float
+        cls,
+        spawner: Spawner,
+        handler: str,
+        code_dir: Path,
+        log_fd: int,
+        max_output: int,
+        timeout_s: float,
+        limits: Limits,
+        phases: dict[str, float],
     ) -> "PythonInstance":
+        view = spawner.view(code_dir)
+        argv = [view.python, "-I", f"{view.runtime_dir}/python_worker.py", str(WORKER_FD), handler]
+        argv += [view.code_dir, str(max_output)]
         parent, child = socket.socketpair()
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            argv = [
-                sys.executable,
-                "-I",
-                str(WORKER),
-                str(child.fileno()),
-                handler,
-                str(code_dir),
-                str(max_output),
-            ]
-            proc = await spawner.spawn(
-                argv,
-                cwd=str(code_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                pass_fds=(child.fileno(),),
+            proc = await launch(
+                spawner, argv, code_dir, limits, [devnull, log_fd, log_fd, child.fileno()], phases
             )
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
+            os.close(devnull)
         _, channel = await asyncio.get_running_loop().create_unix_connection(FrameChannel, sock=parent)
         try:
             kind, body = await channel.receive(timeout_s)
         except (TimeoutError, ConnectionError) as exc:
-            kill_group(proc)
+            proc.kill()
             channel.close()
             timed_out = isinstance(exc, TimeoutError)
             why = "did not finish importing before the deadline" if timed_out else "exited"
@@ -124,7 +127,7 @@ class PythonInstance:
                 "timeout" if timed_out else "function_error", f"python instance {why} during init"
             ) from None
         if kind != protocol.READY:
-            kill_group(proc)
+            proc.kill()
             channel.close()
             raise FunctionFailed(
                 "function_error", f"handler {handler} failed to load", body.decode(errors="replace")
@@ -155,7 +158,7 @@ class PythonInstance:
 
     def kill(self) -> None:
         self.healthy = False
-        kill_group(self._proc)
+        self._proc.kill()
         self._channel.close()
 
 

@@ -91,6 +91,54 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+# Function code that names its own process in a way the host can find: the cgroup it runs in and
+# its start time (a sandboxed function is pid 1 in its own pid namespace, so its pid says nothing).
+IDENTITY = """
+def identity():
+    fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    cgroup = [l for l in open("/proc/self/cgroup").read().splitlines() if l.startswith("0::")][0][3:]
+    return cgroup + " " + fields[19]
+"""
+
+
+def _identity_of(pid: str) -> str | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    cgroup = next((line[3:] for line in lines if line.startswith("0::")), "")
+    return f"{cgroup} {fields[19]}"
+
+
+def host_pid(identity: str) -> int:
+    """The host pid of the process whose IDENTITY() returned `identity`."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _identity_of(p) == identity]
+    assert len(pids) == 1, f"{len(pids)} processes match {identity!r}"
+    return pids[0]
+
+
+def pids_running(marker: str) -> list[int]:
+    """Host processes whose command line contains `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and not process_gone(int(pid)):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+async def wait_until(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 async def wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not process_gone(pid):

@@ -12,16 +12,26 @@ from deploy import launcher
 from schemas import codec, subjects
 from schemas.manifest import ManifestError
 from schemas.messages import DeployRequest, ErrorReply, FunctionSpec, InvokeRequest, NodeInvoke
-from tests.integration.conftest import EXAMPLES, make_function, wait_gone
+from tests.integration.conftest import (
+    EXAMPLES,
+    IDENTITY,
+    host_pid,
+    make_function,
+    pids_running,
+    wait_gone,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
-FAULTY = """
+FAULTY = (
+    IDENTITY
+    + """
 import os, subprocess, time
 
 def handle(payload):
     if payload == b"pid":
-        return str(os.getpid())
+        return identity()
     if payload == b"raise":
         raise ValueError("bad payload")
     if payload == b"hang":
@@ -32,6 +42,7 @@ def handle(payload):
         os._exit(3)
     return "fine"
 """
+)
 
 
 async def raw_request(client: Client, subject: str, data: bytes) -> ErrorReply:
@@ -169,7 +180,7 @@ async def test_handler_that_raises(client: Client, faulty: str) -> None:
 
 
 async def test_handler_that_hangs_is_killed_at_its_timeout(client: Client, faulty: str) -> None:
-    pid = int((await client.invoke(faulty, "faulty", b"pid")).reply.output)
+    pid = host_pid((await client.invoke(faulty, "faulty", b"pid")).reply.output.decode())
     started = time.monotonic()
     hung = await client.invoke(faulty, "faulty", b"hang", timeout_ms=10_000)
     elapsed_s = time.monotonic() - started
@@ -195,20 +206,23 @@ async def test_output_over_the_cap_and_a_crashing_instance(client: Client, fault
 async def test_exec_timeout_kills_the_whole_process_group(
     client: Client, tenant: str, tmp_path: Path
 ) -> None:
-    script = '#!/bin/sh\nsleep 60 &\necho $! > "$1"\nwait\n'
-    pidfile = tmp_path / "child.pid"
+    marker = f"hetfaas-sleeper-{tenant}"
+    script = "#!/bin/sh\npython3 -c 'import time; time.sleep(60)' \"$1\" &\nwait\n"
     fn = make_function(
         tmp_path,
         "sleeper",
-        f'runtime = "exec"\ncommand = ["./run.sh", "{pidfile}"]\ntimeout_ms = 300\n',
+        f'runtime = "exec"\ncommand = ["./run.sh", "{marker}"]\ntimeout_ms = 1000\n',
         {"run.sh": script},
     )
     await client.deploy(fn, tenant=tenant)
 
-    outcome = await client.invoke(tenant, "sleeper")
+    invocation = asyncio.create_task(client.invoke(tenant, "sleeper"))
+    started = await wait_until(lambda: bool(pids_running(marker)))
+    outcome = await invocation
 
+    assert started, "the command started its background child"
     assert outcome.error.code == "timeout"
-    assert await wait_gone(int(pidfile.read_text())), "the command's background child was killed too"
+    assert await wait_until(lambda: not pids_running(marker)), "the command's background child was killed too"
 
 
 async def test_exec_failure_reports_status_and_stderr(client: Client, tenant: str, tmp_path: Path) -> None:

@@ -7,16 +7,25 @@ import pytest
 
 from cli.client import Client
 from deploy import launcher
-from tests.integration.conftest import EXAMPLES, HOST_OVERRIDES, SCHEDULER_OVERRIDES, make_function, wait_gone
+from tests.integration.conftest import (
+    EXAMPLES,
+    HOST_OVERRIDES,
+    IDENTITY,
+    SCHEDULER_OVERRIDES,
+    host_pid,
+    make_function,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.integration
 
-ECHO = """
-import os
-
+ECHO = (
+    IDENTITY
+    + """
 def handle(payload):
-    return {"echo": payload.decode(), "pid": os.getpid()}
+    return {"echo": payload.decode(), "instance": identity()}
 """
+)
 
 
 async def test_python_function_cold_then_warm(client: Client, tenant: str) -> None:
@@ -31,9 +40,7 @@ async def test_python_function_cold_then_warm(client: Client, tenant: str) -> No
     assert second.reply.cold_start is False and "runtime_init_ms" not in second.reply.phases_ms
     one, two = json.loads(first.reply.output), json.loads(second.reply.output)
     assert one["greeting"] == "hello, Ada!" and two["greeting"] == "hello, Grace!"
-    assert second.node == first.node and two["instance_pid"] == one["instance_pid"], (
-        "warm call reused the instance"
-    )
+    assert second.node == first.node and two["instance"] == one["instance"], "warm call reused the instance"
 
 
 async def test_exec_function_cold_then_warm(client: Client, tenant: str) -> None:
@@ -100,8 +107,8 @@ async def test_100_concurrent_invocations_are_all_answered(client: Client, tenan
     assert [o.error for o in outcomes if not o.ok] == []
     assert [json.loads(o.reply.output)["echo"] for o in outcomes] == [f"msg-{i}" for i in range(100)]
     assert len({o.invocation_id for o in outcomes}) == 100
-    pids = {json.loads(o.reply.output)["pid"] for o in outcomes}
-    assert 1 < len(pids) <= 16, "several instances served the burst, within concurrency 8 per node"
+    instances = {json.loads(o.reply.output)["instance"] for o in outcomes}
+    assert 1 < len(instances) <= 16, "several instances served the burst, within concurrency 8 per node"
 
 
 async def test_list_and_status(client: Client, tenant: str) -> None:
@@ -127,15 +134,19 @@ async def test_idle_instances_stop_after_their_keep_alive(tmp_path) -> None:
     client = await Client.connect(info.nats_url, "keep-alive-test")
     try:
         await client.wait_until_ready(1, timeout_s=30)
-        await client.deploy(EXAMPLES / "hello-python")
-        first = await client.invoke("default", "hello", b"a")
-        pid = json.loads(first.reply.output)["instance_pid"]
+        fn = make_function(
+            tmp_path, "echo", 'runtime = "python"\nhandler = "main:handle"\n', {"main.py": ECHO}
+        )
+        await client.deploy(fn)
+        first = await client.invoke("default", "echo", b"a")
+        instance = json.loads(first.reply.output)["instance"]
+        pid = host_pid(instance)
         stopped = await wait_gone(pid, timeout_s=10)
-        again = await client.invoke("default", "hello", b"b")
+        again = await client.invoke("default", "echo", b"b")
     finally:
         await client.close()
         launcher.stop(info)
 
     assert stopped, "the idle instance outlived its keep-alive"
     assert first.reply.cold_start and again.reply.cold_start, "the second call had to start a new instance"
-    assert json.loads(again.reply.output)["instance_pid"] != pid
+    assert json.loads(again.reply.output)["instance"] != instance

@@ -1,0 +1,278 @@
+"""The node's side of its shard spawners: starts them, routes each launch to a shard (borrowing
+from a neighbour when the home shard is empty), and turns their messages into futures."""
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import msgspec
+
+from host_node.sandbox import cgroups, protocol
+from host_node.sandbox.cgroups import Layout, Limits
+from host_node.sandbox.init import CODE_VIEW, RUNTIME_VIEW, RootPlan
+from host_node.sandbox.pool import choose_shard
+from host_node.sandbox.settings import SandboxSettings
+from host_node.sandbox.shard import ShardConfig
+from host_node.spawner import RUNTIME_DIR, SpawnFailed, View, function_env
+
+log = logging.getLogger(__name__)
+
+ETC_FILES = ("passwd", "group", "hosts", "nsswitch.conf", "ld.so.cache", "localtime", "alternatives")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARD_START_TIMEOUT_S = 10.0
+
+
+class SandboxError(SpawnFailed):
+    pass
+
+
+class SandboxProcess:
+    def __init__(
+        self, agent: "ShardedSpawner", launch_id: int, shard: int, pid: int, phases: protocol.Phases
+    ):
+        self._agent = agent
+        self.id = launch_id
+        self.shard = shard
+        self.pid = pid
+        self.phases: protocol.Phases | None = phases
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def kill(self) -> None:
+        if not self.exited.done():
+            self._agent.send_nowait(self.shard, protocol.Kill(self.id))
+
+
+class ShardLink:
+    """One shard spawner process and the socket to it."""
+
+    def __init__(self, index: int, sock: socket.socket, proc: asyncio.subprocess.Process):
+        self.index = index
+        self.sock = sock
+        self.proc = proc
+        self.state: protocol.ShardState | None = None
+        self.ready_estimate = 0  # free slots or prewarmed sandboxes, as last reported, minus launches since
+        self.first_state: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class ShardedSpawner:
+    def __init__(self, settings: SandboxSettings, node_id: str, work_dir: Path):
+        self.settings = settings
+        self.node_id = node_id
+        self.layout: Layout = cgroups.detect_layout(settings.cgroup_parent, node_id)
+        self.plan = _root_plan(settings, work_dir)
+        self.shards: list[ShardLink] = []
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[SandboxProcess], int]] = {}
+        self._running: dict[int, SandboxProcess] = {}
+        self._next_home = itertools.cycle(range(settings.shard_count()))
+        self._closing = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def open(self) -> None:
+        if os.geteuid() != 0:
+            raise SandboxError(
+                1, f"sandbox mode {self.settings.mode!r} needs root; use mode 'plain' to develop without"
+            )
+        cgroups.prepare_subtree(self.layout)
+        self._remove_foreign_slots()
+        os.makedirs(self.plan.mount_point, exist_ok=True)
+        for index in range(self.settings.shard_count()):
+            self.shards.append(await self._start_shard(index))
+        async with asyncio.timeout(SHARD_START_TIMEOUT_S):
+            await asyncio.gather(*(link.first_state for link in self.shards))
+        log.info(
+            "sandboxes: %s mode, %d shards, cgroups %s (%s)",
+            self.settings.mode,
+            len(self.shards),
+            self.layout.kind,
+            self.layout.v2_root or next(iter(self.layout.v1_roots.values())),
+        )
+
+    def _remove_foreign_slots(self) -> None:
+        """Leftovers this node's shards will not adopt: other shard counts, naive-mode slots."""
+        shards = {str(i) for i in range(self.settings.shard_count())}
+        for name in cgroups.list_slots(self.layout):
+            if not name.startswith("s") or name[1:].split("-")[0] not in shards:
+                slot = self.layout.slot(name)
+                slot.kill()
+                slot.remove()
+
+    async def _start_shard(self, index: int) -> ShardLink:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = ShardConfig(
+            shard=index,
+            mode=self.settings.mode,
+            layout=self.layout,
+            plan=self.plan,
+            pool=self.settings.pool,
+            idle_limits=Limits(self.settings.idle_memory_mb, 1000, self.settings.pids_max),
+        )
+        theirs.set_inheritable(True)
+        env = dict(os.environ) | {"PYTHONPATH": str(REPO_ROOT)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "host_node.sandbox.shard",
+            str(theirs.fileno()),
+            msgspec.json.encode(config).decode(),
+            pass_fds=(theirs.fileno(),),
+            env=env,
+        )
+        theirs.close()
+        ours.setblocking(False)
+        link = ShardLink(index, ours, proc)
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable, link)
+        return link
+
+    async def close(self) -> None:
+        self._closing = True
+        for link in self.shards:
+            self.send_nowait(link.index, protocol.Stop())
+        for link in self.shards:
+            try:
+                async with asyncio.timeout(5):
+                    await link.proc.wait()
+            except TimeoutError:
+                link.proc.kill()
+                await link.proc.wait()
+            self._drop_link(link)
+
+    def remove_all_slots(self) -> None:
+        """`hetfaas down`: nothing of ours may stay behind in the host's cgroups."""
+        cgroups.remove_subtree(self.layout)
+
+    # -- launching --------------------------------------------------------------------------
+    def view(self, code_dir: Path) -> View:
+        return View(CODE_VIEW, RUNTIME_VIEW, _real_python())
+
+    async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> SandboxProcess:
+        home = next(self._next_home)
+        ready = [link.ready_estimate if link.state else 0 for link in self.shards]
+        shard, borrowed = choose_shard(ready, home, self.settings.mode)
+        link = self.shards[shard]
+        link.ready_estimate = max(0, link.ready_estimate - 1)
+        launch_id = next(self._ids)
+        launch = protocol.Launch(
+            id=launch_id, argv=argv, env=function_env(), code_dir=str(code_dir), limits=limits
+        )
+        future: asyncio.Future[SandboxProcess] = asyncio.get_running_loop().create_future()
+        self._pending[launch_id] = (future, shard)
+        try:
+            await self._send(link, launch, fds)
+            process = await future
+        finally:
+            self._pending.pop(launch_id, None)
+        if borrowed and process.phases:
+            process.phases = msgspec.structs.replace(process.phases, borrowed=True)
+        return process
+
+    async def _send(self, link: ShardLink, message: msgspec.Struct, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        while True:
+            try:
+                protocol.send(link.sock, message, fds)
+                return
+            except BlockingIOError:
+                writable = asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().add_writer(link.sock.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    asyncio.get_running_loop().remove_writer(link.sock.fileno())
+            except OSError as exc:
+                raise SandboxError(exc.errno, f"shard {link.index} is gone: {exc}") from None
+
+    def send_nowait(self, shard: int, message: msgspec.Struct) -> None:
+        try:
+            protocol.send(self.shards[shard].sock, message)
+        except OSError:
+            pass  # a lost shard kills its sandboxes itself
+
+    # -- messages from shards ---------------------------------------------------------------
+    def _on_readable(self, link: ShardLink) -> None:
+        while True:
+            try:
+                data, fds = protocol.receive(link.sock)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self._on_shard_lost(link)
+                return
+            self._dispatch(link, protocol.from_shard.decode(data))
+
+    def _dispatch(self, link: ShardLink, message: protocol.FromShard) -> None:
+        if isinstance(message, protocol.ShardState):
+            link.state = message
+            link.ready_estimate = message.prewarmed if message.mode == "prewarm" else message.free
+            if not link.first_state.done():
+                link.first_state.set_result(None)
+        elif isinstance(message, protocol.Launched):
+            pending = self._pending.get(message.id)
+            process = SandboxProcess(self, message.id, link.index, message.pid, message.phases)
+            self._running[message.id] = process
+            if pending and not pending[0].done():
+                pending[0].set_result(process)
+            else:
+                process.kill()  # nobody waits for it any more
+        elif isinstance(message, protocol.LaunchFailed):
+            pending = self._pending.get(message.id)
+            if pending and not pending[0].done():
+                pending[0].set_exception(SandboxError(0, message.message))
+        elif isinstance(message, protocol.Exited):
+            exited = self._running.pop(message.id, None)
+            if exited is not None and not exited.exited.done():
+                exited.exited.set_result(message.status)
+
+    def _on_shard_lost(self, link: ShardLink) -> None:
+        self._drop_link(link)
+        for future, shard in list(self._pending.values()):
+            if shard == link.index and not future.done():
+                future.set_exception(SandboxError(0, f"shard {link.index} exited"))
+        for launch_id, process in list(self._running.items()):
+            if process.shard == link.index:
+                del self._running[launch_id]
+                if not process.exited.done():
+                    process.exited.set_result(-9)
+        if not self._closing:
+            log.error("shard %d exited; starting it again", link.index)
+            asyncio.get_running_loop().create_task(self._restart(link.index))
+
+    async def _restart(self, index: int) -> None:
+        self.shards[index] = await self._start_shard(index)
+
+    def _drop_link(self, link: ShardLink) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(link.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        link.sock.close()
+
+    def states(self) -> list[protocol.ShardState]:
+        return [link.state for link in self.shards if link.state is not None]
+
+
+def _real_python() -> str:
+    return os.path.realpath(sys._base_executable if hasattr(sys, "_base_executable") else sys.executable)
+
+
+def _root_plan(settings: SandboxSettings, work_dir: Path) -> RootPlan:
+    prefix = os.path.realpath(sys.base_prefix)
+    binds = ["/usr"] + ([prefix] if not prefix.startswith("/usr/") and prefix != "/usr" else [])
+    return RootPlan(
+        mount_point=str(work_dir / "sandbox-root"),
+        ro_binds=binds,
+        runtime_dir=str(RUNTIME_DIR),
+        etc_files=[name for name in ETC_FILES if os.path.exists(os.path.join("/etc", name))],
+        tmp_size_mb=settings.tmp_size_mb,
+        hostname="sandbox",
+        uid=settings.uid,
+        gid=settings.gid,
+        nofile=settings.nofile,
+    )

@@ -1,0 +1,81 @@
+"""Messages between the node's agent and its shard spawners, one per SOCK_SEQPACKET datagram.
+
+File descriptors travel beside a message as SCM_RIGHTS, in the order the message names them."""
+
+import array
+import socket
+
+import msgspec
+
+from host_node.sandbox.cgroups import Limits
+from schemas.messages import PoolShard as ShardState
+
+MAX_MESSAGE = 1 << 16
+MAX_FDS = 8
+
+
+class Launch(msgspec.Struct, tag="launch", frozen=True, kw_only=True):
+    """Start argv in a sandbox. Attached fds become the sandbox's 0, 1, 2, 3, ... in order."""
+
+    id: int
+    argv: list[str]
+    env: dict[str, str]
+    code_dir: str  # host path, mounted read-only at /code
+    limits: Limits
+
+
+class Kill(msgspec.Struct, tag="kill", frozen=True):
+    id: int
+
+
+class Stop(msgspec.Struct, tag="stop", frozen=True):
+    pass
+
+
+class Phases(msgspec.Struct, frozen=True, kw_only=True):
+    slot_acquire_us: float
+    sandbox_setup_us: float  # namespaces, mounts, cgroup attach (≈0 when prewarmed)
+    exec_us: float  # privileges dropped, seccomp, execve
+    prewarmed: bool
+    slot_reused: bool  # a recycled slot rather than a fresh one
+    borrowed: bool = False  # filled in by the agent
+
+
+class Launched(msgspec.Struct, tag="launched", frozen=True, kw_only=True):
+    id: int
+    pid: int
+    slot: str
+    phases: Phases
+
+
+class LaunchFailed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
+    id: int
+    message: str
+
+
+class Exited(msgspec.Struct, tag="exited", frozen=True, kw_only=True):
+    id: int
+    status: int  # exit code, or -N when killed by signal N
+
+
+ToShard = Launch | Kill | Stop
+FromShard = Launched | LaunchFailed | Exited | ShardState
+
+_encoder = msgspec.msgpack.Encoder()
+to_shard = msgspec.msgpack.Decoder(ToShard)
+from_shard = msgspec.msgpack.Decoder(FromShard)
+
+
+def send(sock: socket.socket, message: msgspec.Struct, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([_encoder.encode(message)], ancillary)
+
+
+def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One datagram and the fds beside it; b"" when the peer has gone."""
+    data, ancillary, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)

@@ -1,0 +1,31 @@
+import os
+
+import msgspec
+
+from host_node.sandbox.pool import PoolSettings
+
+MODES = ("plain", "naive", "pool", "prewarm")
+
+
+class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a host node starts functions. `plain` is unsandboxed child processes (development
+    without root); `naive`, `pool` and `prewarm` are the secure sandbox with the cgroup work done
+    per start, from pre-created slots, or from pre-created sandboxes waiting to exec."""
+
+    mode: str = "prewarm"
+    shards: int = 0  # 0: one per CPU
+    cgroup_parent: str = ""  # our subtree hetfaas.<node_id> goes under this path in every hierarchy
+    uid: int = 65534  # functions run as this unprivileged user
+    gid: int = 65534
+    pids_max: int = 256
+    tmp_size_mb: int = 64
+    nofile: int = 1024
+    idle_memory_mb: int = 256  # the limit an idle slot or a prewarmed sandbox is held to
+    pool: PoolSettings = PoolSettings()
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"sandbox mode {self.mode!r} is not one of {', '.join(MODES)}")
+
+    def shard_count(self) -> int:
+        return self.shards or os.cpu_count() or 1

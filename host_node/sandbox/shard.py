@@ -1,0 +1,521 @@
+"""A shard spawner: the single-threaded process that owns one shard's slots and does its cloning.
+
+Single-threaded on purpose (DESIGN.md §4): clone3 from a process with other threads can leave the
+child holding a lock no thread will release. Started by the agent as
+`python -m host_node.sandbox.shard FD CONFIG_JSON`; talks to it over the SOCK_SEQPACKET socket FD.
+The loop is poll(2) over the control socket, each sandbox's status socket and pidfd, and the
+`cgroup.events` of slots being recycled."""
+
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+
+from host_node.sandbox import cgroups, init, linux, protocol
+from host_node.sandbox.cgroups import Layout, Limits, Slot
+from host_node.sandbox.pool import PoolSettings, RefillPlanner, SlotPool
+
+log = logging.getLogger("hetfaas.shard")
+
+NAMESPACES = (
+    linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWNET
+)
+MODES = ("naive", "pool", "prewarm")
+STATE_INTERVAL_S = 0.05
+RECYCLE_RETRY_S = 0.01
+RECYCLE_GIVE_UP_S = 5.0
+
+
+class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
+    shard: int
+    mode: str
+    layout: Layout
+    plan: init.RootPlan
+    pool: PoolSettings
+    idle_limits: Limits  # what an idle slot (or a prewarmed sandbox) is held to
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """A cloned child: prewarming, waiting, or running a launch."""
+
+    pid: int
+    pidfd: int
+    slot: Slot
+    status: socket.socket
+    slot_reused: bool
+    launch: protocol.Launch | None = None
+    started_at: float = 0.0
+    slot_ready_at: float = 0.0
+    exec_ready_at: float = 0.0
+    prewarmed: bool = False
+    launched: bool = False
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Shard:
+    def __init__(self, config: ShardConfig, control: socket.socket):
+        self.config = config
+        self.control = control
+        self.poller = select.poll()
+        self.handlers: dict[int, object] = {}
+        self.pool = SlotPool(config.shard)
+        now = time.monotonic()
+        self.slot_planner = RefillPlanner(config.pool, now)
+        self.prewarm_planner = RefillPlanner(config.pool, now)
+        self.by_id: dict[int, Sandbox] = {}
+        self.building: set[int] = set()  # pidfds of prewarming sandboxes not yet ready
+        self.prewarmed: deque[Sandbox] = deque()
+        self.recycling: dict[str, tuple[Slot, float, int | None]] = {}
+        self.stopping = False
+        self._last_state: protocol.ShardState | None = None
+        self._state_sent_at = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        self.adopt_leftovers()
+        self.watch(self.control.fileno(), select.POLLIN, self.on_control)
+        while not self.stopping:
+            timeout_s = self.tick()
+            for fd, events in self.poller.poll(timeout_s * 1000):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler(events)  # type: ignore[operator]
+        self.shutdown()
+
+    def tick(self) -> float:
+        """Timers: refill, retry recycling, report state. Returns how long poll may sleep."""
+        now = time.monotonic()
+        self.retry_recycling(now)
+        wait_s = self.refill(now)
+        self.send_state(now)
+        if self.recycling:
+            wait_s = min(wait_s, RECYCLE_RETRY_S)
+        if self._last_state != self.state():
+            wait_s = min(wait_s, STATE_INTERVAL_S)
+        return wait_s
+
+    def watch(self, fd: int, events: int, handler) -> None:
+        self.handlers[fd] = handler
+        self.poller.register(fd, events)
+
+    def unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    # -- control messages -------------------------------------------------------------------
+    def on_control(self, _events: int) -> None:
+        data, fds = protocol.receive(self.control)
+        if not data:
+            self.stopping = True  # the agent is gone
+            return
+        try:
+            message = protocol.to_shard.decode(data)
+        except msgspec.DecodeError as exc:
+            log.error("shard %d: undecodable control message: %s", self.config.shard, exc)
+            _close_all(fds)
+            return
+        if isinstance(message, protocol.Launch):
+            self.on_launch(message, fds)
+        elif isinstance(message, protocol.Kill):
+            sandbox = self.by_id.get(message.id)
+            if sandbox is not None:
+                sandbox.slot.kill()
+        else:
+            self.stopping = True
+
+    def on_launch(self, launch: protocol.Launch, fds: list[int]) -> None:
+        received = time.monotonic()
+        self.slot_planner.demand(received)
+        self.prewarm_planner.demand(received)
+        try:
+            code_tree = linux.open_tree_clone(launch.code_dir)
+        except OSError as exc:
+            _close_all(fds)
+            self.reply(
+                protocol.LaunchFailed(id=launch.id, message=f"cannot mount the function's code: {exc}")
+            )
+            return
+        try:
+            while (sandbox := self.take_prewarmed()) is not None:
+                try:
+                    self.activate(sandbox, launch, code_tree, fds, received)
+                    return
+                except OSError as exc:  # it died waiting; its exit is handled by on_exit
+                    log.warning("shard %d: prewarmed sandbox lost: %s", self.config.shard, exc)
+                    sandbox.launch = None
+                    self.by_id.pop(launch.id, None)
+            self.clone_for(launch, code_tree, fds, received)
+        except OSError as exc:
+            self.reply(protocol.LaunchFailed(id=launch.id, message=f"sandbox start failed: {exc}"))
+        finally:
+            _close_all([code_tree, *fds])  # the child holds its own copies
+
+    def reply(self, message: msgspec.Struct) -> None:
+        try:
+            protocol.send(self.control, message)
+        except OSError:
+            self.stopping = True
+
+    # -- slots ------------------------------------------------------------------------------
+    def acquire_slot(self, limits: Limits) -> tuple[Slot, bool]:
+        """A slot with `limits` applied: from the pool, else created inline. (slot, reused)"""
+        layout = self.config.layout
+        if self.config.mode != "naive":
+            while (name := self.pool.take()) is not None:
+                slot = layout.slot(name)
+                try:
+                    slot.apply(limits)
+                    return slot, True
+                except FileNotFoundError:
+                    log.warning("shard %d: slot %s vanished; replacing it", self.config.shard, name)
+                    slot.remove()
+                    self.pool.drop(name, vanished=True)
+        slot = layout.slot(self.pool.new_name(naive=self.config.mode == "naive"))
+        slot.create()
+        self.pool.mark_busy(slot.name, inline=self.config.mode != "naive")
+        slot.apply(limits)
+        return slot, False
+
+    def create_free_slot(self) -> None:
+        slot = self.config.layout.slot(self.pool.new_name())
+        slot.create()
+        slot.apply(self.config.idle_limits)
+        self.pool.add_free(slot.name, recycled=False)
+
+    # -- cloning ----------------------------------------------------------------------------
+    def clone(self, slot: Slot, into_cgroup: bool) -> tuple[int, int, socket.socket, socket.socket]:
+        """clone3 a child into new namespaces (and, when allowed, straight into the slot's cgroup2).
+        In the child, returns pid 0; the child closes the inherited fds itself."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cgroup_fd = -1
+        try:
+            cgroup_fd = slot.open_v2() if into_cgroup and slot.v2_dir else -1
+            pid, pidfd = linux.clone3(NAMESPACES, cgroup_fd)
+        except OSError:
+            _close_all([parent.detach(), child.detach()] + ([cgroup_fd] if cgroup_fd >= 0 else []))
+            raise
+        if pid and cgroup_fd >= 0:
+            os.close(cgroup_fd)
+        return pid, pidfd, parent, child
+
+    def child_attach_files(self, slot: Slot, cloned_into: bool) -> list[str]:
+        return slot.procs_files(include_v2=not cloned_into)
+
+    def clone_for(self, launch: protocol.Launch, code_tree: int, fds: list[int], received: float) -> None:
+        """naive and pool (and a prewarm miss): clone, set up and exec on the start path."""
+        slot, reused = self.acquire_slot(launch.limits)
+        slot_ready = time.monotonic()
+        into = self.config.mode != "naive"
+        pid, pidfd, parent, child = self.clone(slot, into)
+        if pid == 0:
+            self.child_main(child, slot, into, launch, code_tree, fds)
+        child.close()
+        sandbox = Sandbox(pid, pidfd, slot, parent, reused, launch, received, slot_ready)
+        self.track(sandbox)
+
+    def child_main(
+        self,
+        status: socket.socket,
+        slot: Slot,
+        into: bool,
+        launch: protocol.Launch,
+        code_tree: int,
+        fds: list[int],
+    ) -> None:
+        try:
+            init.close_inherited([status.fileno(), code_tree, *fds])
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            init.prepare(self.config.plan, self.child_attach_files(slot, into))
+        except BaseException as exc:
+            init._fail(status, f"sandbox setup failed: {exc}")
+        init.enter(self.config.plan, status, code_tree, fds, launch.argv, launch.env)
+
+    def track(self, sandbox: Sandbox) -> None:
+        assert sandbox.launch
+        self.by_id[sandbox.launch.id] = sandbox
+        self.watch(sandbox.status.fileno(), select.POLLIN, lambda ev, s=sandbox: self.on_status(s))
+        self.watch(sandbox.pidfd, select.POLLIN, lambda ev, s=sandbox: self.on_exit(s))
+
+    # -- prewarm ----------------------------------------------------------------------------
+    def prewarm_one(self) -> None:
+        slot, reused = self.acquire_slot(self.config.idle_limits)
+        pid, pidfd, parent, child = self.clone(slot, into_cgroup=True)
+        if pid == 0:
+            self.prewarm_child(child, slot)
+        child.close()
+        sandbox = Sandbox(pid, pidfd, slot, parent, reused, prewarmed=True)
+        self.building.add(pidfd)
+        self.watch(parent.fileno(), select.POLLIN, lambda ev, s=sandbox: self.on_prewarm_status(s))
+        self.watch(pidfd, select.POLLIN, lambda ev, s=sandbox: self.on_exit(s))
+
+    def prewarm_child(self, status: socket.socket, slot: Slot) -> None:
+        try:
+            init.close_inherited([status.fileno()])
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            init.prepare(self.config.plan, self.child_attach_files(slot, cloned_into=True))
+            init.report(status, init.READY)
+            data, fds = protocol.receive(status)
+            if not data:
+                os._exit(0)  # the spawner retired this sandbox
+            launch = protocol.to_shard.decode(data)
+            assert isinstance(launch, protocol.Launch)
+        except BaseException as exc:
+            init._fail(status, f"sandbox setup failed: {exc}")
+        init.enter(self.config.plan, status, fds[0], fds[1:], launch.argv, launch.env)
+
+    def on_prewarm_status(self, sandbox: Sandbox) -> None:
+        data = _recv(sandbox.status)
+        if data.startswith(init.READY):
+            self.building.discard(sandbox.pidfd)
+            self.unwatch(sandbox.status.fileno())
+            self.prewarmed.append(sandbox)
+            return
+        sandbox.error = data[1:].decode(errors="replace") or "prewarmed sandbox exited during setup"
+        log.error("shard %d: %s", self.config.shard, sandbox.error)
+        self.unwatch(sandbox.status.fileno())
+        sandbox.slot.kill()
+
+    def take_prewarmed(self) -> Sandbox | None:
+        if self.config.mode != "prewarm" or not self.prewarmed:
+            return None
+        return self.prewarmed.popleft()
+
+    def activate(
+        self, sandbox: Sandbox, launch: protocol.Launch, code_tree: int, fds: list[int], received: float
+    ) -> None:
+        sandbox.slot.apply(launch.limits)
+        sandbox.launch, sandbox.started_at = launch, received
+        sandbox.slot_ready_at = time.monotonic()
+        protocol.send(sandbox.status, launch, [code_tree, *fds])
+        self.by_id[launch.id] = sandbox
+        self.watch(sandbox.status.fileno(), select.POLLIN, lambda ev, s=sandbox: self.on_status(s))
+
+    # -- a launch's progress ----------------------------------------------------------------
+    def on_status(self, sandbox: Sandbox) -> None:
+        data = _recv(sandbox.status)
+        if data.startswith(init.EXECUTING):
+            sandbox.exec_ready_at = float(data[1:])
+            return
+        if data.startswith(init.FAILED):
+            sandbox.error = data[1:].decode(errors="replace")
+            return
+        self.unwatch(sandbox.status.fileno())  # end of file: execve succeeded, or the child died
+        if not sandbox.error and sandbox.exec_ready_at:
+            self.report_launched(sandbox, time.monotonic())
+
+    def drain_status(self, sandbox: Sandbox) -> None:
+        """The child is dead: read what it said before it went (its exit may be seen first)."""
+        sandbox.status.setblocking(False)
+        while data := _recv(sandbox.status):
+            if data.startswith(init.EXECUTING):
+                sandbox.exec_ready_at = float(data[1:])
+            elif data.startswith(init.FAILED):
+                sandbox.error = data[1:].decode(errors="replace")
+        if not sandbox.error and sandbox.exec_ready_at:
+            self.report_launched(sandbox, time.monotonic())  # it ran, and was quick about it
+
+    def report_launched(self, sandbox: Sandbox, exec_done: float) -> None:
+        assert sandbox.launch
+        sandbox.launched = True
+        phases = protocol.Phases(
+            slot_acquire_us=(sandbox.slot_ready_at - sandbox.started_at) * 1e6,
+            sandbox_setup_us=(sandbox.exec_ready_at - sandbox.slot_ready_at) * 1e6,
+            exec_us=(exec_done - sandbox.exec_ready_at) * 1e6,
+            prewarmed=sandbox.prewarmed,
+            slot_reused=sandbox.slot_reused,
+        )
+        self.reply(
+            protocol.Launched(id=sandbox.launch.id, pid=sandbox.pid, slot=sandbox.slot.name, phases=phases)
+        )
+
+    def on_exit(self, sandbox: Sandbox) -> None:
+        try:
+            result = os.waitid(os.P_PIDFD, sandbox.pidfd, os.WEXITED)
+        except ChildProcessError:
+            result = None
+        self.unwatch(sandbox.pidfd)
+        self.unwatch(sandbox.status.fileno())
+        if sandbox.launch is not None and not sandbox.launched:
+            self.drain_status(sandbox)
+        os.close(sandbox.pidfd)
+        sandbox.status.close()
+        self.building.discard(sandbox.pidfd)
+        if sandbox in self.prewarmed:
+            self.prewarmed.remove(sandbox)
+        status = _exit_status(result)
+        launch = sandbox.launch
+        if launch is not None:
+            self.by_id.pop(launch.id, None)
+            if sandbox.launched:
+                self.reply(protocol.Exited(id=launch.id, status=status))
+            else:
+                why = sandbox.error or f"the sandbox exited with status {status} before exec"
+                self.reply(protocol.LaunchFailed(id=launch.id, message=why))
+        self.recycle(sandbox.slot)
+
+    # -- recycling --------------------------------------------------------------------------
+    def recycle(self, slot: Slot) -> None:
+        slot.kill()
+        self.recycling[slot.name] = (slot, time.monotonic(), None)
+        self.try_finish_recycle(slot)
+
+    def try_finish_recycle(self, slot: Slot) -> None:
+        if slot.populated():
+            if self.recycling[slot.name][2] is None and (fd := slot.events_fd()) is not None:
+                self.recycling[slot.name] = (*self.recycling[slot.name][:2], fd)
+                self.watch(fd, select.POLLPRI, lambda ev, s=slot: self.try_finish_recycle(s))
+            return
+        _, _, fd = self.recycling.pop(slot.name)
+        if fd is not None:
+            self.unwatch(fd)
+            os.close(fd)
+        if self.config.mode == "naive" or not slot.is_clean():
+            slot.remove()
+            self.pool.drop(slot.name, vanished=False)
+            return
+        try:
+            slot.apply(self.config.idle_limits)
+        except FileNotFoundError:
+            self.pool.drop(slot.name, vanished=True)
+            return
+        self.pool.add_free(slot.name, recycled=True)
+
+    def retry_recycling(self, now: float) -> None:
+        for name, (slot, since, _fd) in list(self.recycling.items()):
+            if now - since > RECYCLE_GIVE_UP_S:
+                log.error(
+                    "shard %d: slot %s stays populated; removing it from the pool", self.config.shard, name
+                )
+                slot.kill()
+                self.recycling.pop(name)
+                self.pool.drop(name, vanished=False)
+                continue
+            slot.kill()
+            self.try_finish_recycle(slot)
+
+    # -- refill -----------------------------------------------------------------------------
+    def refill(self, now: float) -> float:
+        if self.config.mode == "naive":
+            return 1.0
+        layout = self.config.layout
+        if cgroups.nr_dying(layout) < self.config.pool.max_dying:
+            for _ in range(self.slot_planner.plan(len(self.pool.free), now)):
+                self.create_free_slot()
+        wait_s = _wait_for(self.slot_planner, len(self.pool.free), now)
+        if self.config.mode == "prewarm":
+            have = len(self.prewarmed) + len(self.building)
+            for _ in range(self.prewarm_planner.plan(have, now)):
+                self.prewarm_one()
+            wait_s = min(wait_s, _wait_for(self.prewarm_planner, have, now))
+        return max(wait_s, 0.001)
+
+    # -- state and lifecycle ----------------------------------------------------------------
+    def state(self) -> protocol.ShardState:
+        pool = self.pool
+        return protocol.ShardState(
+            shard=self.config.shard,
+            mode=self.config.mode,
+            free=len(pool.free),
+            prewarmed=len(self.prewarmed),
+            busy=len(self.by_id),
+            recycling=len(self.recycling),
+            created=pool.created,
+            recycled=pool.recycled,
+            vanished=pool.vanished,
+            inline=pool.inline,
+            refilling=self.slot_planner.refilling or self.prewarm_planner.refilling,
+        )
+
+    def send_state(self, now: float) -> None:
+        state = self.state()
+        if state != self._last_state and now - self._state_sent_at >= STATE_INTERVAL_S:
+            self._last_state, self._state_sent_at = state, now
+            self.reply(state)
+
+    def adopt_leftovers(self) -> None:
+        """Slots of this shard left by a crashed node: kill what runs in them, keep the clean ones."""
+        mine = [
+            n for n in cgroups.list_slots(self.config.layout) if n.split("-")[0][1:] == str(self.config.shard)
+        ]
+        for name in sorted(mine):
+            slot = self.config.layout.slot(name)
+            slot.kill()
+            if name.startswith("s") and _wait_empty(slot) and slot.is_clean():
+                slot.apply(self.config.idle_limits)
+                self.pool.adopt(name)
+            else:
+                slot.remove()
+
+    def shutdown(self) -> None:
+        """Kill every sandbox of this shard; the slots stay for the next start to adopt."""
+        for sandbox in [*self.by_id.values(), *self.prewarmed]:
+            sandbox.slot.kill()
+
+
+def _wait_for(planner: RefillPlanner, have: int, now: float) -> float:
+    if planner.refilling or have < planner.settings.low_water:
+        return planner.next_check_s(now)
+    return 1.0
+
+
+def _wait_empty(slot: Slot, timeout_s: float = 2.0) -> bool:
+    """Start-up only (adopting leftovers): block until the slot's cgroup has no process."""
+    fd = slot.events_fd()
+    poller = select.poll()
+    if fd is not None:
+        poller.register(fd, select.POLLPRI)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while slot.populated():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(min(left, RECYCLE_RETRY_S) * 1000)  # events, or a v1 re-check
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(protocol.MAX_MESSAGE)
+    except OSError:
+        return b""
+
+
+def _exit_status(result: os.waitid_result | None) -> int:
+    if result is None:
+        return -1
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return -result.si_status
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    control = socket.socket(fileno=int(sys.argv[1]))
+    config = msgspec.json.decode(sys.argv[2], type=ShardConfig)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent stops us; a terminal's ^C goes to it
+    Shard(config, control).run()
+
+
+if __name__ == "__main__":
+    main()
