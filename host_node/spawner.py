@@ -32,6 +32,7 @@ class Process(Protocol):
     pid: int
     phases: Phases | None
     exited: "asyncio.Future[int]"  # exit status, or -N when killed by signal N
+    oom_killed: bool  # set before `exited` completes: the kernel's OOM killer struck
 
     def kill(self) -> None:
         """Kill the process and everything it started."""
@@ -51,6 +52,17 @@ class Spawner(Protocol):
     async def close(self) -> None: ...
 
 
+async def death_of(proc: Process, grace_s: float = 1.0) -> str:
+    """Why a process died on us, once its exit is known (a moment after its pipes closed)."""
+    try:
+        status = await asyncio.wait_for(asyncio.shield(proc.exited), grace_s)
+    except TimeoutError:
+        return "it stopped responding"
+    if proc.oom_killed:
+        return "it ran out of memory (the function's memory_mb) and the kernel killed it"
+    return f"it was killed by signal {-status}" if status < 0 else f"it exited with status {status}"
+
+
 class SpawnFailed(OSError):
     """The process could not be started (a missing command, a sandbox that failed to set up)."""
 
@@ -65,6 +77,7 @@ class PlainProcess:
         self.phases: Phases | None = Phases(
             slot_acquire_us=0, sandbox_setup_us=0, exec_us=spawn_us, prewarmed=False, slot_reused=False
         )
+        self.oom_killed = False
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = loop.create_future()
         self._pidfd = os.pidfd_open(pid)

@@ -7,7 +7,7 @@ from pathlib import Path
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.launch import launch
 from host_node.sandbox.cgroups import Limits
-from host_node.spawner import Spawner
+from host_node.spawner import Spawner, death_of
 
 STDERR_TAIL = 2000
 
@@ -44,7 +44,8 @@ async def run_exec(
         proc.kill()  # whatever the command left running dies with it
     if code != 0:
         tail = stderr[-STDERR_TAIL:].decode(errors="replace")
-        raise FunctionFailed("function_error", f"command exited with status {code}", tail or None)
+        why = await death_of(proc) if proc.oom_killed or code < 0 else f"it exited with status {code}"
+        raise FunctionFailed("function_error", f"command failed: {why}", tail or None)
     return output
 
 

@@ -10,7 +10,7 @@ from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.launch import launch
 from host_node.sandbox.cgroups import Limits
-from host_node.spawner import Process, Spawner
+from host_node.spawner import Process, Spawner, death_of
 
 WORKER_FD = 3  # the instance's end of the socket, as numbered inside its process
 
@@ -145,8 +145,11 @@ class PythonInstance:
                 "timeout", f"function did not return within {timeout_s * 1000:.0f} ms"
             ) from None
         except ConnectionError:
+            why = await death_of(self._proc)
             self.kill()
-            raise FunctionFailed("function_error", "python instance died during the invocation") from None
+            raise FunctionFailed(
+                "function_error", f"python instance died during the invocation: {why}"
+            ) from None
         if kind == protocol.OUTPUT:
             return body
         if kind == protocol.OUTPUT_TOO_LARGE:

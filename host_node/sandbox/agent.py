@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -31,14 +32,14 @@ class SandboxError(SpawnFailed):
 
 
 class SandboxProcess:
-    def __init__(
-        self, agent: "ShardedSpawner", launch_id: int, shard: int, pid: int, phases: protocol.Phases
-    ):
+    def __init__(self, agent: "ShardedSpawner", shard: int, launched: protocol.Launched):
         self._agent = agent
-        self.id = launch_id
+        self.id = launched.id
         self.shard = shard
-        self.pid = pid
-        self.phases: protocol.Phases | None = phases
+        self.pid = launched.pid  # in the host's pid namespace
+        self.slot = launched.slot
+        self.phases: protocol.Phases | None = launched.phases
+        self.oom_killed = False
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def kill(self) -> None:
@@ -70,6 +71,7 @@ class ShardedSpawner:
         self._running: dict[int, SandboxProcess] = {}
         self._next_home = itertools.cycle(range(settings.shard_count()))
         self._closing = False
+        self._state_changed = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -205,17 +207,22 @@ class ShardedSpawner:
             if not data:
                 self._on_shard_lost(link)
                 return
-            self._dispatch(link, protocol.from_shard.decode(data))
+            try:
+                self._dispatch(link, protocol.from_shard.decode(data))
+            except Exception:  # a bug here must not stop the reader: every launch would hang
+                log.exception("shard %d: cannot handle a message", link.index)
 
     def _dispatch(self, link: ShardLink, message: protocol.FromShard) -> None:
         if isinstance(message, protocol.ShardState):
             link.state = message
+            self._state_changed.set()
+            self._state_changed = asyncio.Event()
             link.ready_estimate = message.prewarmed if message.mode == "prewarm" else message.free
             if not link.first_state.done():
                 link.first_state.set_result(None)
         elif isinstance(message, protocol.Launched):
             pending = self._pending.get(message.id)
-            process = SandboxProcess(self, message.id, link.index, message.pid, message.phases)
+            process = SandboxProcess(self, link.index, message)
             self._running[message.id] = process
             if pending and not pending[0].done():
                 pending[0].set_result(process)
@@ -228,6 +235,7 @@ class ShardedSpawner:
         elif isinstance(message, protocol.Exited):
             exited = self._running.pop(message.id, None)
             if exited is not None and not exited.exited.done():
+                exited.oom_killed = message.oom_killed
                 exited.exited.set_result(message.status)
 
     def _on_shard_lost(self, link: ShardLink) -> None:
@@ -256,6 +264,15 @@ class ShardedSpawner:
 
     def states(self) -> list[protocol.ShardState]:
         return [link.state for link in self.shards if link.state is not None]
+
+    async def wait_for_states(
+        self, predicate: Callable[[list[protocol.ShardState]], bool], timeout_s: float = 10.0
+    ) -> list[protocol.ShardState]:
+        """Wait until the shards' reported states satisfy `predicate` (each report wakes us)."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate(states := self.states()):
+                await self._state_changed.wait()
+        return states
 
 
 def _real_python() -> str:

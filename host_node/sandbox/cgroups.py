@@ -146,7 +146,7 @@ def remove_tree(parent: str) -> int:
 
 
 def _kill_and_remove(directory: Path) -> int:
-    kill_file = directory / "cgroup.kill"
+    kill_file = directory / "cgroup.kill"  # fine here: the cgroup is removed, never reused
     for _attempt in range(100):
         if kill_file.exists():
             _write(str(directory), "cgroup.kill", 1)
@@ -211,13 +211,26 @@ class Slot:
         _write(self.v1_dirs["cpu"], "cpu.cfs_quota_us", quota)
         _write(self.v1_dirs["pids"], "pids.max", limits.pids_max)
 
+    def oom_kills(self) -> int:
+        """How many processes the kernel's OOM killer has killed in this slot, ever."""
+        if self.layout.kind == "v2":
+            assert self.v2_dir
+            path = os.path.join(self.v2_dir, "memory.events")
+        else:
+            path = os.path.join(self.v1_dirs["memory"], "memory.oom_control")
+        try:
+            lines = Path(path).read_text().splitlines()
+        except FileNotFoundError:
+            return 0
+        return next((int(line.split()[1]) for line in lines if line.startswith("oom_kill ")), 0)
+
     def kill(self) -> None:
-        """SIGKILL everything in the slot: `cgroup.kill` where cgroup2 holds the processes, else by pid."""
-        if self.v2_dir and os.path.exists(os.path.join(self.v2_dir, "cgroup.kill")):
-            try:
-                _write(self.v2_dir, "cgroup.kill", 1)
-            except FileNotFoundError:
-                pass
+        """SIGKILL everything in the slot, by pid.
+
+        Not `cgroup.kill`: on this kernel (6.18) a cgroup that was ever killed that way SIGKILLs
+        every later child created in it by clone3(CLONE_INTO_CGROUP), so a pooled slot would be
+        poisoned for good (bench/RESULTS.md, "kernel quirks"). A sandbox's processes all live in
+        its pid namespace, so killing its init takes them all; this sweep catches what is left."""
         for pid in self.pids():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -24,7 +24,8 @@ class RefillPlanner:
         self._tokens = float(settings.target)
         self._stamp = now
         self._last_demand = -1e9
-        self.refilling = False
+        self._cycle = False  # a refill is under way (it continues past the low-water mark)
+        self.refilling = False  # ... and is not paused by a burst
 
     def demand(self, now: float) -> None:
         """A launch arrived: a burst is (still) on."""
@@ -35,15 +36,19 @@ class RefillPlanner:
         settings = self.settings
         self._tokens = min(float(settings.target), self._tokens + (now - self._stamp) * settings.max_per_s)
         self._stamp = now
-        if now - self._last_demand < settings.idle_ms / 1000:
-            return 0
-        if not self.refilling and have >= settings.low_water:
+        in_burst = now - self._last_demand < settings.idle_ms / 1000
+        if in_burst or (not self._cycle and have >= settings.low_water):
+            self.refilling = False  # paused by the burst, or nothing to do
             return 0
         want = max(0, settings.target - have)
-        self.refilling = want > 0
+        self._cycle = self.refilling = want > 0  # once started, a cycle fills up to the target
         count = min(want, int(self._tokens))
         self._tokens -= count
         return count
+
+    @property
+    def in_cycle(self) -> bool:
+        return self._cycle
 
     def next_check_s(self, now: float) -> float:
         """How long the spawner may sleep before `plan` could say something new."""

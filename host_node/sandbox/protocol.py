@@ -56,6 +56,7 @@ class LaunchFailed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
 class Exited(msgspec.Struct, tag="exited", frozen=True, kw_only=True):
     id: int
     status: int  # exit code, or -N when killed by signal N
+    oom_killed: bool = False  # the kernel's OOM killer struck in the sandbox's cgroup
 
 
 ToShard = Launch | Kill | Stop

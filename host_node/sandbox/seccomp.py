@@ -32,6 +32,8 @@ CLONE_X86_64 = 56
 CLONE3_X86_64 = 435
 SOCKET_X86_64 = 41
 CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+AF_INET = 2
+AF_INET6 = 10
 AF_PACKET = 17
 SOCK_RAW = 3
 SOCK_TYPE_MASK = 0xF
@@ -55,40 +57,71 @@ def arg_offset(index: int) -> int:
     return 16 + 8 * index
 
 
-def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> tuple[int, int, int, int]:
-    return (code, jt, jf, k)
+Insn = tuple[int, int, int, int]  # (code, jt, jf, k)
+Jump = int | str  # a relative offset, or a label resolved by `_assemble`
 
 
-def deny_list_program() -> list[tuple[int, int, int, int]]:
+def _assemble(lines: list[tuple]) -> list[Insn]:
+    """Resolve labels: a line is ("label", name) or (code, k[, jt[, jf]]) with jt/jf offsets or labels."""
+    positions, index = {}, 0
+    for line in lines:
+        if line[0] == "label":
+            positions[line[1]] = index
+        else:
+            index += 1
+    program: list[Insn] = []
+    for line in lines:
+        if line[0] == "label":
+            continue
+        code, k, jt, jf = (*line, 0, 0)[:4]
+        here = len(program) + 1
+        program.append((code, _offset(jt, positions, here), _offset(jf, positions, here), k))
+    return program
+
+
+def _offset(target: Jump, positions: dict[str, int], here: int) -> int:
+    return target if isinstance(target, int) else positions[target] - here
+
+
+def deny_list_program() -> list[Insn]:
     """The filter as (code, jt, jf, k) instructions."""
     eperm = RET_ERRNO | errno.EPERM
-    prog = [
-        _insn(LD_W_ABS, OFFSET_ARCH),
-        _insn(JEQ_K, AUDIT_ARCH_X86_64, jt=1),
-        _insn(RET_K, RET_KILL_PROCESS),  # a foreign ABI could dodge every number below
-        _insn(LD_W_ABS, OFFSET_NR),
-        _insn(JGE_K, X32_SYSCALL_BIT, jf=1),
-        _insn(RET_K, eperm),
+    lines: list[tuple] = [
+        (LD_W_ABS, OFFSET_ARCH),
+        (JEQ_K, AUDIT_ARCH_X86_64, "syscall"),
+        (RET_K, RET_KILL_PROCESS),  # a foreign ABI could dodge every number below
+        ("label", "syscall"),
+        (LD_W_ABS, OFFSET_NR),
+        (JGE_K, X32_SYSCALL_BIT, "deny"),
     ]
-    for number in sorted(DENIED_X86_64.values()):
-        prog += [_insn(JEQ_K, number, jf=1), _insn(RET_K, eperm)]
-    prog += [
-        _insn(JEQ_K, CLONE3_X86_64, jf=1),
-        _insn(RET_K, RET_ERRNO | errno.ENOSYS),
-        _insn(JEQ_K, CLONE_X86_64, jf=3),
-        _insn(LD_W_ABS, arg_offset(0)),
-        _insn(JSET_K, CLONE_NAMESPACE_FLAGS, jf=8),
-        _insn(RET_K, eperm),
-        _insn(JEQ_K, SOCKET_X86_64, jf=6),
-        _insn(LD_W_ABS, arg_offset(0)),
-        _insn(JEQ_K, AF_PACKET, jt=3),
-        _insn(LD_W_ABS, arg_offset(1)),
-        _insn(ALU_AND_K, SOCK_TYPE_MASK),
-        _insn(JEQ_K, SOCK_RAW, jf=1),
-        _insn(RET_K, eperm),
-        _insn(RET_K, RET_ALLOW),
+    lines += [(JEQ_K, number, "deny") for number in sorted(DENIED_X86_64.values())]
+    lines += [
+        (JEQ_K, CLONE3_X86_64, "enosys"),
+        (JEQ_K, CLONE_X86_64, "clone"),
+        (JEQ_K, SOCKET_X86_64, "socket"),
+        (RET_K, RET_ALLOW),
+        ("label", "clone"),
+        (LD_W_ABS, arg_offset(0)),
+        (JSET_K, CLONE_NAMESPACE_FLAGS, "deny", "allow"),
+        # Raw IP and packet sockets only: netlink and unix sockets are SOCK_RAW or DGRAM too, and
+        # glibc needs netlink (getaddrinfo, if_nameindex).
+        ("label", "socket"),
+        (LD_W_ABS, arg_offset(0)),
+        (JEQ_K, AF_PACKET, "deny"),
+        (JEQ_K, AF_INET, "socket_type"),
+        (JEQ_K, AF_INET6, "socket_type", "allow"),
+        ("label", "socket_type"),
+        (LD_W_ABS, arg_offset(1)),
+        (ALU_AND_K, SOCK_TYPE_MASK),
+        (JEQ_K, SOCK_RAW, "deny", "allow"),
+        ("label", "enosys"),
+        (RET_K, RET_ERRNO | errno.ENOSYS),
+        ("label", "deny"),
+        (RET_K, eperm),
+        ("label", "allow"),
+        (RET_K, RET_ALLOW),
     ]
-    return prog
+    return _assemble(lines)
 
 
 def encode(program: list[tuple[int, int, int, int]]) -> bytes:

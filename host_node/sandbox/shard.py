@@ -57,6 +57,7 @@ class Sandbox:
     exec_ready_at: float = 0.0
     prewarmed: bool = False
     launched: bool = False
+    oom_kills_before: int = 0
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -128,7 +129,7 @@ class Shard:
         elif isinstance(message, protocol.Kill):
             sandbox = self.by_id.get(message.id)
             if sandbox is not None:
-                sandbox.slot.kill()
+                kill_sandbox(sandbox)
         else:
             self.stopping = True
 
@@ -213,6 +214,7 @@ class Shard:
     def clone_for(self, launch: protocol.Launch, code_tree: int, fds: list[int], received: float) -> None:
         """naive and pool (and a prewarm miss): clone, set up and exec on the start path."""
         slot, reused = self.acquire_slot(launch.limits)
+        oom_kills = slot.oom_kills()
         slot_ready = time.monotonic()
         into = self.config.mode != "naive"
         pid, pidfd, parent, child = self.clone(slot, into)
@@ -220,6 +222,7 @@ class Shard:
             self.child_main(child, slot, into, launch, code_tree, fds)
         child.close()
         sandbox = Sandbox(pid, pidfd, slot, parent, reused, launch, received, slot_ready)
+        sandbox.oom_kills_before = oom_kills
         self.track(sandbox)
 
     def child_main(
@@ -282,7 +285,7 @@ class Shard:
         sandbox.error = data[1:].decode(errors="replace") or "prewarmed sandbox exited during setup"
         log.error("shard %d: %s", self.config.shard, sandbox.error)
         self.unwatch(sandbox.status.fileno())
-        sandbox.slot.kill()
+        kill_sandbox(sandbox)
 
     def take_prewarmed(self) -> Sandbox | None:
         if self.config.mode != "prewarm" or not self.prewarmed:
@@ -293,6 +296,7 @@ class Shard:
         self, sandbox: Sandbox, launch: protocol.Launch, code_tree: int, fds: list[int], received: float
     ) -> None:
         sandbox.slot.apply(launch.limits)
+        sandbox.oom_kills_before = sandbox.slot.oom_kills()
         sandbox.launch, sandbox.started_at = launch, received
         sandbox.slot_ready_at = time.monotonic()
         protocol.send(sandbox.status, launch, [code_tree, *fds])
@@ -356,9 +360,12 @@ class Shard:
         if launch is not None:
             self.by_id.pop(launch.id, None)
             if sandbox.launched:
-                self.reply(protocol.Exited(id=launch.id, status=status))
+                oom = sandbox.slot.oom_kills() > sandbox.oom_kills_before
+                self.reply(protocol.Exited(id=launch.id, status=status, oom_killed=oom))
             else:
                 why = sandbox.error or f"the sandbox exited with status {status} before exec"
+                if sandbox.slot.oom_kills() > sandbox.oom_kills_before:
+                    why += f" (out of memory: {launch.limits.memory_mb} MB is too little to set up in)"
                 self.reply(protocol.LaunchFailed(id=launch.id, message=why))
         self.recycle(sandbox.slot)
 
@@ -458,11 +465,20 @@ class Shard:
     def shutdown(self) -> None:
         """Kill every sandbox of this shard; the slots stay for the next start to adopt."""
         for sandbox in [*self.by_id.values(), *self.prewarmed]:
-            sandbox.slot.kill()
+            kill_sandbox(sandbox)
+
+
+def kill_sandbox(sandbox: Sandbox) -> None:
+    """Kill the sandbox's init (its pid namespace dies with it), then whatever else is in its slot."""
+    try:
+        signal.pidfd_send_signal(sandbox.pidfd, signal.SIGKILL)
+    except (ProcessLookupError, OSError):
+        pass  # already gone (or reaped)
+    sandbox.slot.kill()
 
 
 def _wait_for(planner: RefillPlanner, have: int, now: float) -> float:
-    if planner.refilling or have < planner.settings.low_water:
+    if planner.in_cycle or have < planner.settings.low_water:
         return planner.next_check_s(now)
     return 1.0
 

@@ -54,6 +54,8 @@ def test_every_denied_call_gets_eperm(name):
         (sc.CLONE3_X86_64, (), sc.RET_ERRNO | errno.ENOSYS),
         (SOCKET, (AF_INET, SOCK_STREAM), sc.RET_ALLOW),
         (SOCKET, (AF_UNIX, SOCK_DGRAM), sc.RET_ALLOW),
+        (SOCKET, (16, sc.SOCK_RAW), sc.RET_ALLOW),  # netlink, which glibc's getaddrinfo needs
+        (SOCKET, (sc.AF_INET6, sc.SOCK_RAW), EPERM),
         (SOCKET, (AF_INET, sc.SOCK_RAW), EPERM),
         (SOCKET, (AF_INET, sc.SOCK_RAW | 0x80000), EPERM),  # SOCK_CLOEXEC does not hide it
         (SOCKET, (sc.AF_PACKET, SOCK_DGRAM), EPERM),
