@@ -26,6 +26,7 @@ def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bo
             str(n.instances),
             str(n.warm_idle),
             "-" if n.heartbeat_age_ms is None else f"{n.heartbeat_age_ms / 1000:.1f}s ago",
+            n.sandbox_mode or "-",
         ]
         for n in status.nodes
     ]
@@ -34,10 +35,12 @@ def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bo
         f"schedulers: {', '.join(s.scheduler_id for s in status.schedulers) or '-'} "
         f"(this view from {status.answered_by}); functions: {status.functions}",
         "",
-        table(["NODE", "KIND", "HEALTH", "INFLIGHT", "INSTANCES", "WARM-IDLE", "HEARTBEAT"], rows)
+        table(["NODE", "KIND", "HEALTH", "INFLIGHT", "INSTANCES", "WARM-IDLE", "HEARTBEAT", "SANDBOX"], rows)
         if rows
         else "no nodes registered",
     ]
+    if pools := pool_table(status):
+        parts += ["", pools]
     if processes:
         down = [name for name, alive in processes.items() if not alive]
         parts.append(
@@ -45,6 +48,29 @@ def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bo
             + (f" (not running: {', '.join(down)})" if down else "")
         )
     return "\n".join(parts)
+
+
+def pool_table(status: ClusterStatus) -> str:
+    """Per-shard sandbox pools: what is ready, in use, being recycled, and the refill history."""
+    rows = [
+        [
+            n.node_id,
+            str(s.shard),
+            s.mode,
+            str(s.free),
+            str(s.prewarmed) if s.mode == "prewarm" else "-",
+            str(s.busy),
+            str(s.recycling),
+            "refilling" if s.refilling else "idle",
+            f"{s.created}/{s.recycled}/{s.inline}/{s.vanished}",
+        ]
+        for n in status.nodes
+        for s in n.pool
+    ]
+    if not rows:
+        return ""
+    headers = ["NODE", "SHARD", "MODE", "FREE", "PREWARMED", "BUSY", "RECYCLING", "REFILL"]
+    return table([*headers, "CREATED/RECYCLED/INLINE/VANISHED"], rows)
 
 
 def functions_table(records: list[FunctionRecord]) -> str:

@@ -179,10 +179,10 @@ def _sandbox_settings(info: ClusterInfo) -> SandboxSettings:
     under their own parent, so two local clusters (a demo and a test run) never share slots."""
     if os.geteuid() != 0:
         return SandboxSettings(mode="plain")
-    return SandboxSettings(cgroup_parent=_cgroup_parent(info))
+    return SandboxSettings(cgroup_parent=cgroup_parent(info))
 
 
-def _cgroup_parent(info: ClusterInfo) -> str:
+def cgroup_parent(info: ClusterInfo) -> str:
     return "hetfaas-" + hashlib.sha256(str(Path(info.state_dir).resolve()).encode()).hexdigest()[:10]
 
 
@@ -214,7 +214,7 @@ def stop(
     info.processes = {}
     _write_cluster(info)
     if os.geteuid() == 0:  # nodes remove their cgroups when they stop; a crashed one leaves them
-        cgroups.remove_tree(_cgroup_parent(info))
+        cgroups.remove_tree(cgroup_parent(info))
     return stopped
 
 

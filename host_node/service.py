@@ -28,8 +28,7 @@ from schemas.messages import ErrorReply, FunctionSpec, Heartbeat, InvokeReply, N
 log = logging.getLogger(__name__)
 
 SCHEDULER_RETRIES = {"throttled", "unavailable"}  # refusals the scheduler retries on another node
-NODE_MARGIN_S = 0.01
-MIN_CPU_MILLIS = 100  # reply this much before the scheduler's deadline so the reply still counts
+NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
 
 
 class HostNode:
@@ -167,10 +166,7 @@ class HostNode:
         return output, cold
 
     def _limits(self, spec: FunctionSpec) -> Limits:
-        """The function's size class: its memory, and CPU in proportion to it (as Lambda does)."""
-        cpu_millis = spec.memory_mb * 1000 // self.settings.memory_mb_per_cpu
-        cpu_millis = max(MIN_CPU_MILLIS, min(cpu_millis, 1000 * (os.cpu_count() or 1)))
-        return Limits(spec.memory_mb, cpu_millis, self.settings.sandbox.pids_max)
+        return self.settings.sandbox.limits_for(spec.memory_mb)
 
     def _log_path(self, tenant: str, name: str) -> Path:
         """Where an instance's stdout and stderr go. The names come off the wire: anyone who can

@@ -19,5 +19,4 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     keep_alive_s: float = 600.0  # an idle instance lives this long
     max_output_bytes: int = 6 * 1024 * 1024
     shutdown_grace_s: float = 10.0  # on SIGTERM, running invocations get this long to finish
-    memory_mb_per_cpu: int = 1024  # a function's CPU limit grows with its memory: 1024 MB = 1 CPU
     sandbox: SandboxSettings = SandboxSettings()

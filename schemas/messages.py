@@ -57,19 +57,6 @@ class SchedulerRecord(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float
 
 
-class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
-    """Published by every node on `subjects.heartbeat(id)`: its load and its idle warm instances."""
-
-    node_id: str
-    seq: int
-    inflight: int
-    capacity: int
-    instances: int
-    warm_idle: dict[str, int] = {}  # instance_key(...) -> idle instances ready for reuse
-    sandbox_mode: str = ""
-    pool: list["PoolShard"] = []
-
-
 class PoolShard(msgspec.Struct, frozen=True, kw_only=True, tag="pool_shard"):
     """One shard of a host node's sandbox pool, as its spawner last reported it."""
 
@@ -84,6 +71,19 @@ class PoolShard(msgspec.Struct, frozen=True, kw_only=True, tag="pool_shard"):
     vanished: int  # slots that disappeared under us (another cgroup manager) and were replaced
     inline: int  # slots created on the start path because the pool was empty
     refilling: bool
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
+    """Published by every node on `subjects.heartbeat(id)`: its load and its idle warm instances."""
+
+    node_id: str
+    seq: int
+    inflight: int
+    capacity: int
+    instances: int
+    warm_idle: dict[str, int] = {}  # instance_key(...) -> idle instances ready for reuse
+    sandbox_mode: str = ""
+    pool: list[PoolShard] = []
 
 
 # --- invoke -----------------------------------------------------------------------------------
@@ -168,6 +168,8 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     instances: int
     warm_idle: int
     heartbeat_age_ms: float | None  # None: registered but no heartbeat seen yet
+    sandbox_mode: str = ""
+    pool: list[PoolShard] = []
 
 
 class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True, tag="cluster_status"):

@@ -101,7 +101,7 @@ class PythonInstance:
         phases: dict[str, float],
     ) -> "PythonInstance":
         view = spawner.view(code_dir)
-        argv = [view.python, "-I", f"{view.runtime_dir}/python_worker.py", str(WORKER_FD), handler]
+        argv = [view.python, "-I", "-S", f"{view.runtime_dir}/python_worker.py", str(WORKER_FD), handler]
         argv += [view.code_dir, str(max_output)]
         parent, child = socket.socketpair()
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)

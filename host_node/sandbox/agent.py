@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from host_node.sandbox import cgroups, protocol
+from host_node.sandbox import cgroups, protocol, waiter
 from host_node.sandbox.cgroups import Layout, Limits
 from host_node.sandbox.init import CODE_VIEW, RUNTIME_VIEW, RootPlan
 from host_node.sandbox.pool import choose_shard
@@ -79,6 +79,7 @@ class ShardedSpawner:
             raise SandboxError(
                 1, f"sandbox mode {self.settings.mode!r} needs root; use mode 'plain' to develop without"
             )
+        waiter.ensure_built()
         cgroups.prepare_subtree(self.layout)
         self._remove_foreign_slots()
         os.makedirs(self.plan.mount_point, exist_ok=True)
@@ -111,7 +112,7 @@ class ShardedSpawner:
             layout=self.layout,
             plan=self.plan,
             pool=self.settings.pool,
-            idle_limits=Limits(self.settings.idle_memory_mb, 1000, self.settings.pids_max),
+            idle_limits=self.settings.limits_for(self.settings.idle_memory_mb),
         )
         theirs.set_inheritable(True)
         env = dict(os.environ) | {"PYTHONPATH": str(REPO_ROOT)}
@@ -286,6 +287,7 @@ def _root_plan(settings: SandboxSettings, work_dir: Path) -> RootPlan:
         mount_point=str(work_dir / "sandbox-root"),
         ro_binds=binds,
         runtime_dir=str(RUNTIME_DIR),
+        waiter=str(waiter.BINARY),
         etc_files=[name for name in ETC_FILES if os.path.exists(os.path.join("/etc", name))],
         tmp_size_mb=settings.tmp_size_mb,
         hostname="sandbox",

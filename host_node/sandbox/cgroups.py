@@ -192,24 +192,33 @@ class Slot:
             files.insert(0, os.path.join(self.v2_dir, "cgroup.procs"))
         return files
 
-    def apply(self, limits: Limits) -> None:
-        memory = limits.memory_mb * 1024 * 1024
-        quota = max(1000, limits.cpu_millis * CPU_PERIOD_US // 1000)
-        if self.layout.kind == "v2":
-            assert self.v2_dir
+    def apply(self, limits: Limits, current: Limits | None = None) -> None:
+        """Set the slot's limits; with `current` (what the slot holds now), write only what differs:
+        on the start path every cgroupfs write counts."""
+        if current is None or limits.memory_mb != current.memory_mb:
+            self._apply_memory(limits.memory_mb * 1024 * 1024)
+        if current is None or limits.cpu_millis != current.cpu_millis:
+            quota = max(1000, limits.cpu_millis * CPU_PERIOD_US // 1000)
+            if self.v2_dir and self.layout.kind == "v2":
+                _write(self.v2_dir, "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            else:
+                _write(self.v1_dirs["cpu"], "cpu.cfs_period_us", CPU_PERIOD_US)
+                _write(self.v1_dirs["cpu"], "cpu.cfs_quota_us", quota)
+        if current is None or limits.pids_max != current.pids_max:
+            directory = self.v2_dir if self.layout.kind == "v2" else self.v1_dirs["pids"]
+            assert directory
+            _write(directory, "pids.max", limits.pids_max)
+
+    def _apply_memory(self, memory: int) -> None:
+        if self.v2_dir and self.layout.kind == "v2":
             _write(self.v2_dir, "memory.max", memory)
             _write(self.v2_dir, "memory.swap.max", 0, optional=True)
-            _write(self.v2_dir, "cpu.max", f"{quota} {CPU_PERIOD_US}")
-            _write(self.v2_dir, "pids.max", limits.pids_max)
             return
         mem = self.v1_dirs["memory"]
         # memsw must stay >= the memory limit: lower memsw after, raise it before (ordering rule of v1)
         _write(mem, "memory.memsw.limit_in_bytes", -1, optional=True)
         _write(mem, "memory.limit_in_bytes", memory)
         _write(mem, "memory.memsw.limit_in_bytes", memory, optional=True)
-        _write(self.v1_dirs["cpu"], "cpu.cfs_period_us", CPU_PERIOD_US)
-        _write(self.v1_dirs["cpu"], "cpu.cfs_quota_us", quota)
-        _write(self.v1_dirs["pids"], "pids.max", limits.pids_max)
 
     def oom_kills(self) -> int:
         """How many processes the kernel's OOM killer has killed in this slot, ever."""

@@ -2,22 +2,21 @@
 
 Runs in the child of a shard spawner's clone3, as root in new pid/mount/ipc/uts/net namespaces:
 `prepare` builds the sandbox (cgroup attach where clone3 could not place it, a read-only root view,
-/proc, /dev, /tmp, hostname, loopback); `enter` takes the function's code and fds, drops every
-privilege, installs seccomp and execs. In prewarm mode the two are separated by a wait for the
-launch. The child reports over its status socket: W (ready, waiting), R (about to exec), E (failed);
-the socket is close-on-exec, so end-of-file after R means the execve succeeded."""
+/proc, /dev, /tmp, hostname, loopback); then the child execs hetfaas-waiter (hetfaas-waiter.c),
+which waits for the launch, mounts the function's code, drops every privilege, installs seccomp
+and execs the function. In prewarm mode the shard sends the launch when one comes; otherwise at
+once. The child reports over its status socket: W (built, waiting: prewarm), R (about to exec),
+E (failed); the socket is close-on-exec, so end-of-file after R means the execve succeeded."""
 
 import fcntl
 import os
-import resource
 import socket
 import struct
-import time
 from typing import NoReturn
 
 import msgspec
 
-from host_node.sandbox import linux, seccomp
+from host_node.sandbox import linux, seccomp, waiter
 
 READY = b"W"
 EXECUTING = b"R"
@@ -25,9 +24,7 @@ FAILED = b"E"
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 DEVICES = ("null", "zero", "full", "random", "urandom")
-SKELETON = ("code", "proc", "tmp", "dev", "etc", ".old")
-FD_STAGE = 100  # fds are staged above this while being renumbered 0, 1, 2, ...
-STATUS_FD = 99
+SKELETON = ("code", "proc", "tmp", "dev", "etc")
 
 
 class RootPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +33,7 @@ class RootPlan(msgspec.Struct, frozen=True, kw_only=True):
     mount_point: str  # an empty host directory the new root is mounted on (inside the sandbox only)
     ro_binds: list[str]  # host directories shown read-only at the same path (/usr, the python prefix)
     runtime_dir: str  # host directory of the runtimes, shown at RUNTIME_VIEW
+    waiter: str  # host path of hetfaas-waiter, shown at waiter.VIEW
     etc_files: list[str]  # entries of the host's /etc shown read-only
     tmp_size_mb: int
     hostname: str
@@ -45,18 +43,18 @@ class RootPlan(msgspec.Struct, frozen=True, kw_only=True):
 
 
 RUNTIME_VIEW = "/opt/hetfaas/runtime"
-CODE_VIEW = "/code"
+CODE_VIEW = "/code"  # where hetfaas-waiter mounts the function's code
 
 
 def report(status: socket.socket, kind: bytes, text: str = "") -> None:
     status.send(kind + text.encode(errors="replace")[:4000])
 
 
-def prepare(plan: RootPlan, attach_files: list[str]) -> None:
-    for path in attach_files:  # hybrid/v1: the controllers' cgroups, which clone3 cannot enter
-        with open(path, "w") as f:
-            f.write("0")
-    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+def build_template(plan: RootPlan) -> None:
+    """Once per shard, in the shard's own private mount namespace: the read-only root view every
+    sandbox of the shard gets a copy of with its mount namespace (so a start mounts 3 things, not 40)."""
+    linux.unshare(linux.CLONE_NEWNS)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)  # nothing here reaches the host
     root = plan.mount_point
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=755,size=1m")
     for name in SKELETON:
@@ -66,21 +64,29 @@ def prepare(plan: RootPlan, attach_files: list[str]) -> None:
     for path in plan.ro_binds:
         _bind(path, root + path, read_only=True)
     _bind(plan.runtime_dir, root + RUNTIME_VIEW, read_only=True)
+    _bind(plan.waiter, root + waiter.VIEW, read_only=True)
     for name in plan.etc_files:
         _bind(os.path.join("/etc", name), os.path.join(root, "etc", name), read_only=True)
     _populate_dev(os.path.join(root, "dev"))
+    linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID)
+
+
+def prepare(plan: RootPlan, attach_files: list[str]) -> None:
+    """In a new sandbox (its mount namespace a copy of the shard's): enter the template root with a
+    private /tmp and a fresh /proc, leave the host's tree behind, name the host, bring up lo."""
+    for path in attach_files:  # hybrid/v1: the controllers' cgroups, which clone3 cannot enter
+        with open(path, "w") as f:
+            f.write("0")
+    root = plan.mount_point
     tmp_options = f"mode=1777,size={plan.tmp_size_mb}m"
     linux.mount("tmpfs", os.path.join(root, "tmp"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, tmp_options)
     os.chdir(root)
-    linux.pivot_root(".", ".old")
-    linux.umount2("/.old", linux.MNT_DETACH)
-    os.rmdir("/.old")
+    linux.pivot_root(".", ".")  # the old root ends up stacked on the new one: detach it
+    linux.umount2(".", linux.MNT_DETACH)
     os.chdir("/")
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY)
     linux.sethostname(plan.hostname)
     _loopback_up()
-    linux.drop_bounding_set()  # no execve in here may regain a capability; done ahead of the launch
 
 
 def _mirror_top_level(root: str, name: str) -> None:
@@ -117,44 +123,21 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", IFF_UP))
 
 
-def enter(
-    plan: RootPlan,
-    status: socket.socket,
-    code_tree_fd: int,
-    fds: list[int],
-    argv: list[str],
-    env: dict[str, str],
-) -> NoReturn:
-    """Mount the code, renumber fds, drop privileges, seccomp, execve. Reports E on any failure."""
+def exec_waiter(status: socket.socket) -> NoReturn:
+    """Become hetfaas-waiter, which waits for the launch and does the last, quick steps in C."""
     try:
-        linux.move_mount(code_tree_fd, CODE_VIEW)
-        os.close(code_tree_fd)
-        os.chdir(CODE_VIEW)
-        status_fd = _renumber(fds, status.fileno())
-        status = socket.socket(fileno=status_fd)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (plan.nofile, plan.nofile))
-        os.setgroups([])
-        os.setresgid(plan.gid, plan.gid, plan.gid)
-        os.setresuid(plan.uid, plan.uid, plan.uid)  # clears the permitted and effective sets
-        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        linux.install_seccomp(SECCOMP_PROGRAM)
-        report(status, EXECUTING, repr(time.monotonic()))
-        os.execvpe(argv[0], argv, env)
+        status.set_inheritable(True)
+        os.execv(waiter.VIEW, [waiter.VIEW, str(status.fileno())])
     except BaseException as exc:
-        _fail(status, f"cannot start {argv[0]!r}: {exc}")
-    os._exit(127)
+        _fail(status, f"cannot start hetfaas-waiter: {exc}")
 
 
-def _renumber(fds: list[int], status_fd: int) -> int:
-    """Make fds[i] the sandbox's fd i, keep the status socket, close every other inherited fd."""
-    status_fd = fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, STATUS_FD)
-    staged = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FD_STAGE) for fd in fds]
-    for number, fd in enumerate(staged):
-        os.dup2(fd, number)
-    os.closerange(len(fds), status_fd)
-    os.closerange(status_fd + 1, 1 << 20)
-    return status_fd
+def activation(plan: RootPlan, argv: list[str], env: dict[str, str]) -> bytes:
+    """The launch as hetfaas-waiter reads it (see its source for the layout)."""
+    head = struct.pack("=4I", plan.uid, plan.gid, plan.nofile, len(SECCOMP_PROGRAM))
+    strings = b"".join(os.fsencode(a) + b"\0" for a in argv) + b"\0"
+    strings += b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items()) + b"\0"
+    return head + SECCOMP_PROGRAM + strings
 
 
 def close_inherited(keep: list[int]) -> None:

@@ -108,6 +108,10 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     _check(result, f"mount {target}")
 
 
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
 def umount2(target: str, flags: int) -> None:
     _check(_libc.umount2(_path(target), flags), f"umount {target}")
 

@@ -68,8 +68,12 @@ from_shard = msgspec.msgpack.Decoder(FromShard)
 
 
 def send(sock: socket.socket, message: msgspec.Struct, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    send_bytes(sock, _encoder.encode(message), fds)
+
+
+def send_bytes(sock: socket.socket, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sock.sendmsg([_encoder.encode(message)], ancillary)
+    sock.sendmsg([data], ancillary)
 
 
 def receive(sock: socket.socket) -> tuple[bytes, list[int]]:

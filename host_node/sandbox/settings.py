@@ -2,6 +2,7 @@ import os
 
 import msgspec
 
+from host_node.sandbox.cgroups import Limits
 from host_node.sandbox.pool import PoolSettings
 
 MODES = ("plain", "naive", "pool", "prewarm")
@@ -20,12 +21,20 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     pids_max: int = 256
     tmp_size_mb: int = 64
     nofile: int = 1024
-    idle_memory_mb: int = 256  # the limit an idle slot or a prewarmed sandbox is held to
+    memory_mb_per_cpu: int = 1024  # CPU limit grows with memory: 1024 MB = 1 CPU ...
+    min_cpu_millis: int = 1000  # ... but never below this (a runtime's init is CPU-bound)
+    idle_memory_mb: int = 128  # the size class idle slots and prewarmed sandboxes wait in
     pool: PoolSettings = PoolSettings()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"sandbox mode {self.mode!r} is not one of {', '.join(MODES)}")
+
+    def limits_for(self, memory_mb: int) -> Limits:
+        """A function's size class: its memory, and CPU in proportion to it (as Lambda does)."""
+        cpu_millis = memory_mb * 1000 // self.memory_mb_per_cpu
+        cpu_millis = max(self.min_cpu_millis, min(cpu_millis, 1000 * (os.cpu_count() or 1)))
+        return Limits(memory_mb, cpu_millis, self.pids_max)
 
     def shard_count(self) -> int:
         return self.shards or os.cpu_count() or 1

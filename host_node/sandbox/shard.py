@@ -73,6 +73,7 @@ class Shard:
         self.slot_planner = RefillPlanner(config.pool, now)
         self.prewarm_planner = RefillPlanner(config.pool, now)
         self.by_id: dict[int, Sandbox] = {}
+        self.limits: dict[str, Limits] = {}  # slot name -> the size class it holds
         self.building: set[int] = set()  # pidfds of prewarming sandboxes not yet ready
         self.prewarmed: deque[Sandbox] = deque()
         self.recycling: dict[str, tuple[Slot, float, int | None]] = {}
@@ -174,22 +175,37 @@ class Shard:
             while (name := self.pool.take()) is not None:
                 slot = layout.slot(name)
                 try:
-                    slot.apply(limits)
+                    if not slot.exists():  # another cgroup manager pruned it while it was empty
+                        raise FileNotFoundError(name)
+                    self.set_limits(slot, limits)
                     return slot, True
                 except FileNotFoundError:
                     log.warning("shard %d: slot %s vanished; replacing it", self.config.shard, name)
                     slot.remove()
-                    self.pool.drop(name, vanished=True)
+                    self.forget(name, vanished=True)
         slot = layout.slot(self.pool.new_name(naive=self.config.mode == "naive"))
         slot.create()
         self.pool.mark_busy(slot.name, inline=self.config.mode != "naive")
-        slot.apply(limits)
+        self.set_limits(slot, limits)
         return slot, False
+
+    def set_limits(self, slot: Slot, limits: Limits) -> None:
+        """Apply a size class, writing only the limits that change (the slot's are remembered)."""
+        try:
+            slot.apply(limits, self.limits.get(slot.name))
+        except BaseException:
+            self.limits.pop(slot.name, None)  # unknown now: the next apply writes everything
+            raise
+        self.limits[slot.name] = limits
+
+    def forget(self, name: str, vanished: bool) -> None:
+        self.pool.drop(name, vanished)
+        self.limits.pop(name, None)
 
     def create_free_slot(self) -> None:
         slot = self.config.layout.slot(self.pool.new_name())
         slot.create()
-        slot.apply(self.config.idle_limits)
+        self.set_limits(slot, self.config.idle_limits)
         self.pool.add_free(slot.name, recycled=False)
 
     # -- cloning ----------------------------------------------------------------------------
@@ -212,35 +228,38 @@ class Shard:
         return slot.procs_files(include_v2=not cloned_into)
 
     def clone_for(self, launch: protocol.Launch, code_tree: int, fds: list[int], received: float) -> None:
-        """naive and pool (and a prewarm miss): clone, set up and exec on the start path."""
+        """naive and pool (and a prewarm miss): clone and set up on the start path; the launch goes
+        to the child's socket at once, for hetfaas-waiter to read when the sandbox is built."""
         slot, reused = self.acquire_slot(launch.limits)
         oom_kills = slot.oom_kills()
         slot_ready = time.monotonic()
         into = self.config.mode != "naive"
         pid, pidfd, parent, child = self.clone(slot, into)
         if pid == 0:
-            self.child_main(child, slot, into, launch, code_tree, fds)
+            self.child_main(child, self.child_attach_files(slot, into), announce=False)
         child.close()
         sandbox = Sandbox(pid, pidfd, slot, parent, reused, launch, received, slot_ready)
         sandbox.oom_kills_before = oom_kills
         self.track(sandbox)
+        self.send_activation(sandbox, launch, code_tree, fds)
 
-    def child_main(
-        self,
-        status: socket.socket,
-        slot: Slot,
-        into: bool,
-        launch: protocol.Launch,
-        code_tree: int,
-        fds: list[int],
-    ) -> None:
+    def child_main(self, status: socket.socket, attach_files: list[str], announce: bool) -> None:
+        """In the clone: build the sandbox, (announce it is ready,) become hetfaas-waiter."""
         try:
-            init.close_inherited([status.fileno(), code_tree, *fds])
+            init.close_inherited([status.fileno()])
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            init.prepare(self.config.plan, self.child_attach_files(slot, into))
+            init.prepare(self.config.plan, attach_files)
+            if announce:
+                init.report(status, init.READY)
         except BaseException as exc:
             init._fail(status, f"sandbox setup failed: {exc}")
-        init.enter(self.config.plan, status, code_tree, fds, launch.argv, launch.env)
+        init.exec_waiter(status)
+
+    def send_activation(
+        self, sandbox: Sandbox, launch: protocol.Launch, code_tree: int, fds: list[int]
+    ) -> None:
+        data = init.activation(self.config.plan, launch.argv, launch.env)
+        protocol.send_bytes(sandbox.status, data, [code_tree, *fds])
 
     def track(self, sandbox: Sandbox) -> None:
         assert sandbox.launch
@@ -253,27 +272,12 @@ class Shard:
         slot, reused = self.acquire_slot(self.config.idle_limits)
         pid, pidfd, parent, child = self.clone(slot, into_cgroup=True)
         if pid == 0:
-            self.prewarm_child(child, slot)
+            self.child_main(child, self.child_attach_files(slot, cloned_into=True), announce=True)
         child.close()
         sandbox = Sandbox(pid, pidfd, slot, parent, reused, prewarmed=True)
         self.building.add(pidfd)
         self.watch(parent.fileno(), select.POLLIN, lambda ev, s=sandbox: self.on_prewarm_status(s))
         self.watch(pidfd, select.POLLIN, lambda ev, s=sandbox: self.on_exit(s))
-
-    def prewarm_child(self, status: socket.socket, slot: Slot) -> None:
-        try:
-            init.close_inherited([status.fileno()])
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            init.prepare(self.config.plan, self.child_attach_files(slot, cloned_into=True))
-            init.report(status, init.READY)
-            data, fds = protocol.receive(status)
-            if not data:
-                os._exit(0)  # the spawner retired this sandbox
-            launch = protocol.to_shard.decode(data)
-            assert isinstance(launch, protocol.Launch)
-        except BaseException as exc:
-            init._fail(status, f"sandbox setup failed: {exc}")
-        init.enter(self.config.plan, status, fds[0], fds[1:], launch.argv, launch.env)
 
     def on_prewarm_status(self, sandbox: Sandbox) -> None:
         data = _recv(sandbox.status)
@@ -295,11 +299,11 @@ class Shard:
     def activate(
         self, sandbox: Sandbox, launch: protocol.Launch, code_tree: int, fds: list[int], received: float
     ) -> None:
-        sandbox.slot.apply(launch.limits)
+        self.set_limits(sandbox.slot, launch.limits)
         sandbox.oom_kills_before = sandbox.slot.oom_kills()
         sandbox.launch, sandbox.started_at = launch, received
         sandbox.slot_ready_at = time.monotonic()
-        protocol.send(sandbox.status, launch, [code_tree, *fds])
+        self.send_activation(sandbox, launch, code_tree, fds)
         self.by_id[launch.id] = sandbox
         self.watch(sandbox.status.fileno(), select.POLLIN, lambda ev, s=sandbox: self.on_status(s))
 
@@ -371,8 +375,11 @@ class Shard:
 
     # -- recycling --------------------------------------------------------------------------
     def recycle(self, slot: Slot) -> None:
-        slot.kill()
+        """After a sandbox's init is reaped: its pid namespace took every process with it, so the
+        slot is usually empty at once; a sweep (and waiting on cgroup.events) covers the rest."""
         self.recycling[slot.name] = (slot, time.monotonic(), None)
+        if slot.populated():
+            slot.kill()
         self.try_finish_recycle(slot)
 
     def try_finish_recycle(self, slot: Slot) -> None:
@@ -387,12 +394,12 @@ class Shard:
             os.close(fd)
         if self.config.mode == "naive" or not slot.is_clean():
             slot.remove()
-            self.pool.drop(slot.name, vanished=False)
+            self.forget(slot.name, vanished=False)
             return
         try:
-            slot.apply(self.config.idle_limits)
+            self.set_limits(slot, self.config.idle_limits)
         except FileNotFoundError:
-            self.pool.drop(slot.name, vanished=True)
+            self.forget(slot.name, vanished=True)
             return
         self.pool.add_free(slot.name, recycled=True)
 
@@ -404,7 +411,7 @@ class Shard:
                 )
                 slot.kill()
                 self.recycling.pop(name)
-                self.pool.drop(name, vanished=False)
+                self.forget(name, vanished=False)
                 continue
             slot.kill()
             self.try_finish_recycle(slot)
@@ -413,10 +420,14 @@ class Shard:
     def refill(self, now: float) -> float:
         if self.config.mode == "naive":
             return 1.0
-        layout = self.config.layout
-        if cgroups.nr_dying(layout) < self.config.pool.max_dying:
-            for _ in range(self.slot_planner.plan(len(self.pool.free), now)):
-                self.create_free_slot()
+        if any(not sandbox.launched for sandbox in self.by_id.values()):
+            # A burst is still being started: building now would take the CPU it needs.
+            self.slot_planner.demand(now)
+            self.prewarm_planner.demand(now)
+        if count := self.slot_planner.plan(len(self.pool.free), now):
+            if cgroups.nr_dying(self.config.layout) < self.config.pool.max_dying:
+                for _ in range(count):
+                    self.create_free_slot()
         wait_s = _wait_for(self.slot_planner, len(self.pool.free), now)
         if self.config.mode == "prewarm":
             have = len(self.prewarmed) + len(self.building)
@@ -457,7 +468,7 @@ class Shard:
             slot = self.config.layout.slot(name)
             slot.kill()
             if name.startswith("s") and _wait_empty(slot) and slot.is_clean():
-                slot.apply(self.config.idle_limits)
+                self.set_limits(slot, self.config.idle_limits)
                 self.pool.adopt(name)
             else:
                 slot.remove()
@@ -530,6 +541,7 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     config = msgspec.json.decode(sys.argv[2], type=ShardConfig)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent stops us; a terminal's ^C goes to it
+    init.build_template(config.plan)
     Shard(config, control).run()
 
 

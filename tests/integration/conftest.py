@@ -12,6 +12,7 @@ import pytest
 
 from cli.client import Client
 from deploy import launcher
+from host_node.sandbox import cgroups
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +147,9 @@ async def wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+def cgroup_dirs_named(name: str) -> list[str]:
+    """The cgroup hierarchies holding a top-level cgroup `name`."""
+    mounts = [p for p, _, _ in cgroups.parse_mountinfo(Path("/proc/self/mountinfo").read_text())]
+    return [m for m in mounts if os.path.exists(os.path.join(m, name))]

@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from deploy import launcher
 from deploy.services import free_port
-from tests.integration.conftest import EXAMPLES, make_function
+from tests.integration.conftest import EXAMPLES, cgroup_dirs_named, make_function
 
 pytestmark = pytest.mark.integration
 
@@ -148,3 +149,22 @@ def test_functions_survive_down_and_up(own_state: Path) -> None:
     assert result["ok"] and json.loads(result["output"])["greeting"] == "hello, again!", (
         "JetStream kept the code"
     )
+
+
+@pytest.mark.privileged
+def test_status_shows_the_pools_and_down_leaves_no_cgroup_behind(own_state: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("sandboxes (and their cgroups) need root")
+    state = own_state
+    assert hetfaas(state, "up", "--hosts", "1").returncode == 0
+    status = hetfaas(state, "status")
+    info = launcher.read_cluster(state)
+    ours = launcher.cgroup_parent(info)
+    existed = cgroup_dirs_named(ours)
+    os.kill(info.processes["host-1"], signal.SIGKILL)  # a crashed node leaves its slots behind
+    down = hetfaas(state, "down")
+
+    assert b"SHARD" in status.stdout and b"prewarm" in status.stdout, status.stdout.decode()
+    assert existed, "the node made its cgroups under the cluster's own parent"
+    assert down.returncode == 0
+    assert cgroup_dirs_named(ours) == [], "down removed every cgroup of the cluster"

@@ -14,7 +14,7 @@ from host_node.sandbox.agent import SandboxProcess, ShardedSpawner
 from host_node.sandbox.cgroups import Limits
 from host_node.sandbox.pool import PoolSettings
 from host_node.sandbox.settings import SandboxSettings
-from tests.integration.conftest import process_gone, wait_until
+from tests.integration.conftest import cgroup_dirs_named, process_gone, wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -194,11 +194,6 @@ async def test_removing_the_tree_leaves_no_cgroup_behind(parent, code_dir, tmp_p
     assert removed > 0
     assert await wait_until(lambda: process_gone(running.pid))
     assert cgroup_dirs_named(parent) == []
-
-
-def cgroup_dirs_named(name: str) -> list[str]:
-    mounts = [p for p, _, _ in cgroups.parse_mountinfo(Path("/proc/self/mountinfo").read_text())]
-    return [m for m in mounts if os.path.exists(os.path.join(m, name))]
 
 
 async def test_prewarmed_sandboxes_start_without_setup(parent, code_dir, tmp_path, spawners) -> None:
