@@ -171,10 +171,17 @@ async def run_sandboxes(mode: str, levels: list[int], samples: int, work: Path, 
     key = "prewarmed" if mode == "prewarm" else "free"
 
     async def refilled() -> None:
-        if mode != "naive":
-            await spawner.wait_for_states(
-                lambda states: all(getattr(s, key) >= pool.target and s.recycling == 0 for s in states), 120
-            )
+        """Every sandbox started so far has ended and given its slot back (so the states are not
+        from before the burst), and every shard is full again."""
+        if mode == "naive":
+            return
+        started = spawner.launches
+
+        def ready(states: list) -> bool:
+            back = sum(s.recycled + s.vanished for s in states) >= started
+            return back and all(getattr(s, key) >= pool.target and s.recycling == 0 for s in states)
+
+        await spawner.wait_for_states(ready, 120)
 
     results = {}
     try:

@@ -52,34 +52,73 @@ async def run_exec(
 async def _communicate(
     stdin_w: int, stdout_r: int, stderr_r: int, payload: bytes, max_output: int
 ) -> tuple[bytes, bytes]:
+    """Feed the payload, collect stdout (up to max_output) and the tail of stderr. Plain fds and
+    loop readers rather than transports and streams: this runs once per exec invocation."""
     loop = asyncio.get_running_loop()
-    stdout, stderr = asyncio.StreamReader(), asyncio.StreamReader()
-    # os.fdopen wraps the pipe fds we already hold; nothing here touches the disk
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(stdout_r, "rb", 0))
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), os.fdopen(stderr_r, "rb", 0))
-    feeder, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(stdin_w, "wb", 0))
-    if payload:
+    feeder = None
+    if len(payload) <= PIPE_CAPACITY:
+        _write_small(stdin_w, payload)  # fits in the pipe: no writer needed
+    else:
+        feeder, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(stdin_w, "wb", 0))
         feeder.write(payload)  # the command need not read it: a broken pipe just closes the feeder
-    feeder.close()
-    tail = asyncio.ensure_future(_tail(stderr))
+        feeder.close()
+    collector = _Collector(loop, stdout_r, stderr_r, max_output)
     try:
-        chunks, total = [], 0
-        while chunk := await stdout.read(1 << 16):
-            total += len(chunk)
-            if total > max_output:
-                raise FunctionFailed(
-                    "function_error", f"output is over the node's limit of {max_output} bytes"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks), await tail
+        return await collector.done
     finally:
-        tail.cancel()
-        feeder.abort()
+        collector.close()
+        if feeder is not None:
+            feeder.abort()
 
 
-async def _tail(stream: asyncio.StreamReader) -> bytes:
-    """Read a stream to its end, keeping only the last STDERR_TAIL bytes (the part that explains)."""
-    tail = b""
-    while chunk := await stream.read(1 << 16):
-        tail = (tail + chunk)[-STDERR_TAIL:]
-    return tail
+PIPE_CAPACITY = 65536  # Linux's default pipe buffer
+
+
+def _write_small(fd: int, payload: bytes) -> None:
+    try:
+        if payload:
+            os.write(fd, payload)
+    except BrokenPipeError:
+        pass  # the command exited without reading: fine
+    finally:
+        os.close(fd)
+
+
+class _Collector:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stdout_r: int, stderr_r: int, max_output: int):
+        self._loop = loop
+        self._open = {stdout_r, stderr_r}
+        self._stdout_r = stdout_r
+        self._max_output = max_output
+        self.output = bytearray()
+        self.stderr_tail = b""
+        self.done: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        for fd in (stdout_r, stderr_r):
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, self._readable, fd)
+
+    def _readable(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._finish(fd)
+        elif fd == self._stdout_r:
+            self.output += chunk
+            if len(self.output) > self._max_output and not self.done.done():
+                message = f"output is over the node's limit of {self._max_output} bytes"
+                self.done.set_exception(FunctionFailed("function_error", message))
+        else:
+            self.stderr_tail = (self.stderr_tail + chunk)[-STDERR_TAIL:]
+
+    def _finish(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        self._open.discard(fd)
+        if not self._open and not self.done.done():
+            self.done.set_result((bytes(self.output), self.stderr_tail))
+
+    def close(self) -> None:
+        for fd in list(self._open):
+            self._finish(fd)

@@ -72,6 +72,7 @@ class ShardedSpawner:
         self._next_home = itertools.cycle(range(settings.shard_count()))
         self._closing = False
         self._state_changed = asyncio.Event()
+        self.launches = 0  # ever asked for
 
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -153,6 +154,7 @@ class ShardedSpawner:
         return View(CODE_VIEW, RUNTIME_VIEW, _real_python())
 
     async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> SandboxProcess:
+        self.launches += 1
         home = next(self._next_home)
         ready = [link.ready_estimate if link.state else 0 for link in self.shards]
         shard, borrowed = choose_shard(ready, home, self.settings.mode)
