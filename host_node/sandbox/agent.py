@@ -65,6 +65,7 @@ class ShardedSpawner:
         self.node_id = node_id
         self.layout: Layout = cgroups.detect_layout(settings.cgroup_parent, node_id)
         self.plan = _root_plan(settings, work_dir)
+        self.userns_base = settings.userns_base()
         self.shards: list[ShardLink] = []
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[SandboxProcess], int]] = {}
@@ -114,6 +115,7 @@ class ShardedSpawner:
             plan=self.plan,
             pool=self.settings.pool,
             idle_limits=self.settings.limits_for(self.settings.idle_memory_mb),
+            userns_base_uid=self.userns_base,
         )
         theirs.set_inheritable(True)
         env = dict(os.environ) | {"PYTHONPATH": str(REPO_ROOT)}

@@ -285,6 +285,11 @@ class Slot:
                 pass
 
 
+def attach(procs_file: str, pid: int) -> None:
+    """Move a process into a cgroup (the write that takes the kernel's global threadgroup lock)."""
+    _write(os.path.dirname(procs_file), os.path.basename(procs_file), pid)
+
+
 def nr_dying(layout: Layout) -> int:
     """Cgroups of ours the kernel is still tearing down (v2 counts them; v1 has no such counter)."""
     if not layout.v2_root:

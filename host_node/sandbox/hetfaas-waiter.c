@@ -6,8 +6,10 @@
  * function's code, renumber its fds, drop every privilege, install seccomp and execve it.
  *
  * Activation datagram (native byte order), with SCM_RIGHTS fds [code_tree, fd0, fd1, ...]:
- *   u32 uid, u32 gid, u32 nofile, u32 seccomp_len (bytes), seccomp program,
+ *   u32 flags, u32 uid, u32 gid, u32 nofile, u32 seccomp_len (bytes), seccomp program,
  *   argv strings (NUL-terminated), an empty string, env strings (NUL-terminated), an empty string.
+ * With flag CODE_MOUNTED (user namespaces: the spawner mounted /code from outside) the fds are
+ * [fd0, fd1, ...].
  * Replies on the socket: "R<monotonic seconds>" just before execve, "E<message>" on failure.
  * The socket is close-on-exec: end-of-file after R means execve succeeded. */
 #define _GNU_SOURCE
@@ -32,6 +34,7 @@
 #define MAX_STRINGS 512
 #define STAGE_FD 100
 #define MOVE_MOUNT_F_EMPTY_PATH 0x4
+#define CODE_MOUNTED 1
 
 static int status_fd;
 
@@ -96,25 +99,31 @@ int main(int argc, char **argv) {
     static char buffer[MAX_MESSAGE + 1];
     static char *function_argv[MAX_STRINGS], *function_env[MAX_STRINGS];
     int fds[MAX_FDS], nfds;
-    uint32_t head[4];
+    uint32_t head[5];
     if (argc != 2) return 2;
     status_fd = atoi(argv[1]);
     size_t size = receive(buffer, fds, &nfds);
     buffer[size] = '\0';
-    if (size < sizeof head || nfds < 1) { errno = EINVAL; fail("activation message"); }
+    if (size < sizeof head) { errno = EINVAL; fail("activation message"); }
     memcpy(head, buffer, sizeof head);
+    int code_mounted = head[0] & CODE_MOUNTED;
+    if (nfds < (code_mounted ? 0 : 1)) { errno = EINVAL; fail("activation fds"); }
     size_t at = sizeof head;
-    struct sock_fprog filter = {(unsigned short)(head[3] / 8), (struct sock_filter *)(buffer + at)};
-    at += head[3];
+    struct sock_fprog filter = {(unsigned short)(head[4] / 8), (struct sock_filter *)(buffer + at)};
+    at += head[4];
     at = strings(buffer, at, size, function_argv);
     strings(buffer, at, size, function_env);
     if (!function_argv[0]) { errno = EINVAL; fail("empty command"); }
 
-    if (syscall(SYS_move_mount, fds[0], "", AT_FDCWD, "/code", MOVE_MOUNT_F_EMPTY_PATH)) fail("mount the code");
-    close(fds[0]);
+    int *function_fds = fds;
+    if (!code_mounted) {
+        if (syscall(SYS_move_mount, fds[0], "", AT_FDCWD, "/code", MOVE_MOUNT_F_EMPTY_PATH)) fail("mount the code");
+        close(fds[0]);
+        function_fds++, nfds--;
+    }
     if (chdir("/code")) fail("chdir /code");
-    renumber(fds + 1, nfds - 1);
-    drop_privileges(head[0], head[1], head[2]);
+    renumber(function_fds, nfds);
+    drop_privileges(head[1], head[2], head[3]);
     if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter)) fail("seccomp");
 
     struct timespec now;

@@ -19,6 +19,9 @@ import msgspec
 from host_node.sandbox import linux, seccomp, waiter
 
 READY = b"W"
+GO = b"M"  # parent -> child: your user namespace is mapped (and you are in your cgroups)
+ID_RANGE = 65536
+CODE_MOUNTED = 1  # activation flag: /code is in place, the first fd is the function's fd 0
 EXECUTING = b"R"
 FAILED = b"E"
 SIOCSIFFLAGS = 0x8914
@@ -71,20 +74,27 @@ def build_template(plan: RootPlan) -> None:
     linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID)
 
 
-def prepare(plan: RootPlan, attach_files: list[str]) -> None:
+def prepare(plan: RootPlan, attach_files: list[str], userns: bool) -> None:
     """In a new sandbox (its mount namespace a copy of the shard's): enter the template root with a
     private /tmp and a fresh /proc, leave the host's tree behind, name the host, bring up lo."""
     for path in attach_files:  # hybrid/v1: the controllers' cgroups, which clone3 cannot enter
         with open(path, "w") as f:
             f.write("0")
     root = plan.mount_point
+    if userns:
+        # Mounts copied from the shard's (more privileged) namespace are locked, and pivot_root
+        # refuses a locked new root: bind the template onto itself, which we own.
+        linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     tmp_options = f"mode=1777,size={plan.tmp_size_mb}m"
     linux.mount("tmpfs", os.path.join(root, "tmp"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, tmp_options)
+    # /proc before leaving the host's tree: in a user namespace the kernel lets us mount a proc
+    # only while a full one is visible in our mount namespace.
+    proc_flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    linux.mount("proc", os.path.join(root, "proc"), "proc", proc_flags)
     os.chdir(root)
     linux.pivot_root(".", ".")  # the old root ends up stacked on the new one: detach it
     linux.umount2(".", linux.MNT_DETACH)
     os.chdir("/")
-    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     linux.sethostname(plan.hostname)
     _loopback_up()
 
@@ -123,6 +133,21 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", IFF_UP))
 
 
+def map_ids(pid: int, base: int) -> None:
+    """Parent side: the sandbox's ids 0..65535 are host ids base..base+65535 (no host id is root)."""
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"0 {base} {ID_RANGE}\n")
+
+
+def become_namespace_root() -> None:
+    """Child side, once mapped: we still carry the host's uid 0, which the namespace does not map;
+    take the namespace's own 0 (host base) so that execve keeps our capabilities in it."""
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
 def exec_waiter(status: socket.socket) -> NoReturn:
     """Become hetfaas-waiter, which waits for the launch and does the last, quick steps in C."""
     try:
@@ -132,9 +157,10 @@ def exec_waiter(status: socket.socket) -> NoReturn:
         _fail(status, f"cannot start hetfaas-waiter: {exc}")
 
 
-def activation(plan: RootPlan, argv: list[str], env: dict[str, str]) -> bytes:
+def activation(plan: RootPlan, argv: list[str], env: dict[str, str], code_mounted: bool) -> bytes:
     """The launch as hetfaas-waiter reads it (see its source for the layout)."""
-    head = struct.pack("=4I", plan.uid, plan.gid, plan.nofile, len(SECCOMP_PROGRAM))
+    flags = CODE_MOUNTED if code_mounted else 0
+    head = struct.pack("=5I", flags, plan.uid, plan.gid, plan.nofile, len(SECCOMP_PROGRAM))
     strings = b"".join(os.fsencode(a) + b"\0" for a in argv) + b"\0"
     strings += b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items()) + b"\0"
     return head + SECCOMP_PROGRAM + strings

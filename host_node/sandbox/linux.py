@@ -112,6 +112,10 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
 def umount2(target: str, flags: int) -> None:
     _check(_libc.umount2(_path(target), flags), f"umount {target}")
 

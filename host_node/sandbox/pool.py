@@ -57,6 +57,32 @@ class RefillPlanner:
         return max(0.0, max(quiet_at, token_at) - now)
 
 
+class Backoff:
+    """Refill work that keeps failing (a broken host, a bad setting) waits longer each time, so a
+    shard never spins on it: 0.1 s after the first failure, doubling up to `max_s`."""
+
+    def __init__(self, max_s: float = 30.0):
+        self.max_s = max_s
+        self.failures = 0
+        self._until = 0.0
+
+    def failed(self, now: float) -> float:
+        self.failures += 1
+        delay = min(self.max_s, 0.1 * 2 ** (self.failures - 1))
+        self._until = now + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self._until = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self._until
+
+    def wait_s(self, now: float) -> float:
+        return max(0.0, self._until - now)
+
+
 class SlotPool:
     """Free slot names, first-in first-out (a slot rests as long as possible before reuse)."""
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import msgspec
 
@@ -16,6 +17,8 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     mode: str = "prewarm"
     shards: int = 0  # 0: one per CPU
     cgroup_parent: str = ""  # our subtree hetfaas.<node_id> goes under this path in every hierarchy
+    user_namespace: str = "auto"  # auto (where the kernel allows) | on | off
+    userns_base_uid: int = 100000  # in a user namespace, sandbox ids 0..65535 are host ids base+0..
     uid: int = 65534  # functions run as this unprivileged user
     gid: int = 65534
     pids_max: int = 256
@@ -29,12 +32,23 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"sandbox mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.user_namespace not in ("auto", "on", "off"):
+            raise ValueError(f"user_namespace {self.user_namespace!r} is not one of auto, on, off")
 
     def limits_for(self, memory_mb: int) -> Limits:
         """A function's size class: its memory, and CPU in proportion to it (as Lambda does)."""
         cpu_millis = memory_mb * 1000 // self.memory_mb_per_cpu
         cpu_millis = max(self.min_cpu_millis, min(cpu_millis, 1000 * (os.cpu_count() or 1)))
         return Limits(memory_mb, cpu_millis, self.pids_max)
+
+    def userns_base(self) -> int:
+        """The host id sandbox id 0 maps to; 0 when sandboxes get no user namespace."""
+        if self.user_namespace == "off":
+            return 0
+        allowed = Path("/proc/sys/user/max_user_namespaces").read_text().strip() != "0"
+        if self.user_namespace == "on" and not allowed:
+            raise ValueError("user_namespace = 'on', but this kernel allows no user namespaces")
+        return self.userns_base_uid if allowed else 0
 
     def shard_count(self) -> int:
         return self.shards or os.cpu_count() or 1

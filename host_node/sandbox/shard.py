@@ -20,7 +20,7 @@ import msgspec
 
 from host_node.sandbox import cgroups, init, linux, protocol
 from host_node.sandbox.cgroups import Layout, Limits, Slot
-from host_node.sandbox.pool import PoolSettings, RefillPlanner, SlotPool
+from host_node.sandbox.pool import Backoff, PoolSettings, RefillPlanner, SlotPool
 
 log = logging.getLogger("hetfaas.shard")
 
@@ -40,6 +40,7 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     plan: init.RootPlan
     pool: PoolSettings
     idle_limits: Limits  # what an idle slot (or a prewarmed sandbox) is held to
+    userns_base_uid: int  # 0: no user namespace; else sandbox ids 0..65535 are host ids base+0..
 
 
 @dataclass(eq=False)
@@ -58,6 +59,7 @@ class Sandbox:
     prewarmed: bool = False
     launched: bool = False
     oom_kills_before: int = 0
+    deferred: list[int] = field(default_factory=list)  # code tree and fds kept until the sandbox is built
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -72,7 +74,9 @@ class Shard:
         now = time.monotonic()
         self.slot_planner = RefillPlanner(config.pool, now)
         self.prewarm_planner = RefillPlanner(config.pool, now)
+        self.backoff = Backoff()  # refill failures (slot creation, prewarmed sandbox setup)
         self.by_id: dict[int, Sandbox] = {}
+        self.own_mount_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         self.limits: dict[str, Limits] = {}  # slot name -> the size class it holds
         self.building: set[int] = set()  # pidfds of prewarming sandboxes not yet ready
         self.prewarmed: deque[Sandbox] = deque()
@@ -211,20 +215,36 @@ class Shard:
     # -- cloning ----------------------------------------------------------------------------
     def clone(self, slot: Slot, into_cgroup: bool) -> tuple[int, int, socket.socket, socket.socket]:
         """clone3 a child into new namespaces (and, when allowed, straight into the slot's cgroup2).
-        In the child, returns pid 0; the child closes the inherited fds itself."""
+        Returns pid 0 in the child, which closes the inherited fds and joins the rest of its
+        cgroups itself, except in a user namespace: then the parent maps its ids and attaches it
+        (the child has no rights over the host's cgroup files), then tells it to go on."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cgroup_fd = -1
+        flags = NAMESPACES | (linux.CLONE_NEWUSER if self.config.userns_base_uid else 0)
         try:
             cgroup_fd = slot.open_v2() if into_cgroup and slot.v2_dir else -1
-            pid, pidfd = linux.clone3(NAMESPACES, cgroup_fd)
+            pid, pidfd = linux.clone3(flags, cgroup_fd)
         except OSError:
             _close_all([parent.detach(), child.detach()] + ([cgroup_fd] if cgroup_fd >= 0 else []))
             raise
-        if pid and cgroup_fd >= 0:
+        if pid == 0:
+            return pid, pidfd, parent, child
+        if cgroup_fd >= 0:
             os.close(cgroup_fd)
+        if self.config.userns_base_uid:
+            try:
+                init.map_ids(pid, self.config.userns_base_uid)
+                for path in slot.procs_files(include_v2=cgroup_fd < 0):
+                    cgroups.attach(path, pid)
+                parent.send(init.GO)
+            except OSError:
+                os.kill(pid, signal.SIGKILL)  # on_exit reaps it and reports why
         return pid, pidfd, parent, child
 
     def child_attach_files(self, slot: Slot, cloned_into: bool) -> list[str]:
+        """The cgroups the child joins by itself (none in a user namespace: the parent does it)."""
+        if self.config.userns_base_uid:
+            return []
         return slot.procs_files(include_v2=not cloned_into)
 
     def clone_for(self, launch: protocol.Launch, code_tree: int, fds: list[int], received: float) -> None:
@@ -235,20 +255,31 @@ class Shard:
         slot_ready = time.monotonic()
         into = self.config.mode != "naive"
         pid, pidfd, parent, child = self.clone(slot, into)
+        userns = bool(self.config.userns_base_uid)
         if pid == 0:
-            self.child_main(child, self.child_attach_files(slot, into), announce=False)
+            self.child_main(child, self.child_attach_files(slot, into), announce=userns)
         child.close()
         sandbox = Sandbox(pid, pidfd, slot, parent, reused, launch, received, slot_ready)
         sandbox.oom_kills_before = oom_kills
         self.track(sandbox)
-        self.send_activation(sandbox, launch, code_tree, fds)
+        if userns:  # the code can be mounted once the sandbox is built: on its W
+            sandbox.deferred = [os.dup(code_tree), *(os.dup(fd) for fd in fds)]
+        else:
+            self.send_activation(sandbox, launch, code_tree, fds)
 
     def child_main(self, status: socket.socket, attach_files: list[str], announce: bool) -> None:
         """In the clone: build the sandbox, (announce it is ready,) become hetfaas-waiter."""
         try:
             init.close_inherited([status.fileno()])
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            init.prepare(self.config.plan, attach_files)
+            if self.config.userns_base_uid:
+                if status.recv(16) != init.GO:
+                    os._exit(1)  # the parent could not map our ids: it kills us anyway
+            init.prepare(self.config.plan, attach_files, userns=bool(self.config.userns_base_uid))
+            if self.config.userns_base_uid:
+                # Only now: as the host's uid 0 we could still walk the host's 0700 directories
+                # to the template (e.g. under /root); inside the sandbox that no longer matters.
+                init.become_namespace_root()
             if announce:
                 init.report(status, init.READY)
         except BaseException as exc:
@@ -258,8 +289,28 @@ class Shard:
     def send_activation(
         self, sandbox: Sandbox, launch: protocol.Launch, code_tree: int, fds: list[int]
     ) -> None:
-        data = init.activation(self.config.plan, launch.argv, launch.env)
-        protocol.send_bytes(sandbox.status, data, [code_tree, *fds])
+        """Hand the launch to the sandbox's hetfaas-waiter. In a user namespace the code is mounted
+        from here: the kernel lets no namespace-root move a host-owned mount in itself."""
+        if self.config.userns_base_uid:
+            self.mount_code(sandbox.pid, code_tree)
+            data = init.activation(self.config.plan, launch.argv, launch.env, code_mounted=True)
+            protocol.send_bytes(sandbox.status, data, fds)
+        else:
+            data = init.activation(self.config.plan, launch.argv, launch.env, code_mounted=False)
+            protocol.send_bytes(sandbox.status, data, [code_tree, *fds])
+
+    def mount_code(self, pid: int, code_tree: int) -> None:
+        """Enter the sandbox's mount namespace (this process is single-threaded: setns is safe),
+        attach the code at /code, and come back."""
+        target = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(target, linux.CLONE_NEWNS)
+            try:
+                linux.move_mount(code_tree, init.CODE_VIEW)
+            finally:
+                linux.setns(self.own_mount_ns, linux.CLONE_NEWNS)
+        finally:
+            os.close(target)
 
     def track(self, sandbox: Sandbox) -> None:
         assert sandbox.launch
@@ -285,9 +336,10 @@ class Shard:
             self.building.discard(sandbox.pidfd)
             self.unwatch(sandbox.status.fileno())
             self.prewarmed.append(sandbox)
+            self.backoff.succeeded()
             return
         sandbox.error = data[1:].decode(errors="replace") or "prewarmed sandbox exited during setup"
-        log.error("shard %d: %s", self.config.shard, sandbox.error)
+        self.refill_failed(f"prewarming a sandbox failed: {sandbox.error}")
         self.unwatch(sandbox.status.fileno())
         kill_sandbox(sandbox)
 
@@ -310,6 +362,17 @@ class Shard:
     # -- a launch's progress ----------------------------------------------------------------
     def on_status(self, sandbox: Sandbox) -> None:
         data = _recv(sandbox.status)
+        if data.startswith(init.READY) and sandbox.deferred and sandbox.launch:
+            code_tree, *fds = sandbox.deferred
+            sandbox.deferred = []
+            try:
+                self.send_activation(sandbox, sandbox.launch, code_tree, fds)
+            except OSError as exc:
+                sandbox.error = f"cannot hand the launch to the sandbox: {exc}"
+                kill_sandbox(sandbox)
+            finally:
+                _close_all([code_tree, *fds])
+            return
         if data.startswith(init.EXECUTING):
             sandbox.exec_ready_at = float(data[1:])
             return
@@ -352,6 +415,8 @@ class Shard:
             result = None
         self.unwatch(sandbox.pidfd)
         self.unwatch(sandbox.status.fileno())
+        _close_all(sandbox.deferred)
+        sandbox.deferred = []
         if sandbox.launch is not None and not sandbox.launched:
             self.drain_status(sandbox)
         os.close(sandbox.pidfd)
@@ -420,21 +485,43 @@ class Shard:
     def refill(self, now: float) -> float:
         if self.config.mode == "naive":
             return 1.0
+        if not self.backoff.ready(now):
+            return self.backoff.wait_s(now)
         if any(not sandbox.launched for sandbox in self.by_id.values()):
             # A burst is still being started: building now would take the CPU it needs.
             self.slot_planner.demand(now)
             self.prewarm_planner.demand(now)
+        try:
+            self.refill_slots(now)
+            if self.config.mode == "prewarm":
+                have = len(self.prewarmed) + len(self.building)
+                for _ in range(self.prewarm_planner.plan(have, now)):
+                    self.prewarm_one()
+        except OSError as exc:
+            self.refill_failed(f"refilling failed: {exc}")
+            return self.backoff.wait_s(now)
+        wait_s = _wait_for(self.slot_planner, len(self.pool.free), now)
+        if self.config.mode == "prewarm":
+            have = len(self.prewarmed) + len(self.building)
+            wait_s = min(wait_s, _wait_for(self.prewarm_planner, have, now))
+        return max(wait_s, 0.001)
+
+    def refill_slots(self, now: float) -> None:
         if count := self.slot_planner.plan(len(self.pool.free), now):
             if cgroups.nr_dying(self.config.layout) < self.config.pool.max_dying:
                 for _ in range(count):
                     self.create_free_slot()
-        wait_s = _wait_for(self.slot_planner, len(self.pool.free), now)
-        if self.config.mode == "prewarm":
-            have = len(self.prewarmed) + len(self.building)
-            for _ in range(self.prewarm_planner.plan(have, now)):
-                self.prewarm_one()
-            wait_s = min(wait_s, _wait_for(self.prewarm_planner, have, now))
-        return max(wait_s, 0.001)
+
+    def refill_failed(self, why: str) -> None:
+        delay = self.backoff.failed(time.monotonic())
+        if self.backoff.failures <= 3 or self.backoff.failures % 100 == 0:
+            log.error(
+                "shard %d: %s (failure %d; next try in %.1fs)",
+                self.config.shard,
+                why,
+                self.backoff.failures,
+                delay,
+            )
 
     # -- state and lifecycle ----------------------------------------------------------------
     def state(self) -> protocol.ShardState:

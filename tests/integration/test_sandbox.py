@@ -80,6 +80,8 @@ def handle(payload):
         lines = open("/proc/self/status").read().splitlines()
         keep = ("Uid", "Gid", "Cap", "NoNewPrivs", "Seccomp")
         return dict(line.split(":\\t", 1) for line in lines if line.startswith(keep))
+    if action == "uid_map":
+        return {"map": open("/proc/self/uid_map").read().split(), "identity": identity()}
     if action == "writes":
         paths = ["/x", "/code/x", "/usr/x", "/etc/x", "/proc/sys/kernel/hostname", "/tmp/x"]
         return {p: attempt(lambda p=p: write(p)) for p in paths}
@@ -129,6 +131,10 @@ async def probe(client: Client, tmp_path_factory: pytest.TempPathFactory) -> str
     return tenant
 
 
+def read(path: str) -> str:
+    return Path(path).read_text()
+
+
 async def ask(client: Client, tenant: str, action: str):
     outcome = await client.invoke(tenant, "probe", action.encode(), timeout_ms=20_000)
     assert outcome.ok, outcome.error
@@ -142,6 +148,17 @@ async def test_functions_run_unprivileged_with_no_capabilities(client: Client, p
     for capability_set in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[capability_set], 16) == 0, capability_set
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+
+
+async def test_functions_run_in_a_user_namespace_of_their_own(client: Client, probe: str) -> None:
+    if read("/proc/sys/user/max_user_namespaces").strip() == "0":
+        pytest.skip("this kernel allows no user namespaces")  # the sandbox then runs without one
+    inside = await ask(client, probe, "uid_map")
+    host_status = read(f"/proc/{host_pid(inside['identity'])}/status")
+    host_uid = next(line.split()[1] for line in host_status.splitlines() if line.startswith("Uid:"))
+
+    assert inside["map"] == ["0", "100000", "65536"], "sandbox ids 0..65535 are host ids 100000.."
+    assert host_uid == str(100000 + 65534), "on the host the function is an unused uid, not nobody"
 
 
 async def test_only_tmp_is_writable(client: Client, probe: str) -> None:
