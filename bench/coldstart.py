@@ -12,9 +12,13 @@ command has exited (it is `true`); for python, until the instance reports its ha
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -91,20 +95,22 @@ def floor_exec() -> Start:
 
 
 def floor_python(code: Path) -> Start:
+    """The same worker, plainly spawned; measured, like the sandboxed start, until it reports
+    its handler imported (its exit, after the socket closes, is reaped off the clock)."""
     worker = str(RUNTIME_DIR / "python_worker.py")
+    reaping: set[asyncio.Task] = set()
 
     async def start() -> None:
-        import socket
-
         parent, child = socket.socketpair()
         argv = [_real_python(), "-I", "-S", worker, "3", "handler:handle", str(code), "1000000"]
         actions = [(os.POSIX_SPAWN_DUP2, child.fileno(), 3)]
         pid = os.posix_spawn(argv[0], argv, {}, file_actions=actions)  # noqa: ASYNC221 - as above
         child.close()
-        loop = asyncio.get_running_loop()
-        await loop.sock_recv(parent, 64)  # READY
+        await asyncio.get_running_loop().sock_recv(parent, 64)  # READY
         parent.close()  # the worker exits when its socket closes
-        await _exited(pid)
+        task = asyncio.create_task(_exited(pid))
+        reaping.add(task)
+        task.add_done_callback(reaping.discard)
 
     return start
 
@@ -171,15 +177,14 @@ async def run_sandboxes(mode: str, levels: list[int], samples: int, work: Path, 
     key = "prewarmed" if mode == "prewarm" else "free"
 
     async def refilled() -> None:
-        """Every sandbox started so far has ended and given its slot back (so the states are not
-        from before the burst), and every shard is full again."""
-        if mode == "naive":
-            return
+        """Every sandbox started so far has ended and its slot is back (or, naive, removed), and
+        every shard is full again: each burst starts from the same state, in every mode."""
         started = spawner.launches
 
         def ready(states: list) -> bool:
-            back = sum(s.recycled + s.vanished for s in states) >= started
-            return back and all(getattr(s, key) >= pool.target and s.recycling == 0 for s in states)
+            if sum(s.ended for s in states) < started or any(s.recycling for s in states):
+                return False
+            return mode == "naive" or all(getattr(s, key) >= pool.target for s in states)
 
         await spawner.wait_for_states(ready, 120)
 
@@ -261,6 +266,15 @@ def report(results: dict, levels: list[int]) -> str:
     return "\n".join(lines)
 
 
+def ensure_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        print("installing the bench extra (matplotlib) into the virtualenv", flush=True)
+        root = Path(__file__).resolve().parents[1]
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "-e", f"{root}[test,bench]"], check=True
+        )
+
+
 def plot(results: dict, levels: list[int], path: Path) -> None:
     import matplotlib
 
@@ -314,6 +328,7 @@ def main() -> None:
         raise SystemExit("the cold-start benchmark needs root (cgroups, namespaces, runc/crun)")
     levels = [int(level) for level in args.levels.split(",")]
     containers.ensure_installed()
+    ensure_matplotlib()
     cgroups.remove_tree(CGROUP_PARENT)
     runs = []
     for index in range(args.repeat):

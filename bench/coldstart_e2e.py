@@ -38,15 +38,15 @@ def function_dir(root: Path, name: str, manifest: str, files: dict[str, str]) ->
 
 
 async def pools_settled(client: Client, starts: int, target: int, mode: str) -> None:
-    """Every sandbox so far has ended and returned its slot, and the pools are full again."""
-    if mode in ("plain", "naive"):
+    """Every sandbox so far has ended and given its slot back, and the pools are full again."""
+    if mode == "plain":
         return
     key = "prewarmed" if mode == "prewarm" else "free"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         shards = [s for node in (await client.status()).nodes for s in node.pool]
-        back = sum(s.recycled + s.vanished for s in shards) >= starts
-        if shards and back and all(getattr(s, key) >= target and s.recycling == 0 for s in shards):
+        ended = shards and sum(s.ended for s in shards) >= starts and not any(s.recycling for s in shards)
+        if ended and (mode == "naive" or all(getattr(s, key) >= target for s in shards)):
             return
         await asyncio.sleep(0.1)  # polling the cluster's status, as an operator would
     raise TimeoutError("the pools did not refill")

@@ -71,6 +71,7 @@ class PoolShard(msgspec.Struct, frozen=True, kw_only=True, tag="pool_shard"):
     vanished: int  # slots that disappeared under us (another cgroup manager) and were replaced
     inline: int  # slots created on the start path because the pool was empty
     refilling: bool
+    ended: int = 0  # launches whose sandbox has ended (its slot is being recycled or removed)
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):

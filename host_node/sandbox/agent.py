@@ -5,6 +5,7 @@ import asyncio
 import itertools
 import logging
 import os
+import platform
 import socket
 import sys
 from collections.abc import Callable
@@ -80,6 +81,10 @@ class ShardedSpawner:
         if os.geteuid() != 0:
             raise SandboxError(
                 1, f"sandbox mode {self.settings.mode!r} needs root; use mode 'plain' to develop without"
+            )
+        if platform.machine() != "x86_64":
+            raise SandboxError(
+                0, f"the sandbox's seccomp filter is written for x86_64, not {platform.machine()}"
             )
         waiter.ensure_built()
         cgroups.prepare_subtree(self.layout)

@@ -12,8 +12,8 @@ _libc.syscall.restype = ctypes.c_long
 
 # Numbers differ by architecture only for the old calls; the new ones are asm-generic.
 _SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "seccomp": 317},
-    "aarch64": {"pivot_root": 41, "seccomp": 277},
+    "x86_64": {"pivot_root": 155},
+    "aarch64": {"pivot_root": 41},
 }
 SYS = _SYSCALLS.get(platform.machine(), {}) | {
     "open_tree": 428,
@@ -23,7 +23,6 @@ SYS = _SYSCALLS.get(platform.machine(), {}) | {
 }
 
 CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -52,12 +51,7 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 
 PR_SET_NO_NEW_PRIVS = 38
-PR_CAPBSET_DROP = 24
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_PDEATHSIG = 1
-SECCOMP_SET_MODE_FILTER = 1
-CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 
 
 def _check(result: int, what: str) -> int:
@@ -155,24 +149,3 @@ def sethostname(name: str) -> None:
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
     args = (ctypes.c_ulong(a) for a in (arg2, arg3, arg4, arg5))
     _check(_libc.prctl(option, *args), f"prctl({option})")
-
-
-def drop_bounding_set() -> None:
-    with open(CAP_LAST_CAP_FILE) as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        prctl(PR_CAPBSET_DROP, cap)
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-
-
-def install_seccomp(program: bytes) -> None:
-    """Load a classic BPF filter (struct sock_filter[] bytes); needs no_new_privs first."""
-    count = len(program) // 8
-    buffer = ctypes.create_string_buffer(program, len(program))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = SockFprog(count, ctypes.addressof(buffer))
-    result = _libc.syscall(SYS["seccomp"], SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog))
-    _check(result, "seccomp")

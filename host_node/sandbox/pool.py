@@ -95,6 +95,7 @@ class SlotPool:
         self.recycled = 0
         self.vanished = 0
         self.inline = 0
+        self.released = 0  # slots handed back after a launch ran in them
 
     def new_name(self, naive: bool = False) -> str:
         self._seq += 1

@@ -27,7 +27,6 @@ log = logging.getLogger("hetfaas.shard")
 NAMESPACES = (
     linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWNET
 )
-MODES = ("naive", "pool", "prewarm")
 STATE_INTERVAL_S = 0.05
 RECYCLE_RETRY_S = 0.01
 RECYCLE_GIVE_UP_S = 5.0
@@ -436,13 +435,15 @@ class Shard:
                 if sandbox.slot.oom_kills() > sandbox.oom_kills_before:
                     why += f" (out of memory: {launch.limits.memory_mb} MB is too little to set up in)"
                 self.reply(protocol.LaunchFailed(id=launch.id, message=why))
-        self.recycle(sandbox.slot)
+        self.recycle(sandbox.slot, ran_launch=launch is not None)
 
     # -- recycling --------------------------------------------------------------------------
-    def recycle(self, slot: Slot) -> None:
+    def recycle(self, slot: Slot, ran_launch: bool) -> None:
         """After a sandbox's init is reaped: its pid namespace took every process with it, so the
         slot is usually empty at once; a sweep (and waiting on cgroup.events) covers the rest."""
         self.recycling[slot.name] = (slot, time.monotonic(), None)
+        if ran_launch:
+            self.pool.released += 1  # counted now: "every launch so far has ended" is then exact
         if slot.populated():
             slot.kill()
         self.try_finish_recycle(slot)
@@ -535,6 +536,7 @@ class Shard:
             recycling=len(self.recycling),
             created=pool.created,
             recycled=pool.recycled,
+            ended=pool.released,
             vanished=pool.vanished,
             inline=pool.inline,
             refilling=self.slot_planner.refilling or self.prewarm_planner.refilling,
