@@ -281,16 +281,14 @@ def plot(results: dict, levels: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {"floor": "black", "naive": "tab:red", "pool": "tab:orange", "prewarm": "tab:green"}
+    colors |= {"crun": "tab:blue", "runc": "tab:purple"}
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for axis, runtime in zip(axes, ("exec", "python"), strict=True):
-        methods = sorted({key.split("/")[1] for key in results if key.startswith(runtime + "/")})
-        for method in methods:
-            axis.plot(
-                levels,
-                [results[f"{runtime}/{method}/{c}"]["p99_ms"] for c in levels],
-                marker="o",
-                label=method,
-            )
+        for method, color in colors.items():
+            if f"{runtime}/{method}/{levels[0]}" in results:
+                p99 = [results[f"{runtime}/{method}/{c}"]["p99_ms"] for c in levels]
+                axis.plot(levels, p99, marker="o", color=color, label=method)
         axis.set(xscale="log", yscale="log", xlabel="concurrent cold starts (C)", title=f"{runtime} function")
         axis.set_xticks(levels, [str(c) for c in levels])
         axis.grid(True, which="both", alpha=0.3)
@@ -323,7 +321,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="starts per cell and run")
     parser.add_argument("--repeat", type=int, default=3, help="runs; each cell reports the median run")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--from-json", type=Path, help="only redraw the table and plot of a saved run")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        levels = [int(level) for level in saved["args"]["levels"].split(",")]
+        results = median_cells(saved["runs"])
+        plot(results, levels, args.out / "coldstart_p99.png")
+        print(report(results, levels))
+        return
     if os.geteuid() != 0:
         raise SystemExit("the cold-start benchmark needs root (cgroups, namespaces, runc/crun)")
     levels = [int(level) for level in args.levels.split(",")]
