@@ -58,7 +58,7 @@ def pool_table(status: ClusterStatus) -> str:
             str(s.shard),
             s.mode,
             str(s.free),
-            str(s.prewarmed) if s.mode == "prewarm" else "-",
+            (f"{s.prewarmed}" + (f" (+{s.building})" if s.building else "")) if s.mode == "prewarm" else "-",
             str(s.busy),
             str(s.recycling),
             "refilling" if s.refilling else "idle",

@@ -72,6 +72,7 @@ class PoolShard(msgspec.Struct, frozen=True, kw_only=True, tag="pool_shard"):
     inline: int  # slots created on the start path because the pool was empty
     refilling: bool
     ended: int = 0  # launches whose sandbox has ended (its slot is being recycled or removed)
+    building: int = 0  # sandboxes being prewarmed now
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):

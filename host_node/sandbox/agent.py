@@ -56,6 +56,7 @@ class ShardLink:
         self.sock = sock
         self.proc = proc
         self.state: protocol.ShardState | None = None
+        self.alive = True
         self.ready_estimate = 0  # free slots or prewarmed sandboxes, as last reported, minus launches since
         self.first_state: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -73,6 +74,7 @@ class ShardedSpawner:
         self._running: dict[int, SandboxProcess] = {}
         self._next_home = itertools.cycle(range(settings.shard_count()))
         self._closing = False
+        self._restarts: set[asyncio.Task] = set()  # shards being started again after a crash
         self._state_changed = asyncio.Event()
         self.launches = 0  # ever asked for
 
@@ -141,6 +143,8 @@ class ShardedSpawner:
 
     async def close(self) -> None:
         self._closing = True
+        for task in self._restarts:
+            task.cancel()
         for link in self.shards:
             self.send_nowait(link.index, protocol.Stop())
         for link in self.shards:
@@ -162,8 +166,8 @@ class ShardedSpawner:
 
     async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> SandboxProcess:
         self.launches += 1
-        home = next(self._next_home)
-        ready = [link.ready_estimate if link.state else 0 for link in self.shards]
+        home = self._home_shard()
+        ready = [link.ready_estimate if link.alive and link.state else 0 for link in self.shards]
         shard, borrowed = choose_shard(ready, home, self.settings.mode)
         link = self.shards[shard]
         link.ready_estimate = max(0, link.ready_estimate - 1)
@@ -181,6 +185,14 @@ class ShardedSpawner:
         if borrowed and process.phases:
             process.phases = msgspec.structs.replace(process.phases, borrowed=True)
         return process
+
+    def _home_shard(self) -> int:
+        """Round-robin over the shards, skipping one being restarted after a crash."""
+        for _ in range(len(self.shards)):
+            home = next(self._next_home)
+            if self.shards[home].alive:
+                return home
+        raise SandboxError(0, "no shard spawner is running on this node")
 
     async def _send(self, link: ShardLink, message: msgspec.Struct, fds: list[int] = ()) -> None:  # type: ignore[assignment]
         while True:
@@ -260,12 +272,18 @@ class ShardedSpawner:
                     process.exited.set_result(-9)
         if not self._closing:
             log.error("shard %d exited; starting it again", link.index)
-            asyncio.get_running_loop().create_task(self._restart(link.index))
+            task = asyncio.get_running_loop().create_task(self._restart(link.index))
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
 
     async def _restart(self, index: int) -> None:
-        self.shards[index] = await self._start_shard(index)
+        try:
+            self.shards[index] = await self._start_shard(index)
+        except Exception:  # the node goes on with the shards it has; launches routed here fail
+            log.exception("shard %d could not be started again", index)
 
     def _drop_link(self, link: ShardLink) -> None:
+        link.alive = False
         try:
             asyncio.get_running_loop().remove_reader(link.sock.fileno())
         except (ValueError, OSError):

@@ -114,11 +114,11 @@ def list_slots(layout: Layout) -> set[str]:
 def remove_subtree(layout: Layout) -> None:
     """Kill and remove every slot, our subtree, and its parents that bear our prefix and are empty
     (other nodes of the same cluster may still use them)."""
-    for name in list_slots(layout):
-        slot = layout.slot(name)
-        slot.kill()
-        slot.remove()
     for root in _roots(layout):
+        if os.path.isdir(root):
+            for entry in os.scandir(root):
+                if entry.is_dir():
+                    _kill_and_remove(Path(entry.path))  # a sandbox just killed may take a moment
         path = Path(root)
         while path.name.startswith("hetfaas"):
             try:

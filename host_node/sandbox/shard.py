@@ -537,6 +537,7 @@ class Shard:
             created=pool.created,
             recycled=pool.recycled,
             ended=pool.released,
+            building=len(self.building),
             vanished=pool.vanished,
             inline=pool.inline,
             refilling=self.slot_planner.refilling or self.prewarm_planner.refilling,

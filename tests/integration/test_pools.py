@@ -217,3 +217,23 @@ def test_the_host_offers_what_sandboxes_need() -> None:
     assert shutil.which("nsenter"), "util-linux"
     layout = cgroups.detect_layout("", "probe")
     assert layout.kind in ("v2", "hybrid")
+
+
+async def test_a_crashed_shard_is_restarted_and_launches_go_on(parent, code_dir, tmp_path, spawners) -> None:
+    spawner = await opened(
+        ShardedSpawner(settings(parent, low_water=2, target=2, idle_ms=10), "n1", tmp_path)
+    )
+    spawners.append(spawner)
+    await spawner.wait_for_states(lambda s: s[0].free == 2)
+    running = await start(spawner, code_dir, "/bin/sleep", "60")
+    crashed = spawner.shards[0].proc
+    crashed.kill()  # the shard spawner dies; the agent starts a new one, which adopts the slots
+
+    lost = await running.exited
+    restarted = await wait_until(lambda: spawner.shards[0].proc is not crashed and spawner.shards[0].state)
+    after = await start(spawner, code_dir, "/bin/true")
+
+    assert restarted, "the agent started the shard again"
+    assert lost == -signal.SIGKILL, "what ran under the dead shard is reported gone"
+    assert await wait_until(lambda: process_gone(running.pid)), "and it is gone: adoption killed it"
+    assert await after.exited == 0
