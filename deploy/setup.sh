@@ -29,6 +29,8 @@ command -v ip >/dev/null || apt_install iproute2
 # the small program that ends every sandbox start.
 command -v nsenter >/dev/null || apt_install util-linux
 { command -v cc >/dev/null && [ -e /usr/include/stdio.h ]; } || apt_install gcc libc6-dev
+# clang builds eBPF programs (-target bpf) against libbpf's headers.
+{ command -v clang >/dev/null && [ -e /usr/include/bpf/bpf_helpers.h ]; } || apt_install clang llvm libbpf-dev
 
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"

@@ -1,0 +1,149 @@
+"""Reading a tenant's object file (`clang -O2 -target bpf`, libbpf conventions): one program's
+instructions, the maps it declares (BTF-defined in `.maps`, or legacy `maps`), and which
+instruction loads which map (from the relocations). Pure: bytes in, a Program or reasons out."""
+
+import io
+import struct
+
+import msgspec
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationSection
+from elftools.elf.sections import Section, SymbolTableSection
+
+from verifier_service.btf import Btf, BtfError
+from verifier_service.bytecode import INSN_SIZE, Reason
+from verifier_service.policy import MapSpec
+
+EM_BPF = 247
+R_BPF_64_64 = 1
+LEGACY_MAP_DEF = struct.Struct("<IIIII")  # struct bpf_map_def: type, key, value, max_entries, flags
+
+
+class ObjectError(ValueError):
+    def __init__(self, reason: Reason):
+        self.reason = reason
+        super().__init__(reason.message)
+
+
+class ElfProgram(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    section: str
+    raw: bytes
+    maps: list[MapSpec]
+    map_refs: dict[int, str]
+    license: str
+    problems: list[Reason]  # relocations we cannot honour (global data, calls into .text)
+
+
+def _fail(code: str, message: str, insn: int | None = None) -> ObjectError:
+    return ObjectError(Reason(code, message, insn))
+
+
+def read_object(data: bytes, program: str | None) -> ElfProgram:
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        if elf["e_machine"] != "EM_BPF" and elf["e_machine"] != EM_BPF:
+            raise _fail("malformed_elf", f"not an eBPF object (machine {elf['e_machine']})")
+        symbols = elf.get_section_by_name(".symtab")
+        if not isinstance(symbols, SymbolTableSection):
+            raise _fail("malformed_elf", "the object has no symbol table")
+        symbol = _program_symbol(elf, symbols, program)
+        section = elf.get_section(symbol["st_shndx"])
+        start, size = symbol["st_value"], symbol["st_size"]
+        raw = section.data()[start : start + size]
+        maps = _maps(elf, symbols)
+        refs, problems = _map_refs(elf, symbols, section, start, size)
+        license_section = elf.get_section_by_name("license")
+        license_text = license_section.data().split(b"\0")[0].decode() if license_section else ""
+    except (ELFError, BtfError, struct.error, UnicodeDecodeError, IndexError, KeyError) as exc:
+        raise _fail("malformed_elf", f"cannot read the object: {exc}") from None
+    return ElfProgram(
+        name=symbol.name,
+        section=section.name,
+        raw=raw,
+        maps=maps,
+        map_refs=refs,
+        license=license_text,
+        problems=problems,
+    )
+
+
+def _program_symbol(elf: ELFFile, symbols: SymbolTableSection, wanted: str | None):
+    programs = [
+        s
+        for s in symbols.iter_symbols()
+        if s["st_info"]["type"] == "STT_FUNC" and isinstance(s["st_shndx"], int) and s["st_size"] > 0
+        and elf.get_section(s["st_shndx"])["sh_flags"] & 0x4  # SHF_EXECINSTR
+    ]  # fmt: skip
+    names = sorted(s.name for s in programs)
+    if wanted is None:
+        if len(programs) != 1:
+            raise _fail("program", f"the object holds programs {names}: name one with --program")
+        return programs[0]
+    for candidate in programs:
+        if candidate.name == wanted:
+            return candidate
+    raise _fail("program", f"no program {wanted!r} in the object (it has {names})")
+
+
+def _maps(elf: ELFFile, symbols: SymbolTableSection) -> list[MapSpec]:
+    specs = []
+    btf_section = elf.get_section_by_name(".BTF")
+    if elf.get_section_by_name(".maps") is not None:
+        if btf_section is None:
+            raise _fail("malformed_elf", "maps in .maps need the object's BTF (build with -g)")
+        btf = Btf(btf_section.data())
+        for name, struct_id in btf.datasec(".maps"):
+            fields = btf.map_fields(struct_id)
+            specs.append(_spec(name, fields))
+    legacy = elf.get_section_by_name("maps")
+    if legacy is not None:
+        index = elf.get_section_index("maps")
+        for symbol in symbols.iter_symbols():
+            if symbol["st_shndx"] == index and symbol["st_info"]["type"] == "STT_OBJECT":
+                values = LEGACY_MAP_DEF.unpack_from(legacy.data(), symbol["st_value"])
+                keys = ("type", "key_size", "value_size", "max_entries", "map_flags")
+                specs.append(_spec(symbol.name, dict(zip(keys, values, strict=True))))
+    return specs
+
+
+def _spec(name: str, fields: dict[str, int]) -> MapSpec:
+    """A missing size reads as 0, which the policy refuses with the map's name (after saying what
+    is wrong with its type, which for map-in-map is the real problem)."""
+    if "type" not in fields:
+        raise _fail("map_shape", f"map {name!r} does not say its type")
+    return MapSpec(
+        name=name,
+        type=fields["type"],
+        key_size=fields.get("key_size", 0),
+        value_size=fields.get("value_size", 0),
+        max_entries=fields.get("max_entries", 0),
+        flags=fields.get("map_flags", 0),
+    )
+
+
+def _map_refs(
+    elf: ELFFile, symbols: SymbolTableSection, section: Section, start: int, size: int
+) -> tuple[dict[int, str], list[Reason]]:
+    """Instruction index (in the program) -> map name, for every relocation inside the program;
+    and a reason for each relocation that is not a map reference."""
+    refs: dict[int, str] = {}
+    problems: list[Reason] = []
+    relocations = elf.get_section_by_name(".rel" + section.name)
+    if not isinstance(relocations, RelocationSection):
+        return refs, problems
+    map_sections = {elf.get_section_index(n) for n in (".maps", "maps") if elf.get_section_by_name(n)}
+    for relocation in relocations.iter_relocations():
+        offset = relocation["r_offset"]
+        if not start <= offset < start + size:
+            continue
+        index = (offset - start) // INSN_SIZE
+        symbol = symbols.get_symbol(relocation["r_info_sym"])
+        if relocation["r_info_type"] != R_BPF_64_64 or symbol["st_shndx"] not in map_sections:
+            target = symbol.name or elf.get_section(symbol["st_shndx"]).name
+            message = f"relocation against {target!r}: only map references are supported (no global data)"
+            problems.append(Reason("relocation", message, index))
+            continue
+        refs[index] = symbol.name
+    return refs, problems

@@ -1,0 +1,47 @@
+"""The static half of verification, before the kernel's verifier: read the object, check the
+instruction stream's structure, apply the isolation policy. Pure: bytes in, a verdict out."""
+
+import hashlib
+
+import msgspec
+
+from verifier_service import bytecode, policy
+from verifier_service.bytecode import Reason
+from verifier_service.elf import ObjectError, read_object
+from verifier_service.policy import Limits, MapSpec, Program
+
+
+class StaticVerdict(msgspec.Struct, frozen=True, kw_only=True):
+    accepted: bool
+    reasons: list[Reason]
+    digest: str = ""  # of the instructions (map references symbolic) and the map specs
+    program: str = ""
+    insns: int = 0
+    maps: list[MapSpec] = []
+
+
+def check_object(data: bytes, program: str | None, prog_type: str, limits: Limits) -> StaticVerdict:
+    try:
+        obj = read_object(data, program)
+    except ObjectError as exc:
+        return StaticVerdict(accepted=False, reasons=[exc.reason])
+    reasons = bytecode.structure(obj.raw, limits.max_insns)
+    if not reasons:
+        insns = bytecode.decode(obj.raw)
+        parsed = Program(insns=insns, prog_type=prog_type, maps=obj.maps, map_refs=obj.map_refs)
+        reasons = obj.problems + policy.check(parsed, limits)
+    return StaticVerdict(
+        accepted=not reasons,
+        reasons=reasons,
+        digest=digest(obj.raw, obj.maps),
+        program=obj.name,
+        insns=len(obj.raw) // bytecode.INSN_SIZE,
+        maps=obj.maps,
+    )
+
+
+def digest(raw: bytes, maps: list[MapSpec]) -> str:
+    """What a signature will cover: the exact instructions and the exact map shapes they expect."""
+    hasher = hashlib.sha256(raw)
+    hasher.update(msgspec.msgpack.encode(sorted(maps, key=lambda spec: spec.name)))
+    return "sha256-" + hasher.hexdigest()
