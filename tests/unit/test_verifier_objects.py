@@ -1,20 +1,12 @@
 """The static verifier on real objects built by clang (`-O2 -g -target bpf`, libbpf's headers):
 what it reads out of them, and the hostile ones it rejects before any kernel sees them."""
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 
+from tests.bpf_build import bpf_builder
 from verifier_service.policy import Limits
 from verifier_service.static import check_object
 
-HEADER = """
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-char LICENSE[] SEC("license") = "GPL";
-"""
 COUNTER = """
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
@@ -95,18 +87,7 @@ SEC("xdp") int two(struct xdp_md *ctx) { return XDP_DROP; }
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory):
-    clang = shutil.which("clang")
-    if clang is None or not Path("/usr/include/bpf/bpf_helpers.h").exists():
-        pytest.skip("clang and libbpf-dev are not installed (deploy/setup.sh installs them)")
-    directory = tmp_path_factory.mktemp("bpf")
-
-    def compile_source(name: str, source: str) -> bytes:
-        (directory / f"{name}.c").write_text(HEADER + source)
-        flags = ["-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu"]
-        subprocess.run([clang, *flags, "-c", f"{name}.c", "-o", f"{name}.o"], cwd=directory, check=True)
-        return (directory / f"{name}.o").read_bytes()
-
-    return compile_source
+    return bpf_builder(tmp_path_factory.mktemp("bpf"))
 
 
 def verdict(data: bytes, program: str | None = None, prog_type: str = "xdp"):

@@ -1,0 +1,113 @@
+"""The bpf(2) calls hetfaas makes, through ctypes (CPython has no binding): creating maps, loading
+programs, reading back what the kernel verified, running programs on test input. Attribute
+layouts from include/uapi/linux/bpf.h (notes/toolchain.md §5 has them measured)."""
+
+import ctypes
+import os
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+SYS_BPF = 321  # x86_64
+
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, PROG_LOAD, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD = (
+    0,
+    1,
+    2,
+    5,
+    10,
+    15,
+)
+ATTR_SIZE = 128
+PROG_INFO_SIZE = 232
+VERIFIED_INSNS_OFFSET = 216  # struct bpf_prog_info.verified_insns
+LOG_SIZE = 1 << 20
+
+
+class BpfError(OSError):
+    """A bpf(2) call failed; `log` holds the kernel verifier's log for a refused program."""
+
+    def __init__(self, errno: int, what: str, log: str = ""):
+        super().__init__(errno, f"{what}: {os.strerror(errno)}")
+        self.log = log
+
+
+def _call(command: int, attr: ctypes.Array, what: str) -> int:
+    result = _libc.syscall(SYS_BPF, command, attr, ctypes.sizeof(attr))
+    if result < 0:
+        raise BpfError(ctypes.get_errno(), what)
+    return result
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> int:
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, flags)
+    return _call(MAP_CREATE, attr, "map create")
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    value = ctypes.create_string_buffer(value_size)
+    struct.pack_into("<IIQQQ", attr, 0, fd, 0, ctypes.addressof(key_buffer), ctypes.addressof(value), 0)
+    try:
+        _call(MAP_LOOKUP_ELEM, attr, "map lookup")
+    except BpfError as exc:
+        if exc.errno == 2:  # ENOENT: no such key
+            return None
+        raise
+    return value.raw
+
+
+def prog_load(
+    prog_type: int, insns: bytes, license_text: str, name: str, log_level: int = 1
+) -> tuple[int, str]:
+    """Load a program; (fd, the verifier's log). BpfError carries the log when it is refused."""
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_buffer = ctypes.create_string_buffer(license_text.encode() + b"\0")
+    log = ctypes.create_string_buffer(LOG_SIZE)
+    struct.pack_into(
+        "<IIQQIIQII16s",
+        attr,
+        0,
+        prog_type,
+        len(insns) // 8,
+        ctypes.addressof(code),
+        ctypes.addressof(license_buffer),
+        log_level,
+        LOG_SIZE,
+        ctypes.addressof(log),
+        0,
+        0,
+        name.encode()[:15],
+    )
+    result = _libc.syscall(SYS_BPF, PROG_LOAD, attr, ATTR_SIZE)
+    text = log.value.decode(errors="replace")
+    if result < 0:
+        raise BpfError(ctypes.get_errno(), "program load", text)
+    return result, text
+
+
+def verified_insns(prog_fd: int) -> int:
+    info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    struct.pack_into("<IIQ", attr, 0, prog_fd, PROG_INFO_SIZE, ctypes.addressof(info))
+    _call(OBJ_GET_INFO_BY_FD, attr, "program info")
+    return struct.unpack_from("<I", info, VERIFIED_INSNS_OFFSET)[0]
+
+
+def test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, bytes, int]:
+    """Run the program on `data`: (return value, output data, duration in ns per run)."""
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    data_in = ctypes.create_string_buffer(data, len(data))
+    out_size = max(len(data) + 512, 4096)  # room for an XDP program that grows the packet
+    data_out = ctypes.create_string_buffer(out_size)
+    struct.pack_into(
+        "<IIIIQQII", attr, 0, prog_fd, 0, len(data), out_size,
+        ctypes.addressof(data_in), ctypes.addressof(data_out), repeat, 0,
+    )  # fmt: skip
+    _call(PROG_TEST_RUN, attr, "test run")
+    retval, size_out = struct.unpack_from("<I", attr, 4)[0], struct.unpack_from("<I", attr, 12)[0]
+    duration = struct.unpack_from("<I", attr, 36)[0]
+    return retval, data_out.raw[:size_out], duration

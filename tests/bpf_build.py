@@ -1,0 +1,28 @@
+"""Building eBPF test programs with clang, as tenants do (`-O2 -g -target bpf`, libbpf headers)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+HEADER = """
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def bpf_builder(directory: Path):
+    """A function compiling (name, C source) to object bytes; skips the test without clang."""
+    clang = shutil.which("clang")
+    if clang is None or not Path("/usr/include/bpf/bpf_helpers.h").exists():
+        pytest.skip("clang and libbpf-dev are not installed (deploy/setup.sh installs them)")
+
+    def build(name: str, source: str) -> bytes:
+        (directory / f"{name}.c").write_text(HEADER + source)
+        flags = ["-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu"]
+        subprocess.run([clang, *flags, "-c", f"{name}.c", "-o", f"{name}.o"], cwd=directory, check=True)
+        return (directory / f"{name}.o").read_bytes()
+
+    return build

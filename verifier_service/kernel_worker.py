@@ -1,0 +1,107 @@
+"""The kernel verifier, run in a process of its own with only CAP_BPF and CAP_NET_ADMIN (no
+CAP_SYS_ADMIN, no CAP_PERFMON), so the kernel verifies in its strictest mode: no pointer leaks,
+Spectre mitigations on. It creates throwaway maps of the declared shapes, points the program's
+map references at them, loads it, reads back `verified_insns` and profiles it with
+BPF_PROG_TEST_RUN. One request on stdin, one result on stdout (msgpack); the service kills it at
+its deadline (the verifier stops at a pending signal)."""
+
+import ctypes
+import sys
+
+import msgspec
+
+from fabric import bpf
+from verifier_service.bytecode import LD_IMM64, PSEUDO_MAP_FD, Insn, decode, encode
+from verifier_service.policy import PROG_TYPES, MapSpec
+
+CAP_NET_ADMIN, CAP_BPF = 12, 39
+LOG_TAIL_LINES = 20
+PROFILE_REPEAT = 1000
+
+
+class KernelRequest(msgspec.Struct, frozen=True, kw_only=True):
+    raw: bytes
+    prog_type: str
+    maps: list[MapSpec]
+    map_refs: dict[int, str]
+    license: str
+    name: str
+    samples: list[bytes]
+
+
+class SampleRun(msgspec.Struct, frozen=True):
+    retval: int
+    output: bytes
+
+
+class KernelResult(msgspec.Struct, frozen=True, kw_only=True):
+    accepted: bool
+    verified_insns: int = 0
+    log_tail: str = ""
+    error: str = ""
+    runs: list[SampleRun] = []
+    run_ns: int = 0  # per run, averaged over PROFILE_REPEAT runs of the first sample
+
+
+def keep_only(*capabilities: int) -> None:
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+
+    data = (Data * 2)()
+    for cap in capabilities:
+        data[cap // 32].effective |= 1 << cap % 32
+        data[cap // 32].permitted |= 1 << cap % 32
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def relocate(raw: bytes, map_refs: dict[int, str], fds: dict[str, int]) -> bytes:
+    insns = decode(raw)
+    for index, name in map_refs.items():
+        insn = insns[index]
+        assert insn.code == LD_IMM64
+        insns[index] = Insn(insn.code, insn.dst, PSEUDO_MAP_FD, insn.off, fds[name])
+    return encode(insns)
+
+
+def verify(request: KernelRequest) -> KernelResult:
+    fds = {
+        spec.name: bpf.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
+        for spec in request.maps
+    }
+    code = relocate(request.raw, request.map_refs, fds)
+    try:
+        prog_fd, log = bpf.prog_load(PROG_TYPES[request.prog_type], code, request.license, request.name)
+    except bpf.BpfError as exc:
+        return KernelResult(accepted=False, error=str(exc), log_tail=_tail(exc.log))
+    runs = [SampleRun(*bpf.test_run(prog_fd, sample)[:2]) for sample in request.samples]
+    run_ns = bpf.test_run(prog_fd, request.samples[0], PROFILE_REPEAT)[2] if request.samples else 0
+    return KernelResult(
+        accepted=True,
+        verified_insns=bpf.verified_insns(prog_fd),
+        log_tail=_tail(log),
+        runs=runs,
+        run_ns=run_ns,
+    )
+
+
+def _tail(log: str) -> str:
+    return "\n".join(log.strip().splitlines()[-LOG_TAIL_LINES:])
+
+
+def main() -> None:
+    request = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=KernelRequest)
+    keep_only(CAP_BPF, CAP_NET_ADMIN)
+    try:
+        result = verify(request)
+    except bpf.BpfError as exc:
+        result = KernelResult(accepted=False, error=str(exc))
+    sys.stdout.buffer.write(msgspec.msgpack.encode(result))
+
+
+if __name__ == "__main__":
+    main()

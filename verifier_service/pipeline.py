@@ -1,0 +1,95 @@
+"""The whole verification of one tenant program: static checks and policy (static.py), then the
+kernel verifier in its worker (kernel.py) with the instruction budget, then the verdict."""
+
+import re
+
+import msgspec
+
+from verifier_service.bytecode import Reason
+from verifier_service.elf import ObjectError, read_object
+from verifier_service.kernel import run_kernel_verifier
+from verifier_service.kernel_worker import KernelRequest, SampleRun
+from verifier_service.policy import Limits, MapSpec
+from verifier_service.static import check_object
+
+LOG_INSN = re.compile(r"^(\d+): \(", re.MULTILINE)
+DEFAULT_SAMPLE = bytes(64)  # a zeroed 64-byte frame
+
+
+class VerifyLimits(msgspec.Struct, frozen=True, kw_only=True):
+    static: Limits = Limits()
+    max_verified_insns: int = 100_000  # far below the kernel's 1M: the budget of DESIGN.md §5
+    kernel_timeout_s: float = 5.0
+
+
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
+    accepted: bool
+    digest: str
+    reasons: list[Reason]
+    program: str = ""
+    prog_type: str = ""
+    insns: int = 0
+    verified_insns: int = 0
+    maps: list[MapSpec] = []
+    run_ns: int = 0
+    sample_runs: list[SampleRun] = []
+    kernel_log_tail: str = ""
+
+
+async def verify(
+    data: bytes, program: str | None, prog_type: str, limits: VerifyLimits, samples: list[bytes] | None = None
+) -> Verdict:
+    static = check_object(data, program, prog_type, limits.static)
+    refused = Verdict(
+        accepted=False,
+        digest=static.digest,
+        reasons=static.reasons,
+        program=static.program,
+        prog_type=prog_type,
+        insns=static.insns,
+        maps=static.maps,
+    )
+    if not static.accepted:
+        return refused
+    try:
+        obj = read_object(data, program)
+    except ObjectError as exc:  # accepted statically, so this cannot happen; stay safe anyway
+        return msgspec.structs.replace(refused, reasons=[exc.reason])
+    request = KernelRequest(
+        raw=obj.raw,
+        prog_type=prog_type,
+        maps=obj.maps,
+        map_refs=obj.map_refs,
+        license=obj.license or "GPL",
+        name=obj.name,
+        samples=samples or [DEFAULT_SAMPLE],
+    )
+    kernel = await run_kernel_verifier(request, limits.kernel_timeout_s)
+    reasons = []
+    if not kernel.accepted:
+        reasons.append(_kernel_reason(kernel.error, kernel.log_tail))
+    elif kernel.verified_insns > limits.max_verified_insns:
+        budget = limits.max_verified_insns
+        message = f"the verifier walked {kernel.verified_insns} instructions, over the budget of {budget}"
+        reasons.append(Reason("verified_insn_budget", message))
+    return msgspec.structs.replace(
+        refused,
+        accepted=not reasons,
+        reasons=reasons,
+        verified_insns=kernel.verified_insns,
+        run_ns=kernel.run_ns,
+        sample_runs=kernel.runs,
+        kernel_log_tail=kernel.log_tail,
+    )
+
+
+def _kernel_reason(error: str, log_tail: str) -> Reason:
+    """The kernel's refusal as a developer reads it: its last log line, at the instruction it names."""
+    lines = [line for line in log_tail.splitlines() if line.strip()]
+    last = next((line for line in reversed(lines) if not line.startswith("processed ")), error)
+    positions = LOG_INSN.findall(log_tail)
+    return Reason(
+        "kernel_verifier",
+        f"the kernel verifier refused it: {last}",
+        int(positions[-1]) if positions else None,
+    )
