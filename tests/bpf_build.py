@@ -12,6 +12,26 @@ HEADER = """
 char LICENSE[] SEC("license") = "GPL";
 """
 
+# A packet counter: an array map in `.maps`, a lookup and an atomic add; returns XDP_PASS.
+COUNTER = """
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 4);
+    __type(key, __u32);
+    __type(value, __u64);
+} counters SEC(".maps");
+
+SEC("xdp")
+int count_packets(struct xdp_md *ctx)
+{
+    __u32 key = 0;
+    __u64 *value = bpf_map_lookup_elem(&counters, &key);
+    if (value)
+        __sync_fetch_and_add(value, 1);
+    return XDP_PASS;
+}
+"""
+
 
 def bpf_builder(directory: Path):
     """A function compiling (name, C source) to object bytes; skips the test without clang."""

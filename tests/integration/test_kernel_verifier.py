@@ -6,26 +6,12 @@ import time
 
 import pytest
 
-from tests.bpf_build import bpf_builder
+from tests.bpf_build import COUNTER, bpf_builder
 from verifier_service.pipeline import VerifyLimits, verify
 
 pytestmark = pytest.mark.privileged
 
 XDP_PASS = 2
-COUNTER = """
-struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 4); __type(key, __u32); __type(value, __u64); }
-counters SEC(".maps");
-
-SEC("xdp")
-int count_packets(struct xdp_md *ctx)
-{
-    __u32 key = 0;
-    __u64 *value = bpf_map_lookup_elem(&counters, &key);
-    if (value)
-        __sync_fetch_and_add(value, 1);
-    return XDP_PASS;
-}
-"""
 UNCHECKED_PACKET = """
 SEC("xdp")
 int peek(struct xdp_md *ctx) { unsigned char *data = (void *)(long)ctx->data; return data[20]; }

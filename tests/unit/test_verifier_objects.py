@@ -3,28 +3,10 @@ what it reads out of them, and the hostile ones it rejects before any kernel see
 
 import pytest
 
-from tests.bpf_build import bpf_builder
+from tests.bpf_build import COUNTER, bpf_builder
 from verifier_service.policy import Limits
 from verifier_service.static import check_object
 
-COUNTER = """
-struct {
-    __uint(type, BPF_MAP_TYPE_ARRAY);
-    __uint(max_entries, 4);
-    __type(key, __u32);
-    __type(value, __u64);
-} counters SEC(".maps");
-
-SEC("xdp")
-int count_packets(struct xdp_md *ctx)
-{
-    __u32 key = 0;
-    __u64 *value = bpf_map_lookup_elem(&counters, &key);
-    if (value)
-        __sync_fetch_and_add(value, 1);
-    return XDP_PASS;
-}
-"""
 LEGACY_MAPS = """
 struct bpf_map_def { unsigned int type, key_size, value_size, max_entries, map_flags; };
 struct bpf_map_def SEC("maps") hits = {
