@@ -7,7 +7,7 @@ immediate, little-endian (the only byte order the kernel's bpf target uses on ou
 import struct
 from typing import NamedTuple
 
-import msgspec
+from schemas.ebpf import Reason
 
 INSN_SIZE = 8
 _INSN = struct.Struct("<BBhi")
@@ -47,14 +47,6 @@ class Insn(NamedTuple):
     @property
     def cls(self) -> int:
         return self.code & 0x07
-
-
-class Reason(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Why a program is rejected, in the developer's terms, and where."""
-
-    code: str
-    message: str
-    insn: int | None = None
 
 
 def decode(raw: bytes) -> list[Insn]:

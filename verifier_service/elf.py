@@ -11,9 +11,9 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import Section, SymbolTableSection
 
+from schemas.ebpf import MapSpec, Reason
 from verifier_service.btf import Btf, BtfError
-from verifier_service.bytecode import INSN_SIZE, Reason
-from verifier_service.policy import MapSpec
+from verifier_service.bytecode import INSN_SIZE
 
 EM_BPF = 247
 R_BPF_64_64 = 1

@@ -5,11 +5,11 @@ import re
 
 import msgspec
 
-from verifier_service.bytecode import Reason
+from schemas.ebpf import MapSpec, Reason
 from verifier_service.elf import ObjectError, read_object
 from verifier_service.kernel import run_kernel_verifier
 from verifier_service.kernel_worker import KernelRequest, SampleRun
-from verifier_service.policy import Limits, MapSpec
+from verifier_service.policy import Limits
 from verifier_service.static import check_object
 
 LOG_INSN = re.compile(r"^(\d+): \(", re.MULTILINE)

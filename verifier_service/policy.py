@@ -8,6 +8,7 @@ tenant's own data); a length cap far below the kernel's and limits on maps and t
 
 import msgspec
 
+from schemas.ebpf import MapSpec, Reason
 from verifier_service.bytecode import (
     CALL,
     CALL_HELPER,
@@ -17,7 +18,6 @@ from verifier_service.bytecode import (
     PSEUDO_FUNC,
     PSEUDO_MAP_FD,
     Insn,
-    Reason,
 )
 
 PROG_TYPES = {"socket_filter": 1, "sched_cls": 3, "xdp": 6}
@@ -52,19 +52,6 @@ REFUSED_MAP_TYPES = {
     3: "prog_array", 4: "perf_event_array", 12: "array_of_maps", 13: "hash_of_maps", 14: "devmap",
     15: "sockmap", 16: "cpumap", 17: "xskmap", 18: "sockhash", 27: "ringbuf",
 }  # fmt: skip
-
-
-class MapSpec(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    type: int
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int = 0
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.max_entries * (self.key_size + self.value_size)
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):

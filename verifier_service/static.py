@@ -5,10 +5,10 @@ import hashlib
 
 import msgspec
 
+from schemas.ebpf import MapSpec, Reason
 from verifier_service import bytecode, policy
-from verifier_service.bytecode import Reason
 from verifier_service.elf import ObjectError, read_object
-from verifier_service.policy import Limits, MapSpec, Program
+from verifier_service.policy import Limits, Program
 
 
 class StaticVerdict(msgspec.Struct, frozen=True, kw_only=True):

@@ -3,6 +3,7 @@ must be rejected for its own reason) and legitimate ones (each must pass). Pure 
 
 import pytest
 
+from schemas.ebpf import MapSpec
 from tests.unit.bpf_asm import (
     R0,
     R1,
@@ -22,7 +23,7 @@ from tests.unit.bpf_asm import (
     stx_w,
 )
 from verifier_service.bytecode import Insn, decode, encode, structure
-from verifier_service.policy import Limits, MapSpec, Program, check
+from verifier_service.policy import Limits, Program, check
 
 XDP_PASS, XDP_DROP = 2, 1
 COUNTERS = MapSpec(name="counters", type=2, key_size=4, value_size=8, max_entries=4)

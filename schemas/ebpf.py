@@ -1,0 +1,74 @@
+"""The wire contract of eBPF functions: map shapes, the verifier's findings, attestations, and the
+verify request and reply (DESIGN.md §5)."""
+
+import msgspec
+
+
+class MapSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    type: int  # enum bpf_map_type
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.max_entries * (self.key_size + self.value_size)
+
+
+class Reason(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Why a program is rejected, in the developer's terms, and at which instruction."""
+
+    code: str
+    message: str
+    insn: int | None = None
+
+
+class Attestation(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """What the verifier approved. array_like: a msgpack array in this field order, so the bytes
+    that are signed are canonical."""
+
+    digest: str  # of the instructions (map references symbolic) and the map shapes
+    prog_type: str
+    maps: list[MapSpec]
+    helpers: list[int]
+    tenant: str
+    function: str
+    policy_id: str
+    verifier_version: str
+    kernel_release: str
+    verified_insns: int
+    run_ns: int
+    issued_at: float
+    not_after: float
+    serial: str
+    key_id: str
+
+
+class Signed(msgspec.Struct, frozen=True, kw_only=True):
+    attestation: bytes  # the canonical encoding, exactly as signed
+    signature: bytes
+    key_id: str
+
+
+class VerifyRequest(msgspec.Struct, frozen=True, kw_only=True, tag="verify"):
+    tenant: str
+    function: str  # the function it is for ("" for `hetfaas verify` without deploying)
+    object: bytes  # the ELF object, as clang wrote it
+    program: str | None = None  # the program's function name; needed when the object holds several
+    prog_type: str = "xdp"
+
+
+class VerifyReply(msgspec.Struct, frozen=True, kw_only=True, tag="verify_reply"):
+    accepted: bool
+    digest: str
+    reasons: list[Reason]
+    program: str = ""
+    prog_type: str = ""
+    insns: int = 0
+    verified_insns: int = 0
+    run_ns: int = 0
+    kernel_log_tail: str = ""
+    signed: Signed | None = None  # when accepted
+    instructions: bytes = b""  # when accepted: what the attestation's digest covers
