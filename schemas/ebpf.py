@@ -67,8 +67,11 @@ class VerifyReply(msgspec.Struct, frozen=True, kw_only=True, tag="verify_reply")
     program: str = ""
     prog_type: str = ""
     insns: int = 0
-    verified_insns: int = 0
-    run_ns: int = 0
+    verified_insns: int = 0  # instructions the kernel verifier walked
+    run_ns: int = 0  # measured cost per run, on a sample packet
+    maps: list[MapSpec] = []
+    helpers: list[int] = []  # the helper ids it calls
+    sample_retvals: list[int] = []  # what it returned on the sample packets
     kernel_log_tail: str = ""
-    signed: Signed | None = None  # when accepted
-    instructions: bytes = b""  # when accepted: what the attestation's digest covers
+    instructions: bytes = b""  # when accepted: what the digest covers (map references symbolic)
+    signed: Signed | None = None  # when accepted and the request named a function

@@ -5,10 +5,11 @@ import re
 
 import msgspec
 
-from schemas.ebpf import MapSpec, Reason
+from schemas.ebpf import Reason, VerifyReply
+from verifier_service.bytecode import CALL, CALL_HELPER, decode
 from verifier_service.elf import ObjectError, read_object
 from verifier_service.kernel import run_kernel_verifier
-from verifier_service.kernel_worker import KernelRequest, SampleRun
+from verifier_service.kernel_worker import KernelRequest
 from verifier_service.policy import Limits
 from verifier_service.static import check_object
 
@@ -22,25 +23,12 @@ class VerifyLimits(msgspec.Struct, frozen=True, kw_only=True):
     kernel_timeout_s: float = 5.0
 
 
-class Verdict(msgspec.Struct, frozen=True, kw_only=True):
-    accepted: bool
-    digest: str
-    reasons: list[Reason]
-    program: str = ""
-    prog_type: str = ""
-    insns: int = 0
-    verified_insns: int = 0
-    maps: list[MapSpec] = []
-    run_ns: int = 0
-    sample_runs: list[SampleRun] = []
-    kernel_log_tail: str = ""
-
-
 async def verify(
     data: bytes, program: str | None, prog_type: str, limits: VerifyLimits, samples: list[bytes] | None = None
-) -> Verdict:
+) -> VerifyReply:
+    """The verdict, unsigned (signing is the service's)."""
     static = check_object(data, program, prog_type, limits.static)
-    refused = Verdict(
+    refused = VerifyReply(
         accepted=False,
         digest=static.digest,
         reasons=static.reasons,
@@ -78,9 +66,15 @@ async def verify(
         reasons=reasons,
         verified_insns=kernel.verified_insns,
         run_ns=kernel.run_ns,
-        sample_runs=kernel.runs,
+        helpers=helpers_called(obj.raw),
+        sample_retvals=[run.retval for run in kernel.runs],
         kernel_log_tail=kernel.log_tail,
+        instructions=obj.raw if not reasons else b"",
     )
+
+
+def helpers_called(raw: bytes) -> list[int]:
+    return sorted({i.imm for i in decode(raw) if i.code == CALL and i.src == CALL_HELPER})
 
 
 def _kernel_reason(error: str, log_tail: str) -> Reason:
