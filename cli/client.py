@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanKind
 from fabric import bus, telemetry
 from fabric.bundles import BundleStore, pack_directory
 from schemas import codec, subjects
+from schemas.ebpf import VerifyReply, VerifyRequest
 from schemas.errors import Error
 from schemas.manifest import parse_manifest
 from schemas.messages import (
@@ -34,6 +35,8 @@ from schemas.messages import (
 MANIFEST = "function.toml"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 CONTROL_TIMEOUT_S = 10.0
+VERIFY_TIMEOUT_S = 30.0  # a verification runs the kernel verifier: seconds, not milliseconds
+VERIFY_WAIT_S = 10.0
 REPLY_GRACE_S = 1.0  # the scheduler answers before the deadline; this covers the trip back
 
 
@@ -161,6 +164,27 @@ class Client:
 
     async def status(self) -> ClusterStatus:
         return await self._control(subjects.STATUS, StatusRequest(), codec.status_result)
+
+    async def verify(self, request: VerifyRequest, wait_s: float = VERIFY_WAIT_S) -> VerifyReply:
+        """Verify (and, for a function, sign) an eBPF object. Waits up to `wait_s` for a verifier
+        to answer (one may still be starting)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                msg = await self._requester.request(
+                    subjects.VERIFY, codec.encode(request), VERIFY_TIMEOUT_S, None, "verifier"
+                )
+                break
+            except bus.NoResponders:
+                if time.monotonic() > deadline:
+                    raise ClientError(Error(code="unavailable", message="no verifier is running")) from None
+                await asyncio.sleep(0.2)
+            except bus.RequestTimeout:
+                raise ClientError(Error(code="timeout", message="the verifier did not answer")) from None
+        reply = codec.verify_result.decode(msg.data)
+        if isinstance(reply, ErrorReply):
+            raise ClientError(reply.error)
+        return reply
 
     async def wait_until_ready(
         self,

@@ -18,6 +18,7 @@ from deploy import launcher
 from deploy.services import ServiceError
 from fabric.bundles import BundleError
 from fabric.telemetry import setup_tracing
+from schemas.ebpf import PROG_TYPES, VerifyRequest
 from schemas.manifest import ManifestError
 
 UP_TIMEOUT_S = 60.0
@@ -84,7 +85,14 @@ def cli() -> None:
 @click.option(
     "--schedulers", default=1, show_default=True, type=click.IntRange(1, 16), help="scheduler replicas"
 )
-def up(hosts: int, schedulers: int) -> None:
+@click.option(
+    "--verifiers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0, 8),
+    help="eBPF verifier replicas (root)",
+)
+def up(hosts: int, schedulers: int, verifiers: int) -> None:
     """Start a local cluster in the background; returns when every node has registered."""
     state = _state_dir()
     info = launcher.read_cluster(state)
@@ -100,7 +108,11 @@ def up(hosts: int, schedulers: int) -> None:
         launcher.stop(info, progress=lambda m: click.echo(f"  {m} (left over)", err=True))
     try:
         info = launcher.up(
-            state, hosts=hosts, schedulers=schedulers, progress=lambda m: click.echo(f"  {m}", err=True)
+            state,
+            hosts=hosts,
+            schedulers=schedulers,
+            verifiers=verifiers,
+            progress=lambda m: click.echo(f"  {m}", err=True),
         )
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from None
@@ -211,6 +223,29 @@ def invoke(
             click.echo(f"error: {outcome.error.code}: {outcome.error.message}", err=True)
             if outcome.error.detail:
                 click.echo(outcome.error.detail.rstrip(), err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("obj", metavar="OBJ", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--program", default=None, help="the program's function name (needed if OBJ holds several)")
+@click.option("--prog-type", default="xdp", show_default=True, type=click.Choice(sorted(PROG_TYPES)))
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def verify(obj: Path, program: str | None, prog_type: str, tenant: str, as_json: bool) -> None:
+    """Check an eBPF object (clang -O2 -g -target bpf) against the platform's policy and the
+    kernel verifier, without deploying it. Exit status 1 when it is rejected."""
+    request = VerifyRequest(
+        tenant=tenant, function="", object=obj.read_bytes(), program=program, prog_type=prog_type
+    )
+    reply = _run(lambda c: c.verify(request))
+    if as_json:
+        body = msgspec.to_builtins(reply)
+        body.pop("instructions", None)
+        _print_json(body)
+    else:
+        click.echo(render.verdict(reply, str(obj)))
+    if not reply.accepted:
         sys.exit(1)
 
 

@@ -4,6 +4,7 @@ import base64
 from pathlib import Path
 
 from cli.client import InvokeOutcome
+from schemas.ebpf import VerifyReply
 from schemas.messages import ClusterStatus, FunctionRecord
 
 
@@ -128,3 +129,31 @@ def invoke_summary(outcome: InvokeOutcome) -> str:
         f"[{outcome.invocation_id[:8]}] node={outcome.node} {kind} latency={outcome.latency_ms:.1f}ms "
         f"node_time={outcome.reply.duration_ms:.1f}ms"
     )
+
+
+XDP_ACTIONS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
+
+
+def verdict(reply: VerifyReply, what: str) -> str:
+    """A verification's result as a developer wants it: the verdict, then each reason with the
+    instruction it concerns, then the tail of the kernel verifier's log when the kernel refused."""
+    if reply.accepted:
+        returns = ", ".join(
+            XDP_ACTIONS.get(r, str(r)) if reply.prog_type == "xdp" else str(r) for r in reply.sample_retvals
+        )
+        lines = [
+            f"accepted: {what} ({reply.program}, {reply.prog_type}, {reply.insns} instructions)",
+            f"  digest {reply.digest}",
+            f"  kernel verifier walked {reply.verified_insns} instructions; {reply.run_ns} ns per run",
+            f"  maps: {', '.join(m.name for m in reply.maps) or 'none'}",
+            f"  on a zeroed 64-byte packet it returned {returns}",
+        ]
+        return "\n".join(lines)
+    lines = [f"rejected: {what}" + (f" ({reply.program})" if reply.program else "")]
+    for reason in reply.reasons:
+        where = f" at instruction {reason.insn}" if reason.insn is not None else ""
+        lines.append(f"  {reason.code}{where}: {reason.message}")
+    if reply.kernel_log_tail and any(r.code == "kernel_verifier" for r in reply.reasons):
+        lines.append("  the kernel verifier's log ends:")
+        lines += [f"    {line}" for line in reply.kernel_log_tail.splitlines()]
+    return "\n".join(lines)

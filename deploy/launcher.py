@@ -21,6 +21,7 @@ from host_node.sandbox import cgroups
 from host_node.sandbox.settings import SandboxSettings
 from host_node.settings import HostNodeSettings
 from scheduler.settings import SchedulerSettings
+from verifier_service.settings import VerifierSettings
 
 CLUSTER_FILE = "cluster.json"
 
@@ -80,6 +81,7 @@ def up(
     state_dir: Path,
     hosts: int = 2,
     schedulers: int = 1,
+    verifiers: int = 0,
     host_overrides: dict[str, Any] | None = None,
     scheduler_overrides: dict[str, Any] | None = None,
     listen_host: str = services.LOOPBACK,
@@ -121,6 +123,12 @@ def up(
         for i in range(1, hosts + 1):
             progress(f"starting host-{i}")
             start_host(info, i, host_overrides or {})
+        for i in range(verifiers):
+            if os.geteuid() != 0:
+                progress("not starting a verifier: it loads programs into the kernel and needs root")
+                break
+            progress(f"starting verifier-{i}")
+            start_verifier(info, i)
     except BaseException:
         stop(info)
         raise
@@ -153,6 +161,20 @@ def start_scheduler(info: ClusterInfo, index: int, overrides: dict[str, Any]) ->
         **overrides,
     )
     return _start_service(info, name, "scheduler", settings)
+
+
+def start_verifier(info: ClusterInfo, index: int, overrides: dict[str, Any] | None = None) -> int:
+    """Verifier replicas of one cluster share its signing key (state dir `keys/`, mode 0600)."""
+    name = f"verifier-{index}"
+    settings = VerifierSettings(
+        verifier_id=name,
+        nats_url=info.nats_url,
+        etcd_endpoints=[info.etcd_endpoint],
+        key_path=str(Path(info.state_dir) / "keys" / "signing.pem"),
+        state_dir=info.state_dir,
+        **(overrides or {}),
+    )
+    return _start_service(info, name, "verifier_service", settings)
 
 
 def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: str | None = None) -> int:

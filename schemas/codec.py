@@ -4,6 +4,7 @@ from typing import Any
 
 import msgspec
 
+from schemas import ebpf
 from schemas import messages as m
 
 encoder = msgspec.msgpack.Encoder()
@@ -21,6 +22,8 @@ status_result = msgspec.msgpack.Decoder(m.StatusResult)
 function_record = msgspec.msgpack.Decoder(m.FunctionRecord)
 node_record = msgspec.msgpack.Decoder(m.NodeRecord)
 scheduler_record = msgspec.msgpack.Decoder(m.SchedulerRecord)
+verify_request = msgspec.msgpack.Decoder(ebpf.VerifyRequest)
+verify_result = msgspec.msgpack.Decoder(ebpf.VerifyReply | m.ErrorReply)
 
 
 def encode(obj: Any) -> bytes:

@@ -3,6 +3,9 @@ verify request and reply (DESIGN.md §5)."""
 
 import msgspec
 
+# Program types offered to tenants -> enum bpf_prog_type.
+PROG_TYPES = {"socket_filter": 1, "sched_cls": 3, "xdp": 6}
+
 
 class MapSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str

@@ -1,6 +1,7 @@
 """The subject table. Nobody writes a subject string anywhere else (DESIGN.md §3)."""
 
 SCHEDULER_QUEUE = "hetfaas-scheduler"
+VERIFIER_QUEUE = "hetfaas-verifier"
 BUNDLE_BUCKET = "hetfaas-bundles"
 
 INVOKE_ALL = "hetfaas.invoke.*.*"
@@ -8,6 +9,7 @@ HEARTBEAT_ALL = "hetfaas.heartbeat.*"
 DEPLOY = "hetfaas.control.deploy"
 LIST_FUNCTIONS = "hetfaas.control.functions"
 STATUS = "hetfaas.control.status"
+VERIFY = "hetfaas.verify"
 
 
 def invoke(tenant: str, function: str) -> str:

@@ -11,9 +11,8 @@ import sys
 import msgspec
 
 from fabric import bpf
-from schemas.ebpf import MapSpec
+from schemas.ebpf import PROG_TYPES, MapSpec
 from verifier_service.bytecode import LD_IMM64, PSEUDO_MAP_FD, Insn, decode, encode
-from verifier_service.policy import PROG_TYPES
 
 CAP_NET_ADMIN, CAP_BPF = 12, 39
 LOG_TAIL_LINES = 20

@@ -8,7 +8,7 @@ tenant's own data); a length cap far below the kernel's and limits on maps and t
 
 import msgspec
 
-from schemas.ebpf import MapSpec, Reason
+from schemas.ebpf import PROG_TYPES, MapSpec, Reason
 from verifier_service.bytecode import (
     CALL,
     CALL_HELPER,
@@ -19,8 +19,6 @@ from verifier_service.bytecode import (
     PSEUDO_MAP_FD,
     Insn,
 )
-
-PROG_TYPES = {"socket_filter": 1, "sched_cls": 3, "xdp": 6}
 
 # Helper ids (include/uapi/linux/bpf.h, ___BPF_FUNC_MAPPER) that the rules name.
 HELPER_NAMES = {

@@ -1,0 +1,44 @@
+"""The verifier service process: its key, its connections, and the verify handler."""
+
+import contextlib
+import logging
+from pathlib import Path
+
+from fabric import bus
+from fabric.app import ServiceApp, open_connections
+from verifier_service import attestation
+from verifier_service.service import Verifier, ensure_root
+from verifier_service.settings import VerifierSettings
+
+log = logging.getLogger(__name__)
+
+
+class VerifierApp(ServiceApp):
+    def __init__(self, settings: VerifierSettings):
+        super().__init__()
+        self.settings = settings
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        settings = self.settings
+        ensure_root()
+        key = attestation.load_or_create_key(Path(settings.key_path))
+        nc, _store, _tasks = await open_connections(
+            stack,
+            settings.verifier_id,
+            settings.nats_url,
+            settings.etcd_endpoints,
+            settings.state_dir,
+            settings.tracing,
+        )
+        verifier = self.verifier = Verifier(settings, key)
+        server = bus.Server(nc, max_concurrent=64)
+        stack.push_async_callback(server.close)
+        await server.serve(verifier.routes())
+        public = attestation.public_key_text(key.public_key())
+        log.info(
+            "verifier %s serving; signing key %s (public %s)", settings.verifier_id, verifier.key_id, public
+        )
+
+
+async def run_verifier(settings: VerifierSettings) -> None:
+    await VerifierApp(settings).serve_forever()

@@ -1,0 +1,98 @@
+"""The verifier service's NATS handler: admit, verify, sign."""
+
+import logging
+import os
+import platform
+import secrets
+import time
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fabric import bus
+from schemas import codec, subjects
+from schemas.ebpf import PROG_TYPES, Attestation, VerifyReply, VerifyRequest
+from schemas.errors import Error
+from schemas.manifest import NAME_RE
+from schemas.messages import ErrorReply
+from verifier_service import attestation
+from verifier_service.admission import FairTurns, TenantBuckets
+from verifier_service.pipeline import VerifyLimits, verify
+from verifier_service.policy import Limits
+from verifier_service.settings import VerifierSettings
+
+log = logging.getLogger(__name__)
+VERIFIER_VERSION = "hetfaas-verifier/1"
+
+
+class Verifier:
+    def __init__(self, settings: VerifierSettings, key: Ed25519PrivateKey):
+        self.settings = settings
+        self._key = key
+        self.key_id = attestation.key_id(key.public_key())
+        self._buckets = TenantBuckets(settings.tenant_rate_per_s, settings.tenant_burst)
+        self._turns = FairTurns(settings.workers)
+        self._limits = VerifyLimits(
+            static=Limits(max_insns=settings.max_insns),
+            max_verified_insns=settings.max_verified_insns,
+            kernel_timeout_s=settings.kernel_timeout_s,
+        )
+
+    def routes(self) -> list[bus.Route]:
+        return [bus.Route(subjects.VERIFY, codec.verify_request, self.on_verify, subjects.VERIFIER_QUEUE)]
+
+    async def on_verify(self, req: VerifyRequest, ctx: bus.Context) -> VerifyReply | ErrorReply:
+        if problem := self._refusal(req):
+            return ErrorReply(error=Error(code="bad_request", message=problem))
+        if not self._buckets.take(req.tenant, time.monotonic()):
+            message = f"tenant {req.tenant!r} is verifying faster than {self.settings.tenant_rate_per_s:g}/s"
+            return ErrorReply(error=Error(code="throttled", message=message))
+        reply = await self._turns.run(
+            req.tenant, lambda: verify(req.object, req.program, req.prog_type, self._limits)
+        )
+        log.info(
+            "verified %s/%s: %s",
+            req.tenant,
+            req.function or "-",
+            "accepted" if reply.accepted else "rejected",
+        )
+        if reply.accepted and req.function:
+            return self._signed(reply, req)
+        return reply
+
+    def _refusal(self, req: VerifyRequest) -> str | None:
+        if not NAME_RE.match(req.tenant) or (req.function and not NAME_RE.match(req.function)):
+            return f"invalid tenant or function name {req.tenant!r}/{req.function!r}"
+        if len(req.object) > self.settings.max_object_bytes:
+            return (
+                f"the object is {len(req.object)} bytes, over the limit of {self.settings.max_object_bytes}"
+            )
+        if req.prog_type not in PROG_TYPES:
+            return f"prog_type {req.prog_type!r} is not offered (one of {', '.join(sorted(PROG_TYPES))})"
+        return None
+
+    def _signed(self, reply: VerifyReply, req: VerifyRequest) -> VerifyReply:
+        now = time.time()
+        approved = Attestation(
+            digest=reply.digest,
+            prog_type=reply.prog_type,
+            maps=reply.maps,
+            helpers=reply.helpers,
+            tenant=req.tenant,
+            function=req.function,
+            policy_id=self.settings.policy_id,
+            verifier_version=VERIFIER_VERSION,
+            kernel_release=platform.release(),
+            verified_insns=reply.verified_insns,
+            run_ns=reply.run_ns,
+            issued_at=now,
+            not_after=now + self.settings.attestation_ttl_s,
+            serial=secrets.token_hex(8),
+            key_id=self.key_id,
+        )
+        return msgspec.structs.replace(reply, signed=attestation.sign(approved, self._key))
+
+
+def ensure_root() -> None:
+    if os.geteuid() != 0:
+        raise PermissionError("the verifier loads programs into the kernel: it needs root (CAP_BPF)")

@@ -1,0 +1,20 @@
+import msgspec
+
+
+class VerifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    verifier_id: str
+    nats_url: str
+    etcd_endpoints: list[str]
+    key_path: str  # the Ed25519 signing key (a 0600 PEM file, created on first start)
+    state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
+    tracing: bool = True
+    log_level: str = "INFO"
+    workers: int = 2  # kernel verifications at once (each a worker process)
+    max_object_bytes: int = 512 * 1024
+    max_insns: int = 4096  # length cap, far below the kernel's 1M
+    max_verified_insns: int = 100_000  # budget for the kernel verifier's walk
+    kernel_timeout_s: float = 5.0  # a verification bomb is cut off here
+    tenant_rate_per_s: float = 2.0  # verifications a tenant may start per second, on average ...
+    tenant_burst: int = 20  # ... and at once
+    attestation_ttl_s: float = 30 * 24 * 3600.0
+    policy_id: str = "tenant-isolation-v1"
