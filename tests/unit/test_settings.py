@@ -9,13 +9,18 @@ import pytest
 from fabric.settings import SettingsError, load_settings
 from host_node.settings import HostNodeSettings
 from scheduler.settings import SchedulerSettings
+from verifier_service.settings import VerifierSettings
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "config"
 
 
 @pytest.mark.parametrize(
     ("path", "settings_type"),
-    [("scheduler.example.toml", SchedulerSettings), ("host_node.example.toml", HostNodeSettings)],
+    [
+        ("scheduler.example.toml", SchedulerSettings),
+        ("host_node.example.toml", HostNodeSettings),
+        ("verifier.example.toml", VerifierSettings),
+    ],
 )
 def test_example_files_document_every_setting(path: str, settings_type: type) -> None:
     doc = tomllib.loads((CONFIG / path).read_text())
