@@ -5,6 +5,7 @@ layouts from include/uapi/linux/bpf.h (notes/toolchain.md §5 has them measured)
 import ctypes
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -66,7 +67,8 @@ def prog_load(
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     code = ctypes.create_string_buffer(insns, len(insns))
     license_buffer = ctypes.create_string_buffer(license_text.encode() + b"\0")
-    log = ctypes.create_string_buffer(LOG_SIZE)
+    log = ctypes.create_string_buffer(LOG_SIZE if log_level else 1)
+    log_size, log_address = (LOG_SIZE, ctypes.addressof(log)) if log_level else (0, 0)  # the kernel insists
     struct.pack_into(
         "<IIQQIIQII16s",
         attr,
@@ -76,8 +78,8 @@ def prog_load(
         ctypes.addressof(code),
         ctypes.addressof(license_buffer),
         log_level,
-        LOG_SIZE,
-        ctypes.addressof(log),
+        log_size,
+        log_address,
         0,
         0,
         name.encode()[:15],
@@ -111,3 +113,47 @@ def test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, bytes, in
     retval, size_out = struct.unpack_from("<I", attr, 4)[0], struct.unpack_from("<I", attr, 12)[0]
     duration = struct.unpack_from("<I", attr, 36)[0]
     return retval, data_out.raw[:size_out], duration
+
+
+PSEUDO_MAP_FD = 1
+LD_IMM64 = 0x18
+
+
+def relocate_maps(instructions: bytes, map_refs: dict[int, str], fds: dict[str, int]) -> bytes:
+    """Point each map-loading ld_imm64 at our own map: src_reg = BPF_PSEUDO_MAP_FD, imm = its fd."""
+    code = bytearray(instructions)
+    for index, name in map_refs.items():
+        at = index * 8
+        if code[at] != LD_IMM64:
+            raise ValueError(f"instruction {index} loads no map")
+        code[at + 1] = (code[at + 1] & 0x0F) | PSEUDO_MAP_FD << 4
+        struct.pack_into("<i", code, at + 4, fds[name])
+    return bytes(code)
+
+
+CAP_NET_ADMIN, CAP_BPF = 12, 39
+
+
+def keep_only_bpf_capabilities() -> None:
+    """Drop every capability of the calling thread but CAP_BPF and CAP_NET_ADMIN (what loading and
+    running xdp/tc/socket programs needs). Without CAP_SYS_ADMIN and CAP_PERFMON the kernel
+    verifies in its strict mode: no pointer leaks, Spectre mitigations on. capset(2) acts on one
+    thread, which is what lets a root process keep a strict thread for its loads."""
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+
+    data = (Data * 2)()
+    for cap in (CAP_BPF, CAP_NET_ADMIN):
+        data[cap // 32].effective |= 1 << cap % 32
+        data[cap // 32].permitted |= 1 << cap % 32
+    if _libc.syscall(126, ctypes.byref(Header(0x20080522, 0)), data) != 0:  # capset
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+# Loads on a node go through this thread, so they are verified exactly as the verifier service
+# verified them (same privilege mode, hence the same verified_insns).
+strict_loader = ThreadPoolExecutor(max_workers=1, initializer=keep_only_bpf_capabilities)

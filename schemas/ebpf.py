@@ -1,6 +1,8 @@
 """The wire contract of eBPF functions: map shapes, the verifier's findings, attestations, and the
 verify request and reply (DESIGN.md §5)."""
 
+import hashlib
+
 import msgspec
 
 # Program types offered to tenants -> enum bpf_prog_type.
@@ -32,7 +34,7 @@ class Attestation(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """What the verifier approved. array_like: a msgpack array in this field order, so the bytes
     that are signed are canonical."""
 
-    digest: str  # of the instructions (map references symbolic) and the map shapes
+    digest: str  # program_digest(): the instructions, map shapes and map references
     prog_type: str
     maps: list[MapSpec]
     helpers: list[int]
@@ -73,8 +75,19 @@ class VerifyReply(msgspec.Struct, frozen=True, kw_only=True, tag="verify_reply")
     verified_insns: int = 0  # instructions the kernel verifier walked
     run_ns: int = 0  # measured cost per run, on a sample packet
     maps: list[MapSpec] = []
+    map_refs: dict[int, str] = {}  # instruction index -> the map it loads
     helpers: list[int] = []  # the helper ids it calls
     sample_retvals: list[int] = []  # what it returned on the sample packets
     kernel_log_tail: str = ""
     instructions: bytes = b""  # when accepted: what the digest covers (map references symbolic)
     signed: Signed | None = None  # when accepted and the request named a function
+
+
+def program_digest(instructions: bytes, maps: list[MapSpec], map_refs: dict[int, str]) -> str:
+    """What `digest` means everywhere: the exact instructions (map references symbolic, as the
+    compiler left them), the exact map shapes, and which instruction loads which map (the node
+    relocates those itself). Verifier and nodes compute it alike."""
+    hasher = hashlib.sha256(instructions)
+    hasher.update(msgspec.msgpack.encode(sorted(maps, key=lambda spec: spec.name)))
+    hasher.update(msgspec.msgpack.encode(sorted(map_refs.items())))
+    return "sha256-" + hasher.hexdigest()

@@ -4,7 +4,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from fabric import bus
+from fabric import bus, signing
 from fabric.app import ServiceApp, open_connections
 from verifier_service import attestation
 from verifier_service.service import Verifier, ensure_root
@@ -34,7 +34,7 @@ class VerifierApp(ServiceApp):
         server = bus.Server(nc, max_concurrent=64)
         stack.push_async_callback(server.close)
         await server.serve(verifier.routes())
-        public = attestation.public_key_text(key.public_key())
+        public = signing.public_key_text(key.public_key())
         log.info(
             "verifier %s serving; signing key %s (public %s)", settings.verifier_id, verifier.key_id, public
         )

@@ -5,16 +5,13 @@ map references at them, loads it, reads back `verified_insns` and profiles it wi
 BPF_PROG_TEST_RUN. One request on stdin, one result on stdout (msgpack); the service kills it at
 its deadline (the verifier stops at a pending signal)."""
 
-import ctypes
 import sys
 
 import msgspec
 
 from fabric import bpf
 from schemas.ebpf import PROG_TYPES, MapSpec
-from verifier_service.bytecode import LD_IMM64, PSEUDO_MAP_FD, Insn, decode, encode
 
-CAP_NET_ADMIN, CAP_BPF = 12, 39
 LOG_TAIL_LINES = 20
 PROFILE_REPEAT = 1000
 
@@ -43,37 +40,12 @@ class KernelResult(msgspec.Struct, frozen=True, kw_only=True):
     run_ns: int = 0  # per run, averaged over PROFILE_REPEAT runs of the first sample
 
 
-def keep_only(*capabilities: int) -> None:
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
-
-    data = (Data * 2)()
-    for cap in capabilities:
-        data[cap // 32].effective |= 1 << cap % 32
-        data[cap // 32].permitted |= 1 << cap % 32
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
-
-
-def relocate(raw: bytes, map_refs: dict[int, str], fds: dict[str, int]) -> bytes:
-    insns = decode(raw)
-    for index, name in map_refs.items():
-        insn = insns[index]
-        assert insn.code == LD_IMM64
-        insns[index] = Insn(insn.code, insn.dst, PSEUDO_MAP_FD, insn.off, fds[name])
-    return encode(insns)
-
-
 def verify(request: KernelRequest) -> KernelResult:
     fds = {
         spec.name: bpf.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
         for spec in request.maps
     }
-    code = relocate(request.raw, request.map_refs, fds)
+    code = bpf.relocate_maps(request.raw, request.map_refs, fds)
     try:
         prog_fd, log = bpf.prog_load(PROG_TYPES[request.prog_type], code, request.license, request.name)
     except bpf.BpfError as exc:
@@ -95,7 +67,7 @@ def _tail(log: str) -> str:
 
 def main() -> None:
     request = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=KernelRequest)
-    keep_only(CAP_BPF, CAP_NET_ADMIN)
+    bpf.keep_only_bpf_capabilities()  # this process has one thread: the whole process
     try:
         result = verify(request)
     except bpf.BpfError as exc:

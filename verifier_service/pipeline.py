@@ -36,6 +36,7 @@ async def verify(
         prog_type=prog_type,
         insns=static.insns,
         maps=static.maps,
+        map_refs=static.map_refs,
     )
     if not static.accepted:
         return refused

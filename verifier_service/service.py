@@ -9,7 +9,7 @@ import time
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fabric import bus
+from fabric import bus, signing
 from schemas import codec, subjects
 from schemas.ebpf import PROG_TYPES, Attestation, VerifyReply, VerifyRequest
 from schemas.errors import Error
@@ -29,7 +29,7 @@ class Verifier:
     def __init__(self, settings: VerifierSettings, key: Ed25519PrivateKey):
         self.settings = settings
         self._key = key
-        self.key_id = attestation.key_id(key.public_key())
+        self.key_id = signing.key_id(key.public_key())
         self._buckets = TenantBuckets(settings.tenant_rate_per_s, settings.tenant_burst)
         self._turns = FairTurns(settings.workers)
         self._limits = VerifyLimits(
@@ -57,7 +57,7 @@ class Verifier:
             "accepted" if reply.accepted else "rejected",
         )
         if reply.accepted and req.function:
-            return self._signed(reply, req)
+            return self.attest(reply, req.tenant, req.function)
         return reply
 
     def _refusal(self, req: VerifyRequest) -> str | None:
@@ -71,15 +71,16 @@ class Verifier:
             return f"prog_type {req.prog_type!r} is not offered (one of {', '.join(sorted(PROG_TYPES))})"
         return None
 
-    def _signed(self, reply: VerifyReply, req: VerifyRequest) -> VerifyReply:
+    def attest(self, reply: VerifyReply, tenant: str, function: str) -> VerifyReply:
+        """The reply, with a signed attestation of what was approved, for `tenant`'s `function`."""
         now = time.time()
         approved = Attestation(
             digest=reply.digest,
             prog_type=reply.prog_type,
             maps=reply.maps,
             helpers=reply.helpers,
-            tenant=req.tenant,
-            function=req.function,
+            tenant=tenant,
+            function=function,
             policy_id=self.settings.policy_id,
             verifier_version=VERIFIER_VERSION,
             kernel_release=platform.release(),

@@ -1,11 +1,9 @@
 """The static half of verification, before the kernel's verifier: read the object, check the
 instruction stream's structure, apply the isolation policy. Pure: bytes in, a verdict out."""
 
-import hashlib
-
 import msgspec
 
-from schemas.ebpf import MapSpec, Reason
+from schemas.ebpf import MapSpec, Reason, program_digest
 from verifier_service import bytecode, policy
 from verifier_service.elf import ObjectError, read_object
 from verifier_service.policy import Limits, Program
@@ -18,6 +16,7 @@ class StaticVerdict(msgspec.Struct, frozen=True, kw_only=True):
     program: str = ""
     insns: int = 0
     maps: list[MapSpec] = []
+    map_refs: dict[int, str] = {}
 
 
 def check_object(data: bytes, program: str | None, prog_type: str, limits: Limits) -> StaticVerdict:
@@ -33,15 +32,9 @@ def check_object(data: bytes, program: str | None, prog_type: str, limits: Limit
     return StaticVerdict(
         accepted=not reasons,
         reasons=reasons,
-        digest=digest(obj.raw, obj.maps),
+        digest=program_digest(obj.raw, obj.maps, obj.map_refs),
         program=obj.name,
         insns=len(obj.raw) // bytecode.INSN_SIZE,
         maps=obj.maps,
+        map_refs=obj.map_refs,
     )
-
-
-def digest(raw: bytes, maps: list[MapSpec]) -> str:
-    """What a signature will cover: the exact instructions and the exact map shapes they expect."""
-    hasher = hashlib.sha256(raw)
-    hasher.update(msgspec.msgpack.encode(sorted(maps, key=lambda spec: spec.name)))
-    return "sha256-" + hasher.hexdigest()

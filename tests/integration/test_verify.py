@@ -14,6 +14,7 @@ import pytest
 
 from cli.client import Client, ClientError
 from deploy import launcher
+from fabric import signing
 from schemas.ebpf import VerifyRequest
 from tests.bpf_build import COUNTER, bpf_builder
 from verifier_service import attestation
@@ -92,9 +93,9 @@ async def test_an_approved_function_comes_back_signed(vclient: Client, verifier_
     request = VerifyRequest(tenant="acme", function="count", object=objects["counter"].read_bytes())
     reply = await vclient.verify(request)
     key = attestation.load_or_create_key(Path(verifier_cluster.state_dir) / "keys" / "signing.pem")
-    trusted = {attestation.key_id(key.public_key()): key.public_key()}
+    trusted = {signing.key_id(key.public_key()): key.public_key()}
 
-    approved = attestation.check(reply.signed, trusted, time.time())
+    approved = signing.check(reply.signed, trusted, time.time())
 
     assert (approved.tenant, approved.function, approved.digest) == ("acme", "count", reply.digest)
     assert approved.verified_insns == reply.verified_insns and approved.maps == reply.maps

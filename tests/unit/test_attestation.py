@@ -7,8 +7,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from fabric.signing import AttestationError, check, key_id
 from schemas.ebpf import Attestation, MapSpec, Signed
-from verifier_service.attestation import AttestationError, check, key_id, load_or_create_key, sign
+from verifier_service.attestation import load_or_create_key, sign
 
 NOW = 1_800_000_000.0
 

@@ -1,0 +1,52 @@
+"""Whether a DPU node may load a program: every check of DESIGN.md §5 before any bpf(2) call.
+Pure: the signed attestation, the bytes, what the deploy asks for, the node's trust and the time
+in; the attestation or a refusal with its reason out."""
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fabric.signing import AttestationError, check
+from schemas.ebpf import Attestation, MapSpec, Signed, program_digest
+
+
+class LoadRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What the deploy asks this node to load: the bytes and what they are for."""
+
+    tenant: str
+    function: str
+    prog_type: str
+    maps: list[MapSpec]
+    map_refs: dict[int, str]
+    instructions: bytes
+    signed: Signed
+
+
+class Refused(ValueError):
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+def admit(
+    request: LoadRequest, trusted: dict[str, Ed25519PublicKey], revoked: set[str], now: float
+) -> Attestation:
+    try:
+        approved = check(request.signed, trusted, now)
+    except AttestationError as exc:
+        raise Refused(exc.code, str(exc)) from None
+    digest = program_digest(request.instructions, request.maps, request.map_refs)
+    if digest != approved.digest:
+        raise Refused("digest_mismatch", "the bytecode or its map shapes are not what was approved")
+    if approved.digest in revoked:
+        raise Refused("revoked", f"program {approved.digest} has been revoked")
+    for field in ("tenant", "function", "prog_type"):
+        if getattr(approved, field) != getattr(request, field):
+            wanted, signed_for = getattr(request, field), getattr(approved, field)
+            raise Refused("wrong_" + field, f"approved for {field} {signed_for!r}, not {wanted!r}")
+    if sorted(approved.maps, key=_name) != sorted(request.maps, key=_name):
+        raise Refused("maps_mismatch", "the map specs differ from the approved ones")
+    return approved
+
+
+def _name(spec: MapSpec) -> str:
+    return spec.name

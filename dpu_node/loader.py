@@ -1,0 +1,60 @@
+"""Loading an admitted program on a DPU node: the node creates and owns every map (per tenant,
+never shared), points the program at them, lets the kernel verifier run again, and refuses the
+program unless the kernel walked exactly as many instructions as the attestation says."""
+
+import os
+from dataclasses import dataclass, field
+
+from dpu_node.admission import LoadRequest, Refused
+from fabric import bpf
+from schemas.ebpf import PROG_TYPES, Attestation, MapSpec
+
+
+@dataclass
+class Loaded:
+    tenant: str
+    function: str
+    digest: str
+    prog_type: str
+    prog_fd: int
+    maps: dict[str, tuple[int, MapSpec]] = field(default_factory=dict)  # name -> (fd, spec)
+
+    def run(self, packet: bytes) -> tuple[int, bytes, int]:
+        """(return code, output packet, kernel-measured ns) of one run on `packet`."""
+        return bpf.test_run(self.prog_fd, packet)
+
+    def close(self) -> None:
+        for fd in [self.prog_fd, *(fd for fd, _ in self.maps.values())]:
+            os.close(fd)
+
+
+def load(request: LoadRequest, approved: Attestation) -> Loaded:
+    maps: dict[str, tuple[int, MapSpec]] = {}
+    try:
+        for spec in request.maps:
+            fd = bpf.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
+            maps[spec.name] = (fd, spec)
+        code = bpf.relocate_maps(
+            request.instructions, request.map_refs, {n: fd for n, (fd, _) in maps.items()}
+        )
+        prog_type = PROG_TYPES[request.prog_type]
+        strict = bpf.strict_loader.submit(bpf.prog_load, prog_type, code, "GPL", request.function, 0)
+        prog_fd, _log = strict.result()
+    except (bpf.BpfError, ValueError) as exc:
+        _close(maps)
+        raise Refused("load_failed", f"the kernel refused to load it here: {exc}") from None
+    loaded = Loaded(request.tenant, request.function, approved.digest, request.prog_type, prog_fd, maps)
+    walked = bpf.verified_insns(prog_fd)
+    if walked != approved.verified_insns:
+        loaded.close()
+        raise Refused(
+            "verified_insns_mismatch",
+            f"this kernel walked {walked} instructions, the attestation says {approved.verified_insns}: "
+            "a different verifier; the program must be verified again",
+        )
+    return loaded
+
+
+def _close(maps: dict[str, tuple[int, MapSpec]]) -> None:
+    for fd, _ in maps.values():
+        os.close(fd)
