@@ -20,6 +20,7 @@ from schemas.ebpf import VerifyReply, VerifyRequest
 from schemas.errors import Error
 from schemas.manifest import parse_manifest
 from schemas.messages import (
+    ApprovedProgram,
     ClusterStatus,
     DeployReply,
     DeployRequest,
@@ -80,6 +81,25 @@ def read_function_dir(path: Path) -> tuple[FunctionSpec, bytes]:
         raise ClientError(Error(code="bad_request", message=f"no {MANIFEST} at {path}"))
     spec = parse_manifest(manifest.read_text())
     return spec, pack_directory(manifest.parent, MAX_BUNDLE_BYTES)
+
+
+def _read_ebpf_object(path: Path, spec: FunctionSpec) -> bytes:
+    assert spec.ebpf is not None
+    obj = (path if path.is_dir() else path.parent) / spec.ebpf.object
+    if not obj.is_file():
+        raise ClientError(
+            Error(code="bad_request", message=f"the object {obj} does not exist (build it first)")
+        )
+    return obj.read_bytes()
+
+
+class ProgramRejected(ClientError):
+    """The verifier rejected an ebpf function's program: `verdict` says why."""
+
+    def __init__(self, verdict: VerifyReply):
+        self.verdict = verdict
+        first = verdict.reasons[0].message if verdict.reasons else "rejected"
+        super().__init__(Error(code="rejected", message=f"the verifier rejected the program: {first}"))
 
 
 class Client:
@@ -147,15 +167,40 @@ class Client:
         return InvokeOutcome(invocation_id, result, None, result.node, latency_ms)
 
     async def deploy(self, path: Path, tenant: str | None = None) -> DeployReply:
-        """Upload the bundle (content-addressed: unchanged code is not sent again), then register."""
+        """Upload the bundle (content-addressed: unchanged code is not sent again), then register.
+        An ebpf function is verified first; a rejection raises ProgramRejected with the verdict."""
         spec, bundle = read_function_dir(path)
         if tenant is not None:
             spec = msgspec.structs.replace(spec, tenant=tenant)
+        program = None
+        if spec.runtime == "ebpf":
+            program = await self._approve(spec, _read_ebpf_object(path, spec))
         digest = await self._bundles.upload(bundle)
         return await self._control(
             subjects.DEPLOY,
-            DeployRequest(spec=spec, bundle_digest=digest, bundle_size=len(bundle)),
+            DeployRequest(spec=spec, bundle_digest=digest, bundle_size=len(bundle), program=program),
             codec.deploy_result,
+        )
+
+    async def _approve(self, spec: FunctionSpec, obj: bytes) -> ApprovedProgram:
+        """Have the verifier check and sign the function's program."""
+        assert spec.ebpf is not None
+        request = VerifyRequest(
+            tenant=spec.tenant,
+            function=spec.name,
+            object=obj,
+            program=spec.ebpf.program,
+            prog_type=spec.ebpf.prog_type,
+        )
+        reply = await self.verify(request)
+        if not reply.accepted or reply.signed is None:
+            raise ProgramRejected(reply)
+        return ApprovedProgram(
+            instructions=reply.instructions,
+            prog_type=reply.prog_type,
+            maps=reply.maps,
+            map_refs=reply.map_refs,
+            signed=reply.signed,
         )
 
     async def functions(self, tenant: str | None = None) -> list[FunctionRecord]:

@@ -13,7 +13,7 @@ import msgspec
 import nats
 
 from cli import render
-from cli.client import Client, ClientError
+from cli.client import Client, ClientError, ProgramRejected
 from deploy import launcher
 from deploy.services import ServiceError
 from fabric.bundles import BundleError
@@ -53,6 +53,9 @@ def _run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
 
     try:
         return asyncio.run(main())
+    except ProgramRejected as exc:
+        click.echo(render.verdict(exc.verdict, "the function's program"), err=True)
+        raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
     except ClientError as exc:
         raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
     except (ManifestError, BundleError) as exc:
@@ -92,7 +95,10 @@ def cli() -> None:
     type=click.IntRange(0, 8),
     help="eBPF verifier replicas (root)",
 )
-def up(hosts: int, schedulers: int, verifiers: int) -> None:
+@click.option(
+    "--dpus", default=0, show_default=True, type=click.IntRange(0, 64), help="DPU nodes to start (root)"
+)
+def up(hosts: int, schedulers: int, verifiers: int, dpus: int) -> None:
     """Start a local cluster in the background; returns when every node has registered."""
     state = _state_dir()
     info = launcher.read_cluster(state)
@@ -112,12 +118,14 @@ def up(hosts: int, schedulers: int, verifiers: int) -> None:
             hosts=hosts,
             schedulers=schedulers,
             verifiers=verifiers,
+            dpus=dpus if os.geteuid() == 0 else 0,
             progress=lambda m: click.echo(f"  {m}", err=True),
         )
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"  waiting for {hosts} host node(s) to register", err=True)
-    status = _run(_wait_for_nodes, hosts, info)
+    nodes = hosts + (dpus if os.geteuid() == 0 else 0)
+    click.echo(f"  waiting for {nodes} node(s) to register", err=True)
+    status = _run(_wait_for_nodes, nodes, info)
     click.echo(render.status_table(status, state, launcher.running_processes(info)))
     click.echo(
         f"\ncluster is up: NATS {info.nats_url}, etcd {info.etcd_endpoint}; stop it with `hetfaas down`"

@@ -106,6 +106,8 @@ def invoke_json(outcome: InvokeOutcome) -> dict:
         "output": None,
         "error": None,
     }
+    if reply is not None and reply.retval is not None:  # an eBPF function: the packet and verdict
+        result |= {"retval": reply.retval, "action": reply.action or None, "run_ns": reply.run_ns}
     if reply is not None:
         try:
             result["output"] = reply.output.decode()
@@ -125,6 +127,10 @@ def invoke_summary(outcome: InvokeOutcome) -> str:
             f"[{outcome.invocation_id[:8]}] failed on {outcome.node or '-'} after {outcome.latency_ms:.1f} ms"
         )
     kind = "cold" if outcome.reply.cold_start else "warm"
+    if outcome.reply.retval is not None:
+        kind += f" retval={outcome.reply.retval}" + (
+            f" ({outcome.reply.action})" if outcome.reply.action else ""
+        )
     return (
         f"[{outcome.invocation_id[:8]}] node={outcome.node} {kind} latency={outcome.latency_ms:.1f}ms "
         f"node_time={outcome.reply.duration_ms:.1f}ms"

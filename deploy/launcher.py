@@ -16,11 +16,14 @@ from typing import Any
 import msgspec
 
 from deploy import services
+from dpu_node.settings import DpuNodeSettings
+from fabric import signing
 from fabric.settings import write_settings
 from host_node.sandbox import cgroups
 from host_node.sandbox.settings import SandboxSettings
 from host_node.settings import HostNodeSettings
 from scheduler.settings import SchedulerSettings
+from verifier_service.attestation import load_or_create_key
 from verifier_service.settings import VerifierSettings
 
 CLUSTER_FILE = "cluster.json"
@@ -82,6 +85,7 @@ def up(
     hosts: int = 2,
     schedulers: int = 1,
     verifiers: int = 0,
+    dpus: int = 0,
     host_overrides: dict[str, Any] | None = None,
     scheduler_overrides: dict[str, Any] | None = None,
     listen_host: str = services.LOOPBACK,
@@ -129,6 +133,12 @@ def up(
                 break
             progress(f"starting verifier-{i}")
             start_verifier(info, i)
+        for i in range(1, dpus + 1):
+            if os.geteuid() != 0:
+                progress("not starting DPU nodes: they load eBPF programs and need root")
+                break
+            progress(f"starting dpu-{i}")
+            start_dpu(info, i)
     except BaseException:
         stop(info)
         raise
@@ -170,11 +180,30 @@ def start_verifier(info: ClusterInfo, index: int, overrides: dict[str, Any] | No
         verifier_id=name,
         nats_url=info.nats_url,
         etcd_endpoints=[info.etcd_endpoint],
-        key_path=str(Path(info.state_dir) / "keys" / "signing.pem"),
+        key_path=str(signing_key_path(info)),
         state_dir=info.state_dir,
         **(overrides or {}),
     )
     return _start_service(info, name, "verifier_service", settings)
+
+
+def signing_key_path(info: ClusterInfo) -> Path:
+    return Path(info.state_dir) / "keys" / "signing.pem"
+
+
+def start_dpu(info: ClusterInfo, index: int, overrides: dict[str, Any] | None = None) -> int:
+    """A DPU node trusts exactly the cluster's verifier key (created here if it does not exist yet)."""
+    name = f"dpu-{index}"
+    public = signing.public_key_text(load_or_create_key(signing_key_path(info)).public_key())
+    settings = DpuNodeSettings(
+        node_id=name,
+        nats_url=info.nats_url,
+        etcd_endpoints=[info.etcd_endpoint],
+        trusted_keys=[public],
+        state_dir=info.state_dir,
+        **(overrides or {}),
+    )
+    return _start_service(info, name, "dpu_node", settings)
 
 
 def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: str | None = None) -> int:

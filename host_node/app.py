@@ -2,12 +2,9 @@
 
 import contextlib
 import logging
-import os
-import socket
-import time
 from pathlib import Path
 
-from fabric import bus
+from fabric import bus, nodes
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
 from host_node.bundle_cache import BundleCache
@@ -15,8 +12,6 @@ from host_node.sandbox.agent import ShardedSpawner
 from host_node.service import HostNode
 from host_node.settings import HostNodeSettings
 from host_node.spawner import PlainSpawner, Spawner
-from schemas import codec, keys
-from schemas.messages import NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +39,14 @@ class HostNodeApp(ServiceApp):
         spawner = await open_spawner(settings, stack)
         node = self.node = HostNode(settings, bundles, spawner)
         stack.callback(node.warm.close)  # after the server stops and the lease is revoked
-        record = NodeRecord(
-            node_id=settings.node_id,
-            kind="host",
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            capacity=settings.capacity,
-            started_at=time.time(),
+        registration = nodes.register(
+            stack, store, settings.node_id, "host", settings.capacity, settings.lease_ttl_s
         )
-        registration = store.leased_key(
-            keys.node(settings.node_id), lambda: codec.encode(record), settings.lease_ttl_s
-        )
-        stack.push_async_callback(registration.revoke)
         server = bus.Server(nc, max_concurrent=settings.capacity * 2)
         stack.push_async_callback(server.close, settings.shutdown_grace_s)
         await server.serve(node.routes())
-        tasks.spawn(node.send_heartbeats(nc), "heartbeats")
+        beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)
+        tasks.spawn(beats, "heartbeats")
         tasks.spawn(node.reap_idle(), "reap-idle")
         tasks.spawn(registration.run(), "registration")
         log.info("host node %s serving", settings.node_id)

@@ -6,11 +6,9 @@ import os
 import time
 from pathlib import Path
 
-import nats
-from nats.aio.client import Client as NATS
 from opentelemetry.trace import SpanKind
 
-from fabric import bus, telemetry
+from fabric import bus, nodes, telemetry
 from fabric.bundles import BundleError
 from host_node.bundle_cache import BundleCache
 from host_node.runtimes.errors import FunctionFailed
@@ -21,13 +19,11 @@ from host_node.settings import HostNodeSettings
 from host_node.spawner import Spawner
 from host_node.warm import WarmInstances
 from schemas import codec, subjects
-from schemas.errors import Error
 from schemas.manifest import NAME_RE
 from schemas.messages import ErrorReply, FunctionSpec, Heartbeat, InvokeReply, NodeInvoke, instance_key
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_RETRIES = {"throttled", "unavailable"}  # refusals the scheduler retries on another node
 NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
 
 
@@ -47,10 +43,7 @@ class HostNode:
         return [bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke)]
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
-        reply = await self._invoke_traced(req, ctx)
-        if req.reply_to and not (isinstance(reply, ErrorReply) and reply.error.code in SCHEDULER_RETRIES):
-            return bus.ReplyTo(req.reply_to, reply)
-        return reply
+        return nodes.answer(req, await self._invoke_traced(req, ctx))
 
     async def _invoke_traced(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
         if self.inflight >= self.settings.capacity:
@@ -178,11 +171,7 @@ class HostNode:
         return path
 
     def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
-        return ErrorReply(
-            error=Error(code=code, message=message, detail=detail),
-            invocation_id=req.invocation_id,
-            node=self.settings.node_id,
-        )
+        return nodes.error_reply(req, self.settings.node_id, code, message, detail)
 
     def heartbeat(self, seq: int) -> Heartbeat:
         return Heartbeat(
@@ -195,16 +184,6 @@ class HostNode:
             sandbox_mode=self.settings.sandbox.mode,
             pool=self._spawner.states(),
         )
-
-    async def send_heartbeats(self, nc: NATS) -> None:
-        seq = 0
-        while True:
-            try:
-                await nc.publish(subjects.heartbeat(self.settings.node_id), codec.encode(self.heartbeat(seq)))
-            except nats.errors.Error as exc:  # e.g. mid-reconnect: the next beat will do
-                log.warning("heartbeat %d not sent: %s", seq, exc)
-            seq += 1
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def reap_idle(self) -> None:
         period = min(self.settings.keep_alive_s / 4, 5.0)

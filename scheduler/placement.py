@@ -14,13 +14,23 @@ from scheduler.view import NodeView
 WARM_BONUS = 0.1  # a fraction of a node's capacity
 
 
+def node_kind_for(runtime: str) -> str:
+    """python and exec functions run on hosts; ebpf ones on DPUs (hosts gain a loader later)."""
+    return "dpu" if runtime == "ebpf" else "host"
+
+
 def choose_node(
-    nodes: Iterable[NodeView], key: str, now: float, stale_after_s: float, exclude: set[str]
+    nodes: Iterable[NodeView],
+    key: str,
+    now: float,
+    stale_after_s: float,
+    exclude: set[str],
+    kind: str = "host",
 ) -> NodeView | None:
     best: NodeView | None = None
     best_rank: tuple[bool, float, str] | None = None
     for node in nodes:
-        if node.node_id in exclude or node.record.kind != "host" or not node.healthy(now, stale_after_s):
+        if node.node_id in exclude or node.record.kind != kind or not node.healthy(now, stale_after_s):
             continue
         load = node.load()
         effective = load - WARM_BONUS if node.is_warm_for(key) else load

@@ -13,13 +13,14 @@ from fabric import bus, telemetry
 from fabric.bundles import BundleStore
 from fabric.store import STORE_ERRORS, Store
 from scheduler import state
-from scheduler.placement import choose_node
+from scheduler.placement import choose_node, node_kind_for
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView, NodeView, warm_key
-from schemas import codec, keys, subjects
+from schemas import codec, ebpf, keys, subjects
 from schemas.errors import Error, ErrorCode
 from schemas.manifest import spec_problems
 from schemas.messages import (
+    ApprovedProgram,
     ClusterStatus,
     DeployReply,
     DeployRequest,
@@ -50,6 +51,10 @@ def is_error_reply(data: bytes) -> bool:
 
 class TryElsewhere(Exception):
     """This attempt failed in a way another node may not (gone, unreachable, full)."""
+
+
+def program_digest_of(program: ApprovedProgram) -> str:
+    return ebpf.program_digest(program.instructions, program.maps, program.map_refs)
 
 
 def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = "") -> ErrorReply:
@@ -167,11 +172,13 @@ class Scheduler:
     ) -> ErrorReply | bytes | None:
         """Try nodes until one answers or the deadline passes. None: the node answered the caller."""
         key = warm_key(record)
+        kind = node_kind_for(record.spec.runtime)
         tried: set[str] = set()
         failures: list[str] = []
         while True:
             now = time.monotonic()
-            node = choose_node(self.view.nodes.values(), key, now, self.settings.node_stale_after_s, tried)
+            stale_s = self.settings.node_stale_after_s
+            node = choose_node(self.view.nodes.values(), key, now, stale_s, tried, kind)
             if node is None:
                 why = "; ".join(failures) or self.view.explain_no_node(now, self.settings.node_stale_after_s)
                 return error("unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id)
@@ -187,6 +194,7 @@ class Scheduler:
                 invocation_id=req.invocation_id,
                 spec=record.spec,
                 bundle_digest=record.bundle_digest,
+                program_digest=record.program_digest,
                 payload=req.payload,
                 timeout_ms=remaining_ms,
                 attempt=len(tried),
@@ -263,11 +271,22 @@ class Scheduler:
         problems = spec_problems(req.spec)
         if problems:
             return error("bad_request", "invalid function spec: " + "; ".join(problems))
+        if (req.spec.runtime == "ebpf") != (req.program is not None):
+            return error("bad_request", "an ebpf function, and only one, comes with its approved program")
+        program_digest = ""
         try:
             if not await self._bundles.exists(req.bundle_digest):
                 return error("not_found", f"bundle {req.bundle_digest} was not uploaded to the bundle store")
+            if req.program is not None:
+                # Stored as approved; whoever loads it checks the signature against its own keys.
+                program_digest = program_digest_of(req.program)
+                await self._store.put(keys.program(program_digest), codec.encode(req.program))
             current = await state.read_function(self._store, req.spec.tenant, req.spec.name)
-            if current is not None and (current.spec, current.bundle_digest) == (req.spec, req.bundle_digest):
+            unchanged = (req.spec, req.bundle_digest, program_digest)
+            if (
+                current is not None
+                and (current.spec, current.bundle_digest, current.program_digest) == unchanged
+            ):
                 entry = await self._store.get(keys.function(req.spec.tenant, req.spec.name))
                 return DeployReply(
                     function=current, revision=entry.mod_revision if entry else 0, updated=False
@@ -277,6 +296,7 @@ class Scheduler:
                 bundle_digest=req.bundle_digest,
                 bundle_size=req.bundle_size,
                 deployed_at=time.time(),
+                program_digest=program_digest,
             )
             revision = await state.write_function(self._store, record)
         except STORE_ERRORS as exc:

@@ -3,6 +3,7 @@
 NODES = "/hetfaas/nodes/"
 SCHEDULERS = "/hetfaas/schedulers/"
 FUNCTIONS = "/hetfaas/functions/"
+PROGRAMS = "/hetfaas/programs/"
 
 
 def node(node_id: str) -> str:
@@ -24,3 +25,8 @@ def tenant_functions(tenant: str) -> str:
 def parse_function(key: str) -> tuple[str, str]:
     tenant, _, name = key.removeprefix(FUNCTIONS).partition("/")
     return tenant, name
+
+
+def program(digest: str) -> str:
+    """An approved eBPF program, content-addressed."""
+    return PROGRAMS + digest

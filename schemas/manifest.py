@@ -8,6 +8,7 @@ import tomllib
 
 import msgspec
 
+from schemas.ebpf import PROG_TYPES
 from schemas.messages import FunctionSpec
 
 # Names become NATS subject tokens and etcd key segments: no dots, spaces or wildcards.
@@ -39,6 +40,8 @@ def parse_manifest(text: str) -> FunctionSpec:
         noun = "key" if len(unknown) == 1 else "keys"
         names = ", ".join(repr(k) for k in unknown)
         raise ManifestError([f"unknown {noun} {names} (allowed: {', '.join(sorted(ALLOWED_KEYS))})"])
+    if doc.get("runtime") == "ebpf":
+        doc.setdefault("placement", "dpu")  # eBPF functions are what DPUs are for
     try:
         spec = msgspec.convert(doc, FunctionSpec)
     except msgspec.ValidationError as exc:
@@ -60,13 +63,17 @@ def spec_problems(spec: FunctionSpec) -> list[str]:
         value = getattr(spec, field)
         if not low <= value <= high:
             problems.append(f"{field} = {value} is outside {low}..{high}")
-    if spec.placement == "dpu":
+    if spec.placement == "dpu" and spec.runtime != "ebpf":
         problems.append(f"placement 'dpu' needs runtime 'ebpf'; a {spec.runtime} function runs on hosts")
     problems.extend(_runtime_problems(spec))
     return problems
 
 
 def _runtime_problems(spec: FunctionSpec) -> list[str]:
+    if spec.runtime == "ebpf":
+        return _ebpf_problems(spec)
+    if spec.ebpf is not None:
+        return [f"the [ebpf] table is for ebpf functions, not {spec.runtime}"]
     if spec.runtime == "python":
         if spec.command is not None:
             return ["'command' is for exec functions; python functions take 'handler'"]
@@ -79,4 +86,18 @@ def _runtime_problems(spec: FunctionSpec) -> list[str]:
         return ["'handler' is for python functions; exec functions take 'command'"]
     if not spec.command or not all(spec.command):
         return ['exec functions need command = ["program", "arg", ...] (non-empty)']
+    return []
+
+
+def _ebpf_problems(spec: FunctionSpec) -> list[str]:
+    if spec.handler is not None or spec.command is not None:
+        return ["ebpf functions take an [ebpf] table, not 'handler' or 'command'"]
+    if spec.ebpf is None:
+        return ['ebpf functions need an [ebpf] table: object = "prog.o", program = "...", prog_type = "xdp"']
+    if spec.placement == "host":
+        return ["ebpf functions run on DPUs: placement must be 'dpu' or 'any'"]
+    if spec.ebpf.prog_type not in PROG_TYPES:
+        return [f"prog_type {spec.ebpf.prog_type!r} is not offered (one of {', '.join(sorted(PROG_TYPES))})"]
+    if spec.ebpf.object.startswith("/") or ".." in spec.ebpf.object.split("/"):
+        return [f"object {spec.ebpf.object!r} must be a path inside the function's directory"]
     return []

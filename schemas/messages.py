@@ -7,11 +7,20 @@ from typing import Literal
 
 import msgspec
 
+from schemas.ebpf import MapSpec, Signed
 from schemas.errors import Error
 
-Runtime = Literal["python", "exec"]
+Runtime = Literal["python", "exec", "ebpf"]
 Placement = Literal["host", "dpu", "any"]
 NodeKind = Literal["host", "dpu"]
+
+
+class EbpfSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[ebpf]` table of an ebpf function's `function.toml`."""
+
+    object: str  # the ELF object, relative to the function's directory
+    program: str | None = None  # the program's function name, if the object holds several
+    prog_type: str = "xdp"
 
 
 class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,6 +35,7 @@ class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):
     timeout_ms: int = 3000
     concurrency: int = 8  # most instances of this function one node runs at once
     placement: Placement = "host"
+    ebpf: EbpfSpec | None = None
 
 
 class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,6 +45,7 @@ class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
     bundle_digest: str  # "sha256-<hex>" of the bundle bytes
     bundle_size: int
     deployed_at: float  # unix seconds
+    program_digest: str = ""  # ebpf: the approved program, at keys.program(digest)
 
 
 class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,11 +121,23 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     bundle_digest: str
     payload: bytes
     timeout_ms: int  # what is left of the caller's deadline when the scheduler sends it
+    program_digest: str = ""  # ebpf: the approved program to run, at keys.program(digest)
     attempt: int = 1
     # When set, the node sends its answer straight to the caller here and acknowledges the
     # scheduler with an empty message; refusals the scheduler retries (throttled, unavailable)
     # still go to the scheduler. Saves the caller a hop through the scheduler.
     reply_to: str = ""
+
+
+class ApprovedProgram(msgspec.Struct, frozen=True, kw_only=True):
+    """etcd value at `keys.program(digest)`: an ebpf function's bytecode with its signed approval.
+    Nodes trust it only through the signature, checked against keys pinned in their own settings."""
+
+    instructions: bytes
+    prog_type: str
+    maps: list[MapSpec]
+    map_refs: dict[int, str]
+    signed: Signed
 
 
 class InvokeReply(msgspec.Struct, frozen=True, kw_only=True, tag="invoke_reply"):
@@ -125,6 +148,9 @@ class InvokeReply(msgspec.Struct, frozen=True, kw_only=True, tag="invoke_reply")
     output: bytes
     phases_ms: dict[str, float] = {}
     attempts: int = 1
+    retval: int | None = None  # ebpf: the program's return code ...
+    action: str = ""  # ... and its name for the program type (XDP_DROP)
+    run_ns: int | None = None  # ebpf: kernel-measured run time
 
 
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
@@ -140,6 +166,7 @@ class DeployRequest(msgspec.Struct, frozen=True, kw_only=True, tag="deploy"):
     spec: FunctionSpec
     bundle_digest: str
     bundle_size: int
+    program: "ApprovedProgram | None" = None  # ebpf: what the verifier approved and signed
 
 
 class DeployReply(msgspec.Struct, frozen=True, kw_only=True, tag="deploy_reply"):

@@ -1,0 +1,52 @@
+"""The DPU node process: connections, registration (kind "dpu"), heartbeats, the invoke handler."""
+
+import contextlib
+import logging
+import os
+
+from dpu_node.service import DpuNode
+from dpu_node.settings import DpuNodeSettings
+from fabric import bus, nodes, signing
+from fabric.app import ServiceApp, open_connections
+
+log = logging.getLogger(__name__)
+
+
+class DpuNodeApp(ServiceApp):
+    def __init__(self, settings: DpuNodeSettings):
+        super().__init__()
+        self.settings = settings
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        settings = self.settings
+        if os.geteuid() != 0:
+            raise PermissionError("a DPU node loads eBPF programs: it needs root (CAP_BPF, CAP_NET_ADMIN)")
+        trusted = {signing.key_id(k): k for k in map(signing.public_key_from_text, settings.trusted_keys)}
+        if not trusted:
+            raise ValueError("trusted_keys is empty: this node would load nothing (pin the verifier's key)")
+        nc, store, tasks = await open_connections(
+            stack,
+            settings.node_id,
+            settings.nats_url,
+            settings.etcd_endpoints,
+            settings.state_dir,
+            settings.tracing,
+        )
+        node = self.node = DpuNode(settings, store, trusted)
+        stack.callback(node.close)
+        registration = nodes.register(
+            stack, store, settings.node_id, "dpu", settings.cores, settings.lease_ttl_s
+        )
+        server = bus.Server(nc, max_concurrent=settings.cores * 8)
+        stack.push_async_callback(server.close)
+        await server.serve(node.routes())
+        beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)
+        tasks.spawn(beats, "heartbeats")
+        tasks.spawn(registration.run(), "registration")
+        log.info(
+            "DPU node %s serving (%d cores; trusts %s)", settings.node_id, settings.cores, ", ".join(trusted)
+        )
+
+
+async def run_dpu_node(settings: DpuNodeSettings) -> None:
+    await DpuNodeApp(settings).serve_forever()

@@ -1,0 +1,133 @@
+"""The DPU node's invoke handler: load an approved program on first use (after every check in
+admission.py), then run each invocation's payload through it as a packet, in the kernel."""
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from dpu_node.admission import LoadRequest, Refused, admit
+from dpu_node.loader import Loaded, load
+from dpu_node.settings import DpuNodeSettings
+from fabric import bus, nodes
+from fabric.store import Store
+from schemas import codec, keys, subjects
+from schemas.messages import ApprovedProgram, ErrorReply, Heartbeat, InvokeReply, NodeInvoke
+
+log = logging.getLogger(__name__)
+ACTIONS = {
+    "xdp": {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"},
+    "sched_cls": {0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIFY", 2: "TC_ACT_SHOT", 3: "TC_ACT_PIPE"},
+}
+_approved = msgspec.msgpack.Decoder(ApprovedProgram)
+
+
+class DpuNode:
+    def __init__(self, settings: DpuNodeSettings, store: Store, trusted: dict[str, Ed25519PublicKey]):
+        self.settings = settings
+        self._store = store
+        self._trusted = trusted
+        self.revoked: set[str] = set()
+        self.loaded: dict[tuple[str, str, str], Loaded] = {}  # (tenant, function, digest) -> program
+        self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._cores = asyncio.Semaphore(settings.cores)
+        self.inflight = 0
+
+    def routes(self) -> list[bus.Route]:
+        return [bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke)]
+
+    async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
+        return nodes.answer(req, await self._invoke(req, ctx.received_at))
+
+    async def _invoke(self, req: NodeInvoke, received_at: float) -> InvokeReply | ErrorReply:
+        if req.spec.runtime != "ebpf" or not req.program_digest:
+            return self._error(req, "bad_request", "this DPU node runs ebpf functions only")
+        if len(req.payload) > self.settings.max_packet_bytes:
+            return self._error(
+                req, "bad_request", f"a packet is at most {self.settings.max_packet_bytes} bytes"
+            )
+        self.inflight += 1
+        try:
+            program, cold, load_ms = await self._program(req)
+            async with self._cores:
+                retval, packet, run_ns = program.run(req.payload)
+        except Refused as exc:
+            log.warning("refused %s/%s: %s", req.spec.tenant, req.spec.name, exc)
+            return self._error(req, "rejected", f"{exc.code}: {exc}")
+        finally:
+            self.inflight -= 1
+        phases = {"program_load_ms": load_ms} if cold else {}
+        return InvokeReply(
+            invocation_id=req.invocation_id,
+            node=self.settings.node_id,
+            cold_start=cold,
+            duration_ms=round((time.monotonic() - received_at) * 1000, 3),
+            output=packet,
+            phases_ms=phases,
+            attempts=req.attempt,
+            retval=retval,
+            action=ACTIONS.get(req.spec.ebpf.prog_type if req.spec.ebpf else "", {}).get(retval, ""),
+            run_ns=run_ns,
+        )
+
+    async def _program(self, req: NodeInvoke) -> tuple[Loaded, bool, float]:
+        """The loaded program (loading it on first use): (program, loaded now, load time ms)."""
+        key = (req.spec.tenant, req.spec.name, req.program_digest)
+        if (program := self.loaded.get(key)) is not None:
+            return program, False, 0.0
+        async with self._loading.setdefault(key, asyncio.Lock()):
+            if (program := self.loaded.get(key)) is not None:
+                return program, False, 0.0
+            started = time.monotonic()
+            entry = await self._store.get(keys.program(req.program_digest))
+            if entry is None:
+                raise Refused("unknown_program", f"no approved program {req.program_digest}")
+            approved = _approved.decode(entry.value)
+            request = LoadRequest(
+                tenant=req.spec.tenant,
+                function=req.spec.name,
+                prog_type=approved.prog_type,
+                maps=approved.maps,
+                map_refs=approved.map_refs,
+                instructions=approved.instructions,
+                signed=approved.signed,
+            )
+            attestation = admit(request, self._trusted, self.revoked, time.time())
+            self._check_partition(request)
+            program = await asyncio.to_thread(load, request, attestation)
+            self.loaded[key] = program
+            log.info("loaded %s/%s (%s)", req.spec.tenant, req.spec.name, req.program_digest[:19])
+            return program, True, round((time.monotonic() - started) * 1000, 3)
+
+    def _check_partition(self, request: LoadRequest) -> None:
+        mine = [p for (tenant, _, _), p in self.loaded.items() if tenant == request.tenant]
+        if len(mine) >= self.settings.tenant_programs:
+            raise Refused(
+                "partition_full", f"tenant {request.tenant!r} has {len(mine)} programs loaded, its limit"
+            )
+        used = sum(spec.memory_bytes for p in mine for _, spec in p.maps.values())
+        wanted = sum(spec.memory_bytes for spec in request.maps)
+        if used + wanted > self.settings.tenant_map_memory_bytes:
+            raise Refused("partition_full", f"tenant {request.tenant!r} would exceed its map memory")
+        total = sum(spec.memory_bytes for p in self.loaded.values() for _, spec in p.maps.values())
+        if total + wanted > self.settings.map_memory_bytes:
+            raise Refused("node_full", "this DPU's map memory is used up")
+
+    def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
+        return nodes.error_reply(req, self.settings.node_id, code, message, detail)
+
+    def heartbeat(self, seq: int) -> Heartbeat:
+        return Heartbeat(
+            node_id=self.settings.node_id,
+            seq=seq,
+            inflight=self.inflight,
+            capacity=self.settings.cores,
+            instances=len(self.loaded),
+        )
+
+    def close(self) -> None:
+        for program in self.loaded.values():
+            program.close()
+        self.loaded.clear()

@@ -1,0 +1,101 @@
+"""eBPF functions end to end: deploy (verified and signed on the way), the scheduler places them on
+a DPU node, which loads the approved program on first use and runs each payload through it."""
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.client import Client, ProgramRejected
+from deploy import launcher
+from tests.bpf_build import COUNTER, bpf_builder
+
+pytestmark = [pytest.mark.integration, pytest.mark.privileged]
+
+DROP_PORT_9 = """
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+
+SEC("xdp")
+int drop_discard(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = data + sizeof(*eth);
+    struct udphdr *udp = (void *)ip + sizeof(*ip);
+    if ((void *)(udp + 1) > end || eth->h_proto != __builtin_bswap16(ETH_P_IP) || ip->protocol != 17)
+        return XDP_PASS;
+    return udp->dest == __builtin_bswap16(9) ? XDP_DROP : XDP_PASS;
+}
+"""
+PEEK = """
+SEC("xdp")
+int peek(struct xdp_md *ctx) { unsigned char *data = (void *)(long)ctx->data; return data[20]; }
+"""
+
+
+@pytest.fixture(scope="module")
+def dpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.ClusterInfo]:
+    if os.geteuid() != 0:
+        pytest.skip("verifiers and DPU nodes load eBPF programs: they need root")
+    info = launcher.up(tmp_path_factory.mktemp("dpu") / "state", hosts=0, verifiers=1, dpus=1)
+    try:
+        yield info
+    finally:
+        launcher.stop(info)
+
+
+@pytest.fixture(scope="module")
+async def dclient(dpu_cluster: launcher.ClusterInfo) -> AsyncIterator[Client]:
+    client = await Client.connect(dpu_cluster.nats_url, "dpu-tests")
+    await client.wait_until_ready(1, timeout_s=30)
+    yield client
+    await client.close()
+
+
+def ebpf_function(root: Path, name: str, source: str, tenant: str = "acme") -> Path:
+    directory = root / name
+    directory.mkdir(parents=True)
+    (directory / "prog.o").write_bytes(bpf_builder(directory)(name, source))
+    manifest = f'name = "{name}"\ntenant = "{tenant}"\nruntime = "ebpf"\n'
+    (directory / "function.toml").write_text(manifest + '\n[ebpf]\nobject = "prog.o"\nprog_type = "xdp"\n')
+    return directory
+
+
+def udp_packet(port: int) -> bytes:
+    ethernet = b"\xff" * 12 + b"\x08\x00"
+    ip = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]) + bytes(8)
+    udp = (1234).to_bytes(2, "big") + port.to_bytes(2, "big") + (8).to_bytes(2, "big") + b"\0\0"
+    return ethernet + ip + udp + bytes(22)
+
+
+async def test_an_ebpf_function_runs_on_the_dpu(dclient: Client, tmp_path: Path) -> None:
+    deployed = await dclient.deploy(ebpf_function(tmp_path, "counter", COUNTER))
+    first = await dclient.invoke("acme", "counter", bytes(64))
+    second = await dclient.invoke("acme", "counter", bytes(64))
+
+    assert deployed.function.program_digest.startswith("sha256-")
+    assert first.ok and second.ok, (first.error, second.error)
+    assert first.node == "dpu-1" and first.reply.cold_start and "program_load_ms" in first.reply.phases_ms
+    assert not second.reply.cold_start
+    assert (second.reply.retval, second.reply.action) == (2, "XDP_PASS") and second.reply.output == bytes(64)
+    assert second.reply.run_ns is not None
+
+
+async def test_a_port_filter_drops_what_it_should(dclient: Client, tmp_path: Path) -> None:
+    await dclient.deploy(ebpf_function(tmp_path, "filter", DROP_PORT_9))
+    to_9 = await dclient.invoke("acme", "filter", udp_packet(9))
+    to_53 = await dclient.invoke("acme", "filter", udp_packet(53))
+
+    assert (to_9.reply.action, to_53.reply.action) == ("XDP_DROP", "XDP_PASS")
+
+
+async def test_a_rejected_program_is_not_deployed(dclient: Client, tmp_path: Path) -> None:
+    with pytest.raises(ProgramRejected) as rejected:
+        await dclient.deploy(ebpf_function(tmp_path, "peek", PEEK))
+    listed = [f.spec.name for f in await dclient.functions("acme")]
+
+    assert rejected.value.verdict.reasons[0].code == "kernel_verifier"
+    assert "peek" not in listed
