@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind
 from fabric import bus, telemetry
 from fabric.bundles import BundleStore, pack_directory
 from schemas import codec, subjects
-from schemas.ebpf import VerifyReply, VerifyRequest
+from schemas.ebpf import MapsReply, MapsRequest, VerifyReply, VerifyRequest
 from schemas.errors import Error
 from schemas.manifest import parse_manifest
 from schemas.messages import (
@@ -206,6 +206,12 @@ class Client:
     async def functions(self, tenant: str | None = None) -> list[FunctionRecord]:
         reply = await self._control(subjects.LIST_FUNCTIONS, ListFunctions(tenant=tenant), codec.list_result)
         return reply.functions
+
+    async def maps(self, tenant: str, function: str) -> MapsReply:
+        """The function's maps as the DPU nodes that run it hold them (a tenant sees only its own)."""
+        return await self._control(
+            subjects.MAPS, MapsRequest(tenant=tenant, function=function), codec.maps_result
+        )
 
     async def status(self) -> ClusterStatus:
         return await self._control(subjects.STATUS, StatusRequest(), codec.status_result)

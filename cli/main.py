@@ -257,6 +257,23 @@ def verify(obj: Path, program: str | None, prog_type: str, tenant: str, as_json:
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object (keys and values in hex)")
+def maps(name: str, tenant: str, as_json: bool) -> None:
+    """Show the maps of an ebpf function (the tenant's own), as each DPU node running it holds them."""
+    reply = _run(lambda c: c.maps(tenant, name))
+    if as_json:
+        _print_json([render.map_json(dump) for dump in reply.maps])
+    else:
+        click.echo(
+            render.maps_table(reply.maps)
+            if reply.maps
+            else f"{tenant}/{name} is not loaded on any DPU node yet"
+        )
+
+
 @cli.command("ls")
 @click.option("--tenant", default=None, help="only this tenant's functions")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON array")

@@ -3,8 +3,10 @@
 import base64
 from pathlib import Path
 
+import msgspec
+
 from cli.client import InvokeOutcome
-from schemas.ebpf import VerifyReply
+from schemas.ebpf import MapDump, VerifyReply
 from schemas.messages import ClusterStatus, FunctionRecord
 
 
@@ -163,3 +165,24 @@ def verdict(reply: VerifyReply, what: str) -> str:
         lines.append("  the kernel verifier's log ends:")
         lines += [f"    {line}" for line in reply.kernel_log_tail.splitlines()]
     return "\n".join(lines)
+
+
+def _number(raw: bytes) -> str:
+    """Keys and values of 4 or 8 bytes read as little-endian numbers (counters, ports), else hex."""
+    return str(int.from_bytes(raw, "little")) if len(raw) in (4, 8) else raw.hex()
+
+
+def map_json(dump: MapDump) -> dict:
+    return {
+        "node": dump.node,
+        "name": dump.name,
+        "spec": msgspec.to_builtins(dump.spec),
+        "entries": [{"key": e.key.hex(), "value": e.value.hex()} for e in dump.entries],
+        "truncated": dump.truncated,
+    }
+
+
+def maps_table(dumps: list[MapDump]) -> str:
+    rows = [[d.node, d.name, _number(e.key), _number(e.value)] for d in dumps for e in d.entries]
+    empty = [[d.node, d.name, "-", "(empty)"] for d in dumps if not d.entries]
+    return table(["NODE", "MAP", "KEY", "VALUE"], rows + empty)

@@ -11,12 +11,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dpu_node.admission import LoadRequest, Refused, admit
 from dpu_node.loader import Loaded, load
 from dpu_node.settings import DpuNodeSettings
-from fabric import bus, nodes
+from fabric import bpf, bus, nodes
 from fabric.store import Store
 from schemas import codec, keys, subjects
+from schemas.ebpf import MapDump, MapEntry, MapSpec, MapsReply, MapsRequest
 from schemas.messages import ApprovedProgram, ErrorReply, Heartbeat, InvokeReply, NodeInvoke
 
 log = logging.getLogger(__name__)
+MAX_DUMP_ENTRIES = 1024
 ACTIONS = {
     "xdp": {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"},
     "sched_cls": {0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIFY", 2: "TC_ACT_SHOT", 3: "TC_ACT_PIPE"},
@@ -36,7 +38,35 @@ class DpuNode:
         self.inflight = 0
 
     def routes(self) -> list[bus.Route]:
-        return [bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke)]
+        node_id = self.settings.node_id
+        return [
+            bus.Route(subjects.node_invoke(node_id), codec.node_invoke, self.on_invoke),
+            bus.Route(subjects.node_maps(node_id), codec.maps_request, self.on_maps),
+        ]
+
+    async def on_maps(self, req: MapsRequest, ctx: bus.Context) -> MapsReply:
+        """The maps of this tenant's function, and nobody else's: the key includes the tenant."""
+        program = self.loaded.get((req.tenant, req.function, req.program_digest))
+        if program is None:
+            return MapsReply(maps=[])
+        return MapsReply(
+            maps=[self._dump(name, fd, spec) for name, (fd, spec) in sorted(program.maps.items())]
+        )
+
+    def _dump(self, name: str, fd: int, spec: MapSpec) -> MapDump:
+        found = bpf.map_keys(fd, spec.key_size, MAX_DUMP_ENTRIES + 1)
+        entries = []
+        for key in found[:MAX_DUMP_ENTRIES]:
+            value = bpf.map_lookup(fd, key, spec.value_size)
+            if value is not None:
+                entries.append(MapEntry(key, value))
+        return MapDump(
+            node=self.settings.node_id,
+            name=name,
+            spec=spec,
+            entries=entries,
+            truncated=len(found) > MAX_DUMP_ENTRIES,
+        )
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
         return nodes.answer(req, await self._invoke(req, ctx.received_at))

@@ -11,14 +11,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 SYS_BPF = 321  # x86_64
 
-MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, PROG_LOAD, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD = (
-    0,
-    1,
-    2,
-    5,
-    10,
-    15,
-)
+# bpf(2) commands
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 4
+PROG_LOAD, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD = 5, 10, 15
 ATTR_SIZE = 128
 PROG_INFO_SIZE = 232
 VERIFIED_INSNS_OFFSET = 216  # struct bpf_prog_info.verified_insns
@@ -58,6 +53,29 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
             return None
         raise
     return value.raw
+
+
+def map_keys(fd: int, key_size: int, limit: int) -> list[bytes]:
+    """Up to `limit` keys of a map, in the kernel's order (BPF_MAP_GET_NEXT_KEY from no key)."""
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    current = ctypes.create_string_buffer(key_size)
+    following = ctypes.create_string_buffer(key_size)
+    keys: list[bytes] = []
+    first = True
+    while len(keys) < limit:
+        struct.pack_into(
+            "<IIQQ", attr, 0, fd, 0, 0 if first else ctypes.addressof(current), ctypes.addressof(following)
+        )
+        try:
+            _call(MAP_GET_NEXT_KEY, attr, "map next key")
+        except BpfError as exc:
+            if exc.errno == 2:  # ENOENT: that was the last key
+                break
+            raise
+        keys.append(following.raw)
+        ctypes.memmove(current, following, key_size)
+        first = False
+    return keys
 
 
 def prog_load(

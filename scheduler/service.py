@@ -83,6 +83,7 @@ class Scheduler:
             bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue),
             bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
+            bus.Route(subjects.MAPS, codec.maps_request, self.on_maps, queue),
         ]
 
     async def start(self) -> None:
@@ -304,6 +305,29 @@ class Scheduler:
         self.view.put_function(record)
         log.info("deployed %s/%s (%s)", req.spec.tenant, req.spec.name, req.bundle_digest)
         return DeployReply(function=record, revision=revision, updated=True)
+
+    async def on_maps(self, req: ebpf.MapsRequest, ctx: bus.Context) -> ebpf.MapsReply | ErrorReply:
+        """A tenant's function's maps, gathered from every DPU node that has it loaded."""
+        record = self.view.functions.get((req.tenant, req.function))
+        if record is None or not record.program_digest:
+            return error("not_found", f"no ebpf function {req.function!r} for tenant {req.tenant!r}")
+        ask = msgspec.structs.replace(req, program_digest=record.program_digest)
+        now, stale = time.monotonic(), self.settings.node_stale_after_s
+        dpus = [
+            n.node_id for n in self.view.nodes.values() if n.record.kind == "dpu" and n.healthy(now, stale)
+        ]
+        replies = await asyncio.gather(*(self._node_maps(node_id, ask) for node_id in dpus))
+        return ebpf.MapsReply(maps=[dump for reply in replies for dump in reply])
+
+    async def _node_maps(self, node_id: str, req: ebpf.MapsRequest) -> list[ebpf.MapDump]:
+        try:
+            msg = await self._requester.request(
+                subjects.node_maps(node_id), codec.encode(req), 5.0, None, node_id
+            )
+        except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout):
+            return []  # a node that cannot answer has nothing to show
+        reply = codec.maps_result.decode(msg.data)
+        return reply.maps if isinstance(reply, ebpf.MapsReply) else []
 
     async def on_list(self, req: ListFunctions, ctx: bus.Context) -> FunctionList | ErrorReply:
         try:

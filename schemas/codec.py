@@ -24,6 +24,8 @@ node_record = msgspec.msgpack.Decoder(m.NodeRecord)
 scheduler_record = msgspec.msgpack.Decoder(m.SchedulerRecord)
 verify_request = msgspec.msgpack.Decoder(ebpf.VerifyRequest)
 verify_result = msgspec.msgpack.Decoder(ebpf.VerifyReply | m.ErrorReply)
+maps_request = msgspec.msgpack.Decoder(ebpf.MapsRequest)
+maps_result = msgspec.msgpack.Decoder(ebpf.MapsReply | m.ErrorReply)
 
 
 def encode(obj: Any) -> bytes:

@@ -83,6 +83,31 @@ class VerifyReply(msgspec.Struct, frozen=True, kw_only=True, tag="verify_reply")
     signed: Signed | None = None  # when accepted and the request named a function
 
 
+class MapsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="maps"):
+    """A tenant reads its own function's maps (client -> scheduler -> each DPU node)."""
+
+    tenant: str
+    function: str
+    program_digest: str = ""  # filled in by the scheduler
+
+
+class MapEntry(msgspec.Struct, frozen=True, array_like=True):
+    key: bytes
+    value: bytes
+
+
+class MapDump(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    name: str
+    spec: MapSpec
+    entries: list[MapEntry]
+    truncated: bool = False
+
+
+class MapsReply(msgspec.Struct, frozen=True, kw_only=True, tag="maps_reply"):
+    maps: list[MapDump]
+
+
 def program_digest(instructions: bytes, maps: list[MapSpec], map_refs: dict[int, str]) -> str:
     """What `digest` means everywhere: the exact instructions (map references symbolic, as the
     compiler left them), the exact map shapes, and which instruction loads which map (the node

@@ -10,6 +10,7 @@ DEPLOY = "hetfaas.control.deploy"
 LIST_FUNCTIONS = "hetfaas.control.functions"
 STATUS = "hetfaas.control.status"
 VERIFY = "hetfaas.verify"
+MAPS = "hetfaas.control.maps"
 
 
 def invoke(tenant: str, function: str) -> str:
@@ -30,3 +31,7 @@ def node_invoke(node_id: str) -> str:
 
 def heartbeat(node_id: str) -> str:
     return f"hetfaas.heartbeat.{node_id}"
+
+
+def node_maps(node_id: str) -> str:
+    return f"hetfaas.node.{node_id}.maps"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.client import Client, ProgramRejected
+from cli.client import Client, ClientError, ProgramRejected
 from deploy import launcher
 from tests.bpf_build import COUNTER, bpf_builder
 
@@ -82,6 +82,23 @@ async def test_an_ebpf_function_runs_on_the_dpu(dclient: Client, tmp_path: Path)
     assert not second.reply.cold_start
     assert (second.reply.retval, second.reply.action) == (2, "XDP_PASS") and second.reply.output == bytes(64)
     assert second.reply.run_ns is not None
+
+
+async def test_a_tenant_reads_its_own_maps_and_only_those(dclient: Client, tmp_path: Path) -> None:
+    await dclient.deploy(ebpf_function(tmp_path, "tally", COUNTER))
+    for _ in range(5):
+        await dclient.invoke("acme", "tally", bytes(64))
+    mine = await dclient.maps("acme", "tally")
+    await dclient.deploy(ebpf_function(tmp_path / "b", "tally", COUNTER, tenant="bravo"))
+    theirs = await dclient.maps("bravo", "tally")  # same name, other tenant: its own, never loaded
+    with pytest.raises(ClientError) as unknown:
+        await dclient.maps("mallory", "tally")
+
+    [dump] = mine.maps
+    counts = {int.from_bytes(e.key, "little"): int.from_bytes(e.value, "little") for e in dump.entries}
+    assert dump.name == "counters" and counts[0] == 5
+    assert theirs.maps == [], "tenant bravo sees nothing of acme's counter"
+    assert unknown.value.error.code == "not_found"
 
 
 async def test_a_port_filter_drops_what_it_should(dclient: Client, tmp_path: Path) -> None:
