@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind
 from fabric import bus, telemetry
 from fabric.bundles import BundleStore, pack_directory
 from schemas import codec, subjects
-from schemas.ebpf import MapsReply, MapsRequest, VerifyReply, VerifyRequest
+from schemas.ebpf import MapsReply, MapsRequest, RevokeReply, RevokeRequest, VerifyReply, VerifyRequest
 from schemas.errors import Error
 from schemas.manifest import parse_manifest
 from schemas.messages import (
@@ -211,6 +211,11 @@ class Client:
         """The function's maps as the DPU nodes that run it hold them (a tenant sees only its own)."""
         return await self._control(
             subjects.MAPS, MapsRequest(tenant=tenant, function=function), codec.maps_result
+        )
+
+    async def revoke(self, digest: str, reason: str = "") -> RevokeReply:
+        return await self._control(
+            subjects.REVOKE, RevokeRequest(digest=digest, reason=reason), codec.revoke_result
         )
 
     async def status(self) -> ClusterStatus:

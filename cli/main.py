@@ -274,6 +274,15 @@ def maps(name: str, tenant: str, as_json: bool) -> None:
         )
 
 
+@cli.command()
+@click.argument("digest")
+@click.option("--reason", default="", help="why (kept with the revocation)")
+def revoke(digest: str, reason: str) -> None:
+    """Revoke an approved eBPF program by digest: DPU nodes unload it and refuse to load it again."""
+    reply = _run(lambda c: c.revoke(digest, reason))
+    click.echo(f"revoked {reply.digest}")
+
+
 @cli.command("ls")
 @click.option("--tenant", default=None, help="only this tenant's functions")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON array")

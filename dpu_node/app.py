@@ -1,5 +1,6 @@
 """The DPU node process: connections, registration (kind "dpu"), heartbeats, the invoke handler."""
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -37,6 +38,10 @@ class DpuNodeApp(ServiceApp):
         registration = nodes.register(
             stack, store, settings.node_id, "dpu", settings.cores, settings.lease_ttl_s
         )
+        revocations = asyncio.Event()
+        tasks.spawn(node.follow_revocations(revocations), "revocations")
+        async with asyncio.timeout(settings.lease_ttl_s * 2):
+            await revocations.wait()  # serve only knowing what is revoked
         server = bus.Server(nc, max_concurrent=settings.cores * 8)
         stack.push_async_callback(server.close)
         await server.serve(node.routes())

@@ -12,7 +12,7 @@ from dpu_node.admission import LoadRequest, Refused, admit
 from dpu_node.loader import Loaded, load
 from dpu_node.settings import DpuNodeSettings
 from fabric import bpf, bus, nodes
-from fabric.store import Store
+from fabric.store import Entry, Event, Store, follow_prefix
 from schemas import codec, keys, subjects
 from schemas.ebpf import MapDump, MapEntry, MapSpec, MapsReply, MapsRequest
 from schemas.messages import ApprovedProgram, ErrorReply, Heartbeat, InvokeReply, NodeInvoke
@@ -156,6 +156,26 @@ class DpuNode:
             capacity=self.settings.cores,
             instances=len(self.loaded),
         )
+
+    async def follow_revocations(self, synced: asyncio.Event) -> None:
+        await follow_prefix(self._store, keys.REVOKED, self._reset_revoked, self._apply_revoked, synced)
+
+    def _reset_revoked(self, entries: list[Entry]) -> None:
+        self.revoked = {entry.key.removeprefix(keys.REVOKED) for entry in entries}
+        self._unload_revoked()
+
+    def _apply_revoked(self, event: Event) -> None:
+        digest = event.key.removeprefix(keys.REVOKED)
+        if event.kind == "put":
+            self.revoked.add(digest)
+            self._unload_revoked()
+        else:
+            self.revoked.discard(digest)
+
+    def _unload_revoked(self) -> None:
+        for key in [k for k in self.loaded if k[2] in self.revoked]:
+            log.warning("unloading revoked program %s of %s/%s", key[2], key[0], key[1])
+            self.loaded.pop(key).close()
 
     def close(self) -> None:
         for program in self.loaded.values():

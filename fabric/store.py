@@ -175,3 +175,32 @@ class LeasedKey:
                 await self._store._revoke(self._lease_id)
             except STORE_ERRORS as exc:
                 log.warning("could not revoke lease for %s: %s", self._key, exc)
+
+
+async def follow_prefix(
+    store: Store,
+    prefix: str,
+    reset: Callable[[list[Entry]], None],
+    apply: Callable[[Event], None],
+    synced: asyncio.Event,
+) -> None:
+    """Keep a local copy of `prefix` in step with etcd: list, then watch from the listed revision;
+    list again when the watch loses history (compaction) or etcd comes back after an outage.
+    `synced` is set once the first watch is set up: from then on no change is missed."""
+    retry_s = 0.2
+    while True:
+        try:
+            entries, revision = await store.list_prefix(prefix)
+            reset(entries)
+            retry_s = 0.2
+            # Synced only once the watch is set up: a listing alone can miss what changes
+            # right after it, should etcd fail before the watch starts.
+            async for batch in store.watch_prefix(prefix, revision + 1, on_created=synced.set):
+                for event in batch:
+                    apply(event)
+        except Compacted as exc:
+            log.info("re-listing %s: %s", prefix, exc)
+        except Exception as exc:  # etcd down (or worse): keep serving the last copy, retry
+            log.warning("etcd unavailable while following %s (%s); serving from the last view", prefix, exc)
+            await asyncio.sleep(retry_s)
+            retry_s = min(retry_s * 2, 2.0)

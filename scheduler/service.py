@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import re
 import time
 
 import msgspec
@@ -35,6 +36,7 @@ from schemas.messages import (
 )
 
 log = logging.getLogger(__name__)
+DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 
 RETRYABLE_NODE_ERRORS = {"unavailable", "throttled"}
 MAX_INVOCATION_ID = 128
@@ -84,6 +86,7 @@ class Scheduler:
             bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
             bus.Route(subjects.MAPS, codec.maps_request, self.on_maps, queue),
+            bus.Route(subjects.REVOKE, codec.revoke_request, self.on_revoke, queue),
         ]
 
     async def start(self) -> None:
@@ -318,6 +321,18 @@ class Scheduler:
         ]
         replies = await asyncio.gather(*(self._node_maps(node_id, ask) for node_id in dpus))
         return ebpf.MapsReply(maps=[dump for reply in replies for dump in reply])
+
+    async def on_revoke(self, req: ebpf.RevokeRequest, ctx: bus.Context) -> ebpf.RevokeReply | ErrorReply:
+        """Record a revocation in etcd; every DPU node watches them, unloads and refuses the program."""
+        if not DIGEST_RE.match(req.digest):
+            return error("bad_request", f"{req.digest!r} is not a program digest (sha256-<64 hex>)")
+        now = time.time()
+        try:
+            await self._store.put(keys.revoked(req.digest), codec.encode(req))
+        except STORE_ERRORS as exc:
+            return error("unavailable", f"cannot revoke while etcd is unreachable: {exc}")
+        log.warning("revoked program %s: %s", req.digest, req.reason or "no reason given")
+        return ebpf.RevokeReply(digest=req.digest, revoked_at=now)
 
     async def _node_maps(self, node_id: str, req: ebpf.MapsRequest) -> list[ebpf.MapDump]:
         try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from fabric.store import Compacted, Event, Store
+from fabric.store import Event, Store, follow_prefix
 from scheduler.view import ClusterView
 from schemas import codec, keys
 from schemas.messages import FunctionRecord, SchedulerRecord
@@ -39,25 +39,9 @@ class ClusterSync:
         apply: Callable[[Event], None],
         synced: asyncio.Event,
     ) -> None:
-        retry_s = 0.2
-        while True:
-            try:
-                entries, revision = await self._store.list_prefix(prefix)
-                reset([e.value for e in entries])
-                retry_s = 0.2
-                # Synced only once the watch is set up: a listing alone can miss what changes
-                # right after it, should etcd fail before the watch starts.
-                async for batch in self._store.watch_prefix(prefix, revision + 1, on_created=synced.set):
-                    for event in batch:
-                        apply(event)
-            except Compacted as exc:
-                log.info("re-listing %s: %s", prefix, exc)
-            except Exception as exc:  # etcd down (or worse): keep serving the last view, retry
-                log.warning(
-                    "etcd unavailable while following %s (%s); serving from the last view", prefix, exc
-                )
-                await asyncio.sleep(retry_s)
-                retry_s = min(retry_s * 2, 2.0)
+        await follow_prefix(
+            self._store, prefix, lambda entries: reset([e.value for e in entries]), apply, synced
+        )
 
     def _reset_nodes(self, values: list[bytes]) -> None:
         records = [r for r in map(_decode(codec.node_record), values) if r is not None]

@@ -26,6 +26,8 @@ verify_request = msgspec.msgpack.Decoder(ebpf.VerifyRequest)
 verify_result = msgspec.msgpack.Decoder(ebpf.VerifyReply | m.ErrorReply)
 maps_request = msgspec.msgpack.Decoder(ebpf.MapsRequest)
 maps_result = msgspec.msgpack.Decoder(ebpf.MapsReply | m.ErrorReply)
+revoke_request = msgspec.msgpack.Decoder(ebpf.RevokeRequest)
+revoke_result = msgspec.msgpack.Decoder(ebpf.RevokeReply | m.ErrorReply)
 
 
 def encode(obj: Any) -> bytes:

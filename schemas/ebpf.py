@@ -108,6 +108,16 @@ class MapsReply(msgspec.Struct, frozen=True, kw_only=True, tag="maps_reply"):
     maps: list[MapDump]
 
 
+class RevokeRequest(msgspec.Struct, frozen=True, kw_only=True, tag="revoke"):
+    digest: str
+    reason: str = ""
+
+
+class RevokeReply(msgspec.Struct, frozen=True, kw_only=True, tag="revoke_reply"):
+    digest: str
+    revoked_at: float
+
+
 def program_digest(instructions: bytes, maps: list[MapSpec], map_refs: dict[int, str]) -> str:
     """What `digest` means everywhere: the exact instructions (map references symbolic, as the
     compiler left them), the exact map shapes, and which instruction loads which map (the node

@@ -4,6 +4,7 @@ NODES = "/hetfaas/nodes/"
 SCHEDULERS = "/hetfaas/schedulers/"
 FUNCTIONS = "/hetfaas/functions/"
 PROGRAMS = "/hetfaas/programs/"
+REVOKED = "/hetfaas/revoked/"
 
 
 def node(node_id: str) -> str:
@@ -30,3 +31,8 @@ def parse_function(key: str) -> tuple[str, str]:
 def program(digest: str) -> str:
     """An approved eBPF program, content-addressed."""
     return PROGRAMS + digest
+
+
+def revoked(digest: str) -> str:
+    """A revoked program: DPU nodes watch these, unload it and refuse to load it again."""
+    return REVOKED + digest

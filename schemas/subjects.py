@@ -11,6 +11,7 @@ LIST_FUNCTIONS = "hetfaas.control.functions"
 STATUS = "hetfaas.control.status"
 VERIFY = "hetfaas.verify"
 MAPS = "hetfaas.control.maps"
+REVOKE = "hetfaas.control.revoke"
 
 
 def invoke(tenant: str, function: str) -> str:

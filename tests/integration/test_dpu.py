@@ -1,7 +1,9 @@
 """eBPF functions end to end: deploy (verified and signed on the way), the scheduler places them on
 a DPU node, which loads the approved program on first use and runs each payload through it."""
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -107,6 +109,25 @@ async def test_a_port_filter_drops_what_it_should(dclient: Client, tmp_path: Pat
     to_53 = await dclient.invoke("acme", "filter", udp_packet(53))
 
     assert (to_9.reply.action, to_53.reply.action) == ("XDP_DROP", "XDP_PASS")
+
+
+async def test_a_revoked_program_is_unloaded_and_refused(dclient: Client, tmp_path: Path) -> None:
+    deployed = await dclient.deploy(
+        ebpf_function(tmp_path, "doomed", COUNTER.replace("max_entries, 4)", "max_entries, 5)"))
+    )
+    before = await dclient.invoke("acme", "doomed", bytes(64))
+    await dclient.revoke(deployed.function.program_digest, "a verifier CVE")
+
+    async def refused() -> bool:
+        outcome = await dclient.invoke("acme", "doomed", bytes(64))
+        return outcome.error is not None and "revoked" in outcome.error.message
+
+    deadline = time.monotonic() + 10
+    while not await refused():
+        assert time.monotonic() < deadline, "the DPU node kept running a revoked program"
+        await asyncio.sleep(0.05)  # the revocation travels through etcd's watch
+
+    assert before.ok
 
 
 async def test_a_rejected_program_is_not_deployed(dclient: Client, tmp_path: Path) -> None:
