@@ -9,8 +9,14 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
-run hetfaas up --hosts 2
-for fn in examples/*/; do run hetfaas deploy "$fn"; done
+if [ "$(id -u)" -eq 0 ]; then
+    run hetfaas up --hosts 2 --dpus 1   # the verifier and DPU nodes load eBPF: root only
+    examples=(examples/*/)
+else
+    run hetfaas up --hosts 2
+    examples=(examples/hello-python/ examples/wordcount-exec/)
+fi
+for fn in "${examples[@]}"; do run hetfaas deploy "$fn"; done
 run hetfaas ls
 
 echo
@@ -23,6 +29,25 @@ for text in "one two three" "a b"; do
     echo "$text" | hetfaas invoke wordcount -v
 done
 run hetfaas invoke hello --data Linus --json
+if [ "$(id -u)" -eq 0 ]; then
+    echo
+    echo "# eBPF functions run on the DPU node: the payload is the packet; the reply gives the"
+    echo "# program's verdict (XDP_PASS, XDP_DROP, XDP_TX), the packet out and the kernel's run time."
+    packet() { python -c "import sys; sys.stdout.buffer.write(b'\\xaa'*6 + b'\\xbb'*6 + b'\\x08\\x00' + bytes([0x45,0,0,28,0,0,0,0,64,17,0,0]) + bytes(8) + (1234).to_bytes(2,'big') + ($1).to_bytes(2,'big') + b'\\x00\\x08\\x00\\x00' + bytes(22))"; }
+    for i in 1 2 3; do
+        printf '\n$ <UDP packet> | hetfaas invoke packet-counter -v   # the packet out goes to /dev/null\n'
+        packet 53 | hetfaas invoke packet-counter --data-file - -v >/dev/null
+    done
+    run hetfaas maps packet-counter
+    printf '\n$ <UDP packet to port 9> | hetfaas invoke port-filter -v\n'
+    packet 9 | hetfaas invoke port-filter --data-file - -v >/dev/null
+    printf '\n$ <UDP packet to port 53> | hetfaas invoke port-filter -v\n'
+    packet 53 | hetfaas invoke port-filter --data-file - -v >/dev/null
+    printf '\n$ <packet> | hetfaas invoke mac-bounce --json\n'
+    packet 53 | hetfaas invoke mac-bounce --data-file - --json
+    printf '\n$ hetfaas verify examples/ebpf-port-filter/filter.o\n'
+    hetfaas verify examples/ebpf-port-filter/filter.o
+fi
 printf '\n$ hetfaas invoke no-such-function   # errors are structured and exit non-zero\n'
 hetfaas invoke no-such-function || echo "(exit status $?)"
 run hetfaas status

@@ -48,6 +48,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 "$VENV/bin/python" -m host_node.sandbox.waiter >/dev/null  # rebuilt only when its source changed
+"$VENV/bin/python" -m deploy.build_ebpf >/dev/null          # the eBPF examples' objects, likewise
 "$VENV/bin/nats-server" --version >/dev/null
 "$VENV/bin/python" -c 'from deploy.services import etcd_binary, nats_server_binary; etcd_binary(); nats_server_binary()'
 say "ready: $VENV/bin/hetfaas"

@@ -100,13 +100,18 @@ def prog_load(
         log_address,
         0,
         0,
-        name.encode()[:15],
+        _object_name(name),
     )
     result = _libc.syscall(SYS_BPF, PROG_LOAD, attr, ATTR_SIZE)
     text = log.value.decode(errors="replace")
     if result < 0:
         raise BpfError(ctypes.get_errno(), "program load", text)
     return result, text
+
+
+def _object_name(name: str) -> bytes:
+    """The kernel takes only [A-Za-z0-9_.] in a program's name (EINVAL otherwise), 15 at most."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_.") else "_" for c in name).encode()[:15]
 
 
 def verified_insns(prog_fd: int) -> int:

@@ -3,6 +3,7 @@ a DPU node, which loads the approved program on first use and runs each payload 
 
 import asyncio
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,28 +11,12 @@ from pathlib import Path
 import pytest
 
 from cli.client import Client, ClientError, ProgramRejected
-from deploy import launcher
+from deploy import build_ebpf, launcher
 from tests.bpf_build import COUNTER, bpf_builder
+from tests.integration.conftest import EXAMPLES
 
 pytestmark = [pytest.mark.integration, pytest.mark.privileged]
 
-DROP_PORT_9 = """
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/udp.h>
-
-SEC("xdp")
-int drop_discard(struct xdp_md *ctx)
-{
-    void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    struct iphdr *ip = data + sizeof(*eth);
-    struct udphdr *udp = (void *)ip + sizeof(*ip);
-    if ((void *)(udp + 1) > end || eth->h_proto != __builtin_bswap16(ETH_P_IP) || ip->protocol != 17)
-        return XDP_PASS;
-    return udp->dest == __builtin_bswap16(9) ? XDP_DROP : XDP_PASS;
-}
-"""
 PEEK = """
 SEC("xdp")
 int peek(struct xdp_md *ctx) { unsigned char *data = (void *)(long)ctx->data; return data[20]; }
@@ -67,7 +52,7 @@ def ebpf_function(root: Path, name: str, source: str, tenant: str = "acme") -> P
 
 
 def udp_packet(port: int) -> bytes:
-    ethernet = b"\xff" * 12 + b"\x08\x00"
+    ethernet = b"\xaa" * 6 + b"\xbb" * 6 + b"\x08\x00"  # destination, source, IPv4
     ip = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]) + bytes(8)
     udp = (1234).to_bytes(2, "big") + port.to_bytes(2, "big") + (8).to_bytes(2, "big") + b"\0\0"
     return ethernet + ip + udp + bytes(22)
@@ -103,12 +88,24 @@ async def test_a_tenant_reads_its_own_maps_and_only_those(dclient: Client, tmp_p
     assert unknown.value.error.code == "not_found"
 
 
-async def test_a_port_filter_drops_what_it_should(dclient: Client, tmp_path: Path) -> None:
-    await dclient.deploy(ebpf_function(tmp_path, "filter", DROP_PORT_9))
-    to_9 = await dclient.invoke("acme", "filter", udp_packet(9))
-    to_53 = await dclient.invoke("acme", "filter", udp_packet(53))
+async def test_the_examples_filter_and_bounce_packets(dclient: Client) -> None:
+    clang = shutil.which("clang")
+    for name in ("ebpf-port-filter", "ebpf-swap-mac", "ebpf-counter"):
+        build_ebpf.build(EXAMPLES / name, clang)  # deploy/setup.sh built them already; cheap if so
+        await dclient.deploy(EXAMPLES / name, tenant="examples")
+    to_9 = await dclient.invoke("examples", "port-filter", udp_packet(9))
+    to_53 = await dclient.invoke("examples", "port-filter", udp_packet(53))
+    bounced = await dclient.invoke("examples", "mac-bounce", udp_packet(53))
+    counted = [await dclient.invoke("examples", "packet-counter", p) for p in (udp_packet(53), bytes(64))]
+    [counters] = (await dclient.maps("examples", "packet-counter")).maps
 
     assert (to_9.reply.action, to_53.reply.action) == ("XDP_DROP", "XDP_PASS")
+    assert bounced.reply.action == "XDP_TX"
+    sent = udp_packet(53)
+    assert bounced.reply.output == sent[6:12] + sent[0:6] + sent[12:], "source and destination swapped"
+    assert all(o.reply.action == "XDP_PASS" for o in counted)
+    values = {int.from_bytes(e.key, "little"): int.from_bytes(e.value, "little") for e in counters.entries}
+    assert values == {0: 2, 1: 1}, "two packets, one of them IPv4"
 
 
 async def test_a_revoked_program_is_unloaded_and_refused(dclient: Client, tmp_path: Path) -> None:
