@@ -6,6 +6,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from dpu_node.settings import DpuNodeSettings
 from fabric.settings import SettingsError, load_settings
 from host_node.settings import HostNodeSettings
 from scheduler.settings import SchedulerSettings
@@ -20,6 +21,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "config"
         ("scheduler.example.toml", SchedulerSettings),
         ("host_node.example.toml", HostNodeSettings),
         ("verifier.example.toml", VerifierSettings),
+        ("dpu_node.example.toml", DpuNodeSettings),
     ],
 )
 def test_example_files_document_every_setting(path: str, settings_type: type) -> None:
