@@ -5,7 +5,7 @@ in; the attestation or a refusal with its reason out."""
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fabric.signing import AttestationError, check
+from fabric.signing import AttestationError, VerifiedSignatures, check
 from schemas.ebpf import Attestation, MapSpec, Signed, program_digest
 
 
@@ -28,10 +28,14 @@ class Refused(ValueError):
 
 
 def admit(
-    request: LoadRequest, trusted: dict[str, Ed25519PublicKey], revoked: set[str], now: float
+    request: LoadRequest,
+    trusted: dict[str, Ed25519PublicKey],
+    revoked: set[str],
+    now: float,
+    verified: VerifiedSignatures | None = None,
 ) -> Attestation:
     try:
-        approved = check(request.signed, trusted, now)
+        approved = check(request.signed, trusted, now, verified)
     except AttestationError as exc:
         raise Refused(exc.code, str(exc)) from None
     digest = program_digest(request.instructions, request.maps, request.map_refs)

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dpu_node.admission import LoadRequest, Refused, admit
 from dpu_node.loader import Loaded, load
 from dpu_node.settings import DpuNodeSettings
-from fabric import bpf, bus, nodes
+from fabric import bpf, bus, nodes, signing
 from fabric.store import Entry, Event, Store, follow_prefix
 from schemas import codec, keys, subjects
 from schemas.ebpf import MapDump, MapEntry, MapSpec, MapsReply, MapsRequest
@@ -32,6 +32,7 @@ class DpuNode:
         self._store = store
         self._trusted = trusted
         self.revoked: set[str] = set()
+        self._verified = signing.VerifiedSignatures()
         self.loaded: dict[tuple[str, str, str], Loaded] = {}  # (tenant, function, digest) -> program
         self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._cores = asyncio.Semaphore(settings.cores)
@@ -124,7 +125,7 @@ class DpuNode:
                 instructions=approved.instructions,
                 signed=approved.signed,
             )
-            attestation = admit(request, self._trusted, self.revoked, time.time())
+            attestation = admit(request, self._trusted, self.revoked, time.time(), self._verified)
             self._check_partition(request)
             program = await asyncio.to_thread(load, request, attestation)
             self.loaded[key] = program

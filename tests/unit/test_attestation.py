@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from fabric.signing import AttestationError, check, key_id
+from fabric.signing import AttestationError, VerifiedSignatures, check, key_id
 from schemas.ebpf import Attestation, MapSpec, Signed
 from verifier_service.attestation import load_or_create_key, sign
 
@@ -99,3 +99,20 @@ def test_the_key_file_is_private_and_stable(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
         load_or_create_key(path)
+
+
+def test_a_verified_signature_is_remembered_but_nothing_else_rides_on_it(key) -> None:
+    kid = key_id(key.public_key())
+    signed = sign(attestation(kid), key)
+    cache = VerifiedSignatures()
+    check(signed, {kid: key.public_key()}, NOW, cache)
+    body = bytearray(signed.attestation)
+    body[10] ^= 0x01
+    tampered = Signed(attestation=bytes(body), signature=signed.signature, key_id=kid)
+
+    assert signed in cache
+    with pytest.raises(AttestationError) as forged:
+        check(tampered, {kid: key.public_key()}, NOW, cache)
+    with pytest.raises(AttestationError) as expired:
+        check(signed, {kid: key.public_key()}, NOW + 3601, cache)
+    assert (forged.value.code, expired.value.code) == ("bad_signature", "expired")

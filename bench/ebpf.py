@@ -1,0 +1,208 @@
+"""eBPF functions: what verification, signing and the node's checks cost, and DPU invocations end
+to end, each beside its raw baseline measured in the same run.
+
+1. verify-and-sign latency by program size (straight-line programs of 10 ... 4 000 instructions):
+   the service's static checks + the kernel verifier in its strict worker + signing, against a
+   bare BPF_PROG_LOAD of the same instructions;
+2. a DPU node's check-and-load of a 1 000-instruction program (signature, attestation, digest,
+   its own maps, strict-mode load, verified_insns), against a bare BPF_PROG_LOAD;
+3. DPU invocations through the scheduler, sequential and 64 in flight, against raw nats-py
+   request-reply with the same payload (a 64-byte packet).
+
+    .venv/bin/python -m bench.ebpf   (as root)
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+from bench.warm_invoke import SUBJECT, measure, median_round, raw_round
+from cli.client import Client
+from deploy import launcher
+from dpu_node.admission import LoadRequest, admit
+from dpu_node.loader import load
+from fabric import bpf, signing
+from schemas.ebpf import VerifyReply, program_digest
+from tests.bpf_build import COUNTER, bpf_builder
+from verifier_service import bytecode, policy
+from verifier_service.attestation import load_or_create_key
+from verifier_service.kernel import run_kernel_verifier
+from verifier_service.kernel_worker import KernelRequest
+from verifier_service.service import Verifier
+from verifier_service.settings import VerifierSettings
+
+SIZES = (10, 100, 1000, 4000)
+REPEAT = 20
+XDP = 6
+
+
+def straight_line(count: int) -> bytes:
+    """r0 = 0; r0 += 1 (count - 2 times); exit: every instruction walked once."""
+    insns = [bytecode.Insn(0xB7, 0, 0, 0, 0)] + [bytecode.Insn(0x07, 0, 0, 0, 1)] * (count - 2)
+    return bytecode.encode([*insns, bytecode.Insn(0x95, 0, 0, 0, 0)])
+
+
+async def verify_and_sign(raw: bytes, verifier: Verifier) -> VerifyReply:
+    """The service's path for one program, minus reading the ELF (constant in program size)."""
+    insns = bytecode.decode(raw)
+    assert not bytecode.structure(raw, 4096)
+    assert not policy.check(
+        policy.Program(insns=insns, prog_type="xdp", maps=[], map_refs={}), policy.Limits()
+    )
+    request = KernelRequest(
+        raw=raw, prog_type="xdp", maps=[], map_refs={}, license="GPL", name="bench", samples=[bytes(64)]
+    )
+    kernel = await run_kernel_verifier(request, 10.0)
+    assert kernel.accepted, kernel.error
+    reply = VerifyReply(
+        accepted=True,
+        digest=program_digest(raw, [], {}),
+        reasons=[],
+        prog_type="xdp",
+        insns=len(insns),
+        verified_insns=kernel.verified_insns,
+        instructions=raw,
+    )
+    return verifier.attest(reply, "bench", "fn")
+
+
+def raw_load(raw: bytes) -> float:
+    started = time.perf_counter()
+    fd, _ = bpf.prog_load(XDP, raw, "GPL", "bench", 0)
+    elapsed = time.perf_counter() - started
+    os.close(fd)
+    return elapsed
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 3)
+
+
+async def part_verify(verifier: Verifier) -> list[str]:
+    lines = [
+        "| instructions | verify-and-sign p50 ms | raw BPF_PROG_LOAD p50 ms | ratio |",
+        "|---|---|---|---|",
+    ]
+    for size in SIZES:
+        raw = straight_line(size)
+        await verify_and_sign(raw, verifier)  # warm-up
+        service, baseline = [], []
+        for _ in range(REPEAT):
+            started = time.perf_counter()
+            await verify_and_sign(raw, verifier)
+            service.append(time.perf_counter() - started)
+            baseline.append(raw_load(raw))
+        a, b = median_ms(service), median_ms(baseline)
+        lines.append(f"| {size} | {a} | {b} | {a / b:.0f}x |")
+    return lines
+
+
+async def part_node_load(verifier: Verifier, key) -> list[str]:
+    reply = await verify_and_sign(straight_line(1000), verifier)
+    request = LoadRequest(
+        tenant="bench",
+        function="fn",
+        prog_type="xdp",
+        maps=[],
+        map_refs={},
+        instructions=reply.instructions,
+        signed=reply.signed,
+    )
+    trusted = {signing.key_id(key.public_key()): key.public_key()}
+    cache = signing.VerifiedSignatures()
+    first, again, baseline = [], [], []
+    for _ in range(REPEAT * 5):
+        for samples, verified in ((first, None), (again, cache)):
+            started = time.perf_counter()
+            loaded = load(request, admit(request, trusted, set(), time.time(), verified))
+            samples.append(time.perf_counter() - started)
+            loaded.close()
+        baseline.append(_strict_raw_load(reply.instructions))
+    a, c, b = median_ms(first), median_ms(again), median_ms(baseline)
+    return [
+        "| 1 000-instruction program | p50 ms | checks added |",
+        "|---|---|---|",
+        f"| raw BPF_PROG_LOAD (strict mode, as the node loads) | {b} | - |",
+        f"| node check-and-load, signature verified (a first load) | {a} | {(a - b) / b:.1%} |",
+        f"| node check-and-load, signature seen before (a reload) | {c} | {(c - b) / b:.1%} |",
+    ]
+
+
+def _strict_raw_load(raw: bytes) -> float:
+    started = time.perf_counter()
+    fd, _ = bpf.strict_loader.submit(bpf.prog_load, XDP, raw, "GPL", "bench", 0).result()
+    elapsed = time.perf_counter() - started
+    os.close(fd)
+    return elapsed
+
+
+async def part_invoke(work: Path, requests: int) -> list[str]:
+    info = launcher.up(work / "state", hosts=0, verifiers=1, dpus=1, scheduler_overrides={"tracing": False})
+    responder = subprocess.Popen(  # noqa: ASYNC220 - set-up before anything is measured
+        [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
+    )
+    try:
+        assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
+        client = await Client.connect(info.nats_url, "bench-ebpf")
+        fn = work / "counter"
+        fn.mkdir()
+        (fn / "prog.o").write_bytes(bpf_builder(fn)("counter", COUNTER))
+        (fn / "function.toml").write_text(
+            'name = "counter"\ntenant = "bench"\nruntime = "ebpf"\n[ebpf]\nobject = "prog.o"\n'
+        )
+        await client.wait_until_ready(1, timeout_s=30)
+        await client.deploy(fn)
+        packet = bytes(64)
+
+        async def call() -> None:
+            outcome = await client.invoke("bench", "counter", packet, timeout_ms=10_000)
+            assert outcome.ok and outcome.reply.retval == 2, outcome.error
+
+        lines = [
+            "| mode | raw req/s | DPU invoke req/s | ratio | raw p50 / p99 µs | DPU p50 / p99 µs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mode, in_flight in (("sequential", 1), ("in_flight_64", 64)):
+            raw_cells, e2e_cells = [], []
+            for _ in range(3):
+                raw_cells.append(await raw_round(info.nats_url, packet, requests, in_flight))
+                await measure(call, 300, in_flight)
+                e2e_cells.append(await measure(call, requests, in_flight))
+            raw, e2e = median_round(raw_cells), median_round(e2e_cells)
+            ratio = e2e["req_per_s"] / raw["req_per_s"]
+            lines.append(
+                f"| {mode} | {raw['req_per_s']} | {e2e['req_per_s']} | {ratio:.0%} "
+                f"| {raw['p50_us']} / {raw['p99_us']} | {e2e['p50_us']} / {e2e['p99_us']} |"
+            )
+        await client.close()
+        return lines
+    finally:
+        responder.terminate()
+        responder.wait()
+        launcher.stop(info)
+
+
+async def main() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("loading eBPF programs needs root")
+    with tempfile.TemporaryDirectory(prefix="hetfaas-bench-ebpf-") as tmp:
+        work = Path(tmp)
+        key = load_or_create_key(work / "signing.pem")
+        verifier = Verifier(
+            VerifierSettings(verifier_id="bench", nats_url="", etcd_endpoints=[], key_path=""), key
+        )
+        print("\n".join(await part_verify(verifier)), flush=True)
+        print()
+        print("\n".join(await part_node_load(verifier, key)), flush=True)
+        print()
+        print("\n".join(await part_invoke(work, 3000)), flush=True)
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
