@@ -32,12 +32,13 @@ from schemas.ebpf import VerifyReply, program_digest
 from tests.bpf_build import COUNTER, bpf_builder
 from verifier_service import bytecode, policy
 from verifier_service.attestation import load_or_create_key
-from verifier_service.kernel import run_kernel_verifier
+from verifier_service.kernel import KernelPool
 from verifier_service.kernel_worker import KernelRequest
 from verifier_service.service import Verifier
 from verifier_service.settings import VerifierSettings
 
 SIZES = (10, 100, 1000, 4000)
+verifier_pool = KernelPool(1)  # as the service keeps one: workers started ahead of need
 REPEAT = 20
 XDP = 6
 
@@ -58,7 +59,7 @@ async def verify_and_sign(raw: bytes, verifier: Verifier) -> VerifyReply:
     request = KernelRequest(
         raw=raw, prog_type="xdp", maps=[], map_refs={}, license="GPL", name="bench", samples=[bytes(64)]
     )
-    kernel = await run_kernel_verifier(request, 10.0)
+    kernel = await verifier_pool.verify(request, 10.0)
     assert kernel.accepted, kernel.error
     reply = VerifyReply(
         accepted=True,
@@ -194,6 +195,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hetfaas-bench-ebpf-") as tmp:
         work = Path(tmp)
         key = load_or_create_key(work / "signing.pem")
+        await verifier_pool.start()
         verifier = Verifier(
             VerifierSettings(verifier_id="bench", nats_url="", etcd_endpoints=[], key_path=""), key
         )

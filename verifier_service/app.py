@@ -7,6 +7,7 @@ from pathlib import Path
 from fabric import bus, signing
 from fabric.app import ServiceApp, open_connections
 from verifier_service import attestation
+from verifier_service.kernel import KernelPool
 from verifier_service.service import Verifier, ensure_root
 from verifier_service.settings import VerifierSettings
 
@@ -30,7 +31,10 @@ class VerifierApp(ServiceApp):
             settings.state_dir,
             settings.tracing,
         )
-        verifier = self.verifier = Verifier(settings, key)
+        kernel = KernelPool(settings.workers)  # workers started ahead of the first request
+        stack.push_async_callback(kernel.close)
+        await kernel.start()
+        verifier = self.verifier = Verifier(settings, key, kernel)
         server = bus.Server(nc, max_concurrent=64)
         stack.push_async_callback(server.close)
         await server.serve(verifier.routes())

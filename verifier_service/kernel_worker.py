@@ -5,7 +5,10 @@ map references at them, loads it, reads back `verified_insns` and profiles it wi
 BPF_PROG_TEST_RUN. One request on stdin, one result on stdout (msgpack); the service kills it at
 its deadline (the verifier stops at a pending signal)."""
 
+import os
+import struct
 import sys
+from typing import BinaryIO
 
 import msgspec
 
@@ -41,38 +44,57 @@ class KernelResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def verify(request: KernelRequest) -> KernelResult:
-    fds = {
-        spec.name: bpf.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
-        for spec in request.maps
-    }
-    code = bpf.relocate_maps(request.raw, request.map_refs, fds)
+    """One verification; every map and program it creates is closed before the next."""
+    fds: dict[str, int] = {}
+    prog_fd = -1
     try:
-        prog_fd, log = bpf.prog_load(PROG_TYPES[request.prog_type], code, request.license, request.name)
+        for spec in request.maps:
+            fds[spec.name] = bpf.map_create(
+                spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags
+            )
+        code = bpf.relocate_maps(request.raw, request.map_refs, fds)
+        try:
+            prog_fd, log = bpf.prog_load(PROG_TYPES[request.prog_type], code, request.license, request.name)
+        except bpf.BpfError as exc:
+            return KernelResult(accepted=False, error=str(exc), log_tail=_tail(exc.log))
+        runs = [SampleRun(*bpf.test_run(prog_fd, sample)[:2]) for sample in request.samples]
+        run_ns = bpf.test_run(prog_fd, request.samples[0], PROFILE_REPEAT)[2] if request.samples else 0
+        return KernelResult(
+            accepted=True,
+            verified_insns=bpf.verified_insns(prog_fd),
+            log_tail=_tail(log),
+            runs=runs,
+            run_ns=run_ns,
+        )
     except bpf.BpfError as exc:
-        return KernelResult(accepted=False, error=str(exc), log_tail=_tail(exc.log))
-    runs = [SampleRun(*bpf.test_run(prog_fd, sample)[:2]) for sample in request.samples]
-    run_ns = bpf.test_run(prog_fd, request.samples[0], PROFILE_REPEAT)[2] if request.samples else 0
-    return KernelResult(
-        accepted=True,
-        verified_insns=bpf.verified_insns(prog_fd),
-        log_tail=_tail(log),
-        runs=runs,
-        run_ns=run_ns,
-    )
+        return KernelResult(accepted=False, error=str(exc))
+    finally:
+        for fd in [*fds.values(), *([prog_fd] if prog_fd >= 0 else [])]:
+            os.close(fd)
 
 
 def _tail(log: str) -> str:
     return "\n".join(log.strip().splitlines()[-LOG_TAIL_LINES:])
 
 
+FRAME = struct.Struct("<I")  # each request and result: a 4-byte length, then msgpack
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """Answer framed requests until stdin closes. The service kills a worker at its deadline (the
+    kernel's verifier stops at a pending signal) and starts another."""
+    decoder = msgspec.msgpack.Decoder(KernelRequest)
+    while header := stdin.read(FRAME.size):
+        (size,) = FRAME.unpack(header)
+        result = verify(decoder.decode(stdin.read(size)))
+        body = msgspec.msgpack.encode(result)
+        stdout.write(FRAME.pack(len(body)) + body)
+        stdout.flush()
+
+
 def main() -> None:
-    request = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=KernelRequest)
     bpf.keep_only_bpf_capabilities()  # this process has one thread: the whole process
-    try:
-        result = verify(request)
-    except bpf.BpfError as exc:
-        result = KernelResult(accepted=False, error=str(exc))
-    sys.stdout.buffer.write(msgspec.msgpack.encode(result))
+    serve(sys.stdin.buffer, sys.stdout.buffer)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import msgspec
 from schemas.ebpf import Reason, VerifyReply
 from verifier_service.bytecode import CALL, CALL_HELPER, decode
 from verifier_service.elf import ObjectError, read_object
-from verifier_service.kernel import run_kernel_verifier
+from verifier_service.kernel import KernelPool, run_kernel_verifier
 from verifier_service.kernel_worker import KernelRequest
 from verifier_service.policy import Limits
 from verifier_service.static import check_object
@@ -24,7 +24,12 @@ class VerifyLimits(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def verify(
-    data: bytes, program: str | None, prog_type: str, limits: VerifyLimits, samples: list[bytes] | None = None
+    data: bytes,
+    program: str | None,
+    prog_type: str,
+    limits: VerifyLimits,
+    samples: list[bytes] | None = None,
+    kernel: KernelPool | None = None,
 ) -> VerifyReply:
     """The verdict, unsigned (signing is the service's)."""
     static = check_object(data, program, prog_type, limits.static)
@@ -53,23 +58,26 @@ async def verify(
         name=obj.name,
         samples=samples or [DEFAULT_SAMPLE],
     )
-    kernel = await run_kernel_verifier(request, limits.kernel_timeout_s)
+    if kernel is not None:
+        result = await kernel.verify(request, limits.kernel_timeout_s)
+    else:
+        result = await run_kernel_verifier(request, limits.kernel_timeout_s)
     reasons = []
-    if not kernel.accepted:
-        reasons.append(_kernel_reason(kernel.error, kernel.log_tail))
-    elif kernel.verified_insns > limits.max_verified_insns:
+    if not result.accepted:
+        reasons.append(_kernel_reason(result.error, result.log_tail))
+    elif result.verified_insns > limits.max_verified_insns:
         budget = limits.max_verified_insns
-        message = f"the verifier walked {kernel.verified_insns} instructions, over the budget of {budget}"
+        message = f"the verifier walked {result.verified_insns} instructions, over the budget of {budget}"
         reasons.append(Reason("verified_insn_budget", message))
     return msgspec.structs.replace(
         refused,
         accepted=not reasons,
         reasons=reasons,
-        verified_insns=kernel.verified_insns,
-        run_ns=kernel.run_ns,
+        verified_insns=result.verified_insns,
+        run_ns=result.run_ns,
         helpers=helpers_called(obj.raw),
-        sample_retvals=[run.retval for run in kernel.runs],
-        kernel_log_tail=kernel.log_tail,
+        sample_retvals=[run.retval for run in result.runs],
+        kernel_log_tail=result.log_tail,
         instructions=obj.raw if not reasons else b"",
     )
 

@@ -17,6 +17,7 @@ from schemas.manifest import NAME_RE
 from schemas.messages import ErrorReply
 from verifier_service import attestation
 from verifier_service.admission import FairTurns, TenantBuckets
+from verifier_service.kernel import KernelPool
 from verifier_service.pipeline import VerifyLimits, verify
 from verifier_service.policy import Limits
 from verifier_service.settings import VerifierSettings
@@ -26,9 +27,10 @@ VERIFIER_VERSION = "hetfaas-verifier/1"
 
 
 class Verifier:
-    def __init__(self, settings: VerifierSettings, key: Ed25519PrivateKey):
+    def __init__(self, settings: VerifierSettings, key: Ed25519PrivateKey, kernel: KernelPool | None = None):
         self.settings = settings
         self._key = key
+        self._kernel = kernel
         self.key_id = signing.key_id(key.public_key())
         self._buckets = TenantBuckets(settings.tenant_rate_per_s, settings.tenant_burst)
         self._turns = FairTurns(settings.workers)
@@ -48,7 +50,8 @@ class Verifier:
             message = f"tenant {req.tenant!r} is verifying faster than {self.settings.tenant_rate_per_s:g}/s"
             return ErrorReply(error=Error(code="throttled", message=message))
         reply = await self._turns.run(
-            req.tenant, lambda: verify(req.object, req.program, req.prog_type, self._limits)
+            req.tenant,
+            lambda: verify(req.object, req.program, req.prog_type, self._limits, kernel=self._kernel),
         )
         log.info(
             "verified %s/%s: %s",
