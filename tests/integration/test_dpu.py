@@ -17,6 +17,21 @@ from tests.integration.conftest import EXAMPLES
 
 pytestmark = [pytest.mark.integration, pytest.mark.privileged]
 
+TC_DROP_UDP = """
+#include <linux/pkt_cls.h>
+SEC("tc")
+int drop_udp(struct __sk_buff *skb)
+{
+    __u8 protocol = 0;
+    if (bpf_skb_load_bytes(skb, 23, &protocol, 1) < 0)  /* IPv4 header's protocol byte */
+        return TC_ACT_OK;
+    return protocol == 17 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+"""
+KEEP_HEADERS = """
+SEC("socket")
+int keep_headers(struct __sk_buff *skb) { return 42; }  /* keep the first 42 bytes */
+"""
 PEEK = """
 SEC("xdp")
 int peek(struct xdp_md *ctx) { unsigned char *data = (void *)(long)ctx->data; return data[20]; }
@@ -42,12 +57,14 @@ async def dclient(dpu_cluster: launcher.ClusterInfo) -> AsyncIterator[Client]:
     await client.close()
 
 
-def ebpf_function(root: Path, name: str, source: str, tenant: str = "acme") -> Path:
+def ebpf_function(root: Path, name: str, source: str, tenant: str = "acme", prog_type: str = "xdp") -> Path:
     directory = root / name
     directory.mkdir(parents=True)
     (directory / "prog.o").write_bytes(bpf_builder(directory)(name, source))
     manifest = f'name = "{name}"\ntenant = "{tenant}"\nruntime = "ebpf"\n'
-    (directory / "function.toml").write_text(manifest + '\n[ebpf]\nobject = "prog.o"\nprog_type = "xdp"\n')
+    (directory / "function.toml").write_text(
+        manifest + f'\n[ebpf]\nobject = "prog.o"\nprog_type = "{prog_type}"\n'
+    )
     return directory
 
 
@@ -106,6 +123,17 @@ async def test_the_examples_filter_and_bounce_packets(dclient: Client) -> None:
     assert all(o.reply.action == "XDP_PASS" for o in counted)
     values = {int.from_bytes(e.key, "little"): int.from_bytes(e.value, "little") for e in counters.entries}
     assert values == {0: 2, 1: 1}, "two packets, one of them IPv4"
+
+
+async def test_tc_and_socket_filter_programs_run_too(dclient: Client, tmp_path: Path) -> None:
+    await dclient.deploy(ebpf_function(tmp_path, "tcdrop", TC_DROP_UDP, prog_type="sched_cls"))
+    await dclient.deploy(ebpf_function(tmp_path, "headers", KEEP_HEADERS, prog_type="socket_filter"))
+    udp = await dclient.invoke("acme", "tcdrop", udp_packet(53))
+    tcp = await dclient.invoke("acme", "tcdrop", udp_packet(53)[:23] + b"\x06" + udp_packet(53)[24:])
+    kept = await dclient.invoke("acme", "headers", udp_packet(53))
+
+    assert (udp.reply.action, tcp.reply.action) == ("TC_ACT_SHOT", "TC_ACT_OK"), (udp, tcp)
+    assert kept.ok and kept.reply.retval == 42
 
 
 async def test_a_revoked_program_is_unloaded_and_refused(dclient: Client, tmp_path: Path) -> None:
