@@ -4,6 +4,7 @@ admission.py), then run each invocation's payload through it as a packet, in the
 import asyncio
 import logging
 import time
+from collections import defaultdict
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -36,6 +37,8 @@ class DpuNode:
         self.loaded: dict[tuple[str, str, str], Loaded] = {}  # (tenant, function, digest) -> program
         self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._cores = asyncio.Semaphore(settings.cores)
+        self._tenant_running: defaultdict[str, int] = defaultdict(int)
+        self.tenant_runs: defaultdict[str, int] = defaultdict(int)  # accounted per tenant
         self.inflight = 0
 
     def routes(self) -> list[bus.Route]:
@@ -79,16 +82,25 @@ class DpuNode:
             return self._error(
                 req, "bad_request", f"a packet is at most {self.settings.max_packet_bytes} bytes"
             )
+        tenant = req.spec.tenant
+        if self._tenant_running[tenant] >= self.settings.tenant_concurrency:
+            limit = self.settings.tenant_concurrency
+            return self._error(
+                req, "throttled", f"tenant {tenant!r} has {limit} programs running here, its share"
+            )
         self.inflight += 1
+        self._tenant_running[tenant] += 1
         try:
             program, cold, load_ms = await self._program(req)
             async with self._cores:
                 retval, packet, run_ns = program.run(req.payload)
+            self.tenant_runs[tenant] += 1
         except Refused as exc:
             log.warning("refused %s/%s: %s", req.spec.tenant, req.spec.name, exc)
             return self._error(req, "rejected", f"{exc.code}: {exc}")
         finally:
             self.inflight -= 1
+            self._tenant_running[tenant] -= 1
         phases = {"program_load_ms": load_ms} if cold else {}
         return InvokeReply(
             invocation_id=req.invocation_id,
@@ -156,6 +168,7 @@ class DpuNode:
             inflight=self.inflight,
             capacity=self.settings.cores,
             instances=len(self.loaded),
+            tenant_runs=dict(self.tenant_runs),
         )
 
     async def follow_revocations(self, synced: asyncio.Event) -> None:

@@ -17,4 +17,5 @@ class DpuNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     map_memory_bytes: int = 256 * 1024 * 1024  # all tenants' maps together
     tenant_programs: int = 16  # per tenant partition
     tenant_map_memory_bytes: int = 32 * 1024 * 1024  # per tenant partition
+    tenant_concurrency: int = 4  # one tenant's programs running at once (of `cores`)
     max_packet_bytes: int = 9000

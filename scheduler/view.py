@@ -50,6 +50,7 @@ class NodeView:
             heartbeat_age_ms=None if self.heartbeat_at is None else round((now - self.heartbeat_at) * 1e3, 1),
             sandbox_mode=hb.sandbox_mode if hb else "",
             pool=hb.pool if hb else [],
+            tenant_runs=hb.tenant_runs if hb else {},
         )
 
 

@@ -97,6 +97,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
     warm_idle: dict[str, int] = {}  # instance_key(...) -> idle instances ready for reuse
     sandbox_mode: str = ""
     pool: list[PoolShard] = []
+    tenant_runs: dict[str, int] = {}  # DPU nodes: program runs per tenant since the node started
 
 
 # --- invoke -----------------------------------------------------------------------------------
@@ -199,6 +200,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_age_ms: float | None  # None: registered but no heartbeat seen yet
     sandbox_mode: str = ""
     pool: list[PoolShard] = []
+    tenant_runs: dict[str, int] = {}
 
 
 class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True, tag="cluster_status"):

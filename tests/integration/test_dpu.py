@@ -68,6 +68,16 @@ def ebpf_function(root: Path, name: str, source: str, tenant: str = "acme", prog
     return directory
 
 
+async def wait_for_runs(client: Client, tenant: str, runs: int):
+    """The DPU node's status once its heartbeat has counted `runs` runs for `tenant`."""
+    deadline = time.monotonic() + 10
+    while True:
+        [dpu] = [n for n in (await client.status()).nodes if n.kind == "dpu"]
+        if dpu.tenant_runs.get(tenant, 0) >= runs or time.monotonic() > deadline:
+            return dpu
+        await asyncio.sleep(0.1)  # heartbeats come once a second
+
+
 def udp_packet(port: int) -> bytes:
     ethernet = b"\xaa" * 6 + b"\xbb" * 6 + b"\x08\x00"  # destination, source, IPv4
     ip = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]) + bytes(8)
@@ -101,6 +111,8 @@ async def test_a_tenant_reads_its_own_maps_and_only_those(dclient: Client, tmp_p
     [dump] = mine.maps
     counts = {int.from_bytes(e.key, "little"): int.from_bytes(e.value, "little") for e in dump.entries}
     assert dump.name == "counters" and counts[0] == 5
+    dpu = await wait_for_runs(dclient, "acme", 5)
+    assert dpu.tenant_runs["acme"] >= 5, "the node accounts runs per tenant"
     assert theirs.maps == [], "tenant bravo sees nothing of acme's counter"
     assert unknown.value.error.code == "not_found"
 
