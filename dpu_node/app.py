@@ -38,10 +38,12 @@ class DpuNodeApp(ServiceApp):
         registration = nodes.register(
             stack, store, settings.node_id, "dpu", settings.cores, settings.lease_ttl_s
         )
-        revocations = asyncio.Event()
+        revocations, programs = asyncio.Event(), asyncio.Event()
         tasks.spawn(node.follow_revocations(revocations), "revocations")
+        tasks.spawn(node.follow_programs(programs), "programs")
         async with asyncio.timeout(settings.lease_ttl_s * 2):
             await revocations.wait()  # serve only knowing what is revoked
+            await programs.wait()
         server = bus.Server(nc, max_concurrent=settings.cores * 8)
         stack.push_async_callback(server.close)
         await server.serve(node.routes())

@@ -33,6 +33,7 @@ class DpuNode:
         self._store = store
         self._trusted = trusted
         self.revoked: set[str] = set()
+        self.programs: dict[str, ApprovedProgram] = {}  # digest -> approved program, signature verified
         self._verified = signing.VerifiedSignatures()
         self.loaded: dict[tuple[str, str, str], Loaded] = {}  # (tenant, function, digest) -> program
         self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
@@ -124,10 +125,7 @@ class DpuNode:
             if (program := self.loaded.get(key)) is not None:
                 return program, False, 0.0
             started = time.monotonic()
-            entry = await self._store.get(keys.program(req.program_digest))
-            if entry is None:
-                raise Refused("unknown_program", f"no approved program {req.program_digest}")
-            approved = _approved.decode(entry.value)
+            approved = self.programs.get(req.program_digest) or await self._fetch(req.program_digest)
             request = LoadRequest(
                 tenant=req.spec.tenant,
                 function=req.spec.name,
@@ -143,6 +141,39 @@ class DpuNode:
             self.loaded[key] = program
             log.info("loaded %s/%s (%s)", req.spec.tenant, req.spec.name, req.program_digest[:19])
             return program, True, round((time.monotonic() - started) * 1000, 3)
+
+    async def _fetch(self, digest: str) -> ApprovedProgram:
+        """A program deployed after the last watch event (or while etcd was away)."""
+        entry = await self._store.get(keys.program(digest))
+        if entry is None:
+            raise Refused("unknown_program", f"no approved program {digest}")
+        return _approved.decode(entry.value)
+
+    async def follow_programs(self, synced: asyncio.Event) -> None:
+        """Approved programs as they are deployed: kept here and their signatures verified now, so
+        a function's first invocation pays neither an etcd read nor an Ed25519 verification."""
+        await follow_prefix(self._store, keys.PROGRAMS, self._reset_programs, self._apply_program, synced)
+
+    def _reset_programs(self, entries: list[Entry]) -> None:
+        self.programs = {}
+        for entry in entries:
+            self._remember(entry.key.removeprefix(keys.PROGRAMS), entry.value)
+
+    def _apply_program(self, event: Event) -> None:
+        digest = event.key.removeprefix(keys.PROGRAMS)
+        if event.kind == "put":
+            self._remember(digest, event.value)
+        else:
+            self.programs.pop(digest, None)
+
+    def _remember(self, digest: str, value: bytes) -> None:
+        try:
+            approved = _approved.decode(value)
+            signing.check(approved.signed, self._trusted, time.time(), self._verified)
+        except (msgspec.DecodeError, signing.AttestationError) as exc:
+            log.warning("approved program %s not trusted here: %s", digest[:19], exc)
+            return  # a load would refuse it anyway, with its reason
+        self.programs[digest] = approved
 
     def _check_partition(self, request: LoadRequest) -> None:
         mine = [p for (tenant, _, _), p in self.loaded.items() if tenant == request.tenant]
