@@ -127,22 +127,26 @@ def up(
         for i in range(1, hosts + 1):
             progress(f"starting host-{i}")
             start_host(info, i, host_overrides or {})
-        for i in range(verifiers):
-            if os.geteuid() != 0:
-                progress("not starting a verifier: it loads programs into the kernel and needs root")
-                break
-            progress(f"starting verifier-{i}")
-            start_verifier(info, i)
-        for i in range(1, dpus + 1):
-            if os.geteuid() != 0:
-                progress("not starting DPU nodes: they load eBPF programs and need root")
-                break
-            progress(f"starting dpu-{i}")
-            start_dpu(info, i)
+        _start_ebpf_services(info, verifiers, dpus, progress)
     except BaseException:
         stop(info)
         raise
     return info
+
+
+def _start_ebpf_services(
+    info: ClusterInfo, verifiers: int, dpus: int, progress: Callable[[str], None]
+) -> None:
+    """Verifier replicas and DPU nodes load programs into the kernel: only as root."""
+    if (verifiers or dpus) and os.geteuid() != 0:
+        progress("not starting verifiers or DPU nodes: they load eBPF programs and need root")
+        return
+    for i in range(verifiers):
+        progress(f"starting verifier-{i}")
+        start_verifier(info, i)
+    for i in range(1, dpus + 1):
+        progress(f"starting dpu-{i}")
+        start_dpu(info, i)
 
 
 def start_etcd(info: ClusterInfo) -> int:
