@@ -84,24 +84,26 @@ class DpuNode:
                 req, "bad_request", f"a packet is at most {self.settings.max_packet_bytes} bytes"
             )
         tenant = req.spec.tenant
-        if self._tenant_running[tenant] >= self.settings.tenant_concurrency:
-            limit = self.settings.tenant_concurrency
-            return self._error(
-                req, "throttled", f"tenant {tenant!r} has {limit} programs running here, its share"
-            )
         self.inflight += 1
-        self._tenant_running[tenant] += 1
         try:
-            program, cold, load_ms = await self._program(req)
-            async with self._cores:
-                retval, packet, run_ns = program.run(req.payload)
+            program, cold, load_ms = await self._program(req)  # waiting for a load is not running
+            if self._tenant_running[tenant] >= self.settings.tenant_concurrency:
+                limit = self.settings.tenant_concurrency
+                return self._error(
+                    req, "throttled", f"tenant {tenant!r} has {limit} programs running here, its share"
+                )
+            self._tenant_running[tenant] += 1
+            try:
+                async with self._cores:
+                    retval, packet, run_ns = program.run(req.payload)
+            finally:
+                self._tenant_running[tenant] -= 1
             self.tenant_runs[tenant] += 1
         except Refused as exc:
             log.warning("refused %s/%s: %s", req.spec.tenant, req.spec.name, exc)
             return self._error(req, "rejected", f"{exc.code}: {exc}")
         finally:
             self.inflight -= 1
-            self._tenant_running[tenant] -= 1
         phases = {"program_load_ms": load_ms} if cold else {}
         return InvokeReply(
             invocation_id=req.invocation_id,

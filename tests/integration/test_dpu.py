@@ -98,6 +98,16 @@ async def test_an_ebpf_function_runs_on_the_dpu(dclient: Client, tmp_path: Path)
     assert second.reply.run_ns is not None
 
 
+async def test_a_burst_of_first_invocations_waits_for_one_load(dclient: Client, tmp_path: Path) -> None:
+    await dclient.deploy(
+        ebpf_function(tmp_path, "burst", COUNTER.replace("max_entries, 4)", "max_entries, 6)"))
+    )
+    outcomes = await asyncio.gather(*(dclient.invoke("acme", "burst", bytes(64)) for _ in range(64)))
+
+    assert [o.error for o in outcomes if not o.ok] == []
+    assert sum(o.reply.cold_start for o in outcomes) == 1, "loaded once; the others waited for it"
+
+
 async def test_a_tenant_reads_its_own_maps_and_only_those(dclient: Client, tmp_path: Path) -> None:
     await dclient.deploy(ebpf_function(tmp_path, "tally", COUNTER))
     for _ in range(5):
