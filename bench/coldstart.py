@@ -30,7 +30,7 @@ from bench import containers
 from host_node.runtimes.exec import run_exec
 from host_node.runtimes.python import PythonInstance
 from host_node.sandbox import cgroups
-from host_node.sandbox.agent import ShardedSpawner, _real_python
+from host_node.sandbox.agent import ShardedSpawner, real_python
 from host_node.sandbox.pool import PoolSettings
 from host_node.sandbox.settings import SandboxSettings
 from host_node.spawner import RUNTIME_DIR
@@ -102,7 +102,7 @@ def floor_python(code: Path) -> Start:
 
     async def start() -> None:
         parent, child = socket.socketpair()
-        argv = [_real_python(), "-I", "-S", worker, "3", "handler:handle", str(code), "1000000"]
+        argv = [real_python(), "-I", "-S", worker, "3", "handler:handle", str(code), "1000000"]
         actions = [(os.POSIX_SPAWN_DUP2, child.fileno(), 3)]
         pid = os.posix_spawn(argv[0], argv, {}, file_actions=actions)  # noqa: ASYNC221 - as above
         child.close()

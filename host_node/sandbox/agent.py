@@ -141,6 +141,11 @@ class ShardedSpawner:
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable, link)
         return link
 
+    def abandon(self) -> None:
+        """Stop looking after the shards without stopping them: what a crashed node leaves behind
+        (its shards are killed by whoever crashed it). Tests of crash recovery use this."""
+        self._closing = True
+
     async def close(self) -> None:
         self._closing = True
         for task in self._restarts:
@@ -162,7 +167,7 @@ class ShardedSpawner:
 
     # -- launching --------------------------------------------------------------------------
     def view(self, code_dir: Path) -> View:
-        return View(CODE_VIEW, RUNTIME_VIEW, _real_python())
+        return View(CODE_VIEW, RUNTIME_VIEW, real_python())
 
     async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> SandboxProcess:
         self.launches += 1
@@ -303,7 +308,7 @@ class ShardedSpawner:
         return states
 
 
-def _real_python() -> str:
+def real_python() -> str:
     return os.path.realpath(sys._base_executable if hasattr(sys, "_base_executable") else sys.executable)
 
 

@@ -154,7 +154,7 @@ def exec_waiter(status: socket.socket) -> NoReturn:
         status.set_inheritable(True)
         os.execv(waiter.VIEW, [waiter.VIEW, str(status.fileno())])
     except BaseException as exc:
-        _fail(status, f"cannot start hetfaas-waiter: {exc}")
+        fail(status, f"cannot start hetfaas-waiter: {exc}")
 
 
 def activation(plan: RootPlan, argv: list[str], env: dict[str, str], code_mounted: bool) -> bytes:
@@ -175,7 +175,7 @@ def close_inherited(keep: list[int]) -> None:
     os.closerange(low, 1 << 20)
 
 
-def _fail(status: socket.socket, message: str) -> NoReturn:
+def fail(status: socket.socket, message: str) -> NoReturn:
     try:
         report(status, FAILED, message)
     finally:

@@ -282,7 +282,7 @@ class Shard:
             if announce:
                 init.report(status, init.READY)
         except BaseException as exc:
-            init._fail(status, f"sandbox setup failed: {exc}")
+            init.fail(status, f"sandbox setup failed: {exc}")
         init.exec_waiter(status)
 
     def send_activation(

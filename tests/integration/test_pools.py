@@ -162,7 +162,7 @@ async def test_a_restarted_node_adopts_its_leftover_slots(parent, code_dir, tmp_
     await first.wait_for_states(lambda s: s[0].free == 3)
     survivor = await start(first, code_dir, "/bin/sleep", "60")
     leftover = set(cgroups.list_slots(first.layout))
-    first._closing = True  # the whole node crashes: nobody restarts its shards
+    first.abandon()  # the whole node crashes: nobody restarts its shards
     for link in first.shards:  # ... which die without cleaning up
         link.proc.kill()
         await link.proc.wait()
