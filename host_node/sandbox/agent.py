@@ -110,8 +110,7 @@ class ShardedSpawner:
         for name in cgroups.list_slots(self.layout):
             if not name.startswith("s") or name[1:].split("-")[0] not in shards:
                 slot = self.layout.slot(name)
-                slot.kill()
-                slot.remove()
+                slot.destroy()
 
     async def _start_shard(self, index: int) -> ShardLink:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

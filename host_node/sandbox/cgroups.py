@@ -278,11 +278,19 @@ class Slot:
         )
 
     def remove(self) -> None:
+        """rmdir an empty slot (what is already gone is fine)."""
         for path in self.dirs():
             try:
                 os.rmdir(path)
             except FileNotFoundError:
                 pass
+
+    def destroy(self) -> None:
+        """Kill whatever still runs in the slot and remove it, waiting for the kernel to reap: for
+        slots that are not coming back (leftovers nobody adopts)."""
+        for path in self.dirs():
+            if os.path.isdir(path):
+                _kill_and_remove(Path(path))
 
 
 def attach(procs_file: str, pid: int) -> None:

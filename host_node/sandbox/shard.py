@@ -60,7 +60,6 @@ class Sandbox:
     oom_kills_before: int = 0
     deferred: list[int] = field(default_factory=list)  # code tree and fds kept until the sandbox is built
     error: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Shard:
@@ -101,11 +100,10 @@ class Shard:
         now = time.monotonic()
         self.retry_recycling(now)
         wait_s = self.refill(now)
-        self.send_state(now)
+        if self.send_state(now):
+            wait_s = min(wait_s, STATE_INTERVAL_S)
         if self.recycling:
             wait_s = min(wait_s, RECYCLE_RETRY_S)
-        if self._last_state != self.state():
-            wait_s = min(wait_s, STATE_INTERVAL_S)
         return wait_s
 
     def watch(self, fd: int, events: int, handler) -> None:
@@ -543,11 +541,16 @@ class Shard:
             refilling=self.slot_planner.refilling or self.prewarm_planner.refilling,
         )
 
-    def send_state(self, now: float) -> None:
+    def send_state(self, now: float) -> bool:
+        """Report a changed state, at most every STATE_INTERVAL_S; True if one is still held back."""
         state = self.state()
-        if state != self._last_state and now - self._state_sent_at >= STATE_INTERVAL_S:
-            self._last_state, self._state_sent_at = state, now
-            self.reply(state)
+        if state == self._last_state:
+            return False
+        if now - self._state_sent_at < STATE_INTERVAL_S:
+            return True
+        self._last_state, self._state_sent_at = state, now
+        self.reply(state)
+        return False
 
     def adopt_leftovers(self) -> None:
         """Slots of this shard left by a crashed node: kill what runs in them, keep the clean ones."""
@@ -561,7 +564,7 @@ class Shard:
                 self.set_limits(slot, self.config.idle_limits)
                 self.pool.adopt(name)
             else:
-                slot.remove()
+                slot.destroy()
 
     def shutdown(self) -> None:
         """Kill every sandbox of this shard; the slots stay for the next start to adopt."""
