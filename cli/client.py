@@ -39,6 +39,10 @@ CONTROL_TIMEOUT_S = 10.0
 VERIFY_TIMEOUT_S = 30.0  # a verification runs the kernel verifier: seconds, not milliseconds
 VERIFY_WAIT_S = 10.0
 REPLY_GRACE_S = 1.0  # the scheduler answers before the deadline; this covers the trip back
+# An invocation unanswered this long is sent again (then after 2x, 4x...): its scheduler replica
+# may have died holding it. The copy has the same id and reply subject: nodes run an id once
+# and the first answer wins, so a copy costs a little work, never a second run on one node.
+RETRY_AFTER_MS = 2000
 
 
 class ClientError(Exception):
@@ -93,6 +97,17 @@ def _read_ebpf_object(path: Path, spec: FunctionSpec) -> bytes:
     return obj.read_bytes()
 
 
+MIN_COPY_TIMEOUT_MS = 200  # a copy with less time left than this would only time out
+
+
+def _copy(request: InvokeRequest, attempt: int, started: float) -> bytes | None:
+    """The invocation sent again: same id, what is left of the deadline, marked as a copy."""
+    left_ms = request.timeout_ms - int((time.monotonic() - started) * 1000)
+    if left_ms < MIN_COPY_TIMEOUT_MS:
+        return None
+    return codec.encode(msgspec.structs.replace(request, attempt=attempt, timeout_ms=left_ms))
+
+
 class ProgramRejected(ClientError):
     """The verifier rejected an ebpf function's program: `verdict` says why."""
 
@@ -127,7 +142,9 @@ class Client:
         payload: bytes = b"",
         timeout_ms: int = 30_000,
         invocation_id: str | None = None,
+        retry_after_ms: int = RETRY_AFTER_MS,
     ) -> InvokeOutcome:
+        """Invoke and wait for the answer; `retry_after_ms=0` never sends the invocation again."""
         invocation_id = invocation_id or next_invocation_id()
         request = InvokeRequest(
             invocation_id=invocation_id,
@@ -143,12 +160,16 @@ class Client:
             attributes={"faas.invocation_id": invocation_id, "faas.name": function, "hetfaas.tenant": tenant},
         ):
             try:
+                resend = None
+                if 0 < retry_after_ms < timeout_ms:
+                    resend = bus.Resend(retry_after_ms / 1000, lambda n: _copy(request, n, started))
                 msg = await self._requester.request(
                     subjects.invoke(tenant, function),
                     codec.encode(request),
                     timeout_ms / 1000 + REPLY_GRACE_S,
                     telemetry.trace_headers(),
                     "scheduler",
+                    resend,
                 )
                 result = codec.invoke_result.decode(msg.data)
             except bus.NoResponders:

@@ -1,13 +1,13 @@
 """The DPU node process: connections, registration (kind "dpu"), heartbeats, the invoke handler."""
 
-import asyncio
 import contextlib
 import logging
 import os
 
+from dpu_node.programs import ProgramRuntime, trusted_keys
 from dpu_node.service import DpuNode
 from dpu_node.settings import DpuNodeSettings
-from fabric import bus, nodes, signing
+from fabric import bus, nodes
 from fabric.app import ServiceApp, open_connections
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ class DpuNodeApp(ServiceApp):
         settings = self.settings
         if os.geteuid() != 0:
             raise PermissionError("a DPU node loads eBPF programs: it needs root (CAP_BPF, CAP_NET_ADMIN)")
-        trusted = {signing.key_id(k): k for k in map(signing.public_key_from_text, settings.trusted_keys)}
+        trusted = trusted_keys(settings.trusted_keys)
         if not trusted:
             raise ValueError("trusted_keys is empty: this node would load nothing (pin the verifier's key)")
         nc, store, tasks = await open_connections(
@@ -33,17 +33,19 @@ class DpuNodeApp(ServiceApp):
             settings.state_dir,
             settings.tracing,
         )
-        node = self.node = DpuNode(settings, store, trusted)
-        stack.callback(node.close)
+        runtime = ProgramRuntime(settings.runtime(), settings.node_id, store, trusted)
+        node = self.node = DpuNode(runtime)
+        stack.callback(runtime.close)
         registration = nodes.register(
-            stack, store, settings.node_id, "dpu", settings.cores, settings.lease_ttl_s
+            stack,
+            store,
+            settings.node_id,
+            "dpu",
+            settings.cores,
+            settings.lease_ttl_s,
+            partition=runtime.partition(),
         )
-        revocations, programs = asyncio.Event(), asyncio.Event()
-        tasks.spawn(node.follow_revocations(revocations), "revocations")
-        tasks.spawn(node.follow_programs(programs), "programs")
-        async with asyncio.timeout(settings.lease_ttl_s * 2):
-            await revocations.wait()  # serve only knowing what is revoked
-            await programs.wait()
+        await runtime.start_following(tasks, settings.lease_ttl_s * 2)
         server = bus.Server(nc, max_concurrent=settings.cores * 8)
         stack.push_async_callback(server.close)
         await server.serve(node.routes())

@@ -1,21 +1,30 @@
 import msgspec
 
 
-class DpuNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A stand-in for a DPU card: its cores, its map memory, and how it splits them per tenant."""
+class EbpfRuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a node that runs signed eBPF programs trusts and how it splits itself per tenant."""
 
-    node_id: str
-    nats_url: str
-    etcd_endpoints: list[str]
     trusted_keys: list[str]  # base64 Ed25519 public keys of the verifier; only these are believed
-    state_dir: str | None = None
-    tracing: bool = True
-    log_level: str = "INFO"
-    lease_ttl_s: int = 5
-    heartbeat_interval_s: float = 1.0
     cores: int = 8  # programs running at once
     map_memory_bytes: int = 256 * 1024 * 1024  # all tenants' maps together
     tenant_programs: int = 16  # per tenant partition
     tenant_map_memory_bytes: int = 32 * 1024 * 1024  # per tenant partition
     tenant_concurrency: int = 4  # one tenant's programs running at once (of `cores`)
     max_packet_bytes: int = 9000
+
+
+class DpuNodeSettings(EbpfRuntimeSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A stand-in for a DPU card: its cores, its map memory, and how it splits them per tenant."""
+
+    node_id: str
+    nats_url: str
+    etcd_endpoints: list[str]
+    state_dir: str | None = None
+    tracing: bool = True
+    log_level: str = "INFO"
+    lease_ttl_s: int = 5
+    heartbeat_interval_s: float = 1.0
+
+    def runtime(self) -> EbpfRuntimeSettings:
+        fields = EbpfRuntimeSettings.__struct_fields__
+        return EbpfRuntimeSettings(**{name: getattr(self, name) for name in fields})

@@ -188,6 +188,15 @@ async def dispatch(route: Route, msg: Msg, received_at: float) -> msgspec.Struct
         return ErrorReply(error=error, invocation_id=invocation_id)
 
 
+@dataclass(frozen=True)
+class Resend:
+    """Send a request again after `after_s` (then doubling) while no answer came; `message(n)`
+    is the n-th copy (it may say that it is a copy), or None to send no more."""
+
+    after_s: float
+    message: Callable[[int], bytes | None]
+
+
 class Requester:
     """Request-reply over one shared inbox, with a timer per request and peer-loss cancellation.
 
@@ -202,6 +211,7 @@ class Requester:
         self._ids = itertools.count()
         self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
         self._by_peer: dict[str, set[str]] = defaultdict(set)
+        self._resends = TaskSet()
 
     async def start(self) -> None:
         """Subscribe to the shared inbox (once, however many callers race to the first request)."""
@@ -218,8 +228,16 @@ class Requester:
         return len(self._by_peer.get(peer, ()))
 
     async def request(
-        self, subject: str, data: bytes, timeout_s: float, headers: dict[str, str] | None, peer: str
+        self,
+        subject: str,
+        data: bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
+        peer: str,
+        resend: "Resend | None" = None,
     ) -> Msg:
+        """The first reply. With `resend`, the request is sent again (with the same reply
+        subject, so any copy's answer counts) while none has come: the peer may have died."""
         if timeout_s <= 0:
             raise RequestTimeout(f"no time left to ask {peer}")
         if not self._prefix:
@@ -230,11 +248,27 @@ class Requester:
         self._pending[token] = (future, peer)
         self._by_peer[peer].add(token)
         timer = loop.call_later(timeout_s, self._expire, token)
+        resender: asyncio.TimerHandle | None = None
+        reply = self._prefix + token
+
+        def send_again(attempt: int, after_s: float) -> None:
+            nonlocal resender
+            copy = None if future.done() or resend is None else resend.message(attempt)
+            if copy is None:
+                return
+            again = self._nc.publish(subject, copy, reply=reply, headers=headers)
+            self._resends.spawn(again, f"resend {attempt}")
+            resender = loop.call_later(after_s * 2, send_again, attempt + 1, after_s * 2)
+
         try:
-            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+            await self._nc.publish(subject, data, reply=reply, headers=headers)
+            if resend is not None:
+                resender = loop.call_later(resend.after_s, send_again, 2, resend.after_s)
             return await future
         finally:
             timer.cancel()
+            if resender is not None:
+                resender.cancel()
             self._pending.pop(token, None)
             tokens = self._by_peer.get(peer)
             if tokens is not None:

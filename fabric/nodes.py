@@ -6,7 +6,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client as NATS
@@ -15,7 +16,17 @@ from fabric import bus
 from fabric.store import LeasedKey, Store
 from schemas import codec, keys, subjects
 from schemas.errors import Error, ErrorCode
-from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, NodeKind, NodeRecord
+from schemas.messages import (
+    ErrorReply,
+    HaveIt,
+    Heartbeat,
+    InvokeReply,
+    NodeInvoke,
+    NodeKind,
+    NodeRecord,
+    Partition,
+    WhereIs,
+)
 
 SCHEDULER_RETRIES = {"throttled", "unavailable"}  # refusals the scheduler retries on another node
 
@@ -23,9 +34,17 @@ log = logging.getLogger(__name__)
 
 
 def register(
-    stack: contextlib.AsyncExitStack, store: Store, node_id: str, kind: NodeKind, capacity: int, ttl_s: int
+    stack: contextlib.AsyncExitStack,
+    store: Store,
+    node_id: str,
+    kind: NodeKind,
+    capacity: int,
+    ttl_s: int,
+    memory_mb: int = 0,
+    partition: Partition | None = None,
 ) -> LeasedKey:
-    """The node's key under a lease (its `run()` keeps it alive); revoked when `stack` closes."""
+    """The node's key under a lease (its `run()` keeps it alive); revoked when `stack` closes.
+    A node with a partition loads signed eBPF programs."""
     record = NodeRecord(
         node_id=node_id,
         kind=kind,
@@ -33,6 +52,9 @@ def register(
         pid=os.getpid(),
         capacity=capacity,
         started_at=time.time(),
+        memory_mb=memory_mb,
+        runs_ebpf=partition is not None,
+        partition=partition,
     )
     registration = store.leased_key(keys.node(node_id), lambda: codec.encode(record), ttl_s)
     stack.push_async_callback(registration.revoke)
@@ -65,3 +87,52 @@ def error_reply(
     return ErrorReply(
         error=Error(code=code, message=message, detail=detail), invocation_id=req.invocation_id, node=node_id
     )
+
+
+class Once:
+    """Each invocation id runs at most once on this node. A caller that heard nothing sends its
+    invocation again (its scheduler may have died after forwarding it), and the new scheduler
+    finds it here through `where_is`: a copy that arrives while the first runs waits for the
+    first's answer; one that arrives later gets the answer again. Refusals (throttled,
+    unavailable) are forgotten at once: nothing ran, so a later copy may run."""
+
+    def __init__(self, node_id: str, keep: int = 10_000):
+        self.node_id = node_id
+        self._keep = keep
+        self._answers: OrderedDict[str, asyncio.Future[InvokeReply | ErrorReply]] = OrderedDict()
+        self.joined = 0  # copies answered from another's run
+
+    async def run(
+        self, invocation_id: str, work: Callable[[], Awaitable[InvokeReply | ErrorReply]]
+    ) -> InvokeReply | ErrorReply:
+        first = self._answers.get(invocation_id)
+        if first is not None:
+            self.joined += 1
+            return await asyncio.shield(first)
+        answer: asyncio.Future[InvokeReply | ErrorReply] = asyncio.get_running_loop().create_future()
+        self._answers[invocation_id] = answer
+        try:
+            reply = await work()
+        except BaseException:
+            del self._answers[invocation_id]
+            answer.cancel()
+            raise
+        answer.set_result(reply)
+        if isinstance(reply, ErrorReply) and reply.error.code in SCHEDULER_RETRIES:
+            del self._answers[invocation_id]
+        while len(self._answers) > self._keep:
+            oldest, future = next(iter(self._answers.items()))
+            if not future.done():
+                break  # the oldest still runs: keep it (and, for now, the rest)
+            del self._answers[oldest]
+        return reply
+
+    async def where_is(self, req: WhereIs, ctx: bus.Context) -> HaveIt | None:
+        """Answered only by the node that has the invocation; the others stay silent."""
+        answer = self._answers.get(req.invocation_id)
+        if answer is None:
+            return None
+        return HaveIt(node_id=self.node_id, done=answer.done())
+
+    def route(self) -> bus.Route:
+        return bus.Route(subjects.WHERE_IS, codec.where_is, self.where_is)

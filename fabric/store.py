@@ -183,10 +183,12 @@ async def follow_prefix(
     reset: Callable[[list[Entry]], None],
     apply: Callable[[Event], None],
     synced: asyncio.Event,
+    lost: Callable[[], None] | None = None,
 ) -> None:
     """Keep a local copy of `prefix` in step with etcd: list, then watch from the listed revision;
     list again when the watch loses history (compaction) or etcd comes back after an outage.
-    `synced` is set once the first watch is set up: from then on no change is missed."""
+    `synced` is set while a watch is set up (from then on no change is missed) and cleared when
+    etcd is lost, when `lost` is called too."""
     retry_s = 0.2
     while True:
         try:
@@ -201,6 +203,12 @@ async def follow_prefix(
         except Compacted as exc:
             log.info("re-listing %s: %s", prefix, exc)
         except Exception as exc:  # etcd down (or worse): keep serving the last copy, retry
-            log.warning("etcd unavailable while following %s (%s); serving from the last view", prefix, exc)
+            if synced.is_set():
+                log.warning(
+                    "etcd unavailable while following %s (%s); serving from the last view", prefix, exc
+                )
+                synced.clear()
+                if lost is not None:
+                    lost()
             await asyncio.sleep(retry_s)
             retry_s = min(retry_s * 2, 2.0)

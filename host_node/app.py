@@ -2,11 +2,15 @@
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
+from dpu_node.programs import ProgramRuntime, trusted_keys
 from fabric import bus, nodes
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
+from fabric.store import Store
+from fabric.tasks import TaskSet
 from host_node.bundle_cache import BundleCache
 from host_node.sandbox.agent import ShardedSpawner
 from host_node.service import HostNode
@@ -37,10 +41,18 @@ class HostNodeApp(ServiceApp):
         )
         bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
         spawner = await open_spawner(settings, stack)
-        node = self.node = HostNode(settings, bundles, spawner)
-        stack.callback(node.warm.close)  # after the server stops and the lease is revoked
+        programs = await open_programs(settings, store, tasks, stack)
+        node = self.node = HostNode(settings, bundles, spawner, programs)
+        stack.push_async_callback(node.close)  # after the server stops and the lease is revoked
         registration = nodes.register(
-            stack, store, settings.node_id, "host", settings.capacity, settings.lease_ttl_s
+            stack,
+            store,
+            settings.node_id,
+            "host",
+            settings.capacity,
+            settings.lease_ttl_s,
+            memory_mb=settings.memory_mb,
+            partition=programs.partition() if programs else None,
         )
         server = bus.Server(nc, max_concurrent=settings.capacity * 2)
         stack.push_async_callback(server.close, settings.shutdown_grace_s)
@@ -50,6 +62,23 @@ class HostNodeApp(ServiceApp):
         tasks.spawn(node.reap_idle(), "reap-idle")
         tasks.spawn(registration.run(), "registration")
         log.info("host node %s serving", settings.node_id)
+
+
+async def open_programs(
+    settings: HostNodeSettings, store: Store, tasks: TaskSet, stack: contextlib.AsyncExitStack
+) -> ProgramRuntime | None:
+    """The eBPF program runtime, when this host is configured to take eBPF functions."""
+    if settings.ebpf is None:
+        return None
+    if os.geteuid() != 0:
+        raise PermissionError("[ebpf] on a host node loads eBPF programs: it needs root (CAP_BPF)")
+    trusted = trusted_keys(settings.ebpf.trusted_keys)
+    if not trusted:
+        raise ValueError("[ebpf] trusted_keys is empty: this node would load nothing")
+    runtime = ProgramRuntime(settings.ebpf, settings.node_id, store, trusted)
+    stack.callback(runtime.close)
+    await runtime.start_following(tasks, settings.lease_ttl_s * 2)
+    return runtime
 
 
 async def open_spawner(settings: HostNodeSettings, stack: contextlib.AsyncExitStack) -> Spawner:

@@ -12,7 +12,7 @@ T = TypeVar("T")
 class InstancePool(Generic[T]):
     def __init__(self, max_total: int):
         self.max_total = max_total
-        self._idle: dict[str, list[tuple[T, float]]] = {}
+        self._idle: dict[str, list[tuple[T, float, float]]] = {}  # key -> [(instance, idle since, expires)]
         self._live: Counter[str] = Counter()
 
     @property
@@ -30,7 +30,7 @@ class InstancePool(Generic[T]):
         stack = self._idle.get(key)
         if not stack:
             return None
-        instance, _ = stack.pop()
+        instance, _, _ = stack.pop()
         return instance
 
     def reserve(self, key: str, max_for_key: int) -> bool:
@@ -40,8 +40,8 @@ class InstancePool(Generic[T]):
         self._live[key] += 1
         return True
 
-    def put_idle(self, key: str, instance: T, now: float) -> None:
-        self._idle.setdefault(key, []).append((instance, now))
+    def put_idle(self, key: str, instance: T, now: float, keep_alive_s: float) -> None:
+        self._idle.setdefault(key, []).append((instance, now, now + keep_alive_s))
 
     def discard(self, key: str) -> None:
         """An instance of `key` is gone (died, failed to start, or was killed)."""
@@ -49,13 +49,12 @@ class InstancePool(Generic[T]):
         if self._live[key] <= 0:
             del self._live[key]
 
-    def expired(self, now: float, keep_alive_s: float) -> list[tuple[str, T]]:
-        """Remove and return idle instances unused for longer than `keep_alive_s`."""
+    def expired(self, now: float) -> list[tuple[str, T]]:
+        """Remove and return idle instances whose keep-alive has run out."""
         gone: list[tuple[str, T]] = []
         for key, stack in self._idle.items():
-            keep = [(inst, since) for inst, since in stack if now - since <= keep_alive_s]
-            gone.extend((key, inst) for inst, since in stack if now - since > keep_alive_s)
-            stack[:] = keep
+            gone.extend((key, inst) for inst, _, expires in stack if now > expires)
+            stack[:] = [entry for entry in stack if now <= entry[2]]
         for key, _ in gone:
             self.discard(key)
         return gone
@@ -69,13 +68,13 @@ class InstancePool(Generic[T]):
         if oldest is None:
             return None
         key = oldest[1]
-        instance, _ = self._idle[key].pop(0)
+        instance, _, _ = self._idle[key].pop(0)
         self.discard(key)
         return key, instance
 
     def drain(self) -> list[tuple[str, T]]:
         """Remove every idle instance (node shutdown)."""
-        gone = [(key, inst) for key, stack in self._idle.items() for inst, _ in stack]
+        gone = [(key, inst) for key, stack in self._idle.items() for inst, _, _ in stack]
         self._idle.clear()
         for key, _ in gone:
             self.discard(key)

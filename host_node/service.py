@@ -1,15 +1,22 @@
-"""Host node NATS handler (invoke), heartbeats, keep-alive reaping, and the process's lifecycle."""
+"""Host node NATS handlers (invoke, where-is), heartbeats, keep-alive and prewarming.
+
+Keep-alive follows the scheduler: each invocation says how long its instance stays warm and,
+for functions whose next call is predictably far off, to stop it now and start a fresh one
+(prewarm) just before that call is due. Without a word from the scheduler `keep_alive_s` holds."""
 
 import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from opentelemetry.trace import SpanKind
 
+from dpu_node.programs import ProgramRuntime
 from fabric import bus, nodes, telemetry
 from fabric.bundles import BundleError
+from fabric.tasks import TaskSet
 from host_node.bundle_cache import BundleCache
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
@@ -25,25 +32,43 @@ from schemas.messages import ErrorReply, FunctionSpec, Heartbeat, InvokeReply, N
 log = logging.getLogger(__name__)
 
 NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
+PREWARM_INIT_S = 30.0  # a prewarmed instance's start may take this long
 
 
 class HostNode:
-    def __init__(self, settings: HostNodeSettings, bundles: BundleCache, spawner: Spawner):
+    def __init__(
+        self,
+        settings: HostNodeSettings,
+        bundles: BundleCache,
+        spawner: Spawner,
+        programs: ProgramRuntime | None = None,
+    ):
         self.settings = settings
         self._bundles = bundles
         self._spawner = spawner
+        self.programs = programs  # set when this host takes eBPF functions too
         self.warm: WarmInstances[PythonInstance] = WarmInstances(settings.max_instances)
+        self.once = nodes.Once(settings.node_id)
         self.inflight = 0
         self._logs = Path(settings.work_dir) / "logs"
         # exec functions have no long-lived process; they are warm while their code is prepared
-        # here and recently used (instance_key -> last use, monotonic).
+        # here and recently used (instance_key -> keep-alive deadline, monotonic).
         self._exec_warm: dict[str, float] = {}
+        self._memory_of: dict[str, int] = {}  # instance key -> its memory limit (MB)
+        self._exec_memory_mb = 0  # of exec runs in progress
+        self._prewarm_timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks = TaskSet()
+        self.prewarmed = 0  # instances started ahead of a predicted invocation
 
     def routes(self) -> list[bus.Route]:
-        return [bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke)]
+        return [
+            bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke),
+            self.once.route(),
+        ]
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
-        return nodes.answer(req, await self._invoke_traced(req, ctx))
+        reply = await self.once.run(req.invocation_id, lambda: self._invoke_traced(req, ctx))
+        return nodes.answer(req, reply)
 
     async def _invoke_traced(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
         if self.inflight >= self.settings.capacity:
@@ -75,6 +100,10 @@ class HostNode:
         # The caller's deadline bounds everything (fetch, waiting for an instance, init); the
         # function's own timeout_ms bounds only its execution, as in Lambda.
         deadline = received_at + req.timeout_ms / 1000 - NODE_MARGIN_S
+        if req.spec.runtime == "ebpf":
+            if self.programs is None:
+                return self._error(req, "unavailable", "this host runs no eBPF (it has no trusted keys)")
+            return await self.programs.invoke(req, received_at)
         phases: dict[str, float] = {}
         try:
             code_dir, fetched = await self._bundles.ensure(req.bundle_digest)
@@ -102,9 +131,31 @@ class HostNode:
         self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
     ) -> tuple[bytes, bool]:
         spec = req.spec
+        key = instance_key(spec.tenant, spec.name, req.bundle_digest)
+        self._memory_of[key] = spec.memory_mb
+        acquire_started = time.monotonic()
+        limit = self._instance_limit(spec)
+        start = self._starter(spec, code_dir, deadline, phases)
+        instance, cold = await self.warm.acquire(key, limit, start, deadline - acquire_started)
+        phases["acquire_ms"] = _ms_since(acquire_started)
+        if cold:
+            phases["runtime_init_ms"] = instance.init_ms
+        handler_started = time.monotonic()
+        keep_alive_s, prewarm_after_s = self._keep_alive(req)
+        try:
+            output = await instance.invoke(req.payload, _run_budget(req, deadline, handler_started))
+        finally:
+            self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0)
+            if prewarm_after_s > 0:
+                self._schedule_prewarm(key, spec, code_dir, prewarm_after_s, keep_alive_s)
+        phases["handler_ms"] = _ms_since(handler_started)
+        return output, cold
+
+    def _starter(
+        self, spec: FunctionSpec, code_dir: Path, deadline: float, phases: dict[str, float]
+    ) -> Callable[[], Awaitable[PythonInstance]]:
         handler = spec.handler
         assert handler is not None
-        key = instance_key(spec.tenant, spec.name, req.bundle_digest)
 
         async def start() -> PythonInstance:
             log_path = self._log_path(spec.tenant, spec.name)
@@ -123,19 +174,38 @@ class HostNode:
             finally:
                 os.close(log_fd)
 
-        acquire_started = time.monotonic()
-        limit = min(spec.concurrency, self.settings.max_instances_per_function)
-        instance, cold = await self.warm.acquire(key, limit, start, deadline - acquire_started)
-        phases["acquire_ms"] = _ms_since(acquire_started)
-        if cold:
-            phases["runtime_init_ms"] = instance.init_ms
-        handler_started = time.monotonic()
+        return start
+
+    def _instance_limit(self, spec: FunctionSpec) -> int:
+        return min(spec.concurrency, self.settings.max_instances_per_function)
+
+    def _keep_alive(self, req: NodeInvoke) -> tuple[float, float]:
+        """(keep-alive, prewarm-after) in seconds: the scheduler's policy for this function, or
+        this node's default keep-alive."""
+        keep_alive_s = req.keep_alive_ms / 1000 if req.keep_alive_ms > 0 else self.settings.keep_alive_s
+        return keep_alive_s, max(req.prewarm_after_ms, 0) / 1000
+
+    def _schedule_prewarm(
+        self, key: str, spec: FunctionSpec, code_dir: Path, after_s: float, keep_alive_s: float
+    ) -> None:
+        """Start an instance of `key` in `after_s` (replacing any earlier plan for it)."""
+        if (earlier := self._prewarm_timers.pop(key, None)) is not None:
+            earlier.cancel()
+
+        def fire() -> None:
+            self._prewarm_timers.pop(key, None)
+            self._tasks.spawn(self._prewarm(key, spec, code_dir, keep_alive_s), f"prewarm {key}")
+
+        self._prewarm_timers[key] = asyncio.get_running_loop().call_later(after_s, fire)
+
+    async def _prewarm(self, key: str, spec: FunctionSpec, code_dir: Path, keep_alive_s: float) -> None:
+        start = self._starter(spec, code_dir, time.monotonic() + PREWARM_INIT_S, {})
         try:
-            output = await instance.invoke(req.payload, _run_budget(req, deadline, handler_started))
-        finally:
-            self.warm.release(key, instance)
-        phases["handler_ms"] = _ms_since(handler_started)
-        return output, cold
+            if await self.warm.prewarm(key, self._instance_limit(spec), start, keep_alive_s):
+                self.prewarmed += 1
+                log.info("prewarmed %s (kept %.0fs)", key, keep_alive_s)
+        except FunctionFailed as failure:
+            log.warning("prewarming %s failed: %s", key, failure.message)
 
     async def _run_exec(
         self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
@@ -144,17 +214,21 @@ class HostNode:
         key = instance_key(req.spec.tenant, req.spec.name, req.bundle_digest)
         started = time.monotonic()
         cold = key not in self._exec_warm
-        self._exec_warm[key] = started
-        output = await run_exec(
-            self._spawner,
-            req.spec.command,
-            code_dir,
-            req.payload,
-            _run_budget(req, deadline, started),
-            self.settings.max_output_bytes,
-            self._limits(req.spec),
-            phases,
-        )
+        self._exec_warm[key] = started + self._keep_alive(req)[0]
+        self._exec_memory_mb += req.spec.memory_mb
+        try:
+            output = await run_exec(
+                self._spawner,
+                req.spec.command,
+                code_dir,
+                req.payload,
+                _run_budget(req, deadline, started),
+                self.settings.max_output_bytes,
+                self._limits(req.spec),
+                phases,
+            )
+        finally:
+            self._exec_memory_mb -= req.spec.memory_mb
         phases["handler_ms"] = _ms_since(started)
         return output, cold
 
@@ -173,26 +247,46 @@ class HostNode:
     def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
         return nodes.error_reply(req, self.settings.node_id, code, message, detail)
 
+    def memory_used_mb(self) -> int:
+        pool = self.warm.pool
+        return self._exec_memory_mb + sum(pool.live(key) * mb for key, mb in self._memory_of.items())
+
     def heartbeat(self, seq: int) -> Heartbeat:
+        warm_idle = self.warm.pool.idle_counts()
+        programs = self.programs
+        if programs is not None:
+            warm_idle.update(programs.warm_keys())
         return Heartbeat(
             node_id=self.settings.node_id,
             seq=seq,
             inflight=self.inflight,
             capacity=self.settings.capacity,
             instances=self.warm.pool.total,
-            warm_idle=self.warm.pool.idle_counts(),
+            warm_idle=warm_idle,
             sandbox_mode=self.settings.sandbox.mode,
             pool=self._spawner.states(),
+            memory_used_mb=self.memory_used_mb(),
+            tenant_runs=dict(programs.tenant_runs) if programs else {},
+            tenants=programs.tenant_usage() if programs else {},
         )
 
     async def reap_idle(self) -> None:
-        period = min(self.settings.keep_alive_s / 4, 5.0)
+        """Stop instances whose keep-alive ran out (each has its own, set by the scheduler)."""
+        period = min(self.settings.keep_alive_s / 4, 1.0)
         while True:
             await asyncio.sleep(period)
-            if reaped := self.warm.reap(self.settings.keep_alive_s):
+            if reaped := self.warm.reap():
                 log.info("stopped %d idle instances past their keep-alive", reaped)
-            cutoff = time.monotonic() - self.settings.keep_alive_s
-            self._exec_warm = {k: t for k, t in self._exec_warm.items() if t >= cutoff}
+            now = time.monotonic()
+            self._exec_warm = {k: until for k, until in self._exec_warm.items() if until >= now}
+            live = self.warm.pool
+            self._memory_of = {k: mb for k, mb in self._memory_of.items() if live.live(k)}
+
+    async def close(self) -> None:
+        for timer in self._prewarm_timers.values():
+            timer.cancel()
+        await self._tasks.close()
+        self.warm.close()
 
 
 def _run_budget(req: NodeInvoke, deadline: float, now: float) -> float:

@@ -1,5 +1,6 @@
 import msgspec
 
+from dpu_node.settings import EbpfRuntimeSettings
 from host_node.sandbox.settings import SandboxSettings
 
 
@@ -19,4 +20,8 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     keep_alive_s: float = 600.0  # an idle instance lives this long
     max_output_bytes: int = 6 * 1024 * 1024
     shutdown_grace_s: float = 10.0  # on SIGTERM, running invocations get this long to finish
+    memory_mb: int = 0  # memory for function instances, placement counts it (0: not accounted)
     sandbox: SandboxSettings = SandboxSettings()
+    # Set (with the verifier's trusted keys) to take eBPF functions with placement "any" when no
+    # DPU has room; needs root (CAP_BPF). The same loader and checks as a DPU node.
+    ebpf: EbpfRuntimeSettings | None = None

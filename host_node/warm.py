@@ -70,13 +70,34 @@ class WarmInstances(Generic[T]):
             if waiters is not None and future in waiters:
                 waiters.remove(future)
 
-    def release(self, key: str, instance: T) -> None:
-        if not instance.healthy:
+    def release(self, key: str, instance: T, keep_alive_s: float, unload: bool = False) -> bool:
+        """Hand the instance to a waiter, or keep it idle for `keep_alive_s`; with `unload` (the
+        scheduler expects no call for a while) stop it instead. True: it is idle now."""
+        if not instance.healthy or (unload and not self._waiters.get(key)):
             instance.kill()
             self.pool.discard(key)
             self._wake(key, None)  # a waiter may now start a fresh instance
-        elif not self._wake(key, instance):
-            self.pool.put_idle(key, instance, time.monotonic())
+            return False
+        if self._wake(key, instance):
+            return False
+        self.pool.put_idle(key, instance, time.monotonic(), keep_alive_s)
+        return True
+
+    async def prewarm(
+        self, key: str, max_for_key: int, start: Callable[[], Awaitable[T]], keep_alive_s: float
+    ) -> bool:
+        """Start an idle instance ahead of an expected invocation, unless one is idle already or
+        the caps say no. True: one was started."""
+        if self.pool.idle_counts().get(key) or not self._reserve(key, max_for_key):
+            return False
+        try:
+            instance = await start()
+        except BaseException:
+            self.pool.discard(key)
+            self._wake(key, None)
+            raise
+        self.release(key, instance, keep_alive_s)
+        return True
 
     def _wake(self, key: str, instance: T | None) -> bool:
         waiters = self._waiters.get(key)
@@ -87,8 +108,8 @@ class WarmInstances(Generic[T]):
                 return True
         return False
 
-    def reap(self, keep_alive_s: float) -> int:
-        expired = self.pool.expired(time.monotonic(), keep_alive_s)
+    def reap(self) -> int:
+        expired = self.pool.expired(time.monotonic())
         for _, instance in expired:
             instance.kill()
         return len(expired)

@@ -51,6 +51,8 @@ class SchedulerApp(ServiceApp):
         stack.push_async_callback(server.close)
         tasks.spawn(scheduler.sync.follow_nodes(), "follow-nodes")
         tasks.spawn(scheduler.sync.follow_functions(), "follow-functions")
+        tasks.spawn(scheduler.sync.follow_tenants(), "follow-tenants")
+        tasks.spawn(scheduler.send_beats(), "replica-beats")
         tasks.spawn(scheduler.watch_staleness(), "watch-staleness")
         await server.serve(scheduler.view_routes())
         await scheduler.wait_until_ready()

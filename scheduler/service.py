@@ -1,4 +1,5 @@
-"""Scheduler NATS handlers: invoke (place, forward, retry), deploy, list, status, heartbeats."""
+"""Scheduler NATS handlers: invoke (see invoke.py), deploy, list, status, tenants, heartbeats
+of nodes and of the other replicas."""
 
 import asyncio
 import logging
@@ -6,20 +7,19 @@ import re
 import time
 
 import msgspec
+import nats
 from nats.aio.client import Client as NATS
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from fabric import bus, telemetry
 from fabric.bundles import BundleStore
 from fabric.store import STORE_ERRORS, Store
-from scheduler import state
-from scheduler.placement import choose_node, node_kind_for
+from scheduler import shares, state
+from scheduler.invoke import Invoker, error
 from scheduler.settings import SchedulerSettings
-from scheduler.view import ClusterView, NodeView, warm_key
+from scheduler.view import ClusterView
 from schemas import codec, ebpf, keys, subjects
-from schemas.errors import Error, ErrorCode
-from schemas.manifest import spec_problems
+from schemas.manifest import NAME_RE, spec_problems
 from schemas.messages import (
     ApprovedProgram,
     ClusterStatus,
@@ -31,36 +31,21 @@ from schemas.messages import (
     Heartbeat,
     InvokeRequest,
     ListFunctions,
-    NodeInvoke,
+    ReplicaBeat,
+    SetTenant,
     StatusRequest,
+    TenantRecord,
+    TenantReply,
 )
 
 log = logging.getLogger(__name__)
 DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 
-RETRYABLE_NODE_ERRORS = {"unavailable", "throttled"}
 MAX_INVOCATION_ID = 128
-
-
-# msgspec writes a tagged struct's tag first, so an encoded ErrorReply starts with a map header and
-# then exactly these bytes: the scheduler can spot a node's error without decoding every reply.
-_ERROR_TAG = msgspec.msgpack.encode({"type": "error"})[1:]
-
-
-def is_error_reply(data: bytes) -> bool:
-    return data[1 : 1 + len(_ERROR_TAG)] == _ERROR_TAG
-
-
-class TryElsewhere(Exception):
-    """This attempt failed in a way another node may not (gone, unreachable, full)."""
 
 
 def program_digest_of(program: ApprovedProgram) -> str:
     return ebpf.program_digest(program.instructions, program.maps, program.map_refs)
-
-
-def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = "") -> ErrorReply:
-    return ErrorReply(error=Error(code=code, message=message), invocation_id=invocation_id, node=node)
 
 
 class Scheduler:
@@ -69,13 +54,19 @@ class Scheduler:
         self.view = ClusterView()
         self._store = store
         self._bundles = bundles
+        self._nc = nc
         self._requester = bus.Requester(nc)
         self.sync = state.ClusterSync(store, self.view, self._node_gone)
         self._heartbeat_seen = asyncio.Event()
+        self.replica_beats: dict[str, tuple[ReplicaBeat, float]] = {}
+        self.invoker = Invoker(settings, nc, self.view, self._requester, self.replicas, self.tenant_limit)
 
     def view_routes(self) -> list[bus.Route]:
         """What keeps the view fresh. Every replica needs every heartbeat: no queue group."""
-        return [bus.Route(subjects.HEARTBEAT_ALL, codec.heartbeat, self.on_heartbeat, inline=True)]
+        return [
+            bus.Route(subjects.HEARTBEAT_ALL, codec.heartbeat, self.on_heartbeat, inline=True),
+            bus.Route(subjects.REPLICA_BEAT_ALL, codec.replica_beat, self.on_replica_beat, inline=True),
+        ]
 
     def request_routes(self) -> list[bus.Route]:
         """What clients ask; served only once the view is usable (see `wait_until_ready`)."""
@@ -87,6 +78,10 @@ class Scheduler:
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
             bus.Route(subjects.MAPS, codec.maps_request, self.on_maps, queue),
             bus.Route(subjects.REVOKE, codec.revoke_request, self.on_revoke, queue),
+            bus.Route(subjects.SET_TENANT, codec.set_tenant, self.on_set_tenant, queue),
+            bus.Route(
+                subjects.replica_invoke(self.settings.scheduler_id), codec.invoke_request, self.on_invoke
+            ),
         ]
 
     async def start(self) -> None:
@@ -132,12 +127,14 @@ class Scheduler:
         record = self.view.functions.get((req.tenant, req.function)) or await self._lookup(req)
         if isinstance(record, ErrorReply):
             return record
-        deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
-        return await self._place_and_forward(req, record, deadline, ctx.reply)
+        return await self.invoker.invoke(req, record, ctx)
 
     def _check_invoke(self, req: InvokeRequest, subject: str) -> str | None:
-        if subjects.parse_invoke(subject) != (req.tenant, req.function):
+        handed_over = subjects.is_replica_invoke(subject)
+        if not handed_over and subjects.parse_invoke(subject) != (req.tenant, req.function):
             return f"subject {subject} does not match tenant {req.tenant!r} and function {req.function!r}"
+        if req.attempt < 1:
+            return "attempt must be 1 or more"
         if not req.invocation_id or len(req.invocation_id) > MAX_INVOCATION_ID:
             return f"invocation_id must be 1..{MAX_INVOCATION_ID} characters"
         if len(req.payload) > self.settings.max_payload_bytes:
@@ -171,82 +168,6 @@ class Scheduler:
             req.invocation_id,
         )
 
-    async def _place_and_forward(
-        self, req: InvokeRequest, record: FunctionRecord, deadline: float, reply_to: str
-    ) -> ErrorReply | bytes | None:
-        """Try nodes until one answers or the deadline passes. None: the node answered the caller."""
-        key = warm_key(record)
-        kind = node_kind_for(record.spec.runtime)
-        tried: set[str] = set()
-        failures: list[str] = []
-        while True:
-            now = time.monotonic()
-            stale_s = self.settings.node_stale_after_s
-            node = choose_node(self.view.nodes.values(), key, now, stale_s, tried, kind)
-            if node is None:
-                why = "; ".join(failures) or self.view.explain_no_node(now, self.settings.node_stale_after_s)
-                return error("unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id)
-            remaining_ms = int((deadline - now) * 1000)
-            if remaining_ms <= 0:
-                return error(
-                    "timeout",
-                    f"deadline passed before {req.function!r} could run ({'; '.join(failures)})",
-                    req.invocation_id,
-                )
-            tried.add(node.node_id)
-            message = NodeInvoke(
-                invocation_id=req.invocation_id,
-                spec=record.spec,
-                bundle_digest=record.bundle_digest,
-                program_digest=record.program_digest,
-                payload=req.payload,
-                timeout_ms=remaining_ms,
-                attempt=len(tried),
-                reply_to=reply_to,
-            )
-            try:
-                return await self._forward(node, message, remaining_ms, key)
-            except TryElsewhere as exc:
-                failures.append(str(exc))
-
-    async def _forward(
-        self, node: NodeView, message: NodeInvoke, remaining_ms: int, key: str
-    ) -> ErrorReply | bytes | None:
-        """One attempt on one node: the reply to relay, None when the node answered the caller
-        itself, or TryElsewhere."""
-        node_id = node.node_id
-        if telemetry.enabled():
-            attempt: dict[str, str | int] = {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt}
-            trace.get_current_span().add_event("forward", attempt)
-        node.inflight_here += 1
-        try:
-            msg = await self._requester.request(
-                subjects.node_invoke(node_id),
-                codec.encode(message),
-                remaining_ms / 1000,
-                telemetry.trace_headers(),
-                node_id,
-            )
-        except bus.NoResponders:
-            node.unreachable = True
-            raise TryElsewhere(f"{node_id} is not listening") from None
-        except bus.PeerLost:
-            raise TryElsewhere(f"{node_id} was lost mid-request") from None
-        except bus.RequestTimeout:
-            return error(
-                "timeout", f"{node_id} did not answer before the deadline", message.invocation_id, node_id
-            )
-        finally:
-            node.inflight_here -= 1
-        if is_error_reply(msg.data):
-            result = codec.invoke_result.decode(msg.data)
-            if result.error.code in RETRYABLE_NODE_ERRORS:
-                raise TryElsewhere(f"{node_id}: {result.error.message}")
-        node.recent.add(key)
-        # An empty acknowledgement: the node answered the caller itself. Otherwise relay the
-        # reply as the node encoded it (no decoding or re-encoding on the hot path).
-        return msg.data or None
-
     def _node_gone(self, node_id: str) -> None:
         failed = self._requester.fail_peer(node_id)
         if failed:
@@ -268,6 +189,68 @@ class Scheduler:
     async def on_heartbeat(self, hb: Heartbeat, ctx: bus.Context) -> None:
         self.view.on_heartbeat(hb, ctx.received_at)
         self._heartbeat_seen.set()
+        self.invoker.queue.wake_all(("capacity",))  # the node's partitions or memory may have room now
+
+    # --- the other replicas ---
+
+    async def on_replica_beat(self, beat: ReplicaBeat, ctx: bus.Context) -> None:
+        known = beat.scheduler_id in self.replica_beats
+        self.replica_beats[beat.scheduler_id] = (beat, ctx.received_at)
+        if not known and beat.scheduler_id != self.settings.scheduler_id:
+            log.info("scheduler replica %s joined: %d live", beat.scheduler_id, self.replicas().count)
+
+    def replicas(self) -> shares.Replicas:
+        """The live replicas (this one included), to split limits and node capacity into shares."""
+        last = {rid: at for rid, (_, at) in self.replica_beats.items()}
+        stale = self.settings.beat_interval_s * 3
+        return shares.live_replicas(self.settings.scheduler_id, last, time.monotonic(), stale)
+
+    def beat(self, seq: int) -> ReplicaBeat:
+        now = time.monotonic()
+        ages = [now - n.heartbeat_at for n in self.view.nodes.values() if n.heartbeat_at is not None]
+        etcd_lost_for = self.sync.lost_for(now)
+        return ReplicaBeat(
+            scheduler_id=self.settings.scheduler_id,
+            seq=seq,
+            running=self.invoker.running.total,
+            queued=self.invoker.queue.length,
+            throttled=self.invoker.counters.throttled,
+            etcd_ok=etcd_lost_for is None,
+            view_age_ms=round(max([*ages, etcd_lost_for or 0.0], default=0.0) * 1000, 1),
+            nodes_healthy=sum(
+                n.healthy(now, self.settings.node_stale_after_s) for n in self.view.nodes.values()
+            ),
+        )
+
+    async def send_beats(self) -> None:
+        seq = 0
+        subject = subjects.replica_beat(self.settings.scheduler_id)
+        while True:
+            try:
+                await self._nc.publish(subject, codec.encode(self.beat(seq)))
+            except nats.errors.Error as exc:
+                log.warning("replica beat %d not sent: %s", seq, exc)
+            seq += 1
+            await asyncio.sleep(self.settings.beat_interval_s)
+
+    # --- tenants ---
+
+    def tenant_limit(self, tenant: str) -> int:
+        record = self.sync.tenants.get(tenant)
+        return record.max_concurrency if record else self.settings.admission.tenant_max_concurrency
+
+    async def on_set_tenant(self, req: SetTenant, ctx: bus.Context) -> TenantReply | ErrorReply:
+        if not NAME_RE.match(req.tenant):
+            return error("bad_request", f"tenant {req.tenant!r} must match {NAME_RE.pattern}")
+        if not 1 <= req.max_concurrency <= 1_000_000:
+            return error("bad_request", "max_concurrency must be in 1..1000000")
+        record = TenantRecord(tenant=req.tenant, max_concurrency=req.max_concurrency)
+        try:
+            await self._store.put(keys.tenant(req.tenant), codec.encode(record))
+        except STORE_ERRORS as exc:
+            return error("unavailable", f"cannot set tenant limits while etcd is unreachable: {exc}")
+        self.sync.tenants[req.tenant] = record
+        return TenantReply(record=record)
 
     # --- control ---
 
@@ -301,6 +284,7 @@ class Scheduler:
                 bundle_size=req.bundle_size,
                 deployed_at=time.time(),
                 program_digest=program_digest,
+                map_memory_bytes=sum(m.memory_bytes for m in req.program.maps) if req.program else 0,
             )
             revision = await state.write_function(self._store, record)
         except STORE_ERRORS as exc:
@@ -358,9 +342,17 @@ class Scheduler:
             schedulers = []  # still show this replica's view of the nodes
         now = time.monotonic()
         stale = self.settings.node_stale_after_s
+        live = set(self.replicas().ids)
+        beats = [
+            beat
+            for rid, (beat, _) in self.replica_beats.items()
+            if rid in live and rid != self.settings.scheduler_id
+        ]
+        nodes = sorted(self.view.nodes.values(), key=lambda n: n.node_id)
         return ClusterStatus(
             answered_by=self.settings.scheduler_id,
             schedulers=sorted(schedulers, key=lambda s: s.scheduler_id),
-            nodes=[n.status(now, stale) for n in sorted(self.view.nodes.values(), key=lambda n: n.node_id)],
+            nodes=[n.status(now, stale, self.view.held[n.node_id]) for n in nodes],
             functions=len(self.view.functions),
+            replicas=sorted([*beats, self.beat(-1)], key=lambda b: b.scheduler_id),
         )

@@ -1,5 +1,42 @@
 import msgspec
 
+DEFAULT_FILTERS = ("runtime", "not_tried", "capacity", "memory", "tenant_partition")
+DEFAULT_WEIGHTS = (("warm", 5), ("load", 2), ("home", 1), ("free_slots", 1))
+
+
+class PlacementSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which placement plugins run and how much each score counts (see scheduler/plugins.py)."""
+
+    filters: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FILTERS))
+    weights: dict[str, int] = msgspec.field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    warm_candidates: int = 2
+    home_candidates: int = 1
+    random_candidates: int = 1  # with the home node: power of two choices
+    pack_below_utilisation: float = 0.5  # pack onto busy nodes below this cluster load, spread above
+    snapshot_refresh_ms: float = 20.0  # rebuild the snapshot at most this often (when it changed)
+
+
+class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    tenant_max_concurrency: int = 1000  # default per tenant; `hetfaas tenant set` overrides it
+    max_queue: int = 1024  # invocations waiting in this replica; beyond it: throttled at once
+    max_queue_wait_ms: int = 2000  # how long one may wait for a limit or for capacity
+
+
+class KeepAliveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The per-function keep-alive policy of "Serverless in the Wild" (USENIX ATC'20)."""
+
+    enabled: bool = True
+    bin_s: float = 60.0  # histogram bin width
+    range_s: float = 4 * 3600.0  # inter-arrival times beyond this are out of bounds
+    min_samples: int = 10  # fewer arrivals seen: the node's own keep-alive
+    head_percentile: float = 5.0  # prewarm window: this percentile, less the margin
+    tail_percentile: float = 99.0  # keep-alive: this percentile, plus the margin
+    margin: float = 0.10
+    max_out_of_bounds: float = 0.5  # more arrivals beyond range_s than this share: the node's own
+    # The histogram is trusted only if its bin counts vary at least this much (coefficient of
+    # variation): arrivals spread evenly over the range say nothing about the next one.
+    min_cv: float = 2.0
+
 
 class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     scheduler_id: str
@@ -14,3 +51,8 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     node_stale_after_s: float = 3.0  # no heartbeat for this long: the node is lost
     reply_margin_ms: int = 25  # answer this long before the caller's deadline, so the answer arrives
     max_concurrent: int = 4096  # invocations handled at once by this replica
+    beat_interval_s: float = 1.0  # replica beats: peers count each other from them
+    where_is_timeout_ms: int = 50  # a caller's retry: how long to wait for a node that has it
+    placement: PlacementSettings = PlacementSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    keep_alive: KeepAliveSettings = KeepAliveSettings()

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import msgspec
 from fabric.store import Event, Store, follow_prefix
 from scheduler.view import ClusterView
 from schemas import codec, keys
-from schemas.messages import FunctionRecord, SchedulerRecord
+from schemas.messages import FunctionRecord, SchedulerRecord, TenantRecord
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,29 @@ class ClusterSync:
         self._on_node_gone = on_node_gone
         self.nodes_synced = asyncio.Event()
         self.functions_synced = asyncio.Event()
+        self.tenants_synced = asyncio.Event()
+        self.tenants: dict[str, TenantRecord] = {}
+        self._lost_at: float | None = None
+
+    def lost_for(self, now: float) -> float | None:
+        """Seconds since etcd was lost, or None while the watches are live."""
+        if self.nodes_synced.is_set() and self.functions_synced.is_set():
+            self._lost_at = None
+            return None
+        return None if self._lost_at is None else now - self._lost_at
+
+    def _lost(self) -> None:
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
 
     async def follow_nodes(self) -> None:
         await self._follow(keys.NODES, self._reset_nodes, self._apply_node, self.nodes_synced)
 
     async def follow_functions(self) -> None:
         await self._follow(keys.FUNCTIONS, self._reset_functions, self._apply_function, self.functions_synced)
+
+    async def follow_tenants(self) -> None:
+        await self._follow(keys.TENANTS, self._reset_tenants, self._apply_tenant, self.tenants_synced)
 
     async def _follow(
         self,
@@ -40,7 +58,7 @@ class ClusterSync:
         synced: asyncio.Event,
     ) -> None:
         await follow_prefix(
-            self._store, prefix, lambda entries: reset([e.value for e in entries]), apply, synced
+            self._store, prefix, lambda entries: reset([e.value for e in entries]), apply, synced, self._lost
         )
 
     def _reset_nodes(self, values: list[bytes]) -> None:
@@ -69,6 +87,16 @@ class ClusterSync:
             self._view.remove_function(*keys.parse_function(event.key))
         elif (record := _decode(codec.function_record)(event.value)) is not None:
             self._view.put_function(record)
+
+    def _reset_tenants(self, values: list[bytes]) -> None:
+        records = [r for r in map(_decode(codec.tenant_record), values) if r is not None]
+        self.tenants = {r.tenant: r for r in records}
+
+    def _apply_tenant(self, event: Event) -> None:
+        if event.kind == "delete":
+            self.tenants.pop(event.key.removeprefix(keys.TENANTS), None)
+        elif (record := _decode(codec.tenant_record)(event.value)) is not None:
+            self.tenants[record.tenant] = record
 
 
 def _decode(decoder: msgspec.msgpack.Decoder) -> Callable[[bytes], Any]:

@@ -1,11 +1,16 @@
 """The scheduler's cluster view: nodes (etcd membership + heartbeats) and functions. Pure.
 
-The shell feeds it etcd watch events and heartbeats; placement reads it. Time is passed in.
+The shell feeds it etcd watch events and heartbeats; placement reads immutable snapshots of it
+(`snapshot()`). Time is passed in.
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
 
+from scheduler import snapshot
 from schemas.messages import FunctionRecord, Heartbeat, NodeRecord, NodeStatus, instance_key
+
+FULL_REBUILD_S = 0.25  # rebuild at least this often even unchanged: nodes go stale with time
 
 
 @dataclass
@@ -14,7 +19,6 @@ class NodeView:
     heartbeat: Heartbeat | None = None
     heartbeat_at: float | None = None
     unreachable: bool = False  # NATS said "no responders"; cleared by the next heartbeat
-    inflight_here: int = 0  # this replica's requests on the node right now (fresher than heartbeats)
     # Functions this node ran since its last heartbeat: it probably holds a warm instance of them.
     recent: set[str] = field(default_factory=set)
 
@@ -27,23 +31,14 @@ class NodeView:
             return False
         return now - self.heartbeat_at <= stale_after_s
 
-    def load(self) -> float:
-        reported = self.heartbeat.inflight if self.heartbeat else 0
-        return max(reported, self.inflight_here) / max(self.record.capacity, 1)
-
-    def is_warm_for(self, key: str) -> bool:
-        if key in self.recent:
-            return True
-        return bool(self.heartbeat and self.heartbeat.warm_idle.get(key, 0) > 0)
-
-    def status(self, now: float, stale_after_s: float) -> NodeStatus:
+    def status(self, now: float, stale_after_s: float, held: int) -> NodeStatus:
         hb = self.heartbeat
         return NodeStatus(
             node_id=self.node_id,
             kind=self.record.kind,
             hostname=self.record.hostname,
             healthy=self.healthy(now, stale_after_s),
-            inflight=max(hb.inflight if hb else 0, self.inflight_here),
+            inflight=max(hb.inflight if hb else 0, held),
             capacity=self.record.capacity,
             instances=hb.instances if hb else 0,
             warm_idle=sum(hb.warm_idle.values()) if hb else 0,
@@ -60,6 +55,39 @@ class ClusterView:
         self.functions: dict[tuple[str, str], FunctionRecord] = {}
         # Heartbeats of nodes whose registration we have not seen yet (etcd watch lags NATS).
         self._early_heartbeats: dict[str, tuple[Heartbeat, float]] = {}
+        # This replica's invocations on each node right now: fresher than any heartbeat.
+        self.held: Counter[str] = Counter()
+        self._snapshot: snapshot.Snapshot | None = None
+        self._changed = True
+
+    def snapshot(self, now: float, stale_after_s: float, refresh_s: float) -> snapshot.Snapshot:
+        """The healthy nodes as an immutable snapshot, rebuilt when the view changed (at most every
+        `refresh_s`) and every FULL_REBUILD_S regardless, so a silent node drops out."""
+        current = self._snapshot
+        age = now - current.built_at if current else None
+        if age is None or (self._changed and age >= refresh_s) or age >= FULL_REBUILD_S:
+            healthy = (n for n in self.nodes.values() if n.healthy(now, stale_after_s))
+            current = self._snapshot = snapshot.build(
+                (snapshot.node_info(n.record, n.heartbeat, n.recent) for n in healthy), now
+            )
+            self._changed = False
+        return current
+
+    def changed(self) -> None:
+        self._changed = True
+
+    def ran(self, node_id: str, key: str) -> None:
+        """`node_id` just ran `key`: it probably holds it warm until its next heartbeat says so."""
+        node = self.nodes.get(node_id)
+        if node is not None and key not in node.recent:
+            node.recent.add(key)
+            self._changed = True
+
+    def unreachable(self, node_id: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.unreachable = True
+            self._changed = True
 
     # --- membership (etcd) ---
 
@@ -72,10 +100,12 @@ class ClusterView:
                 node.heartbeat, node.heartbeat_at = early
         else:
             node.record = record
+        self._changed = True
 
     def remove_node(self, node_id: str) -> None:
         self.nodes.pop(node_id, None)
         self._early_heartbeats.pop(node_id, None)
+        self._changed = True
 
     def reset_nodes(self, records: list[NodeRecord]) -> list[str]:
         """Replace membership after a re-list; returns the ids that disappeared."""
@@ -96,6 +126,7 @@ class ClusterView:
         node.heartbeat, node.heartbeat_at = hb, now
         node.unreachable = False
         node.recent.clear()
+        self._changed = True
 
     def stale_nodes(self, now: float, stale_after_s: float) -> list[str]:
         return [
@@ -134,4 +165,7 @@ class ClusterView:
 
 
 def warm_key(record: FunctionRecord) -> str:
-    return instance_key(record.spec.tenant, record.spec.name, record.bundle_digest)
+    """What a warm instance is an instance of: the function's code, or for an eBPF function its
+    approved program (nodes that run eBPF report loaded programs under this key)."""
+    code = record.program_digest or record.bundle_digest
+    return instance_key(record.spec.tenant, record.spec.name, code)

@@ -28,6 +28,12 @@ maps_request = msgspec.msgpack.Decoder(ebpf.MapsRequest)
 maps_result = msgspec.msgpack.Decoder(ebpf.MapsReply | m.ErrorReply)
 revoke_request = msgspec.msgpack.Decoder(ebpf.RevokeRequest)
 revoke_result = msgspec.msgpack.Decoder(ebpf.RevokeReply | m.ErrorReply)
+replica_beat = msgspec.msgpack.Decoder(m.ReplicaBeat)
+set_tenant = msgspec.msgpack.Decoder(m.SetTenant)
+tenant_result = msgspec.msgpack.Decoder(m.TenantResult)
+tenant_record = msgspec.msgpack.Decoder(m.TenantRecord)
+where_is = msgspec.msgpack.Decoder(m.WhereIs)
+have_it = msgspec.msgpack.Decoder(m.HaveIt)
 
 
 def encode(obj: Any) -> bytes:

@@ -5,6 +5,7 @@ SCHEDULERS = "/hetfaas/schedulers/"
 FUNCTIONS = "/hetfaas/functions/"
 PROGRAMS = "/hetfaas/programs/"
 REVOKED = "/hetfaas/revoked/"
+TENANTS = "/hetfaas/tenants/"
 
 
 def node(node_id: str) -> str:
@@ -36,3 +37,8 @@ def program(digest: str) -> str:
 def revoked(digest: str) -> str:
     """A revoked program: DPU nodes watch these, unload it and refuse to load it again."""
     return REVOKED + digest
+
+
+def tenant(name: str) -> str:
+    """A tenant's limits."""
+    return TENANTS + name

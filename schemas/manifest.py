@@ -18,6 +18,7 @@ LIMITS = {
     "memory_mb": (16, 16_384),
     "timeout_ms": (1, 900_000),
     "concurrency": (1, 1_000),
+    "max_concurrency": (0, 100_000),
 }
 ALLOWED_KEYS = frozenset(FunctionSpec.__struct_fields__)
 

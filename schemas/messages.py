@@ -34,6 +34,9 @@ class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):
     memory_mb: int = 128
     timeout_ms: int = 3000
     concurrency: int = 8  # most instances of this function one node runs at once
+    # Most invocations of this function running at once in the whole cluster (0: only the
+    # tenant's limit applies). Beyond it invocations wait in the scheduler's queue, then throttle.
+    max_concurrency: int = 0
     placement: Placement = "host"
     ebpf: EbpfSpec | None = None
 
@@ -46,6 +49,15 @@ class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
     bundle_size: int
     deployed_at: float  # unix seconds
     program_digest: str = ""  # ebpf: the approved program, at keys.program(digest)
+    map_memory_bytes: int = 0  # ebpf: what its maps take in a DPU tenant's partition
+
+
+class Partition(msgspec.Struct, frozen=True, kw_only=True):
+    """How a DPU node splits itself per tenant (each tenant gets this much)."""
+
+    concurrency: int  # programs of one tenant running at once
+    programs: int  # programs of one tenant loaded at once
+    map_memory_bytes: int
 
 
 class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,6 +69,9 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
     capacity: int  # invocations the node runs at once
     started_at: float
+    memory_mb: int = 0  # memory for function instances (0: not accounted)
+    runs_ebpf: bool = False  # can load signed eBPF programs (DPU nodes; hosts with trusted keys)
+    partition: Partition | None = None  # per-tenant shares of an eBPF-running node
 
 
 class SchedulerRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,8 +101,17 @@ class PoolShard(msgspec.Struct, frozen=True, kw_only=True, tag="pool_shard"):
     building: int = 0  # sandboxes being prewarmed now
 
 
+class TenantUsage(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One tenant's use of an eBPF-running node's partition."""
+
+    running: int
+    programs: int
+    map_memory_bytes: int
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
-    """Published by every node on `subjects.heartbeat(id)`: its load and its idle warm instances."""
+    """Published by every node on `subjects.heartbeat(id)`: its load and its idle warm instances
+    (on an eBPF-running node: its loaded programs, each counted as one warm instance)."""
 
     node_id: str
     seq: int
@@ -98,6 +122,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
     sandbox_mode: str = ""
     pool: list[PoolShard] = []
     tenant_runs: dict[str, int] = {}  # DPU nodes: program runs per tenant since the node started
+    memory_used_mb: int = 0  # memory limits of the instances alive now
+    tenants: dict[str, TenantUsage] = {}  # eBPF-running nodes: each tenant's partition in use
 
 
 # --- invoke -----------------------------------------------------------------------------------
@@ -112,6 +138,9 @@ class InvokeRequest(msgspec.Struct, frozen=True, kw_only=True, tag="invoke"):
     payload: bytes = b""
     timeout_ms: int = 30_000  # the caller's whole deadline, measured from when the scheduler receives it
     trigger: str = "cli"
+    # > 1: the caller sent this invocation before and heard nothing (its scheduler may have died);
+    # the scheduler first asks the nodes whether one of them has it already.
+    attempt: int = 1
 
 
 class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
@@ -128,6 +157,11 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     # scheduler with an empty message; refusals the scheduler retries (throttled, unavailable)
     # still go to the scheduler. Saves the caller a hop through the scheduler.
     reply_to: str = ""
+    # How long the instance stays warm after this invocation, and, when prewarm_after_ms is set,
+    # when to start a fresh one instead (the scheduler's per-function keep-alive policy; 0: the
+    # node's own default).
+    keep_alive_ms: int = 0
+    prewarm_after_ms: int = 0
 
 
 class ApprovedProgram(msgspec.Struct, frozen=True, kw_only=True):
@@ -203,17 +237,61 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     tenant_runs: dict[str, int] = {}
 
 
+class ReplicaBeat(msgspec.Struct, frozen=True, kw_only=True, tag="replica_beat"):
+    """Published by every scheduler replica on `subjects.replica_beat(id)`. Replicas count each
+    other from these to split limits and node capacity into shares; `status` shows them."""
+
+    scheduler_id: str
+    seq: int
+    running: int  # invocations this replica has placed and not yet seen answered
+    queued: int  # invocations waiting in its admission queue
+    throttled: int  # invocations it turned away since it started (queue full or waited too long)
+    etcd_ok: bool  # its etcd watches are live
+    view_age_ms: float  # how old the freshest part of its view might be (oldest heartbeat, or etcd outage)
+    nodes_healthy: int
+
+
 class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True, tag="cluster_status"):
     answered_by: str  # the scheduler replica whose view this is
     schedulers: list[SchedulerRecord]
     nodes: list[NodeStatus]
     functions: int
+    replicas: list[ReplicaBeat] = []  # every replica's last beat, as the answering replica heard it
+
+
+class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """etcd value at `keys.tenant(name)`: a tenant's limits (absent: the scheduler's defaults)."""
+
+    tenant: str
+    max_concurrency: int  # its invocations running at once in the whole cluster
+
+
+class SetTenant(msgspec.Struct, frozen=True, kw_only=True, tag="set_tenant"):
+    tenant: str
+    max_concurrency: int
+
+
+class TenantReply(msgspec.Struct, frozen=True, kw_only=True, tag="tenant_reply"):
+    record: TenantRecord
+
+
+class WhereIs(msgspec.Struct, frozen=True, kw_only=True, tag="where_is"):
+    """Scheduler -> every node on `subjects.WHERE_IS`: who has this invocation (a caller's retry)?
+    Only a node that has it answers."""
+
+    invocation_id: str
+
+
+class HaveIt(msgspec.Struct, frozen=True, kw_only=True, tag="have_it"):
+    node_id: str
+    done: bool  # answered already (it will answer again from its cache), or still running
 
 
 InvokeResult = InvokeReply | ErrorReply
 DeployResult = DeployReply | ErrorReply
 ListResult = FunctionList | ErrorReply
 StatusResult = ClusterStatus | ErrorReply
+TenantResult = TenantReply | ErrorReply
 
 
 def instance_key(tenant: str, name: str, bundle_digest: str) -> str:

@@ -12,6 +12,9 @@ STATUS = "hetfaas.control.status"
 VERIFY = "hetfaas.verify"
 MAPS = "hetfaas.control.maps"
 REVOKE = "hetfaas.control.revoke"
+SET_TENANT = "hetfaas.control.tenant"
+REPLICA_BEAT_ALL = "hetfaas.scheduler.*.beat"
+WHERE_IS = "hetfaas.nodes.where-is"  # every node listens (no queue group)
 
 
 def invoke(tenant: str, function: str) -> str:
@@ -36,3 +39,17 @@ def heartbeat(node_id: str) -> str:
 
 def node_maps(node_id: str) -> str:
     return f"hetfaas.node.{node_id}.maps"
+
+
+def replica_beat(scheduler_id: str) -> str:
+    return f"hetfaas.scheduler.{scheduler_id}.beat"
+
+
+def replica_invoke(scheduler_id: str) -> str:
+    """One replica's own invoke subject: a replica holding no share of a small limit hands the
+    invocation to one that does."""
+    return f"hetfaas.scheduler.{scheduler_id}.invoke"
+
+
+def is_replica_invoke(subject: str) -> bool:
+    return subject.startswith("hetfaas.scheduler.") and subject.endswith(".invoke")

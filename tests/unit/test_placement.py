@@ -1,71 +1,326 @@
-"""Placement and the cluster view, table-driven over built nodes."""
+"""Placement: every filter and score plugin, the framework, the snapshot and the view, table-driven
+over nodes and requests made by the builders below."""
+
+from collections import Counter
 
 import pytest
 
-from scheduler.placement import choose_node
-from scheduler.view import ClusterView, NodeView
-from schemas.messages import Heartbeat, NodeRecord
+from scheduler import framework, plugins
+from scheduler.framework import Cycle, Fit, Placed, Request, Unplaced
+from scheduler.settings import PlacementSettings
+from scheduler.snapshot import NO_POOL, NodeInfo, Snapshot, build, node_info
+from scheduler.view import ClusterView
+from schemas.messages import Heartbeat, NodeRecord, Partition, PoolShard, TenantUsage
 
 NOW = 100.0
 STALE_S = 3.0
 KEY = "acme/fn@sha256-a"
+PROG = "acme/pkt@sha256-p"
+PART = Partition(concurrency=2, programs=2, map_memory_bytes=1000)
 
 
-def node(
-    node_id: str,
-    inflight: int = 0,
-    capacity: int = 10,
-    warm: int = 0,
-    age_s: float | None = 0.5,
-    kind: str = "host",
-    unreachable: bool = False,
-    recent: bool = False,
-) -> NodeView:
-    record = NodeRecord(node_id=node_id, kind=kind, hostname="h", pid=1, capacity=capacity, started_at=0)
-    view = NodeView(record, unreachable=unreachable)
-    if age_s is not None:
-        view.heartbeat = Heartbeat(
-            node_id=node_id,
-            seq=1,
-            inflight=inflight,
-            capacity=capacity,
-            instances=warm,
-            warm_idle={KEY: warm} if warm else {},
-        )
-        view.heartbeat_at = NOW - age_s
-    if recent:
-        view.recent.add(KEY)
-    return view
+def host(node_id: str, inflight: int = 0, capacity: int = 10, warm: bool = False, **kw) -> NodeInfo:
+    return NodeInfo(node_id, "host", capacity, inflight, frozenset({KEY} if warm else ()), **kw)
+
+
+def dpu(node_id: str, loaded: bool = False, tenant: TenantUsage | None = None, **kw) -> NodeInfo:
+    tenants = {"acme": tenant} if tenant else {}
+    warm = frozenset({PROG} if loaded else ())
+    return NodeInfo(node_id, "dpu", 8, 0, warm, runs_ebpf=True, partition=PART, tenants=tenants, **kw)
+
+
+def python_fn(**kw) -> Request:
+    return Request(key=KEY, tenant="acme", runtime="python", placement="host", **kw)
+
+
+def ebpf_fn(placement: str = "dpu", **kw) -> Request:
+    return Request(key=PROG, tenant="acme", runtime="ebpf", placement=placement, **kw)
+
+
+def cycle(nodes: list[NodeInfo], held: dict[str, int] | None = None, replicas: int = 1) -> Cycle:
+    snap = build(nodes, NOW)
+    return Cycle(snap, Counter(held or {}), lambda total, _: total // replicas, home="a")
+
+
+def usage(running: int = 0, programs: int = 0, map_bytes: int = 0) -> TenantUsage:
+    return TenantUsage(running=running, programs=programs, map_memory_bytes=map_bytes)
+
+
+# --- filters ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("nodes", "exclude", "expected"),
+    ("plugin", "req", "node", "held", "fit"),
     [
-        ([], set(), None),
-        ([node("a"), node("b")], set(), "a"),  # tie: lowest id
-        ([node("a", inflight=5), node("b", inflight=1)], set(), "b"),  # least loaded
-        ([node("a", inflight=1), node("b", inflight=1, warm=1)], set(), "b"),  # warm wins a tie
-        ([node("a", inflight=0), node("b", inflight=1, warm=1)], set(), "a"),  # 10% more load beats warmth
-        ([node("a"), node("b", inflight=0, recent=True)], set(), "b"),  # ran it since its last heartbeat
-        ([node("a", inflight=10, warm=1), node("b", inflight=9)], set(), "b"),  # a is full
-        ([node("a", inflight=12), node("b", inflight=10)], set(), "b"),  # all full: least overloaded
-        ([node("a", age_s=5.0), node("b", inflight=9)], set(), "b"),  # a stopped heartbeating
-        ([node("a", age_s=None), node("b", inflight=9)], set(), "b"),  # a never heartbeated
-        ([node("a", unreachable=True), node("b", inflight=9)], set(), "b"),
-        ([node("a"), node("b", inflight=9)], {"a"}, "b"),  # already tried for this request
-        ([node("a")], {"a"}, None),
-        ([node("d", kind="dpu"), node("b", inflight=9)], set(), "b"),  # python/exec run on hosts
+        ("runtime", python_fn(), host("a"), {}, Fit.YES),
+        ("runtime", python_fn(), dpu("a"), {}, Fit.NEVER),
+        ("runtime", ebpf_fn(), dpu("a"), {}, Fit.YES),
+        ("runtime", ebpf_fn(), host("a"), {}, Fit.NEVER),  # a host without trusted keys
+        ("runtime", ebpf_fn(), host("a", runs_ebpf=True), {}, Fit.YES),
+        ("not_tried", python_fn(exclude=frozenset({"a"})), host("a"), {}, Fit.NEVER),
+        ("not_tried", python_fn(exclude=frozenset({"b"})), host("a"), {}, Fit.YES),
+        ("capacity", python_fn(), host("a", capacity=2), {"a": 1}, Fit.YES),
+        ("capacity", python_fn(), host("a", capacity=2), {"a": 2}, Fit.NOT_NOW),
+        ("capacity", python_fn(), host("a", capacity=0), {}, Fit.NEVER),
+        # the node's own report is a heartbeat old: this replica's count decides
+        ("capacity", python_fn(), host("a", inflight=10, capacity=10), {}, Fit.YES),
+        ("memory", python_fn(memory_mb=256), host("a"), {}, Fit.YES),  # memory not accounted
+        ("memory", python_fn(memory_mb=256), host("a", memory_mb=200), {}, Fit.NEVER),
+        ("memory", python_fn(memory_mb=256), host("a", memory_mb=1000, memory_used_mb=800), {}, Fit.NOT_NOW),
+        (
+            "memory",
+            python_fn(memory_mb=256),
+            host("a", warm=True, memory_mb=1000, memory_used_mb=800),
+            {},
+            Fit.YES,
+        ),
+        ("memory", python_fn(memory_mb=256), host("a", memory_mb=1000, memory_used_mb=744), {}, Fit.YES),
+        ("tenant_partition", python_fn(), host("a"), {}, Fit.YES),
+        ("tenant_partition", ebpf_fn(), dpu("a"), {}, Fit.YES),  # a tenant new to the node
+        ("tenant_partition", ebpf_fn(map_memory_bytes=2000), dpu("a"), {}, Fit.NEVER),
+        ("tenant_partition", ebpf_fn(), dpu("a", tenant=usage(running=2)), {}, Fit.NOT_NOW),
+        ("tenant_partition", ebpf_fn(), dpu("a", tenant=usage(programs=2)), {}, Fit.NEVER),
+        ("tenant_partition", ebpf_fn(), dpu("a", loaded=True, tenant=usage(programs=2)), {}, Fit.YES),
+        ("tenant_partition", ebpf_fn(map_memory_bytes=500), dpu("a", tenant=usage(1, 1, 600)), {}, Fit.NEVER),
+        ("tenant_partition", ebpf_fn(map_memory_bytes=400), dpu("a", tenant=usage(1, 1, 600)), {}, Fit.YES),
     ],
 )
-def test_choose_node(nodes: list[NodeView], exclude: set[str], expected: str | None) -> None:
-    chosen = choose_node(nodes, KEY, NOW, STALE_S, exclude)
-    assert (chosen.node_id if chosen else None) == expected
+def test_filter(plugin: str, req: Request, node: NodeInfo, held: dict[str, int], fit: Fit) -> None:
+    status = plugins.FILTERS[plugin](req, node, cycle([node], held))
+    assert status.fit is fit, status.reason
+    assert bool(status.reason) == (fit is not Fit.YES), "a refusal says why"
 
 
-def test_local_inflight_counts_before_the_next_heartbeat() -> None:
-    a, b = node("a"), node("b")
-    a.inflight_here = 3
-    assert choose_node([a, b], KEY, NOW, STALE_S, set()).node_id == "b"
+def test_capacity_counts_only_this_replicas_share() -> None:
+    node = host("a", capacity=10)
+    assert plugins.capacity(python_fn(), node, cycle([node], {"a": 4}, replicas=2)).fit is Fit.YES
+    assert plugins.capacity(python_fn(), node, cycle([node], {"a": 5}, replicas=2)).fit is Fit.NOT_NOW
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+
+def pool(free: int, prewarmed: int = 0) -> list[PoolShard]:
+    return [
+        PoolShard(
+            shard=0,
+            mode="prewarm",
+            free=free,
+            prewarmed=prewarmed,
+            busy=0,
+            recycling=0,
+            created=0,
+            recycled=0,
+            vanished=0,
+            inline=0,
+            refilling=False,
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "node", "others", "expected"),
+    [
+        ("warm", host("a", warm=True), [], 100),
+        ("warm", host("a"), [], 0),
+        ("warm", dpu("a", loaded=True), [], 0),  # a python key is not this program
+        ("free_slots", host("a", free_slots=0), [], 0),
+        ("free_slots", host("a", free_slots=2), [], 50),
+        ("free_slots", host("a", free_slots=9), [], 100),
+        ("free_slots", host("a", free_slots=NO_POOL), [], 50),
+        ("home", host("a"), [], 100),
+        ("home", host("b"), [], 0),
+        # low cluster load: pack (the busier node that fits scores higher)
+        ("load", host("a", inflight=3), [host("z", inflight=0)], 30),
+        ("load", host("a", inflight=0), [host("z", inflight=3)], 0),
+        # high cluster load: spread
+        ("load", host("a", inflight=6), [host("z", inflight=9)], 40),
+        ("load", host("a", inflight=9), [host("z", inflight=6)], 10),
+    ],
+)
+def test_score(name: str, node: NodeInfo, others: list[NodeInfo], expected: float) -> None:
+    profile = plugins.profile(PlacementSettings())
+    score = {n: fn for n, fn, _ in profile.scores}[name]
+    assert score(python_fn(), node, cycle([node, *others])) == pytest.approx(expected)
+
+
+def test_warm_scores_a_loaded_program_for_ebpf() -> None:
+    assert plugins.warm(ebpf_fn(), dpu("a", loaded=True), cycle([])) == 100
+
+
+def test_load_counts_this_replicas_fresher_count() -> None:
+    node = host("a", inflight=0)
+    spread = cycle([node, host("z", inflight=10)], held={"a": 5})
+    assert plugins.load(python_fn(), node, spread, pack_below=0.5) == pytest.approx(50)
+
+
+# --- framework ----------------------------------------------------------------------------------
+
+PROFILE = plugins.profile(PlacementSettings())
+
+
+def place(req: Request, nodes: list[NodeInfo], held: dict[str, int] | None = None) -> Placed | Unplaced:
+    c = cycle(nodes, held)
+    return framework.place(req, c.snapshot, PROFILE, c)
+
+
+def home_of(key: str, ids: list[str]) -> str:
+    return sorted(ids)[framework.home_index(key, len(ids))]
+
+
+def test_repeated_calls_go_home_at_low_load() -> None:
+    nodes = [host(f"n{i}") for i in range(7)]
+    chosen = {place(python_fn(salt=salt), nodes).node_id for salt in range(50)}
+    assert chosen == {home_of(KEY, [n.node_id for n in nodes])}
+
+
+def test_a_warm_instance_beats_the_home_node() -> None:
+    nodes = [host(f"n{i}") for i in range(7)]
+    home = home_of(KEY, [n.node_id for n in nodes])
+    warm_one = next(n for n in nodes if n.node_id != home)
+    nodes = [host(n.node_id, warm=n is warm_one) for n in nodes]
+    assert place(python_fn(), nodes).node_id == warm_one.node_id
+
+
+def test_a_full_home_sends_the_call_to_its_successor_or_the_random_pick() -> None:
+    nodes = [host(f"n{i}", capacity=2) for i in range(5)]
+    home = home_of(KEY, [n.node_id for n in nodes])
+    decision = place(python_fn(), nodes, held={home: 2})
+    assert isinstance(decision, Placed) and decision.node_id != home
+
+
+def test_power_of_two_choices_spreads_at_high_load() -> None:
+    """Above the pack threshold the less loaded of the two candidates wins, whatever home says."""
+    nodes = [host(f"n{i}", inflight=8) for i in range(6)] + [host("idle", inflight=0)]
+    wins = Counter(place(python_fn(salt=salt), nodes).node_id for salt in range(200))
+    assert wins["idle"] > 30, wins  # picked whenever it is one of the two choices
+
+
+@pytest.mark.parametrize(
+    ("req", "nodes", "held", "expected"),
+    [
+        (python_fn(), [], {}, Unplaced(wait=False)),
+        (python_fn(), [dpu("d")], {}, Unplaced(wait=False)),  # no host at all
+        (python_fn(), [host("a", capacity=1)], {"a": 1}, Unplaced(wait=True, reasons={"are full": 1})),
+        (
+            python_fn(exclude=frozenset({"a"})),
+            [host("a"), host("b", capacity=1)],
+            {"b": 1},
+            Unplaced(wait=True, reasons={"already tried for this invocation": 1, "are full": 1}),
+        ),
+        (
+            python_fn(exclude=frozenset({"a"})),
+            [host("a")],
+            {},
+            Unplaced(False, {"already tried for this invocation": 1}),
+        ),
+        (ebpf_fn(), [host("h", runs_ebpf=True)], {}, Unplaced(False, kinds=("dpu",))),  # never a host
+        (
+            ebpf_fn(),
+            [dpu("d", tenant=usage(programs=2))],
+            {},
+            Unplaced(False, {"have the tenant's program slots used up": 1}, ("dpu",)),
+        ),
+    ],
+)
+def test_unplaced(req: Request, nodes: list[NodeInfo], held: dict[str, int], expected: Unplaced) -> None:
+    assert place(req, nodes, held) == expected
+
+
+def test_ebpf_prefers_a_dpu_with_the_program_loaded() -> None:
+    nodes = [dpu(f"d{i}") for i in range(5)] + [dpu("dl", loaded=True)]
+    assert place(ebpf_fn(), nodes).node_id == "dl"
+
+
+def test_ebpf_any_falls_back_to_an_ebpf_host_only_when_no_dpu_has_room() -> None:
+    full = dpu("d", tenant=usage(programs=2))
+    ebpf_host = host("h", runs_ebpf=True, partition=PART)
+    assert place(ebpf_fn("any"), [dpu("d2"), ebpf_host]).node_id == "d2"
+    assert place(ebpf_fn("any"), [full, ebpf_host, host("plain")]).node_id == "h"
+    assert place(ebpf_fn("dpu"), [full, ebpf_host]) == Unplaced(
+        False, {"have the tenant's program slots used up": 1}, ("dpu",)
+    )
+
+
+def test_ties_break_the_same_way_every_time() -> None:
+    nodes = [host(f"n{i}") for i in range(4)]
+    first = place(python_fn(salt=7), nodes)
+    assert all(place(python_fn(salt=7), list(reversed(nodes))) == first for _ in range(5))
+
+
+def test_a_decision_reads_a_bounded_number_of_nodes() -> None:
+    nodes = [host(f"n{i:05d}") for i in range(5000)]
+    decision = place(python_fn(salt=12345), nodes)
+    assert isinstance(decision, Placed) and decision.considered <= 4
+
+
+def test_explain_counts_nodes_by_reason() -> None:
+    unplaced = Unplaced(wait=True, reasons={"are full": 3, "cannot load eBPF": 2})
+    assert unplaced.explain(5) == "0/5 nodes can run it: 3 are full, 2 cannot load eBPF"
+    assert Unplaced(False, kinds=("dpu", "host")).explain(0) == "no healthy dpu or host node"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 10, 12, 97])
+def test_every_walk_visits_each_node_once(size: int) -> None:
+    ring = tuple(host(f"n{i}") for i in range(size))
+    for seed in range(5):
+        assert sorted(n.node_id for n in framework.walk_ring(ring, seed % size, seed)) == sorted(
+            n.node_id for n in ring
+        )
+
+
+def test_unknown_plugins_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="filter 'gpu'.*score 'cheap'"):
+        plugins.profile(PlacementSettings(filters=["gpu"], weights={"cheap": 1}))
+
+
+def test_required_filters_cannot_be_switched_off() -> None:
+    profile = plugins.profile(PlacementSettings(filters=["capacity"]))
+    assert [name for name, _ in profile.filters] == ["runtime", "not_tried", "capacity"]
+
+
+def test_a_zero_weight_disables_a_score() -> None:
+    profile = plugins.profile(PlacementSettings(weights={"warm": 1, "home": 0}))
+    assert [name for name, _, _ in profile.scores] == ["warm"]
+
+
+# --- snapshot and view --------------------------------------------------------------------------
+
+
+def test_snapshot_indexes_warm_nodes_and_load_per_kind() -> None:
+    snap: Snapshot = build([host("b", inflight=5, warm=True), host("a", inflight=1), dpu("d")], NOW)
+    assert [n.node_id for n in snap.rings["host"]] == ["a", "b"]
+    assert snap.warm_index[KEY] == ("b",)
+    assert snap.utilisation["host"] == pytest.approx(6 / 20)
+
+
+def test_node_info_from_a_heartbeat() -> None:
+    rec = NodeRecord(node_id="a", kind="host", hostname="h", pid=1, capacity=4, started_at=0, memory_mb=512)
+    hb = Heartbeat(
+        node_id="a",
+        seq=1,
+        inflight=2,
+        capacity=4,
+        instances=1,
+        warm_idle={KEY: 1, "x": 0},
+        pool=pool(free=2, prewarmed=1),
+        memory_used_mb=128,
+    )
+    info = node_info(rec, hb, recent={"y"})
+    assert info.warm == {KEY, "y"} and info.free_slots == 3 and info.memory_used_mb == 128
+
+
+def test_the_view_snapshot_is_rebuilt_only_when_changed() -> None:
+    view = ClusterView()
+    view.put_node(record("a"))
+    view.on_heartbeat(beat("a"), now=NOW)
+    first = view.snapshot(NOW, STALE_S, refresh_s=0.02)
+    assert view.snapshot(NOW + 0.01, STALE_S, refresh_s=0.02) is first
+    view.ran("a", KEY)
+    assert view.snapshot(NOW + 0.01, STALE_S, refresh_s=0.02) is first  # changed, but too soon
+    second = view.snapshot(NOW + 0.03, STALE_S, refresh_s=0.02)
+    assert second is not first and KEY in second.nodes["a"].warm
+    assert "a" not in view.snapshot(NOW + 5, STALE_S, refresh_s=0.02).nodes  # stopped heartbeating
 
 
 def record(node_id: str) -> NodeRecord:

@@ -1,0 +1,265 @@
+"""Running signed eBPF programs: load an approved program on first use (after every check in
+admission.py), then run each invocation's payload through it as a packet, in the kernel, within
+each tenant's partition. DPU nodes are built on this; host nodes with trusted keys embed it to
+take eBPF functions with placement "any" when no DPU has room."""
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from dpu_node.admission import LoadRequest, Refused, admit
+from dpu_node.loader import Loaded, load
+from dpu_node.settings import EbpfRuntimeSettings
+from fabric import bpf, nodes, signing
+from fabric.store import Entry, Event, Store, follow_prefix
+from fabric.tasks import TaskSet
+from schemas import keys
+from schemas.ebpf import MapDump, MapEntry, MapSpec, MapsReply, MapsRequest
+from schemas.messages import (
+    ApprovedProgram,
+    ErrorReply,
+    InvokeReply,
+    NodeInvoke,
+    Partition,
+    TenantUsage,
+    instance_key,
+)
+
+log = logging.getLogger(__name__)
+MAX_DUMP_ENTRIES = 1024
+ACTIONS = {
+    "xdp": {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"},
+    "sched_cls": {0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIFY", 2: "TC_ACT_SHOT", 3: "TC_ACT_PIPE"},
+}
+_approved = msgspec.msgpack.Decoder(ApprovedProgram)
+
+
+class ProgramRuntime:
+    def __init__(
+        self, settings: EbpfRuntimeSettings, node_id: str, store: Store, trusted: dict[str, Ed25519PublicKey]
+    ):
+        self.settings = settings
+        self.node_id = node_id
+        self._store = store
+        self._trusted = trusted
+        self.revoked: set[str] = set()
+        self.programs: dict[str, ApprovedProgram] = {}  # digest -> approved program, signature verified
+        self._verified = signing.VerifiedSignatures()
+        self.loaded: dict[tuple[str, str, str], Loaded] = {}  # (tenant, function, digest) -> program
+        self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._cores = asyncio.Semaphore(settings.cores)
+        self._tenant_running: defaultdict[str, int] = defaultdict(int)
+        self.tenant_runs: defaultdict[str, int] = defaultdict(int)  # accounted per tenant
+        self.inflight = 0
+
+    def partition(self) -> Partition:
+        s = self.settings
+        return Partition(
+            concurrency=s.tenant_concurrency,
+            programs=s.tenant_programs,
+            map_memory_bytes=s.tenant_map_memory_bytes,
+        )
+
+    def maps(self, req: MapsRequest) -> MapsReply:
+        """The maps of this tenant's function, and nobody else's: the key includes the tenant."""
+        program = self.loaded.get((req.tenant, req.function, req.program_digest))
+        if program is None:
+            return MapsReply(maps=[])
+        return MapsReply(
+            maps=[self._dump(name, fd, spec) for name, (fd, spec) in sorted(program.maps.items())]
+        )
+
+    def _dump(self, name: str, fd: int, spec: MapSpec) -> MapDump:
+        found = bpf.map_keys(fd, spec.key_size, MAX_DUMP_ENTRIES + 1)
+        entries = []
+        for key in found[:MAX_DUMP_ENTRIES]:
+            value = bpf.map_lookup(fd, key, spec.value_size)
+            if value is not None:
+                entries.append(MapEntry(key, value))
+        return MapDump(
+            node=self.node_id,
+            name=name,
+            spec=spec,
+            entries=entries,
+            truncated=len(found) > MAX_DUMP_ENTRIES,
+        )
+
+    async def invoke(self, req: NodeInvoke, received_at: float) -> InvokeReply | ErrorReply:
+        if req.spec.runtime != "ebpf" or not req.program_digest:
+            return self._error(req, "bad_request", "not an ebpf function (no approved program)")
+        if len(req.payload) > self.settings.max_packet_bytes:
+            return self._error(
+                req, "bad_request", f"a packet is at most {self.settings.max_packet_bytes} bytes"
+            )
+        tenant = req.spec.tenant
+        self.inflight += 1
+        try:
+            program, cold, load_ms = await self._program(req)  # waiting for a load is not running
+            if self._tenant_running[tenant] >= self.settings.tenant_concurrency:
+                limit = self.settings.tenant_concurrency
+                return self._error(
+                    req, "throttled", f"tenant {tenant!r} has {limit} programs running here, its share"
+                )
+            self._tenant_running[tenant] += 1
+            try:
+                async with self._cores:
+                    retval, packet, run_ns = program.run(req.payload)
+            finally:
+                self._tenant_running[tenant] -= 1
+            self.tenant_runs[tenant] += 1
+        except Refused as exc:
+            log.warning("refused %s/%s: %s", req.spec.tenant, req.spec.name, exc)
+            return self._error(req, "rejected", f"{exc.code}: {exc}")
+        finally:
+            self.inflight -= 1
+        phases = {"program_load_ms": load_ms} if cold else {}
+        return InvokeReply(
+            invocation_id=req.invocation_id,
+            node=self.node_id,
+            cold_start=cold,
+            duration_ms=round((time.monotonic() - received_at) * 1000, 3),
+            output=packet,
+            phases_ms=phases,
+            attempts=req.attempt,
+            retval=retval,
+            action=ACTIONS.get(req.spec.ebpf.prog_type if req.spec.ebpf else "", {}).get(retval, ""),
+            run_ns=run_ns,
+        )
+
+    async def _program(self, req: NodeInvoke) -> tuple[Loaded, bool, float]:
+        """The loaded program (loading it on first use): (program, loaded now, load time ms)."""
+        key = (req.spec.tenant, req.spec.name, req.program_digest)
+        if (program := self.loaded.get(key)) is not None:
+            return program, False, 0.0
+        async with self._loading.setdefault(key, asyncio.Lock()):
+            if (program := self.loaded.get(key)) is not None:
+                return program, False, 0.0
+            started = time.monotonic()
+            approved = self.programs.get(req.program_digest) or await self._fetch(req.program_digest)
+            request = LoadRequest(
+                tenant=req.spec.tenant,
+                function=req.spec.name,
+                prog_type=approved.prog_type,
+                maps=approved.maps,
+                map_refs=approved.map_refs,
+                instructions=approved.instructions,
+                signed=approved.signed,
+            )
+            attestation = admit(request, self._trusted, self.revoked, time.time(), self._verified)
+            self._check_partition(request)
+            program = await asyncio.to_thread(load, request, attestation)
+            self.loaded[key] = program
+            log.info("loaded %s/%s (%s)", req.spec.tenant, req.spec.name, req.program_digest[:19])
+            return program, True, round((time.monotonic() - started) * 1000, 3)
+
+    async def _fetch(self, digest: str) -> ApprovedProgram:
+        """A program deployed after the last watch event (or while etcd was away)."""
+        entry = await self._store.get(keys.program(digest))
+        if entry is None:
+            raise Refused("unknown_program", f"no approved program {digest}")
+        return _approved.decode(entry.value)
+
+    async def start_following(self, tasks: TaskSet, timeout_s: float) -> None:
+        """Follow revocations and approved programs in etcd; returns once both are listed, so
+        nothing is served before this node knows what is revoked."""
+        revocations, programs = asyncio.Event(), asyncio.Event()
+        tasks.spawn(self.follow_revocations(revocations), "revocations")
+        tasks.spawn(self.follow_programs(programs), "programs")
+        async with asyncio.timeout(timeout_s):
+            await revocations.wait()
+            await programs.wait()
+
+    async def follow_programs(self, synced: asyncio.Event) -> None:
+        """Approved programs as they are deployed: kept here and their signatures verified now, so
+        a function's first invocation pays neither an etcd read nor an Ed25519 verification."""
+        await follow_prefix(self._store, keys.PROGRAMS, self._reset_programs, self._apply_program, synced)
+
+    def _reset_programs(self, entries: list[Entry]) -> None:
+        self.programs = {}
+        for entry in entries:
+            self._remember(entry.key.removeprefix(keys.PROGRAMS), entry.value)
+
+    def _apply_program(self, event: Event) -> None:
+        digest = event.key.removeprefix(keys.PROGRAMS)
+        if event.kind == "put":
+            self._remember(digest, event.value)
+        else:
+            self.programs.pop(digest, None)
+
+    def _remember(self, digest: str, value: bytes) -> None:
+        try:
+            approved = _approved.decode(value)
+            signing.check(approved.signed, self._trusted, time.time(), self._verified)
+        except (msgspec.DecodeError, signing.AttestationError) as exc:
+            log.warning("approved program %s not trusted here: %s", digest[:19], exc)
+            return  # a load would refuse it anyway, with its reason
+        self.programs[digest] = approved
+
+    def _check_partition(self, request: LoadRequest) -> None:
+        mine = [p for (tenant, _, _), p in self.loaded.items() if tenant == request.tenant]
+        if len(mine) >= self.settings.tenant_programs:
+            raise Refused(
+                "partition_full", f"tenant {request.tenant!r} has {len(mine)} programs loaded, its limit"
+            )
+        used = sum(spec.memory_bytes for p in mine for _, spec in p.maps.values())
+        wanted = sum(spec.memory_bytes for spec in request.maps)
+        if used + wanted > self.settings.tenant_map_memory_bytes:
+            raise Refused("partition_full", f"tenant {request.tenant!r} would exceed its map memory")
+        total = sum(spec.memory_bytes for p in self.loaded.values() for _, spec in p.maps.values())
+        if total + wanted > self.settings.map_memory_bytes:
+            raise Refused("node_full", "this DPU's map memory is used up")
+
+    def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
+        return nodes.error_reply(req, self.node_id, code, message, detail)
+
+    def warm_keys(self) -> dict[str, int]:
+        """Loaded programs, as the scheduler keys warm instances (see scheduler.view.warm_key)."""
+        return {instance_key(t, f, digest): 1 for t, f, digest in self.loaded}
+
+    def tenant_usage(self) -> dict[str, TenantUsage]:
+        """Each tenant's partition in use: programs running, programs loaded, map memory."""
+        programs: Counter[str] = Counter()
+        map_bytes: Counter[str] = Counter()
+        for (tenant, _, _), program in self.loaded.items():
+            programs[tenant] += 1
+            map_bytes[tenant] += sum(spec.memory_bytes for _, spec in program.maps.values())
+        return {
+            tenant: TenantUsage(
+                running=self._tenant_running[tenant], programs=count, map_memory_bytes=map_bytes[tenant]
+            )
+            for tenant, count in programs.items()
+        }
+
+    async def follow_revocations(self, synced: asyncio.Event) -> None:
+        await follow_prefix(self._store, keys.REVOKED, self._reset_revoked, self._apply_revoked, synced)
+
+    def _reset_revoked(self, entries: list[Entry]) -> None:
+        self.revoked = {entry.key.removeprefix(keys.REVOKED) for entry in entries}
+        self._unload_revoked()
+
+    def _apply_revoked(self, event: Event) -> None:
+        digest = event.key.removeprefix(keys.REVOKED)
+        if event.kind == "put":
+            self.revoked.add(digest)
+            self._unload_revoked()
+        else:
+            self.revoked.discard(digest)
+
+    def _unload_revoked(self) -> None:
+        for key in [k for k in self.loaded if k[2] in self.revoked]:
+            log.warning("unloading revoked program %s of %s/%s", key[2], key[0], key[1])
+            self.loaded.pop(key).close()
+
+    def close(self) -> None:
+        for program in self.loaded.values():
+            program.close()
+        self.loaded.clear()
+
+
+def trusted_keys(texts: list[str]) -> dict[str, Ed25519PublicKey]:
+    """The verifier keys pinned in a node's settings, by key id."""
+    return {signing.key_id(k): k for k in map(signing.public_key_from_text, texts)}

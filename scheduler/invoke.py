@@ -1,0 +1,305 @@
+"""The invoke path of one scheduler replica: admission (limits and the wait queue), placement,
+forwarding to the chosen node with a deadline, and retrying elsewhere while the deadline allows."""
+
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.client import Client as NATS
+from opentelemetry import trace
+
+from fabric import bus, telemetry
+from scheduler import framework, keepalive, plugins, shares
+from scheduler.admission import Blocked, FunctionKey, Running
+from scheduler.settings import SchedulerSettings
+from scheduler.view import ClusterView, warm_key
+from scheduler.waiting import QueueFull, WaitQueue
+from schemas import codec, subjects
+from schemas.errors import Error, ErrorCode
+from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, NodeInvoke, WhereIs
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_NODE_ERRORS = {"unavailable", "throttled"}
+CAPACITY = ("capacity",)  # the wait-queue reason of invocations waiting for room on a node
+MAX_ARRIVAL_HISTORIES = 100_000
+
+
+# msgspec writes a tagged struct's tag first, so an encoded ErrorReply starts with a map header and
+# then exactly these bytes: the scheduler can spot a node's error without decoding every reply.
+_ERROR_TAG = msgspec.msgpack.encode({"type": "error"})[1:]
+
+
+def is_error_reply(data: bytes) -> bool:
+    return data[1 : 1 + len(_ERROR_TAG)] == _ERROR_TAG
+
+
+def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = "") -> ErrorReply:
+    return ErrorReply(error=Error(code=code, message=message), invocation_id=invocation_id, node=node)
+
+
+class TryElsewhere(Exception):
+    """This attempt failed in a way another node may not (gone, unreachable, full)."""
+
+
+@dataclass
+class Counters:
+    throttled: int = 0  # turned away: queue full, or waited its longest
+    handed_over: int = 0  # sent to a replica holding a share of a limit this one has none of
+    resent: int = 0  # a caller's resend of an invocation this replica is still handling: dropped
+
+
+class Invoker:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        nc: NATS,
+        view: ClusterView,
+        requester: bus.Requester,
+        replicas: Callable[[], shares.Replicas],
+        tenant_limit: Callable[[str], int],
+    ):
+        self.settings = settings
+        self._nc = nc
+        self._view = view
+        self._requester = requester
+        self._replicas = replicas
+        self._tenant_limit = tenant_limit
+        self._profile = plugins.profile(settings.placement)
+        self.running = Running()
+        self.queue = WaitQueue(settings.admission.max_queue)
+        self.counters = Counters()
+        self._handling: set[str] = set()
+        self._arrivals: dict[FunctionKey, keepalive.Arrivals] = {}
+
+    async def invoke(
+        self, req: InvokeRequest, record: FunctionRecord, ctx: bus.Context
+    ) -> ErrorReply | bytes | None:
+        """The answer to relay; None when the caller gets it from someone else (the node, another
+        replica, or the first copy of a request the caller sent again)."""
+        if req.invocation_id in self._handling:
+            self.counters.resent += 1
+            return None  # the first copy's answer goes to the same inbox
+        self._handling.add(req.invocation_id)
+        try:
+            deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
+            return await self._admit(req, record, deadline, ctx)
+        finally:
+            self._handling.discard(req.invocation_id)
+
+    async def _admit(
+        self, req: InvokeRequest, record: FunctionRecord, deadline: float, ctx: bus.Context
+    ) -> ErrorReply | bytes | None:
+        fn: FunctionKey = (req.tenant, req.function)
+        replicas = self._replicas()
+        fn_total = record.spec.max_concurrency
+        fn_limit = replicas.share(fn_total, f"{req.tenant}/{req.function}") if fn_total else None
+        tenant_total = self._tenant_limit(req.tenant)
+        tenant_limit = replicas.share(tenant_total, req.tenant)
+        if (fn_limit == 0 or tenant_limit == 0) and not subjects.is_replica_invoke(ctx.subject):
+            owner = (
+                replicas.owner(fn_total, f"{req.tenant}/{req.function}")
+                if fn_limit == 0
+                else (replicas.owner(tenant_total, req.tenant))
+            )
+            return await self._hand_over(req, owner, ctx)
+        wait_until = min(deadline, ctx.received_at + self.settings.admission.max_queue_wait_ms / 1000)
+        while (blocked := self.running.blocked(fn, fn_limit, tenant_limit)) is not None:
+            refusal = await self._wait(req, (blocked.scope, blocked.name), wait_until, deadline, blocked)
+            if refusal is not None:
+                return refusal
+        self.running.enter(fn)
+        try:
+            return await self._place_and_forward(req, record, deadline, wait_until, ctx.reply)
+        finally:
+            self.running.leave(fn)
+            self.queue.wake(("function", f"{req.tenant}/{req.function}"))
+            self.queue.wake(("tenant", req.tenant))
+
+    async def _wait(
+        self,
+        req: InvokeRequest,
+        reason: tuple[str, ...],
+        wait_until: float,
+        deadline: float,
+        why: Blocked | str,
+    ) -> ErrorReply | None:
+        """Queue until woken (None) or refuse: throttled when the queue is full or the wait too long."""
+        what = why.describe() if isinstance(why, Blocked) else why
+        try:
+            if await self.queue.wait(reason, wait_until - time.monotonic()):
+                return None
+        except QueueFull as exc:
+            self.counters.throttled += 1
+            return error("throttled", f"{what}, and {exc}", req.invocation_id)
+        if wait_until >= deadline:
+            return error("timeout", f"{what} until the deadline", req.invocation_id)
+        self.counters.throttled += 1
+        waited = self.settings.admission.max_queue_wait_ms
+        return error(
+            "throttled", f"{what}; waited {waited} ms, the most an invocation queues", req.invocation_id
+        )
+
+    async def _hand_over(self, req: InvokeRequest, owner: str, ctx: bus.Context) -> None:
+        """This replica holds no share of a limit smaller than the replica count: the owner of one
+        serves the invocation and answers the caller itself."""
+        self.counters.handed_over += 1
+        await self._nc.publish(
+            subjects.replica_invoke(owner),
+            codec.encode(req),
+            reply=ctx.reply,
+            headers=telemetry.trace_headers(),
+        )
+
+    async def _place_and_forward(
+        self, req: InvokeRequest, record: FunctionRecord, deadline: float, wait_until: float, reply_to: str
+    ) -> ErrorReply | bytes | None:
+        """Try nodes until one answers or the deadline passes. None: the node answered the caller."""
+        key = warm_key(record)
+        keep_alive_ms, prewarm_ms = self._keep_alive(req, record)
+        prefer = await self._where_is(req) if req.attempt > 1 else None
+        tried: set[str] = set()
+        failures: list[str] = []
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                why = "; ".join(failures) or "no node had room"
+                return error(
+                    "timeout", f"deadline passed before {req.function!r} could run ({why})", req.invocation_id
+                )
+            node_id = prefer if prefer and not tried else None
+            if node_id is None:
+                decision, total = self._place(req, record, key, tried, now)
+                if isinstance(decision, framework.Unplaced):
+                    why = "; ".join([*failures, decision.explain(total)])
+                    if not decision.wait:
+                        return error(
+                            "unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id
+                        )
+                    refusal = await self._wait(
+                        req, CAPACITY, wait_until, deadline, f"every fitting node is busy ({why})"
+                    )
+                    if refusal is not None:
+                        return refusal
+                    continue
+                node_id = decision.node_id
+            tried.add(node_id)
+            message = NodeInvoke(
+                invocation_id=req.invocation_id,
+                spec=record.spec,
+                bundle_digest=record.bundle_digest,
+                program_digest=record.program_digest,
+                payload=req.payload,
+                timeout_ms=int((deadline - now) * 1000),
+                attempt=len(tried) + req.attempt - 1,
+                reply_to=reply_to,
+                keep_alive_ms=keep_alive_ms,
+                prewarm_after_ms=prewarm_ms,
+            )
+            try:
+                return await self._forward(node_id, message, key)
+            except TryElsewhere as exc:
+                failures.append(str(exc))
+
+    def _place(
+        self, req: InvokeRequest, record: FunctionRecord, key: str, tried: set[str], now: float
+    ) -> tuple[framework.Placed | framework.Unplaced, int]:
+        """The decision, and how many healthy nodes it chose from."""
+        settings = self.settings
+        snapshot = self._view.snapshot(
+            now, settings.node_stale_after_s, settings.placement.snapshot_refresh_ms / 1000
+        )
+        replicas = self._replicas()
+        spec = record.spec
+        request = framework.Request(
+            key=key,
+            tenant=spec.tenant,
+            runtime=spec.runtime,
+            placement=spec.placement,
+            memory_mb=spec.memory_mb,
+            map_memory_bytes=record.map_memory_bytes,
+            salt=zlib.crc32(req.invocation_id.encode()),
+            exclude=frozenset(tried),
+        )
+        cycle = framework.Cycle(snapshot, self._view.held, replicas.share)
+        decision = framework.place(request, snapshot, self._profile, cycle)
+        if isinstance(decision, framework.Placed) and telemetry.enabled():
+            attributes = {f"hetfaas.score.{k}": v for k, v in decision.scores.items()}
+            trace.get_current_span().add_event("placed", {"hetfaas.node": decision.node_id, **attributes})
+        return decision, snapshot.size
+
+    async def _forward(self, node_id: str, message: NodeInvoke, key: str) -> ErrorReply | bytes | None:
+        """One attempt on one node: the reply to relay, None when the node answered the caller
+        itself, or TryElsewhere."""
+        if telemetry.enabled():
+            attempt: dict[str, str | int] = {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt}
+            trace.get_current_span().add_event("forward", attempt)
+        held = self._view.held
+        held[node_id] += 1
+        try:
+            msg = await self._requester.request(
+                subjects.node_invoke(node_id),
+                codec.encode(message),
+                message.timeout_ms / 1000,
+                telemetry.trace_headers(),
+                node_id,
+            )
+        except bus.NoResponders:
+            self._view.unreachable(node_id)
+            raise TryElsewhere(f"{node_id} is not listening") from None
+        except bus.PeerLost:
+            raise TryElsewhere(f"{node_id} was lost mid-request") from None
+        except bus.RequestTimeout:
+            return error(
+                "timeout", f"{node_id} did not answer before the deadline", message.invocation_id, node_id
+            )
+        finally:
+            held[node_id] -= 1
+            if held[node_id] <= 0:
+                del held[node_id]
+            self.queue.wake(CAPACITY)
+        if is_error_reply(msg.data):
+            result = codec.invoke_result.decode(msg.data)
+            if result.error.code in RETRYABLE_NODE_ERRORS:
+                raise TryElsewhere(f"{node_id}: {result.error.message}")
+        self._view.ran(node_id, key)
+        # An empty acknowledgement: the node answered the caller itself. Otherwise relay the
+        # reply as the node encoded it (no decoding or re-encoding on the hot path).
+        return msg.data or None
+
+    async def _where_is(self, req: InvokeRequest) -> str | None:
+        """The caller sent this invocation before and heard nothing: its first scheduler may have
+        died after forwarding it. A node that has it answers; it is sent there again, and that
+        node answers from the running (or finished) invocation instead of running it twice."""
+        try:
+            msg = await self._requester.request(
+                subjects.WHERE_IS,
+                codec.encode(WhereIs(invocation_id=req.invocation_id)),
+                self.settings.where_is_timeout_ms / 1000,
+                None,
+                "nodes",
+            )
+        except (bus.RequestTimeout, bus.NoResponders):
+            return None
+        node = codec.have_it.decode(msg.data).node_id
+        log.info("invocation %s (attempt %d) is already on %s", req.invocation_id, req.attempt, node)
+        return node
+
+    def _keep_alive(self, req: InvokeRequest, record: FunctionRecord) -> tuple[int, int]:
+        """(keep_alive_ms, prewarm_after_ms) for the node, from this function's arrivals."""
+        if not self.settings.keep_alive.enabled or record.spec.runtime == "ebpf":
+            return 0, 0
+        fn = (req.tenant, req.function)
+        arrivals = self._arrivals.get(fn)
+        if arrivals is None:
+            if len(self._arrivals) >= MAX_ARRIVAL_HISTORIES:
+                self._arrivals.pop(next(iter(self._arrivals)))
+            arrivals = self._arrivals[fn] = keepalive.Arrivals(self.settings.keep_alive)
+        return arrivals.record(time.time()).as_ms()
+
+    def policy_of(self, fn: FunctionKey) -> keepalive.KeepAlive | None:
+        arrivals = self._arrivals.get(fn)
+        return arrivals.current if arrivals else None

@@ -1,0 +1,107 @@
+"""Per-function keep-alive from observed inter-arrival times: the hybrid histogram policy of
+"Serverless in the Wild" (Shahrad et al., USENIX ATC'20). Pure: arrival times in, a policy out.
+
+For each function, a histogram of the times between its invocations (bins of `bin_s` up to
+`range_s`). When it is representative (enough samples, few beyond the range, bin counts
+concentrated rather than flat):
+  - prewarm window = the head percentile (5th), less a margin: for that long after an invocation
+    the next one almost never comes, so the instance is unloaded and started again when it ends;
+  - keep-alive window = the tail percentile (99th), plus a margin, less the prewarm window: the
+    instance then waits that long for the next invocation.
+Otherwise the node's own fixed keep-alive applies (the policy says 0). (The paper forecasts functions whose arrivals
+mostly fall beyond the range with ARIMA; they get the default here.)
+"""
+
+import math
+from dataclasses import dataclass
+
+from scheduler.settings import KeepAliveSettings
+
+RECOMPUTE_EVERY = 16  # arrivals between recomputations: a policy is O(bins), an arrival O(1)
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    prewarm_after_s: float  # 0: keep the instance after an invocation; else unload, start again then
+    keep_alive_s: float  # how long the (kept or prewarmed) instance waits; 0: the node's default
+    source: str  # "histogram" or why the default applies
+
+    def as_ms(self) -> tuple[int, int]:
+        return round(self.keep_alive_s * 1000), round(self.prewarm_after_s * 1000)
+
+
+class Arrivals:
+    """One function's inter-arrival histogram and its current policy."""
+
+    def __init__(self, settings: KeepAliveSettings):
+        self.settings = settings
+        self.bins = [0] * max(1, math.ceil(settings.range_s / settings.bin_s))
+        self.out_of_bounds = 0
+        self.last: float | None = None
+        self._since_policy = 0
+        self._policy = default_policy(settings, "too few arrivals yet")
+
+    @property
+    def current(self) -> KeepAlive:
+        return self._policy
+
+    @property
+    def samples(self) -> int:
+        return sum(self.bins) + self.out_of_bounds
+
+    def record(self, now: float) -> KeepAlive:
+        """Count an invocation at `now`; returns the policy to apply after it."""
+        if self.last is not None:
+            gap = max(0.0, now - self.last)
+            index = int(gap // self.settings.bin_s)
+            if index < len(self.bins):
+                self.bins[index] += 1
+            else:
+                self.out_of_bounds += 1
+            self._since_policy += 1
+        self.last = now
+        if self._since_policy >= RECOMPUTE_EVERY or (
+            self._since_policy and self.samples <= self.settings.min_samples
+        ):
+            self._policy = policy(self.bins, self.out_of_bounds, self.settings)
+            self._since_policy = 0
+        return self._policy
+
+
+def default_policy(settings: KeepAliveSettings, why: str) -> KeepAlive:
+    return KeepAlive(0.0, 0.0, why)
+
+
+def policy(bins: list[int], out_of_bounds: int, settings: KeepAliveSettings) -> KeepAlive:
+    in_range = sum(bins)
+    total = in_range + out_of_bounds
+    if total < settings.min_samples:
+        return default_policy(settings, "too few arrivals yet")
+    if out_of_bounds / total > settings.max_out_of_bounds:
+        return default_policy(settings, "arrivals mostly further apart than the histogram's range")
+    if coefficient_of_variation(bins) < settings.min_cv:
+        return default_policy(settings, "no pattern: arrivals spread evenly")
+    head = percentile_bin(bins, settings.head_percentile) * settings.bin_s
+    tail = (percentile_bin(bins, settings.tail_percentile) + 1) * settings.bin_s
+    prewarm = head * (1 - settings.margin)
+    keep = tail * (1 + settings.margin) - prewarm
+    return KeepAlive(prewarm, keep, "histogram")
+
+
+def percentile_bin(bins: list[int], pct: float) -> int:
+    """Index of the bin holding the `pct` percentile of the counts."""
+    wanted = sum(bins) * pct / 100
+    seen = 0
+    for index, count in enumerate(bins):
+        seen += count
+        if count and seen >= wanted:
+            return index
+    return len(bins) - 1
+
+
+def coefficient_of_variation(bins: list[int]) -> float:
+    mean = sum(bins) / len(bins)
+    if mean == 0:
+        return 0.0
+    variance = sum((c - mean) ** 2 for c in bins) / len(bins)
+    return math.sqrt(variance) / mean

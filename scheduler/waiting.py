@@ -1,0 +1,54 @@
+"""The admission queue: invocations waiting for a limit or for node capacity, bounded in length
+and in time. A freed slot wakes the longest waiter for that slot (FIFO per reason)."""
+
+import asyncio
+from collections import defaultdict, deque
+from collections.abc import Hashable
+
+
+class QueueFull(Exception):
+    pass
+
+
+class WaitQueue:
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self._waiters: defaultdict[Hashable, deque[asyncio.Future[None]]] = defaultdict(deque)
+        self.length = 0
+
+    async def wait(self, reason: Hashable, timeout_s: float) -> bool:
+        """Wait until woken for `reason` (True) or `timeout_s` passes (False). Raises QueueFull
+        when `max_len` invocations wait already: they are turned away at once, not queued."""
+        if self.length >= self.max_len:
+            raise QueueFull(f"{self.length} invocations are queued on this replica, its limit")
+        if timeout_s <= 0:
+            return False
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._waiters[reason]
+        queue.append(future)
+        self.length += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                await future
+            return True
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                self.wake(reason)  # woken as the time ran out: pass the turn on, do not lose it
+            return False
+        finally:
+            self.length -= 1
+            if future in queue:
+                queue.remove(future)
+            if not queue:
+                self._waiters.pop(reason, None)
+
+    def wake(self, reason: Hashable, count: int = 1) -> None:
+        queue = self._waiters.get(reason)
+        while queue and count > 0:
+            future = queue.popleft()
+            if not future.done():
+                future.set_result(None)
+                count -= 1
+
+    def wake_all(self, reason: Hashable) -> None:
+        self.wake(reason, self.length)
