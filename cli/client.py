@@ -30,7 +30,9 @@ from schemas.messages import (
     InvokeReply,
     InvokeRequest,
     ListFunctions,
+    SetTenant,
     StatusRequest,
+    TenantReply,
 )
 
 MANIFEST = "function.toml"
@@ -237,6 +239,13 @@ class Client:
     async def revoke(self, digest: str, reason: str = "") -> RevokeReply:
         return await self._control(
             subjects.REVOKE, RevokeRequest(digest=digest, reason=reason), codec.revoke_result
+        )
+
+    async def set_tenant(self, tenant: str, max_concurrency: int) -> TenantReply:
+        return await self._control(
+            subjects.SET_TENANT,
+            SetTenant(tenant=tenant, max_concurrency=max_concurrency),
+            codec.tenant_result,
         )
 
     async def status(self) -> ClusterStatus:

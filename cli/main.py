@@ -262,15 +262,13 @@ def verify(obj: Path, program: str | None, prog_type: str, tenant: str, as_json:
 @click.option("--tenant", default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (keys and values in hex)")
 def maps(name: str, tenant: str, as_json: bool) -> None:
-    """Show the maps of an ebpf function (the tenant's own), as each DPU node running it holds them."""
+    """Show the maps of an ebpf function (the tenant's own), as each node running it holds them."""
     reply = _run(lambda c: c.maps(tenant, name))
     if as_json:
         _print_json([render.map_json(dump) for dump in reply.maps])
     else:
         click.echo(
-            render.maps_table(reply.maps)
-            if reply.maps
-            else f"{tenant}/{name} is not loaded on any DPU node yet"
+            render.maps_table(reply.maps) if reply.maps else f"{tenant}/{name} is not loaded on any node yet"
         )
 
 
@@ -281,6 +279,29 @@ def revoke(digest: str, reason: str) -> None:
     """Revoke an approved eBPF program by digest: DPU nodes unload it and refuse to load it again."""
     reply = _run(lambda c: c.revoke(digest, reason))
     click.echo(f"revoked {reply.digest}")
+
+
+@cli.group()
+def tenant() -> None:
+    """Tenants' limits."""
+
+
+@tenant.command("set")
+@click.argument("name")
+@click.option(
+    "--max-concurrency",
+    required=True,
+    type=click.IntRange(1, 1_000_000),
+    help="the tenant's invocations running at once, cluster-wide; beyond it they queue, then throttle",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def tenant_set(name: str, max_concurrency: int, as_json: bool) -> None:
+    """Set tenant NAME's limits (stored in etcd; every scheduler replica follows them)."""
+    reply = _run(lambda c: c.set_tenant(name, max_concurrency))
+    if as_json:
+        _print_json(msgspec.to_builtins(reply.record))
+    else:
+        click.echo(f"tenant {reply.record.tenant}: max_concurrency {reply.record.max_concurrency}")
 
 
 @cli.command("ls")

@@ -42,6 +42,8 @@ def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bo
         if rows
         else "no nodes registered",
     ]
+    if replicas := replica_table(status):
+        parts += ["", replicas]
     if pools := pool_table(status):
         parts += ["", pools]
     if processes:
@@ -51,6 +53,26 @@ def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bo
             + (f" (not running: {', '.join(down)})" if down else "")
         )
     return "\n".join(parts)
+
+
+def replica_table(status: ClusterStatus) -> str:
+    """Each scheduler replica as the answering one last heard it: its load, its queue, and how
+    old its view of the cluster may be (the oldest node heartbeat, or how long etcd is gone)."""
+    rows = [
+        [
+            r.scheduler_id + (" *" if r.scheduler_id == status.answered_by else ""),
+            str(r.running),
+            str(r.queued),
+            str(r.throttled),
+            f"{r.view_age_ms / 1000:.1f}s",
+            "live" if r.etcd_ok else "LOST",
+            str(r.nodes_healthy),
+        ]
+        for r in status.replicas
+    ]
+    if not rows:
+        return ""
+    return table(["REPLICA", "RUNNING", "QUEUED", "THROTTLED", "VIEW-AGE", "ETCD", "NODES"], rows)
 
 
 def pool_table(status: ClusterStatus) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from deploy import services
-from dpu_node.settings import DpuNodeSettings
+from dpu_node.settings import DpuNodeSettings, EbpfRuntimeSettings
 from fabric import signing
 from fabric.settings import write_settings
 from host_node.sandbox import cgroups
@@ -198,16 +198,25 @@ def signing_key_path(info: ClusterInfo) -> Path:
 def start_dpu(info: ClusterInfo, index: int, overrides: dict[str, Any] | None = None) -> int:
     """A DPU node trusts exactly the cluster's verifier key (created here if it does not exist yet)."""
     name = f"dpu-{index}"
-    public = signing.public_key_text(load_or_create_key(signing_key_path(info)).public_key())
     settings = DpuNodeSettings(
         node_id=name,
         nats_url=info.nats_url,
         etcd_endpoints=[info.etcd_endpoint],
-        trusted_keys=[public],
+        trusted_keys=[verifier_public_key(info)],
         state_dir=info.state_dir,
         **(overrides or {}),
     )
     return _start_service(info, name, "dpu_node", settings)
+
+
+def verifier_public_key(info: ClusterInfo) -> str:
+    """The cluster's verifier key, as nodes pin it (created here if it does not exist yet)."""
+    return signing.public_key_text(load_or_create_key(signing_key_path(info)).public_key())
+
+
+def host_ebpf(info: ClusterInfo, **limits: Any) -> EbpfRuntimeSettings:
+    """A host node's `[ebpf]` settings: it takes eBPF functions placed "any" when no DPU has room."""
+    return EbpfRuntimeSettings(trusted_keys=[verifier_public_key(info)], **limits)
 
 
 def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: str | None = None) -> int:

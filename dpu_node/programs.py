@@ -31,6 +31,7 @@ from schemas.messages import (
 
 log = logging.getLogger(__name__)
 MAX_DUMP_ENTRIES = 1024
+ROOM_REFUSALS = {"partition_full", "node_full"}
 ACTIONS = {
     "xdp": {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"},
     "sched_cls": {0: "TC_ACT_OK", 1: "TC_ACT_RECLASSIFY", 2: "TC_ACT_SHOT", 3: "TC_ACT_PIPE"},
@@ -47,7 +48,8 @@ class ProgramRuntime:
         self._store = store
         self._trusted = trusted
         self.revoked: set[str] = set()
-        self.programs: dict[str, ApprovedProgram] = {}  # digest -> approved program, signature verified
+        # keys.program(...) -> approved program, its signature verified
+        self.programs: dict[str, ApprovedProgram] = {}
         self._verified = signing.VerifiedSignatures()
         self.loaded: dict[tuple[str, str, str], Loaded] = {}  # (tenant, function, digest) -> program
         self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
@@ -113,7 +115,9 @@ class ProgramRuntime:
             self.tenant_runs[tenant] += 1
         except Refused as exc:
             log.warning("refused %s/%s: %s", req.spec.tenant, req.spec.name, exc)
-            return self._error(req, "rejected", f"{exc.code}: {exc}")
+            # No room here is not a verdict on the program: the scheduler tries another node.
+            code = "unavailable" if exc.code in ROOM_REFUSALS else "rejected"
+            return self._error(req, code, f"{exc.code}: {exc}")
         finally:
             self.inflight -= 1
         phases = {"program_load_ms": load_ms} if cold else {}
@@ -139,7 +143,8 @@ class ProgramRuntime:
             if (program := self.loaded.get(key)) is not None:
                 return program, False, 0.0
             started = time.monotonic()
-            approved = self.programs.get(req.program_digest) or await self._fetch(req.program_digest)
+            where = keys.program(req.program_digest, req.spec.tenant, req.spec.name)
+            approved = self.programs.get(where) or await self._fetch(where)
             request = LoadRequest(
                 tenant=req.spec.tenant,
                 function=req.spec.name,
@@ -156,11 +161,11 @@ class ProgramRuntime:
             log.info("loaded %s/%s (%s)", req.spec.tenant, req.spec.name, req.program_digest[:19])
             return program, True, round((time.monotonic() - started) * 1000, 3)
 
-    async def _fetch(self, digest: str) -> ApprovedProgram:
+    async def _fetch(self, where: str) -> ApprovedProgram:
         """A program deployed after the last watch event (or while etcd was away)."""
-        entry = await self._store.get(keys.program(digest))
+        entry = await self._store.get(where)
         if entry is None:
-            raise Refused("unknown_program", f"no approved program {digest}")
+            raise Refused("unknown_program", f"no approved program at {where}")
         return _approved.decode(entry.value)
 
     async def start_following(self, tasks: TaskSet, timeout_s: float) -> None:
@@ -181,23 +186,22 @@ class ProgramRuntime:
     def _reset_programs(self, entries: list[Entry]) -> None:
         self.programs = {}
         for entry in entries:
-            self._remember(entry.key.removeprefix(keys.PROGRAMS), entry.value)
+            self._remember(entry.key, entry.value)
 
     def _apply_program(self, event: Event) -> None:
-        digest = event.key.removeprefix(keys.PROGRAMS)
         if event.kind == "put":
-            self._remember(digest, event.value)
+            self._remember(event.key, event.value)
         else:
-            self.programs.pop(digest, None)
+            self.programs.pop(event.key, None)
 
-    def _remember(self, digest: str, value: bytes) -> None:
+    def _remember(self, where: str, value: bytes) -> None:
         try:
             approved = _approved.decode(value)
             signing.check(approved.signed, self._trusted, time.time(), self._verified)
         except (msgspec.DecodeError, signing.AttestationError) as exc:
-            log.warning("approved program %s not trusted here: %s", digest[:19], exc)
+            log.warning("approved program %s not trusted here: %s", where.removeprefix(keys.PROGRAMS), exc)
             return  # a load would refuse it anyway, with its reason
-        self.programs[digest] = approved
+        self.programs[where] = approved
 
     def _check_partition(self, request: LoadRequest) -> None:
         mine = [p for (tenant, _, _), p in self.loaded.items() if tenant == request.tenant]

@@ -26,6 +26,7 @@ from host_node.settings import HostNodeSettings
 from host_node.spawner import Spawner
 from host_node.warm import WarmInstances
 from schemas import codec, subjects
+from schemas.ebpf import MapsReply, MapsRequest
 from schemas.manifest import NAME_RE
 from schemas.messages import ErrorReply, FunctionSpec, Heartbeat, InvokeReply, NodeInvoke, instance_key
 
@@ -61,10 +62,19 @@ class HostNode:
         self.prewarmed = 0  # instances started ahead of a predicted invocation
 
     def routes(self) -> list[bus.Route]:
-        return [
-            bus.Route(subjects.node_invoke(self.settings.node_id), codec.node_invoke, self.on_invoke),
+        node_id = self.settings.node_id
+        routes = [
+            bus.Route(subjects.node_invoke(node_id), codec.node_invoke, self.on_invoke),
             self.once.route(),
         ]
+        if self.programs is not None:
+            routes.append(bus.Route(subjects.node_maps(node_id), codec.maps_request, self.on_maps))
+        return routes
+
+    async def on_maps(self, req: MapsRequest, ctx: bus.Context) -> MapsReply:
+        """The maps of this tenant's function, and nobody else's (see ProgramRuntime.maps)."""
+        assert self.programs is not None
+        return self.programs.maps(req)
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
         reply = await self.once.run(req.invocation_id, lambda: self._invoke_traced(req, ctx))

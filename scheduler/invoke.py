@@ -74,6 +74,7 @@ class Invoker:
         self.counters = Counters()
         self._handling: set[str] = set()
         self._arrivals: dict[FunctionKey, keepalive.Arrivals] = {}
+        self.fresh_arrivals: dict[str, float] = {}  # told to the other replicas at the next beat
 
     async def invoke(
         self, req: InvokeRequest, record: FunctionRecord, ctx: bus.Context
@@ -292,13 +293,23 @@ class Invoker:
         """(keep_alive_ms, prewarm_after_ms) for the node, from this function's arrivals."""
         if not self.settings.keep_alive.enabled or record.spec.runtime == "ebpf":
             return 0, 0
-        fn = (req.tenant, req.function)
+        now = time.time()
+        self.fresh_arrivals[f"{req.tenant}/{req.function}"] = now
+        return self._arrivals_of((req.tenant, req.function)).record(now).as_ms()
+
+    def _arrivals_of(self, fn: FunctionKey) -> keepalive.Arrivals:
         arrivals = self._arrivals.get(fn)
         if arrivals is None:
             if len(self._arrivals) >= MAX_ARRIVAL_HISTORIES:
                 self._arrivals.pop(next(iter(self._arrivals)))
             arrivals = self._arrivals[fn] = keepalive.Arrivals(self.settings.keep_alive)
-        return arrivals.record(time.time()).as_ms()
+        return arrivals
+
+    def arrived_elsewhere(self, arrivals: dict[str, float]) -> None:
+        """Another replica's recent arrivals (from its beat)."""
+        for name, at in arrivals.items():
+            tenant, _, function = name.partition("/")
+            self._arrivals_of((tenant, function)).seen_elsewhere(at)
 
     def policy_of(self, fn: FunctionKey) -> keepalive.KeepAlive | None:
         arrivals = self._arrivals.get(fn)

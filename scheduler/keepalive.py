@@ -8,8 +8,10 @@ concentrated rather than flat):
     the next one almost never comes, so the instance is unloaded and started again when it ends;
   - keep-alive window = the tail percentile (99th), plus a margin, less the prewarm window: the
     instance then waits that long for the next invocation.
-Otherwise the node's own fixed keep-alive applies (the policy says 0). (The paper forecasts functions whose arrivals
-mostly fall beyond the range with ARIMA; they get the default here.)
+Otherwise the node's own fixed keep-alive applies (the policy says 0). (The paper forecasts
+functions whose arrivals mostly fall beyond the range with ARIMA; they get the default here.)
+Counts are halved whenever they pass `max_samples`, so old arrivals fade and a change of
+pattern is followed.
 """
 
 import math
@@ -49,6 +51,13 @@ class Arrivals:
     def samples(self) -> int:
         return sum(self.bins) + self.out_of_bounds
 
+    def seen_elsewhere(self, at: float) -> None:
+        """Another replica had an invocation at `at`: the next gap here is measured from it.
+        (Each replica counts only the gaps ending at its own arrivals: an unbiased sample of
+        all gaps, so the percentiles hold however the queue group spreads the calls.)"""
+        if self.last is None or at > self.last:
+            self.last = at
+
     def record(self, now: float) -> KeepAlive:
         """Count an invocation at `now`; returns the policy to apply after it."""
         if self.last is not None:
@@ -59,6 +68,8 @@ class Arrivals:
             else:
                 self.out_of_bounds += 1
             self._since_policy += 1
+            if self.samples > self.settings.max_samples:
+                self._age()
         self.last = now
         if self._since_policy >= RECOMPUTE_EVERY or (
             self._since_policy and self.samples <= self.settings.min_samples
@@ -66,6 +77,11 @@ class Arrivals:
             self._policy = policy(self.bins, self.out_of_bounds, self.settings)
             self._since_policy = 0
         return self._policy
+
+    def _age(self) -> None:
+        """Halve every count: old arrivals fade, so a function whose pattern changes is followed."""
+        self.bins = [count // 2 for count in self.bins]
+        self.out_of_bounds //= 2
 
 
 def default_policy(settings: KeepAliveSettings, why: str) -> KeepAlive:

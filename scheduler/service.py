@@ -196,6 +196,8 @@ class Scheduler:
     async def on_replica_beat(self, beat: ReplicaBeat, ctx: bus.Context) -> None:
         known = beat.scheduler_id in self.replica_beats
         self.replica_beats[beat.scheduler_id] = (beat, ctx.received_at)
+        if beat.scheduler_id != self.settings.scheduler_id:
+            self.invoker.arrived_elsewhere(beat.arrivals)
         if not known and beat.scheduler_id != self.settings.scheduler_id:
             log.info("scheduler replica %s joined: %d live", beat.scheduler_id, self.replicas().count)
 
@@ -226,8 +228,10 @@ class Scheduler:
         seq = 0
         subject = subjects.replica_beat(self.settings.scheduler_id)
         while True:
+            arrivals, self.invoker.fresh_arrivals = self.invoker.fresh_arrivals, {}
+            beat = msgspec.structs.replace(self.beat(seq), arrivals=arrivals)
             try:
-                await self._nc.publish(subject, codec.encode(self.beat(seq)))
+                await self._nc.publish(subject, codec.encode(beat))
             except nats.errors.Error as exc:
                 log.warning("replica beat %d not sent: %s", seq, exc)
             seq += 1
@@ -267,7 +271,8 @@ class Scheduler:
             if req.program is not None:
                 # Stored as approved; whoever loads it checks the signature against its own keys.
                 program_digest = program_digest_of(req.program)
-                await self._store.put(keys.program(program_digest), codec.encode(req.program))
+                where = keys.program(program_digest, req.spec.tenant, req.spec.name)
+                await self._store.put(where, codec.encode(req.program))
             current = await state.read_function(self._store, req.spec.tenant, req.spec.name)
             unchanged = (req.spec, req.bundle_digest, program_digest)
             if (
@@ -294,16 +299,17 @@ class Scheduler:
         return DeployReply(function=record, revision=revision, updated=True)
 
     async def on_maps(self, req: ebpf.MapsRequest, ctx: bus.Context) -> ebpf.MapsReply | ErrorReply:
-        """A tenant's function's maps, gathered from every DPU node that has it loaded."""
+        """A tenant's function's maps, gathered from every node that has it loaded (DPUs, and hosts
+        that run eBPF)."""
         record = self.view.functions.get((req.tenant, req.function))
         if record is None or not record.program_digest:
             return error("not_found", f"no ebpf function {req.function!r} for tenant {req.tenant!r}")
         ask = msgspec.structs.replace(req, program_digest=record.program_digest)
         now, stale = time.monotonic(), self.settings.node_stale_after_s
-        dpus = [
-            n.node_id for n in self.view.nodes.values() if n.record.kind == "dpu" and n.healthy(now, stale)
+        runners = [
+            n.node_id for n in self.view.nodes.values() if n.record.runs_ebpf and n.healthy(now, stale)
         ]
-        replies = await asyncio.gather(*(self._node_maps(node_id, ask) for node_id in dpus))
+        replies = await asyncio.gather(*(self._node_maps(node_id, ask) for node_id in runners))
         return ebpf.MapsReply(maps=[dump for reply in replies for dump in reply])
 
     async def on_revoke(self, req: ebpf.RevokeRequest, ctx: bus.Context) -> ebpf.RevokeReply | ErrorReply:

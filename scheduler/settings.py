@@ -29,6 +29,7 @@ class KeepAliveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     bin_s: float = 60.0  # histogram bin width
     range_s: float = 4 * 3600.0  # inter-arrival times beyond this are out of bounds
     min_samples: int = 10  # fewer arrivals seen: the node's own keep-alive
+    max_samples: int = 500  # beyond it every count is halved: old arrivals fade
     head_percentile: float = 5.0  # prewarm window: this percentile, less the margin
     tail_percentile: float = 99.0  # keep-alive: this percentile, plus the margin
     margin: float = 0.10

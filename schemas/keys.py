@@ -29,9 +29,10 @@ def parse_function(key: str) -> tuple[str, str]:
     return tenant, name
 
 
-def program(digest: str) -> str:
-    """An approved eBPF program, content-addressed."""
-    return PROGRAMS + digest
+def program(digest: str, tenant: str, function: str) -> str:
+    """An approved eBPF program, content-addressed, with its approval for one tenant's function
+    (two functions with the same bytecode are two approvals: an attestation names its function)."""
+    return f"{PROGRAMS}{digest}/{tenant}/{function}"
 
 
 def revoked(digest: str) -> str:

@@ -48,7 +48,7 @@ class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
     bundle_digest: str  # "sha256-<hex>" of the bundle bytes
     bundle_size: int
     deployed_at: float  # unix seconds
-    program_digest: str = ""  # ebpf: the approved program, at keys.program(digest)
+    program_digest: str = ""  # ebpf: the approved program, at keys.program(digest, tenant, name)
     map_memory_bytes: int = 0  # ebpf: what its maps take in a DPU tenant's partition
 
 
@@ -151,7 +151,7 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     bundle_digest: str
     payload: bytes
     timeout_ms: int  # what is left of the caller's deadline when the scheduler sends it
-    program_digest: str = ""  # ebpf: the approved program to run, at keys.program(digest)
+    program_digest: str = ""  # ebpf: the approved program to run, at keys.program(digest, tenant, name)
     attempt: int = 1
     # When set, the node sends its answer straight to the caller here and acknowledges the
     # scheduler with an empty message; refusals the scheduler retries (throttled, unavailable)
@@ -165,7 +165,8 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
 
 
 class ApprovedProgram(msgspec.Struct, frozen=True, kw_only=True):
-    """etcd value at `keys.program(digest)`: an ebpf function's bytecode with its signed approval.
+    """etcd value at `keys.program(digest, tenant, name)`: an ebpf function's bytecode with its
+    signed approval.
     Nodes trust it only through the signature, checked against keys pinned in their own settings."""
 
     instructions: bytes
@@ -249,6 +250,9 @@ class ReplicaBeat(msgspec.Struct, frozen=True, kw_only=True, tag="replica_beat")
     etcd_ok: bool  # its etcd watches are live
     view_age_ms: float  # how old the freshest part of its view might be (oldest heartbeat, or etcd outage)
     nodes_healthy: int
+    # "tenant/function" -> the last time (unix seconds) it arrived here since the previous beat:
+    # each replica measures the gaps of the arrivals it sees from the last arrival anywhere.
+    arrivals: dict[str, float] = {}
 
 
 class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True, tag="cluster_status"):

@@ -270,7 +270,7 @@ def test_every_walk_visits_each_node_once(size: int) -> None:
 
 
 def test_unknown_plugins_are_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="filter 'gpu'.*score 'cheap'"):
+    with pytest.raises(ValueError, match=r"filter 'gpu'.*score 'cheap'"):
         plugins.profile(PlacementSettings(filters=["gpu"], weights={"cheap": 1}))
 
 
