@@ -15,8 +15,7 @@ The candidates are scored by the enabled score plugins, weighted; ties go to the
 
 import math
 import zlib
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -49,18 +48,21 @@ class Request:
     placement: str  # host | dpu | any
     memory_mb: int = 128
     map_memory_bytes: int = 0
+    instances: int = 0  # most of it one node runs at once (python: its `concurrency`); 0: no cap
     salt: int = 0  # picks the random candidate (a hash of the invocation id)
     exclude: frozenset[str] = frozenset()  # nodes already tried for this invocation
 
 
-@dataclass(frozen=True)
+@dataclass
 class Cycle:
     """Per-decision context: the snapshot plus what this replica knows that is fresher."""
 
     snapshot: Snapshot
     held: Mapping[str, int]  # this replica's invocations on each node right now
+    held_instances: Mapping[tuple[str, str], int]  # ... per (node id, function key)
     capacity_share: Callable[[int, str], int]  # this replica's share of (capacity, node id)
-    home: str = ""  # the request's home node in the ring being considered
+    home: str = ""  # the request's home node in the ring being considered (set by `place`)
+    pack_below: float = 0.5  # the load plugin packs below this utilisation (settings)
 
 
 Filter = Callable[[Request, NodeInfo, Cycle], Status]
@@ -77,6 +79,18 @@ class Profile:
     home_candidates: int = 1
     random_candidates: int = 1
 
+    @property
+    def checks(self) -> tuple[Filter, ...]:
+        return self._checks
+
+    @property
+    def weighted(self) -> tuple[tuple[Score, int], ...]:
+        return self._weighted
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_checks", tuple(check for _, check in self.filters))
+        object.__setattr__(self, "_weighted", tuple((score, weight) for _, score, weight in self.scores))
+
 
 @dataclass(frozen=True)
 class Placed:
@@ -92,6 +106,7 @@ class Unplaced:
     wait: bool  # some node may fit later: queue; False: fail the request now
     reasons: dict[str, int] = field(default_factory=dict)  # reason -> number of nodes
     kinds: tuple[str, ...] = ("host",)  # the node kinds looked for
+    busy: frozenset[str] = frozenset()  # the reasons that may pass (NOT_NOW ones)
 
     def explain(self, total: int) -> str:
         if not self.reasons:
@@ -108,75 +123,96 @@ def stages(req: Request) -> tuple[str, ...]:
     return ("dpu", "host") if req.placement == "any" else ("dpu",)
 
 
-def place(req: Request, snapshot: Snapshot, profile: Profile, cycle: Cycle) -> Placed | Unplaced:
-    reasons: Counter[str] = Counter()
-    wait = False
+def place(
+    req: Request, snapshot: Snapshot, profile: Profile, cycle: Cycle, explain: bool = True
+) -> Placed | Unplaced:
+    """The node for `req`, or why there is none. On the invoke path: kept to plain loops.
+    `explain`: give the winner's score per plugin (for traces; it costs a little)."""
+    search = _Search(req, profile, cycle)
+    key_hash = _hash(req.key)
     for kind in stages(req):
         ring = snapshot.rings.get(kind, ())
-        if not ring:
+        size = len(ring)
+        if not size:
             continue
-        home = ring[home_index(req.key, len(ring))]
-        stage = Cycle(snapshot, cycle.held, cycle.capacity_share, home.node_id)
-        found, seen, why, busy = _candidates(req, ring, profile, stage)
-        if found:
-            return _best(req, found, profile, stage, len(seen))
-        reasons.update(why)
-        wait = wait or busy
-    return Unplaced(wait=wait, reasons=dict(reasons), kinds=stages(req))
+        home = key_hash % size
+        cycle.home = ring[home].node_id
+        search.begin()
+        nodes = snapshot.nodes
+        warm = [nodes[i] for i in snapshot.warm_index.get(req.key, ()) if nodes[i].kind == kind]
+        search.take(warm, 0, 1, profile.warm_candidates)
+        search.take(ring, home, _step(size, key_hash), profile.home_candidates)
+        search.take(ring, req.salt % size, _step(size, req.salt // size), profile.random_candidates)
+        if search.found:
+            return _best(req, search.found, profile, cycle, len(search.seen), explain)
+    busy = frozenset(search.busy_reasons)
+    return Unplaced(wait=bool(busy), reasons=search.why, kinds=stages(req), busy=busy)
 
 
-def _candidates(
-    req: Request, ring: tuple[NodeInfo, ...], profile: Profile, cycle: Cycle
-) -> tuple[list[NodeInfo], set[str], Counter[str], bool]:
-    """(nodes that passed every filter, ids looked at, why the others failed, whether one of
-    those may fit later)."""
-    found: list[NodeInfo] = []
-    seen: set[str] = set()
-    why: Counter[str] = Counter()
-    busy = False
+class _Search:
+    """Candidates of one decision: walks that stop at their first nodes passing every filter."""
 
-    def take(walk: Iterator[NodeInfo], wanted: int) -> None:
-        taken = 0
-        for node in walk:
+    def __init__(self, req: Request, profile: Profile, cycle: Cycle):
+        self.req = req
+        self.checks = profile.checks
+        self.cycle = cycle
+        self.why: dict[str, int] = {}  # reason -> nodes that failed for it
+        self.busy_reasons: set[str] = set()  # reasons of nodes that may fit later
+        self.found: list[NodeInfo] = []
+        self.seen: set[str] = set()
+
+    def begin(self) -> None:
+        self.found, self.seen = [], set()
+
+    def take(self, nodes: Sequence[NodeInfo], start: int, step: int, wanted: int) -> None:
+        """Walk `nodes` from `start` by `step` (co-prime to their number: each once) until
+        `wanted` of them pass."""
+        size, taken, index = len(nodes), 0, start
+        req, cycle, seen = self.req, self.cycle, self.seen
+        for _ in range(size):
             if taken >= wanted:
                 return
+            node = nodes[index]
+            index = (index + step) % size
             if node.node_id in seen:
                 continue
             seen.add(node.node_id)
-            status = _filter(req, node, profile, cycle)
-            if status.fit is Fit.YES:
-                found.append(node)
-                taken += 1
+            for check in self.checks:
+                status = check(req, node, cycle)
+                if status is not FITS and status.fit is not Fit.YES:
+                    self.why[status.reason] = self.why.get(status.reason, 0) + 1
+                    if status.fit is Fit.NOT_NOW:
+                        self.busy_reasons.add(status.reason)
+                    break
             else:
-                why[status.reason] += 1
-                nonlocal busy
-                busy = busy or status.fit is Fit.NOT_NOW
-
-    nodes = cycle.snapshot.nodes
-    warm = (nodes[i] for i in cycle.snapshot.warm_index.get(req.key, ()) if nodes[i].kind == ring[0].kind)
-    take(warm, profile.warm_candidates)
-    take(walk_ring(ring, home_index(req.key, len(ring)), _hash(req.key)), profile.home_candidates)
-    take(walk_ring(ring, req.salt % len(ring), req.salt // len(ring)), profile.random_candidates)
-    return found, seen, why, busy
+                self.found.append(node)
+                taken += 1
 
 
-def _filter(req: Request, node: NodeInfo, profile: Profile, cycle: Cycle) -> Status:
-    for _, check in profile.filters:
-        status = check(req, node, cycle)
-        if status.fit is not Fit.YES:
-            return status
-    return FITS
+def _best(
+    req: Request, found: list[NodeInfo], profile: Profile, cycle: Cycle, considered: int, explain: bool
+) -> Placed:
+    best, best_total = found[0], -1.0
+    if len(found) == 1 and not explain:
+        return Placed(best.node_id, best.kind, 0.0, {}, considered)  # nothing to compare
+    if len(found) > 1:
+        weighted = profile.weighted
+        for node in found:  # in candidate order: on equal totals the earlier one stays
+            total = 0.0
+            for score, weight in weighted:
+                total += score(req, node, cycle) * weight
+            if total > best_total:
+                best, best_total = node, total
+    if explain or best_total < 0:
+        scores = {name: score(req, best, cycle) for name, score, _ in profile.scores}
+        best_total = sum([scores[name] * weight for name, _, weight in profile.scores])
+        return Placed(best.node_id, best.kind, best_total, scores if explain else {}, considered)
+    return Placed(best.node_id, best.kind, best_total, {}, considered)
 
 
-def _best(req: Request, found: list[NodeInfo], profile: Profile, cycle: Cycle, considered: int) -> Placed:
-    best: Placed | None = None
-    for node in found:  # in candidate order: on equal totals the earlier one stays
-        scores = {name: score(req, node, cycle) for name, score, _ in profile.scores}
-        total = sum(scores[name] * weight for name, _, weight in profile.scores)
-        if best is None or total > best.score:
-            best = Placed(node.node_id, node.kind, total, scores, considered)
-    assert best is not None
-    return best
+def _step(size: int, seed: int) -> int:
+    steps = coprime_steps(size)
+    return steps[seed % len(steps)]
 
 
 def _hash(text: str) -> int:
@@ -190,8 +226,7 @@ def home_index(key: str, size: int) -> int:
 def walk_ring(ring: tuple[NodeInfo, ...], start: int, seed: int) -> Iterator[NodeInfo]:
     """Every node of the ring once, from `start`, stepping by a number co-prime to its size."""
     size = len(ring)
-    steps = coprime_steps(size)
-    step = steps[seed % len(steps)]
+    step = _step(size, seed)
     index = start
     for _ in range(size):
         yield ring[index]

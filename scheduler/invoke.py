@@ -3,7 +3,6 @@ forwarding to the chosen node with a deadline, and retrying elsewhere while the 
 
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ from opentelemetry import trace
 
 from fabric import bus, telemetry
 from scheduler import framework, keepalive, plugins, shares
-from scheduler.admission import Blocked, FunctionKey, Running
+from scheduler.admission import Blocked, FunctionKey, Running, decrement, increment
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView, warm_key
 from scheduler.waiting import QueueFull, WaitQueue
@@ -74,7 +73,7 @@ class Invoker:
         self.counters = Counters()
         self._handling: set[str] = set()
         self._arrivals: dict[FunctionKey, keepalive.Arrivals] = {}
-        self.fresh_arrivals: dict[str, float] = {}  # told to the other replicas at the next beat
+        self.fresh_arrivals: dict[FunctionKey, float] = {}  # told to the other replicas at the next beat
 
     async def invoke(
         self, req: InvokeRequest, record: FunctionRecord, ctx: bus.Context
@@ -127,11 +126,13 @@ class Invoker:
         wait_until: float,
         deadline: float,
         why: Blocked | str,
+        front: bool = False,
     ) -> ErrorReply | None:
-        """Queue until woken (None) or refuse: throttled when the queue is full or the wait too long."""
+        """Queue until woken (None) or refuse: throttled when the queue is full or the wait too long.
+        `front`: woken before but beaten to the slot, it keeps its turn."""
         what = why.describe() if isinstance(why, Blocked) else why
         try:
-            if await self.queue.wait(reason, wait_until - time.monotonic()):
+            if await self.queue.wait(reason, wait_until - time.monotonic(), front):
                 return None
         except QueueFull as exc:
             self.counters.throttled += 1
@@ -164,6 +165,7 @@ class Invoker:
         prefer = await self._where_is(req) if req.attempt > 1 else None
         tried: set[str] = set()
         failures: list[str] = []
+        woken = False  # this invocation waited its turn and was woken: it keeps its place
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -172,6 +174,16 @@ class Invoker:
                     "timeout", f"deadline passed before {req.function!r} could run ({why})", req.invocation_id
                 )
             node_id = prefer if prefer and not tried else None
+            if node_id is None and not woken and self.queue.waiting(CAPACITY):
+                # Others wait for room already: queue behind them rather than take the slot
+                # the next of them was woken for.
+                refusal = await self._wait(
+                    req, CAPACITY, wait_until, deadline, "earlier invocations wait for room"
+                )
+                if refusal is not None:
+                    return refusal
+                woken = True
+                continue
             if node_id is None:
                 decision, total = self._place(req, record, key, tried, now)
                 if isinstance(decision, framework.Unplaced):
@@ -180,11 +192,11 @@ class Invoker:
                         return error(
                             "unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id
                         )
-                    refusal = await self._wait(
-                        req, CAPACITY, wait_until, deadline, f"every fitting node is busy ({why})"
-                    )
+                    busy = f"every fitting node is busy ({why})"
+                    refusal = await self._wait(req, CAPACITY, wait_until, deadline, busy, front=woken)
                     if refusal is not None:
                         return refusal
+                    woken = True
                     continue
                 node_id = decision.node_id
             tried.add(node_id)
@@ -222,12 +234,16 @@ class Invoker:
             placement=spec.placement,
             memory_mb=spec.memory_mb,
             map_memory_bytes=record.map_memory_bytes,
-            salt=zlib.crc32(req.invocation_id.encode()),
+            instances=spec.concurrency if spec.runtime == "python" else 0,
+            salt=hash(req.invocation_id) & 0xFFFFFFFF,
             exclude=frozenset(tried),
         )
-        cycle = framework.Cycle(snapshot, self._view.held, replicas.share)
-        decision = framework.place(request, snapshot, self._profile, cycle)
-        if isinstance(decision, framework.Placed) and telemetry.enabled():
+        view = self._view
+        pack_below = settings.placement.pack_below_utilisation
+        cycle = framework.Cycle(snapshot, view.held, view.held_instances, replicas.share, "", pack_below)
+        tracing = telemetry.enabled()
+        decision = framework.place(request, snapshot, self._profile, cycle, explain=tracing)
+        if isinstance(decision, framework.Placed) and tracing:
             attributes = {f"hetfaas.score.{k}": v for k, v in decision.scores.items()}
             trace.get_current_span().add_event("placed", {"hetfaas.node": decision.node_id, **attributes})
         return decision, snapshot.size
@@ -238,8 +254,9 @@ class Invoker:
         if telemetry.enabled():
             attempt: dict[str, str | int] = {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt}
             trace.get_current_span().add_event("forward", attempt)
-        held = self._view.held
-        held[node_id] += 1
+        held, per_key = self._view.held, self._view.held_instances
+        increment(held, node_id)
+        increment(per_key, (node_id, key))
         try:
             msg = await self._requester.request(
                 subjects.node_invoke(node_id),
@@ -258,9 +275,8 @@ class Invoker:
                 "timeout", f"{node_id} did not answer before the deadline", message.invocation_id, node_id
             )
         finally:
-            held[node_id] -= 1
-            if held[node_id] <= 0:
-                del held[node_id]
+            decrement(held, node_id)
+            decrement(per_key, (node_id, key))
             self.queue.wake(CAPACITY)
         if is_error_reply(msg.data):
             result = codec.invoke_result.decode(msg.data)
@@ -294,8 +310,9 @@ class Invoker:
         if not self.settings.keep_alive.enabled or record.spec.runtime == "ebpf":
             return 0, 0
         now = time.time()
-        self.fresh_arrivals[f"{req.tenant}/{req.function}"] = now
-        return self._arrivals_of((req.tenant, req.function)).record(now).as_ms()
+        fn = (req.tenant, req.function)
+        self.fresh_arrivals[fn] = now
+        return self._arrivals_of(fn).record(now).as_ms()
 
     def _arrivals_of(self, fn: FunctionKey) -> keepalive.Arrivals:
         arrivals = self._arrivals.get(fn)

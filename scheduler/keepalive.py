@@ -28,8 +28,13 @@ class KeepAlive:
     keep_alive_s: float  # how long the (kept or prewarmed) instance waits; 0: the node's default
     source: str  # "histogram" or why the default applies
 
+    def __post_init__(self) -> None:
+        ms = (round(self.keep_alive_s * 1000), round(self.prewarm_after_s * 1000))
+        object.__setattr__(self, "_ms", ms)
+
     def as_ms(self) -> tuple[int, int]:
-        return round(self.keep_alive_s * 1000), round(self.prewarm_after_s * 1000)
+        """(keep_alive_ms, prewarm_after_ms) as nodes are told them."""
+        return self._ms
 
 
 class Arrivals:
@@ -39,6 +44,7 @@ class Arrivals:
         self.settings = settings
         self.bins = [0] * max(1, math.ceil(settings.range_s / settings.bin_s))
         self.out_of_bounds = 0
+        self.samples = 0  # gaps counted (in the bins or beyond them)
         self.last: float | None = None
         self._since_policy = 0
         self._policy = default_policy(settings, "too few arrivals yet")
@@ -46,10 +52,6 @@ class Arrivals:
     @property
     def current(self) -> KeepAlive:
         return self._policy
-
-    @property
-    def samples(self) -> int:
-        return sum(self.bins) + self.out_of_bounds
 
     def seen_elsewhere(self, at: float) -> None:
         """Another replica had an invocation at `at`: the next gap here is measured from it.
@@ -67,6 +69,7 @@ class Arrivals:
                 self.bins[index] += 1
             else:
                 self.out_of_bounds += 1
+            self.samples += 1
             self._since_policy += 1
             if self.samples > self.settings.max_samples:
                 self._age()
@@ -82,6 +85,7 @@ class Arrivals:
         """Halve every count: old arrivals fade, so a function whose pattern changes is followed."""
         self.bins = [count // 2 for count in self.bins]
         self.out_of_bounds //= 2
+        self.samples = sum(self.bins) + self.out_of_bounds
 
 
 def default_policy(settings: KeepAliveSettings, why: str) -> KeepAlive:

@@ -88,18 +88,38 @@ def free_slots(req: Request, node: NodeInfo, cycle: Cycle) -> float:
     return 100.0 * min(node.free_slots, FREE_SLOTS_FULL_MARKS) / FREE_SLOTS_FULL_MARKS
 
 
+def instances(req: Request, node: NodeInfo, cycle: Cycle) -> float:
+    """Room for this function's instances on the node. A python function runs at most
+    `concurrency` instances per node, one invocation each: a call beyond that queues inside the
+    node. 100 while there is room, then at most 50, falling as the queue grows, so an idle slot
+    elsewhere (even a cold one) beats queueing, and queues even out when every node is full.
+    A score rather than a filter: when every node is full a node queues the call, cheaply,
+    instead of the scheduler."""
+    if not req.instances:
+        return 100.0
+    running = cycle.held_instances.get((node.node_id, req.key), 0)
+    return 100.0 if running < req.instances else 50.0 * req.instances / running
+
+
 def home(req: Request, node: NodeInfo, cycle: Cycle) -> float:
     """The function's home node: where its earlier calls went, so where warm instances collect."""
     return 100.0 if node.node_id == cycle.home else 0.0
 
 
-def load(req: Request, node: NodeInfo, cycle: Cycle, pack_below: float) -> float:
+def load(req: Request, node: NodeInfo, cycle: Cycle) -> float:
     """Hermod (SoCC'22): pack at low load (fewer nodes warm, fewer cold starts), spread at high
-    load (less queueing). Load counts this replica's fresher in-flight count where higher."""
-    busy = max(node.inflight, cycle.held.get(node.node_id, 0)) / max(node.capacity, 1)
-    busy = min(busy, 1.0)
-    packing = cycle.snapshot.utilisation.get(node.kind, 0.0) < pack_below
-    return 100.0 * (busy if packing else 1.0 - busy)
+    load (less queueing). Packing fills a node up to `pack_below` of its capacity and no
+    further (the score peaks there), so a hot node is not packed into overload. Load counts
+    this replica's fresher in-flight count where higher."""
+    running = node.inflight
+    held = cycle.held.get(node.node_id, 0)
+    if held > running:
+        running = held
+    busy = min(running / (node.capacity or 1), 1.0)
+    pack_below = cycle.pack_below
+    if busy < pack_below and cycle.snapshot.utilisation.get(node.kind, 0.0) < pack_below:
+        return 100.0 * busy
+    return 100.0 * (1.0 - busy)
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -112,7 +132,13 @@ FILTERS: dict[str, Filter] = {
     "tenant_partition": tenant_partition,
 }
 REQUIRED_FILTERS = ("runtime", "not_tried")  # correctness, not policy: always on
-SCORES = ("warm", "free_slots", "home", "load")
+SCORES: dict[str, Score] = {
+    "warm": warm,
+    "free_slots": free_slots,
+    "home": home,
+    "load": load,
+    "instances": instances,
+}
 
 
 def unknown_plugins(settings: PlacementSettings) -> list[str]:
@@ -130,15 +156,9 @@ def profile(settings: PlacementSettings) -> Profile:
             f"{', '.join(FILTERS)}; scores: {', '.join(SCORES)})"
         )
     names = [*REQUIRED_FILTERS, *(n for n in settings.filters if n not in REQUIRED_FILTERS)]
-    scorers: dict[str, Score] = {
-        "warm": warm,
-        "free_slots": free_slots,
-        "home": home,
-        "load": lambda req, node, cycle: load(req, node, cycle, settings.pack_below_utilisation),
-    }
     return Profile(
         filters=tuple((n, FILTERS[n]) for n in names),
-        scores=tuple((n, scorers[n], w) for n, w in sorted(settings.weights.items()) if w > 0),
+        scores=tuple((n, SCORES[n], w) for n, w in sorted(settings.weights.items()) if w > 0),
         warm_candidates=settings.warm_candidates,
         home_candidates=settings.home_candidates,
         random_candidates=settings.random_candidates,

@@ -59,6 +59,7 @@ class Scheduler:
         self.sync = state.ClusterSync(store, self.view, self._node_gone)
         self._heartbeat_seen = asyncio.Event()
         self.replica_beats: dict[str, tuple[ReplicaBeat, float]] = {}
+        self._replicas: tuple[shares.Replicas, float] | None = None
         self.invoker = Invoker(settings, nc, self.view, self._requester, self.replicas, self.tenant_limit)
 
     def view_routes(self) -> list[bus.Route]:
@@ -196,16 +197,24 @@ class Scheduler:
     async def on_replica_beat(self, beat: ReplicaBeat, ctx: bus.Context) -> None:
         known = beat.scheduler_id in self.replica_beats
         self.replica_beats[beat.scheduler_id] = (beat, ctx.received_at)
+        if not known:
+            self._replicas = None
         if beat.scheduler_id != self.settings.scheduler_id:
             self.invoker.arrived_elsewhere(beat.arrivals)
         if not known and beat.scheduler_id != self.settings.scheduler_id:
             log.info("scheduler replica %s joined: %d live", beat.scheduler_id, self.replicas().count)
 
     def replicas(self) -> shares.Replicas:
-        """The live replicas (this one included), to split limits and node capacity into shares."""
+        """The live replicas (this one included), to split limits and node capacity into shares.
+        Worked out again at most once a beat interval (and when a replica joins), not per call."""
+        now = time.monotonic()
+        cached = self._replicas
+        if cached is not None and now - cached[1] < self.settings.beat_interval_s:
+            return cached[0]
         last = {rid: at for rid, (_, at) in self.replica_beats.items()}
-        stale = self.settings.beat_interval_s * 3
-        return shares.live_replicas(self.settings.scheduler_id, last, time.monotonic(), stale)
+        live = shares.live_replicas(self.settings.scheduler_id, last, now, self.settings.beat_interval_s * 3)
+        self._replicas = (live, now)
+        return live
 
     def beat(self, seq: int) -> ReplicaBeat:
         now = time.monotonic()
@@ -228,7 +237,8 @@ class Scheduler:
         seq = 0
         subject = subjects.replica_beat(self.settings.scheduler_id)
         while True:
-            arrivals, self.invoker.fresh_arrivals = self.invoker.fresh_arrivals, {}
+            fresh, self.invoker.fresh_arrivals = self.invoker.fresh_arrivals, {}
+            arrivals = {f"{tenant}/{name}": at for (tenant, name), at in fresh.items()}
             beat = msgspec.structs.replace(self.beat(seq), arrivals=arrivals)
             try:
                 await self._nc.publish(subject, codec.encode(beat))
@@ -358,7 +368,7 @@ class Scheduler:
         return ClusterStatus(
             answered_by=self.settings.scheduler_id,
             schedulers=sorted(schedulers, key=lambda s: s.scheduler_id),
-            nodes=[n.status(now, stale, self.view.held[n.node_id]) for n in nodes],
+            nodes=[n.status(now, stale, self.view.held.get(n.node_id, 0)) for n in nodes],
             functions=len(self.view.functions),
             replicas=sorted([*beats, self.beat(-1)], key=lambda b: b.scheduler_id),
         )

@@ -1,7 +1,10 @@
 import msgspec
 
 DEFAULT_FILTERS = ("runtime", "not_tried", "capacity", "memory", "tenant_partition")
-DEFAULT_WEIGHTS = (("warm", 5), ("load", 2), ("home", 1), ("free_slots", 1))
+# A warm instance is worth about a third of a node's capacity in load: it wins unless clearly
+# busier. The home node needs no score by default: it is the first candidate after the warm
+# ones, and ties go to the earlier candidate.
+DEFAULT_WEIGHTS = (("warm", 1), ("load", 3), ("instances", 3), ("home", 0), ("free_slots", 1))
 
 
 class PlacementSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

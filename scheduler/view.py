@@ -4,7 +4,6 @@ The shell feeds it etcd watch events and heartbeats; placement reads immutable s
 (`snapshot()`). Time is passed in.
 """
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from scheduler import snapshot
@@ -56,7 +55,8 @@ class ClusterView:
         # Heartbeats of nodes whose registration we have not seen yet (etcd watch lags NATS).
         self._early_heartbeats: dict[str, tuple[Heartbeat, float]] = {}
         # This replica's invocations on each node right now: fresher than any heartbeat.
-        self.held: Counter[str] = Counter()
+        self.held: dict[str, int] = {}
+        self.held_instances: dict[tuple[str, str], int] = {}  # per (node id, function key)
         self._snapshot: snapshot.Snapshot | None = None
         self._changed = True
 

@@ -16,16 +16,24 @@ class WaitQueue:
         self._waiters: defaultdict[Hashable, deque[asyncio.Future[None]]] = defaultdict(deque)
         self.length = 0
 
-    async def wait(self, reason: Hashable, timeout_s: float) -> bool:
+    def waiting(self, reason: Hashable) -> int:
+        queue = self._waiters.get(reason)
+        return len(queue) if queue else 0
+
+    async def wait(self, reason: Hashable, timeout_s: float, front: bool = False) -> bool:
         """Wait until woken for `reason` (True) or `timeout_s` passes (False). Raises QueueFull
-        when `max_len` invocations wait already: they are turned away at once, not queued."""
+        when `max_len` invocations wait already: they are turned away at once, not queued.
+        `front`: a waiter that was woken but lost the slot keeps its turn."""
         if self.length >= self.max_len:
             raise QueueFull(f"{self.length} invocations are queued on this replica, its limit")
         if timeout_s <= 0:
             return False
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._waiters[reason]
-        queue.append(future)
+        if front:
+            queue.appendleft(future)
+        else:
+            queue.append(future)
         self.length += 1
         try:
             async with asyncio.timeout(timeout_s):

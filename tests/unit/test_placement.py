@@ -16,6 +16,7 @@ NOW = 100.0
 STALE_S = 3.0
 KEY = "acme/fn@sha256-a"
 PROG = "acme/pkt@sha256-p"
+FULL = frozenset({"are full"})
 PART = Partition(concurrency=2, programs=2, map_memory_bytes=1000)
 
 
@@ -37,9 +38,14 @@ def ebpf_fn(placement: str = "dpu", **kw) -> Request:
     return Request(key=PROG, tenant="acme", runtime="ebpf", placement=placement, **kw)
 
 
-def cycle(nodes: list[NodeInfo], held: dict[str, int] | None = None, replicas: int = 1) -> Cycle:
+def cycle(
+    nodes: list[NodeInfo],
+    held: dict[str, int] | None = None,
+    replicas: int = 1,
+    instances: dict[tuple[str, str], int] | None = None,
+) -> Cycle:
     snap = build(nodes, NOW)
-    return Cycle(snap, Counter(held or {}), lambda total, _: total // replicas, home="a")
+    return Cycle(snap, Counter(held or {}), Counter(instances or {}), lambda total, _: total // replicas, "a")
 
 
 def usage(running: int = 0, programs: int = 0, map_bytes: int = 0) -> TenantUsage:
@@ -91,6 +97,15 @@ def test_filter(plugin: str, req: Request, node: NodeInfo, held: dict[str, int],
     assert bool(status.reason) == (fit is not Fit.YES), "a refusal says why"
 
 
+def test_instances_score_the_room_left_for_this_function_on_this_node() -> None:
+    node = host("a")
+    busy = cycle([node], instances={("a", KEY): 2, ("a", "other@x"): 9})
+    assert plugins.instances(python_fn(instances=8), node, busy) == 100  # room
+    assert plugins.instances(python_fn(instances=2), node, busy) == 50  # the next call would queue
+    assert plugins.instances(python_fn(instances=1), node, busy) == 25  # one queued already
+    assert plugins.instances(python_fn(), node, busy) == 100  # no cap (exec, ebpf)
+
+
 def test_capacity_counts_only_this_replicas_share() -> None:
     node = host("a", capacity=10)
     assert plugins.capacity(python_fn(), node, cycle([node], {"a": 4}, replicas=2)).fit is Fit.YES
@@ -130,17 +145,17 @@ def pool(free: int, prewarmed: int = 0) -> list[PoolShard]:
         ("free_slots", host("a", free_slots=NO_POOL), [], 50),
         ("home", host("a"), [], 100),
         ("home", host("b"), [], 0),
-        # low cluster load: pack (the busier node that fits scores higher)
+        # low cluster load: pack (the busier node scores higher, up to half full)
         ("load", host("a", inflight=3), [host("z", inflight=0)], 30),
         ("load", host("a", inflight=0), [host("z", inflight=3)], 0),
+        ("load", host("a", inflight=8), [host("z", inflight=0, capacity=30)], 20),  # past half: spread
         # high cluster load: spread
         ("load", host("a", inflight=6), [host("z", inflight=9)], 40),
         ("load", host("a", inflight=9), [host("z", inflight=6)], 10),
     ],
 )
 def test_score(name: str, node: NodeInfo, others: list[NodeInfo], expected: float) -> None:
-    profile = plugins.profile(PlacementSettings())
-    score = {n: fn for n, fn, _ in profile.scores}[name]
+    score = plugins.SCORES[name]
     assert score(python_fn(), node, cycle([node, *others])) == pytest.approx(expected)
 
 
@@ -151,7 +166,7 @@ def test_warm_scores_a_loaded_program_for_ebpf() -> None:
 def test_load_counts_this_replicas_fresher_count() -> None:
     node = host("a", inflight=0)
     spread = cycle([node, host("z", inflight=10)], held={"a": 5})
-    assert plugins.load(python_fn(), node, spread, pack_below=0.5) == pytest.approx(50)
+    assert plugins.load(python_fn(), node, spread) == pytest.approx(50)
 
 
 # --- framework ----------------------------------------------------------------------------------
@@ -201,12 +216,12 @@ def test_power_of_two_choices_spreads_at_high_load() -> None:
     [
         (python_fn(), [], {}, Unplaced(wait=False)),
         (python_fn(), [dpu("d")], {}, Unplaced(wait=False)),  # no host at all
-        (python_fn(), [host("a", capacity=1)], {"a": 1}, Unplaced(wait=True, reasons={"are full": 1})),
+        (python_fn(), [host("a", capacity=1)], {"a": 1}, Unplaced(True, {"are full": 1}, busy=FULL)),
         (
             python_fn(exclude=frozenset({"a"})),
             [host("a"), host("b", capacity=1)],
             {"b": 1},
-            Unplaced(wait=True, reasons={"already tried for this invocation": 1, "are full": 1}),
+            Unplaced(True, {"already tried for this invocation": 1, "are full": 1}, busy=FULL),
         ),
         (
             python_fn(exclude=frozenset({"a"})),
@@ -374,3 +389,17 @@ def test_explain_no_node() -> None:
     view.put_node(record("b"))
     view.on_heartbeat(beat("b"), now=1.0)
     assert view.explain_no_node(10.0, STALE_S) == "a has sent no heartbeat yet; b missed heartbeats for 9.0s"
+
+
+def test_a_free_instance_slot_beats_queueing_behind_a_warm_node() -> None:
+    nodes = [host("a", warm=True, capacity=64), host("b", capacity=64)]
+    room = cycle(nodes, held={"a": 7}, instances={("a", KEY): 7})
+    assert framework.place(python_fn(instances=8), room.snapshot, PROFILE, room).node_id == "a"
+    full = cycle(nodes, held={"a": 8}, instances={("a", KEY): 8})
+    assert framework.place(python_fn(instances=8), full.snapshot, PROFILE, full).node_id == "b"
+
+
+def test_when_every_node_is_full_the_shorter_queue_wins() -> None:
+    nodes = [host("a", warm=True, capacity=64), host("b", warm=True, capacity=64)]
+    c = cycle(nodes, held={"a": 20, "b": 12}, instances={("a", KEY): 20, ("b", KEY): 12})
+    assert framework.place(python_fn(instances=8), c.snapshot, PROFILE, c).node_id == "b"
