@@ -18,7 +18,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.warm_invoke import SUBJECT, e2e_round, median_round, prepare, raw_round
+from bench.warm_invoke import SUBJECT, e2e_round, median_round, prepare, raw_round, round_arguments
 from cli.client import Client
 from deploy import launcher
 
@@ -101,14 +101,7 @@ def report(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--payload", type=int, default=64, help="bytes per request")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=8, help="the function's instances per node")
-    args = parser.parse_args()
+    args = round_arguments(__doc__).parse_args()
     print(report(run(args)))
 
 

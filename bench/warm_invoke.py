@@ -161,18 +161,22 @@ def report(results: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def round_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every warm-invocation benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--payload", type=int, default=64, help="bytes per request")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per cell; the median is reported")
-    parser.add_argument("--hosts", type=int, default=2)
-    parser.add_argument("--schedulers", type=int, default=1)
     parser.add_argument(
         "--concurrency", type=int, default=8, help="the function's concurrency (instances/node)"
     )
+    return parser
+
+
+def main() -> None:
+    parser = round_arguments(__doc__)
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--schedulers", type=int, default=1)
     parser.add_argument("--tracing", choices=("on", "off"), default="on")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
