@@ -79,9 +79,9 @@ def run(size: int, decisions: int, seed: int) -> dict:
     build_ms = (time.perf_counter() - started) * 1000
     profile = plugins.profile(PlacementSettings())
     held = Counter({n.node_id: n.inflight for n in nodes})  # this replica's own count decides capacity
-    cycle = framework.Cycle(snapshot, held, lambda total, _: total)
+    cycle = framework.Cycle(snapshot, held, {}, lambda total, _: total)
     reqs = requests(decisions, rng)
-    sampled = timed(lambda r: framework.place(r, snapshot, profile, cycle), reqs)
+    sampled = timed(lambda r: framework.place(r, snapshot, profile, cycle, explain=False), reqs)
     scan_reqs = reqs[: max(200, decisions // max(1, size // 10))]  # the scan is slow at 10 000
     scanned = timed(lambda r: full_scan(r, snapshot, profile, cycle), scan_reqs)
     considered = statistics.mean(
