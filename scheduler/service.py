@@ -97,6 +97,8 @@ class Scheduler:
             async with asyncio.timeout(self.settings.node_stale_after_s):
                 await self.sync.nodes_synced.wait()
                 await self.sync.functions_synced.wait()
+                await self.sync.tenants_synced.wait()  # limits known before the first invocation
+                await self.sync.schedulers_synced.wait()  # and the replicas that share them
                 while any(n.heartbeat_at is None for n in self.view.nodes.values()):
                     self._heartbeat_seen.clear()
                     await self._heartbeat_seen.wait()
@@ -205,14 +207,17 @@ class Scheduler:
             log.info("scheduler replica %s joined: %d live", beat.scheduler_id, self.replicas().count)
 
     def replicas(self) -> shares.Replicas:
-        """The live replicas (this one included), to split limits and node capacity into shares.
-        Worked out again at most once a beat interval (and when a replica joins), not per call."""
+        """The live replicas (this one included), to split limits and node capacity into shares:
+        those beating, and those registered in etcd. Counting a replica that has just died
+        (until its lease expires) only shrinks the shares; missing one that has just started
+        would overcommit. Worked out again at most once a beat interval, not per call."""
         now = time.monotonic()
         cached = self._replicas
         if cached is not None and now - cached[1] < self.settings.beat_interval_s:
             return cached[0]
         last = {rid: at for rid, (_, at) in self.replica_beats.items()}
-        live = shares.live_replicas(self.settings.scheduler_id, last, now, self.settings.beat_interval_s * 3)
+        stale_s = self.settings.beat_interval_s * 3
+        live = shares.live_replicas(self.settings.scheduler_id, last, now, stale_s, self.sync.schedulers)
         self._replicas = (live, now)
         return live
 

@@ -17,6 +17,7 @@ retry, never an overloaded node.
 """
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -61,6 +62,9 @@ class Replicas:
         return self.ids[first_owner(total, self.count, offset_of(name))]
 
 
-def live_replicas(me: str, last_beat: dict[str, float], now: float, stale_after_s: float) -> Replicas:
+def live_replicas(
+    me: str, last_beat: dict[str, float], now: float, stale_after_s: float, registered: Iterable[str] = ()
+) -> Replicas:
+    """Replicas that beat lately, those registered, and this one."""
     alive = {rid for rid, at in last_beat.items() if now - at <= stale_after_s}
-    return Replicas(tuple(sorted(alive | {me})), me)
+    return Replicas(tuple(sorted(alive | set(registered) | {me})), me)

@@ -28,6 +28,8 @@ class ClusterSync:
         self.functions_synced = asyncio.Event()
         self.tenants_synced = asyncio.Event()
         self.tenants: dict[str, TenantRecord] = {}
+        self.schedulers_synced = asyncio.Event()
+        self.schedulers: set[str] = set()  # replicas registered (leased) in etcd
         self._lost_at: float | None = None
 
     def lost_for(self, now: float) -> float | None:
@@ -49,6 +51,21 @@ class ClusterSync:
 
     async def follow_tenants(self) -> None:
         await self._follow(keys.TENANTS, self._reset_tenants, self._apply_tenant, self.tenants_synced)
+
+    async def follow_schedulers(self) -> None:
+        await self._follow(
+            keys.SCHEDULERS, self._reset_schedulers, self._apply_scheduler, self.schedulers_synced
+        )
+
+    def _reset_schedulers(self, values: list[bytes]) -> None:
+        records = [r for r in map(_decode(codec.scheduler_record), values) if r is not None]
+        self.schedulers = {r.scheduler_id for r in records}
+
+    def _apply_scheduler(self, event: Event) -> None:
+        if event.kind == "delete":
+            self.schedulers.discard(event.key.removeprefix(keys.SCHEDULERS))
+        elif (record := _decode(codec.scheduler_record)(event.value)) is not None:
+            self.schedulers.add(record.scheduler_id)
 
     async def _follow(
         self,

@@ -23,7 +23,14 @@ HOST_OVERRIDES = {
     "keep_alive_s": 30.0,
     "max_output_bytes": 1 << 20,
 }
-SCHEDULER_OVERRIDES = {"lease_ttl_s": 2, "node_stale_after_s": 1.0, "max_payload_bytes": 64 * 1024}
+SCHEDULER_OVERRIDES = {
+    "lease_ttl_s": 2,
+    "node_stale_after_s": 1.0,
+    "max_payload_bytes": 64 * 1024,
+    # queue up to the caller's deadline: while a killed node is being declared lost, the
+    # invocations it held keep their share of the function's limit for a second or two
+    "admission": {"max_queue_wait_ms": 10_000},
+}
 _tenants = itertools.count()
 
 
@@ -153,3 +160,14 @@ def cgroup_dirs_named(name: str) -> list[str]:
     """The cgroup hierarchies holding a top-level cgroup `name`."""
     mounts = [p for p, _, _ in cgroups.parse_mountinfo(Path("/proc/self/mountinfo").read_text())]
     return [m for m in mounts if os.path.exists(os.path.join(m, name))]
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of (start, end) intervals that overlap at one moment: how many
+    invocations of a function really ran at once, from the times the function itself reported."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, step in edges:  # at equal times an end sorts before a start: touching is not overlapping
+        running += step
+        peak = max(peak, running)
+    return peak
