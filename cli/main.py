@@ -13,7 +13,7 @@ import msgspec
 import nats
 
 from cli import render
-from cli.client import Client, ClientError, ProgramRejected
+from cli.client import RETRY_AFTER_MS, Client, ClientError, ProgramRejected
 from deploy import launcher
 from deploy.services import ServiceError
 from fabric.bundles import BundleError
@@ -190,6 +190,13 @@ def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
 @click.option("--data", help="payload text")
 @click.option("--data-file", type=click.File("rb"), help="payload file ('-' for stdin)")
 @click.option("--timeout-ms", default=30_000, show_default=True, type=click.IntRange(1, 900_000))
+@click.option(
+    "--retry-after-ms",
+    default=RETRY_AFTER_MS,
+    show_default=True,
+    type=click.IntRange(0, 900_000),
+    help="send the invocation again (same id) if unanswered this long, then after 2x, 4x...; 0: never",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("-v", "--verbose", is_flag=True, help="also print node, cold/warm and latency to stderr")
 def invoke(
@@ -198,6 +205,7 @@ def invoke(
     data: str | None,
     data_file: IO[bytes] | None,
     timeout_ms: int,
+    retry_after_ms: int,
     as_json: bool,
     verbose: bool,
 ) -> None:
@@ -210,7 +218,7 @@ def invoke(
         payload = data_file.read()
     else:
         payload = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    outcome = _run(lambda c: c.invoke(tenant, name, payload, timeout_ms))
+    outcome = _run(lambda c: c.invoke(tenant, name, payload, timeout_ms, retry_after_ms=retry_after_ms))
     if as_json:
         _print_json(render.invoke_json(outcome))
     elif outcome.ok:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: install, start a local cluster (nats-server, etcd, a scheduler, two host nodes),
+# The main job: install, start a local cluster (nats-server, etcd, two scheduler replicas, two host nodes),
 # deploy the sample functions in examples/, invoke them cold and warm, and show what happened.
 # The cluster keeps running afterwards. Safe to run again.
 set -euo pipefail
@@ -10,14 +10,15 @@ export PATH="$PWD/.venv/bin:$PATH"
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
 if [ "$(id -u)" -eq 0 ]; then
-    run hetfaas up --hosts 2 --dpus 1   # the verifier and DPU nodes load eBPF: root only
+    run hetfaas up --hosts 2 --schedulers 2 --dpus 1   # the verifier and DPU nodes load eBPF: root only
     examples=(examples/*/)
 else
-    run hetfaas up --hosts 2
+    run hetfaas up --hosts 2 --schedulers 2
     examples=(examples/hello-python/ examples/wordcount-exec/)
 fi
 for fn in "${examples[@]}"; do run hetfaas deploy "$fn"; done
 run hetfaas ls
+run hetfaas tenant set default --max-concurrency 100   # at most 100 of its invocations at once
 
 echo
 echo "# Each call prints its output, then (on stderr) the node, cold or warm, and the latency."

@@ -78,6 +78,8 @@ class Profile:
     warm_candidates: int = 2
     home_candidates: int = 1
     random_candidates: int = 1
+    _checks: tuple[Filter, ...] = field(init=False, repr=False, compare=False)
+    _weighted: tuple[tuple[Score, int], ...] = field(init=False, repr=False, compare=False)
 
     @property
     def checks(self) -> tuple[Filter, ...]:

@@ -105,7 +105,8 @@ class Invoker:
                 if fn_limit == 0
                 else (replicas.owner(tenant_total, req.tenant))
             )
-            return await self._hand_over(req, owner, ctx)
+            await self._hand_over(req, owner, ctx)
+            return None  # the owner answers the caller
         wait_until = min(deadline, ctx.received_at + self.settings.admission.max_queue_wait_ms / 1000)
         while (blocked := self.running.blocked(fn, fn_limit, tenant_limit)) is not None:
             refusal = await self._wait(req, (blocked.scope, blocked.name), wait_until, deadline, blocked)

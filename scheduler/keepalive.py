@@ -15,7 +15,7 @@ pattern is followed.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduler.settings import KeepAliveSettings
 
@@ -27,6 +27,7 @@ class KeepAlive:
     prewarm_after_s: float  # 0: keep the instance after an invocation; else unload, start again then
     keep_alive_s: float  # how long the (kept or prewarmed) instance waits; 0: the node's default
     source: str  # "histogram" or why the default applies
+    _ms: tuple[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ms = (round(self.keep_alive_s * 1000), round(self.prewarm_after_s * 1000))

@@ -64,17 +64,16 @@ class ClusterView:
         """The healthy nodes as an immutable snapshot, rebuilt when the view changed (at most every
         `refresh_s`) and every FULL_REBUILD_S regardless, so a silent node drops out."""
         current = self._snapshot
-        age = now - current.built_at if current else None
-        if age is None or (self._changed and age >= refresh_s) or age >= FULL_REBUILD_S:
-            healthy = (n for n in self.nodes.values() if n.healthy(now, stale_after_s))
-            current = self._snapshot = snapshot.build(
-                (snapshot.node_info(n.record, n.heartbeat, n.recent) for n in healthy), now
-            )
-            self._changed = False
-        return current
-
-    def changed(self) -> None:
-        self._changed = True
+        if current is not None:
+            age = now - current.built_at
+            if age < FULL_REBUILD_S and not (self._changed and age >= refresh_s):
+                return current
+        healthy = (n for n in self.nodes.values() if n.healthy(now, stale_after_s))
+        fresh = self._snapshot = snapshot.build(
+            (snapshot.node_info(n.record, n.heartbeat, n.recent) for n in healthy), now
+        )
+        self._changed = False
+        return fresh
 
     def ran(self, node_id: str, key: str) -> None:
         """`node_id` just ran `key`: it probably holds it warm until its next heartbeat says so."""

@@ -87,6 +87,19 @@ def test_errors_exit_non_zero(cluster: launcher.ClusterInfo, tenant: str, tmp_pa
     assert invalid.returncode == 1 and b"unknown key 'handlr'" in invalid.stderr
 
 
+def test_tenant_limits_and_the_replica_table(cluster: launcher.ClusterInfo, tenant: str) -> None:
+    limited = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "3", "--json")
+    plain = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "5")
+    invalid = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "0")
+    status = hetfaas(cluster.state_dir, "status")
+
+    assert json.loads(limited.stdout) == {"tenant": tenant, "max_concurrency": 3}
+    assert plain.stdout.decode().strip() == f"tenant {tenant}: max_concurrency 5"
+    assert invalid.returncode == 2 and b"--max-concurrency" in invalid.stderr
+    table = status.stdout.decode()
+    assert "REPLICA" in table and "QUEUED" in table and "scheduler-0 *" in table, table
+
+
 def test_no_cluster_is_a_clear_error(tmp_path: Path) -> None:
     result = hetfaas(tmp_path / "nothing", "ls")
     assert result.returncode == 1 and b"no cluster found" in result.stderr and b"hetfaas up" in result.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from dpu_node.settings import DpuNodeSettings
+from dpu_node.settings import DpuNodeSettings, EbpfRuntimeSettings
 from fabric.settings import SettingsError, load_settings
 from host_node.settings import HostNodeSettings
 from scheduler.settings import SchedulerSettings
@@ -57,3 +57,14 @@ def test_unknown_and_mistyped_settings_are_errors(tmp_path: Path) -> None:
     path.write_text('scheduler_id = "s"\nnats_url = "n"\netcd_endpoints = "e"\n')
     with pytest.raises(SettingsError, match="Expected `array`"):
         load_settings(SchedulerSettings, path)
+
+
+def test_the_commented_ebpf_table_of_the_host_example_loads_and_shows_the_defaults() -> None:
+    """The optional [ebpf] table is shown commented out; uncommented, it must be valid."""
+    text = (CONFIG / "host_node.example.toml").read_text()
+    block = text[text.index("# [ebpf]") :]
+    table = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    doc = tomllib.loads(text.replace(block, table))
+    settings = msgspec.convert(doc, HostNodeSettings)
+    assert settings.ebpf is not None
+    assert settings.ebpf == EbpfRuntimeSettings(trusted_keys=settings.ebpf.trusted_keys)
