@@ -94,31 +94,66 @@ class Invoker:
         self, req: InvokeRequest, record: FunctionRecord, deadline: float, ctx: bus.Context
     ) -> ErrorReply | bytes | None:
         fn: FunctionKey = (req.tenant, req.function)
+        fn_name = f"{req.tenant}/{req.function}"
         replicas = self._replicas()
         fn_total = record.spec.max_concurrency
-        fn_limit = replicas.share(fn_total, f"{req.tenant}/{req.function}") if fn_total else None
+        fn_limit = replicas.share(fn_total, fn_name) if fn_total else None
         tenant_total = self._tenant_limit(req.tenant)
         tenant_limit = replicas.share(tenant_total, req.tenant)
-        if (fn_limit == 0 or tenant_limit == 0) and not subjects.is_replica_invoke(ctx.subject):
+        if fn_limit == 0 or tenant_limit == 0:
             owner = (
-                replicas.owner(fn_total, f"{req.tenant}/{req.function}")
+                replicas.owner(fn_total, fn_name)
                 if fn_limit == 0
-                else (replicas.owner(tenant_total, req.tenant))
+                else replicas.owner(tenant_total, req.tenant)
             )
-            await self._hand_over(req, owner, ctx)
-            return None  # the owner answers the caller
+            if owner is not None and not subjects.is_replica_invoke(ctx.subject):
+                await self._hand_over(req, owner, ctx)
+                return None  # the owner answers the caller
+            # handed to us already, or no live owner: serve it, one at a time
+            fn_limit, tenant_limit = fn_limit if fn_limit != 0 else 1, tenant_limit or 1
         wait_until = min(deadline, ctx.received_at + self.settings.admission.max_queue_wait_ms / 1000)
-        while (blocked := self.running.blocked(fn, fn_limit, tenant_limit)) is not None:
-            refusal = await self._wait(req, (blocked.scope, blocked.name), wait_until, deadline, blocked)
-            if refusal is not None:
-                return refusal
+        refusal = await self._wait_for_limits(req, fn, fn_limit, tenant_limit, wait_until, deadline)
+        if refusal is not None:
+            return refusal
         self.running.enter(fn)
         try:
             return await self._place_and_forward(req, record, deadline, wait_until, ctx.reply)
         finally:
             self.running.leave(fn)
-            self.queue.wake(("function", f"{req.tenant}/{req.function}"))
+            self.queue.wake(("function", fn_name))
             self.queue.wake(("tenant", req.tenant))
+
+    async def _wait_for_limits(
+        self,
+        req: InvokeRequest,
+        fn: FunctionKey,
+        fn_limit: int | None,
+        tenant_limit: int,
+        wait_until: float,
+        deadline: float,
+    ) -> ErrorReply | None:
+        """Wait (FIFO) until neither limit stops `fn`. A newcomer queues behind invocations
+        already waiting on the same limit instead of taking the slot one of them was woken for."""
+        woken = False
+        while True:
+            blocked = self.running.blocked(fn, fn_limit, tenant_limit)
+            if blocked is None and not woken:
+                blocked = self._queued_ahead(fn, fn_limit, tenant_limit)
+            if blocked is None:
+                return None
+            reason = (blocked.scope, blocked.name)
+            refusal = await self._wait(req, reason, wait_until, deadline, blocked, front=woken)
+            if refusal is not None:
+                return refusal
+            woken = True
+
+    def _queued_ahead(self, fn: FunctionKey, fn_limit: int | None, tenant_limit: int) -> Blocked | None:
+        name = f"{fn[0]}/{fn[1]}"
+        if fn_limit is not None and self.queue.waiting(("function", name)):
+            return Blocked("function", name, fn_limit)
+        if self.queue.waiting(("tenant", fn[0])):
+            return Blocked("tenant", fn[0], tenant_limit)
+        return None
 
     async def _wait(
         self,

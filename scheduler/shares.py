@@ -8,7 +8,8 @@ bench/RESULTS.md); shares cost nothing per invocation. So each replica owns a sh
 N split over R live replicas gives each N // R, and the N % R left over go one each to the
 replicas after a per-limit offset (a hash of the function or node), so the shares add up to
 exactly N and small limits do not all land on the same replica. A replica whose share of a
-limit is zero hands that function's invocations to one that has a share.
+limit is zero hands that function's invocations to a live one that has a share (or, when none
+of those is beating, serves them itself with a share of one).
 
 The price: a replica may turn work away (or queue it) while another has its share unused. Nodes
 still refuse work beyond their own capacity (`throttled`), and the scheduler then tries another
@@ -33,17 +34,13 @@ def share(total: int, rank: int, replicas: int, offset: int = 0) -> int:
     return base + (1 if (rank - offset) % replicas < extra else 0)
 
 
-def first_owner(total: int, replicas: int, offset: int = 0) -> int:
-    """The first rank holding a non-zero share of `total` (where a replica without one hands over)."""
-    return next((r for r in range(replicas) if share(total, r, replicas, offset)), 0)
-
-
 @dataclass(frozen=True)
 class Replicas:
     """The live replicas as one replica sees them, itself included."""
 
     ids: tuple[str, ...]  # sorted
     me: str
+    beating: frozenset[str] = frozenset()  # those heard lately (the rest are only registered)
 
     @property
     def count(self) -> int:
@@ -58,8 +55,13 @@ class Replicas:
             return total  # alone: all of it (and no hashing on the invoke path)
         return share(total, self.rank, self.count, offset_of(name))
 
-    def owner(self, total: int, name: str) -> str:
-        return self.ids[first_owner(total, self.count, offset_of(name))]
+    def owner(self, total: int, name: str) -> str | None:
+        """A live replica holding a share of `total` (None: none of them is beating)."""
+        offset = offset_of(name)
+        for rank, rid in enumerate(self.ids):
+            if rid != self.me and rid in self.beating and share(total, rank, self.count, offset):
+                return rid
+        return None
 
 
 def live_replicas(
@@ -67,4 +69,4 @@ def live_replicas(
 ) -> Replicas:
     """Replicas that beat lately, those registered, and this one."""
     alive = {rid for rid, at in last_beat.items() if now - at <= stale_after_s}
-    return Replicas(tuple(sorted(alive | set(registered) | {me})), me)
+    return Replicas(tuple(sorted(alive | set(registered) | {me})), me, frozenset(alive))

@@ -47,8 +47,10 @@ class WaitQueue:
             self.length -= 1
             if future in queue:
                 queue.remove(future)
-            if not queue:
-                self._waiters.pop(reason, None)
+            # Drop the deque only if it is still the one for `reason`: a waiter woken from an
+            # older one must not take newer waiters' deque with it (they would never be woken).
+            if not queue and self._waiters.get(reason) is queue:
+                del self._waiters[reason]
 
     def wake(self, reason: Hashable, count: int = 1) -> None:
         queue = self._waiters.get(reason)

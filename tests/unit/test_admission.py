@@ -22,8 +22,10 @@ def test_shares_add_up_to_the_limit_exactly(total: int, replicas: int, offset: i
 
 
 def test_small_limits_land_on_different_replicas_per_name() -> None:
-    owners = {shares.first_owner(1, 3, shares.offset_of(f"fn{i}")) for i in range(30)}
-    assert owners == {0, 1, 2}
+    holders = {
+        next(r for r in range(3) if shares.share(1, r, 3, shares.offset_of(f"fn{i}"))) for i in range(30)
+    }
+    assert holders == {0, 1, 2}
 
 
 @pytest.mark.parametrize(
@@ -39,12 +41,34 @@ def test_live_replicas(beats: dict[str, float], now: float, expected: tuple[str,
     assert shares.live_replicas("me", beats, now, stale_after_s=3.0).ids == expected
 
 
-def test_a_replica_without_a_share_names_one_with_it() -> None:
-    two = shares.Replicas(("a", "b"), "a")
-    holder = two.owner(1, "acme/fn")
-    assert shares.Replicas(("a", "b"), holder).share(1, "acme/fn") == 1
+def test_a_replica_without_a_share_names_a_live_one_with_it() -> None:
+    beating = frozenset({"a", "b"})
+    holder = next(r for r in "ab" if shares.Replicas(("a", "b"), r, beating).share(1, "acme/fn"))
     other = "b" if holder == "a" else "a"
-    assert shares.Replicas(("a", "b"), other).share(1, "acme/fn") == 0
+    without = shares.Replicas(("a", "b"), other, beating)
+    assert without.share(1, "acme/fn") == 0 and without.owner(1, "acme/fn") == holder
+    only_registered = shares.Replicas(("a", "b"), other, frozenset({other}))
+    assert only_registered.owner(1, "acme/fn") is None, "a holder not beating is not handed work"
+
+
+async def test_a_newcomer_queues_behind_a_waiter_instead_of_taking_its_slot() -> None:
+    """FIFO per limit: the waiter woken for a freed slot gets it."""
+    queue = WaitQueue(max_len=4)
+    first = asyncio.create_task(queue.wait(("function", "f"), 5.0))
+    await asyncio.sleep(0)
+    assert queue.waiting(("function", "f")) == 1 and queue.waiting(("function", "g")) == 0
+    queue.wake(("function", "f"))
+    assert await first
+    front = asyncio.create_task(queue.wait("r", 5.0))
+    back = asyncio.create_task(queue.wait("r", 5.0))
+    await asyncio.sleep(0)
+    again = asyncio.create_task(queue.wait("r", 5.0, front=True))  # woken before, beaten to it
+    await asyncio.sleep(0)
+    queue.wake("r")
+    await asyncio.sleep(0)
+    assert again.done() and not front.done() and not back.done()
+    queue.wake_all("r")
+    await asyncio.gather(front, back)
 
 
 # --- limits -------------------------------------------------------------------------------------
@@ -104,6 +128,22 @@ async def test_a_freed_slot_wakes_the_longest_waiter_for_it() -> None:
     queue.wake("g")
     await asyncio.gather(*tasks)
     assert order == ["first", "second", "other"] and queue.length == 0
+
+
+async def test_a_waiter_woken_from_an_old_queue_leaves_newer_waiters_queued() -> None:
+    """Regression: a woken waiter cleaning up late dropped the reason's current queue even when
+    it held newer waiters, who then slept until their deadline (found under load in CI)."""
+    queue = WaitQueue(max_len=10)
+    woken = asyncio.create_task(queue.wait("r", 5.0))
+    gone = asyncio.create_task(queue.wait("r", 5.0))
+    await asyncio.sleep(0)
+    gone.cancel()  # its cleanup runs first: the old queue, empty, goes
+    newer = asyncio.create_task(queue.wait("r", 5.0))  # then this one starts a new queue
+    queue.wake("r")  # and `woken`, woken from the old queue, cleans up last
+    assert await woken
+    assert queue.waiting("r") == 1, "the newer waiter is still queued"
+    queue.wake("r")
+    assert await asyncio.wait_for(newer, 1.0)
 
 
 async def test_the_queue_is_bounded_and_waits_are_timed() -> None:
