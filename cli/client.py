@@ -11,7 +11,6 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
-from opentelemetry.trace import SpanKind
 
 from fabric import bus, telemetry
 from fabric.bundles import BundleStore, pack_directory
@@ -158,7 +157,7 @@ class Client:
         started = time.monotonic()
         with telemetry.span(
             "client.invoke",
-            kind=SpanKind.CLIENT,
+            kind=telemetry.SpanKind.CLIENT,
             attributes={"faas.invocation_id": invocation_id, "faas.name": function, "hetfaas.tenant": tenant},
         ):
             try:

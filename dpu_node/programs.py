@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dpu_node.admission import LoadRequest, Refused, admit
 from dpu_node.loader import Loaded, load
 from dpu_node.settings import EbpfRuntimeSettings
-from fabric import bpf, nodes, signing
+from fabric import bpf, bus, nodes, signing, telemetry
 from fabric.store import Entry, Event, Store, follow_prefix
 from fabric.tasks import TaskSet
+from fabric.tracing import Span
 from schemas import keys
 from schemas.ebpf import MapDump, MapEntry, MapSpec, MapsReply, MapsRequest
 from schemas.messages import (
@@ -88,6 +89,28 @@ class ProgramRuntime:
             spec=spec,
             entries=entries,
             truncated=len(found) > MAX_DUMP_ENTRIES,
+        )
+
+    async def traced_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
+        """`invoke` in the invocation's trace: on a first use, the program's load and its run."""
+        with nodes.invoke_span(req, ctx, self.node_id, **{"hetfaas.program": req.program_digest}) as span:
+            reply = await self.invoke(req, ctx.received_at)
+            if isinstance(reply, ErrorReply):
+                span.set_attribute("hetfaas.error", reply.error.code)
+                return reply
+            span.set_attribute("faas.coldstart", reply.cold_start)
+            if reply.cold_start and isinstance(span, Span):
+                self._record_load_and_run(span, reply)
+            return reply
+
+    def _record_load_and_run(self, span: Span, reply: InvokeReply) -> None:
+        start = span.start_ns
+        load_ns = round(reply.phases_ms.get("program_load_ms", 0.0) * 1_000_000)
+        telemetry.record("dpu.program_load", start, start + load_ns, parent=span)
+        end = time.time_ns()
+        run_attributes = {"hetfaas.run_ns": reply.run_ns or 0, "hetfaas.action": reply.action}
+        telemetry.record(
+            "dpu.run", max(start + load_ns, end - (reply.run_ns or 0)), end, run_attributes, span
         )
 
     async def invoke(self, req: NodeInvoke, received_at: float) -> InvokeReply | ErrorReply:

@@ -21,7 +21,7 @@ class DpuNode:
         ]
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
-        reply = await self.once.run(req.invocation_id, lambda: self.runtime.invoke(req, ctx.received_at))
+        reply = await self.once.run(req.invocation_id, lambda: self.runtime.traced_invoke(req, ctx))
         return nodes.answer(req, reply)
 
     async def on_maps(self, req: MapsRequest, ctx: bus.Context) -> MapsReply:

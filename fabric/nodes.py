@@ -8,12 +8,14 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
 
-from fabric import bus
+from fabric import bus, telemetry
 from fabric.store import LeasedKey, Store
+from fabric.tracing import NoScope, Scope
 from schemas import codec, keys, subjects
 from schemas.errors import Error, ErrorCode
 from schemas.messages import (
@@ -72,6 +74,23 @@ async def send_heartbeats(
             log.warning("heartbeat %d not sent: %s", seq, exc)
         seq += 1
         await asyncio.sleep(interval_s)
+
+
+def invoke_span(req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any) -> Scope | NoScope:
+    """The node's span of an invocation, under the scheduler's attempt that sent it, with the
+    FaaS attributes (faas.*) and ours (hetfaas.*)."""
+    attributes = {
+        "faas.invocation_id": req.invocation_id,
+        "faas.name": req.spec.name,
+        "faas.instance": node_id,
+        "faas.trigger": req.trigger,
+        "hetfaas.tenant": req.spec.tenant,
+        "hetfaas.attempt": req.attempt,
+        **extra,
+    }
+    return telemetry.span(
+        "node.invoke", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
+    )
 
 
 def answer(req: NodeInvoke, reply: InvokeReply | ErrorReply) -> InvokeReply | ErrorReply | bus.ReplyTo:

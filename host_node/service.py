@@ -11,12 +11,12 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from opentelemetry.trace import SpanKind
-
 from dpu_node.programs import ProgramRuntime
 from fabric import bus, nodes, telemetry
 from fabric.bundles import BundleError
 from fabric.tasks import TaskSet
+from fabric.tracing import Span
+from host_node import phase_spans
 from host_node.bundle_cache import BundleCache
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
@@ -85,21 +85,14 @@ class HostNode:
             return self._error(req, "throttled", f"node is running {self.inflight} invocations, its capacity")
         self.inflight += 1
         try:
-            with telemetry.span(
-                "node.invoke",
-                parent=ctx.headers,
-                kind=SpanKind.SERVER,
-                attributes={
-                    "faas.invocation_id": req.invocation_id,
-                    "faas.name": req.spec.name,
-                    "faas.instance": self.settings.node_id,
-                    "hetfaas.tenant": req.spec.tenant,
-                    "hetfaas.attempt": req.attempt,
-                },
+            with nodes.invoke_span(
+                req, ctx, self.settings.node_id, **{"hetfaas.pool_mode": self.settings.sandbox.mode}
             ) as span:
                 reply = await self._invoke(req, ctx.received_at)
                 if isinstance(reply, InvokeReply):
                     span.set_attribute("faas.coldstart", reply.cold_start)
+                    if isinstance(span, Span) and span.sampled:
+                        record_phases(span, reply, req.spec.runtime)
                 else:
                     span.set_attribute("hetfaas.error", reply.error.code)
                 return reply
@@ -113,7 +106,7 @@ class HostNode:
         if req.spec.runtime == "ebpf":
             if self.programs is None:
                 return self._error(req, "unavailable", "this host runs no eBPF (it has no trusted keys)")
-            return await self.programs.invoke(req, received_at)
+            return await self.programs.invoke(req, received_at)  # inside this node's span
         phases: dict[str, float] = {}
         try:
             code_dir, fetched = await self._bundles.ensure(req.bundle_digest)
@@ -297,6 +290,15 @@ class HostNode:
             timer.cancel()
         await self._tasks.close()
         self.warm.close()
+
+
+def record_phases(span: Span, reply: InvokeReply, runtime: str) -> None:
+    """The start's phases as children of the node's span (slot, sandbox, exec, init, handler)."""
+    laid_out = phase_spans.layout(reply.phases_ms, span.start_ns, time.time_ns(), reply.cold_start, runtime)
+    parents: dict[str, Span | None] = {"": span}
+    for phase in laid_out:
+        parent = parents.get(phase.parent) or span
+        parents[phase.name] = telemetry.record(phase.name, phase.start_ns, phase.end_ns, parent=parent)
 
 
 def _run_budget(req: NodeInvoke, deadline: float, now: float) -> float:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import msgspec
 from nats.aio.client import Client as NATS
-from opentelemetry import trace
 
 from fabric import bus, telemetry
 from scheduler import framework, keepalive, plugins, shares
@@ -167,8 +166,11 @@ class Invoker:
         """Queue until woken (None) or refuse: throttled when the queue is full or the wait too long.
         `front`: woken before but beaten to the slot, it keeps its turn."""
         what = why.describe() if isinstance(why, Blocked) else why
+        started_ns = time.time_ns()
         try:
-            if await self.queue.wait(reason, wait_until - time.monotonic(), front):
+            woken = await self.queue.wait(reason, wait_until - time.monotonic(), front)
+            telemetry.record("scheduler.queue", started_ns, time.time_ns(), {"hetfaas.waited_for": what})
+            if woken:
                 return None
         except QueueFull as exc:
             self.counters.throttled += 1
@@ -234,7 +236,9 @@ class Invoker:
                         return refusal
                     woken = True
                     continue
-                node_id = decision.node_id
+                node_id, why_here = decision.node_id, explain(decision)
+            else:
+                why_here = "a node had this invocation already (the caller sent it again)"
             tried.add(node_id)
             message = NodeInvoke(
                 invocation_id=req.invocation_id,
@@ -247,11 +251,21 @@ class Invoker:
                 reply_to=reply_to,
                 keep_alive_ms=keep_alive_ms,
                 prewarm_after_ms=prewarm_ms,
+                trigger=req.trigger,
             )
-            try:
-                return await self._forward(node_id, message, key)
-            except TryElsewhere as exc:
-                failures.append(str(exc))
+            attempt = {
+                "hetfaas.node": node_id,
+                "hetfaas.attempt": message.attempt,
+                "hetfaas.placement": why_here,
+            }
+            with telemetry.span(
+                "scheduler.attempt", kind=telemetry.SpanKind.CLIENT, attributes=attempt
+            ) as span:
+                try:
+                    return await self._forward(node_id, message, key)
+                except TryElsewhere as exc:
+                    failures.append(str(exc))
+                    span.set_error(str(exc))
 
     def _place(
         self, req: InvokeRequest, record: FunctionRecord, key: str, tried: set[str], now: float
@@ -277,19 +291,13 @@ class Invoker:
         view = self._view
         pack_below = settings.placement.pack_below_utilisation
         cycle = framework.Cycle(snapshot, view.held, view.held_instances, replicas.share, "", pack_below)
-        tracing = telemetry.enabled()
-        decision = framework.place(request, snapshot, self._profile, cycle, explain=tracing)
-        if isinstance(decision, framework.Placed) and tracing:
-            attributes = {f"hetfaas.score.{k}": v for k, v in decision.scores.items()}
-            trace.get_current_span().add_event("placed", {"hetfaas.node": decision.node_id, **attributes})
+        explaining = telemetry.current() is not None
+        decision = framework.place(request, snapshot, self._profile, cycle, explain=explaining)
         return decision, snapshot.size
 
     async def _forward(self, node_id: str, message: NodeInvoke, key: str) -> ErrorReply | bytes | None:
         """One attempt on one node: the reply to relay, None when the node answered the caller
         itself, or TryElsewhere."""
-        if telemetry.enabled():
-            attempt: dict[str, str | int] = {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt}
-            trace.get_current_span().add_event("forward", attempt)
         held, per_key = self._view.held, self._view.held_instances
         increment(held, node_id)
         increment(per_key, (node_id, key))
@@ -367,3 +375,12 @@ class Invoker:
     def policy_of(self, fn: FunctionKey) -> keepalive.KeepAlive | None:
         arrivals = self._arrivals.get(fn)
         return arrivals.current if arrivals else None
+
+
+def explain(decision: framework.Placed) -> str:
+    """Why this node, for the trace: each score and how many nodes were looked at (empty when
+    the decision was made without explaining, i.e. tracing is off)."""
+    if not decision.scores:
+        return ""
+    scores = ", ".join(f"{name} {value:.0f}" for name, value in decision.scores.items())
+    return f"{scores} (of {decision.considered} looked at)"

@@ -9,7 +9,6 @@ import time
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
-from opentelemetry.trace import SpanKind
 
 from fabric import bus, telemetry
 from fabric.bundles import BundleStore
@@ -111,11 +110,13 @@ class Scheduler:
         with telemetry.span(
             "scheduler.invoke",
             parent=ctx.headers,
-            kind=SpanKind.SERVER,
+            kind=telemetry.SpanKind.SERVER,
             attributes={
                 "faas.invocation_id": req.invocation_id,
                 "faas.name": req.function,
+                "faas.trigger": req.trigger,
                 "hetfaas.tenant": req.tenant,
+                "hetfaas.attempt": req.attempt,
             },
         ) as span:
             reply = await self._invoke(req, ctx)

@@ -162,6 +162,7 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     # node's own default).
     keep_alive_ms: int = 0
     prewarm_after_ms: int = 0
+    trigger: str = ""  # what invoked it (the caller's InvokeRequest.trigger), for traces
 
 
 class ApprovedProgram(msgspec.Struct, frozen=True, kw_only=True):

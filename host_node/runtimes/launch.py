@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from fabric import telemetry
 from host_node.runtimes.errors import FunctionFailed
 from host_node.sandbox.cgroups import Limits
 from host_node.spawner import Process, Spawner, SpawnFailed
@@ -23,4 +24,9 @@ async def launch(
         phases["slot_acquire_ms"] = round(proc.phases.slot_acquire_us / 1000, 3)
         phases["sandbox_setup_ms"] = round(proc.phases.sandbox_setup_us / 1000, 3)
         phases["exec_ms"] = round(proc.phases.exec_us / 1000, 3)
+        if (span := telemetry.current()) is not None:  # the invocation's span, for its trace
+            span.set_attribute("hetfaas.shard", getattr(proc, "shard", -1))
+            span.set_attribute("hetfaas.prewarmed", proc.phases.prewarmed)
+            span.set_attribute("hetfaas.slot_reused", proc.phases.slot_reused)
+            span.set_attribute("hetfaas.borrowed", proc.phases.borrowed)
     return proc

@@ -13,6 +13,7 @@ from deploy import launcher
 from fabric.store import Store
 from schemas import keys
 from tests.integration.conftest import HOST_OVERRIDES, make_function, most_at_once, start_cluster
+from tests.integration.test_tracing import trace_of
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +160,41 @@ async def test_killing_a_scheduler_replica_under_load(fresh) -> None:
     assert [o.error for o in outcomes if not o.ok] == []
     assert len(outcomes) == 16 * 12
     assert answered_by == {"scheduler-1"}
+
+
+async def test_a_retried_invocation_is_one_trace_with_both_attempts(fresh) -> None:
+    info, client = fresh
+    first = await client.invoke("load", "slow", b"warm")
+    await until_warm(client, first.node)  # so placement picks that node again
+    launcher.kill(info, first.node)  # the schedulers learn it only when they try it
+    retried = await client.invoke("load", "slow", b"again", timeout_ms=5_000)
+    hops = {"scheduler.invoke", "scheduler.attempt", "node.invoke"}
+    trace = trace_of(info.state_dir, retried.invocation_id, hops, root="scheduler.invoke")
+
+    other = "host-2" if first.node == "host-1" else "host-1"
+    attempts = sorted(
+        (s for s in trace if s["name"] == "scheduler.attempt"), key=lambda s: s["startTimeUnixNano"]
+    )
+    assert retried.ok and retried.node == other and retried.reply.attempts == 2
+    assert [(a["attrs"]["hetfaas.node"], a["attrs"]["hetfaas.attempt"]) for a in attempts] == [
+        (first.node, "1"),
+        (other, "2"),
+    ]
+    # "not listening" (NATS noticed the closed connection) or "lost mid-request" (its heartbeats
+    # stopped first): either way the first attempt's span says what became of it
+    assert attempts[0]["status"]["code"] == 2 and attempts[0]["status"]["message"].startswith(first.node)
+    node = next(s for s in trace if s["name"] == "node.invoke")
+    assert node["parentSpanId"] == attempts[1]["spanId"] and node["attrs"]["hetfaas.attempt"] == "2"
+
+
+async def until_warm(client: Client, node_id: str) -> None:
+    """Until the schedulers' view (the node's heartbeats) shows a warm instance on `node_id`."""
+    async with asyncio.timeout(10):
+        while True:
+            status = await client.status()
+            if any(n.node_id == node_id and n.warm_idle for n in status.nodes):
+                return
+            await asyncio.sleep(0.05)
 
 
 async def test_no_node_left(fresh) -> None:

@@ -4,6 +4,7 @@ it, replicas report themselves, and the keep-alive policy prewarms a regular fun
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,19 +38,25 @@ COUNTING = (
 KEEP_ALIVE = {"bin_s": 0.2, "range_s": 5.0, "min_samples": 3, "margin": 0.3}
 OVERRIDES = {
     **SCHEDULER_OVERRIDES,  # its admission settings replaced below
+    "tracing": False,  # this cluster also shows that with tracing off nothing is written
     "beat_interval_s": 0.2,
     "admission": {"max_queue": 8, "max_queue_wait_ms": 6000},
     "keep_alive": KEEP_ALIVE,
 }
 
 
+STATE: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
 async def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+    os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "100")  # were anything traced, it would show fast
+    STATE["dir"] = tmp_path_factory.mktemp("scheduling") / "state"
     info = launcher.up(
-        tmp_path_factory.mktemp("scheduling") / "state",
+        STATE["dir"],
         hosts=2,
         schedulers=2,
-        host_overrides=HOST_OVERRIDES,
+        host_overrides={**HOST_OVERRIDES, "tracing": False},
         scheduler_overrides=OVERRIDES,
     )
     client = await Client.connect(info.nats_url, "scheduling-tests")
@@ -176,3 +183,16 @@ async def test_a_regular_function_is_unloaded_then_prewarmed(
     assert [o.reply.cold_start for o in tail] == [False] * 4, "each call found a prewarmed instance"
     identities = [json.dumps(o.reply.output.decode()) for o in tail]
     assert len(set(identities)) == 4, "each was a fresh instance: the one before was unloaded"
+
+
+async def test_with_tracing_off_no_span_is_written(two_replicas: Client, tmp_path: Path, tenant: str) -> None:
+    fn = make_function(tmp_path, "quiet", 'runtime = "python"\nhandler = "main:handle"\n', {"main.py": TIMED})
+    await two_replicas.deploy(fn, tenant=tenant)
+    outcome = await two_replicas.invoke(tenant, "quiet", b"0")
+    # Absence has no event to await: give exporters five of their 100 ms flush periods (traced
+    # clusters show their spans within one: tests/integration/test_tracing.py).
+    await asyncio.sleep(0.5)
+
+    assert outcome.ok
+    written = [p.name for p in (STATE["dir"] / "traces").glob("*") if p.stat().st_size]
+    assert written == [], "no process traced anything"

@@ -33,34 +33,85 @@ def read_spans(traces_dir: Path) -> list[dict]:
     return spans
 
 
-def test_an_invocation_is_one_trace_across_client_scheduler_and_node(
-    cluster: launcher.ClusterInfo, tenant: str
-) -> None:
-    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
-    result = json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
-    invocation_id = result["invocation_id"]
-
-    names = {"client.invoke", "scheduler.invoke", "node.invoke"}
+def trace_of(state_dir: str, invocation_id: str, needed: set[str], root: str = "client.invoke") -> list[dict]:
+    """The spans of one invocation's trace, once every name in `needed` has been exported."""
     deadline = time.monotonic() + 10
     while True:
-        spans = read_spans(Path(cluster.state_dir) / "traces")
-        roots = [s for s in spans if s["attrs"].get("faas.invocation_id") == invocation_id]
+        spans = read_spans(Path(state_dir) / "traces")
+        roots = [
+            s for s in spans if s["name"] == root and s["attrs"].get("faas.invocation_id") == invocation_id
+        ]
         trace = [s for s in spans if roots and s["traceId"] == roots[0]["traceId"]]
-        if {s["name"] for s in trace} >= names:
-            break
-        assert time.monotonic() < deadline, f"spans did not arrive: {trace}"
+        if {s["name"] for s in trace} >= needed:
+            return trace
+        assert time.monotonic() < deadline, f"spans did not arrive: {sorted(s['name'] for s in trace)}"
         time.sleep(0.05)  # the exporters flush every 100 ms here (OTEL_BSP_SCHEDULE_DELAY)
 
+
+def duration_ms(span: dict) -> float:
+    return (int(span["endTimeUnixNano"]) - int(span["startTimeUnixNano"])) / 1e6
+
+
+COLD_PHASES = {
+    "node.cold_start",
+    "sandbox.slot_acquire",
+    "sandbox.setup",
+    "sandbox.exec",
+    "runtime.init",
+    "node.handler",
+}
+HOPS = {"client.invoke", "scheduler.invoke", "scheduler.attempt", "node.invoke"}
+
+
+def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
+    cluster: launcher.ClusterInfo, tenant: str
+) -> None:
+    """Tolerances: the node's phases cover its span to within 2 ms (the gaps between them are
+    the node's own bookkeeping), and each hop's span starts after and ends before its parent's."""
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    result = json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
+    trace = trace_of(cluster.state_dir, result["invocation_id"], HOPS | COLD_PHASES)
+
     by_name = {s["name"]: s for s in trace}
-    client, sched, node = by_name["client.invoke"], by_name["scheduler.invoke"], by_name["node.invoke"]
-    assert {s["traceId"] for s in (client, sched, node)} == {client["traceId"]}
+    client, sched = by_name["client.invoke"], by_name["scheduler.invoke"]
+    attempt, node = by_name["scheduler.attempt"], by_name["node.invoke"]
     assert len(client["traceId"]) == 32 and "parentSpanId" not in client
     assert sched["parentSpanId"] == client["spanId"]
-    assert node["parentSpanId"] == sched["spanId"]
-    forwards = [e for e in sched["events"] if e["name"] == "forward"]
-    assert [a["value"] for e in forwards for a in e["attributes"]] == [
-        {"stringValue": result["node"]},
-        {"intValue": "1"},
-    ], "the scheduler's span records each attempt: which node, which try"
+    assert attempt["parentSpanId"] == sched["spanId"]
+    assert node["parentSpanId"] == attempt["spanId"], "the node's span hangs off the attempt that reached it"
+    for parent, child in [(client, sched), (sched, attempt), (attempt, node)]:
+        assert int(parent["startTimeUnixNano"]) <= int(child["startTimeUnixNano"])
+        assert int(child["endTimeUnixNano"]) <= int(parent["endTimeUnixNano"])
     assert (client["service"], sched["service"], node["service"]) == ("cli", "scheduler-0", result["node"])
+    assert attempt["attrs"]["hetfaas.node"] == result["node"] and attempt["attrs"]["hetfaas.attempt"] == "1"
+    assert "warm" in attempt["attrs"]["hetfaas.placement"], "the attempt says why this node"
     assert node["attrs"]["faas.coldstart"] is True and node["attrs"]["faas.name"] == "hello"
+    assert node["attrs"]["faas.trigger"] == "cli" and node["attrs"]["hetfaas.pool_mode"]
+    assert {"hetfaas.shard", "hetfaas.slot_reused", "hetfaas.prewarmed"} <= set(node["attrs"])
+
+    cold = by_name["node.cold_start"]
+    assert (
+        cold["parentSpanId"] == node["spanId"] and by_name["node.handler"]["parentSpanId"] == node["spanId"]
+    )
+    for phase in ("sandbox.slot_acquire", "sandbox.setup", "sandbox.exec", "runtime.init"):
+        assert by_name[phase]["parentSpanId"] == cold["spanId"], phase
+    top = [s for s in trace if s.get("parentSpanId") == node["spanId"]]
+    covered = sum(duration_ms(s) for s in top)
+    assert covered <= duration_ms(node) + 0.01 and duration_ms(node) - covered < 2.0, (
+        covered,
+        duration_ms(node),
+    )
+    assert result["phases_ms"]["runtime_init_ms"] == pytest.approx(
+        duration_ms(by_name["runtime.init"]), abs=0.01
+    )
+
+
+def test_a_warm_invocation_has_no_start_phases(cluster: launcher.ClusterInfo, tenant: str) -> None:
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant)
+    warm = json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
+    trace = trace_of(cluster.state_dir, warm["invocation_id"], HOPS)
+
+    node = next(s for s in trace if s["name"] == "node.invoke")
+    assert warm["cold_start"] is False and node["attrs"]["faas.coldstart"] is False
+    assert not {s["name"] for s in trace} & COLD_PHASES
