@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
@@ -12,12 +13,12 @@ import click
 import msgspec
 import nats
 
-from cli import render
+from cli import render, traces
 from cli.client import RETRY_AFTER_MS, Client, ClientError, ProgramRejected
 from deploy import launcher
 from deploy.services import ServiceError
 from fabric.bundles import BundleError
-from fabric.telemetry import setup_tracing
+from fabric.telemetry import setup_tracing, stop_tracing
 from schemas.ebpf import PROG_TYPES, VerifyRequest
 from schemas.manifest import ManifestError
 
@@ -66,7 +67,7 @@ def _run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         ) from None
     finally:
         if provider:
-            provider.shutdown()
+            stop_tracing()  # flushes the client's spans before the command returns
 
 
 def _print_json(obj: Any) -> None:
@@ -199,6 +200,7 @@ def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("-v", "--verbose", is_flag=True, help="also print node, cold/warm and latency to stderr")
+@click.option("--trace", "show_trace", is_flag=True, help="then draw the invocation's trace (stderr)")
 def invoke(
     name: str,
     tenant: str,
@@ -208,6 +210,7 @@ def invoke(
     retry_after_ms: int,
     as_json: bool,
     verbose: bool,
+    show_trace: bool,
 ) -> None:
     """Invoke function NAME; the payload is --data, --data-file, or stdin when it is not a terminal."""
     if data is not None and data_file is not None:
@@ -234,6 +237,8 @@ def invoke(
             and not outcome.reply.output.endswith(b"\n")
         )
         click.echo(("\n" if unterminated else "") + render.invoke_summary(outcome), err=True)
+    if show_trace:
+        click.echo(_wait_for_trace(outcome.invocation_id), err=True)
     if not outcome.ok:
         if not as_json:
             click.echo(f"error: {outcome.error.code}: {outcome.error.message}", err=True)
@@ -287,6 +292,75 @@ def revoke(digest: str, reason: str) -> None:
     """Revoke an approved eBPF program by digest: DPU nodes unload it and refuse to load it again."""
     reply = _run(lambda c: c.revoke(digest, reason))
     click.echo(f"revoked {reply.digest}")
+
+
+TRACE_WAIT_S = 10.0  # services export spans every second (OTEL_BSP_SCHEDULE_DELAY)
+
+
+def _traces_dir() -> Path:
+    traces = _state_dir() / "traces"
+    if not traces.is_dir():
+        raise click.ClickException(
+            f"no traces in {_state_dir()}: `hetfaas trace` reads the local cluster's OTLP-JSON files "
+            "(with OTEL_EXPORTER_OTLP_ENDPOINT set, spans go to your collector instead)"
+        )
+    return traces
+
+
+def _wait_for_trace(invocation_id: str) -> str:
+    """The waterfall once the node's span has been exported (services flush every second)."""
+    deadline = time.monotonic() + TRACE_WAIT_S
+    while True:
+        spans = traces.trace_of(traces.read_spans(_traces_dir()), invocation_id)
+        if any(s.name == "node.invoke" for s in spans) or time.monotonic() > deadline:
+            return traces.waterfall(spans) or f"no trace found for {invocation_id}"
+        time.sleep(0.2)
+
+
+@cli.command()
+@click.argument("invocation_id")
+@click.option("--json", "as_json", is_flag=True, help="print the spans as a JSON array")
+def trace(invocation_id: str, as_json: bool) -> None:
+    """Draw an invocation's trace as a waterfall: each hop and phase, where it ran, how long."""
+    spans = traces.trace_of(traces.read_spans(_traces_dir()), invocation_id)
+    if not spans:
+        raise click.ClickException(f"not_found: no trace for invocation {invocation_id} in {_traces_dir()}")
+    if as_json:
+        _print_json([traces.span_json(s) for s in spans])
+    else:
+        click.echo(traces.waterfall(spans))
+
+
+@cli.command()
+@click.option("--function", "function", default=None, help="only this function's cold starts")
+@click.option("--since", default=None, help="only the last DURATION (30s, 10m, 2h, 1d)")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as a JSON array")
+def coldstarts(function: str | None, since: str | None, as_json: bool) -> None:
+    """Summarise cold starts: how many, p50/p99 of each phase, its share of the time, by pool mode."""
+    since_ns = time.time_ns() - round(parse_duration(since) * 1e9) if since else 0
+    summary = traces.cold_starts(traces.read_spans(_traces_dir()), function, since_ns)
+    rows = traces.cold_start_rows(summary)
+    if as_json:
+        _print_json(rows)
+    elif not rows:
+        click.echo(
+            "no cold starts traced"
+            + (f" for {function}" if function else "")
+            + (f" in the last {since}" if since else "")
+        )
+    else:
+        click.echo(render.cold_start_table(rows))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "30s", "10m", "2h", "1d" (a bare number is seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m, 2h or 1d") from None
 
 
 @cli.group()

@@ -208,3 +208,22 @@ def maps_table(dumps: list[MapDump]) -> str:
     rows = [[d.node, d.name, _number(e.key), _number(e.value)] for d in dumps for e in d.entries]
     empty = [[d.node, d.name, "-", "(empty)"] for d in dumps if not d.entries]
     return table(["NODE", "MAP", "KEY", "VALUE"], rows + empty)
+
+
+def cold_start_table(rows: list[dict]) -> str:
+    """Cold starts by pool mode and phase (phases nest: sandbox.* and runtime.init are parts of
+    node.cold_start, so shares add up per level, not overall)."""
+    return table(
+        ["POOL MODE", "PHASE", "COUNT", "P50 MS", "P99 MS", "SHARE"],
+        [
+            [
+                r["pool_mode"],
+                r["phase"],
+                str(r["count"]),
+                f"{r['p50_ms']:.3f}",
+                f"{r['p99_ms']:.3f}",
+                f"{r['share']:.0%}",
+            ]
+            for r in rows
+        ],
+    )

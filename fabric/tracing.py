@@ -171,7 +171,8 @@ class BatchExporter:
     def __init__(self, service: str, write: Callable[[bytes], None], environ: Mapping[str, str] = os.environ):
         self._resource = {"attributes": _attributes({"service.name": service})}
         self._write = write
-        self._delay_s = int(environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000")) / 1000
+        # 1 s rather than OpenTelemetry's 5 s: `hetfaas invoke --trace` waits for the spans
+        self._delay_s = int(environ.get("OTEL_BSP_SCHEDULE_DELAY", "1000")) / 1000
         self._max_queue = int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "2048"))
         self._batch = int(environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512"))
         self._spans: deque[Span] = deque()

@@ -2,7 +2,8 @@
 
 The node measures phase durations (they come back in `InvokeReply.phases_ms`, some from the shard
 process that built the sandbox); their order is fixed: fetch the code, acquire an instance (a
-cold start: take a slot, set the sandbox up, exec, the runtime's init), run the handler. Laid end
+cold start: take a slot, set the sandbox up, exec, the interpreter starts (`runtime.start`: what
+is left of the acquisition), the runtime's init), run the handler. Laid end
 to end from the moment the node received the invocation, they make the waterfall. An exec
 function starts a process on every call, so its sandbox phases sit inside the handler's run.
 """
@@ -35,9 +36,14 @@ def layout(
     if runtime == "python" and cold and (acquire := phases_ms.get("acquire_ms")) is not None:
         acquire_end = at + _ns(acquire)
         spans.append(PhaseSpan("node.cold_start", at, acquire_end))
-        spans += _sandbox(phases_ms, at, "node.cold_start")
+        sandbox = _sandbox(phases_ms, at, "node.cold_start")
+        spans += sandbox
         if (init := phases_ms.get("runtime_init_ms")) is not None:
-            spans.append(PhaseSpan("runtime.init", acquire_end - _ns(init), acquire_end, "node.cold_start"))
+            init_start = acquire_end - _ns(init)
+            started = sandbox[-1].end_ns if sandbox else at
+            if init_start > started:  # the interpreter starting, before it imports the handler
+                spans.append(PhaseSpan("runtime.start", started, init_start, "node.cold_start"))
+            spans.append(PhaseSpan("runtime.init", init_start, acquire_end, "node.cold_start"))
         at = acquire_end
     if (handler := phases_ms.get("handler_ms")) is not None and (cold or runtime == "exec"):
         handler_start = max(at, end_ns - _ns(handler))

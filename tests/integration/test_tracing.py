@@ -67,7 +67,9 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
     cluster: launcher.ClusterInfo, tenant: str
 ) -> None:
     """Tolerances: the node's phases cover its span to within 2 ms (the gaps between them are
-    the node's own bookkeeping), and each hop's span starts after and ends before its parent's."""
+    the node's own bookkeeping); each hop's span starts after its parent's and ends before it,
+    except that the scheduler may end up to 5 ms after the client: the node answers the client
+    directly and the scheduler only then hears its acknowledgement."""
     hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
     result = json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
     trace = trace_of(cluster.state_dir, result["invocation_id"], HOPS | COLD_PHASES)
@@ -79,9 +81,9 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
     assert sched["parentSpanId"] == client["spanId"]
     assert attempt["parentSpanId"] == sched["spanId"]
     assert node["parentSpanId"] == attempt["spanId"], "the node's span hangs off the attempt that reached it"
-    for parent, child in [(client, sched), (sched, attempt), (attempt, node)]:
+    for parent, child, late_ns in [(client, sched, 5_000_000), (sched, attempt, 0), (attempt, node, 0)]:
         assert int(parent["startTimeUnixNano"]) <= int(child["startTimeUnixNano"])
-        assert int(child["endTimeUnixNano"]) <= int(parent["endTimeUnixNano"])
+        assert int(child["endTimeUnixNano"]) <= int(parent["endTimeUnixNano"]) + late_ns
     assert (client["service"], sched["service"], node["service"]) == ("cli", "scheduler-0", result["node"])
     assert attempt["attrs"]["hetfaas.node"] == result["node"] and attempt["attrs"]["hetfaas.attempt"] == "1"
     assert "warm" in attempt["attrs"]["hetfaas.placement"], "the attempt says why this node"
@@ -93,7 +95,7 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
     assert (
         cold["parentSpanId"] == node["spanId"] and by_name["node.handler"]["parentSpanId"] == node["spanId"]
     )
-    for phase in ("sandbox.slot_acquire", "sandbox.setup", "sandbox.exec", "runtime.init"):
+    for phase in ("sandbox.slot_acquire", "sandbox.setup", "sandbox.exec", "runtime.start", "runtime.init"):
         assert by_name[phase]["parentSpanId"] == cold["spanId"], phase
     top = [s for s in trace if s.get("parentSpanId") == node["spanId"]]
     covered = sum(duration_ms(s) for s in top)
@@ -115,3 +117,59 @@ def test_a_warm_invocation_has_no_start_phases(cluster: launcher.ClusterInfo, te
     node = next(s for s in trace if s["name"] == "node.invoke")
     assert warm["cold_start"] is False and node["attrs"]["faas.coldstart"] is False
     assert not {s["name"] for s in trace} & COLD_PHASES
+
+
+def test_the_trace_viewer_draws_the_waterfall_and_gives_the_spans(
+    cluster: launcher.ClusterInfo, tenant: str
+) -> None:
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    shown = hetfaas(
+        cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--data", "Ada", "--trace", "--json"
+    )
+    invocation_id = json.loads(shown.stdout)["invocation_id"]
+    drawn = hetfaas(cluster.state_dir, "trace", invocation_id)
+    as_json = json.loads(hetfaas(cluster.state_dir, "trace", invocation_id, "--json").stdout)
+    unknown = hetfaas(cluster.state_dir, "trace", "no-such-invocation")
+
+    lines = drawn.stdout.decode().splitlines()
+    names = [line.split()[0] for line in lines[1:]]
+    assert names[:4] == ["client.invoke", "scheduler.invoke", "scheduler.attempt", "node.invoke"], lines
+    assert {"node.cold_start", "runtime.init", "node.handler"} <= set(names)
+    assert "coldstart=True" in drawn.stdout.decode() and "█" in drawn.stdout.decode()
+    assert shown.stderr.decode().count("node.invoke") == 1, "invoke --trace drew it after the output"
+    assert {s["name"] for s in as_json} >= {"client.invoke", "node.invoke", "runtime.init"}
+    node = next(s for s in as_json if s["name"] == "node.invoke")
+    assert node["attributes"]["faas.invocation_id"] == invocation_id and node["duration_ms"] > 0
+    assert unknown.returncode == 1 and b"not_found" in unknown.stderr
+
+
+def test_coldstarts_summarises_phases_by_pool_mode(
+    cluster: launcher.ClusterInfo, tenant: str, tmp_path: Path
+) -> None:
+    fn = tmp_path / "counted"
+    fn.mkdir()
+    (fn / "function.toml").write_text(
+        f'name = "counted-{tenant}"\nruntime = "python"\nhandler = "main:handle"\n'
+    )
+    (fn / "main.py").write_text("def handle(p):\n    return p\n")
+    hetfaas(cluster.state_dir, "deploy", str(fn), "--tenant", tenant)
+    first = json.loads(
+        hetfaas(cluster.state_dir, "invoke", f"counted-{tenant}", "--tenant", tenant, "--json").stdout
+    )
+    trace_of(cluster.state_dir, first["invocation_id"], {"node.invoke", "runtime.init"})
+
+    rows = json.loads(
+        hetfaas(cluster.state_dir, "coldstarts", "--function", f"counted-{tenant}", "--json").stdout
+    )
+    table = hetfaas(cluster.state_dir, "coldstarts", "--since", "10m").stdout.decode()
+    none = hetfaas(cluster.state_dir, "coldstarts", "--function", "never-deployed")
+
+    by_phase = {r["phase"]: r for r in rows}
+    whole = by_phase["node.invoke (whole start)"]
+    assert whole["count"] == 1 and whole["p50_ms"] == pytest.approx(first["duration_ms"], rel=0.2)
+    assert by_phase["runtime.init"]["p50_ms"] == pytest.approx(
+        first["phases_ms"]["runtime_init_ms"], abs=0.01
+    )
+    assert 0 < by_phase["node.cold_start"]["share"] <= 1
+    assert "PHASE" in table and "runtime.init" in table
+    assert none.returncode == 0 and b"no cold starts traced for never-deployed" in none.stdout

@@ -23,6 +23,7 @@ def test_a_python_cold_start_end_to_end() -> None:
         PhaseSpan("sandbox.slot_acquire", at(2), at(3), "node.cold_start"),
         PhaseSpan("sandbox.setup", at(3), at(3.5), "node.cold_start"),
         PhaseSpan("sandbox.exec", at(3.5), at(6.5), "node.cold_start"),
+        PhaseSpan("runtime.start", at(6.5), at(12), "node.cold_start"),
         PhaseSpan("runtime.init", at(12), at(32), "node.cold_start"),
         PhaseSpan("node.handler", at(35), at(40)),
     ]
