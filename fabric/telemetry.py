@@ -8,7 +8,7 @@ and `trace_headers()` returns None, so the hot path pays no span objects and no 
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +74,14 @@ def record(
     end_ns: int,
     attributes: dict[str, Any] | None = None,
     parent: Span | None = None,
+    events: Sequence[tuple[str, int, Mapping[str, Any]]] | None = None,
 ) -> Span | None:
     """A finished child of `parent` (default: the current span) for something timed already
-    (a cold start's phase)."""
+    (a cold start's phase), with its events (name, time ns, attributes)."""
     parent = parent or current_span()
     if _tracer is None or parent is None:
         return None
-    return _tracer.record(name, parent, start_ns, end_ns, attributes)
+    return _tracer.record(name, parent, start_ns, end_ns, attributes, events)
 
 
 def current() -> Span | None:

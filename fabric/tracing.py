@@ -19,7 +19,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -324,12 +324,21 @@ class Tracer:
             self.exporter.add(span)
 
     def record(
-        self, name: str, parent: Span, start_ns: int, end_ns: int, attributes: dict[str, Any] | None = None
+        self,
+        name: str,
+        parent: Span,
+        start_ns: int,
+        end_ns: int,
+        attributes: dict[str, Any] | None = None,
+        events: Sequence[tuple[str, int, Mapping[str, Any]]] | None = None,
     ) -> Span:
-        """A finished child of `parent` for something already timed (a phase of a cold start)."""
+        """A finished child of `parent` for something already timed (a phase of a cold start),
+        with `events` (name, time, attributes) already known."""
         child = Span(
             name, parent.trace_id, parent.span_id, parent.sampled, SpanKind.INTERNAL, attributes, start_ns
         )
+        if events:
+            child.events.extend(events)
         self.finish(child, end_ns)
         return child
 

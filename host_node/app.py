@@ -1,17 +1,19 @@
 """The host node process: connections, registration, background tasks and the invoke handler."""
 
+import asyncio
 import contextlib
 import logging
 import os
 from pathlib import Path
 
 from dpu_node.programs import ProgramRuntime, trusted_keys
-from fabric import bus, nodes
+from fabric import bus, nodes, telemetry
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
 from fabric.store import Store
 from fabric.tasks import TaskSet
 from host_node.bundle_cache import BundleCache
+from host_node.kernel_probe import KernelProbe
 from host_node.sandbox.agent import ShardedSpawner
 from host_node.service import HostNode
 from host_node.settings import HostNodeSettings
@@ -42,7 +44,8 @@ class HostNodeApp(ServiceApp):
         bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
         spawner = await open_spawner(settings, stack)
         programs = await open_programs(settings, store, tasks, stack)
-        node = self.node = HostNode(settings, bundles, spawner, programs)
+        probe = await open_probe(settings, stack)
+        node = self.node = HostNode(settings, bundles, spawner, programs, probe)
         stack.push_async_callback(node.close)  # after the server stops and the lease is revoked
         registration = nodes.register(
             stack,
@@ -62,6 +65,21 @@ class HostNodeApp(ServiceApp):
         tasks.spawn(node.reap_idle(), "reap-idle")
         tasks.spawn(registration.run(), "registration")
         log.info("host node %s serving", settings.node_id)
+
+
+async def open_probe(settings: HostNodeSettings, stack: contextlib.AsyncExitStack) -> KernelProbe | None:
+    """bcc's tracepoint programs for cold starts' kernel events, when traces are recorded and
+    the node may load them (root). Compiling takes about a second: off the event loop."""
+    if not (settings.kernel_tracing and telemetry.enabled()):
+        return None
+    if os.geteuid() != 0:
+        log.info("kernel phases off: bcc's tracepoint programs need root")
+        return None
+    probe = await asyncio.to_thread(KernelProbe.start)
+    if probe is not None:
+        stack.callback(probe.close)
+        log.info("kernel phases on: cgroup and sched tracepoints attached (bcc)")
+    return probe
 
 
 async def open_programs(

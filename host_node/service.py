@@ -18,6 +18,7 @@ from fabric.tasks import TaskSet
 from fabric.tracing import Span
 from host_node import phase_spans
 from host_node.bundle_cache import BundleCache
+from host_node.kernel_probe import KernelProbe
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
 from host_node.runtimes.python import PythonInstance
@@ -43,8 +44,10 @@ class HostNode:
         bundles: BundleCache,
         spawner: Spawner,
         programs: ProgramRuntime | None = None,
+        probe: KernelProbe | None = None,
     ):
         self.settings = settings
+        self._probe = probe  # kernel events for cold-start traces (bcc), where it runs
         self._bundles = bundles
         self._spawner = spawner
         self.programs = programs  # set when this host takes eBPF functions too
@@ -92,7 +95,9 @@ class HostNode:
                 if isinstance(reply, InvokeReply):
                     span.set_attribute("faas.coldstart", reply.cold_start)
                     if isinstance(span, Span) and span.sampled:
-                        record_phases(span, reply, req.spec.runtime)
+                        start = record_phases(span, reply, req.spec.runtime)
+                        if start is not None and self._probe is not None:
+                            self._tasks.spawn(self._record_kernel(start, span), "kernel-events")
                 else:
                     span.set_attribute("hetfaas.error", reply.error.code)
                 return reply
@@ -153,6 +158,30 @@ class HostNode:
                 self._schedule_prewarm(key, spec, code_dir, prewarm_after_s, keep_alive_s)
         phases["handler_ms"] = _ms_since(handler_started)
         return output, cold
+
+    async def _record_kernel(self, start: Span, node_span: Span) -> None:
+        """The kernel's events for this start (fork, exec, cgroup attach, the slot's mkdir), as a
+        `kernel` span under it with one event per tracepoint hit, at the kernel's timestamps."""
+        assert self._probe is not None
+        pid, slot = node_span.attributes.get("hetfaas.host_pid"), node_span.attributes.get("hetfaas.slot", "")
+        if not isinstance(pid, int):
+            return
+        since_mono = time.monotonic_ns() - (time.time_ns() - node_span.start_ns)
+        await self._probe.drained(time.monotonic_ns())
+        found = self._probe.events_of(pid, self.settings.node_id, str(slot), since_mono)
+        if not found:
+            return
+        events = [
+            (
+                f"kernel.{e.tracepoint}",
+                e.wall_ns(),
+                {"pid": e.pid, "comm": e.comm, **({"cgroup": e.path} if e.path else {})},
+            )
+            for e in found
+        ]
+        first, last = events[0][1], events[-1][1]
+        attributes = {"hetfaas.kernel_events": len(events)}
+        telemetry.record("kernel", first, max(last, first + 1), attributes, parent=start, events=events)
 
     def _starter(
         self, spec: FunctionSpec, code_dir: Path, deadline: float, phases: dict[str, float]
@@ -292,13 +321,15 @@ class HostNode:
         self.warm.close()
 
 
-def record_phases(span: Span, reply: InvokeReply, runtime: str) -> None:
-    """The start's phases as children of the node's span (slot, sandbox, exec, init, handler)."""
+def record_phases(span: Span, reply: InvokeReply, runtime: str) -> Span | None:
+    """The start's phases as children of the node's span (slot, sandbox, exec, init, handler);
+    returns the span the kernel's part of the start belongs under (None: no process started)."""
     laid_out = phase_spans.layout(reply.phases_ms, span.start_ns, time.time_ns(), reply.cold_start, runtime)
     parents: dict[str, Span | None] = {"": span}
     for phase in laid_out:
         parent = parents.get(phase.parent) or span
         parents[phase.name] = telemetry.record(phase.name, phase.start_ns, phase.end_ns, parent=parent)
+    return parents.get("node.cold_start") or (parents.get("node.handler") if runtime == "exec" else None)
 
 
 def _run_budget(req: NodeInvoke, deadline: float, now: float) -> float:

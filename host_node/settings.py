@@ -21,6 +21,7 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_output_bytes: int = 6 * 1024 * 1024
     shutdown_grace_s: float = 10.0  # on SIGTERM, running invocations get this long to finish
     memory_mb: int = 0  # memory for function instances, placement counts it (0: not accounted)
+    kernel_tracing: bool = True  # with tracing on: cold starts' kernel events (bcc; root only)
     sandbox: SandboxSettings = SandboxSettings()
     # Set (with the verifier's trusted keys) to take eBPF functions with placement "any" when no
     # DPU has room; needs root (CAP_BPF). The same loader and checks as a DPU node.

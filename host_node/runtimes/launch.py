@@ -26,6 +26,8 @@ async def launch(
         phases["exec_ms"] = round(proc.phases.exec_us / 1000, 3)
         if (span := telemetry.current()) is not None:  # the invocation's span, for its trace
             span.set_attribute("hetfaas.shard", getattr(proc, "shard", -1))
+            span.set_attribute("hetfaas.host_pid", proc.pid)  # kernel events are found by it
+            span.set_attribute("hetfaas.slot", getattr(proc, "slot", ""))
             span.set_attribute("hetfaas.prewarmed", proc.phases.prewarmed)
             span.set_attribute("hetfaas.slot_reused", proc.phases.slot_reused)
             span.set_attribute("hetfaas.borrowed", proc.phases.borrowed)

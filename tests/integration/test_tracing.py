@@ -1,6 +1,7 @@
 """One trace per invocation across processes, exported as OTLP-JSON lines into the state directory."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -173,3 +174,35 @@ def test_coldstarts_summarises_phases_by_pool_mode(
     assert 0 < by_phase["node.cold_start"]["share"] <= 1
     assert "PHASE" in table and "runtime.init" in table
     assert none.returncode == 0 and b"no cold starts traced for never-deployed" in none.stdout
+
+
+@pytest.mark.privileged
+def test_a_cold_start_carries_the_kernels_events(
+    cluster: launcher.ClusterInfo, tenant: str, tmp_path: Path
+) -> None:
+    """bcc's tracepoints (deploy/setup.sh installs bcc, headers and tracefs): the exec and exit of
+    the function's process, found by its host pid, at the kernel's timestamps, inside the start."""
+    if os.geteuid() != 0:
+        pytest.skip("bcc loads tracepoint programs: root only")
+    fn = tmp_path / "catter"
+    fn.mkdir()
+    (fn / "function.toml").write_text('name = "catter"\nruntime = "exec"\ncommand = ["/bin/cat"]\n')
+    hetfaas(cluster.state_dir, "deploy", str(fn), "--tenant", tenant)
+    result = json.loads(
+        hetfaas(cluster.state_dir, "invoke", "catter", "--tenant", tenant, "--data", "k", "--json").stdout
+    )
+    trace = trace_of(cluster.state_dir, result["invocation_id"], HOPS | {"kernel"})
+
+    by_name = {s["name"]: s for s in trace}
+    node, handler, kernel = by_name["node.invoke"], by_name["node.handler"], by_name["kernel"]
+    assert kernel["parentSpanId"] == handler["spanId"]
+    events = {e["name"]: e for e in kernel["events"]}
+    assert {"kernel.sched_process_exec", "kernel.sched_process_exit"} <= set(events), list(events)
+    pid = {
+        a["key"]: a["value"]["intValue"]
+        for a in events["kernel.sched_process_exec"]["attributes"]
+        if a["key"] == "pid"
+    }
+    assert pid["pid"] == node["attrs"]["hetfaas.host_pid"], "found by the sandbox's host pid"
+    exec_at = int(events["kernel.sched_process_exec"]["timeUnixNano"])
+    assert int(node["startTimeUnixNano"]) <= exec_at <= int(node["endTimeUnixNano"]), "kernel time lines up"
