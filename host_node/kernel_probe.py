@@ -34,6 +34,10 @@ struct event {
 };
 BPF_PERF_OUTPUT(events);
 
+static inline void send(void *ctx, struct event *e) {
+    events.perf_submit(ctx, e, sizeof(*e));
+}
+
 static inline void emit(void *ctx, u32 kind, u32 pid, u32 other) {
     struct event e = {};
     e.ts = bpf_ktime_get_ns();
@@ -41,7 +45,7 @@ static inline void emit(void *ctx, u32 kind, u32 pid, u32 other) {
     e.pid = pid;
     e.other_pid = other;
     bpf_get_current_comm(&e.comm, sizeof(e.comm));
-    events.perf_submit(ctx, &e, sizeof(e));
+    send(ctx, &e);
 }
 
 TRACEPOINT_PROBE(sched, sched_process_fork) {
@@ -56,34 +60,22 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     emit(args, 3, args->pid, 0);
     return 0;
 }
-TRACEPOINT_PROBE(cgroup, cgroup_attach_task) {
-    struct event e = {};
-    e.ts = bpf_ktime_get_ns();
-    e.kind = 4;
-    e.pid = args->pid;
-    bpf_get_current_comm(&e.comm, sizeof(e.comm));
-    TP_DATA_LOC_READ_STR(&e.path, dst_path, sizeof(e.path));
-    events.perf_submit(args, &e, sizeof(e));
-    return 0;
+/* cgroup events carry the cgroup's path (a __data_loc string); bcc allows no map call in a
+   macro, hence send() */
+#define CGROUP_PROBE(tp, KIND, field, PID)                             \
+TRACEPOINT_PROBE(cgroup, tp) {                                         \
+    struct event e = {};                                               \
+    e.ts = bpf_ktime_get_ns();                                         \
+    e.kind = KIND;                                                     \
+    e.pid = PID;                                                       \
+    bpf_get_current_comm(&e.comm, sizeof(e.comm));                     \
+    TP_DATA_LOC_READ_STR(&e.path, field, sizeof(e.path));              \
+    send(args, &e);                                                    \
+    return 0;                                                          \
 }
-TRACEPOINT_PROBE(cgroup, cgroup_mkdir) {
-    struct event e = {};
-    e.ts = bpf_ktime_get_ns();
-    e.kind = 5;
-    bpf_get_current_comm(&e.comm, sizeof(e.comm));
-    TP_DATA_LOC_READ_STR(&e.path, path, sizeof(e.path));
-    events.perf_submit(args, &e, sizeof(e));
-    return 0;
-}
-TRACEPOINT_PROBE(cgroup, cgroup_rmdir) {
-    struct event e = {};
-    e.ts = bpf_ktime_get_ns();
-    e.kind = 6;
-    bpf_get_current_comm(&e.comm, sizeof(e.comm));
-    TP_DATA_LOC_READ_STR(&e.path, path, sizeof(e.path));
-    events.perf_submit(args, &e, sizeof(e));
-    return 0;
-}
+CGROUP_PROBE(cgroup_attach_task, 4, dst_path, args->pid)
+CGROUP_PROBE(cgroup_mkdir, 5, path, 0)
+CGROUP_PROBE(cgroup_rmdir, 6, path, 0)
 """
 
 KINDS = {
@@ -206,8 +198,12 @@ class KernelProbe:
         return select(recent, pid, node_id, slot, since_mono_ns)
 
     def close(self) -> None:
+        """Stop draining, close the per-CPU buffers, detach the programs. (The buffers first:
+        left to bcc's finalizers at exit they fail noisily on maps already closed.)"""
         self._stopping = True
         self._thread.join(timeout=2)
+        for cpu in list(self._table._open_key_fds):
+            del self._table[cpu]
         self._bpf.cleanup()  # type: ignore[attr-defined]
 
 
