@@ -254,6 +254,8 @@ def _start_service(
     info: ClusterInfo, name: str, module: str, settings: msgspec.Struct, prefix: list[str] | None = None
 ) -> int:
     config = Path(info.state_dir) / "config" / f"{name}.toml"
+    if getattr(settings, "metrics_listen", None) == "":  # every local service gets a scrape endpoint
+        settings = msgspec.structs.replace(settings, metrics_listen=f"127.0.0.1:{services.free_port()}")
     write_settings(settings, config)
     argv = [*(prefix or []), sys.executable, "-m", module, "--config", str(config)]
     proc = services.spawn(argv, Path(info.state_dir) / "logs" / f"{name}.log")

@@ -32,6 +32,7 @@ class DpuNodeApp(ServiceApp):
             settings.etcd_endpoints,
             settings.state_dir,
             settings.tracing,
+            settings.metrics_listen,
         )
         runtime = ProgramRuntime(settings.runtime(), settings.node_id, store, trusted)
         node = self.node = DpuNode(runtime)

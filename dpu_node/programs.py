@@ -58,6 +58,7 @@ class ProgramRuntime:
         self._tenant_running: defaultdict[str, int] = defaultdict(int)
         self.tenant_runs: defaultdict[str, int] = defaultdict(int)  # accounted per tenant
         self.inflight = 0
+        self._metrics = nodes.InvokeMetrics()
 
     def partition(self) -> Partition:
         s = self.settings
@@ -99,6 +100,7 @@ class ProgramRuntime:
                 span.set_attribute("hetfaas.error", reply.error.code)
                 return reply
             span.set_attribute("faas.coldstart", reply.cold_start)
+            self._metrics.observe(req, reply, "dpu", reply.phases_ms.get("program_load_ms"))
             if reply.cold_start and isinstance(span, Span):
                 self._record_load_and_run(span, reply)
             return reply

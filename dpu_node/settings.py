@@ -21,6 +21,7 @@ class DpuNodeSettings(EbpfRuntimeSettings, frozen=True, kw_only=True, forbid_unk
     etcd_endpoints: list[str]
     state_dir: str | None = None
     tracing: bool = True
+    metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
     lease_ttl_s: int = 5
     heartbeat_interval_s: float = 1.0

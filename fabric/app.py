@@ -3,14 +3,16 @@ resource on an exit stack, so leaving it (or failing half-way) releases them in 
 
 import asyncio
 import contextlib
+import os
 from typing import Self
 
 from nats.aio.client import Client as NATS
 
-from fabric import bus
+from fabric import bus, metrics
 from fabric.store import Store
 from fabric.tasks import TaskSet
 from fabric.telemetry import setup_tracing
+from fabric.tracing import http_writer
 
 
 class ServiceApp(contextlib.AbstractAsyncContextManager):
@@ -44,14 +46,28 @@ async def open_connections(
     etcd_endpoints: list[str],
     state_dir: str | None,
     tracing: bool,
+    metrics_listen: str = "",
 ) -> tuple[NATS, Store, TaskSet]:
-    """Tracing, NATS, etcd and a task set, each closed by `stack` after what is entered later."""
+    """Tracing, metrics, NATS, etcd and a task set, each closed by `stack` after what is
+    entered later."""
     provider = setup_tracing(name, state_dir, tracing)
     if provider is not None:
         stack.callback(provider.shutdown)
+    await open_metrics(stack, name, metrics_listen)
     nc = await bus.connect(nats_url, name)
     stack.push_async_callback(bus.close, nc)
     store = await stack.enter_async_context(Store(etcd_endpoints))
     tasks = TaskSet()
     stack.push_async_callback(tasks.close)
     return nc, store, tasks
+
+
+async def open_metrics(stack: contextlib.AsyncExitStack, name: str, listen: str) -> None:
+    """The Prometheus scrape endpoint (when `listen` is set) and the OTLP push (when an OTLP
+    endpoint is)."""
+    if listen:
+        server = await metrics.serve_prometheus(listen)
+        stack.callback(server.close)
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        pusher = metrics.OtlpPusher(name, http_writer("metrics"))
+        stack.callback(pusher.shutdown)

@@ -13,7 +13,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
-from fabric import bus, telemetry
+from fabric import bus, metrics, telemetry
 from fabric.store import LeasedKey, Store
 from fabric.tracing import NoScope, Scope
 from schemas import codec, keys, subjects
@@ -91,6 +91,30 @@ def invoke_span(req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any) -
     return telemetry.span(
         "node.invoke", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
     )
+
+
+class InvokeMetrics:
+    """faas.invoke_duration, faas.init_duration and faas.coldstarts, as every node kind records them."""
+
+    def __init__(self, registry: metrics.Registry = metrics.REGISTRY):
+        labels = ("faas.name", "hetfaas.tenant")
+        self.duration = registry.histogram(
+            "faas.invoke_duration", "Time on the node, from receipt to answer", (*labels, "faas.coldstart")
+        )
+        self.init = registry.histogram(
+            "faas.init_duration",
+            "A cold start's getting ready (instance or program)",
+            (*labels, "hetfaas.pool_mode"),
+        )
+        self.coldstarts = registry.counter("faas.coldstarts", "Cold starts", (*labels, "hetfaas.pool_mode"))
+
+    def observe(self, req: NodeInvoke, reply: InvokeReply, mode: str, init_ms: float | None) -> None:
+        name, tenant = req.spec.name, req.spec.tenant
+        self.duration.record((name, tenant, "true" if reply.cold_start else "false"), reply.duration_ms)
+        if reply.cold_start:
+            self.coldstarts.add((name, tenant, mode))
+            if init_ms is not None:
+                self.init.record((name, tenant, mode), init_ms)
 
 
 def answer(req: NodeInvoke, reply: InvokeReply | ErrorReply) -> InvokeReply | ErrorReply | bus.ReplyTo:

@@ -270,11 +270,11 @@ def file_writer(path: Path) -> Callable[[bytes], None]:
     return write
 
 
-def http_writer(environ: Mapping[str, str] = os.environ) -> Callable[[bytes], None]:
-    """OTLP/HTTP with the JSON encoding, to OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
-    OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces, with OTEL_EXPORTER_OTLP_HEADERS."""
-    url = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
-        environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
+def http_writer(signal: str = "traces", environ: Mapping[str, str] = os.environ) -> Callable[[bytes], None]:
+    """OTLP/HTTP with the JSON encoding, to OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT or
+    OTEL_EXPORTER_OTLP_ENDPOINT + /v1/<signal>, with OTEL_EXPORTER_OTLP_HEADERS."""
+    url = environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or (
+        environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + f"/v1/{signal}"
     )
     headers = {"Content-Type": "application/json"}
     for pair in filter(None, environ.get("OTEL_EXPORTER_OTLP_HEADERS", "").split(",")):

@@ -40,6 +40,7 @@ class HostNodeApp(ServiceApp):
             settings.etcd_endpoints,
             settings.state_dir,
             settings.tracing,
+            settings.metrics_listen,
         )
         bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
         spawner = await open_spawner(settings, stack)

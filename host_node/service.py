@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from dpu_node.programs import ProgramRuntime
-from fabric import bus, nodes, telemetry
+from fabric import bus, metrics, nodes, telemetry
 from fabric.bundles import BundleError
 from fabric.tasks import TaskSet
 from fabric.tracing import Span
@@ -63,6 +63,15 @@ class HostNode:
         self._prewarm_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks = TaskSet()
         self.prewarmed = 0  # instances started ahead of a predicted invocation
+        self._metrics = nodes.InvokeMetrics()
+        shard = ("hetfaas.shard", "hetfaas.slots")
+        metrics.REGISTRY.gauge(
+            "hetfaas.pool.ready", "Sandbox slots ready per shard (free, prewarmed)", shard, self._pool_ready
+        )
+        created = "Slots created per shard (rate() is the refill rate)"
+        metrics.REGISTRY.gauge(
+            "hetfaas.pool.created", created, ("hetfaas.shard",), self._pool_created, monotonic=True
+        )
 
     def routes(self) -> list[bus.Route]:
         node_id = self.settings.node_id
@@ -93,6 +102,8 @@ class HostNode:
             ) as span:
                 reply = await self._invoke(req, ctx.received_at)
                 if isinstance(reply, InvokeReply):
+                    init_ms = reply.phases_ms.get("acquire_ms") or reply.phases_ms.get("program_load_ms")
+                    self._metrics.observe(req, reply, self.settings.sandbox.mode, init_ms)
                     span.set_attribute("faas.coldstart", reply.cold_start)
                     if isinstance(span, Span) and span.sampled:
                         start = record_phases(span, reply, req.spec.runtime)
@@ -278,6 +289,16 @@ class HostNode:
 
     def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
         return nodes.error_reply(req, self.settings.node_id, code, message, detail)
+
+    def _pool_ready(self) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for s in self._spawner.states():
+            out[(str(s.shard), "free")] = s.free
+            out[(str(s.shard), "prewarmed")] = s.prewarmed
+        return out
+
+    def _pool_created(self) -> dict[tuple[str, ...], float]:
+        return {(str(s.shard),): s.created for s in self._spawner.states()}
 
     def memory_used_mb(self) -> int:
         pool = self.warm.pool

@@ -11,6 +11,7 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     work_dir: str  # bundles and function logs live here
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True
+    metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
     lease_ttl_s: int = 5
     heartbeat_interval_s: float = 1.0

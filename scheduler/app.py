@@ -34,6 +34,7 @@ class SchedulerApp(ServiceApp):
             settings.etcd_endpoints,
             settings.state_dir,
             settings.tracing,
+            settings.metrics_listen,
         )
         scheduler = self.scheduler = Scheduler(settings, nc, store, BundleStore(nc.jetstream()))
         await scheduler.start()

@@ -10,7 +10,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from fabric import bus, telemetry
+from fabric import bus, metrics, telemetry
 from fabric.bundles import BundleStore
 from fabric.store import STORE_ERRORS, Store
 from scheduler import shares, state
@@ -60,6 +60,28 @@ class Scheduler:
         self.replica_beats: dict[str, tuple[ReplicaBeat, float]] = {}
         self._replicas: tuple[shares.Replicas, float] | None = None
         self.invoker = Invoker(settings, nc, self.view, self._requester, self.replicas, self.tenant_limit)
+        invoker = self.invoker
+        registry = metrics.REGISTRY
+        registry.gauge(
+            "hetfaas.scheduler.queued",
+            "Invocations waiting in the queue",
+            (),
+            lambda: {(): invoker.queue.length},
+        )
+        registry.gauge(
+            "hetfaas.scheduler.running",
+            "Invocations admitted and not yet answered",
+            (),
+            lambda: {(): invoker.running.total},
+        )
+        throttled = "Invocations turned away (queue full or waited too long)"
+        registry.gauge(
+            "hetfaas.scheduler.throttled",
+            throttled,
+            (),
+            lambda: {(): invoker.counters.throttled},
+            monotonic=True,
+        )
 
     def view_routes(self) -> list[bus.Route]:
         """What keeps the view fresh. Every replica needs every heartbeat: no queue group."""

@@ -30,6 +30,7 @@ class VerifierApp(ServiceApp):
             settings.etcd_endpoints,
             settings.state_dir,
             settings.tracing,
+            settings.metrics_listen,
         )
         kernel = KernelPool(settings.workers)  # workers started ahead of the first request
         stack.push_async_callback(kernel.close)

@@ -8,6 +8,7 @@ class VerifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     key_path: str  # the Ed25519 signing key (a 0600 PEM file, created on first start)
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True
+    metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
     workers: int = 2  # kernel verifications at once (each a worker process)
     max_object_bytes: int = 512 * 1024

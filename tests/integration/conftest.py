@@ -45,7 +45,7 @@ def start_cluster(state_dir: Path, hosts: int = 2, schedulers: int = 1) -> launc
     )
 
 
-async def _connect_and_wait(nats_url: str, nodes: int) -> None:
+async def wait_for_nodes(nats_url: str, nodes: int) -> None:
     client = await Client.connect(nats_url, "tests-setup")
     try:
         await client.wait_until_ready(nodes, timeout_s=30)
@@ -58,7 +58,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.Clust
     """The shared cluster (2 hosts, 1 scheduler), ready: both nodes registered and heartbeating."""
     info = start_cluster(tmp_path_factory.mktemp("cluster"))
     try:
-        asyncio.run(_connect_and_wait(info.nats_url, 2))
+        asyncio.run(wait_for_nodes(info.nats_url, 2))
         yield info
     finally:
         launcher.stop(info)

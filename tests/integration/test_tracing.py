@@ -1,14 +1,19 @@
 """One trace per invocation across processes, exported as OTLP-JSON lines into the state directory."""
 
+import asyncio
+import http.server
 import json
 import os
+import threading
 import time
+import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from deploy import launcher
-from tests.integration.conftest import EXAMPLES
+from tests.integration.conftest import EXAMPLES, start_cluster, wait_for_nodes
 from tests.integration.test_cli import hetfaas
 
 pytestmark = pytest.mark.integration
@@ -206,3 +211,97 @@ def test_a_cold_start_carries_the_kernels_events(
     assert pid["pid"] == node["attrs"]["hetfaas.host_pid"], "found by the sandbox's host pid"
     exec_at = int(events["kernel.sched_process_exec"]["timeUnixNano"])
     assert int(node["startTimeUnixNano"]) <= exec_at <= int(node["endTimeUnixNano"]), "kernel time lines up"
+
+
+def scrape(state_dir: str, service: str) -> str:
+    """The service's Prometheus endpoint, as the launcher configured it."""
+    settings = tomllib.loads((Path(state_dir) / "config" / f"{service}.toml").read_text())
+    with urllib.request.urlopen(f"http://{settings['metrics_listen']}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return response.read().decode()
+
+
+def metric_value(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_every_service_serves_prometheus_metrics(cluster: launcher.ClusterInfo, tenant: str) -> None:
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    runs = [
+        json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
+        for _ in range(3)
+    ]
+    node = runs[0]["node"]
+    assert {r["node"] for r in runs} == {node}, "warm calls stay on the node that started it"
+    host, scheduler = scrape(cluster.state_dir, node), scrape(cluster.state_dir, "scheduler-0")
+
+    mine = f'faas_name="hello",hetfaas_tenant="{tenant}"'
+    assert metric_value(host, f"faas_coldstarts_total{{{mine}") == 1
+    assert metric_value(host, f'faas_invoke_duration_ms_count{{{mine},faas_coldstart="false"}}') == 2
+    assert metric_value(host, f"faas_init_duration_ms_count{{{mine}") == 1
+    if os.geteuid() == 0:  # sandbox pools (plain processes otherwise)
+        assert "hetfaas_pool_ready{" in host and "hetfaas_pool_created_total{" in host
+    assert (
+        "# TYPE hetfaas_scheduler_queued gauge" in scheduler
+        and "hetfaas_scheduler_throttled_total" in scheduler
+    )
+
+
+class Collector(http.server.BaseHTTPRequestHandler):
+    """A stand-in OTLP/HTTP collector: keeps what each path received."""
+
+    received: dict[str, list[dict]] = {}
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Collector.received.setdefault(self.path, []).append(body)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_with_an_otlp_endpoint_spans_and_metrics_go_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "300")
+    info = start_cluster(tmp_path / "state", hosts=1)
+    try:
+        asyncio.run(wait_for_nodes(info.nats_url, 1))
+        hetfaas(info.state_dir, "deploy", str(EXAMPLES / "hello-python"))
+        invoked = json.loads(hetfaas(info.state_dir, "invoke", "hello", "--json").stdout)
+        deadline = time.monotonic() + 10
+        while not (
+            {"/v1/traces", "/v1/metrics"} <= set(Collector.received) and node_spans(invoked["invocation_id"])
+        ):
+            assert time.monotonic() < deadline, (invoked, sorted(Collector.received))
+            time.sleep(0.1)
+    finally:
+        launcher.stop(info)
+        collector.shutdown()
+
+    assert not list((tmp_path / "state" / "traces").glob("*.jsonl")), "nothing went to files"
+    names = {
+        m["name"]
+        for body in Collector.received["/v1/metrics"]
+        for rm in body["resourceMetrics"]
+        for sm in rm["scopeMetrics"]
+        for m in sm["metrics"]
+    }
+    assert {"faas.invoke_duration", "faas.coldstarts"} <= names
+
+
+def node_spans(invocation_id: str) -> list[dict]:
+    return [
+        span
+        for body in Collector.received.get("/v1/traces", [])
+        for rs in body["resourceSpans"]
+        for ss in rs["scopeSpans"]
+        for span in ss["spans"]
+        if span["name"] == "node.invoke"
+        and {"key": "faas.invocation_id", "value": {"stringValue": invocation_id}} in span["attributes"]
+    ]
