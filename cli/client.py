@@ -194,15 +194,17 @@ class Client:
         spec, bundle = read_function_dir(path)
         if tenant is not None:
             spec = msgspec.structs.replace(spec, tenant=tenant)
-        program = None
-        if spec.runtime == "ebpf":
-            program = await self._approve(spec, _read_ebpf_object(path, spec))
-        digest = await self._bundles.upload(bundle)
-        return await self._control(
-            subjects.DEPLOY,
-            DeployRequest(spec=spec, bundle_digest=digest, bundle_size=len(bundle), program=program),
-            codec.deploy_result,
-        )
+        attributes = {"faas.name": spec.name, "hetfaas.tenant": spec.tenant, "hetfaas.runtime": spec.runtime}
+        with telemetry.span("client.deploy", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
+            program = None
+            if spec.runtime == "ebpf":
+                program = await self._approve(spec, _read_ebpf_object(path, spec))
+            digest = await self._bundles.upload(bundle)
+            return await self._control(
+                subjects.DEPLOY,
+                DeployRequest(spec=spec, bundle_digest=digest, bundle_size=len(bundle), program=program),
+                codec.deploy_result,
+            )
 
     async def _approve(self, spec: FunctionSpec, obj: bytes) -> ApprovedProgram:
         """Have the verifier check and sign the function's program."""
@@ -253,11 +255,20 @@ class Client:
     async def verify(self, request: VerifyRequest, wait_s: float = VERIFY_WAIT_S) -> VerifyReply:
         """Verify (and, for a function, sign) an eBPF object. Waits up to `wait_s` for a verifier
         to answer (one may still be starting)."""
+        attributes = {"faas.name": request.function, "hetfaas.tenant": request.tenant}
+        with telemetry.span("client.verify", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
+            return await self._verify(request, wait_s)
+
+    async def _verify(self, request: VerifyRequest, wait_s: float) -> VerifyReply:
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 msg = await self._requester.request(
-                    subjects.VERIFY, codec.encode(request), VERIFY_TIMEOUT_S, None, "verifier"
+                    subjects.VERIFY,
+                    codec.encode(request),
+                    VERIFY_TIMEOUT_S,
+                    telemetry.trace_headers(),
+                    "verifier",
                 )
                 break
             except bus.NoResponders:
@@ -297,7 +308,7 @@ class Client:
     async def _control(self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder) -> Any:
         try:
             msg = await self._requester.request(
-                subject, codec.encode(message), CONTROL_TIMEOUT_S, None, "scheduler"
+                subject, codec.encode(message), CONTROL_TIMEOUT_S, telemetry.trace_headers(), "scheduler"
             )
         except bus.NoResponders:
             raise ClientError(Error(code="unavailable", message="no scheduler is running")) from None

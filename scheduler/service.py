@@ -297,6 +297,22 @@ class Scheduler:
     # --- control ---
 
     async def on_deploy(self, req: DeployRequest, ctx: bus.Context) -> DeployReply | ErrorReply:
+        attributes = {
+            "faas.name": req.spec.name,
+            "hetfaas.tenant": req.spec.tenant,
+            "hetfaas.bundle": req.bundle_digest,
+        }
+        with telemetry.span(
+            "scheduler.deploy", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
+        ) as span:
+            reply = await self._deploy(req)
+            if isinstance(reply, ErrorReply):
+                span.set_error(f"{reply.error.code}: {reply.error.message}")
+            else:
+                span.set_attribute("hetfaas.updated", reply.updated)
+            return reply
+
+    async def _deploy(self, req: DeployRequest) -> DeployReply | ErrorReply:
         problems = spec_problems(req.spec)
         if problems:
             return error("bad_request", "invalid function spec: " + "; ".join(problems))

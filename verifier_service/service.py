@@ -9,7 +9,7 @@ import time
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fabric import bus, signing
+from fabric import bus, signing, telemetry
 from schemas import codec, subjects
 from schemas.ebpf import PROG_TYPES, Attestation, VerifyReply, VerifyRequest
 from schemas.errors import Error
@@ -44,6 +44,23 @@ class Verifier:
         return [bus.Route(subjects.VERIFY, codec.verify_request, self.on_verify, subjects.VERIFIER_QUEUE)]
 
     async def on_verify(self, req: VerifyRequest, ctx: bus.Context) -> VerifyReply | ErrorReply:
+        attributes = {
+            "hetfaas.tenant": req.tenant,
+            "faas.name": req.function,
+            "hetfaas.prog_type": req.prog_type,
+        }
+        with telemetry.span(
+            "verifier.verify", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
+        ) as span:
+            reply = await self._verify(req)
+            if isinstance(reply, ErrorReply):
+                span.set_error(f"{reply.error.code}: {reply.error.message}")
+            else:
+                span.set_attribute("hetfaas.accepted", reply.accepted)
+                span.set_attribute("hetfaas.verified_insns", reply.verified_insns or 0)
+            return reply
+
+    async def _verify(self, req: VerifyRequest) -> VerifyReply | ErrorReply:
         if problem := self._refusal(req):
             return ErrorReply(error=Error(code="bad_request", message=problem))
         if not self._buckets.take(req.tenant, time.monotonic()):

@@ -305,3 +305,25 @@ def node_spans(invocation_id: str) -> list[dict]:
         if span["name"] == "node.invoke"
         and {"key": "faas.invocation_id", "value": {"stringValue": invocation_id}} in span["attributes"]
     ]
+
+
+def test_a_deploy_is_a_trace_of_its_own(cluster: launcher.ClusterInfo, tenant: str) -> None:
+    deployed = hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    assert deployed.returncode == 0, deployed.stderr
+    deadline = time.monotonic() + 10
+    while True:
+        spans = read_spans(Path(cluster.state_dir) / "traces")
+        roots = [
+            s for s in spans if s["name"] == "client.deploy" and s["attrs"].get("hetfaas.tenant") == tenant
+        ]
+        server = [
+            s
+            for s in spans
+            if roots and s["name"] == "scheduler.deploy" and s["traceId"] == roots[0]["traceId"]
+        ]
+        if server:
+            break
+        assert time.monotonic() < deadline, "the deploy's spans did not arrive"
+        time.sleep(0.05)
+    assert server[0]["parentSpanId"] == roots[0]["spanId"]
+    assert server[0]["attrs"]["faas.name"] == "hello" and server[0]["attrs"]["hetfaas.updated"] is True

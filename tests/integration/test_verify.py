@@ -17,6 +17,7 @@ from deploy import launcher
 from fabric import signing
 from schemas.ebpf import VerifyRequest
 from tests.bpf_build import COUNTER, bpf_builder
+from tests.integration.test_tracing import read_spans
 from verifier_service import attestation
 
 pytestmark = [pytest.mark.integration, pytest.mark.privileged]
@@ -132,3 +133,21 @@ async def test_one_tenants_burst_does_not_hold_up_another_tenant(vclient: Client
 
     assert quiet == "ok" and quiet_s < 3.0, f"the quiet tenant waited {quiet_s:.2f} s"
     assert outcomes.count("throttled") >= 25 and outcomes.count("ok") >= 10, outcomes
+
+
+def test_a_verification_is_traced(verifier_cluster, objects) -> None:
+    rejected = hetfaas(verifier_cluster, "verify", str(objects["jumper"]), "--tenant", "traced")
+    assert rejected.returncode == 1
+    deadline = time.monotonic() + 10
+    while True:
+        spans = read_spans(Path(verifier_cluster.state_dir) / "traces")
+        mine = [
+            s
+            for s in spans
+            if s["name"] == "verifier.verify" and s["attrs"].get("hetfaas.tenant") == "traced"
+        ]
+        if mine:
+            break
+        assert time.monotonic() < deadline, "the verifier's span did not arrive"
+        time.sleep(0.05)
+    assert mine[0]["attrs"]["hetfaas.accepted"] is False and mine[0]["service"] == "verifier-0"
