@@ -20,6 +20,7 @@ from fabric.tracing import (
     Span,
     SpanKind,
     Tracer,
+    current_context,
     current_span,
     file_writer,
     http_writer,
@@ -94,8 +95,9 @@ def enabled() -> bool:
 
 
 def trace_headers() -> dict[str, str] | None:
-    """NATS headers carrying the current span (`traceparent`), or None when there is nothing to carry."""
+    """NATS headers carrying the current span (`traceparent`, sampled or not), or None when
+    there is nothing to carry."""
     if _tracer is None:
         return None
-    current = current_span()
+    current = current_context()
     return {"traceparent": current.traceparent()} if current is not None else None

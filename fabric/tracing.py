@@ -92,6 +92,34 @@ class Span:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
 
+class Unsampled:
+    """A span the sampler left out: it carries the trace onward (children and the next hop stay
+    unsampled) and records nothing, so an unsampled invocation costs almost nothing."""
+
+    __slots__ = ("span_id", "trace_id")
+    sampled = False
+    attributes: dict[str, Any] = {}
+    start_ns = 0
+
+    def __init__(self, trace_id: int, span_id: int):
+        self.trace_id = trace_id
+        self.span_id = span_id  # the parent's: nothing here will ever refer to this span
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, at_ns: int | None = None
+    ) -> None:
+        pass
+
+    def set_error(self, message: str) -> None:
+        pass
+
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-00"
+
+
 class _NoSpan:
     """What callers get when tracing is off: accepts everything, records nothing."""
 
@@ -110,11 +138,20 @@ class _NoSpan:
 
 
 NO_SPAN = _NoSpan()
-_current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("hetfaas_span", default=None)
+_current: contextvars.ContextVar["Span | Unsampled | None"] = contextvars.ContextVar(
+    "hetfaas_span", default=None
+)
 
 
-def current_span() -> Span | None:
+def current_context() -> "Span | Unsampled | None":
+    """The current span, recording or not: what the next hop's `traceparent` continues."""
     return _current.get()
+
+
+def current_span() -> "Span | None":
+    """The current span if it records (None for none, or an unsampled one)."""
+    span = _current.get()
+    return span if isinstance(span, Span) else None
 
 
 def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
@@ -304,7 +341,7 @@ class Tracer:
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: dict[str, Any] | None = None,
         start_ns: int | None = None,
-    ) -> Span:
+    ) -> "Span | Unsampled":
         """A span under `parent` (incoming `traceparent` headers), else under the current span,
         else a new trace."""
         remote = parse_traceparent(parent["traceparent"]) if parent and "traceparent" in parent else None
@@ -316,11 +353,13 @@ class Tracer:
         else:
             trace_id, parent_id = _ids.getrandbits(128) or 1, 0
             sampled = self._sample(trace_id, None)
+        if not sampled:
+            return Unsampled(trace_id, parent_id or _ids.getrandbits(64) or 1)
         return Span(name, trace_id, parent_id, sampled, kind, attributes, start_ns)
 
-    def finish(self, span: Span, end_ns: int | None = None) -> None:
-        span.end_ns = time.time_ns() if end_ns is None else end_ns
-        if span.sampled:
+    def finish(self, span: "Span | Unsampled", end_ns: int | None = None) -> None:
+        if isinstance(span, Span):
+            span.end_ns = time.time_ns() if end_ns is None else end_ns
             self.exporter.add(span)
 
     def record(
@@ -351,17 +390,17 @@ class Scope:
 
     __slots__ = ("_token", "_tracer", "span")
 
-    def __init__(self, tracer: Tracer, span: Span):
+    def __init__(self, tracer: Tracer, span: "Span | Unsampled"):
         self._tracer = tracer
         self.span = span
 
-    def __enter__(self) -> Span:
+    def __enter__(self) -> "Span | Unsampled":
         self._token = _current.set(self.span)
         return self.span
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         _current.reset(self._token)
-        if exc is not None and not self.span.error:
+        if exc is not None and isinstance(self.span, Span) and not self.span.error:
             self.span.set_error(f"{type(exc).__name__}: {exc}")
         self._tracer.finish(self.span)
 

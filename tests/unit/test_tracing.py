@@ -1,0 +1,97 @@
+"""The tracer: trace context, samplers, unsampled spans, OTLP/JSON export."""
+
+import json
+
+from fabric.tracing import (
+    BatchExporter,
+    Scope,
+    Span,
+    Tracer,
+    Unsampled,
+    current_context,
+    parse_traceparent,
+    sampler_from_env,
+)
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def tracer(sampler: str = "parentbased_always_on", arg: str = "1.0") -> tuple[Tracer, list[dict]]:
+    written: list[dict] = []
+    env = {"OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": arg, "OTEL_BSP_SCHEDULE_DELAY": "60000"}
+    exporter = BatchExporter("svc", lambda body: written.append(json.loads(body)), env)
+    return Tracer(exporter, sampler_from_env(env)), written
+
+
+def exported(written: list[dict]) -> list[dict]:
+    return [
+        s for body in written for rs in body["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"]
+    ]
+
+
+def test_traceparent_parsing() -> None:
+    assert parse_traceparent(PARENT) == (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True)
+    for bad in (
+        "",
+        "00-abc-def-01",
+        "00-" + "0" * 32 + "-b7ad6b7169203331-01",
+        "00-zz" + "0" * 30 + "-b7ad6b7169203331-01",
+    ):
+        assert parse_traceparent(bad) is None, bad
+
+
+def test_a_span_continues_the_callers_trace_and_nests_locally() -> None:
+    t, written = tracer()
+    with Scope(t, t.start("server", {"traceparent": PARENT})) as server:
+        with Scope(t, t.start("inner")) as inner:
+            assert current_context() is inner
+        t.record(
+            "phase",
+            server,
+            server.start_ns,
+            server.start_ns + 10,
+            {"k": 1},
+            [("evt", server.start_ns + 5, {"a": "b"})],
+        )
+    t.shutdown()
+
+    spans = {s["name"]: s for s in exported(written)}
+    assert spans["server"]["traceId"] == "0af7651916cd43dd8448eb211c80319c"
+    assert spans["server"]["parentSpanId"] == "b7ad6b7169203331"
+    assert spans["inner"]["parentSpanId"] == spans["phase"]["parentSpanId"] == spans["server"]["spanId"]
+    assert spans["phase"]["events"][0]["name"] == "evt"
+    assert spans["phase"]["attributes"] == [{"key": "k", "value": {"intValue": "1"}}]
+
+
+def test_errors_end_the_span_in_error() -> None:
+    t, written = tracer()
+    try:
+        with Scope(t, t.start("boom")):
+            raise ValueError("no")
+    except ValueError:
+        pass
+    t.shutdown()
+    assert exported(written)[0]["status"] == {"code": 2, "message": "ValueError: no"}
+
+
+def test_unsampled_spans_record_nothing_and_carry_the_decision_on() -> None:
+    t, written = tracer("parentbased_traceidratio", "0")
+    root = t.start("root")
+    assert isinstance(root, Unsampled) and root.traceparent().endswith("-00")
+    with Scope(t, root):
+        child = t.start("child")
+        assert isinstance(child, Unsampled) and child.trace_id == root.trace_id
+    remote_sampled = t.start("server", {"traceparent": PARENT})
+    assert isinstance(remote_sampled, Span), "parent-based: a sampled caller's trace is sampled here"
+    t.finish(remote_sampled)
+    t.shutdown()
+    assert [s["name"] for s in exported(written)] == ["server"]
+
+
+def test_samplers() -> None:
+    always_off = sampler_from_env({"OTEL_TRACES_SAMPLER": "always_off"})
+    ratio = sampler_from_env({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"})
+    assert always_off(123, True) is False
+    assert ratio(1, None) is True and ratio((1 << 64) - 1, None) is False
+    assert ratio(1, False) is True, "not parent-based: the parent's flag does not count"
+    assert sampler_from_env({"OTEL_TRACES_SAMPLER": "nonsense"})(5, False) is True
