@@ -92,12 +92,29 @@ class Span:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
 
-class Unsampled:
+class _NoSpan:
+    """What callers get when tracing is off: accepts everything, records nothing."""
+
+    __slots__ = ()
+    sampled = False
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, at_ns: int | None = None
+    ) -> None:
+        pass
+
+    def set_error(self, message: str) -> None:
+        pass
+
+
+class Unsampled(_NoSpan):
     """A span the sampler left out: it carries the trace onward (children and the next hop stay
     unsampled) and records nothing, so an unsampled invocation costs almost nothing."""
 
     __slots__ = ("span_id", "trace_id")
-    sampled = False
     attributes: dict[str, Any] = {}
     start_ns = 0
 
@@ -105,36 +122,8 @@ class Unsampled:
         self.trace_id = trace_id
         self.span_id = span_id  # the parent's: nothing here will ever refer to this span
 
-    def set_attribute(self, key: str, value: Any) -> None:
-        pass
-
-    def add_event(
-        self, name: str, attributes: Mapping[str, Any] | None = None, at_ns: int | None = None
-    ) -> None:
-        pass
-
-    def set_error(self, message: str) -> None:
-        pass
-
     def traceparent(self) -> str:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-00"
-
-
-class _NoSpan:
-    """What callers get when tracing is off: accepts everything, records nothing."""
-
-    sampled = False
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        pass
-
-    def add_event(
-        self, name: str, attributes: Mapping[str, Any] | None = None, at_ns: int | None = None
-    ) -> None:
-        pass
-
-    def set_error(self, message: str) -> None:
-        pass
 
 
 NO_SPAN = _NoSpan()
