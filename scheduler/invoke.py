@@ -4,7 +4,7 @@ forwarding to the chosen node with a deadline, and retrying elsewhere while the 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -48,6 +48,16 @@ class Counters:
     throttled: int = 0  # turned away: queue full, or waited its longest
     handed_over: int = 0  # sent to a replica holding a share of a limit this one has none of
     resent: int = 0  # a caller's resend of an invocation this replica is still handling: dropped
+
+
+@dataclass
+class Attempts:
+    """One invocation's tries so far."""
+
+    prefer: str | None = None  # the node that has it already (a caller's resend)
+    tried: set[str] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+    woken: bool = False  # it waited its turn and was woken: it keeps its place in the queue
 
 
 class Invoker:
@@ -200,46 +210,21 @@ class Invoker:
         """Try nodes until one answers or the deadline passes. None: the node answered the caller."""
         key = warm_key(record)
         keep_alive_ms, prewarm_ms = self._keep_alive(req, record)
-        prefer = await self._where_is(req) if req.attempt > 1 else None
-        tried: set[str] = set()
-        failures: list[str] = []
-        woken = False  # this invocation waited its turn and was woken: it keeps its place
+        attempts = Attempts(prefer=await self._where_is(req) if req.attempt > 1 else None)
         while True:
             now = time.monotonic()
             if now >= deadline:
-                why = "; ".join(failures) or "no node had room"
+                why = "; ".join(attempts.failures) or "no node had room"
                 return error(
                     "timeout", f"deadline passed before {req.function!r} could run ({why})", req.invocation_id
                 )
-            node_id = prefer if prefer and not tried else None
-            if node_id is None and not woken and self.queue.waiting(CAPACITY):
-                # Others wait for room already: queue behind them rather than take the slot
-                # the next of them was woken for.
-                refusal = await self._wait(
-                    req, CAPACITY, wait_until, deadline, "earlier invocations wait for room"
-                )
-                if refusal is not None:
-                    return refusal
-                woken = True
-                continue
-            if node_id is None:
-                decision, total = self._place(req, record, key, tried, now)
-                if isinstance(decision, framework.Unplaced):
-                    why = "; ".join([*failures, decision.explain(total)])
-                    if not decision.wait:
-                        return error(
-                            "unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id
-                        )
-                    busy = f"every fitting node is busy ({why})"
-                    refusal = await self._wait(req, CAPACITY, wait_until, deadline, busy, front=woken)
-                    if refusal is not None:
-                        return refusal
-                    woken = True
-                    continue
-                node_id, why_here = decision.node_id, explain(decision)
-            else:
-                why_here = "a node had this invocation already (the caller sent it again)"
-            tried.add(node_id)
+            choice = await self._next_node(req, record, key, attempts, now, wait_until, deadline)
+            if isinstance(choice, ErrorReply):
+                return choice
+            if choice is None:
+                continue  # waited for room: look again
+            node_id, why_here = choice
+            attempts.tried.add(node_id)
             message = NodeInvoke(
                 invocation_id=req.invocation_id,
                 spec=record.spec,
@@ -247,25 +232,57 @@ class Invoker:
                 program_digest=record.program_digest,
                 payload=req.payload,
                 timeout_ms=int((deadline - now) * 1000),
-                attempt=len(tried) + req.attempt - 1,
+                attempt=len(attempts.tried) + req.attempt - 1,
                 reply_to=reply_to,
                 keep_alive_ms=keep_alive_ms,
                 prewarm_after_ms=prewarm_ms,
                 trigger=req.trigger,
             )
-            attempt = {
+            traced = {
                 "hetfaas.node": node_id,
                 "hetfaas.attempt": message.attempt,
                 "hetfaas.placement": why_here,
             }
             with telemetry.span(
-                "scheduler.attempt", kind=telemetry.SpanKind.CLIENT, attributes=attempt
+                "scheduler.attempt", kind=telemetry.SpanKind.CLIENT, attributes=traced
             ) as span:
                 try:
                     return await self._forward(node_id, message, key)
                 except TryElsewhere as exc:
-                    failures.append(str(exc))
+                    attempts.failures.append(str(exc))
                     span.set_error(str(exc))
+
+    async def _next_node(
+        self,
+        req: InvokeRequest,
+        record: FunctionRecord,
+        key: str,
+        attempts: "Attempts",
+        now: float,
+        wait_until: float,
+        deadline: float,
+    ) -> tuple[str, str] | ErrorReply | None:
+        """(node, why it) for the next attempt; an error to answer with; or None after waiting
+        for room (the caller looks again)."""
+        if attempts.prefer and not attempts.tried:
+            return attempts.prefer, "a node had this invocation already (the caller sent it again)"
+        if not attempts.woken and self.queue.waiting(CAPACITY):
+            # Others wait for room already: queue behind them rather than take the slot the
+            # next of them was woken for.
+            why = "earlier invocations wait for room"
+            refusal = await self._wait(req, CAPACITY, wait_until, deadline, why)
+            attempts.woken = True
+            return refusal
+        decision, total = self._place(req, record, key, attempts.tried, now)
+        if isinstance(decision, framework.Placed):
+            return decision.node_id, explain(decision)
+        why = "; ".join([*attempts.failures, decision.explain(total)])
+        if not decision.wait:
+            return error("unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id)
+        busy = f"every fitting node is busy ({why})"
+        refusal = await self._wait(req, CAPACITY, wait_until, deadline, busy, front=attempts.woken)
+        attempts.woken = True
+        return refusal
 
     def _place(
         self, req: InvokeRequest, record: FunctionRecord, key: str, tried: set[str], now: float
