@@ -23,17 +23,7 @@ class DpuNodeApp(ServiceApp):
         if os.geteuid() != 0:
             raise PermissionError("a DPU node loads eBPF programs: it needs root (CAP_BPF, CAP_NET_ADMIN)")
         trusted = trusted_keys(settings.trusted_keys)
-        if not trusted:
-            raise ValueError("trusted_keys is empty: this node would load nothing (pin the verifier's key)")
-        nc, store, tasks = await open_connections(
-            stack,
-            settings.node_id,
-            settings.nats_url,
-            settings.etcd_endpoints,
-            settings.state_dir,
-            settings.tracing,
-            settings.metrics_listen,
-        )
+        nc, store, tasks = await open_connections(stack, settings.node_id, settings)
         runtime = ProgramRuntime(settings.runtime(), settings.node_id, store, trusted)
         node = self.node = DpuNode(runtime)
         stack.callback(runtime.close)

@@ -290,5 +290,8 @@ class ProgramRuntime:
 
 
 def trusted_keys(texts: list[str]) -> dict[str, Ed25519PublicKey]:
-    """The verifier keys pinned in a node's settings, by key id."""
-    return {signing.key_id(k): k for k in map(signing.public_key_from_text, texts)}
+    """The verifier keys pinned in a node's settings, by key id; none is a configuration error."""
+    trusted = {signing.key_id(k): k for k in map(signing.public_key_from_text, texts)}
+    if not trusted:
+        raise ValueError("trusted_keys is empty: this node would load nothing (pin the verifier's key)")
+    return trusted

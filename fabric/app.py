@@ -4,7 +4,7 @@ resource on an exit stack, so leaving it (or failing half-way) releases them in 
 import asyncio
 import contextlib
 import os
-from typing import Self
+from typing import Protocol, Self
 
 from nats.aio.client import Client as NATS
 
@@ -39,24 +39,33 @@ class ServiceApp(contextlib.AbstractAsyncContextManager):
             await asyncio.Future()
 
 
+class ConnectionSettings(Protocol):
+    """What every service's settings say about reaching the cluster and reporting on itself."""
+
+    @property
+    def nats_url(self) -> str: ...
+    @property
+    def etcd_endpoints(self) -> list[str]: ...
+    @property
+    def state_dir(self) -> str | None: ...
+    @property
+    def tracing(self) -> bool: ...
+    @property
+    def metrics_listen(self) -> str: ...
+
+
 async def open_connections(
-    stack: contextlib.AsyncExitStack,
-    name: str,
-    nats_url: str,
-    etcd_endpoints: list[str],
-    state_dir: str | None,
-    tracing: bool,
-    metrics_listen: str = "",
+    stack: contextlib.AsyncExitStack, name: str, settings: ConnectionSettings
 ) -> tuple[NATS, Store, TaskSet]:
     """Tracing, metrics, NATS, etcd and a task set, each closed by `stack` after what is
     entered later."""
-    provider = setup_tracing(name, state_dir, tracing)
+    provider = setup_tracing(name, settings.state_dir, settings.tracing)
     if provider is not None:
         stack.callback(provider.shutdown)
-    await open_metrics(stack, name, metrics_listen)
-    nc = await bus.connect(nats_url, name)
+    await open_metrics(stack, name, settings.metrics_listen)
+    nc = await bus.connect(settings.nats_url, name)
     stack.push_async_callback(bus.close, nc)
-    store = await stack.enter_async_context(Store(etcd_endpoints))
+    store = await stack.enter_async_context(Store(settings.etcd_endpoints))
     tasks = TaskSet()
     stack.push_async_callback(tasks.close)
     return nc, store, tasks

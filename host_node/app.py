@@ -33,15 +33,7 @@ class HostNodeApp(ServiceApp):
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
-        nc, store, tasks = await open_connections(
-            stack,
-            settings.node_id,
-            settings.nats_url,
-            settings.etcd_endpoints,
-            settings.state_dir,
-            settings.tracing,
-            settings.metrics_listen,
-        )
+        nc, store, tasks = await open_connections(stack, settings.node_id, settings)
         bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
         spawner = await open_spawner(settings, stack)
         programs = await open_programs(settings, store, tasks, stack)
@@ -92,8 +84,6 @@ async def open_programs(
     if os.geteuid() != 0:
         raise PermissionError("[ebpf] on a host node loads eBPF programs: it needs root (CAP_BPF)")
     trusted = trusted_keys(settings.ebpf.trusted_keys)
-    if not trusted:
-        raise ValueError("[ebpf] trusted_keys is empty: this node would load nothing")
     runtime = ProgramRuntime(settings.ebpf, settings.node_id, store, trusted)
     stack.callback(runtime.close)
     await runtime.start_following(tasks, settings.lease_ttl_s * 2)

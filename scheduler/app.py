@@ -27,15 +27,7 @@ class SchedulerApp(ServiceApp):
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
-        nc, store, tasks = await open_connections(
-            stack,
-            settings.scheduler_id,
-            settings.nats_url,
-            settings.etcd_endpoints,
-            settings.state_dir,
-            settings.tracing,
-            settings.metrics_listen,
-        )
+        nc, store, tasks = await open_connections(stack, settings.scheduler_id, settings)
         scheduler = self.scheduler = Scheduler(settings, nc, store, BundleStore(nc.jetstream()))
         await scheduler.start()
         record = SchedulerRecord(

@@ -15,7 +15,7 @@ The candidates are scored by the enabled score plugins, weighted; ties go to the
 
 import math
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -223,16 +223,6 @@ def _hash(text: str) -> int:
 
 def home_index(key: str, size: int) -> int:
     return _hash(key) % size
-
-
-def walk_ring(ring: tuple[NodeInfo, ...], start: int, seed: int) -> Iterator[NodeInfo]:
-    """Every node of the ring once, from `start`, stepping by a number co-prime to its size."""
-    size = len(ring)
-    step = _step(size, seed)
-    index = start
-    for _ in range(size):
-        yield ring[index]
-        index = (index + step) % size
 
 
 @lru_cache(maxsize=64)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.client import Client as NATS
 
-from fabric import bus, telemetry
+from fabric import bus, nodes, telemetry
 from scheduler import framework, keepalive, plugins, shares
 from scheduler.admission import Blocked, FunctionKey, Running, decrement, increment
 from scheduler.settings import SchedulerSettings
@@ -21,7 +21,6 @@ from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, NodeInvo
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_NODE_ERRORS = {"unavailable", "throttled"}
 CAPACITY = ("capacity",)  # the wait-queue reason of invocations waiting for room on a node
 MAX_ARRIVAL_HISTORIES = 100_000
 
@@ -341,7 +340,7 @@ class Invoker:
             self.queue.wake(CAPACITY)
         if is_error_reply(msg.data):
             result = codec.invoke_result.decode(msg.data)
-            if result.error.code in RETRYABLE_NODE_ERRORS:
+            if result.error.code in nodes.SCHEDULER_RETRIES:
                 raise TryElsewhere(f"{node_id}: {result.error.message}")
         self._view.ran(node_id, key)
         # An empty acknowledgement: the node answered the caller itself. Otherwise relay the

@@ -2,6 +2,7 @@
 of nodes and of the other replicas."""
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -74,14 +75,19 @@ class Scheduler:
             (),
             lambda: {(): invoker.running.total},
         )
-        throttled = "Invocations turned away (queue full or waited too long)"
-        registry.gauge(
-            "hetfaas.scheduler.throttled",
-            throttled,
-            (),
-            lambda: {(): invoker.counters.throttled},
-            monotonic=True,
-        )
+        counted = {
+            "throttled": "Invocations turned away (queue full or waited too long)",
+            "handed_over": "Invocations sent to a replica holding a share of a limit this one has none of",
+            "resent": "Callers' copies of an invocation this replica was still handling, dropped",
+        }
+        for name, description in counted.items():
+            registry.gauge(
+                f"hetfaas.scheduler.{name}",
+                description,
+                (),
+                functools.partial(_counted, invoker.counters, name),
+                monotonic=True,
+            )
 
     def view_routes(self) -> list[bus.Route]:
         """What keeps the view fresh. Every replica needs every heartbeat: no queue group."""
@@ -416,3 +422,8 @@ class Scheduler:
             functions=len(self.view.functions),
             replicas=sorted([*beats, self.beat(-1)], key=lambda b: b.scheduler_id),
         )
+
+
+def _counted(counters: object, name: str) -> dict[tuple[str, ...], float]:
+    """One of the invoker's running totals, as a metric reads it."""
+    return {(): getattr(counters, name)}

@@ -276,12 +276,13 @@ def test_explain_counts_nodes_by_reason() -> None:
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 10, 12, 97])
-def test_every_walk_visits_each_node_once(size: int) -> None:
-    ring = tuple(host(f"n{i}") for i in range(size))
-    for seed in range(5):
-        assert sorted(n.node_id for n in framework.walk_ring(ring, seed % size, seed)) == sorted(
-            n.node_id for n in ring
-        )
+def test_a_full_cluster_is_walked_once_per_node(size: int) -> None:
+    """Every key's walk (its home and co-prime step) reaches each node exactly once."""
+    nodes = [host(f"n{i}", capacity=1) for i in range(size)]
+    full = {n.node_id: 1 for n in nodes}
+    for k in range(5):
+        req = Request(key=f"acme/f{k}@x", tenant="acme", runtime="python", placement="host", salt=k * 7919)
+        assert place(req, nodes, full) == Unplaced(True, {"are full": size}, busy=FULL)
 
 
 def test_unknown_plugins_are_refused_by_name() -> None:
