@@ -9,9 +9,10 @@ to end, each beside its raw baseline measured in the same run.
 3. DPU invocations through the scheduler, sequential and 64 in flight, against raw nats-py
    request-reply with the same payload (a 64-byte packet).
 
-    .venv/bin/python -m bench.ebpf   (as root)
+    .venv/bin/python -m bench.ebpf [--parts verify,load,invoke] [--tracing on|off]   (as root)
 """
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -155,8 +156,11 @@ def _strict_raw_load(raw: bytes) -> float:
     return elapsed
 
 
-async def part_invoke(work: Path, requests: int) -> list[str]:
-    info = launcher.up(work / "state", hosts=0, verifiers=1, dpus=1, scheduler_overrides={"tracing": False})
+async def part_invoke(work: Path, requests: int, tracing: bool) -> list[str]:
+    traced = {"tracing": tracing}
+    info = launcher.up(
+        work / "state", hosts=0, verifiers=1, dpus=1, scheduler_overrides=traced, dpu_overrides=traced
+    )
     responder = subprocess.Popen(  # noqa: ASYNC220 - set-up before anything is measured
         [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
     )
@@ -201,7 +205,7 @@ async def part_invoke(work: Path, requests: int) -> list[str]:
         launcher.stop(info)
 
 
-async def main() -> None:
+async def main(args: argparse.Namespace) -> None:
     if os.geteuid() != 0:
         raise SystemExit("loading eBPF programs needs root")
     with tempfile.TemporaryDirectory(prefix="hetfaas-bench-ebpf-") as tmp:
@@ -211,12 +215,22 @@ async def main() -> None:
         verifier = Verifier(
             VerifierSettings(verifier_id="bench", nats_url="", etcd_endpoints=[], key_path=""), key
         )
-        print("\n".join(await part_verify(verifier)), flush=True)
-        print()
-        print("\n".join(await part_node_load(verifier, key)), flush=True)
-        print()
-        print("\n".join(await part_invoke(work, 3000)), flush=True)
+        parts = {
+            "verify": lambda: part_verify(verifier),
+            "load": lambda: part_node_load(verifier, key),
+            "invoke": lambda: part_invoke(work, args.requests, args.tracing == "on"),
+        }
+        for name in args.parts.split(","):
+            print("\n".join(await parts[name]()) + "\n", flush=True)
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default="verify,load,invoke", help="which of verify, load, invoke to run")
+    parser.add_argument("--requests", type=int, default=3000, help="per round of DPU invocations")
+    parser.add_argument(
+        "--tracing", choices=("on", "off"), default="off", help="the scheduler's and DPU node's tracing"
+    )
+    uvloop.run(main(parser.parse_args()))

@@ -88,6 +88,7 @@ def up(
     dpus: int = 0,
     host_overrides: dict[str, Any] | None = None,
     scheduler_overrides: dict[str, Any] | None = None,
+    dpu_overrides: dict[str, Any] | None = None,
     listen_host: str = services.LOOPBACK,
     progress: Callable[[str], None] = lambda _: None,
 ) -> ClusterInfo:
@@ -127,7 +128,7 @@ def up(
         for i in range(1, hosts + 1):
             progress(f"starting host-{i}")
             start_host(info, i, host_overrides or {})
-        _start_ebpf_services(info, verifiers, dpus, progress)
+        _start_ebpf_services(info, verifiers, dpus, dpu_overrides or {}, progress)
     except BaseException:
         stop(info)
         raise
@@ -135,7 +136,11 @@ def up(
 
 
 def _start_ebpf_services(
-    info: ClusterInfo, verifiers: int, dpus: int, progress: Callable[[str], None]
+    info: ClusterInfo,
+    verifiers: int,
+    dpus: int,
+    dpu_overrides: dict[str, Any],
+    progress: Callable[[str], None],
 ) -> None:
     """Verifier replicas and DPU nodes load programs into the kernel: only as root."""
     if (verifiers or dpus) and os.geteuid() != 0:
@@ -146,7 +151,7 @@ def _start_ebpf_services(
         start_verifier(info, i)
     for i in range(1, dpus + 1):
         progress(f"starting dpu-{i}")
-        start_dpu(info, i)
+        start_dpu(info, i, dpu_overrides)
 
 
 def start_etcd(info: ClusterInfo) -> int:

@@ -25,19 +25,19 @@ class DpuNodeApp(ServiceApp):
         trusted = trusted_keys(settings.trusted_keys)
         nc, store, tasks = await open_connections(stack, settings.node_id, settings)
         runtime = ProgramRuntime(settings.runtime(), settings.node_id, store, trusted)
-        node = self.node = DpuNode(runtime)
+        node = self.node = DpuNode(runtime, settings.capacity)
         stack.callback(runtime.close)
         registration = nodes.register(
             stack,
             store,
             settings.node_id,
             "dpu",
-            settings.cores,
+            settings.capacity,
             settings.lease_ttl_s,
             partition=runtime.partition(),
         )
         await runtime.start_following(tasks, settings.lease_ttl_s * 2)
-        server = bus.Server(nc, max_concurrent=settings.cores * 8)
+        server = bus.Server(nc, max_concurrent=settings.capacity)
         stack.push_async_callback(server.close)
         await server.serve(node.routes())
         beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)

@@ -8,8 +8,9 @@ from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke
 
 
 class DpuNode:
-    def __init__(self, runtime: ProgramRuntime):
+    def __init__(self, runtime: ProgramRuntime, capacity: int):
         self.runtime = runtime
+        self.capacity = capacity
         self.node_id = runtime.node_id
         self.once = nodes.Once(runtime.node_id)
 
@@ -21,8 +22,14 @@ class DpuNode:
         ]
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
-        reply = await self.once.run(req.invocation_id, lambda: self.runtime.traced_invoke(req, ctx))
+        reply = await self.once.run(req.invocation_id, lambda: self._invoke(req, ctx))
         return nodes.answer(req, reply)
+
+    async def _invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
+        if self.runtime.inflight >= self.capacity:
+            why = f"node is running {self.runtime.inflight} invocations, its capacity"
+            return nodes.error_reply(req, self.node_id, "throttled", why)
+        return await self.runtime.traced_invoke(req, ctx)
 
     async def on_maps(self, req: MapsRequest, ctx: bus.Context) -> MapsReply:
         """The maps of this tenant's function, and nobody else's: the key includes the tenant."""
@@ -34,7 +41,7 @@ class DpuNode:
             node_id=self.node_id,
             seq=seq,
             inflight=runtime.inflight,
-            capacity=runtime.settings.cores,
+            capacity=self.capacity,
             instances=len(runtime.loaded),
             warm_idle=runtime.warm_keys(),
             tenant_runs=dict(runtime.tenant_runs),

@@ -20,6 +20,10 @@ class DpuNodeSettings(EbpfRuntimeSettings, frozen=True, kw_only=True, forbid_unk
     nats_url: str
     etcd_endpoints: list[str]
     state_dir: str | None = None
+    # Invocations accepted at once, those waiting for a core included; beyond it the node answers
+    # `throttled`. Far above `cores`: a program runs for microseconds, an invocation is in
+    # flight (on the wire, queued) for much longer, and the scheduler sends no more than this.
+    capacity: int = 256
     tracing: bool = True
     metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"

@@ -197,8 +197,33 @@ class Resend:
     message: Callable[[int], bytes | None]
 
 
+@dataclass(slots=True)
+class _Copies:
+    """How to send a request again: where, and the number and time of the next copy."""
+
+    subject: str
+    reply: str
+    headers: dict[str, str] | None
+    resend: Resend
+    attempt: int  # the next copy's number (the first send is 1)
+    after_s: float  # the wait before the next copy (doubles after each)
+    at: float  # loop time of the next copy
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """One request waiting for its reply."""
+
+    future: "asyncio.Future[Msg]"
+    peer: str
+    deadline: float  # loop time
+    copies: _Copies | None = None
+    timer: asyncio.TimerHandle | None = None
+
+
 class Requester:
-    """Request-reply over one shared inbox, with a timer per request and peer-loss cancellation.
+    """Request-reply over one shared inbox, with one timer per request (the next copy or the
+    deadline, whichever is sooner) and peer-loss cancellation.
 
     Unlike `nc.request`, in-flight requests are grouped by peer, so when a peer is declared dead
     every request waiting on it fails at once with PeerLost and can be retried elsewhere.
@@ -209,7 +234,7 @@ class Requester:
         self._prefix = ""
         self._subscribed: asyncio.Future[None] | None = None
         self._ids = itertools.count()
-        self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
+        self._pending: dict[str, _Waiting] = {}
         self._by_peer: dict[str, set[str]] = defaultdict(set)
         self._resends = TaskSet()
 
@@ -244,37 +269,50 @@ class Requester:
             await self.start()
         token = str(next(self._ids))
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = (future, peer)
-        self._by_peer[peer].add(token)
-        timer = loop.call_later(timeout_s, self._expire, token)
-        resender: asyncio.TimerHandle | None = None
+        now = loop.time()
+        waiting = _Waiting(loop.create_future(), peer, now + timeout_s)
         reply = self._prefix + token
-
-        def send_again(attempt: int, after_s: float) -> None:
-            nonlocal resender
-            copy = None if future.done() or resend is None else resend.message(attempt)
-            if copy is None:
-                return
-            again = self._nc.publish(subject, copy, reply=reply, headers=headers)
-            self._resends.spawn(again, f"resend {attempt}")
-            resender = loop.call_later(after_s * 2, send_again, attempt + 1, after_s * 2)
-
+        if resend is not None:
+            waiting.copies = _Copies(subject, reply, headers, resend, 2, resend.after_s, now + resend.after_s)
+        self._pending[token] = waiting
+        self._by_peer[peer].add(token)
+        self._arm(loop, token, waiting)
         try:
             await self._nc.publish(subject, data, reply=reply, headers=headers)
-            if resend is not None:
-                resender = loop.call_later(resend.after_s, send_again, 2, resend.after_s)
-            return await future
+            return await waiting.future
         finally:
-            timer.cancel()
-            if resender is not None:
-                resender.cancel()
-            self._pending.pop(token, None)
-            tokens = self._by_peer.get(peer)
-            if tokens is not None:
-                tokens.discard(token)
-                if not tokens:
-                    del self._by_peer[peer]
+            if waiting.timer is not None:
+                waiting.timer.cancel()
+            del self._pending[token]
+            tokens = self._by_peer[peer]
+            tokens.discard(token)
+            if not tokens:
+                del self._by_peer[peer]
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, token: str, waiting: _Waiting) -> None:
+        copies = waiting.copies
+        at = copies.at if copies is not None and copies.at < waiting.deadline else waiting.deadline
+        waiting.timer = loop.call_at(at, self._on_timer, token)
+
+    def _on_timer(self, token: str) -> None:
+        waiting = self._pending.get(token)
+        if waiting is None or waiting.future.done():
+            return
+        loop = asyncio.get_running_loop()
+        copies = waiting.copies
+        if copies is None or loop.time() >= waiting.deadline:
+            waiting.future.set_exception(RequestTimeout(f"{waiting.peer} did not answer in time"))
+            return
+        copy = copies.resend.message(copies.attempt)
+        if copy is None:
+            waiting.copies = None  # no more copies: wait out the deadline
+        else:
+            again = self._nc.publish(copies.subject, copy, reply=copies.reply, headers=copies.headers)
+            self._resends.spawn(again, f"resend {copies.attempt}")
+            copies.attempt += 1
+            copies.after_s *= 2
+            copies.at = loop.time() + copies.after_s
+        self._arm(loop, token, waiting)
 
     def fail_peer(self, peer: str) -> int:
         """Fail every request waiting on `peer`; returns how many there were."""
@@ -283,21 +321,16 @@ class Requester:
             self._fail(token, PeerLost(f"{peer} was lost while handling the request"))
         return len(tokens)
 
-    def _expire(self, token: str) -> None:
-        entry = self._pending.get(token)
-        if entry is not None:
-            self._fail(token, RequestTimeout(f"{entry[1]} did not answer in time"))
-
     def _fail(self, token: str, exc: Exception) -> None:
-        entry = self._pending.get(token)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(exc)
+        waiting = self._pending.get(token)
+        if waiting is not None and not waiting.future.done():
+            waiting.future.set_exception(exc)
 
     async def _on_reply(self, msg: Msg) -> None:
-        entry = self._pending.get(msg.subject[len(self._prefix) :])
-        if entry is None or entry[0].done():
+        waiting = self._pending.get(msg.subject[len(self._prefix) :])
+        if waiting is None or waiting.future.done():
             return  # late reply after a timeout or peer loss: the caller has moved on
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
-            entry[0].set_exception(NoResponders(f"{entry[1]} has no subscriber"))
+            waiting.future.set_exception(NoResponders(f"{waiting.peer} has no subscriber"))
         else:
-            entry[0].set_result(msg)
+            waiting.future.set_result(msg)

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -24,8 +25,15 @@ def settings_from_argv(settings_type: type[T], prog: str) -> T:
         parser.exit(2, f"{prog}: invalid settings: {exc}\n")
 
 
+# A service allocates a few dozen short-lived objects per message; with the default threshold (700)
+# the collector ran every few invocations and cost the scheduler ~14 µs of CPU per invocation.
+GC_THRESHOLDS = (20_000, 50, 1_000)
+
+
 def run_service(main: Callable[[], Coroutine[Any, Any, None]], log_level: str, name: str) -> None:
     logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    gc.freeze()  # what the imports made lives for ever: no collection needs to walk it again
+    gc.set_threshold(*GC_THRESHOLDS)
     uvloop.run(_until_signalled(main))
 
 

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from scheduler.settings import KeepAliveSettings
 
 RECOMPUTE_EVERY = 16  # arrivals between recomputations: a policy is O(bins), an arrival O(1)
+# ... and seconds: bins are a minute wide, so a busy function's policy cannot change faster, and
+# thousands of calls a second would otherwise recompute it hundreds of times a second.
+RECOMPUTE_AT_MOST_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Arrivals:
         self.samples = 0  # gaps counted (in the bins or beyond them)
         self.last: float | None = None
         self._since_policy = 0
+        self._computed_at = -math.inf
         self._policy = default_policy(settings, "too few arrivals yet")
 
     @property
@@ -75,11 +79,11 @@ class Arrivals:
             if self.samples > self.settings.max_samples:
                 self._age()
         self.last = now
-        if self._since_policy >= RECOMPUTE_EVERY or (
-            self._since_policy and self.samples <= self.settings.min_samples
-        ):
+        due = self._since_policy >= RECOMPUTE_EVERY and now - self._computed_at >= RECOMPUTE_AT_MOST_EVERY_S
+        if due or (self._since_policy and self.samples <= self.settings.min_samples):
             self._policy = policy(self.bins, self.out_of_bounds, self.settings)
             self._since_policy = 0
+            self._computed_at = now
         return self._policy
 
     def _age(self) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from cli.client import Client, ClientError, ProgramRejected
 from deploy import build_ebpf, launcher
+from dpu_node.settings import DpuNodeSettings
 from tests.bpf_build import COUNTER, bpf_builder
 from tests.integration.conftest import EXAMPLES
 
@@ -184,3 +185,12 @@ async def test_a_rejected_program_is_not_deployed(dclient: Client, tmp_path: Pat
 
     assert rejected.value.verdict.reasons[0].code == "kernel_verifier"
     assert "peek" not in listed
+
+
+async def test_a_dpu_takes_far_more_invocations_at_once_than_it_has_cores(dclient: Client) -> None:
+    """A program runs for microseconds, an invocation is in flight (on the wire, queued) far
+    longer: a DPU that registered its 8 cores as its capacity had the scheduler hold 64
+    concurrent calls to 8 at a time, half its throughput."""
+    [dpu] = [n for n in (await dclient.status()).nodes if n.kind == "dpu"]
+    settings = DpuNodeSettings(node_id="x", nats_url="", etcd_endpoints=[], trusted_keys=["k"])
+    assert dpu.capacity == settings.capacity >= 32 * settings.cores

@@ -183,6 +183,22 @@ def test_a_frequent_function_stays_loaded() -> None:
     assert policy.prewarm_after_s == 0 and policy.keep_alive_s == pytest.approx(66.0)
 
 
+def test_a_busy_function_recomputes_its_policy_at_most_once_a_second() -> None:
+    """Thousands of calls a second must not recompute an O(bins) policy hundreds of times a
+    second: the histogram's bins are a minute wide, the policy cannot move faster."""
+    arrivals = arrivals_every([30 * 60.0] * 40)  # a timer: unloaded between calls
+    assert arrivals.current.prewarm_after_s > 0
+    now = arrivals.last or 0.0
+    for _ in range(200):  # a burst: 200 calls in 0.2 s
+        now += 0.001
+        arrivals.record(now)
+    assert arrivals.current.prewarm_after_s > 0, "the burst has not been looked at yet"
+    for _ in range(keepalive.RECOMPUTE_EVERY):
+        now += 0.1
+        arrivals.record(now)
+    assert arrivals.current.prewarm_after_s == 0, "a second on, the burst keeps it loaded"
+
+
 @pytest.mark.parametrize(
     ("gaps", "why"),
     [

@@ -95,3 +95,25 @@ def test_samplers() -> None:
     assert ratio(1, None) is True and ratio((1 << 64) - 1, None) is False
     assert ratio(1, False) is True, "not parent-based: the parent's flag does not count"
     assert sampler_from_env({"OTEL_TRACES_SAMPLER": "nonsense"})(5, False) is True
+
+
+def test_attribute_values_are_encoded_as_otlp_json_says() -> None:
+    t, written = tracer()
+    attributes = {"s": "x", "b": True, "f": False, "i": 7, "d": 0.5, "a": ["p", 2], "o": None}
+    with Scope(t, t.start("root", attributes=attributes)):
+        pass
+    t.shutdown()
+    (span,) = exported(written)
+    assert "parentSpanId" not in span and "events" not in span and span["status"] == {"code": 0}
+    assert span["kind"] == 1 and int(span["endTimeUnixNano"]) >= int(span["startTimeUnixNano"]) > 0
+    assert {kv["key"]: kv["value"] for kv in span["attributes"]} == {
+        "s": {"stringValue": "x"},
+        "b": {"boolValue": True},
+        "f": {"boolValue": False},
+        "i": {"intValue": "7"},
+        "d": {"doubleValue": 0.5},
+        "a": {"arrayValue": {"values": [{"stringValue": "p"}, {"intValue": "2"}]}},
+        "o": {"stringValue": "None"},
+    }
+    resource = written[0]["resourceSpans"][0]["resource"]
+    assert resource == {"attributes": [{"key": "service.name", "value": {"stringValue": "svc"}}]}

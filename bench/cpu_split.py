@@ -1,0 +1,126 @@
+"""Where the CPU of a warm invocation goes: µs of CPU per invocation in each process of the path.
+
+Runs N warm invocations at a fixed number in flight against a local cluster and reads every
+process's CPU time (utime + stime from /proc/<pid>/stat) before and after; the client's own
+from getrusage. With `--raw` the same for raw nats-py request-reply against the echo responder,
+the baseline `bench.warm_invoke` compares with.
+
+    .venv/bin/python -m bench.cpu_split [--requests 20000] [--in-flight 64] [--tracing off]
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+from bench.warm_invoke import SUBJECT, e2e_round, prepare, raw_round, round_arguments
+from deploy import launcher
+
+TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
+
+# Which part of the path a process is, by its command line (first match wins).
+ROLES = (
+    ("python_worker", "python instance"),
+    ("raw_responder", "echo responder"),
+    ("scheduler", "scheduler"),
+    ("host_node", "host node"),
+    ("dpu_node", "dpu node"),
+    ("nats-server", "nats-server"),
+    ("etcd", "etcd"),
+)
+
+
+def role_of(cmdline: bytes) -> str | None:
+    text = cmdline.decode(errors="replace")
+    return next((role for needle, role in ROLES if needle in text), None)
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU µs so far of every process whose command line names a role (the machine's others ignored)."""
+    totals: dict[str, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            role = role_of(Path(entry.path, "cmdline").read_bytes())
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if role is not None:
+            totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) * TICK_US
+    return totals
+
+
+def own_cpu_us() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (usage.ru_utime + usage.ru_stime) * 1e6
+
+
+def measured(round_of, requests: int) -> dict[str, float]:
+    before, client_before = cpu_by_role(), own_cpu_us()
+    started = time.perf_counter()
+    rate = uvloop.run(round_of())["req_per_s"]
+    elapsed = time.perf_counter() - started
+    after, client_after = cpu_by_role(), own_cpu_us()
+    split = {role: (after[role] - before.get(role, 0.0)) / requests for role in after}
+    split["client"] = (client_after - client_before) / requests
+    return {role: us for role, us in split.items() if us > 0.5} | {"_req_per_s": rate, "_s": elapsed}
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    payload = os.urandom(args.payload)
+    with tempfile.TemporaryDirectory(prefix="hetfaas-bench-") as tmp:
+        work = Path(tmp)
+        tracing = args.tracing == "on"
+        info = launcher.up(
+            work / "state",
+            hosts=args.hosts,
+            scheduler_overrides={"tracing": tracing},
+            host_overrides={"tracing": tracing},
+        )
+        responder = subprocess.Popen(
+            [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
+        )
+        try:
+            assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
+            uvloop.run(prepare(info.nats_url, work, args.concurrency, args.hosts))
+            url, n, k = info.nats_url, args.requests, args.in_flight
+            return {
+                "raw": measured(lambda: raw_round(url, payload, n, k), n),
+                "e2e": measured(lambda: e2e_round(url, payload, n, k), n),
+            }
+        finally:
+            responder.terminate()
+            responder.wait()
+            launcher.stop(info)
+
+
+def report(split: dict[str, dict[str, float]]) -> str:
+    roles = sorted({r for s in split.values() for r in s if not r.startswith("_")})
+    lines = ["| process | e2e µs CPU / invocation | raw µs CPU / request |", "|---|---|---|"]
+    for role in roles:
+        cells = [f"{split[k][role]:.0f}" if role in split[k] else "-" for k in ("e2e", "raw")]
+        lines.append(f"| {role} | {cells[0]} | {cells[1]} |")
+    totals = [sum(v for r, v in split[k].items() if not r.startswith("_")) for k in ("e2e", "raw")]
+    lines.append(f"| **total** | **{totals[0]:.0f}** | **{totals[1]:.0f}** |")
+    lines.append(f"| req/s | {split['e2e']['_req_per_s']} | {split['raw']['_req_per_s']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = round_arguments(__doc__)
+    parser.set_defaults(requests=20_000)
+    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--tracing", choices=("on", "off"), default="off")
+    print(report(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The Requester against a real nats-server: replies, deadlines, resent copies, lost peers."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from deploy import launcher
+from fabric import bus
+from tests.integration.conftest import wait_until
+
+
+@pytest.fixture
+async def nc(cluster: launcher.ClusterInfo) -> AsyncIterator[NATS]:
+    conn = await bus.connect(cluster.nats_url, "test-bus")
+    yield conn
+    await conn.close()
+
+
+async def responder(nc: NATS, subject: str, answer_copy: int | None) -> list[tuple[float, bytes]]:
+    """Records each copy it gets (arrival time, body); answers the `answer_copy`-th (1-based)."""
+    seen: list[tuple[float, bytes]] = []
+
+    async def on_message(msg: Msg) -> None:
+        seen.append((time.monotonic(), msg.data))
+        if answer_copy is not None and len(seen) == answer_copy:
+            await nc.publish(msg.reply, b"answer to " + msg.data)
+
+    await nc.subscribe(subject, cb=on_message)
+    await nc.flush()
+    return seen
+
+
+async def test_a_request_gets_its_reply(nc: NATS, tenant: str) -> None:
+    await responder(nc, f"{tenant}.echo", answer_copy=1)
+    reply = await bus.Requester(nc).request(f"{tenant}.echo", b"hi", 2.0, None, "peer")
+    assert reply.data == b"answer to hi"
+
+
+async def test_an_unanswered_request_times_out_at_its_deadline(nc: NATS, tenant: str) -> None:
+    seen = await responder(nc, f"{tenant}.silent", answer_copy=None)
+    started = time.monotonic()
+    with pytest.raises(bus.RequestTimeout):
+        await bus.Requester(nc).request(f"{tenant}.silent", b"x", 0.3, None, "peer")
+    assert 0.28 <= time.monotonic() - started < 1.0
+    assert len(seen) == 1, "without resend the request is sent once"
+
+
+async def test_copies_go_out_after_the_wait_then_doubling_until_answered(nc: NATS, tenant: str) -> None:
+    seen = await responder(nc, f"{tenant}.late", answer_copy=3)
+    resend = bus.Resend(0.1, lambda n: f"copy {n}".encode())
+    started = time.monotonic()
+    reply = await bus.Requester(nc).request(f"{tenant}.late", b"copy 1", 5.0, None, "peer", resend)
+    assert reply.data == b"answer to copy 3"
+    assert [body for _, body in seen] == [b"copy 1", b"copy 2", b"copy 3"]
+    gaps = [at - started for at, _ in seen]
+    assert gaps[1] == pytest.approx(0.1, abs=0.05) and gaps[2] == pytest.approx(0.3, abs=0.07)
+
+
+async def test_copies_stop_when_the_sender_says_so_and_the_deadline_holds(nc: NATS, tenant: str) -> None:
+    seen = await responder(nc, f"{tenant}.never", answer_copy=None)
+    resend = bus.Resend(0.05, lambda n: b"copy" if n <= 2 else None)
+    with pytest.raises(bus.RequestTimeout):
+        await bus.Requester(nc).request(f"{tenant}.never", b"first", 0.5, None, "peer", resend)
+    assert [body for _, body in seen] == [b"first", b"copy"]
+
+
+async def test_losing_the_peer_fails_its_requests_at_once(nc: NATS, tenant: str) -> None:
+    await responder(nc, f"{tenant}.held", answer_copy=None)
+    requester = bus.Requester(nc)
+    waiting = [
+        asyncio.create_task(requester.request(f"{tenant}.held", b"x", 30.0, None, "node-a")) for _ in range(3)
+    ]
+    assert await wait_until(lambda: requester.in_flight("node-a") == 3)
+    assert requester.fail_peer("node-a") == 3
+    for task in waiting:
+        with pytest.raises(bus.PeerLost):
+            await task
+    assert requester.in_flight("node-a") == 0
+
+
+async def test_nobody_listening_is_reported_at_once(nc: NATS, tenant: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(bus.NoResponders):
+        await bus.Requester(nc).request(f"{tenant}.nobody", b"x", 5.0, None, "peer")
+    assert time.monotonic() - started < 1.0
