@@ -5,7 +5,6 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,7 @@ class ClientError(Exception):
         self.error = error
 
 
-@dataclass(frozen=True)
-class InvokeOutcome:
+class InvokeOutcome(msgspec.Struct, frozen=True):
     """One invocation's answer: exactly one of `reply` and `error` is set."""
 
     invocation_id: str

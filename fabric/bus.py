@@ -19,9 +19,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from fabric.tasks import TaskSet
+from schemas import codec, subjects
 from schemas.codec import encode
 from schemas.errors import Error
-from schemas.messages import ErrorReply
+from schemas.messages import Acks, ErrorReply
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,9 @@ async def close(nc: NATS) -> None:
             log.warning("closing the NATS connection: %s", exc)
 
 
-@dataclass(frozen=True)
-class Context:
-    """What a handler may know about the message beyond its body."""
+class Context(msgspec.Struct, frozen=True, kw_only=True):
+    """What a handler may know about the message beyond its body. (A Struct, not a frozen
+    dataclass: one is made per message, and a frozen dataclass costs ~10x as much to make.)"""
 
     subject: str
     headers: dict[str, str] | None  # carries `traceparent` when the sender traces
@@ -85,13 +86,15 @@ class Context:
     reply: str  # where the requester waits for the answer ("" for a plain publish)
 
 
-@dataclass(frozen=True)
-class ReplyTo:
+class ReplyTo(msgspec.Struct, frozen=True):
     """A handler's answer that goes to a third party: `message` to `subject`, then an empty
-    acknowledgement to the requester (the scheduler lets nodes answer clients directly)."""
+    acknowledgement to the requester (the scheduler lets nodes answer clients directly). With
+    `batch_ack` the acknowledgement joins the others of this loop iteration to the same
+    requester, in one `Acks` message (the requester asked for that)."""
 
     subject: str
     message: msgspec.Struct
+    batch_ack: bool = False
 
 
 # A handler returns a reply Struct, bytes already encoded (a relayed reply), a ReplyTo, or None.
@@ -122,6 +125,7 @@ class Server:
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrent)
+        self._acks: dict[str, list[str]] = {}  # batched-acks subject -> reply tokens
 
     async def serve(self, routes: list[Route]) -> None:
         for route in routes:
@@ -155,9 +159,29 @@ class Server:
         reply = await dispatch(route, msg, received_at)
         if isinstance(reply, ReplyTo):
             await self.nc.publish(reply.subject, encode(reply.message))
+            if reply.batch_ack and msg.reply:
+                self._acknowledge(msg.reply)
+                return
             reply = b""
         if reply is not None and msg.reply:
             await self.nc.publish(msg.reply, reply if isinstance(reply, bytes) else encode(reply))
+
+    def _acknowledge(self, reply: str) -> None:
+        """Queue an empty answer to `reply`; the first of a loop iteration starts the sender."""
+        subject, token = subjects.acks(reply)
+        if not self._acks:
+            self.tasks.spawn(self._send_acks(), "acks")
+        self._acks.setdefault(subject, []).append(token)
+
+    async def _send_acks(self) -> None:
+        """Runs after the handlers of this loop iteration: one message per requester (a lone
+        acknowledgement goes as the plain empty reply it would have been)."""
+        batches, self._acks = self._acks, {}
+        for subject, tokens in batches.items():
+            if len(tokens) == 1:
+                await self.nc.publish(subject.removesuffix(subjects.ACKS_TOKEN) + tokens[0], b"")
+            else:
+                await self.nc.publish(subject, encode(Acks(tokens=tokens)))
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop taking messages, give running handlers `grace_s` to finish, then cancel the rest."""
@@ -197,8 +221,7 @@ class Resend:
     message: Callable[[int], bytes | None]
 
 
-@dataclass(slots=True)
-class _Copies:
+class _Copies(msgspec.Struct):
     """How to send a request again: where, and the number and time of the next copy."""
 
     subject: str
@@ -210,8 +233,7 @@ class _Copies:
     at: float  # loop time of the next copy
 
 
-@dataclass(slots=True)
-class _Waiting:
+class _Waiting(msgspec.Struct):
     """One request waiting for its reply."""
 
     future: "asyncio.Future[Msg]"
@@ -327,10 +349,27 @@ class Requester:
             waiting.future.set_exception(exc)
 
     async def _on_reply(self, msg: Msg) -> None:
-        waiting = self._pending.get(msg.subject[len(self._prefix) :])
+        token = msg.subject[len(self._prefix) :]
+        if token == subjects.ACKS_TOKEN:
+            self._on_acks(msg)
+            return
+        waiting = self._pending.get(token)
         if waiting is None or waiting.future.done():
             return  # late reply after a timeout or peer loss: the caller has moved on
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
             waiting.future.set_exception(NoResponders(f"{waiting.peer} has no subscriber"))
         else:
             waiting.future.set_result(msg)
+
+    def _on_acks(self, msg: Msg) -> None:
+        """Empty answers to several requests (see `Server._acknowledge`)."""
+        try:
+            tokens = codec.acks.decode(msg.data).tokens
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("malformed acknowledgements on %s: %s", msg.subject, exc)
+            return
+        empty = Msg(self._nc, msg.subject, data=b"")
+        for token in tokens:
+            waiting = self._pending.get(token)
+            if waiting is not None and not waiting.future.done():
+                waiting.future.set_result(empty)

@@ -4,7 +4,7 @@ forwarding to the chosen node with a deadline, and retrying elsewhere while the 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -49,13 +49,12 @@ class Counters:
     resent: int = 0  # a caller's resend of an invocation this replica is still handling: dropped
 
 
-@dataclass
-class Attempts:
+class Attempts(msgspec.Struct):
     """One invocation's tries so far."""
 
     prefer: str | None = None  # the node that has it already (a caller's resend)
-    tried: set[str] = field(default_factory=set)
-    failures: list[str] = field(default_factory=list)
+    tried: set[str] = set()
+    failures: list[str] = []
     woken: bool = False  # it waited its turn and was woken: it keeps its place in the queue
 
 
@@ -233,6 +232,7 @@ class Invoker:
                 timeout_ms=int((deadline - now) * 1000),
                 attempt=len(attempts.tried) + req.attempt - 1,
                 reply_to=reply_to,
+                batch_acks=True,
                 keep_alive_ms=keep_alive_ms,
                 prewarm_after_ms=prewarm_ms,
                 trigger=req.trigger,

@@ -157,12 +157,22 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     # scheduler with an empty message; refusals the scheduler retries (throttled, unavailable)
     # still go to the scheduler. Saves the caller a hop through the scheduler.
     reply_to: str = ""
+    # With reply_to: the scheduler takes acknowledgements batched (`Acks`), several in a message.
+    batch_acks: bool = False
     # How long the instance stays warm after this invocation, and, when prewarm_after_ms is set,
     # when to start a fresh one instead (the scheduler's per-function keep-alive policy; 0: the
     # node's own default).
     keep_alive_ms: int = 0
     prewarm_after_ms: int = 0
     trigger: str = ""  # what invoked it (the caller's InvokeRequest.trigger), for traces
+
+
+class Acks(msgspec.Struct, frozen=True, kw_only=True, tag="acks"):
+    """Node -> a scheduler's inbox, on `subjects.acks(inbox prefix)`: the empty acknowledgements of
+    several invocations it answered the callers for, by their reply tokens. Sent once per loop
+    iteration instead of one message per invocation (when the request asked: `batch_acks`)."""
+
+    tokens: list[str]
 
 
 class ApprovedProgram(msgspec.Struct, frozen=True, kw_only=True):

@@ -29,6 +29,16 @@ def parse_invoke(subject: str) -> tuple[str, str] | None:
     return parts[2], parts[3]
 
 
+ACKS_TOKEN = "acks"  # the reply token of a batch of acknowledgements (requests' tokens are numbers)
+
+
+def acks(reply: str) -> tuple[str, str]:
+    """(subject of the batched acknowledgements, the request's token) for a reply subject
+    `<inbox prefix>.<token>`: the batch goes to `<inbox prefix>.acks`."""
+    prefix, _, token = reply.rpartition(".")
+    return f"{prefix}.{ACKS_TOKEN}", token
+
+
 def node_invoke(node_id: str) -> str:
     return f"hetfaas.node.{node_id}.invoke"
 

@@ -4,12 +4,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from deploy import launcher
 from fabric import bus
+from schemas import codec, subjects
 from tests.integration.conftest import wait_until
 
 
@@ -87,3 +89,62 @@ async def test_nobody_listening_is_reported_at_once(nc: NATS, tenant: str) -> No
     with pytest.raises(bus.NoResponders):
         await bus.Requester(nc).request(f"{tenant}.nobody", b"x", 5.0, None, "peer")
     assert time.monotonic() - started < 1.0
+
+
+def collect(into: list[bytes]):
+    async def on_message(msg: Msg) -> None:
+        into.append(msg.data)
+
+    return on_message
+
+
+class Ping(msgspec.Struct, frozen=True):
+    n: int
+
+
+async def serve_answering_elsewhere(nc: NATS, subject: str) -> bus.Server:
+    """A service whose handler answers a third party and only acknowledges the requester, the
+    way nodes answer callers directly and acknowledge the scheduler (in batches, when asked)."""
+
+    async def handler(req: Ping, ctx: bus.Context) -> bus.ReplyTo:
+        return bus.ReplyTo(f"{subject}.answers", req, batch_ack=True)
+
+    server = bus.Server(nc, max_concurrent=256)
+    await server.serve([bus.Route(subject, msgspec.msgpack.Decoder(Ping), handler)])
+    return server
+
+
+async def test_acknowledgements_to_one_requester_go_in_batches(nc: NATS, tenant: str) -> None:
+    server = await serve_answering_elsewhere(nc, f"{tenant}.svc")
+    requester = bus.Requester(nc)
+    await requester.start()
+    batches: list[bytes] = []
+    answered: list[bytes] = []
+    await nc.subscribe(f"{requester._prefix}{subjects.ACKS_TOKEN}", cb=collect(batches))
+    await nc.subscribe(f"{tenant}.svc.answers", cb=collect(answered))
+
+    calls = [requester.request(f"{tenant}.svc", codec.encode(Ping(n)), 5.0, None, "svc") for n in range(200)]
+    replies = await asyncio.gather(*calls)
+
+    assert [r.data for r in replies] == [b""] * 200, "every request acknowledged, empty"
+    assert 0 < len(batches) < 200, "fewer messages than acknowledgements"
+    tokens = [t for body in batches for t in codec.acks.decode(body).tokens]
+    assert len(tokens) == len(set(tokens)) <= 200
+    assert await wait_until(lambda: len(answered) == 200), "and every answer went to the third party"
+    await server.close()
+
+
+async def test_a_lone_acknowledgement_is_a_plain_empty_reply(nc: NATS, tenant: str) -> None:
+    server = await serve_answering_elsewhere(nc, f"{tenant}.one")
+    reply = await nc.request(f"{tenant}.one", codec.encode(Ping(1)), timeout=5)  # nats-py's own request
+    assert reply.data == b""
+    await server.close()
+
+
+async def test_malformed_acknowledgements_are_ignored(nc: NATS, tenant: str) -> None:
+    await responder(nc, f"{tenant}.after", answer_copy=1)
+    requester = bus.Requester(nc)
+    await requester.start()
+    await nc.publish(f"{requester._prefix}{subjects.ACKS_TOKEN}", b"\xc1 not msgpack")
+    reply = await requester.request(f"{tenant}.after", b"still", 2.0, None, "peer")
+    assert reply.data == b"answer to still"

@@ -18,9 +18,12 @@ class Runtime:
     def __init__(self) -> None:
         self.inflight = 0
         self.release = asyncio.Event()
+        self.full = asyncio.Event()  # as many running as the node's capacity (2)
 
     async def traced_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply:
         self.inflight += 1
+        if self.inflight == 2:
+            self.full.set()
         await self.release.wait()
         self.inflight -= 1
         return InvokeReply(
@@ -36,8 +39,7 @@ async def test_beyond_its_capacity_the_node_answers_throttled_and_a_later_copy_r
     runtime = Runtime()
     node = DpuNode(runtime, capacity=2)  # type: ignore[arg-type]
     running = [asyncio.create_task(node.on_invoke(invoke(n), CTX)) for n in range(2)]
-    while runtime.inflight < 2:  # both running, holding the node's capacity
-        await asyncio.sleep(0)
+    await runtime.full.wait()
     refused = await node.on_invoke(invoke(2), CTX)
     assert isinstance(refused, ErrorReply) and refused.error.code == "throttled"
     runtime.release.set()
