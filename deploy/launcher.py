@@ -77,7 +77,7 @@ def running_processes(info: ClusterInfo) -> dict[str, bool]:
 
 
 def _port(previous: int | None) -> int:
-    return previous if previous and services.port_is_free(previous) else services.free_port()
+    return services.free_port(previous)
 
 
 def up(

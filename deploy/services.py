@@ -3,6 +3,7 @@
 They listen on loopback unless given another address of this machine (a test's veth, say).
 """
 
+import http.client
 import shutil
 import socket
 import subprocess
@@ -19,10 +20,25 @@ class ServiceError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Ports handed to services that may not be listening yet. The kernel can give a port it just
+# released to the next bind(0), so without this two services of one cluster (nats-server and
+# etcd, say) were sometimes given the same port.
+_handed_out: set[int] = set()
+
+
+def free_port(preferred: int | None = None) -> int:
+    """A port nobody listens on now and that this process has not handed out before:
+    `preferred` if it is such a port."""
+    if preferred and preferred not in _handed_out and port_is_free(preferred):
+        _handed_out.add(preferred)
+        return preferred
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_is_free(port: int) -> bool:
@@ -142,7 +158,7 @@ def etcd_healthy(client_port: int, host: str = LOOPBACK) -> bool:
     try:
         with urllib.request.urlopen(f"http://{host}:{client_port}/health", timeout=0.5) as resp:
             return b'"true"' in resp.read()
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not up yet, or not etcd on that port
         return False
 
 
