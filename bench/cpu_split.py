@@ -21,6 +21,7 @@ import uvloop
 
 from bench.warm_invoke import SUBJECT, e2e_round, prepare, raw_round, round_arguments
 from deploy import launcher
+from fabric import telemetry
 
 TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
 
@@ -91,10 +92,13 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
             uvloop.run(prepare(info.nats_url, work, args.concurrency, args.hosts))
             url, n, k = info.nats_url, args.requests, args.in_flight
-            return {
-                "raw": measured(lambda: raw_round(url, payload, n, k), n),
-                "e2e": measured(lambda: e2e_round(url, payload, n, k), n),
-            }
+            raw = measured(lambda: raw_round(url, payload, n, k), n)
+            if tracing:  # the client traces too, as `hetfaas invoke` does
+                telemetry.setup_tracing("bench-client", info.state_dir, True)
+            try:
+                return {"raw": raw, "e2e": measured(lambda: e2e_round(url, payload, n, k), n)}
+            finally:
+                telemetry.stop_tracing()
         finally:
             responder.terminate()
             responder.wait()

@@ -100,8 +100,30 @@ def value(v: Any) -> AnyValue:
     return AnyValue(string_value=str(v))
 
 
+# Most attributes repeat from span to span (function, tenant, node, pool mode, flags): their
+# encoded pairs are kept and reused, a quarter of a span's encoding. Unique values (invocation
+# ids) pass through; when the cache is full it starts again rather than track what is hot.
+_MAX_CACHED = 4096
+_cached: dict[tuple[str, Any, type], KeyValue] = {}  # with the type: True == 1 == 1.0 as keys
+
+
+_CACHEABLE = (str, bool, int, float)
+
+
 def attributes(items: Mapping[str, Any]) -> list[KeyValue]:
-    return [KeyValue(k, AnyValue(string_value=v) if type(v) is str else value(v)) for k, v in items.items()]
+    out = []
+    for k, v in items.items():
+        kind = type(v)
+        cacheable = kind in _CACHEABLE
+        kv = _cached.get((k, v, kind)) if cacheable else None
+        if kv is None:
+            kv = KeyValue(k, value(v))
+            if cacheable:
+                if len(_cached) >= _MAX_CACHED:
+                    _cached.clear()
+                _cached[(k, v, kind)] = kv
+        out.append(kv)
+    return out
 
 
 def span(s: "FinishedSpan") -> Span:

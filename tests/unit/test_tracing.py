@@ -117,3 +117,21 @@ def test_attribute_values_are_encoded_as_otlp_json_says() -> None:
     }
     resource = written[0]["resourceSpans"][0]["resource"]
     assert resource == {"attributes": [{"key": "service.name", "value": {"stringValue": "svc"}}]}
+
+
+def test_repeated_attributes_keep_their_types() -> None:
+    """Encoded attribute pairs are reused across spans; True, 1 and 1.0 are equal as dict keys
+    but not as OTLP values."""
+    t, written = tracer()
+    for value in (True, 1, 1.0, "1", True):
+        with Scope(t, t.start("s", attributes={"k": value})):
+            pass
+    t.shutdown()
+    values = [s["attributes"][0]["value"] for s in exported(written)]
+    assert values == [
+        {"boolValue": True},
+        {"intValue": "1"},
+        {"doubleValue": 1.0},
+        {"stringValue": "1"},
+        {"boolValue": True},
+    ]
