@@ -260,7 +260,7 @@ class Invoker:
         now: float,
         wait_until: float,
         deadline: float,
-    ) -> tuple[str, str] | ErrorReply | None:
+    ) -> tuple[str, "str | Explanation"] | ErrorReply | None:
         """(node, why it) for the next attempt; an error to answer with; or None after waiting
         for room (the caller looks again)."""
         if attempts.prefer and not attempts.tried:
@@ -274,7 +274,7 @@ class Invoker:
             return refusal
         decision, total = self._place(req, record, key, attempts.tried, now)
         if isinstance(decision, framework.Placed):
-            return decision.node_id, explain(decision)
+            return decision.node_id, Explanation(decision)
         why = "; ".join([*attempts.failures, decision.explain(total)])
         if not decision.wait:
             return error("unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id)
@@ -393,10 +393,19 @@ class Invoker:
         return arrivals.current if arrivals else None
 
 
-def explain(decision: framework.Placed) -> str:
+class Explanation:
     """Why this node, for the trace: each score and how many nodes were looked at (empty when
-    the decision was made without explaining, i.e. tracing is off)."""
-    if not decision.scores:
-        return ""
-    scores = ", ".join(f"{name} {value:.0f}" for name, value in decision.scores.items())
-    return f"{scores} (of {decision.considered} looked at)"
+    the decision was made without explaining, i.e. tracing is off). Written out only when the
+    span is exported, on the exporter's thread, not on the invoke path."""
+
+    __slots__ = ("decision",)
+
+    def __init__(self, decision: framework.Placed):
+        self.decision = decision
+
+    def __str__(self) -> str:
+        decision = self.decision
+        if not decision.scores:
+            return ""
+        scores = ", ".join(f"{name} {value:.0f}" for name, value in decision.scores.items())
+        return f"{scores} (of {decision.considered} looked at)"

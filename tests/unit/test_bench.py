@@ -1,6 +1,8 @@
 """The pure benchmarks still run (a few decisions, a small trace) and say something sane."""
 
-from bench import keepalive, placement
+import uvloop
+
+from bench import cpu_split, keepalive, placement, scheduler_cpu
 
 
 def test_placement_benchmark_runs_and_looks_at_few_nodes() -> None:
@@ -13,3 +15,14 @@ def test_keepalive_benchmark_compares_the_policies_on_one_trace() -> None:
     totals = results["totals"]
     assert {o.invocations for o in totals.values()} == {totals["fixed 10 min"].invocations}
     assert "histogram (hybrid)" in keepalive.report(results, 20, 0.5)
+
+
+def test_scheduler_cpu_benchmark_places_every_invocation_in_each_variant() -> None:
+    for variant in ("off", "dropped", "exported"):
+        assert uvloop.run(scheduler_cpu.cpu_per_invocation(200, variant)) > 0
+
+
+def test_cpu_split_tells_the_path_s_processes_apart() -> None:
+    assert cpu_split.role_of(b"/v/bin/python\0-m\0scheduler\0--config\0/s/scheduler-0.toml") == "scheduler"
+    assert cpu_split.role_of(b"python3\0-I\0-S\0/r/python_worker.py\03\0main:handle") == "python instance"
+    assert cpu_split.role_of(b"/usr/bin/sshd") is None

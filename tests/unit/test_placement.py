@@ -7,6 +7,7 @@ import pytest
 
 from scheduler import framework, plugins
 from scheduler.framework import Cycle, Fit, Placed, Request, Unplaced
+from scheduler.invoke import Explanation
 from scheduler.settings import PlacementSettings
 from scheduler.snapshot import NO_POOL, NodeInfo, Snapshot, build, node_info
 from scheduler.view import ClusterView
@@ -404,3 +405,10 @@ def test_when_every_node_is_full_the_shorter_queue_wins() -> None:
     nodes = [host("a", warm=True, capacity=64), host("b", warm=True, capacity=64)]
     c = cycle(nodes, held={"a": 20, "b": 12}, instances={("a", KEY): 20, ("b", KEY): 12})
     assert framework.place(python_fn(instances=8), c.snapshot, PROFILE, c).node_id == "b"
+
+
+def test_the_explanation_is_written_out_only_when_asked() -> None:
+    """The attempt's span carries it; the exporter turns it into text, off the invoke path."""
+    placed = Placed("a", "host", 500.0, {"load": 37.5, "warm": 100.0}, 2)
+    assert str(Explanation(placed)) == "load 38, warm 100 (of 2 looked at)"
+    assert str(Explanation(Placed("a", "host", 0.0, {}, 1))) == "", "decided without explaining"
