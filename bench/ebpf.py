@@ -23,7 +23,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.warm_invoke import SUBJECT, measure, median_round, raw_round
+from bench.warm_invoke import SUBJECT, measure, median_round, paired_ratio, ratio_cell, raw_round
 from cli.client import Client
 from deploy import launcher
 from dpu_node.admission import LoadRequest, admit
@@ -156,7 +156,7 @@ def _strict_raw_load(raw: bytes) -> float:
     return elapsed
 
 
-async def part_invoke(work: Path, requests: int, tracing: bool) -> list[str]:
+async def part_invoke(work: Path, requests: int, repeat: int, tracing: bool) -> list[str]:
     traced = {"tracing": tracing}
     info = launcher.up(
         work / "state", hosts=0, verifiers=1, dpus=1, scheduler_overrides=traced, dpu_overrides=traced
@@ -182,19 +182,22 @@ async def part_invoke(work: Path, requests: int, tracing: bool) -> list[str]:
             assert outcome.ok and outcome.reply.retval == 2, outcome.error
 
         lines = [
+            "ratio: the median of the rounds' ratios (each DPU round against the raw round just before "
+            "it), with their range; req/s and latencies from the median round of each",
+            "",
             "| mode | raw req/s | DPU invoke req/s | ratio | raw p50 / p99 µs | DPU p50 / p99 µs |",
             "|---|---|---|---|---|---|",
         ]
         for mode, in_flight in (("sequential", 1), ("in_flight_64", 64)):
             raw_cells, e2e_cells = [], []
-            for _ in range(3):
+            for _ in range(repeat):
                 raw_cells.append(await raw_round(info.nats_url, packet, requests, in_flight))
                 await measure(call, 300, in_flight)
                 e2e_cells.append(await measure(call, requests, in_flight))
             raw, e2e = median_round(raw_cells), median_round(e2e_cells)
-            ratio = e2e["req_per_s"] / raw["req_per_s"]
+            ratio = ratio_cell(paired_ratio(raw_cells, e2e_cells))
             lines.append(
-                f"| {mode} | {raw['req_per_s']} | {e2e['req_per_s']} | {ratio:.0%} "
+                f"| {mode} | {raw['req_per_s']} | {e2e['req_per_s']} | {ratio} "
                 f"| {raw['p50_us']} / {raw['p99_us']} | {e2e['p50_us']} / {e2e['p99_us']} |"
             )
         await client.close()
@@ -218,7 +221,7 @@ async def main(args: argparse.Namespace) -> None:
         parts = {
             "verify": lambda: part_verify(verifier),
             "load": lambda: part_node_load(verifier, key),
-            "invoke": lambda: part_invoke(work, args.requests, args.tracing == "on"),
+            "invoke": lambda: part_invoke(work, args.requests, args.repeat, args.tracing == "on"),
         }
         for name in args.parts.split(","):
             print("\n".join(await parts[name]()) + "\n", flush=True)
@@ -230,6 +233,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--parts", default="verify,load,invoke", help="which of verify, load, invoke to run")
     parser.add_argument("--requests", type=int, default=3000, help="per round of DPU invocations")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of each (raw, DPU) per mode")
     parser.add_argument(
         "--tracing", choices=("on", "off"), default="off", help="the scheduler's and DPU node's tracing"
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.warm_invoke import e2e_round, median_round, prepare, round_arguments
+from bench.warm_invoke import e2e_round, median_round, paired_ratio, prepare, ratio_cell, round_arguments
 from deploy import launcher
 from fabric import telemetry
 
@@ -61,13 +61,17 @@ def run(requests: int, repeat: int, payload_size: int) -> dict:
         finally:
             launcher.stop(on)
             launcher.stop(off)
-    return {"cells": {cell: median_round(values) for cell, values in rounds.items()}, "spans": spans}
+    ratios = {mode: paired_ratio(rounds[f"off_{mode}"], rounds[f"on_{mode}"]) for mode, _ in MODES}
+    cells = {cell: median_round(values) for cell, values in rounds.items()}
+    return {"cells": cells, "ratios": ratios, "spans": spans}
 
 
 def report(results: dict) -> str:
     cells = results["cells"]
     lines = [
         f"spans written by the traced cluster: {results['spans']}",
+        "on/off: the median of the rounds' ratios (each traced round against the untraced round "
+        "just before it), with their range",
         "",
         "| mode | off req/s | on req/s | on/off | off p50 / p99 µs | on p50 / p99 µs |",
         "|---|---|---|---|---|---|",
@@ -75,7 +79,7 @@ def report(results: dict) -> str:
     for mode, _ in MODES:
         off, on = cells[f"off_{mode}"], cells[f"on_{mode}"]
         lines.append(
-            f"| {mode} | {off['req_per_s']} | {on['req_per_s']} | {on['req_per_s'] / off['req_per_s']:.0%} "
+            f"| {mode} | {off['req_per_s']} | {on['req_per_s']} | {ratio_cell(results['ratios'][mode])} "
             f"| {off['p50_us']} / {off['p99_us']} | {on['p50_us']} / {on['p99_us']} |"
         )
     return "\n".join(lines)

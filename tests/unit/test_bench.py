@@ -2,7 +2,7 @@
 
 import uvloop
 
-from bench import cpu_split, keepalive, placement, scheduler_cpu
+from bench import cpu_split, keepalive, placement, scheduler_cpu, warm_invoke
 
 
 def test_placement_benchmark_runs_and_looks_at_few_nodes() -> None:
@@ -26,3 +26,11 @@ def test_cpu_split_tells_the_path_s_processes_apart() -> None:
     assert cpu_split.role_of(b"/v/bin/python\0-m\0scheduler\0--config\0/s/scheduler-0.toml") == "scheduler"
     assert cpu_split.role_of(b"python3\0-I\0-S\0/r/python_worker.py\03\0main:handle") == "python instance"
     assert cpu_split.role_of(b"/usr/bin/sshd") is None
+
+
+def test_ratios_are_taken_pair_by_pair() -> None:
+    """A fast raw round must not be set against a slow e2e round from another moment."""
+    raw = [{"req_per_s": r} for r in (100, 200, 400)]
+    e2e = [{"req_per_s": r} for r in (30, 60, 120)]  # 30% in every pair, whatever the drift
+    assert warm_invoke.paired_ratio(raw, e2e) == {"median": 0.3, "low": 0.3, "high": 0.3}
+    assert warm_invoke.ratio_cell({"median": 0.3, "low": 0.25, "high": 0.41}) == "30% (25%-41%)"
