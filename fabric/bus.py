@@ -159,29 +159,35 @@ class Server:
         reply = await dispatch(route, msg, received_at)
         if isinstance(reply, ReplyTo):
             await self.nc.publish(reply.subject, encode(reply.message))
-            if reply.batch_ack and msg.reply:
-                self._acknowledge(msg.reply)
+            if reply.batch_ack and msg.reply and self._acknowledge(msg.reply):
                 return
             reply = b""
         if reply is not None and msg.reply:
             await self.nc.publish(msg.reply, reply if isinstance(reply, bytes) else encode(reply))
 
-    def _acknowledge(self, reply: str) -> None:
-        """Queue an empty answer to `reply`; the first of a loop iteration starts the sender."""
-        subject, token = subjects.acks(reply)
+    def _acknowledge(self, reply: str) -> bool:
+        """Queue an empty answer to `reply` (False: `reply` cannot share a batch); the first of
+        a loop iteration starts the sender."""
+        batch = subjects.acks(reply)
+        if batch is None:
+            return False
         if not self._acks:
             self.tasks.spawn(self._send_acks(), "acks")
-        self._acks.setdefault(subject, []).append(token)
+        self._acks.setdefault(batch[0], []).append(batch[1])
+        return True
 
     async def _send_acks(self) -> None:
         """Runs after the handlers of this loop iteration: one message per requester (a lone
         acknowledgement goes as the plain empty reply it would have been)."""
         batches, self._acks = self._acks, {}
         for subject, tokens in batches.items():
-            if len(tokens) == 1:
-                await self.nc.publish(subject.removesuffix(subjects.ACKS_TOKEN) + tokens[0], b"")
-            else:
-                await self.nc.publish(subject, encode(Acks(tokens=tokens)))
+            try:
+                if len(tokens) == 1:
+                    await self.nc.publish(subject.removesuffix(subjects.ACKS_TOKEN) + tokens[0], b"")
+                else:
+                    await self.nc.publish(subject, encode(Acks(tokens=tokens)))
+            except nats.errors.Error as exc:  # one requester's bad subject must not cost the others
+                log.warning("acknowledgements to %s not sent: %s", subject, exc)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop taking messages, give running handlers `grace_s` to finish, then cancel the rest."""

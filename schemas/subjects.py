@@ -32,10 +32,13 @@ def parse_invoke(subject: str) -> tuple[str, str] | None:
 ACKS_TOKEN = "acks"  # the reply token of a batch of acknowledgements (requests' tokens are numbers)
 
 
-def acks(reply: str) -> tuple[str, str]:
+def acks(reply: str) -> tuple[str, str] | None:
     """(subject of the batched acknowledgements, the request's token) for a reply subject
-    `<inbox prefix>.<token>`: the batch goes to `<inbox prefix>.acks`."""
+    `<inbox prefix>.<token>`: the batch goes to `<inbox prefix>.acks`. None for a reply subject
+    of one token, which has no inbox to share."""
     prefix, _, token = reply.rpartition(".")
+    if not prefix or not token:
+        return None
     return f"{prefix}.{ACKS_TOKEN}", token
 
 

@@ -148,3 +148,13 @@ async def test_malformed_acknowledgements_are_ignored(nc: NATS, tenant: str) -> 
     await nc.publish(f"{requester._prefix}{subjects.ACKS_TOKEN}", b"\xc1 not msgpack")
     reply = await requester.request(f"{tenant}.after", b"still", 2.0, None, "peer")
     assert reply.data == b"answer to still"
+
+
+async def test_a_reply_subject_of_one_token_gets_its_acknowledgement_alone(nc: NATS, tenant: str) -> None:
+    server = await serve_answering_elsewhere(nc, f"{tenant}.plain")
+    inbox = f"{tenant}-plain-inbox"  # no dot: no inbox prefix to batch under
+    acknowledged: list[bytes] = []
+    await nc.subscribe(inbox, cb=collect(acknowledged))
+    await nc.publish(f"{tenant}.plain", codec.encode(Ping(1)), reply=inbox)
+    assert await wait_until(lambda: acknowledged == [b""])
+    await server.close()
