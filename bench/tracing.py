@@ -48,9 +48,11 @@ def run(requests: int, repeat: int, payload_size: int) -> dict:
     payload = os.urandom(payload_size)
     with tempfile.TemporaryDirectory(prefix="hetfaas-bench-") as tmp:
         work = Path(tmp)
-        on, off = start(work, True), start(work, False)
         rounds: dict[str, list[dict]] = {f"{k}_{m}": [] for k in ("on", "off") for m, _ in MODES}
-        try:
+        clusters: list[launcher.ClusterInfo] = []
+        try:  # whichever cluster started is stopped, even if the other failed to start
+            clusters.append(on := start(work, True))
+            clusters.append(off := start(work, False))
             for _ in range(repeat):
                 for mode, in_flight in MODES:
                     rounds[f"off_{mode}"].append(
@@ -59,8 +61,8 @@ def run(requests: int, repeat: int, payload_size: int) -> dict:
                     rounds[f"on_{mode}"].append(traced_round(on, payload, requests, in_flight))
             spans = spans_written(on)
         finally:
-            launcher.stop(on)
-            launcher.stop(off)
+            for info in clusters:
+                launcher.stop(info)
     ratios = {mode: paired_ratio(rounds[f"off_{mode}"], rounds[f"on_{mode}"]) for mode, _ in MODES}
     cells = {cell: median_round(values) for cell, values in rounds.items()}
     return {"cells": cells, "ratios": ratios, "spans": spans}

@@ -22,11 +22,13 @@ from fabric.tasks import TaskSet
 from schemas import codec, subjects
 from schemas.codec import encode
 from schemas.errors import Error
-from schemas.messages import Acks, ErrorReply
+from schemas.messages import ErrorReply, Replies
 
 log = logging.getLogger(__name__)
 
 NO_RESPONDERS_STATUS = "503"
+# Answers larger than this go alone: a loop iteration's batch stays well under NATS's max_payload.
+MAX_BATCHED_BODY = 16 * 1024
 
 
 class RequestTimeout(asyncio.TimeoutError):
@@ -89,11 +91,12 @@ class Context(msgspec.Struct, frozen=True, kw_only=True):
 class ReplyTo(msgspec.Struct, frozen=True):
     """A handler's answer that goes to a third party: `message` to `subject`, then an empty
     acknowledgement to the requester (the scheduler lets nodes answer clients directly). With
-    `batch_ack` the acknowledgement joins the others of this loop iteration to the same
-    requester, in one `Acks` message (the requester asked for that)."""
+    `batch_reply` / `batch_ack` the answer / the acknowledgement joins the others of this loop
+    iteration to the same inbox, in one `Replies` message (its reader said it reads them)."""
 
     subject: str
     message: msgspec.Struct
+    batch_reply: bool = False
     batch_ack: bool = False
 
 
@@ -125,7 +128,8 @@ class Server:
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrent)
-        self._acks: dict[str, list[str]] = {}  # batched-acks subject -> reply tokens
+        # batched-replies subject -> (reply tokens, their answers), sent once per loop iteration
+        self._batches: dict[str, tuple[list[str], list[bytes]]] = {}
 
     async def serve(self, routes: list[Route]) -> None:
         for route in routes:
@@ -158,36 +162,40 @@ class Server:
     async def _handle(self, route: Route, msg: Msg, received_at: float) -> None:
         reply = await dispatch(route, msg, received_at)
         if isinstance(reply, ReplyTo):
-            await self.nc.publish(reply.subject, encode(reply.message))
-            if reply.batch_ack and msg.reply and self._acknowledge(msg.reply):
+            answer = encode(reply.message)
+            if not (reply.batch_reply and self._batch(reply.subject, answer)):
+                await self.nc.publish(reply.subject, answer)
+            if reply.batch_ack and msg.reply and self._batch(msg.reply, b""):
                 return
             reply = b""
         if reply is not None and msg.reply:
             await self.nc.publish(msg.reply, reply if isinstance(reply, bytes) else encode(reply))
 
-    def _acknowledge(self, reply: str) -> bool:
-        """Queue an empty answer to `reply` (False: `reply` cannot share a batch); the first of
-        a loop iteration starts the sender."""
-        batch = subjects.acks(reply)
-        if batch is None:
+    def _batch(self, reply: str, body: bytes) -> bool:
+        """Queue `body` as the answer to `reply` (False: it goes alone: `reply` has no inbox to
+        share, or `body` is large); the first of a loop iteration starts the sender."""
+        batch = subjects.batched(reply)
+        if batch is None or len(body) > MAX_BATCHED_BODY:
             return False
-        if not self._acks:
-            self.tasks.spawn(self._send_acks(), "acks")
-        self._acks.setdefault(batch[0], []).append(batch[1])
+        if not self._batches:
+            self.tasks.spawn(self._send_batches(), "batched replies")
+        tokens, bodies = self._batches.setdefault(batch[0], ([], []))
+        tokens.append(batch[1])
+        bodies.append(body)
         return True
 
-    async def _send_acks(self) -> None:
-        """Runs after the handlers of this loop iteration: one message per requester (a lone
-        acknowledgement goes as the plain empty reply it would have been)."""
-        batches, self._acks = self._acks, {}
-        for subject, tokens in batches.items():
+    async def _send_batches(self) -> None:
+        """Runs after the handlers of this loop iteration: one message per inbox (a lone answer
+        goes as the plain reply it would have been)."""
+        batches, self._batches = self._batches, {}
+        for subject, (tokens, bodies) in batches.items():
             try:
                 if len(tokens) == 1:
-                    await self.nc.publish(subject.removesuffix(subjects.ACKS_TOKEN) + tokens[0], b"")
+                    await self.nc.publish(subject.removesuffix(subjects.BATCH_TOKEN) + tokens[0], bodies[0])
                 else:
-                    await self.nc.publish(subject, encode(Acks(tokens=tokens)))
+                    await self.nc.publish(subject, encode(Replies(tokens=tokens, bodies=bodies)))
             except nats.errors.Error as exc:  # one requester's bad subject must not cost the others
-                log.warning("acknowledgements to %s not sent: %s", subject, exc)
+                log.warning("%d replies to %s not sent: %s", len(tokens), subject, exc)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop taking messages, give running handlers `grace_s` to finish, then cancel the rest."""
@@ -356,8 +364,8 @@ class Requester:
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]
-        if token == subjects.ACKS_TOKEN:
-            self._on_acks(msg)
+        if token == subjects.BATCH_TOKEN:
+            self._on_batch(msg)
             return
         waiting = self._pending.get(token)
         if waiting is None or waiting.future.done():
@@ -367,15 +375,14 @@ class Requester:
         else:
             waiting.future.set_result(msg)
 
-    def _on_acks(self, msg: Msg) -> None:
-        """Empty answers to several requests (see `Server._acknowledge`)."""
+    def _on_batch(self, msg: Msg) -> None:
+        """Answers to several requests in one message (see `Server._batch`)."""
         try:
-            tokens = codec.acks.decode(msg.data).tokens
+            batch = codec.replies.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("malformed acknowledgements on %s: %s", msg.subject, exc)
+            log.warning("malformed batched replies on %s: %s", msg.subject, exc)
             return
-        empty = Msg(self._nc, msg.subject, data=b"")
-        for token in tokens:
+        for token, body in zip(batch.tokens, batch.bodies, strict=False):
             waiting = self._pending.get(token)
             if waiting is not None and not waiting.future.done():
-                waiting.future.set_result(empty)
+                waiting.future.set_result(Msg(self._nc, self._prefix + token, data=body))

@@ -29,17 +29,17 @@ def parse_invoke(subject: str) -> tuple[str, str] | None:
     return parts[2], parts[3]
 
 
-ACKS_TOKEN = "acks"  # the reply token of a batch of acknowledgements (requests' tokens are numbers)
+BATCH_TOKEN = "batch"  # the reply token of batched replies (requests' own tokens are numbers)
 
 
-def acks(reply: str) -> tuple[str, str] | None:
-    """(subject of the batched acknowledgements, the request's token) for a reply subject
-    `<inbox prefix>.<token>`: the batch goes to `<inbox prefix>.acks`. None for a reply subject
+def batched(reply: str) -> tuple[str, str] | None:
+    """(subject of batched replies, the request's token) for a reply subject
+    `<inbox prefix>.<token>`: the batch goes to `<inbox prefix>.batch`. None for a reply subject
     of one token, which has no inbox to share."""
     prefix, _, token = reply.rpartition(".")
     if not prefix or not token:
         return None
-    return f"{prefix}.{ACKS_TOKEN}", token
+    return f"{prefix}.{BATCH_TOKEN}", token
 
 
 def node_invoke(node_id: str) -> str:

@@ -102,11 +102,15 @@ class Ping(msgspec.Struct, frozen=True):
     n: int
 
 
-async def serve_answering_elsewhere(nc: NATS, subject: str) -> bus.Server:
+async def serve_answering_elsewhere(nc: NATS, subject: str, answers_to: str = "") -> bus.Server:
     """A service whose handler answers a third party and only acknowledges the requester, the
-    way nodes answer callers directly and acknowledge the scheduler (in batches, when asked)."""
+    way nodes answer callers directly and acknowledge the scheduler (in batches, when asked).
+    With `answers_to` (a Requester's inbox prefix) the answers go there, batched too, each to
+    the token of the same number as its request."""
 
     async def handler(req: Ping, ctx: bus.Context) -> bus.ReplyTo:
+        if answers_to:
+            return bus.ReplyTo(f"{answers_to}{req.n}", req, batch_reply=True, batch_ack=True)
         return bus.ReplyTo(f"{subject}.answers", req, batch_ack=True)
 
     server = bus.Server(nc, max_concurrent=256)
@@ -120,7 +124,7 @@ async def test_acknowledgements_to_one_requester_go_in_batches(nc: NATS, tenant:
     await requester.start()
     batches: list[bytes] = []
     answered: list[bytes] = []
-    await nc.subscribe(f"{requester._prefix}{subjects.ACKS_TOKEN}", cb=collect(batches))
+    await nc.subscribe(f"{requester._prefix}{subjects.BATCH_TOKEN}", cb=collect(batches))
     await nc.subscribe(f"{tenant}.svc.answers", cb=collect(answered))
 
     calls = [requester.request(f"{tenant}.svc", codec.encode(Ping(n)), 5.0, None, "svc") for n in range(200)]
@@ -128,8 +132,10 @@ async def test_acknowledgements_to_one_requester_go_in_batches(nc: NATS, tenant:
 
     assert [r.data for r in replies] == [b""] * 200, "every request acknowledged, empty"
     assert 0 < len(batches) < 200, "fewer messages than acknowledgements"
-    tokens = [t for body in batches for t in codec.acks.decode(body).tokens]
+    decoded = [codec.replies.decode(body) for body in batches]
+    tokens = [t for batch in decoded for t in batch.tokens]
     assert len(tokens) == len(set(tokens)) <= 200
+    assert {b for batch in decoded for b in batch.bodies} == {b""}, "acknowledgements are empty"
     assert await wait_until(lambda: len(answered) == 200), "and every answer went to the third party"
     await server.close()
 
@@ -145,7 +151,7 @@ async def test_malformed_acknowledgements_are_ignored(nc: NATS, tenant: str) -> 
     await responder(nc, f"{tenant}.after", answer_copy=1)
     requester = bus.Requester(nc)
     await requester.start()
-    await nc.publish(f"{requester._prefix}{subjects.ACKS_TOKEN}", b"\xc1 not msgpack")
+    await nc.publish(f"{requester._prefix}{subjects.BATCH_TOKEN}", b"\xc1 not msgpack")
     reply = await requester.request(f"{tenant}.after", b"still", 2.0, None, "peer")
     assert reply.data == b"answer to still"
 
@@ -157,4 +163,29 @@ async def test_a_reply_subject_of_one_token_gets_its_acknowledgement_alone(nc: N
     await nc.subscribe(inbox, cb=collect(acknowledged))
     await nc.publish(f"{tenant}.plain", codec.encode(Ping(1)), reply=inbox)
     assert await wait_until(lambda: acknowledged == [b""])
+    await server.close()
+
+
+async def test_answers_to_one_inbox_go_in_batches_each_to_its_request(nc: NATS, tenant: str) -> None:
+    """What a node does for a client that reads batches: the answers of one loop iteration to
+    that client's inbox travel in one message; each request gets its own."""
+    callers = bus.Requester(nc)
+    await callers.start()
+    server = await serve_answering_elsewhere(nc, f"{tenant}.direct", answers_to=callers._prefix)
+    batches: list[bytes] = []
+    await nc.subscribe(f"{callers._prefix}{subjects.BATCH_TOKEN}", cb=collect(batches))
+    scheduler = bus.Requester(nc)
+    await responder(nc, f"{tenant}.unused.*", answer_copy=None)  # hears the callers, never answers
+    # The callers wait on their inbox (tokens 0..99) while the "scheduler" forwards each.
+    waiting = [
+        asyncio.create_task(callers.request(f"{tenant}.unused.{n}", b"", 5.0, None, "x")) for n in range(100)
+    ]
+    acks = await asyncio.gather(
+        *(scheduler.request(f"{tenant}.direct", codec.encode(Ping(n)), 5.0, None, "svc") for n in range(100))
+    )
+    answers = await asyncio.gather(*waiting)
+
+    assert [a.data for a in acks] == [b""] * 100
+    assert [msgspec.msgpack.decode(a.data, type=Ping).n for a in answers] == list(range(100))
+    assert 0 < len(batches) < 100 + len(acks), "answers shared messages"
     await server.close()
