@@ -27,8 +27,8 @@ from schemas.messages import ErrorReply, Replies
 log = logging.getLogger(__name__)
 
 NO_RESPONDERS_STATUS = "503"
-# Answers larger than this go alone: a loop iteration's batch stays well under NATS's max_payload.
-MAX_BATCHED_BODY = 16 * 1024
+MAX_BATCHED_BODY = 16 * 1024  # answers larger than this go alone
+MAX_BATCH_BYTES = 256 * 1024  # a batch of answers is split to stay far under NATS's max_payload
 
 
 class RequestTimeout(asyncio.TimeoutError):
@@ -189,13 +189,17 @@ class Server:
         goes as the plain reply it would have been)."""
         batches, self._batches = self._batches, {}
         for subject, (tokens, bodies) in batches.items():
-            try:
-                if len(tokens) == 1:
-                    await self.nc.publish(subject.removesuffix(subjects.BATCH_TOKEN) + tokens[0], bodies[0])
-                else:
-                    await self.nc.publish(subject, encode(Replies(tokens=tokens, bodies=bodies)))
-            except nats.errors.Error as exc:  # one requester's bad subject must not cost the others
-                log.warning("%d replies to %s not sent: %s", len(tokens), subject, exc)
+            for start, end in split_by_size(bodies, MAX_BATCH_BYTES):
+                try:
+                    await self._send_batch(subject, tokens[start:end], bodies[start:end])
+                except nats.errors.Error as exc:  # one requester's bad subject must not cost the others
+                    log.warning("%d replies to %s not sent: %s", end - start, subject, exc)
+
+    async def _send_batch(self, subject: str, tokens: list[str], bodies: list[bytes]) -> None:
+        if len(tokens) == 1:
+            await self.nc.publish(subject.removesuffix(subjects.BATCH_TOKEN) + tokens[0], bodies[0])
+        else:
+            await self.nc.publish(subject, encode(Replies(tokens=tokens, bodies=bodies)))
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop taking messages, give running handlers `grace_s` to finish, then cancel the rest."""
@@ -206,6 +210,21 @@ class Server:
                 pass
         await self.tasks.wait(grace_s)
         await self.tasks.close()
+
+
+def split_by_size(bodies: list[bytes], max_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `bodies` whose sizes add up to at most `max_bytes` (a range of one
+    may be larger)."""
+    ranges: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for index, body in enumerate(bodies):
+        if index > start and size + len(body) > max_bytes:
+            ranges.append((start, index))
+            start, size = index, 0
+        size += len(body)
+    if start < len(bodies):
+        ranges.append((start, len(bodies)))
+    return ranges
 
 
 async def dispatch(route: Route, msg: Msg, received_at: float) -> msgspec.Struct | bytes | ReplyTo | None:

@@ -100,6 +100,7 @@ def collect(into: list[bytes]):
 
 class Ping(msgspec.Struct, frozen=True):
     n: int
+    pad: bytes = b""
 
 
 async def serve_answering_elsewhere(nc: NATS, subject: str, answers_to: str = "") -> bus.Server:
@@ -188,4 +189,27 @@ async def test_answers_to_one_inbox_go_in_batches_each_to_its_request(nc: NATS, 
     assert [a.data for a in acks] == [b""] * 100
     assert [msgspec.msgpack.decode(a.data, type=Ping).n for a in answers] == list(range(100))
     assert 0 < len(batches) < 100 + len(acks), "answers shared messages"
+    await server.close()
+
+
+async def test_many_large_answers_all_arrive_each_message_under_the_limit(nc: NATS, tenant: str) -> None:
+    """100 answers of 10 KB each (batched: under the per-answer limit; how a batch is split by
+    size is tested in tests/unit/test_bus_batches.py)."""
+    callers = bus.Requester(nc)
+    await callers.start()
+    server = await serve_answering_elsewhere(nc, f"{tenant}.big", answers_to=callers._prefix)
+    batches: list[bytes] = []
+    await nc.subscribe(f"{callers._prefix}{subjects.BATCH_TOKEN}", cb=collect(batches))
+    await responder(nc, f"{tenant}.idle.*", answer_copy=None)
+    waiting = [
+        asyncio.create_task(callers.request(f"{tenant}.idle.{n}", b"", 5.0, None, "x")) for n in range(100)
+    ]
+    scheduler = bus.Requester(nc)
+    pings = [codec.encode(Ping(n, b"p" * 10_000)) for n in range(100)]
+    await asyncio.gather(*(scheduler.request(f"{tenant}.big", p, 5.0, None, "svc") for p in pings))
+    answers = await asyncio.gather(*waiting)
+
+    assert [msgspec.msgpack.decode(a.data, type=Ping).n for a in answers] == list(range(100))
+    assert batches, "the answers went batched"
+    assert max(len(body) for body in batches) <= 256 * 1024 + 16 * 1024, "each message under the limit"
     await server.close()
