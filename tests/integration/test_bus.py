@@ -58,8 +58,10 @@ async def test_copies_go_out_after_the_wait_then_doubling_until_answered(nc: NAT
     reply = await bus.Requester(nc).request(f"{tenant}.late", b"copy 1", 5.0, None, "peer", resend)
     assert reply.data == b"answer to copy 3"
     assert [body for _, body in seen] == [b"copy 1", b"copy 2", b"copy 3"]
-    gaps = [at - started for at, _ in seen]
-    assert gaps[1] == pytest.approx(0.1, abs=0.05) and gaps[2] == pytest.approx(0.3, abs=0.07)
+    first_copy, second_copy = (at - started for at, _ in seen[1:])
+    # timers never fire early; a loaded machine may run them late
+    assert 0.09 <= first_copy < 0.25, "the first copy after the wait"
+    assert 0.19 <= second_copy - first_copy < 0.35, "the next after twice the wait"
 
 
 async def test_copies_stop_when_the_sender_says_so_and_the_deadline_holds(nc: NATS, tenant: str) -> None:
