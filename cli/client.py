@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from nats.aio.client import Client as NATS
 
 from fabric import bus, telemetry
 from fabric.bundles import BundleStore, pack_directory
+from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest, RevokeReply, RevokeRequest, VerifyReply, VerifyRequest
 from schemas.errors import Error
@@ -117,7 +117,7 @@ class ProgramRejected(ClientError):
 
 
 class Client:
-    def __init__(self, nc: NATS):
+    def __init__(self, nc: Connection):
         self.nc = nc
         self._bundles = BundleStore(nc.jetstream())
         # Invocations use the shared-inbox requester: no per-request random token or wait_for
@@ -163,7 +163,7 @@ class Client:
                 resend = None
                 if 0 < retry_after_ms < timeout_ms:
                     resend = bus.Resend(retry_after_ms / 1000, lambda n: _copy(request, n, started))
-                msg = await self._requester.request(
+                data = await self._requester.request(
                     subjects.invoke(tenant, function),
                     codec.encode(request),
                     timeout_ms / 1000 + REPLY_GRACE_S,
@@ -171,7 +171,7 @@ class Client:
                     "scheduler",
                     resend,
                 )
-                result = codec.invoke_result.decode(msg.data)
+                result = codec.invoke_result.decode(data)
             except bus.NoResponders:
                 result = ErrorReply(
                     error=Error(code="unavailable", message="no scheduler is running"),
@@ -262,7 +262,7 @@ class Client:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                msg = await self._requester.request(
+                data = await self._requester.request(
                     subjects.VERIFY,
                     codec.encode(request),
                     VERIFY_TIMEOUT_S,
@@ -276,7 +276,7 @@ class Client:
                 await asyncio.sleep(0.2)
             except bus.RequestTimeout:
                 raise ClientError(Error(code="timeout", message="the verifier did not answer")) from None
-        reply = codec.verify_result.decode(msg.data)
+        reply = codec.verify_result.decode(data)
         if isinstance(reply, ErrorReply):
             raise ClientError(reply.error)
         return reply
@@ -306,14 +306,14 @@ class Client:
 
     async def _control(self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder) -> Any:
         try:
-            msg = await self._requester.request(
+            data = await self._requester.request(
                 subject, codec.encode(message), CONTROL_TIMEOUT_S, telemetry.trace_headers(), "scheduler"
             )
         except bus.NoResponders:
             raise ClientError(Error(code="unavailable", message="no scheduler is running")) from None
         except bus.RequestTimeout:
             raise ClientError(Error(code="timeout", message=f"no answer on {subject}")) from None
-        reply = decoder.decode(msg.data)
+        reply = decoder.decode(data)
         if isinstance(reply, ErrorReply):
             raise ClientError(reply.error)
         return reply

@@ -6,9 +6,8 @@ import contextlib
 import os
 from typing import Protocol, Self
 
-from nats.aio.client import Client as NATS
-
 from fabric import bus, metrics
+from fabric.connection import Connection
 from fabric.store import Store
 from fabric.tasks import TaskSet
 from fabric.telemetry import setup_tracing
@@ -56,7 +55,7 @@ class ConnectionSettings(Protocol):
 
 async def open_connections(
     stack: contextlib.AsyncExitStack, name: str, settings: ConnectionSettings
-) -> tuple[NATS, Store, TaskSet]:
+) -> tuple[Connection, Store, TaskSet]:
     """Tracing, metrics, NATS, etcd and a task set, each closed by `stack` after what is
     entered later."""
     provider = setup_tracing(name, settings.state_dir, settings.tracing)

@@ -8,16 +8,16 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import nats
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
+import nats.errors
 
+from fabric.connection import STATUS, Connection, Deliver
 from fabric.tasks import TaskSet
 from schemas import codec, subjects
 from schemas.codec import encode
@@ -43,14 +43,15 @@ class PeerLost(ConnectionError):
     """The peer was declared dead while the request was in flight."""
 
 
-async def connect(url: str, name: str, wait_for_server: bool = True) -> NATS:
+async def connect(url: str, name: str, wait_for_server: bool = True) -> Connection:
     """Connect to NATS. Services wait for the server and reconnect for ever (`wait_for_server`);
     a command-line client fails at once with NoServersError, so the user hears it."""
-    return await nats.connect(
+    nc = Connection()
+    await nc.connect(
         url,
         name=name,
         connect_timeout=2,
-        reconnect_time_wait=0.25,
+        reconnect_time_wait=0.25,  # type: ignore[arg-type]  # typed int, sleeps any float
         max_reconnect_attempts=-1 if wait_for_server else 1,  # 0 would mean "for ever" here too
         allow_reconnect=wait_for_server,
         ping_interval=10,
@@ -59,6 +60,7 @@ async def connect(url: str, name: str, wait_for_server: bool = True) -> NATS:
         # final NoServersError instead.
         error_cb=_log_connection_error if wait_for_server else _ignore_connection_error,
     )
+    return nc
 
 
 async def _log_connection_error(exc: Exception) -> None:
@@ -69,7 +71,7 @@ async def _ignore_connection_error(exc: Exception) -> None:
     pass
 
 
-async def close(nc: NATS) -> None:
+async def close(nc: Connection) -> None:
     """Drain (deliver what is in flight, then close); a connection already closed is fine."""
     if not nc.is_closed:
         try:
@@ -102,6 +104,10 @@ class ReplyTo(msgspec.Struct, frozen=True):
 
 # A handler returns a reply Struct, bytes already encoded (a relayed reply), a ReplyTo, or None.
 Handler = Callable[[Any, Context], Awaitable[msgspec.Struct | bytes | ReplyTo | None]]
+# An inline route's handler: runs as the message is read, returns nothing, never awaits.
+InlineHandler = Callable[[Any, Context], None]
+
+MAX_BACKLOG = 65536  # requests waiting for a free slot; beyond, a service answers `throttled`
 
 
 @dataclass(frozen=True)
@@ -110,99 +116,117 @@ class Route:
 
     subject: str
     decoder: msgspec.msgpack.Decoder
-    handler: Handler
+    handler: Handler | InlineHandler
     queue: str = ""
-    # Inline routes run inside the subscription callback (no task): only for cheap, non-blocking
-    # handlers such as heartbeats, which must stay in order and never reply.
+    # Inline routes run as each message is read (no task): only for cheap handlers that never
+    # await, such as heartbeats, which must stay in order and never reply.
     inline: bool = False
 
 
 @dataclass
 class Server:
-    """The subscriptions of one service; `close()` drains them and waits for running handlers."""
+    """The subscriptions of one service; `close()` drains them and waits for running handlers.
 
-    nc: NATS
+    At most `max_concurrent` handlers run at once; requests beyond wait in arrival order, up to
+    MAX_BACKLOG, and past that are answered `throttled` rather than dropped unheard."""
+
+    nc: Connection
     max_concurrent: int
     tasks: TaskSet = field(default_factory=TaskSet)
     subscriptions: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._slots = asyncio.Semaphore(self.max_concurrent)
+        self._running = 0
+        self._backlog: deque[tuple[Route, bytes, Context]] = deque()
+        self._closing = False
         # batched-replies subject -> (reply tokens, their answers), sent once per loop iteration
         self._batches: dict[str, tuple[list[str], list[bytes]]] = {}
 
     async def serve(self, routes: list[Route]) -> None:
         for route in routes:
-            callback = self._inline_callback(route) if route.inline else self._task_callback(route)
-            sub = await self.nc.subscribe(route.subject, queue=route.queue, cb=callback)
+            sub = await self.nc.subscribe_inline(route.subject, self._deliverer(route), route.queue)
             self.subscriptions.append(sub)
         await self.nc.flush(timeout=5)
 
-    def _inline_callback(self, route: Route) -> Callable[[Msg], Awaitable[None]]:
-        async def callback(msg: Msg) -> None:
-            await self._handle(route, msg, time.monotonic())
+    def _deliverer(self, route: Route) -> Deliver:
+        def deliver(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            ctx = Context(subject=subject, headers=headers, received_at=time.monotonic(), reply=reply)
+            if route.inline:
+                _run_inline(route, data, ctx)
+            elif self._running < self.max_concurrent:
+                self._start(route, data, ctx)
+            else:
+                self._wait_for_a_slot(route, data, ctx)
 
-        return callback
+        return deliver
 
-    def _task_callback(self, route: Route) -> Callable[[Msg], Awaitable[None]]:
-        async def callback(msg: Msg) -> None:
-            received_at = time.monotonic()
-            # Waiting here when saturated pushes back on this subscription instead of piling up tasks.
-            await self._slots.acquire()
-            self.tasks.spawn(self._handle_and_release(route, msg, received_at))
+    def _start(self, route: Route, data: bytes, ctx: Context) -> None:
+        self._running += 1
+        self.tasks.spawn(self._handle_and_release(route, data, ctx))
 
-        return callback
+    def _wait_for_a_slot(self, route: Route, data: bytes, ctx: Context) -> None:
+        if len(self._backlog) < MAX_BACKLOG:
+            self._backlog.append((route, data, ctx))
+            return
+        why = f"{len(self._backlog)} requests are waiting here already"
+        log.warning("refused a request on %s: %s", ctx.subject, why)
+        if ctx.reply:
+            self.nc.publish_now(ctx.reply, encode(ErrorReply(error=Error(code="throttled", message=why))))
 
-    async def _handle_and_release(self, route: Route, msg: Msg, received_at: float) -> None:
+    async def _handle_and_release(self, route: Route, data: bytes, ctx: Context) -> None:
         try:
-            await self._handle(route, msg, received_at)
+            self._answer(await dispatch(route, data, ctx), ctx)
         finally:
-            self._slots.release()
+            self._running -= 1
+            if self._backlog and not self._closing:
+                self._start(*self._backlog.popleft())
 
-    async def _handle(self, route: Route, msg: Msg, received_at: float) -> None:
-        reply = await dispatch(route, msg, received_at)
+    def _answer(self, reply: msgspec.Struct | bytes | ReplyTo | None, ctx: Context) -> None:
         if isinstance(reply, ReplyTo):
             answer = encode(reply.message)
             if not (reply.batch_reply and self._batch(reply.subject, answer)):
-                await self.nc.publish(reply.subject, answer)
-            if reply.batch_ack and msg.reply and self._batch(msg.reply, b""):
+                self.nc.publish_now(reply.subject, answer)
+            if reply.batch_ack and ctx.reply and self._batch(ctx.reply, b""):
                 return
             reply = b""
-        if reply is not None and msg.reply:
-            await self.nc.publish(msg.reply, reply if isinstance(reply, bytes) else encode(reply))
+        if reply is not None and ctx.reply:
+            self.nc.publish_now(ctx.reply, reply if isinstance(reply, bytes) else encode(reply))
 
     def _batch(self, reply: str, body: bytes) -> bool:
         """Queue `body` as the answer to `reply` (False: it goes alone: `reply` has no inbox to
-        share, or `body` is large); the first of a loop iteration starts the sender."""
+        share, or `body` is large); the first of a loop iteration schedules the sending."""
         batch = subjects.batched(reply)
         if batch is None or len(body) > MAX_BATCHED_BODY:
             return False
         if not self._batches:
-            self.tasks.spawn(self._send_batches(), "batched replies")
+            asyncio.get_running_loop().call_soon(self._send_batches)
         tokens, bodies = self._batches.setdefault(batch[0], ([], []))
         tokens.append(batch[1])
         bodies.append(body)
         return True
 
-    async def _send_batches(self) -> None:
+    def _send_batches(self) -> None:
         """Runs after the handlers of this loop iteration: one message per inbox (a lone answer
         goes as the plain reply it would have been)."""
         batches, self._batches = self._batches, {}
         for subject, (tokens, bodies) in batches.items():
             for start, end in split_by_size(bodies, MAX_BATCH_BYTES):
                 try:
-                    await self._send_batch(subject, tokens[start:end], bodies[start:end])
+                    self._send_batch(subject, tokens[start:end], bodies[start:end])
                 except nats.errors.Error as exc:  # one requester's bad subject must not cost the others
                     log.warning("%d replies to %s not sent: %s", end - start, subject, exc)
 
-    async def _send_batch(self, subject: str, tokens: list[str], bodies: list[bytes]) -> None:
+    def _send_batch(self, subject: str, tokens: list[str], bodies: list[bytes]) -> None:
         if len(tokens) == 1:
-            await self.nc.publish(subject.removesuffix(subjects.BATCH_TOKEN) + tokens[0], bodies[0])
+            self.nc.publish_now(subject.removesuffix(subjects.BATCH_TOKEN) + tokens[0], bodies[0])
         else:
-            await self.nc.publish(subject, encode(Replies(tokens=tokens, bodies=bodies)))
+            self.nc.publish_now(subject, encode(Replies(tokens=tokens, bodies=bodies)))
 
     async def close(self, grace_s: float = 0.0) -> None:
-        """Stop taking messages, give running handlers `grace_s` to finish, then cancel the rest."""
+        """Stop taking messages, give running handlers `grace_s` to finish, then cancel the rest
+        (requests still waiting for a slot are dropped: their callers' deadlines will tell)."""
+        self._closing = True
+        self._backlog.clear()
         for sub in self.subscriptions:
             try:
                 await sub.unsubscribe()
@@ -227,22 +251,30 @@ def split_by_size(bodies: list[bytes], max_bytes: int) -> list[tuple[int, int]]:
     return ranges
 
 
-async def dispatch(route: Route, msg: Msg, received_at: float) -> msgspec.Struct | bytes | ReplyTo | None:
+async def dispatch(route: Route, data: bytes, ctx: Context) -> msgspec.Struct | bytes | ReplyTo | None:
     """Decode, call the handler, and turn every failure into a structured error reply."""
     try:
-        request = route.decoder.decode(msg.data)
+        request = route.decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return ErrorReply(
-            error=Error(code="bad_request", message=f"malformed message on {msg.subject}: {exc}")
+            error=Error(code="bad_request", message=f"malformed message on {ctx.subject}: {exc}")
         )
-    ctx = Context(subject=msg.subject, headers=msg.headers, received_at=received_at, reply=msg.reply)
     try:
-        return await route.handler(request, ctx)
+        return await route.handler(request, ctx)  # type: ignore[misc]  # not an inline route
     except Exception as exc:
         invocation_id = getattr(request, "invocation_id", "")
-        log.exception("handler for %s failed (invocation %s)", msg.subject, invocation_id or "-")
+        log.exception("handler for %s failed (invocation %s)", ctx.subject, invocation_id or "-")
         error = Error(code="internal", message=f"internal error: {type(exc).__name__}: {exc}")
         return ErrorReply(error=error, invocation_id=invocation_id)
+
+
+def _run_inline(route: Route, data: bytes, ctx: Context) -> None:
+    try:
+        request = route.decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("malformed message on %s: %s", ctx.subject, exc)
+        return
+    route.handler(request, ctx)
 
 
 @dataclass(frozen=True)
@@ -269,7 +301,7 @@ class _Copies(msgspec.Struct):
 class _Waiting(msgspec.Struct):
     """One request waiting for its reply."""
 
-    future: "asyncio.Future[Msg]"
+    future: "asyncio.Future[bytes]"
     peer: str
     deadline: float  # loop time
     copies: _Copies | None = None
@@ -284,14 +316,13 @@ class Requester:
     every request waiting on it fails at once with PeerLost and can be retried elsewhere.
     """
 
-    def __init__(self, nc: NATS):
+    def __init__(self, nc: Connection):
         self._nc = nc
         self._prefix = ""
         self._subscribed: asyncio.Future[None] | None = None
         self._ids = itertools.count()
         self._pending: dict[str, _Waiting] = {}
         self._by_peer: dict[str, set[str]] = defaultdict(set)
-        self._resends = TaskSet()
 
     async def start(self) -> None:
         """Subscribe to the shared inbox (once, however many callers race to the first request)."""
@@ -301,7 +332,7 @@ class Requester:
 
     async def _subscribe(self) -> None:
         prefix = self._nc.new_inbox() + "."
-        await self._nc.subscribe(prefix + "*", cb=self._on_reply)
+        await self._nc.subscribe_inline(prefix + "*", self._on_reply)
         self._prefix = prefix
 
     def in_flight(self, peer: str) -> int:
@@ -315,8 +346,8 @@ class Requester:
         headers: dict[str, str] | None,
         peer: str,
         resend: "Resend | None" = None,
-    ) -> Msg:
-        """The first reply. With `resend`, the request is sent again (with the same reply
+    ) -> bytes:
+        """The first reply's body. With `resend`, the request is sent again (with the same reply
         subject, so any copy's answer counts) while none has come: the peer may have died."""
         if timeout_s <= 0:
             raise RequestTimeout(f"no time left to ask {peer}")
@@ -333,7 +364,7 @@ class Requester:
         self._by_peer[peer].add(token)
         self._arm(loop, token, waiting)
         try:
-            await self._nc.publish(subject, data, reply=reply, headers=headers)
+            self._nc.publish_now(subject, data, reply, headers)
             return await waiting.future
         finally:
             if waiting.timer is not None:
@@ -362,8 +393,10 @@ class Requester:
         if copy is None:
             waiting.copies = None  # no more copies: wait out the deadline
         else:
-            again = self._nc.publish(copies.subject, copy, reply=copies.reply, headers=copies.headers)
-            self._resends.spawn(again, f"resend {copies.attempt}")
+            try:
+                self._nc.publish_now(copies.subject, copy, copies.reply, copies.headers)
+            except nats.errors.Error as exc:  # not sent: the deadline still stands, or the next copy
+                log.warning("copy %d to %s not sent: %s", copies.attempt, waiting.peer, exc)
             copies.attempt += 1
             copies.after_s *= 2
             copies.at = loop.time() + copies.after_s
@@ -381,27 +414,27 @@ class Requester:
         if waiting is not None and not waiting.future.done():
             waiting.future.set_exception(exc)
 
-    async def _on_reply(self, msg: Msg) -> None:
-        token = msg.subject[len(self._prefix) :]
+    def _on_reply(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        token = subject[len(self._prefix) :]
         if token == subjects.BATCH_TOKEN:
-            self._on_batch(msg)
+            self._on_batch(subject, data)
             return
         waiting = self._pending.get(token)
         if waiting is None or waiting.future.done():
             return  # late reply after a timeout or peer loss: the caller has moved on
-        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+        if headers and headers.get(STATUS) == NO_RESPONDERS_STATUS:
             waiting.future.set_exception(NoResponders(f"{waiting.peer} has no subscriber"))
         else:
-            waiting.future.set_result(msg)
+            waiting.future.set_result(data)
 
-    def _on_batch(self, msg: Msg) -> None:
+    def _on_batch(self, subject: str, data: bytes) -> None:
         """Answers to several requests in one message (see `Server._batch`)."""
         try:
-            batch = codec.replies.decode(msg.data)
+            batch = codec.replies.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("malformed batched replies on %s: %s", msg.subject, exc)
+            log.warning("malformed batched replies on %s: %s", subject, exc)
             return
         for token, body in zip(batch.tokens, batch.bodies, strict=False):
             waiting = self._pending.get(token)
             if waiting is not None and not waiting.future.done():
-                waiting.future.set_result(Msg(self._nc, self._prefix + token, data=body))
+                waiting.future.set_result(body)

@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
-from nats.aio.client import Client as NATS
 
 from fabric import bus, metrics, telemetry
+from fabric.connection import Connection
 from fabric.store import LeasedKey, Store
 from fabric.tracing import NoScope, Scope
 from schemas import codec, keys, subjects
@@ -64,7 +64,7 @@ def register(
 
 
 async def send_heartbeats(
-    nc: NATS, node_id: str, beat: Callable[[int], Heartbeat], interval_s: float
+    nc: Connection, node_id: str, beat: Callable[[int], Heartbeat], interval_s: float
 ) -> None:
     seq = 0
     while True:

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
-from nats.aio.client import Client as NATS
 
 from fabric import bus, nodes, telemetry
+from fabric.connection import Connection
 from scheduler import framework, keepalive, plugins, shares
 from scheduler.admission import Blocked, FunctionKey, Running, decrement, increment
 from scheduler.settings import SchedulerSettings
@@ -62,7 +62,7 @@ class Invoker:
     def __init__(
         self,
         settings: SchedulerSettings,
-        nc: NATS,
+        nc: Connection,
         view: ClusterView,
         requester: bus.Requester,
         replicas: Callable[[], shares.Replicas],
@@ -319,7 +319,7 @@ class Invoker:
         increment(held, node_id)
         increment(per_key, (node_id, key))
         try:
-            msg = await self._requester.request(
+            data = await self._requester.request(
                 subjects.node_invoke(node_id),
                 codec.encode(message),
                 message.timeout_ms / 1000,
@@ -339,21 +339,21 @@ class Invoker:
             decrement(held, node_id)
             decrement(per_key, (node_id, key))
             self.queue.wake(CAPACITY)
-        if is_error_reply(msg.data):
-            result = codec.invoke_result.decode(msg.data)
+        if is_error_reply(data):
+            result = codec.invoke_result.decode(data)
             if result.error.code in nodes.SCHEDULER_RETRIES:
                 raise TryElsewhere(f"{node_id}: {result.error.message}")
         self._view.ran(node_id, key)
         # An empty acknowledgement: the node answered the caller itself. Otherwise relay the
         # reply as the node encoded it (no decoding or re-encoding on the hot path).
-        return msg.data or None
+        return data or None
 
     async def _where_is(self, req: InvokeRequest) -> str | None:
         """The caller sent this invocation before and heard nothing: its first scheduler may have
         died after forwarding it. A node that has it answers; it is sent there again, and that
         node answers from the running (or finished) invocation instead of running it twice."""
         try:
-            msg = await self._requester.request(
+            data = await self._requester.request(
                 subjects.WHERE_IS,
                 codec.encode(WhereIs(invocation_id=req.invocation_id)),
                 self.settings.where_is_timeout_ms / 1000,
@@ -362,7 +362,7 @@ class Invoker:
             )
         except (bus.RequestTimeout, bus.NoResponders):
             return None
-        node = codec.have_it.decode(msg.data).node_id
+        node = codec.have_it.decode(data).node_id
         log.info("invocation %s (attempt %d) is already on %s", req.invocation_id, req.attempt, node)
         return node
 

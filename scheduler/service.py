@@ -9,10 +9,10 @@ import time
 
 import msgspec
 import nats
-from nats.aio.client import Client as NATS
 
 from fabric import bus, metrics, telemetry
 from fabric.bundles import BundleStore
+from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
 from scheduler import shares, state
 from scheduler.invoke import Invoker, error
@@ -49,7 +49,7 @@ def program_digest_of(program: ApprovedProgram) -> str:
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerSettings, nc: NATS, store: Store, bundles: BundleStore):
+    def __init__(self, settings: SchedulerSettings, nc: Connection, store: Store, bundles: BundleStore):
         self.settings = settings
         self.view = ClusterView()
         self._store = store
@@ -218,14 +218,14 @@ class Scheduler:
 
     # --- heartbeats ---
 
-    async def on_heartbeat(self, hb: Heartbeat, ctx: bus.Context) -> None:
+    def on_heartbeat(self, hb: Heartbeat, ctx: bus.Context) -> None:
         self.view.on_heartbeat(hb, ctx.received_at)
         self._heartbeat_seen.set()
         self.invoker.queue.wake_all(("capacity",))  # the node's partitions or memory may have room now
 
     # --- the other replicas ---
 
-    async def on_replica_beat(self, beat: ReplicaBeat, ctx: bus.Context) -> None:
+    def on_replica_beat(self, beat: ReplicaBeat, ctx: bus.Context) -> None:
         known = beat.scheduler_id in self.replica_beats
         self.replica_beats[beat.scheduler_id] = (beat, ctx.received_at)
         if not known:
@@ -386,12 +386,12 @@ class Scheduler:
 
     async def _node_maps(self, node_id: str, req: ebpf.MapsRequest) -> list[ebpf.MapDump]:
         try:
-            msg = await self._requester.request(
+            data = await self._requester.request(
                 subjects.node_maps(node_id), codec.encode(req), 5.0, None, node_id
             )
         except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout):
             return []  # a node that cannot answer has nothing to show
-        reply = codec.maps_result.decode(msg.data)
+        reply = codec.maps_result.decode(data)
         return reply.maps if isinstance(reply, ebpf.MapsReply) else []
 
     async def on_list(self, req: ListFunctions, ctx: bus.Context) -> FunctionList | ErrorReply:

@@ -6,23 +6,23 @@ from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from deploy import launcher
 from fabric import bus
+from fabric.connection import Connection
 from schemas import codec, subjects
 from tests.integration.conftest import wait_until
 
 
 @pytest.fixture
-async def nc(cluster: launcher.ClusterInfo) -> AsyncIterator[NATS]:
+async def nc(cluster: launcher.ClusterInfo) -> AsyncIterator[Connection]:
     conn = await bus.connect(cluster.nats_url, "test-bus")
     yield conn
     await conn.close()
 
 
-async def responder(nc: NATS, subject: str, answer_copy: int | None) -> list[tuple[float, bytes]]:
+async def responder(nc: Connection, subject: str, answer_copy: int | None) -> list[tuple[float, bytes]]:
     """Records each copy it gets (arrival time, body); answers the `answer_copy`-th (1-based)."""
     seen: list[tuple[float, bytes]] = []
 
@@ -36,13 +36,13 @@ async def responder(nc: NATS, subject: str, answer_copy: int | None) -> list[tup
     return seen
 
 
-async def test_a_request_gets_its_reply(nc: NATS, tenant: str) -> None:
+async def test_a_request_gets_its_reply(nc: Connection, tenant: str) -> None:
     await responder(nc, f"{tenant}.echo", answer_copy=1)
     reply = await bus.Requester(nc).request(f"{tenant}.echo", b"hi", 2.0, None, "peer")
-    assert reply.data == b"answer to hi"
+    assert reply == b"answer to hi"
 
 
-async def test_an_unanswered_request_times_out_at_its_deadline(nc: NATS, tenant: str) -> None:
+async def test_an_unanswered_request_times_out_at_its_deadline(nc: Connection, tenant: str) -> None:
     seen = await responder(nc, f"{tenant}.silent", answer_copy=None)
     started = time.monotonic()
     with pytest.raises(bus.RequestTimeout):
@@ -51,12 +51,12 @@ async def test_an_unanswered_request_times_out_at_its_deadline(nc: NATS, tenant:
     assert len(seen) == 1, "without resend the request is sent once"
 
 
-async def test_copies_go_out_after_the_wait_then_doubling_until_answered(nc: NATS, tenant: str) -> None:
+async def test_copies_go_out_after_the_wait_then_doubling_until_answered(nc: Connection, tenant: str) -> None:
     seen = await responder(nc, f"{tenant}.late", answer_copy=3)
     resend = bus.Resend(0.1, lambda n: f"copy {n}".encode())
     started = time.monotonic()
     reply = await bus.Requester(nc).request(f"{tenant}.late", b"copy 1", 5.0, None, "peer", resend)
-    assert reply.data == b"answer to copy 3"
+    assert reply == b"answer to copy 3"
     assert [body for _, body in seen] == [b"copy 1", b"copy 2", b"copy 3"]
     first_copy, second_copy = (at - started for at, _ in seen[1:])
     # timers never fire early; a loaded machine may run them late
@@ -64,7 +64,9 @@ async def test_copies_go_out_after_the_wait_then_doubling_until_answered(nc: NAT
     assert 0.19 <= second_copy - first_copy < 0.35, "the next after twice the wait"
 
 
-async def test_copies_stop_when_the_sender_says_so_and_the_deadline_holds(nc: NATS, tenant: str) -> None:
+async def test_copies_stop_when_the_sender_says_so_and_the_deadline_holds(
+    nc: Connection, tenant: str
+) -> None:
     seen = await responder(nc, f"{tenant}.never", answer_copy=None)
     resend = bus.Resend(0.05, lambda n: b"copy" if n <= 2 else None)
     with pytest.raises(bus.RequestTimeout):
@@ -72,7 +74,7 @@ async def test_copies_stop_when_the_sender_says_so_and_the_deadline_holds(nc: NA
     assert [body for _, body in seen] == [b"first", b"copy"]
 
 
-async def test_losing_the_peer_fails_its_requests_at_once(nc: NATS, tenant: str) -> None:
+async def test_losing_the_peer_fails_its_requests_at_once(nc: Connection, tenant: str) -> None:
     await responder(nc, f"{tenant}.held", answer_copy=None)
     requester = bus.Requester(nc)
     waiting = [
@@ -86,7 +88,7 @@ async def test_losing_the_peer_fails_its_requests_at_once(nc: NATS, tenant: str)
     assert requester.in_flight("node-a") == 0
 
 
-async def test_nobody_listening_is_reported_at_once(nc: NATS, tenant: str) -> None:
+async def test_nobody_listening_is_reported_at_once(nc: Connection, tenant: str) -> None:
     started = time.monotonic()
     with pytest.raises(bus.NoResponders):
         await bus.Requester(nc).request(f"{tenant}.nobody", b"x", 5.0, None, "peer")
@@ -105,7 +107,7 @@ class Ping(msgspec.Struct, frozen=True):
     pad: bytes = b""
 
 
-async def serve_answering_elsewhere(nc: NATS, subject: str, answers_to: str = "") -> bus.Server:
+async def serve_answering_elsewhere(nc: Connection, subject: str, answers_to: str = "") -> bus.Server:
     """A service whose handler answers a third party and only acknowledges the requester, the
     way nodes answer callers directly and acknowledge the scheduler (in batches, when asked).
     With `answers_to` (a Requester's inbox prefix) the answers go there, batched too, each to
@@ -121,7 +123,7 @@ async def serve_answering_elsewhere(nc: NATS, subject: str, answers_to: str = ""
     return server
 
 
-async def test_acknowledgements_to_one_requester_go_in_batches(nc: NATS, tenant: str) -> None:
+async def test_acknowledgements_to_one_requester_go_in_batches(nc: Connection, tenant: str) -> None:
     server = await serve_answering_elsewhere(nc, f"{tenant}.svc")
     requester = bus.Requester(nc)
     await requester.start()
@@ -133,7 +135,7 @@ async def test_acknowledgements_to_one_requester_go_in_batches(nc: NATS, tenant:
     calls = [requester.request(f"{tenant}.svc", codec.encode(Ping(n)), 5.0, None, "svc") for n in range(200)]
     replies = await asyncio.gather(*calls)
 
-    assert [r.data for r in replies] == [b""] * 200, "every request acknowledged, empty"
+    assert replies == [b""] * 200, "every request acknowledged, empty"
     assert 0 < len(batches) < 200, "fewer messages than acknowledgements"
     decoded = [codec.replies.decode(body) for body in batches]
     tokens = [t for batch in decoded for t in batch.tokens]
@@ -143,23 +145,25 @@ async def test_acknowledgements_to_one_requester_go_in_batches(nc: NATS, tenant:
     await server.close()
 
 
-async def test_a_lone_acknowledgement_is_a_plain_empty_reply(nc: NATS, tenant: str) -> None:
+async def test_a_lone_acknowledgement_is_a_plain_empty_reply(nc: Connection, tenant: str) -> None:
     server = await serve_answering_elsewhere(nc, f"{tenant}.one")
     reply = await nc.request(f"{tenant}.one", codec.encode(Ping(1)), timeout=5)  # nats-py's own request
     assert reply.data == b""
     await server.close()
 
 
-async def test_malformed_acknowledgements_are_ignored(nc: NATS, tenant: str) -> None:
+async def test_malformed_acknowledgements_are_ignored(nc: Connection, tenant: str) -> None:
     await responder(nc, f"{tenant}.after", answer_copy=1)
     requester = bus.Requester(nc)
     await requester.start()
     await nc.publish(f"{requester._prefix}{subjects.BATCH_TOKEN}", b"\xc1 not msgpack")
     reply = await requester.request(f"{tenant}.after", b"still", 2.0, None, "peer")
-    assert reply.data == b"answer to still"
+    assert reply == b"answer to still"
 
 
-async def test_a_reply_subject_of_one_token_gets_its_acknowledgement_alone(nc: NATS, tenant: str) -> None:
+async def test_a_reply_subject_of_one_token_gets_its_acknowledgement_alone(
+    nc: Connection, tenant: str
+) -> None:
     server = await serve_answering_elsewhere(nc, f"{tenant}.plain")
     inbox = f"{tenant}-plain-inbox"  # no dot: no inbox prefix to batch under
     acknowledged: list[bytes] = []
@@ -169,7 +173,7 @@ async def test_a_reply_subject_of_one_token_gets_its_acknowledgement_alone(nc: N
     await server.close()
 
 
-async def test_answers_to_one_inbox_go_in_batches_each_to_its_request(nc: NATS, tenant: str) -> None:
+async def test_answers_to_one_inbox_go_in_batches_each_to_its_request(nc: Connection, tenant: str) -> None:
     """What a node does for a client that reads batches: the answers of one loop iteration to
     that client's inbox travel in one message; each request gets its own."""
     callers = bus.Requester(nc)
@@ -188,13 +192,15 @@ async def test_answers_to_one_inbox_go_in_batches_each_to_its_request(nc: NATS, 
     )
     answers = await asyncio.gather(*waiting)
 
-    assert [a.data for a in acks] == [b""] * 100
-    assert [msgspec.msgpack.decode(a.data, type=Ping).n for a in answers] == list(range(100))
+    assert acks == [b""] * 100
+    assert [msgspec.msgpack.decode(a, type=Ping).n for a in answers] == list(range(100))
     assert 0 < len(batches) < 100 + len(acks), "answers shared messages"
     await server.close()
 
 
-async def test_many_large_answers_all_arrive_each_message_under_the_limit(nc: NATS, tenant: str) -> None:
+async def test_many_large_answers_all_arrive_each_message_under_the_limit(
+    nc: Connection, tenant: str
+) -> None:
     """100 answers of 10 KB each (batched: under the per-answer limit; how a batch is split by
     size is tested in tests/unit/test_bus_batches.py)."""
     callers = bus.Requester(nc)
@@ -211,7 +217,7 @@ async def test_many_large_answers_all_arrive_each_message_under_the_limit(nc: NA
     await asyncio.gather(*(scheduler.request(f"{tenant}.big", p, 5.0, None, "svc") for p in pings))
     answers = await asyncio.gather(*waiting)
 
-    assert [msgspec.msgpack.decode(a.data, type=Ping).n for a in answers] == list(range(100))
+    assert [msgspec.msgpack.decode(a, type=Ping).n for a in answers] == list(range(100))
     assert batches, "the answers went batched"
     assert max(len(body) for body in batches) <= 256 * 1024 + 16 * 1024, "each message under the limit"
     await server.close()
