@@ -2,10 +2,11 @@
 
 Runs N warm invocations at a fixed number in flight against a local cluster and reads every
 process's CPU time (utime + stime from /proc/<pid>/stat) before and after; the client's own
-from getrusage. With `--raw` the same for raw nats-py request-reply against the echo responder,
-the baseline `bench.warm_invoke` compares with.
+from getrusage. Beside it the same for raw nats-py request-reply against the echo responder,
+the baseline `bench.warm_invoke` and `bench.ebpf` compare with. `--path host` invokes a python
+echo function on host nodes; `--path dpu` the eBPF packet counter on a DPU node (as root).
 
-    .venv/bin/python -m bench.cpu_split [--requests 20000] [--in-flight 64] [--tracing off]
+    .venv/bin/python -m bench.cpu_split [--path host|dpu] [--requests 20000] [--in-flight 64] [--tracing off]
 """
 
 import argparse
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import uvloop
 
-from bench.warm_invoke import SUBJECT, e2e_round, prepare, raw_round, round_arguments
+from bench.ebpf import counter_call, deploy_counter, dpu_cluster
+from bench.warm_invoke import SUBJECT, e2e_round, measure, prepare, raw_round, round_arguments
+from cli.client import Client
 from deploy import launcher
 from fabric import telemetry
 
@@ -79,30 +82,55 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="hetfaas-bench-") as tmp:
         work = Path(tmp)
         tracing = args.tracing == "on"
-        info = launcher.up(
-            work / "state",
-            hosts=args.hosts,
-            scheduler_overrides={"tracing": tracing},
-            host_overrides={"tracing": tracing},
-        )
+        info = start_cluster(work, args, tracing)
         responder = subprocess.Popen(
             [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
         )
         try:
             assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
-            uvloop.run(prepare(info.nats_url, work, args.concurrency, args.hosts))
             url, n, k = info.nats_url, args.requests, args.in_flight
+            if args.path == "dpu":
+                uvloop.run(prepare_dpu(url, work))
+                e2e = lambda: dpu_round(url, n, k)  # noqa: E731
+            else:
+                uvloop.run(prepare(url, work, args.concurrency, args.hosts))
+                e2e = lambda: e2e_round(url, payload, n, k)  # noqa: E731
             raw = measured(lambda: raw_round(url, payload, n, k), n)
             if tracing:  # the client traces too, as `hetfaas invoke` does
                 telemetry.setup_tracing("bench-client", info.state_dir, True)
             try:
-                return {"raw": raw, "e2e": measured(lambda: e2e_round(url, payload, n, k), n)}
+                return {"raw": raw, "e2e": measured(e2e, n)}
             finally:
                 telemetry.stop_tracing()
         finally:
             responder.terminate()
             responder.wait()
             launcher.stop(info)
+
+
+def start_cluster(work: Path, args: argparse.Namespace, tracing: bool) -> launcher.ClusterInfo:
+    if args.path == "dpu":
+        return dpu_cluster(work, tracing)
+    traced = {"tracing": tracing}
+    return launcher.up(work / "state", hosts=args.hosts, scheduler_overrides=traced, host_overrides=traced)
+
+
+async def prepare_dpu(url: str, work: Path) -> None:
+    client = await Client.connect(url, "bench-setup")
+    try:
+        await deploy_counter(client, work)
+    finally:
+        await client.close()
+
+
+async def dpu_round(url: str, requests: int, in_flight: int) -> dict:
+    client = await Client.connect(url, "bench")
+    try:
+        call = counter_call(client, bytes(64), [])
+        await measure(call, 300, in_flight)  # warm-up: the program loaded
+        return await measure(call, requests, in_flight)
+    finally:
+        await client.close()
 
 
 def report(split: dict[str, dict[str, float]]) -> str:
@@ -123,6 +151,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--hosts", type=int, default=2)
     parser.add_argument("--tracing", choices=("on", "off"), default="off")
+    parser.add_argument("--path", choices=("host", "dpu"), default="host")
     print(report(run(parser.parse_args())))
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
@@ -156,32 +157,49 @@ def _strict_raw_load(raw: bytes) -> float:
     return elapsed
 
 
-async def part_invoke(work: Path, requests: int, repeat: int, tracing: bool) -> list[str]:
+def dpu_cluster(work: Path, tracing: bool) -> launcher.ClusterInfo:
+    """A scheduler, a verifier and one DPU node (no hosts)."""
     traced = {"tracing": tracing}
-    info = launcher.up(
+    return launcher.up(
         work / "state", hosts=0, verifiers=1, dpus=1, scheduler_overrides=traced, dpu_overrides=traced
     )
+
+
+async def deploy_counter(client: Client, work: Path) -> None:
+    """The packet counter (XDP_PASS and a map update per packet), verified, signed and deployed."""
+    fn = work / "counter"
+    fn.mkdir()
+    (fn / "prog.o").write_bytes(bpf_builder(fn)("counter", COUNTER))
+    (fn / "function.toml").write_text(
+        'name = "counter"\ntenant = "bench"\nruntime = "ebpf"\n[ebpf]\nobject = "prog.o"\n'
+    )
+    await client.wait_until_ready(1, timeout_s=30)
+    await client.deploy(fn)
+
+
+def counter_call(client: Client, packet: bytes, run_ns: list[int]) -> Callable[[], Awaitable[None]]:
+    """One DPU invocation of the counter; the kernel's own measure of its run goes to `run_ns`."""
+
+    async def call() -> None:
+        outcome = await client.invoke("bench", "counter", packet, timeout_ms=10_000)
+        assert outcome.ok and outcome.reply.retval == 2, outcome.error
+        run_ns.append(outcome.reply.run_ns or 0)
+
+    return call
+
+
+async def part_invoke(work: Path, requests: int, repeat: int, tracing: bool) -> list[str]:
+    info = dpu_cluster(work, tracing)
     responder = subprocess.Popen(  # noqa: ASYNC220 - set-up before anything is measured
         [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
     )
     try:
         assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
         client = await Client.connect(info.nats_url, "bench-ebpf")
-        fn = work / "counter"
-        fn.mkdir()
-        (fn / "prog.o").write_bytes(bpf_builder(fn)("counter", COUNTER))
-        (fn / "function.toml").write_text(
-            'name = "counter"\ntenant = "bench"\nruntime = "ebpf"\n[ebpf]\nobject = "prog.o"\n'
-        )
-        await client.wait_until_ready(1, timeout_s=30)
-        await client.deploy(fn)
+        await deploy_counter(client, work)
         packet = bytes(64)
         run_ns: list[int] = []  # the kernel's own measure of each run, as the DPU node reports it
-
-        async def call() -> None:
-            outcome = await client.invoke("bench", "counter", packet, timeout_ms=10_000)
-            assert outcome.ok and outcome.reply.retval == 2, outcome.error
-            run_ns.append(outcome.reply.run_ns or 0)
+        call = counter_call(client, packet, run_ns)
 
         lines = [
             "ratio: the median of the rounds' ratios (each DPU round against the raw round just before "

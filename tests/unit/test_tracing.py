@@ -1,6 +1,7 @@
 """The tracer: trace context, samplers, unsampled spans, OTLP/JSON export."""
 
 import json
+import threading
 
 from fabric.tracing import (
     BatchExporter,
@@ -135,3 +136,47 @@ def test_repeated_attributes_keep_their_types() -> None:
         {"stringValue": "1"},
         {"boolValue": True},
     ]
+
+
+def finished_span(name: str) -> Span:
+    span = Span(name, 1, 0, True)
+    span.end_ns = span.start_ns + 1
+    return span
+
+
+def test_a_full_batch_is_encoded_at_once_and_written_off_the_producing_thread() -> None:
+    writes: list[tuple[str, list[str]]] = []
+    written = threading.Event()
+
+    def write(body: bytes) -> None:
+        writes.append((threading.current_thread().name, [s["name"] for s in exported([json.loads(body)])]))
+        written.set()
+
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "600000", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "3"}
+    exporter = BatchExporter("svc", write, env)
+    for name in ("a", "b", "c", "d"):
+        exporter.add(finished_span(name))
+    assert written.wait(10), "a full batch does not wait out the 10-minute delay"
+    assert writes[0] == ("span-export-svc", ["a", "b", "c"])
+    exporter.shutdown()
+    assert [name for _, names in writes for name in names] == ["a", "b", "c", "d"], "the rest follows"
+    assert {thread for thread, _ in writes} == {"span-export-svc"}
+
+
+def test_a_failing_writer_costs_its_batch_and_a_slow_one_bounded_memory() -> None:
+    release, calls = threading.Event(), []
+
+    def write(body: bytes) -> None:
+        calls.append(len(exported([json.loads(body)])))
+        if len(calls) == 1:
+            raise OSError("backend down")
+        release.wait(10)  # a backend that hangs
+
+    env = {"OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2"}
+    exporter = BatchExporter("svc", write, env)
+    for name in "abcdefghijklmnop":
+        exporter.add(finished_span(name))
+    release.set()
+    exporter.shutdown()
+    assert calls[0] == 2 and sum(calls) + exporter.dropped == 16, "every span written or counted dropped"
+    assert exporter.dropped > 0, "what the hung writer could not take was dropped, not queued without end"
