@@ -16,7 +16,8 @@ class DpuNode:
 
     def routes(self) -> list[bus.Route]:
         return [
-            bus.Route(subjects.node_invoke(self.node_id), codec.node_invoke, self.on_invoke),
+            # A warm invocation runs its program and answers without waiting on anything.
+            bus.Route(subjects.node_invoke(self.node_id), codec.node_invoke, self.on_invoke, eager=True),
             bus.Route(subjects.node_maps(self.node_id), codec.maps_request, self.on_maps),
             self.once.route(),
         ]

@@ -121,6 +121,9 @@ class Route:
     # Inline routes run as each message is read (no task): only for cheap handlers that never
     # await, such as heartbeats, which must stay in order and never reply.
     inline: bool = False
+    # Eager routes start their handler at once and take a task only if it waits: for handlers
+    # that usually finish without waiting (see TaskSet.spawn_eagerly).
+    eager: bool = False
 
 
 @dataclass
@@ -162,7 +165,11 @@ class Server:
 
     def _start(self, route: Route, data: bytes, ctx: Context) -> None:
         self._running += 1
-        self.tasks.spawn(self._handle_and_release(route, data, ctx))
+        handling = self._handle_and_release(route, data, ctx)
+        if route.eager:
+            self.tasks.spawn_eagerly(handling, ctx.subject)
+        else:
+            self.tasks.spawn(handling)
 
     def _wait_for_a_slot(self, route: Route, data: bytes, ctx: Context) -> None:
         if len(self._backlog) < MAX_BACKLOG:

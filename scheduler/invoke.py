@@ -238,19 +238,24 @@ class Invoker:
                 prewarm_after_ms=prewarm_ms,
                 trigger=req.trigger,
             )
-            traced = {
-                "hetfaas.node": node_id,
-                "hetfaas.attempt": message.attempt,
-                "hetfaas.placement": why_here,
-            }
-            with telemetry.span(
-                "scheduler.attempt", kind=telemetry.SpanKind.CLIENT, attributes=traced
-            ) as span:
-                try:
+            try:
+                if not telemetry.enabled():
                     return await self._forward(node_id, message, key)
-                except TryElsewhere as exc:
-                    attempts.failures.append(str(exc))
-                    span.set_error(str(exc))
+                return await self._traced_forward(node_id, message, key, why_here)
+            except TryElsewhere as exc:
+                attempts.failures.append(str(exc))
+
+    async def _traced_forward(
+        self, node_id: str, message: NodeInvoke, key: str, why_here: "str | Explanation"
+    ) -> ErrorReply | bytes | None:
+        """`_forward` in a span of its own: a retry is the failed attempt's sibling."""
+        traced = {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt, "hetfaas.placement": why_here}
+        with telemetry.span("scheduler.attempt", kind=telemetry.SpanKind.CLIENT, attributes=traced) as span:
+            try:
+                return await self._forward(node_id, message, key)
+            except TryElsewhere as exc:
+                span.set_error(str(exc))
+                raise
 
     async def _next_node(
         self,

@@ -135,6 +135,8 @@ class Scheduler:
     # --- invoke ---
 
     async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
+        if not telemetry.enabled():
+            return await self._invoke(req, ctx)
         with telemetry.span(
             "scheduler.invoke",
             parent=ctx.headers,

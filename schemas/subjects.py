@@ -1,5 +1,7 @@
 """The subject table. Nobody writes a subject string anywhere else (DESIGN.md §3)."""
 
+from functools import lru_cache
+
 SCHEDULER_QUEUE = "hetfaas-scheduler"
 VERIFIER_QUEUE = "hetfaas-verifier"
 BUNDLE_BUCKET = "hetfaas-bundles"
@@ -22,6 +24,7 @@ def invoke(tenant: str, function: str) -> str:
     return f"hetfaas.invoke.{tenant}.{function}"
 
 
+@lru_cache(maxsize=4096)  # checked on every invocation; the subjects in use are few
 def parse_invoke(subject: str) -> tuple[str, str] | None:
     parts = subject.split(".")
     if len(parts) != 4 or parts[:2] != ["hetfaas", "invoke"]:
