@@ -151,7 +151,6 @@ class Client:
             function=function,
             payload=payload,
             timeout_ms=timeout_ms,
-            batch_replies=True,  # our Requester reads them
         )
         started = time.monotonic()
         with telemetry.span(

@@ -27,8 +27,7 @@ from schemas.messages import ErrorReply, Replies
 log = logging.getLogger(__name__)
 
 NO_RESPONDERS_STATUS = "503"
-MAX_BATCHED_BODY = 16 * 1024  # answers larger than this go alone
-MAX_BATCH_BYTES = 256 * 1024  # a batch of answers is split to stay far under NATS's max_payload
+MAX_ACKS_PER_MESSAGE = 4096  # a batch of acknowledgements stays far under NATS's max_payload
 
 
 class RequestTimeout(asyncio.TimeoutError):
@@ -93,12 +92,11 @@ class Context(msgspec.Struct, frozen=True, kw_only=True):
 class ReplyTo(msgspec.Struct, frozen=True):
     """A handler's answer that goes to a third party: `message` to `subject`, then an empty
     acknowledgement to the requester (the scheduler lets nodes answer clients directly). With
-    `batch_reply` / `batch_ack` the answer / the acknowledgement joins the others of this loop
-    iteration to the same inbox, in one `Replies` message (its reader said it reads them)."""
+    `batch_ack` the acknowledgement joins the others of this loop iteration to the same inbox,
+    in one `Replies` message (its reader said it reads them)."""
 
     subject: str
     message: msgspec.Struct
-    batch_reply: bool = False
     batch_ack: bool = False
 
 
@@ -142,8 +140,8 @@ class Server:
         self._running = 0
         self._backlog: deque[tuple[Route, bytes, Context]] = deque()
         self._closing = False
-        # batched-replies subject -> (reply tokens, their answers), sent once per loop iteration
-        self._batches: dict[str, tuple[list[str], list[bytes]]] = {}
+        # batched-replies subject -> the reply tokens acknowledged, sent once per loop iteration
+        self._acks: dict[str, list[str]] = {}
 
     async def serve(self, routes: list[Route]) -> None:
         for route in routes:
@@ -190,44 +188,38 @@ class Server:
 
     def _answer(self, reply: msgspec.Struct | bytes | ReplyTo | None, ctx: Context) -> None:
         if isinstance(reply, ReplyTo):
-            answer = encode(reply.message)
-            if not (reply.batch_reply and self._batch(reply.subject, answer)):
-                self.nc.publish_now(reply.subject, answer)
-            if reply.batch_ack and ctx.reply and self._batch(ctx.reply, b""):
+            self.nc.publish_now(reply.subject, encode(reply.message))
+            if reply.batch_ack and ctx.reply and self._batch_ack(ctx.reply):
                 return
             reply = b""
         if reply is not None and ctx.reply:
             self.nc.publish_now(ctx.reply, reply if isinstance(reply, bytes) else encode(reply))
 
-    def _batch(self, reply: str, body: bytes) -> bool:
-        """Queue `body` as the answer to `reply` (False: it goes alone: `reply` has no inbox to
-        share, or `body` is large); the first of a loop iteration schedules the sending."""
+    def _batch_ack(self, reply: str) -> bool:
+        """Queue an acknowledgement to `reply` (False: it goes alone: `reply` has no inbox to
+        share); the first of a loop iteration schedules the sending."""
         batch = subjects.batched(reply)
-        if batch is None or len(body) > MAX_BATCHED_BODY:
+        if batch is None:
             return False
-        if not self._batches:
-            asyncio.get_running_loop().call_soon(self._send_batches)
-        tokens, bodies = self._batches.setdefault(batch[0], ([], []))
-        tokens.append(batch[1])
-        bodies.append(body)
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._send_acks)
+        self._acks.setdefault(batch[0], []).append(batch[1])
         return True
 
-    def _send_batches(self) -> None:
-        """Runs after the handlers of this loop iteration: one message per inbox (a lone answer
-        goes as the plain reply it would have been)."""
-        batches, self._batches = self._batches, {}
-        for subject, (tokens, bodies) in batches.items():
-            for start, end in split_by_size(bodies, MAX_BATCH_BYTES):
+    def _send_acks(self) -> None:
+        """Runs after the handlers of this loop iteration: one message per inbox (a lone
+        acknowledgement goes as the plain empty reply it would have been)."""
+        acks, self._acks = self._acks, {}
+        for subject, tokens in acks.items():
+            for start in range(0, len(tokens), MAX_ACKS_PER_MESSAGE):
+                chunk = tokens[start : start + MAX_ACKS_PER_MESSAGE]
                 try:
-                    self._send_batch(subject, tokens[start:end], bodies[start:end])
+                    if len(chunk) == 1:
+                        self.nc.publish_now(subject.removesuffix(subjects.BATCH_TOKEN) + chunk[0], b"")
+                    else:
+                        self.nc.publish_now(subject, encode(Replies(tokens=chunk, bodies=[b""] * len(chunk))))
                 except nats.errors.Error as exc:  # one requester's bad subject must not cost the others
-                    log.warning("%d replies to %s not sent: %s", end - start, subject, exc)
-
-    def _send_batch(self, subject: str, tokens: list[str], bodies: list[bytes]) -> None:
-        if len(tokens) == 1:
-            self.nc.publish_now(subject.removesuffix(subjects.BATCH_TOKEN) + tokens[0], bodies[0])
-        else:
-            self.nc.publish_now(subject, encode(Replies(tokens=tokens, bodies=bodies)))
+                    log.warning("%d acknowledgements to %s not sent: %s", len(chunk), subject, exc)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop taking messages, give running handlers `grace_s` to finish, then cancel the rest
@@ -241,21 +233,6 @@ class Server:
                 pass
         await self.tasks.wait(grace_s)
         await self.tasks.close()
-
-
-def split_by_size(bodies: list[bytes], max_bytes: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of `bodies` whose sizes add up to at most `max_bytes` (a range of one
-    may be larger)."""
-    ranges: list[tuple[int, int]] = []
-    start, size = 0, 0
-    for index, body in enumerate(bodies):
-        if index > start and size + len(body) > max_bytes:
-            ranges.append((start, index))
-            start, size = index, 0
-        size += len(body)
-    if start < len(bodies):
-        ranges.append((start, len(bodies)))
-    return ranges
 
 
 async def dispatch(route: Route, data: bytes, ctx: Context) -> msgspec.Struct | bytes | ReplyTo | None:

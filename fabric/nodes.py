@@ -120,7 +120,7 @@ class InvokeMetrics:
 def answer(req: NodeInvoke, reply: InvokeReply | ErrorReply) -> InvokeReply | ErrorReply | bus.ReplyTo:
     """Straight to the caller when the scheduler asked for it, except refusals it retries elsewhere."""
     if req.reply_to and not (isinstance(reply, ErrorReply) and reply.error.code in SCHEDULER_RETRIES):
-        return bus.ReplyTo(req.reply_to, reply, batch_reply=req.batch_replies, batch_ack=req.batch_acks)
+        return bus.ReplyTo(req.reply_to, reply, batch_ack=req.batch_acks)
     return reply
 
 

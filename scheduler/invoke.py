@@ -233,7 +233,6 @@ class Invoker:
                 attempt=len(attempts.tried) + req.attempt - 1,
                 reply_to=reply_to,
                 batch_acks=True,
-                batch_replies=req.batch_replies,
                 keep_alive_ms=keep_alive_ms,
                 prewarm_after_ms=prewarm_ms,
                 trigger=req.trigger,

@@ -141,8 +141,6 @@ class InvokeRequest(msgspec.Struct, frozen=True, kw_only=True, tag="invoke"):
     # > 1: the caller sent this invocation before and heard nothing (its scheduler may have died);
     # the scheduler first asks the nodes whether one of them has it already.
     attempt: int = 1
-    # The caller reads batched answers (`Replies`) on its inbox: `fabric.bus.Requester` does.
-    batch_replies: bool = False
 
 
 class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
@@ -159,10 +157,10 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     # scheduler with an empty message; refusals the scheduler retries (throttled, unavailable)
     # still go to the scheduler. Saves the caller a hop through the scheduler.
     reply_to: str = ""
-    # With reply_to: the scheduler takes its acknowledgements, and the caller its answer, batched
-    # with others to the same inbox (`Replies`): each has said it reads them.
+    # With reply_to: the scheduler takes its acknowledgements batched with others to the same
+    # inbox (`Replies`). The caller's answer always goes alone: batched answers move a caller's
+    # whole window of invocations as one wave, and measured 10-20% slower (bench/RESULTS.md).
     batch_acks: bool = False
-    batch_replies: bool = False
     # How long the instance stays warm after this invocation, and, when prewarm_after_ms is set,
     # when to start a fresh one instead (the scheduler's per-function keep-alive policy; 0: the
     # node's own default).
@@ -175,7 +173,7 @@ class Replies(msgspec.Struct, frozen=True, kw_only=True, tag="replies"):
     """Several answers to one requester's inbox, on `subjects.batched(reply subject)`: the reply
     tokens and each one's encoded answer (empty: an acknowledgement). A node sends what it
     finished in one loop iteration this way, one message instead of one per invocation, to
-    requesters that said they read them (`NodeInvoke.batch_acks`, `InvokeRequest.batch_replies`)."""
+    requesters that said they read them (`NodeInvoke.batch_acks`)."""
 
     tokens: list[str]
     bodies: list[bytes]

@@ -109,21 +109,23 @@ class Ping(msgspec.Struct, frozen=True):
 
 async def serve_answering_elsewhere(nc: Connection, subject: str, answers_to: str = "") -> bus.Server:
     """A service whose handler answers a third party and only acknowledges the requester, the
-    way nodes answer callers directly and acknowledge the scheduler (in batches, when asked).
-    With `answers_to` (a Requester's inbox prefix) the answers go there, batched too, each to
-    the token of the same number as its request."""
+    way nodes answer callers directly and acknowledge the scheduler (in batches). With
+    `answers_to` (a Requester's inbox prefix) each answer goes to the token of the same number
+    as its request."""
 
     async def handler(req: Ping, ctx: bus.Context) -> bus.ReplyTo:
-        if answers_to:
-            return bus.ReplyTo(f"{answers_to}{req.n}", req, batch_reply=True, batch_ack=True)
-        return bus.ReplyTo(f"{subject}.answers", req, batch_ack=True)
+        where = f"{answers_to}{req.n}" if answers_to else f"{subject}.answers"
+        return bus.ReplyTo(where, req, batch_ack=True)
 
     server = bus.Server(nc, max_concurrent=256)
     await server.serve([bus.Route(subject, msgspec.msgpack.Decoder(Ping), handler)])
     return server
 
 
-async def test_acknowledgements_to_one_requester_go_in_batches(nc: Connection, tenant: str) -> None:
+async def test_acknowledgements_to_one_requester_go_in_batches(
+    nc: Connection, tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus, "MAX_ACKS_PER_MESSAGE", 16)  # a long batch is split
     server = await serve_answering_elsewhere(nc, f"{tenant}.svc")
     requester = bus.Requester(nc)
     await requester.start()
@@ -140,6 +142,7 @@ async def test_acknowledgements_to_one_requester_go_in_batches(nc: Connection, t
     decoded = [codec.replies.decode(body) for body in batches]
     tokens = [t for batch in decoded for t in batch.tokens]
     assert len(tokens) == len(set(tokens)) <= 200
+    assert max(len(batch.tokens) for batch in decoded) <= 16
     assert {b for batch in decoded for b in batch.bodies} == {b""}, "acknowledgements are empty"
     assert await wait_until(lambda: len(answered) == 200), "and every answer went to the third party"
     await server.close()
@@ -173,15 +176,20 @@ async def test_a_reply_subject_of_one_token_gets_its_acknowledgement_alone(
     await server.close()
 
 
-async def test_answers_to_one_inbox_go_in_batches_each_to_its_request(nc: Connection, tenant: str) -> None:
-    """What a node does for a client that reads batches: the answers of one loop iteration to
-    that client's inbox travel in one message; each request gets its own."""
+async def test_answers_go_to_the_caller_each_alone_while_acknowledgements_share_messages(
+    nc: Connection, tenant: str
+) -> None:
+    """What a node does for a client: each answer to the client's inbox travels alone (batched,
+    they moved a client's window as one wave: slower), the scheduler's acknowledgements together."""
     callers = bus.Requester(nc)
     await callers.start()
     server = await serve_answering_elsewhere(nc, f"{tenant}.direct", answers_to=callers._prefix)
-    batches: list[bytes] = []
-    await nc.subscribe(f"{callers._prefix}{subjects.BATCH_TOKEN}", cb=collect(batches))
+    caller_batches: list[bytes] = []
+    await nc.subscribe(f"{callers._prefix}{subjects.BATCH_TOKEN}", cb=collect(caller_batches))
     scheduler = bus.Requester(nc)
+    await scheduler.start()
+    ack_batches: list[bytes] = []
+    await nc.subscribe(f"{scheduler._prefix}{subjects.BATCH_TOKEN}", cb=collect(ack_batches))
     await responder(nc, f"{tenant}.unused.*", answer_copy=None)  # hears the callers, never answers
     # The callers wait on their inbox (tokens 0..99) while the "scheduler" forwards each.
     waiting = [
@@ -194,30 +202,6 @@ async def test_answers_to_one_inbox_go_in_batches_each_to_its_request(nc: Connec
 
     assert acks == [b""] * 100
     assert [msgspec.msgpack.decode(a, type=Ping).n for a in answers] == list(range(100))
-    assert 0 < len(batches) < 100 + len(acks), "answers shared messages"
-    await server.close()
-
-
-async def test_many_large_answers_all_arrive_each_message_under_the_limit(
-    nc: Connection, tenant: str
-) -> None:
-    """100 answers of 10 KB each (batched: under the per-answer limit; how a batch is split by
-    size is tested in tests/unit/test_bus_batches.py)."""
-    callers = bus.Requester(nc)
-    await callers.start()
-    server = await serve_answering_elsewhere(nc, f"{tenant}.big", answers_to=callers._prefix)
-    batches: list[bytes] = []
-    await nc.subscribe(f"{callers._prefix}{subjects.BATCH_TOKEN}", cb=collect(batches))
-    await responder(nc, f"{tenant}.idle.*", answer_copy=None)
-    waiting = [
-        asyncio.create_task(callers.request(f"{tenant}.idle.{n}", b"", 5.0, None, "x")) for n in range(100)
-    ]
-    scheduler = bus.Requester(nc)
-    pings = [codec.encode(Ping(n, b"p" * 10_000)) for n in range(100)]
-    await asyncio.gather(*(scheduler.request(f"{tenant}.big", p, 5.0, None, "svc") for p in pings))
-    answers = await asyncio.gather(*waiting)
-
-    assert [msgspec.msgpack.decode(a, type=Ping).n for a in answers] == list(range(100))
-    assert batches, "the answers went batched"
-    assert max(len(body) for body in batches) <= 256 * 1024 + 16 * 1024, "each message under the limit"
+    assert caller_batches == [], "no answer waited for others"
+    assert ack_batches, "acknowledgements shared messages"
     await server.close()
