@@ -12,6 +12,7 @@ from deploy import launcher
 from fabric import bus
 from fabric.connection import Connection
 from schemas import codec, subjects
+from schemas.messages import ErrorReply
 from tests.integration.conftest import wait_until
 
 
@@ -204,4 +205,38 @@ async def test_answers_go_to_the_caller_each_alone_while_acknowledgements_share_
     assert [msgspec.msgpack.decode(a, type=Ping).n for a in answers] == list(range(100))
     assert caller_batches == [], "no answer waited for others"
     assert ack_batches, "acknowledgements shared messages"
+    await server.close()
+
+
+async def test_requests_beyond_the_handlers_wait_their_turn_and_past_the_backlog_hear_throttled(
+    nc: Connection, tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two handlers at once, two requests waiting: the fifth is refused at once, with a reason;
+    the waiting ones run in arrival order when the first finish."""
+    monkeypatch.setattr(bus, "MAX_BACKLOG", 2)
+    release, started = asyncio.Event(), []
+
+    async def handler(req: Ping, ctx: bus.Context) -> Ping:
+        started.append(req.n)
+        await release.wait()
+        return req
+
+    server = bus.Server(nc, max_concurrent=2)
+    await server.serve([bus.Route(f"{tenant}.slow", msgspec.msgpack.Decoder(Ping), handler)])
+    requester = bus.Requester(nc)
+    calls: list[asyncio.Task[bytes]] = []
+    for n in range(4):  # one at a time, so that they arrive in this order
+        calls.append(
+            asyncio.create_task(requester.request(f"{tenant}.slow", codec.encode(Ping(n)), 5.0, None, "s"))
+        )
+        assert await wait_until(lambda n=n: len(started) + len(server._backlog) == n + 1)
+    refused = await requester.request(f"{tenant}.slow", codec.encode(Ping(4)), 5.0, None, "s")
+    assert started == [0, 1], "two at once"
+    error = codec.invoke_result.decode(refused)
+    assert isinstance(error, ErrorReply) and error.error.code == "throttled"
+    assert "2 requests are waiting" in error.error.message
+    release.set()
+    answers = await asyncio.gather(*calls[:4])
+    assert [msgspec.msgpack.decode(a, type=Ping).n for a in answers] == [0, 1, 2, 3]
+    assert started == [0, 1, 2, 3], "the waiting ones in arrival order"
     await server.close()
