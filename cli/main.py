@@ -229,16 +229,16 @@ def invoke(
         if outcome.reply.output and not outcome.reply.output.endswith(b"\n") and sys.stdout.isatty():
             sys.stdout.write("\n")
         sys.stdout.flush()
+    # Output without a final newline, then stderr into the same pipe: start stderr on a line of
+    # its own (stdout itself stays byte for byte what the function returned).
+    unterminated = (
+        outcome.ok and not as_json and not sys.stdout.isatty() and not outcome.reply.output.endswith(b"\n")
+    )
     if verbose:
-        unterminated = (
-            outcome.ok
-            and not as_json
-            and not sys.stdout.isatty()
-            and not outcome.reply.output.endswith(b"\n")
-        )
         click.echo(("\n" if unterminated else "") + render.invoke_summary(outcome), err=True)
     if show_trace:
-        click.echo(_wait_for_trace(outcome.invocation_id), err=True)
+        separator = "\n" if unterminated and not verbose else ""
+        click.echo(separator + _wait_for_trace(outcome.invocation_id), err=True)
     if not outcome.ok:
         if not as_json:
             click.echo(f"error: {outcome.error.code}: {outcome.error.message}", err=True)

@@ -4,6 +4,7 @@ import asyncio
 import http.server
 import json
 import os
+import subprocess
 import threading
 import time
 import tomllib
@@ -14,7 +15,7 @@ import pytest
 
 from deploy import launcher
 from tests.integration.conftest import EXAMPLES, start_cluster, wait_for_nodes
-from tests.integration.test_cli import hetfaas
+from tests.integration.test_cli import HETFAAS, hetfaas
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +148,28 @@ def test_the_trace_viewer_draws_the_waterfall_and_gives_the_spans(
     node = next(s for s in as_json if s["name"] == "node.invoke")
     assert node["attributes"]["faas.invocation_id"] == invocation_id and node["duration_ms"] > 0
     assert unknown.returncode == 1 and b"not_found" in unknown.stderr
+
+
+def test_invoke_trace_into_one_pipe_starts_the_waterfall_on_a_line_of_its_own(
+    cluster: launcher.ClusterInfo, tenant: str
+) -> None:
+    """The function's output ends without a newline; stdout and stderr share a pipe (a CI log)."""
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    env = {**os.environ, "HETFAAS_STATE_DIR": str(cluster.state_dir)}
+    env.pop("HETFAAS_NATS_URL", None)
+    merged = subprocess.run(
+        [*HETFAAS, "invoke", "hello", "--tenant", tenant, "--data", "Ada", "--trace"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        timeout=60,
+    )
+    lines = merged.stdout.decode().splitlines()
+    assert merged.returncode == 0 and json.loads(lines[0])["greeting"] == "hello, Ada!"
+    assert lines[1].startswith("trace "), lines[:3]
+    alone = hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--data", "Ada", "--trace")
+    assert not alone.stdout.endswith(b"\n"), "stdout itself is the output, byte for byte"
 
 
 def test_coldstarts_summarises_phases_by_pool_mode(
