@@ -1,14 +1,16 @@
 """The Requester against a real nats-server: replies, deadlines, resent copies, lost peers."""
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from deploy import launcher
+from deploy import launcher, services
 from fabric import bus
 from fabric.connection import Connection
 from schemas import codec, subjects
@@ -240,3 +242,37 @@ async def test_requests_beyond_the_handlers_wait_their_turn_and_past_the_backlog
     assert [msgspec.msgpack.decode(a, type=Ping).n for a in answers] == [0, 1, 2, 3]
     assert started == [0, 1, 2, 3], "the waiting ones in arrival order"
     await server.close()
+
+
+async def test_a_service_and_its_requester_carry_on_after_nats_server_restarts(tmp_path: Path) -> None:
+    """The inline subscriptions survive a reconnect: nats-py subscribes them again under the
+    same ids, and the fast path still finds its handlers."""
+    port = services.free_port()
+
+    def start() -> subprocess.Popen:
+        return services.start_nats(port, tmp_path / "data", tmp_path / "nats.conf", tmp_path / "nats.log")
+
+    server_process = start()
+    nc = await bus.connect(f"nats://127.0.0.1:{port}", "test-restart")
+    try:
+
+        async def echo(req: Ping, ctx: bus.Context) -> Ping:
+            return req
+
+        server = bus.Server(nc, max_concurrent=8)
+        await server.serve([bus.Route("restart.echo", msgspec.msgpack.Decoder(Ping), echo)])
+        requester = bus.Requester(nc)
+        before = await requester.request("restart.echo", codec.encode(Ping(1)), 5.0, None, "svc")
+        server_process.terminate()
+        server_process.wait()
+        assert await wait_until(lambda: not nc.is_connected)
+        server_process = start()
+        assert await wait_until(lambda: nc.is_connected, timeout_s=15)
+        await nc.flush()  # our subscriptions are back on the server once it has answered this
+        after = await requester.request("restart.echo", codec.encode(Ping(2)), 5.0, None, "svc")
+        assert [msgspec.msgpack.decode(r, type=Ping).n for r in (before, after)] == [1, 2]
+        await server.close()
+    finally:
+        await nc.close()
+        server_process.terminate()
+        server_process.wait()
