@@ -34,6 +34,8 @@ class TaskSet:
             awaited = context.run(coro.send, None)
         except StopIteration:
             return
+        except (KeyboardInterrupt, SystemExit):  # as a task would: these are not the coroutine's to keep
+            raise
         except BaseException as exc:
             log.error("task %s failed", name or getattr(coro, "__qualname__", "?"), exc_info=exc)
             return
