@@ -22,7 +22,7 @@ from fabric.tasks import TaskSet
 from schemas import codec, subjects
 from schemas.codec import encode
 from schemas.errors import Error
-from schemas.messages import ErrorReply, Replies
+from schemas.messages import Acks, ErrorReply
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ReplyTo(msgspec.Struct, frozen=True):
     """A handler's answer that goes to a third party: `message` to `subject`, then an empty
     acknowledgement to the requester (the scheduler lets nodes answer clients directly). With
     `batch_ack` the acknowledgement joins the others of this loop iteration to the same inbox,
-    in one `Replies` message (its reader said it reads them)."""
+    in one `Acks` message (its reader said it reads them)."""
 
     subject: str
     message: msgspec.Struct
@@ -217,7 +217,7 @@ class Server:
                     if len(chunk) == 1:
                         self.nc.publish_now(subject.removesuffix(subjects.BATCH_TOKEN) + chunk[0], b"")
                     else:
-                        self.nc.publish_now(subject, encode(Replies(tokens=chunk, bodies=[b""] * len(chunk))))
+                        self.nc.publish_now(subject, encode(Acks(tokens=chunk)))
                 except nats.errors.Error as exc:  # one requester's bad subject must not cost the others
                     log.warning("%d acknowledgements to %s not sent: %s", len(chunk), subject, exc)
 
@@ -401,7 +401,7 @@ class Requester:
     def _on_reply(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         token = subject[len(self._prefix) :]
         if token == subjects.BATCH_TOKEN:
-            self._on_batch(subject, data)
+            self._on_acks(subject, data)
             return
         waiting = self._pending.get(token)
         if waiting is None or waiting.future.done():
@@ -411,14 +411,14 @@ class Requester:
         else:
             waiting.future.set_result(data)
 
-    def _on_batch(self, subject: str, data: bytes) -> None:
-        """Answers to several requests in one message (see `Server._batch`)."""
+    def _on_acks(self, subject: str, data: bytes) -> None:
+        """Empty acknowledgements of several requests in one message (see `Server._batch_ack`)."""
         try:
-            batch = codec.replies.decode(data)
+            acks = codec.acks.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("malformed batched replies on %s: %s", subject, exc)
+            log.warning("malformed batched acknowledgements on %s: %s", subject, exc)
             return
-        for token, body in zip(batch.tokens, batch.bodies, strict=False):
+        for token in acks.tokens:
             waiting = self._pending.get(token)
             if waiting is not None and not waiting.future.done():
-                waiting.future.set_result(body)
+                waiting.future.set_result(b"")

@@ -11,7 +11,7 @@ encoder = msgspec.msgpack.Encoder()
 
 invoke_request = msgspec.msgpack.Decoder(m.InvokeRequest)
 node_invoke = msgspec.msgpack.Decoder(m.NodeInvoke)
-replies = msgspec.msgpack.Decoder(m.Replies)
+acks = msgspec.msgpack.Decoder(m.Acks)
 invoke_result = msgspec.msgpack.Decoder(m.InvokeResult)
 heartbeat = msgspec.msgpack.Decoder(m.Heartbeat)
 deploy_request = msgspec.msgpack.Decoder(m.DeployRequest)

@@ -158,7 +158,7 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     # still go to the scheduler. Saves the caller a hop through the scheduler.
     reply_to: str = ""
     # With reply_to: the scheduler takes its acknowledgements batched with others to the same
-    # inbox (`Replies`). The caller's answer always goes alone: batched answers move a caller's
+    # inbox (`Acks`). The caller's answer always goes alone: batched answers move a caller's
     # whole window of invocations as one wave, and measured 10-20% slower (bench/RESULTS.md).
     batch_acks: bool = False
     # How long the instance stays warm after this invocation, and, when prewarm_after_ms is set,
@@ -169,14 +169,13 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     trigger: str = ""  # what invoked it (the caller's InvokeRequest.trigger), for traces
 
 
-class Replies(msgspec.Struct, frozen=True, kw_only=True, tag="replies"):
-    """Several answers to one requester's inbox, on `subjects.batched(reply subject)`: the reply
-    tokens and each one's encoded answer (empty: an acknowledgement). A node sends what it
-    finished in one loop iteration this way, one message instead of one per invocation, to
-    requesters that said they read them (`NodeInvoke.batch_acks`)."""
+class Acks(msgspec.Struct, frozen=True, kw_only=True, tag="acks"):
+    """Several empty acknowledgements to one requester's inbox, on `subjects.batched(reply
+    subject)`: the reply tokens acknowledged. A node sends what it finished in one loop
+    iteration this way, one message instead of one per invocation, to requesters that said
+    they read them (`NodeInvoke.batch_acks`)."""
 
     tokens: list[str]
-    bodies: list[bytes]
 
 
 class ApprovedProgram(msgspec.Struct, frozen=True, kw_only=True):

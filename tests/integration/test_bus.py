@@ -142,11 +142,10 @@ async def test_acknowledgements_to_one_requester_go_in_batches(
 
     assert replies == [b""] * 200, "every request acknowledged, empty"
     assert 0 < len(batches) < 200, "fewer messages than acknowledgements"
-    decoded = [codec.replies.decode(body) for body in batches]
+    decoded = [codec.acks.decode(body) for body in batches]
     tokens = [t for batch in decoded for t in batch.tokens]
     assert len(tokens) == len(set(tokens)) <= 200
     assert max(len(batch.tokens) for batch in decoded) <= 16
-    assert {b for batch in decoded for b in batch.bodies} == {b""}, "acknowledgements are empty"
     assert await wait_until(lambda: len(answered) == 200), "and every answer went to the third party"
     await server.close()
 
