@@ -40,19 +40,19 @@ ROLES = (
 )
 
 
-def role_of(cmdline: bytes) -> str | None:
+def role_of(cmdline: bytes, roles: tuple[tuple[str, str], ...] = ROLES) -> str | None:
     text = cmdline.decode(errors="replace")
-    return next((role for needle, role in ROLES if needle in text), None)
+    return next((role for needle, role in roles if needle in text), None)
 
 
-def cpu_by_role() -> dict[str, float]:
+def cpu_by_role(roles: tuple[tuple[str, str], ...] = ROLES) -> dict[str, float]:
     """CPU µs so far of every process whose command line names a role (the machine's others ignored)."""
     totals: dict[str, float] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            role = role_of(Path(entry.path, "cmdline").read_bytes())
+            role = role_of(Path(entry.path, "cmdline").read_bytes(), roles)
             fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue

@@ -111,6 +111,7 @@ async def part_node_load(verifier: Verifier, key) -> list[str]:
     against the signature and attestation checks before it: uncached, and as a node does them
     (signatures verified when the program was deployed, so a load finds them verified)."""
     reply = await verify_and_sign(straight_line(1000), verifier)
+    assert reply.signed is not None, reply.reasons
     request = LoadRequest(
         tenant="bench",
         function="fn",
@@ -182,8 +183,9 @@ def counter_call(client: Client, packet: bytes, run_ns: list[int]) -> Callable[[
 
     async def call() -> None:
         outcome = await client.invoke("bench", "counter", packet, timeout_ms=10_000)
-        assert outcome.ok and outcome.reply.retval == 2, outcome.error
-        run_ns.append(outcome.reply.run_ns or 0)
+        reply = outcome.reply
+        assert reply is not None and reply.retval == 2, outcome.error
+        run_ns.append(reply.run_ns or 0)
 
     return call
 

@@ -75,7 +75,7 @@ async def e2e_round(url: str, payload: bytes, requests: int, in_flight: int) -> 
 
         async def call() -> None:
             outcome = await client.invoke("bench", "echo", payload, timeout_ms=10_000)
-            if not outcome.ok or outcome.reply.output != payload:
+            if outcome.reply is None or outcome.reply.output != payload:
                 raise RuntimeError(f"bad invocation: {outcome.error}")
 
         await measure(call, 300, in_flight)  # warm-up: instances started, code cached

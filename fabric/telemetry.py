@@ -20,6 +20,8 @@ from fabric.tracing import (
     Span,
     SpanKind,
     Tracer,
+    Unsampled,
+    Within,
     current_context,
     current_span,
     file_writer,
@@ -27,7 +29,18 @@ from fabric.tracing import (
     sampler_from_env,
 )
 
-__all__ = ["SpanKind", "enabled", "record", "setup_tracing", "span", "trace_headers"]
+__all__ = [
+    "SpanKind",
+    "Within",
+    "close_span",
+    "enabled",
+    "headers_of",
+    "open_span",
+    "record",
+    "setup_tracing",
+    "span",
+    "trace_headers",
+]
 
 _tracer: Tracer | None = None  # set by setup_tracing; None means tracing is off
 
@@ -67,6 +80,33 @@ def span(
     if _tracer is None:
         return NO_SCOPE
     return Scope(_tracer, _tracer.start(name, parent, kind, attributes))
+
+
+def open_span(
+    name: str,
+    *,
+    parent: Mapping[str, str] | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: dict[str, Any] | None = None,
+) -> Span | Unsampled | None:
+    """A span started as `span` starts it, but neither current nor finished: for work that ends
+    in a callback. `Within(s)` makes it current for a while; `close_span(s)` finishes it.
+    None when tracing is off."""
+    if _tracer is None:
+        return None
+    return _tracer.start(name, parent, kind, attributes)
+
+
+def close_span(span: Span | Unsampled | None, error: str | None = None) -> None:
+    if _tracer is not None and span is not None:
+        if error and isinstance(span, Span) and not span.error:
+            span.set_error(error)
+        _tracer.finish(span)
+
+
+def headers_of(span: Span | Unsampled | None) -> dict[str, str] | None:
+    """The NATS headers that continue `span`'s trace on the next hop."""
+    return {"traceparent": span.traceparent()} if span is not None else None
 
 
 def record(

@@ -376,6 +376,23 @@ class Scope:
         self._tracer.finish(self.span)
 
 
+class Within:
+    """`with Within(span):` makes a span current for a while without finishing it (a span opened
+    on one path and finished in a callback)."""
+
+    __slots__ = ("_token", "span")
+
+    def __init__(self, span: "Span | Unsampled | None"):
+        self.span = span
+
+    def __enter__(self) -> "Span | Unsampled | None":
+        self._token = _current.set(self.span)
+        return self.span
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
+
+
 class NoScope:
     __slots__ = ()
 

@@ -42,6 +42,7 @@ class SchedulerApp(ServiceApp):
         stack.push_async_callback(registration.revoke)
         server = bus.Server(nc, settings.max_concurrent)
         stack.push_async_callback(server.close)
+        stack.push_async_callback(scheduler.invoker.tasks.close)  # retries of fast-path invocations
         tasks.spawn(scheduler.sync.follow_nodes(), "follow-nodes")
         tasks.spawn(scheduler.sync.follow_functions(), "follow-functions")
         tasks.spawn(scheduler.sync.follow_tenants(), "follow-tenants")

@@ -5,11 +5,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import msgspec
 
 from fabric import bus, nodes, telemetry
 from fabric.connection import Connection
+from fabric.tasks import TaskSet
+from fabric.tracing import Span, Within
 from scheduler import framework, keepalive, plugins, shares
 from scheduler.admission import Blocked, FunctionKey, Running, decrement, increment
 from scheduler.settings import SchedulerSettings
@@ -21,6 +25,7 @@ from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, NodeInvo
 
 log = logging.getLogger(__name__)
 
+SERVER, CLIENT = telemetry.SpanKind.SERVER, telemetry.SpanKind.CLIENT
 CAPACITY = ("capacity",)  # the wait-queue reason of invocations waiting for room on a node
 MAX_ARRIVAL_HISTORIES = 100_000
 
@@ -58,6 +63,29 @@ class Attempts(msgspec.Struct):
     woken: bool = False  # it waited its turn and was woken: it keeps its place in the queue
 
 
+class Flight(msgspec.Struct):
+    """An invocation taken by the fast path (`Invoker.try_now`), while its node has it."""
+
+    req: InvokeRequest
+    record: FunctionRecord
+    ctx: bus.Context
+    key: str  # its warm-instance key
+    deadline: float  # loop time by which the caller must have its answer
+    keep_alive: tuple[int, int]  # (keep_alive_ms, prewarm_after_ms) for the node
+    span: Any  # its scheduler.invoke span (None when tracing is off)
+
+
+def invoke_attributes(req: InvokeRequest) -> dict[str, Any]:
+    """The scheduler.invoke span's attributes."""
+    return {
+        "faas.invocation_id": req.invocation_id,
+        "faas.name": req.function,
+        "faas.trigger": req.trigger,
+        "hetfaas.tenant": req.tenant,
+        "hetfaas.attempt": req.attempt,
+    }
+
+
 class Invoker:
     def __init__(
         self,
@@ -81,6 +109,99 @@ class Invoker:
         self._handling: set[str] = set()
         self._arrivals: dict[FunctionKey, keepalive.Arrivals] = {}
         self.fresh_arrivals: dict[FunctionKey, float] = {}  # told to the other replicas at the next beat
+        self.tasks = TaskSet()  # retries of invocations the fast path took
+
+    def try_now(self, req: InvokeRequest, record: FunctionRecord, ctx: bus.Context) -> bool:
+        """The fast path. An invocation that need not wait for anything (a first attempt, within
+        its limits with nobody queued ahead, a node with room) is forwarded as it is read, and
+        its node's acknowledgement taken by callback: no task, no chain of coroutines held open
+        while the node runs it. Anything else is left to `invoke` (False); so is a failed
+        attempt's retry, which goes on in a task (`_retry`)."""
+        if req.attempt > 1 or req.invocation_id in self._handling or self.queue.waiting(CAPACITY):
+            return False
+        fn: FunctionKey = (req.tenant, req.function)
+        fn_limit, tenant_limit = self._shares(req, record)
+        if fn_limit == 0 or tenant_limit == 0 or self.running.blocked(fn, fn_limit, tenant_limit):
+            return False
+        if self._queued_ahead(fn, fn_limit, tenant_limit):
+            return False
+        span = None
+        if telemetry.enabled():
+            attributes = invoke_attributes(req)
+            span = telemetry.open_span(
+                "scheduler.invoke", parent=ctx.headers, kind=SERVER, attributes=attributes
+            )
+        key, now = warm_key(record), time.monotonic()
+        decision, _ = self._place(req, record, key, set(), now, explain=isinstance(span, Span))
+        if not isinstance(decision, framework.Placed):
+            return False  # the span was never finished: nothing of it is exported
+        self._handling.add(req.invocation_id)
+        self.running.enter(fn)
+        deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
+        flight = Flight(req, record, ctx, key, deadline, self._keep_alive(req, record), span)
+        self._send_first(flight, decision.node_id, Explanation(decision), now)
+        return True
+
+    def _send_first(self, flight: Flight, node_id: str, why: "Explanation", now: float) -> None:
+        req, reply_to = flight.req, flight.ctx.reply
+        message = self._node_invoke(
+            req, flight.record, node_id, flight.deadline, now, 1, flight.keep_alive, reply_to
+        )
+        span = None
+        if flight.span is not None:
+            traced = {"hetfaas.node": node_id, "hetfaas.attempt": 1, "hetfaas.placement": why}
+            with Within(flight.span):
+                span = telemetry.open_span("scheduler.attempt", kind=CLIENT, attributes=traced)
+        self._hold(node_id, flight.key)
+        answered = partial(self._answered, flight, node_id, span)
+        try:
+            subject, timeout_s = subjects.node_invoke(node_id), message.timeout_ms / 1000
+            self._requester.send(
+                subject, codec.encode(message), timeout_s, telemetry.headers_of(span), node_id, answered
+            )
+        except Exception as exc:  # not sent (the connection is closing): nothing runs it
+            self._release_node(node_id, flight.key)
+            telemetry.close_span(span, str(exc))
+            why_not = f"internal error: could not send to {node_id}: {exc}"
+            self._finish(flight, error("internal", why_not, flight.req.invocation_id))
+
+    def _answered(self, flight: Flight, node_id: str, span: Any, outcome: bytes | BaseException) -> None:
+        try:
+            reply = self._outcome(node_id, flight.key, flight.req.invocation_id, outcome)
+        except TryElsewhere as exc:
+            telemetry.close_span(span, str(exc))
+            attempts = Attempts(tried={node_id}, failures=[str(exc)])
+            self.tasks.spawn(self._retry(flight, attempts), f"retry-{flight.req.invocation_id}")
+            return
+        telemetry.close_span(span)
+        self._finish(flight, reply)
+
+    async def _retry(self, flight: Flight, attempts: "Attempts") -> None:
+        """A fast-path invocation whose first node failed it: on through `invoke`'s retry loop."""
+        req, ctx = flight.req, flight.ctx
+        reply: ErrorReply | bytes | None = None
+        try:
+            with Within(flight.span):
+                wait_until = self._wait_until(ctx, flight.deadline)
+                reply = await self._place_and_forward(
+                    req, flight.record, flight.deadline, wait_until, ctx.reply, attempts, flight.keep_alive
+                )
+        except Exception as exc:  # as a handler's failure is answered (bus.dispatch)
+            log.exception("retrying invocation %s failed", req.invocation_id)
+            reply = error("internal", f"internal error: {type(exc).__name__}: {exc}", req.invocation_id)
+        finally:
+            self._finish(flight, reply)
+
+    def _finish(self, flight: Flight, reply: ErrorReply | bytes | None) -> None:
+        """What `invoke` and `_admit` do on the way out, and the server's answer."""
+        req = flight.req
+        self._leave((req.tenant, req.function))
+        self._handling.discard(req.invocation_id)
+        bus.answer(self._nc, reply, flight.ctx)
+        if flight.span is not None:
+            if isinstance(reply, ErrorReply):
+                flight.span.set_attribute("hetfaas.error", reply.error.code)
+            telemetry.close_span(flight.span)
 
     async def invoke(
         self, req: InvokeRequest, record: FunctionRecord, ctx: bus.Context
@@ -101,24 +222,15 @@ class Invoker:
         self, req: InvokeRequest, record: FunctionRecord, deadline: float, ctx: bus.Context
     ) -> ErrorReply | bytes | None:
         fn: FunctionKey = (req.tenant, req.function)
-        fn_name = f"{req.tenant}/{req.function}"
-        replicas = self._replicas()
-        fn_total = record.spec.max_concurrency
-        fn_limit = replicas.share(fn_total, fn_name) if fn_total else None
-        tenant_total = self._tenant_limit(req.tenant)
-        tenant_limit = replicas.share(tenant_total, req.tenant)
+        fn_limit, tenant_limit = self._shares(req, record)
         if fn_limit == 0 or tenant_limit == 0:
-            owner = (
-                replicas.owner(fn_total, fn_name)
-                if fn_limit == 0
-                else replicas.owner(tenant_total, req.tenant)
-            )
+            owner = self._owner(req, record, fn_limit == 0)
             if owner is not None and not subjects.is_replica_invoke(ctx.subject):
                 await self._hand_over(req, owner, ctx)
                 return None  # the owner answers the caller
             # handed to us already, or no live owner: serve it, one at a time
             fn_limit, tenant_limit = fn_limit if fn_limit != 0 else 1, tenant_limit or 1
-        wait_until = min(deadline, ctx.received_at + self.settings.admission.max_queue_wait_ms / 1000)
+        wait_until = self._wait_until(ctx, deadline)
         refusal = await self._wait_for_limits(req, fn, fn_limit, tenant_limit, wait_until, deadline)
         if refusal is not None:
             return refusal
@@ -126,9 +238,31 @@ class Invoker:
         try:
             return await self._place_and_forward(req, record, deadline, wait_until, ctx.reply)
         finally:
-            self.running.leave(fn)
-            self.queue.wake(("function", fn_name))
-            self.queue.wake(("tenant", req.tenant))
+            self._leave(fn)
+
+    def _shares(self, req: InvokeRequest, record: FunctionRecord) -> tuple[int | None, int]:
+        """This replica's shares of the function's limit (None: it has none) and the tenant's."""
+        replicas = self._replicas()
+        fn_total = record.spec.max_concurrency
+        fn_limit = replicas.share(fn_total, f"{req.tenant}/{req.function}") if fn_total else None
+        return fn_limit, replicas.share(self._tenant_limit(req.tenant), req.tenant)
+
+    def _owner(self, req: InvokeRequest, record: FunctionRecord, of_function: bool) -> str | None:
+        """The replica holding a share of the function's (or else the tenant's) limit."""
+        replicas = self._replicas()
+        if of_function:
+            return replicas.owner(record.spec.max_concurrency, f"{req.tenant}/{req.function}")
+        return replicas.owner(self._tenant_limit(req.tenant), req.tenant)
+
+    def _wait_until(self, ctx: bus.Context, deadline: float) -> float:
+        """The longest an invocation may wait in the queue."""
+        return min(deadline, ctx.received_at + self.settings.admission.max_queue_wait_ms / 1000)
+
+    def _leave(self, fn: FunctionKey) -> None:
+        """An admitted invocation is done: the next waiting on its limits may go."""
+        self.running.leave(fn)
+        self.queue.wake(("function", f"{fn[0]}/{fn[1]}"))
+        self.queue.wake(("tenant", fn[0]))
 
     async def _wait_for_limits(
         self,
@@ -203,12 +337,21 @@ class Invoker:
         )
 
     async def _place_and_forward(
-        self, req: InvokeRequest, record: FunctionRecord, deadline: float, wait_until: float, reply_to: str
+        self,
+        req: InvokeRequest,
+        record: FunctionRecord,
+        deadline: float,
+        wait_until: float,
+        reply_to: str,
+        attempts: "Attempts | None" = None,
+        keep_alive: tuple[int, int] | None = None,
     ) -> ErrorReply | bytes | None:
-        """Try nodes until one answers or the deadline passes. None: the node answered the caller."""
+        """Try nodes until one answers or the deadline passes. None: the node answered the caller.
+        `attempts` and `keep_alive`: what a fast-path invocation's first attempt had already."""
         key = warm_key(record)
-        keep_alive_ms, prewarm_ms = self._keep_alive(req, record)
-        attempts = Attempts(prefer=await self._where_is(req) if req.attempt > 1 else None)
+        keep_alive = keep_alive or self._keep_alive(req, record)
+        if attempts is None:
+            attempts = Attempts(prefer=await self._where_is(req) if req.attempt > 1 else None)
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -223,26 +366,40 @@ class Invoker:
                 continue  # waited for room: look again
             node_id, why_here = choice
             attempts.tried.add(node_id)
-            message = NodeInvoke(
-                invocation_id=req.invocation_id,
-                spec=record.spec,
-                bundle_digest=record.bundle_digest,
-                program_digest=record.program_digest,
-                payload=req.payload,
-                timeout_ms=int((deadline - now) * 1000),
-                attempt=len(attempts.tried) + req.attempt - 1,
-                reply_to=reply_to,
-                batch_acks=True,
-                keep_alive_ms=keep_alive_ms,
-                prewarm_after_ms=prewarm_ms,
-                trigger=req.trigger,
-            )
+            attempt = len(attempts.tried) + req.attempt - 1
+            message = self._node_invoke(req, record, node_id, deadline, now, attempt, keep_alive, reply_to)
             try:
                 if not telemetry.enabled():
                     return await self._forward(node_id, message, key)
                 return await self._traced_forward(node_id, message, key, why_here)
             except TryElsewhere as exc:
                 attempts.failures.append(str(exc))
+
+    def _node_invoke(
+        self,
+        req: InvokeRequest,
+        record: FunctionRecord,
+        node_id: str,
+        deadline: float,
+        now: float,
+        attempt: int,
+        keep_alive: tuple[int, int],
+        reply_to: str,
+    ) -> NodeInvoke:
+        return NodeInvoke(
+            invocation_id=req.invocation_id,
+            spec=record.spec,
+            bundle_digest=record.bundle_digest,
+            program_digest=record.program_digest,
+            payload=req.payload,
+            timeout_ms=int((deadline - now) * 1000),
+            attempt=attempt,
+            reply_to=reply_to,
+            batch_acks=True,
+            keep_alive_ms=keep_alive[0],
+            prewarm_after_ms=keep_alive[1],
+            trigger=req.trigger,
+        )
 
     async def _traced_forward(
         self, node_id: str, message: NodeInvoke, key: str, why_here: "str | Explanation"
@@ -277,7 +434,7 @@ class Invoker:
             refusal = await self._wait(req, CAPACITY, wait_until, deadline, why)
             attempts.woken = True
             return refusal
-        decision, total = self._place(req, record, key, attempts.tried, now)
+        decision, total = self._place(req, record, key, attempts.tried, now, telemetry.current() is not None)
         if isinstance(decision, framework.Placed):
             return decision.node_id, Explanation(decision)
         why = "; ".join([*attempts.failures, decision.explain(total)])
@@ -289,9 +446,10 @@ class Invoker:
         return refusal
 
     def _place(
-        self, req: InvokeRequest, record: FunctionRecord, key: str, tried: set[str], now: float
+        self, req: InvokeRequest, record: FunctionRecord, key: str, tried: set[str], now: float, explain: bool
     ) -> tuple[framework.Placed | framework.Unplaced, int]:
-        """The decision, and how many healthy nodes it chose from."""
+        """The decision, and how many healthy nodes it chose from; `explain`: with its reasons,
+        for a span that records them."""
         settings = self.settings
         snapshot = self._view.snapshot(
             now, settings.node_stale_after_s, settings.placement.snapshot_refresh_ms / 1000
@@ -312,45 +470,61 @@ class Invoker:
         view = self._view
         pack_below = settings.placement.pack_below_utilisation
         cycle = framework.Cycle(snapshot, view.held, view.held_instances, replicas.share, "", pack_below)
-        explaining = telemetry.current() is not None
-        decision = framework.place(request, snapshot, self._profile, cycle, explain=explaining)
+        decision = framework.place(request, snapshot, self._profile, cycle, explain=explain)
         return decision, snapshot.size
 
     async def _forward(self, node_id: str, message: NodeInvoke, key: str) -> ErrorReply | bytes | None:
         """One attempt on one node: the reply to relay, None when the node answered the caller
         itself, or TryElsewhere."""
-        held, per_key = self._view.held, self._view.held_instances
-        increment(held, node_id)
-        increment(per_key, (node_id, key))
+        self._hold(node_id, key)
+        outcome: bytes | BaseException
         try:
-            data = await self._requester.request(
+            outcome = await self._requester.request(
                 subjects.node_invoke(node_id),
                 codec.encode(message),
                 message.timeout_ms / 1000,
                 telemetry.trace_headers(),
                 node_id,
             )
-        except bus.NoResponders:
+        except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout) as exc:
+            outcome = exc
+        except BaseException:
+            self._release_node(node_id, key)
+            raise
+        return self._outcome(node_id, key, message.invocation_id, outcome)
+
+    def _hold(self, node_id: str, key: str) -> None:
+        increment(self._view.held, node_id)
+        increment(self._view.held_instances, (node_id, key))
+
+    def _release_node(self, node_id: str, key: str) -> None:
+        decrement(self._view.held, node_id)
+        decrement(self._view.held_instances, (node_id, key))
+        self.queue.wake(CAPACITY)
+
+    def _outcome(
+        self, node_id: str, key: str, invocation_id: str, outcome: bytes | BaseException
+    ) -> ErrorReply | bytes | None:
+        """An attempt's end, as the node's answer (or the lack of one) says: the reply to relay,
+        None when the node answered the caller itself, or TryElsewhere."""
+        self._release_node(node_id, key)
+        if isinstance(outcome, bus.NoResponders):
             self._view.unreachable(node_id)
-            raise TryElsewhere(f"{node_id} is not listening") from None
-        except bus.PeerLost:
-            raise TryElsewhere(f"{node_id} was lost mid-request") from None
-        except bus.RequestTimeout:
-            return error(
-                "timeout", f"{node_id} did not answer before the deadline", message.invocation_id, node_id
-            )
-        finally:
-            decrement(held, node_id)
-            decrement(per_key, (node_id, key))
-            self.queue.wake(CAPACITY)
-        if is_error_reply(data):
-            result = codec.invoke_result.decode(data)
+            raise TryElsewhere(f"{node_id} is not listening")
+        if isinstance(outcome, bus.PeerLost):
+            raise TryElsewhere(f"{node_id} was lost mid-request")
+        if isinstance(outcome, bus.RequestTimeout):
+            return error("timeout", f"{node_id} did not answer before the deadline", invocation_id, node_id)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if is_error_reply(outcome):
+            result = codec.invoke_result.decode(outcome)
             if result.error.code in nodes.SCHEDULER_RETRIES:
                 raise TryElsewhere(f"{node_id}: {result.error.message}")
         self._view.ran(node_id, key)
         # An empty acknowledgement: the node answered the caller itself. Otherwise relay the
         # reply as the node encoded it (no decoding or re-encoding on the hot path).
-        return data or None
+        return outcome or None
 
     async def _where_is(self, req: InvokeRequest) -> str | None:
         """The caller sent this invocation before and heard nothing: its first scheduler may have

@@ -15,7 +15,7 @@ from fabric.bundles import BundleStore
 from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
 from scheduler import shares, state
-from scheduler.invoke import Invoker, error
+from scheduler.invoke import Invoker, error, invoke_attributes
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
 from schemas import codec, ebpf, keys, subjects
@@ -100,7 +100,9 @@ class Scheduler:
         """What clients ask; served only once the view is usable (see `wait_until_ready`)."""
         queue = subjects.SCHEDULER_QUEUE
         return [
-            bus.Route(subjects.INVOKE_ALL, codec.invoke_request, self.on_invoke, queue),
+            bus.Route(
+                subjects.INVOKE_ALL, codec.invoke_request, self.on_invoke, queue, fast=self.on_invoke_now
+            ),
             bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue),
             bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
@@ -108,7 +110,10 @@ class Scheduler:
             bus.Route(subjects.REVOKE, codec.revoke_request, self.on_revoke, queue),
             bus.Route(subjects.SET_TENANT, codec.set_tenant, self.on_set_tenant, queue),
             bus.Route(
-                subjects.replica_invoke(self.settings.scheduler_id), codec.invoke_request, self.on_invoke
+                subjects.replica_invoke(self.settings.scheduler_id),
+                codec.invoke_request,
+                self.on_invoke,
+                fast=self.on_invoke_now,
             ),
         ]
 
@@ -134,6 +139,14 @@ class Scheduler:
 
     # --- invoke ---
 
+    def on_invoke_now(self, req: InvokeRequest, ctx: bus.Context) -> bool:
+        """The fast path (`Invoker.try_now`) for a well-formed invocation of a function in the
+        view; a bad request, a lookup in etcd, and anything that waits go to `on_invoke`."""
+        if self._check_invoke(req, ctx.subject):
+            return False
+        record = self.view.functions.get((req.tenant, req.function))
+        return record is not None and self.invoker.try_now(req, record, ctx)
+
     async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
         if not telemetry.enabled():
             return await self._invoke(req, ctx)
@@ -141,13 +154,7 @@ class Scheduler:
             "scheduler.invoke",
             parent=ctx.headers,
             kind=telemetry.SpanKind.SERVER,
-            attributes={
-                "faas.invocation_id": req.invocation_id,
-                "faas.name": req.function,
-                "faas.trigger": req.trigger,
-                "hetfaas.tenant": req.tenant,
-                "hetfaas.attempt": req.attempt,
-            },
+            attributes=invoke_attributes(req),
         ) as span:
             reply = await self._invoke(req, ctx)
             if isinstance(reply, ErrorReply):

@@ -243,6 +243,85 @@ async def test_requests_beyond_the_handlers_wait_their_turn_and_past_the_backlog
     await server.close()
 
 
+async def test_a_fast_path_takes_what_it_can_and_leaves_the_rest_to_the_handler(
+    nc: Connection, tenant: str
+) -> None:
+    """Even numbers are taken by the fast path, which answers later by callback (as the
+    scheduler does once its node acknowledges); odd ones go to the handler; a malformed request
+    is answered by the handler's path; a fast path that raises is answered `internal`."""
+    server = bus.Server(nc, max_concurrent=8)
+    taken: list[int] = []
+
+    async def handler(req: Ping, ctx: bus.Context) -> Ping:
+        return Ping(req.n, b"handler")
+
+    def fast(req: Ping, ctx: bus.Context) -> bool:
+        if req.n < 0:
+            raise RuntimeError("the fast path broke")
+        if req.n % 2:
+            return False
+        taken.append(req.n)
+        later = Ping(req.n, b"fast")
+        asyncio.get_running_loop().call_soon(bus.answer, nc, later, ctx)
+        return True
+
+    subject = f"{tenant}.fast"
+    await server.serve([bus.Route(subject, msgspec.msgpack.Decoder(Ping), handler, fast=fast)])
+    requester = bus.Requester(nc)
+
+    async def ask(body: bytes) -> bytes:
+        return await requester.request(subject, body, 5.0, None, "s")
+
+    answers = [msgspec.msgpack.decode(await ask(codec.encode(Ping(n))), type=Ping) for n in range(4)]
+    assert [(a.n, a.pad) for a in answers] == [(0, b"fast"), (1, b"handler"), (2, b"fast"), (3, b"handler")]
+    assert taken == [0, 2]
+    malformed = codec.invoke_result.decode(await ask(b"\xc1"))
+    assert isinstance(malformed, ErrorReply) and malformed.error.code == "bad_request"
+    broken = codec.invoke_result.decode(await ask(codec.encode(Ping(-1))))
+    assert isinstance(broken, ErrorReply) and broken.error.code == "internal"
+    assert "the fast path broke" in broken.error.message
+    await server.close()
+
+
+async def test_send_hands_each_outcome_to_its_callback_once(nc: Connection, tenant: str) -> None:
+    """`Requester.send`, the callback form of `request`: a reply, a deadline, a lost peer and
+    nobody listening each reach the callback once, and nothing is left waiting."""
+    await responder(nc, f"{tenant}.answers", answer_copy=1)
+    await responder(nc, f"{tenant}.silent", answer_copy=None)
+    requester = bus.Requester(nc)
+    await requester.start()
+    outcomes: dict[str, list[bytes | BaseException]] = {}
+
+    def send(name: str, subject: str, timeout_s: float, peer: str) -> None:
+        outcomes[name] = []
+        requester.send(subject, name.encode(), timeout_s, None, peer, outcomes[name].append)
+
+    send("answered", f"{tenant}.answers", 5.0, "a")
+    send("late", f"{tenant}.silent", 0.2, "b")
+    send("lost", f"{tenant}.silent", 30.0, "c")
+    send("nobody", f"{tenant}.nobody", 5.0, "d")
+    assert await wait_until(lambda: requester.in_flight("c") == 1)
+    assert requester.fail_peer("c") == 1
+    assert await wait_until(lambda: all(outcomes.values()))
+    assert outcomes["answered"] == [b"answer to answered"]
+    kinds = {name: type(got[0]) for name, got in outcomes.items() if name != "answered"}
+    assert kinds == {"late": bus.RequestTimeout, "lost": bus.PeerLost, "nobody": bus.NoResponders}
+    assert all(len(got) == 1 for got in outcomes.values())
+    assert not any(requester.in_flight(peer) for peer in "abcd")
+
+
+async def test_a_cancelled_request_leaves_nothing_waiting(nc: Connection, tenant: str) -> None:
+    await responder(nc, f"{tenant}.silent", answer_copy=None)
+    requester = bus.Requester(nc)
+    call = asyncio.create_task(requester.request(f"{tenant}.silent", b"x", 30.0, None, "peer"))
+    assert await wait_until(lambda: requester.in_flight("peer") == 1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert requester.in_flight("peer") == 0
+    assert requester.fail_peer("peer") == 0
+
+
 async def test_a_service_and_its_requester_carry_on_after_nats_server_restarts(tmp_path: Path) -> None:
     """The inline subscriptions survive a reconnect: nats-py subscribes them again under the
     same ids, and the fast path still finds its handlers."""

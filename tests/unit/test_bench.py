@@ -2,7 +2,7 @@
 
 import uvloop
 
-from bench import cpu_split, keepalive, placement, scheduler_cpu, warm_invoke
+from bench import cpu_split, hops, keepalive, placement, scheduler_cpu, warm_invoke
 
 
 def test_placement_benchmark_runs_and_looks_at_few_nodes() -> None:
@@ -18,14 +18,20 @@ def test_keepalive_benchmark_compares_the_policies_on_one_trace() -> None:
 
 
 def test_scheduler_cpu_benchmark_places_every_invocation_in_each_variant() -> None:
+    """Both paths: the fast path raises if it does not take a warm invocation."""
     for variant in ("off", "dropped", "exported"):
-        assert uvloop.run(scheduler_cpu.cpu_per_invocation(200, variant)) > 0
+        for path in ("fast", "handler"):
+            assert uvloop.run(scheduler_cpu.cpu_per_invocation(200, variant, path)) > 0
 
 
 def test_cpu_split_tells_the_path_s_processes_apart() -> None:
     assert cpu_split.role_of(b"/v/bin/python\0-m\0scheduler\0--config\0/s/scheduler-0.toml") == "scheduler"
     assert cpu_split.role_of(b"python3\0-I\0-S\0/r/python_worker.py\03\0main:handle") == "python instance"
     assert cpu_split.role_of(b"/usr/bin/sshd") is None
+    hop = b"/v/bin/python\0-m\0bench.hops\0--role\0"
+    assert cpu_split.role_of(hop + b"bus-forward-inline\0nats://x\0e", hops.ROLES) == "forwarder"
+    assert cpu_split.role_of(hop + b"fast-echo\0nats://x", hops.ROLES) == "echo responder"
+    assert cpu_split.role_of(hop + b"node\0nats://x\0s\0" + b"1\08\0/c", hops.ROLES) == "node"
 
 
 def test_ratios_are_taken_pair_by_pair() -> None:
