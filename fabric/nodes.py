@@ -170,11 +170,12 @@ class Once:
             del self._answers[oldest]
         return reply
 
-    async def where_is(self, req: WhereIs, ctx: bus.Context) -> HaveIt | None:
-        """Answered only by the node that has the invocation; the others stay silent."""
+    async def where_is(self, req: WhereIs, ctx: bus.Context) -> HaveIt:
+        """Whether this node has the invocation: every node answers, so that the asking
+        scheduler need not wait out its deadline to learn that none has it."""
         answer = self._answers.get(req.invocation_id)
         if answer is None:
-            return None
+            return HaveIt(node_id=self.node_id, done=False, has=False)
         return HaveIt(node_id=self.node_id, done=answer.done())
 
     def route(self) -> bus.Route:

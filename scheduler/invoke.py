@@ -1,6 +1,7 @@
 """The invoke path of one scheduler replica: admission (limits and the wait queue), placement,
 forwarding to the chosen node with a deadline, and retrying elsewhere while the deadline allows."""
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 import msgspec
 
 from fabric import bus, nodes, telemetry
-from fabric.connection import Connection
+from fabric.connection import STATUS, Connection
 from fabric.tasks import TaskSet
 from fabric.tracing import Span, Within
 from scheduler import framework, keepalive, plugins, shares
@@ -528,20 +529,31 @@ class Invoker:
 
     async def _where_is(self, req: InvokeRequest) -> str | None:
         """The caller sent this invocation before and heard nothing: its first scheduler may have
-        died after forwarding it. A node that has it answers; it is sent there again, and that
-        node answers from the running (or finished) invocation instead of running it twice."""
-        try:
-            data = await self._requester.request(
-                subjects.WHERE_IS,
-                codec.encode(WhereIs(invocation_id=req.invocation_id)),
-                self.settings.where_is_timeout_ms / 1000,
-                None,
-                "nodes",
-            )
-        except (bus.RequestTimeout, bus.NoResponders):
+        died after forwarding it. Every node says whether it has it; the one that has it gets it
+        again and answers from the running (or finished) invocation instead of running it twice.
+        The wait ends at the first yes, once every node the view holds healthy has said no, or
+        after `where_is_timeout_ms` (a node that died with it says nothing)."""
+        now = time.monotonic()
+        stale_after_s = self.settings.node_stale_after_s
+        asking = {node_id for node_id, node in self._view.nodes.items() if node.healthy(now, stale_after_s)}
+        if not asking:
             return None
-        node = codec.have_it.decode(data).node_id
-        log.info("invocation %s (attempt %d) is already on %s", req.invocation_id, req.attempt, node)
+        found: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe_inline(inbox, partial(_count_answer, found, asking))
+        try:
+            await self._nc.publish(
+                subjects.WHERE_IS, codec.encode(WhereIs(invocation_id=req.invocation_id)), reply=inbox
+            )
+            async with asyncio.timeout(self.settings.where_is_timeout_ms / 1000):
+                node = await found
+        except TimeoutError:
+            log.warning("invocation %s: %s never said whether they have it", req.invocation_id, asking)
+            return None
+        finally:
+            await sub.unsubscribe()
+        if node is not None:
+            log.info("invocation %s (attempt %d) is already on %s", req.invocation_id, req.attempt, node)
         return node
 
     def _keep_alive(self, req: InvokeRequest, record: FunctionRecord) -> tuple[int, int]:
@@ -570,6 +582,33 @@ class Invoker:
     def policy_of(self, fn: FunctionKey) -> keepalive.KeepAlive | None:
         arrivals = self._arrivals.get(fn)
         return arrivals.current if arrivals else None
+
+
+def _count_answer(
+    found: "asyncio.Future[str | None]",
+    asking: set[str],
+    subject: str,
+    reply: str,
+    data: bytes,
+    headers: dict[str, str] | None,
+) -> None:
+    """One node's answer to `where-is`: the first yes settles it; so does the last no."""
+    if found.done():
+        return
+    if headers and headers.get(STATUS) == bus.NO_RESPONDERS_STATUS:
+        found.set_result(None)  # no node listens at all
+        return
+    try:
+        answer = codec.have_it.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("malformed where-is answer: %s", exc)
+        return
+    if answer.has:
+        found.set_result(answer.node_id)
+        return
+    asking.discard(answer.node_id)
+    if not asking:
+        found.set_result(None)
 
 
 class Explanation:

@@ -57,7 +57,9 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     reply_margin_ms: int = 25  # answer this long before the caller's deadline, so the answer arrives
     max_concurrent: int = 4096  # invocations handled at once by this replica
     beat_interval_s: float = 1.0  # replica beats: peers count each other from them
-    where_is_timeout_ms: int = 50  # a caller's retry: how long to wait for a node that has it
+    # A caller's retry: the longest to wait for the nodes to say whether they have it (they all
+    # answer, so this is paid only when a node the view holds healthy says nothing).
+    where_is_timeout_ms: int = 500
     placement: PlacementSettings = PlacementSettings()
     admission: AdmissionSettings = AdmissionSettings()
     keep_alive: KeepAliveSettings = KeepAliveSettings()

@@ -295,7 +295,7 @@ class TenantReply(msgspec.Struct, frozen=True, kw_only=True, tag="tenant_reply")
 
 class WhereIs(msgspec.Struct, frozen=True, kw_only=True, tag="where_is"):
     """Scheduler -> every node on `subjects.WHERE_IS`: who has this invocation (a caller's retry)?
-    Only a node that has it answers."""
+    Every node answers (`HaveIt`), so the scheduler stops waiting once all have said no."""
 
     invocation_id: str
 
@@ -303,6 +303,7 @@ class WhereIs(msgspec.Struct, frozen=True, kw_only=True, tag="where_is"):
 class HaveIt(msgspec.Struct, frozen=True, kw_only=True, tag="have_it"):
     node_id: str
     done: bool  # answered already (it will answer again from its cache), or still running
+    has: bool = True  # False: this node has not got it (nodes before this field answered only yes)
 
 
 InvokeResult = InvokeReply | ErrorReply
