@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
+from typing import Any
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -95,15 +96,34 @@ class ProgramRuntime:
     async def traced_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
         """`invoke` in the invocation's trace: on a first use, the program's load and its run."""
         with nodes.invoke_span(req, ctx, self.node_id, **{"hetfaas.program": req.program_digest}) as span:
-            reply = await self.invoke(req, ctx.received_at)
-            if isinstance(reply, ErrorReply):
-                span.set_attribute("hetfaas.error", reply.error.code)
-                return reply
-            span.set_attribute("faas.coldstart", reply.cold_start)
-            self._metrics.observe(req, reply, "dpu", reply.phases_ms.get("program_load_ms"))
-            if reply.cold_start and isinstance(span, Span):
-                self._record_load_and_run(span, reply)
+            return self._observed(req, span, await self.invoke(req, ctx.received_at))
+
+    def run_now(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | None:
+        """A warm invocation with a core free runs here and now, in its trace, with no coroutine
+        (the node's fast path); None when it would wait (its program not loaded yet, every core
+        busy or promised to invocations already waiting), or is malformed: `traced_invoke`."""
+        if self._problem(req) is not None or self._cores.locked():
+            return None
+        program = self.loaded.get((req.spec.tenant, req.spec.name, req.program_digest))
+        if program is None:
+            return None
+        with nodes.invoke_span(req, ctx, self.node_id, **{"hetfaas.program": req.program_digest}) as span:
+            reply = self._tenant_busy(req)
+            if reply is None:  # no yield from here to its end: it holds its core meanwhile
+                return self._observed(req, span, self._ran(req, program, False, 0.0, ctx.received_at))
+            return self._observed(req, span, reply)
+
+    def _observed(
+        self, req: NodeInvoke, span: Span | Any, reply: InvokeReply | ErrorReply
+    ) -> InvokeReply | ErrorReply:
+        if isinstance(reply, ErrorReply):
+            span.set_attribute("hetfaas.error", reply.error.code)
             return reply
+        span.set_attribute("faas.coldstart", reply.cold_start)
+        self._metrics.observe(req, reply, "dpu", reply.phases_ms.get("program_load_ms"))
+        if reply.cold_start and isinstance(span, Span):
+            self._record_load_and_run(span, reply)
+        return reply
 
     def _record_load_and_run(self, span: Span, reply: InvokeReply) -> None:
         start = span.start_ns
@@ -116,28 +136,20 @@ class ProgramRuntime:
         )
 
     async def invoke(self, req: NodeInvoke, received_at: float) -> InvokeReply | ErrorReply:
-        if req.spec.runtime != "ebpf" or not req.program_digest:
-            return self._error(req, "bad_request", "not an ebpf function (no approved program)")
-        if len(req.payload) > self.settings.max_packet_bytes:
-            return self._error(
-                req, "bad_request", f"a packet is at most {self.settings.max_packet_bytes} bytes"
-            )
+        if (problem := self._problem(req)) is not None:
+            return problem
         tenant = req.spec.tenant
         self.inflight += 1
         try:
             program, cold, load_ms = await self._program(req)  # waiting for a load is not running
-            if self._tenant_running[tenant] >= self.settings.tenant_concurrency:
-                limit = self.settings.tenant_concurrency
-                return self._error(
-                    req, "throttled", f"tenant {tenant!r} has {limit} programs running here, its share"
-                )
+            if (busy := self._tenant_busy(req)) is not None:
+                return busy
             self._tenant_running[tenant] += 1
             try:
                 async with self._cores:
-                    retval, packet, run_ns = program.run(req.payload)
+                    return self._ran(req, program, cold, load_ms, received_at)
             finally:
                 self._tenant_running[tenant] -= 1
-            self.tenant_runs[tenant] += 1
         except Refused as exc:
             log.warning("refused %s/%s: %s", req.spec.tenant, req.spec.name, exc)
             # No room here is not a verdict on the program: the scheduler tries another node.
@@ -145,14 +157,38 @@ class ProgramRuntime:
             return self._error(req, code, f"{exc.code}: {exc}")
         finally:
             self.inflight -= 1
-        phases = {"program_load_ms": load_ms} if cold else {}
+
+    def _problem(self, req: NodeInvoke) -> ErrorReply | None:
+        if req.spec.runtime != "ebpf" or not req.program_digest:
+            return self._error(req, "bad_request", "not an ebpf function (no approved program)")
+        if len(req.payload) > self.settings.max_packet_bytes:
+            return self._error(
+                req, "bad_request", f"a packet is at most {self.settings.max_packet_bytes} bytes"
+            )
+        return None
+
+    def _tenant_busy(self, req: NodeInvoke) -> ErrorReply | None:
+        tenant = req.spec.tenant
+        if self._tenant_running[tenant] < self.settings.tenant_concurrency:
+            return None
+        limit = self.settings.tenant_concurrency
+        return self._error(
+            req, "throttled", f"tenant {tenant!r} has {limit} programs running here, its share"
+        )
+
+    def _ran(
+        self, req: NodeInvoke, program: Loaded, cold: bool, load_ms: float, received_at: float
+    ) -> InvokeReply:
+        """Run the packet through the program (on a core the caller holds) and account for it."""
+        retval, packet, run_ns = program.run(req.payload)
+        self.tenant_runs[req.spec.tenant] += 1
         return InvokeReply(
             invocation_id=req.invocation_id,
             node=self.node_id,
             cold_start=cold,
             duration_ms=round((time.monotonic() - received_at) * 1000, 3),
             output=packet,
-            phases_ms=phases,
+            phases_ms={"program_load_ms": load_ms} if cold else {},
             attempts=req.attempt,
             retval=retval,
             action=ACTIONS.get(req.spec.ebpf.prog_type if req.spec.ebpf else "", {}).get(retval, ""),

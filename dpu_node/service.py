@@ -16,11 +16,31 @@ class DpuNode:
 
     def routes(self) -> list[bus.Route]:
         return [
-            # A warm invocation runs its program and answers without waiting on anything.
-            bus.Route(subjects.node_invoke(self.node_id), codec.node_invoke, self.on_invoke, eager=True),
+            # A warm invocation with a core free runs its program and answers as it is read.
+            bus.Route(
+                subjects.node_invoke(self.node_id),
+                codec.node_invoke,
+                self.on_invoke,
+                fast=self.on_invoke_now,
+                eager=True,
+            ),
             bus.Route(subjects.node_maps(self.node_id), codec.maps_request, self.on_maps),
             self.once.route(),
         ]
+
+    def on_invoke_now(
+        self, req: NodeInvoke, ctx: bus.Context
+    ) -> InvokeReply | ErrorReply | bus.ReplyTo | bus.Pass:
+        """The fast path: a warm invocation with a core free, run without a coroutine. A copy
+        of an invocation seen before, a first use (the load) and a wait for a core go to
+        `on_invoke` (PASS)."""
+        if self.once.has(req.invocation_id) or self.runtime.inflight >= self.capacity:
+            return bus.PASS
+        reply = self.runtime.run_now(req, ctx)
+        if reply is None:
+            return bus.PASS
+        self.once.remember(req.invocation_id, reply)
+        return nodes.answer(req, reply)
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
         reply = await self.once.run(req.invocation_id, lambda: self._invoke(req, ctx))

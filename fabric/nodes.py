@@ -79,6 +79,8 @@ async def send_heartbeats(
 def invoke_span(req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any) -> Scope | NoScope:
     """The node's span of an invocation, under the scheduler's attempt that sent it, with the
     FaaS attributes (faas.*) and ours (hetfaas.*)."""
+    if not telemetry.enabled():
+        return telemetry.span("node.invoke")  # the shared no-op: no attributes built for nothing
     attributes = {
         "faas.invocation_id": req.invocation_id,
         "faas.name": req.spec.name,
@@ -160,6 +162,25 @@ class Once:
             del self._answers[invocation_id]
             answer.cancel()
             raise
+        self._settle(invocation_id, answer, reply)
+        return reply
+
+    def has(self, invocation_id: str) -> bool:
+        return invocation_id in self._answers
+
+    def remember(self, invocation_id: str, reply: InvokeReply | ErrorReply) -> None:
+        """An invocation run without `run` (a node's fast path, which ran it without waiting):
+        copies find its answer as they would have."""
+        answer: asyncio.Future[InvokeReply | ErrorReply] = asyncio.get_running_loop().create_future()
+        self._answers[invocation_id] = answer
+        self._settle(invocation_id, answer, reply)
+
+    def _settle(
+        self,
+        invocation_id: str,
+        answer: "asyncio.Future[InvokeReply | ErrorReply]",
+        reply: InvokeReply | ErrorReply,
+    ) -> None:
         answer.set_result(reply)
         if isinstance(reply, ErrorReply) and reply.error.code in SCHEDULER_RETRIES:
             del self._answers[invocation_id]
@@ -168,7 +189,6 @@ class Once:
             if not future.done():
                 break  # the oldest still runs: keep it (and, for now, the rest)
             del self._answers[oldest]
-        return reply
 
     async def where_is(self, req: WhereIs, ctx: bus.Context) -> HaveIt:
         """Whether this node has the invocation: every node answers, so that the asking

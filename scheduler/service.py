@@ -139,13 +139,14 @@ class Scheduler:
 
     # --- invoke ---
 
-    def on_invoke_now(self, req: InvokeRequest, ctx: bus.Context) -> bool:
+    def on_invoke_now(self, req: InvokeRequest, ctx: bus.Context) -> bus.Pass | None:
         """The fast path (`Invoker.try_now`) for a well-formed invocation of a function in the
-        view; a bad request, a lookup in etcd, and anything that waits go to `on_invoke`."""
+        view: None once taken (the node, or the retry, answers); a bad request, a lookup in etcd
+        and anything that waits go to `on_invoke` (PASS)."""
         if self._check_invoke(req, ctx.subject):
-            return False
+            return bus.PASS
         record = self.view.functions.get((req.tenant, req.function))
-        return record is not None and self.invoker.try_now(req, record, ctx)
+        return None if record is not None and self.invoker.try_now(req, record, ctx) else bus.PASS
 
     async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
         if not telemetry.enabled():
