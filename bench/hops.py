@@ -180,7 +180,7 @@ class Echoed(msgspec.Struct, frozen=True):
 
 async def bus_forward(url: str, target: str, inline: bool) -> None:
     """The scheduler's hop through `fabric.bus`: a Server with a task per request, which asks the
-    next hop through a Requester (a timer per request) and waits for its batched acknowledgement,
+    next hop through a Requester and waits for its batched acknowledgement,
     the next hop answering the caller directly. No placement, no accounting, no retries."""
     nc = await bus.connect(url, "hops-forwarder")
     requester = Requester(nc)

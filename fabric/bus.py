@@ -19,6 +19,7 @@ import nats
 import nats.errors
 
 from fabric.connection import STATUS, Connection, Deliver
+from fabric.deadlines import Deadlines
 from fabric.tasks import TaskSet
 from schemas import codec, subjects
 from schemas.codec import encode
@@ -342,12 +343,13 @@ class _Waiting(msgspec.Struct):
     peer: str
     deadline: float  # loop time
     copies: _Copies | None = None
-    timer: asyncio.TimerHandle | None = None
+    slot: int = 0  # of its next timer (the next copy or the deadline) in the requester's Deadlines
 
 
 class Requester:
-    """Request-reply over one shared inbox, with one timer per request (the next copy or the
-    deadline, whichever is sooner) and peer-loss cancellation.
+    """Request-reply over one shared inbox, with one deadline per request (the next copy or the
+    deadline, whichever is sooner; `fabric.deadlines`: at most 5 ms late, and no loop timer of
+    its own) and peer-loss cancellation.
 
     Unlike `nc.request`, in-flight requests are grouped by peer, so when a peer is declared dead
     every request waiting on it fails at once with PeerLost and can be retried elsewhere.
@@ -362,6 +364,7 @@ class Requester:
         self._ids = itertools.count()
         self._pending: dict[str, _Waiting] = {}
         self._by_peer: dict[str, set[str]] = defaultdict(set)
+        self._deadlines = Deadlines(self._on_timer)  # type: ignore[arg-type]  # keys are tokens
 
     async def start(self) -> None:
         """Subscribe to the shared inbox (once, however many callers race to the first request)."""
@@ -429,7 +432,7 @@ class Requester:
     def _arm(self, loop: asyncio.AbstractEventLoop, token: str, waiting: _Waiting) -> None:
         copies = waiting.copies
         at = copies.at if copies is not None and copies.at < waiting.deadline else waiting.deadline
-        waiting.timer = loop.call_at(at, self._on_timer, token)
+        waiting.slot = self._deadlines.add(loop, at, token)
 
     def _on_timer(self, token: str) -> None:
         waiting = self._pending.get(token)
@@ -470,8 +473,7 @@ class Requester:
         waiting = self._pending.pop(token, None)
         if waiting is None:
             return None
-        if waiting.timer is not None:
-            waiting.timer.cancel()
+        self._deadlines.discard(waiting.slot, token)
         tokens = self._by_peer[waiting.peer]
         tokens.discard(token)
         if not tokens:

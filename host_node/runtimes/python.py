@@ -6,6 +6,7 @@ import socket
 from collections import deque
 from pathlib import Path
 
+from fabric.deadlines import timeouts
 from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.launch import launch
@@ -57,28 +58,25 @@ class FrameChannel(asyncio.Protocol):
         self._transport.write(data)  # type: ignore[attr-defined]
 
     async def receive(self, timeout_s: float) -> tuple[int, bytes]:
-        """The next frame; TimeoutError after `timeout_s` (a bare timer: cheaper than asyncio.timeout)."""
+        """The next frame; TimeoutError after `timeout_s` (at most 5 ms late: `fabric.deadlines`,
+        cheaper than a timer of its own per invocation)."""
         if self._frames:
             return self._frames.popleft()
         if self.closed:
             raise ConnectionError("python instance closed its socket")
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(max(timeout_s, 0), _expire, waiter)
+        deadlines = timeouts(loop)
+        slot = deadlines.add(loop, loop.time() + max(timeout_s, 0), waiter)
         try:
             return await waiter
         finally:
-            timer.cancel()
+            deadlines.discard(slot, waiter)
             self._waiter = None
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
-
-
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 class PythonInstance:
