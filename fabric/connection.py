@@ -37,6 +37,11 @@ _WHITESPACE = re.compile(r"[ \t\r\n]")  # would split a PUB line: a protocol inj
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 
+def _splits_a_line(text: str) -> bool:
+    """`_WHITESPACE.search(text)`, in a third of the time (every publish checks two subjects)."""
+    return " " in text or "\t" in text or "\r" in text or "\n" in text
+
+
 class Connection(NATS):
     def __init__(self) -> None:
         super().__init__()
@@ -83,7 +88,7 @@ class Connection(NATS):
     ) -> None:
         """`publish` without awaiting: the same checks and errors, the same buffering while
         reconnecting, the same flusher."""
-        if not subject or _WHITESPACE.search(subject) or (reply and _WHITESPACE.search(reply)):
+        if not subject or _splits_a_line(subject) or (reply and _splits_a_line(reply)):
             raise nats.errors.BadSubjectError
         if self.is_closed:
             raise nats.errors.ConnectionClosedError

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.protocol import command, parser
 
-from fabric.connection import MessageParser, encode_headers, parse_headers, publish_command
+from fabric.connection import Connection, MessageParser, encode_headers, parse_headers, publish_command
 
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=8)
 SUBJECT = st.lists(TOKEN, min_size=1, max_size=4).map(".".join)
@@ -143,3 +143,13 @@ def test_an_inline_status_and_repeated_keys_read_as_nats_py_reads_them(
     block: bytes, expected: dict[str, str] | None
 ) -> None:
     assert parse_headers(block) == expected
+
+
+@pytest.mark.parametrize(
+    ("subject", "reply"),
+    [("a b", ""), ("a\tb", ""), ("a\r\nPUB x 1", ""), ("ok", "in box"), ("ok", "in\nbox"), ("", "")],
+)
+def test_a_subject_that_would_split_the_command_line_is_refused(subject: str, reply: str) -> None:
+    """A space, tab or line break in a subject would let a caller inject NATS commands."""
+    with pytest.raises(nats.errors.BadSubjectError):
+        Connection().publish_now(subject, b"x", reply)
