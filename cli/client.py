@@ -153,11 +153,10 @@ class Client:
             timeout_ms=timeout_ms,
         )
         started = time.monotonic()
-        with telemetry.span(
-            "client.invoke",
-            kind=telemetry.SpanKind.CLIENT,
-            attributes={"faas.invocation_id": invocation_id, "faas.name": function, "hetfaas.tenant": tenant},
-        ):
+        traced = None  # with tracing off, no attributes built for nothing
+        if telemetry.enabled():
+            traced = {"faas.invocation_id": invocation_id, "faas.name": function, "hetfaas.tenant": tenant}
+        with telemetry.span("client.invoke", kind=telemetry.SpanKind.CLIENT, attributes=traced):
             try:
                 resend = None
                 if 0 < retry_after_ms < timeout_ms:
