@@ -145,7 +145,11 @@ async def test_beyond_the_queue_invocations_are_throttled_at_once(
 
 async def test_an_invocation_sent_again_runs_once(two_replicas: Client, tmp_path: Path, tenant: str) -> None:
     """The caller resends every 150 ms while the function runs (as it would after losing its
-    scheduler): one answer comes back, and the function ran once."""
+    scheduler): one answer comes back, and the function ran once. Each node holds at most one
+    instance of it (concurrency 1), counting its calls: a second invocation counts 2 on the
+    node that ran the first, 1 on the other, unless a copy of the first ran there too. (Which
+    node the second goes to is placement's choice: the replica it reaches may not have heard
+    yet that the first left an instance warm.)"""
     manifest = 'runtime = "python"\nhandler = "main:handle"\nconcurrency = 1\n'
     await two_replicas.deploy(make_function(tmp_path, "once", manifest, {"main.py": COUNTING}), tenant=tenant)
     first = await two_replicas.invoke(tenant, "once", b"", invocation_id=f"{tenant}-a", retry_after_ms=150)
@@ -153,7 +157,8 @@ async def test_an_invocation_sent_again_runs_once(two_replicas: Client, tmp_path
 
     assert first.ok and again.ok, (first.error, again.error)
     assert first.reply.output == b"1"
-    assert (again.node, again.reply.output) == (first.node, b"2"), "the copies of the first never ran"
+    expected = b"2" if again.node == first.node else b"1"
+    assert again.reply.output == expected, f"a copy of the first ran too ({again.node}, {first.node})"
 
 
 async def test_status_shows_every_replica(two_replicas: Client) -> None:
