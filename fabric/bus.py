@@ -466,8 +466,12 @@ class Requester:
     def _end(self, token: str, outcome: bytes | BaseException) -> None:
         """The request's first outcome goes to its caller; later ones find nothing."""
         waiting = self._forget(token)
-        if waiting is not None:
+        if waiting is None:
+            return
+        try:
             waiting.answer(outcome)
+        except Exception:  # one caller's failure must not cost the others in the same batch
+            log.exception("handling the answer of a request to %s failed", waiting.peer)
 
     def _forget(self, token: str) -> _Waiting | None:
         waiting = self._pending.pop(token, None)

@@ -136,10 +136,10 @@ class Invoker:
         decision, _ = self._place(req, record, key, set(), now, explain=isinstance(span, Span))
         if not isinstance(decision, framework.Placed):
             return False  # the span was never finished: nothing of it is exported
-        self._handling.add(req.invocation_id)
-        self.running.enter(fn)
         deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
         flight = Flight(req, record, ctx, key, deadline, self._keep_alive(req, record), span)
+        self._handling.add(req.invocation_id)  # from here on, `_finish` undoes these
+        self.running.enter(fn)
         self._send_first(flight, decision.node_id, Explanation(decision), now)
         return True
 

@@ -315,6 +315,26 @@ async def test_send_hands_each_outcome_to_its_callback_once(nc: Connection, tena
     assert not any(requester.in_flight(peer) for peer in "abcd")
 
 
+async def test_a_failing_callback_does_not_cost_the_other_requests_their_outcomes(
+    nc: Connection, tenant: str
+) -> None:
+    """Outcomes are handed out in batches (a lost peer, a message of acknowledgements): one
+    callback that raises must not leave the others waiting for ever."""
+    await responder(nc, f"{tenant}.silent", answer_copy=None)
+    requester = bus.Requester(nc)
+    await requester.start()
+    got: list[bytes | BaseException] = []
+
+    def broken(outcome: bytes | BaseException) -> None:
+        raise RuntimeError("a caller's bug")
+
+    for answer in (broken, got.append, broken, got.append):
+        requester.send(f"{tenant}.silent", b"x", 30.0, None, "peer", answer)
+    assert requester.fail_peer("peer") == 4
+    assert [type(outcome) for outcome in got] == [bus.PeerLost, bus.PeerLost]
+    assert requester.in_flight("peer") == 0
+
+
 async def test_a_cancelled_request_leaves_nothing_waiting(nc: Connection, tenant: str) -> None:
     await responder(nc, f"{tenant}.silent", answer_copy=None)
     requester = bus.Requester(nc)
