@@ -44,6 +44,10 @@ def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = ""
     return ErrorReply(error=Error(code=code, message=message), invocation_id=invocation_id, node=node)
 
 
+def _internal(exc: Exception, invocation_id: str) -> ErrorReply:
+    return error("internal", f"internal error: {type(exc).__name__}: {exc}", invocation_id)
+
+
 class TryElsewhere(Exception):
     """This attempt failed in a way another node may not (gone, unreachable, full)."""
 
@@ -174,6 +178,11 @@ class Invoker:
             attempts = Attempts(tried={node_id}, failures=[str(exc)])
             self.tasks.spawn(self._retry(flight, attempts), f"retry-{flight.req.invocation_id}")
             return
+        except Exception as exc:  # a malformed answer from the node: as bus.dispatch answers one
+            log.exception("the answer from %s to invocation %s", node_id, flight.req.invocation_id)
+            telemetry.close_span(span, str(exc))
+            self._finish(flight, _internal(exc, flight.req.invocation_id))
+            return
         telemetry.close_span(span)
         self._finish(flight, reply)
 
@@ -189,7 +198,7 @@ class Invoker:
                 )
         except Exception as exc:  # as a handler's failure is answered (bus.dispatch)
             log.exception("retrying invocation %s failed", req.invocation_id)
-            reply = error("internal", f"internal error: {type(exc).__name__}: {exc}", req.invocation_id)
+            reply = _internal(exc, req.invocation_id)
         finally:
             self._finish(flight, reply)
 
