@@ -7,11 +7,13 @@ it that is still there, at most one slot late.
 """
 
 import asyncio
+import logging
 import math
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+log = logging.getLogger(__name__)
 GRANULARITY_S = 0.005
 
 
@@ -43,7 +45,10 @@ class Deadlines:
 
     def _due(self, slot: int) -> None:
         for key in self._slots.pop(slot, ()):
-            self._fire(key)
+            try:
+                self._fire(key)
+            except Exception:  # one key's failure must not leave the rest of its slot unfired
+                log.exception("a deadline's callback failed")
 
 
 _timeouts: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines]" = weakref.WeakKeyDictionary()

@@ -54,3 +54,23 @@ async def test_a_future_still_pending_when_due_times_out() -> None:
     assert done == {waiting}, "the waiting future was not timed out"
     assert isinstance(waiting.exception(), TimeoutError)
     assert answered.result() == "in time"
+
+
+async def test_a_failing_key_does_not_stop_the_rest_of_its_slot() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[str] = []
+    all_fired = loop.create_future()
+
+    def fire(key: object) -> None:
+        if key == "broken":
+            raise RuntimeError("a caller's bug")
+        fired.append(str(key))
+        if len(fired) == 2:
+            all_fired.set_result(None)
+
+    due = Deadlines(fire, granularity_s=1.0)
+    at = loop.time()
+    for key in ("broken", "a", "b"):
+        due.add(loop, at, key)
+    await asyncio.wait_for(all_fired, 5)
+    assert sorted(fired) == ["a", "b"]
