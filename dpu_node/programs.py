@@ -108,9 +108,9 @@ class ProgramRuntime:
         if program is None:
             return None
         with nodes.invoke_span(req, ctx, self.node_id, **{"hetfaas.program": req.program_digest}) as span:
-            reply = self._tenant_busy(req)
-            if reply is None:  # no yield from here to its end: it holds its core meanwhile
-                return self._observed(req, span, self._ran(req, program, False, 0.0, ctx.received_at))
+            busy = self._tenant_busy(req)
+            # No yield from here to its end: it holds its core (and its tenant's slot) meanwhile.
+            reply = busy if busy is not None else self._ran(req, program, False, 0.0, ctx.received_at)
             return self._observed(req, span, reply)
 
     def _observed(

@@ -295,11 +295,16 @@ def answer(nc: Connection, reply: msgspec.Struct | bytes | None, ctx: Context) -
         nc.publish_now(ctx.reply, reply if isinstance(reply, bytes) else encode(reply))
 
 
+def internal_error(exc: Exception, invocation_id: str = "") -> ErrorReply:
+    """What a caller hears when a handler (or what runs on its behalf) failed."""
+    error = Error(code="internal", message=f"internal error: {type(exc).__name__}: {exc}")
+    return ErrorReply(error=error, invocation_id=invocation_id)
+
+
 def _internal_error(request: Any, ctx: Context, exc: Exception) -> ErrorReply:
     invocation_id = getattr(request, "invocation_id", "")
     log.error("handler for %s failed (invocation %s)", ctx.subject, invocation_id or "-", exc_info=exc)
-    error = Error(code="internal", message=f"internal error: {type(exc).__name__}: {exc}")
-    return ErrorReply(error=error, invocation_id=invocation_id)
+    return internal_error(exc, invocation_id)
 
 
 def _run_inline(route: Route, data: bytes, ctx: Context) -> None:

@@ -18,7 +18,6 @@ tests/integration/test_bus.py runs all of it against a real nats-server.
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 
 import nats.errors
@@ -33,12 +32,12 @@ Deliver = Callable[[str, str, bytes, dict[str, str] | None], None]
 
 STATUS = "Status"  # the header nats-py gives an inline status (503: no responders)
 DESCRIPTION = "Description"
-_WHITESPACE = re.compile(r"[ \t\r\n]")  # would split a PUB line: a protocol injection
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 
 def _splits_a_line(text: str) -> bool:
-    """`_WHITESPACE.search(text)`, in a third of the time (every publish checks two subjects)."""
+    """Whitespace in a subject or header key would split a PUB line: a protocol injection.
+    (`in` four times: a third of a regular expression's time, and every publish checks two.)"""
     return " " in text or "\t" in text or "\r" in text or "\n" in text
 
 
@@ -138,7 +137,7 @@ def publish_command(subject: str, reply: str, payload: bytes, headers: dict[str,
 def encode_headers(headers: dict[str, str]) -> bytes:
     block = "NATS/1.0\r\n"
     for key, value in headers.items():
-        if not key or _WHITESPACE.search(key) or ":" in key:
+        if not key or _splits_a_line(key) or ":" in key:
             raise nats.errors.BadHeaderError(key)
         if "\r" in value or "\n" in value:  # a line break would end the header early
             value = value.translate(_NEWLINES)

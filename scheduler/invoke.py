@@ -44,10 +44,6 @@ def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = ""
     return ErrorReply(error=Error(code=code, message=message), invocation_id=invocation_id, node=node)
 
 
-def _internal(exc: Exception, invocation_id: str) -> ErrorReply:
-    return error("internal", f"internal error: {type(exc).__name__}: {exc}", invocation_id)
-
-
 class TryElsewhere(Exception):
     """This attempt failed in a way another node may not (gone, unreachable, full)."""
 
@@ -89,6 +85,11 @@ def invoke_attributes(req: InvokeRequest) -> dict[str, Any]:
         "hetfaas.tenant": req.tenant,
         "hetfaas.attempt": req.attempt,
     }
+
+
+def attempt_attributes(node_id: str, attempt: int, why: "str | Explanation") -> dict[str, Any]:
+    """The scheduler.attempt span's attributes (the placement's reasons written out on export)."""
+    return {"hetfaas.node": node_id, "hetfaas.attempt": attempt, "hetfaas.placement": why}
 
 
 class Invoker:
@@ -154,8 +155,8 @@ class Invoker:
         )
         span = None
         if flight.span is not None:
-            traced = {"hetfaas.node": node_id, "hetfaas.attempt": 1, "hetfaas.placement": why}
             with Within(flight.span):
+                traced = attempt_attributes(node_id, 1, why)
                 span = telemetry.open_span("scheduler.attempt", kind=CLIENT, attributes=traced)
         self._hold(node_id, flight.key)
         answered = partial(self._answered, flight, node_id, span)
@@ -181,7 +182,7 @@ class Invoker:
         except Exception as exc:  # a malformed answer from the node: as bus.dispatch answers one
             log.exception("the answer from %s to invocation %s", node_id, flight.req.invocation_id)
             telemetry.close_span(span, str(exc))
-            self._finish(flight, _internal(exc, flight.req.invocation_id))
+            self._finish(flight, bus.internal_error(exc, flight.req.invocation_id))
             return
         telemetry.close_span(span)
         self._finish(flight, reply)
@@ -198,7 +199,7 @@ class Invoker:
                 )
         except Exception as exc:  # as a handler's failure is answered (bus.dispatch)
             log.exception("retrying invocation %s failed", req.invocation_id)
-            reply = _internal(exc, req.invocation_id)
+            reply = bus.internal_error(exc, req.invocation_id)
         finally:
             self._finish(flight, reply)
 
@@ -415,8 +416,8 @@ class Invoker:
         self, node_id: str, message: NodeInvoke, key: str, why_here: "str | Explanation"
     ) -> ErrorReply | bytes | None:
         """`_forward` in a span of its own: a retry is the failed attempt's sibling."""
-        traced = {"hetfaas.node": node_id, "hetfaas.attempt": message.attempt, "hetfaas.placement": why_here}
-        with telemetry.span("scheduler.attempt", kind=telemetry.SpanKind.CLIENT, attributes=traced) as span:
+        traced = attempt_attributes(node_id, message.attempt, why_here)
+        with telemetry.span("scheduler.attempt", kind=CLIENT, attributes=traced) as span:
             try:
                 return await self._forward(node_id, message, key)
             except TryElsewhere as exc:
