@@ -120,7 +120,7 @@ class Pass:
 PASS = Pass()
 # A route's fast path, tried as the message is read: PASS to leave the request to the route's
 # handler; otherwise it took it: a reply to send now (as a handler's), or None (nothing now: it
-# answers later itself, see `answer`).
+# answers later itself, with `answer`, or `Server.respond` for a ReplyTo).
 FastHandler = Callable[[Any, Context], "msgspec.Struct | bytes | ReplyTo | Pass | None"]
 
 MAX_BACKLOG = 65536  # requests waiting for a free slot; beyond, a service answers `throttled`
@@ -199,7 +199,7 @@ class Server:
             reply = _internal_error(request, ctx, exc)
         if reply is PASS:
             return False
-        self._answer(reply, ctx)  # type: ignore[arg-type]  # not PASS
+        self.respond(reply, ctx)  # type: ignore[arg-type]  # not PASS
         return True
 
     def _start(self, route: Route, data: bytes, ctx: Context) -> None:
@@ -221,13 +221,14 @@ class Server:
 
     async def _handle_and_release(self, route: Route, data: bytes, ctx: Context) -> None:
         try:
-            self._answer(await dispatch(route, data, ctx), ctx)
+            self.respond(await dispatch(route, data, ctx), ctx)
         finally:
             self._running -= 1
             if self._backlog and not self._closing:
                 self._start(*self._backlog.popleft())
 
-    def _answer(self, reply: msgspec.Struct | bytes | ReplyTo | None, ctx: Context) -> None:
+    def respond(self, reply: msgspec.Struct | bytes | ReplyTo | None, ctx: Context) -> None:
+        """Send a handler's answer: what a fast path that answers later (it returned None) calls."""
         if isinstance(reply, ReplyTo):
             self.nc.publish_now(reply.subject, encode(reply.message))
             if reply.batch_ack and ctx.reply and self._batch_ack(ctx.reply):

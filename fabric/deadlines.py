@@ -51,16 +51,26 @@ class Deadlines:
                 log.exception("a deadline's callback failed")
 
 
-_timeouts: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines]" = weakref.WeakKeyDictionary()
+_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Callable[[Any], None], Deadlines]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def of_loop(loop: asyncio.AbstractEventLoop, fire: Callable[[Any], None]) -> Deadlines:
+    """The loop's Deadlines calling `fire` (a module-level function): one per loop and callback,
+    since a slot's timer belongs to the loop that armed it."""
+    by_fire = _per_loop.get(loop)
+    if by_fire is None:
+        by_fire = _per_loop[loop] = {}
+    deadlines = by_fire.get(fire)
+    if deadlines is None:
+        deadlines = by_fire[fire] = Deadlines(fire)
+    return deadlines
 
 
 def timeouts(loop: asyncio.AbstractEventLoop) -> Deadlines:
-    """The loop's Deadlines for futures: one still pending when it is due gets TimeoutError.
-    (One per loop: a slot's timer belongs to the loop that armed it.)"""
-    deadlines = _timeouts.get(loop)
-    if deadlines is None:
-        deadlines = _timeouts[loop] = Deadlines(_time_out)  # type: ignore[arg-type]  # keys: futures
-    return deadlines
+    """The loop's Deadlines for futures: one still pending when it is due gets TimeoutError."""
+    return of_loop(loop, _time_out)
 
 
 def _time_out(future: "asyncio.Future[Any]") -> None:

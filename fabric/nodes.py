@@ -15,7 +15,7 @@ import nats
 from fabric import bus, metrics, telemetry
 from fabric.connection import Connection
 from fabric.store import LeasedKey, Store
-from fabric.tracing import NoScope, Scope
+from fabric.tracing import NoScope, Scope, Span, Unsampled
 from schemas import codec, keys, subjects
 from schemas.errors import Error, ErrorCode
 from schemas.messages import (
@@ -81,7 +81,26 @@ def invoke_span(req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any) -
     FaaS attributes (faas.*) and ours (hetfaas.*)."""
     if not telemetry.enabled():
         return telemetry.span("node.invoke")  # the shared no-op: no attributes built for nothing
-    attributes = {
+    attributes = invoke_attributes(req, node_id, extra)
+    return telemetry.span(
+        "node.invoke", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
+    )
+
+
+def open_invoke_span(
+    req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any
+) -> Span | Unsampled | None:
+    """`invoke_span` for an invocation answered by callback: finish it with `telemetry.close_span`."""
+    if not telemetry.enabled():
+        return None
+    attributes = invoke_attributes(req, node_id, extra)
+    return telemetry.open_span(
+        "node.invoke", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
+    )
+
+
+def invoke_attributes(req: NodeInvoke, node_id: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
         "faas.invocation_id": req.invocation_id,
         "faas.name": req.spec.name,
         "faas.instance": node_id,
@@ -90,9 +109,6 @@ def invoke_span(req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any) -
         "hetfaas.attempt": req.attempt,
         **extra,
     }
-    return telemetry.span(
-        "node.invoke", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
-    )
 
 
 class InvokeMetrics:
@@ -162,7 +178,7 @@ class Once:
             del self._answers[invocation_id]
             answer.cancel()
             raise
-        self._settle(invocation_id, answer, reply)
+        self.settle(invocation_id, answer, reply)
         return reply
 
     def has(self, invocation_id: str) -> bool:
@@ -171,11 +187,16 @@ class Once:
     def remember(self, invocation_id: str, reply: InvokeReply | ErrorReply) -> None:
         """An invocation run without `run` (a node's fast path, which ran it without waiting):
         copies find its answer as they would have."""
+        self.settle(invocation_id, self.begin(invocation_id), reply)
+
+    def begin(self, invocation_id: str) -> "asyncio.Future[InvokeReply | ErrorReply]":
+        """An invocation starts without `run` (a node's fast path, answered by callback): copies
+        that come meanwhile wait for what `settle` gives its future."""
         answer: asyncio.Future[InvokeReply | ErrorReply] = asyncio.get_running_loop().create_future()
         self._answers[invocation_id] = answer
-        self._settle(invocation_id, answer, reply)
+        return answer
 
-    def _settle(
+    def settle(
         self,
         invocation_id: str,
         answer: "asyncio.Future[InvokeReply | ErrorReply]",

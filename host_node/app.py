@@ -38,7 +38,8 @@ class HostNodeApp(ServiceApp):
         spawner = await open_spawner(settings, stack)
         programs = await open_programs(settings, store, tasks, stack)
         probe = await open_probe(settings, stack)
-        node = self.node = HostNode(settings, bundles, spawner, programs, probe)
+        server = bus.Server(nc, max_concurrent=settings.capacity * 2)
+        node = self.node = HostNode(settings, bundles, spawner, server.respond, programs, probe)
         stack.push_async_callback(node.close)  # after the server stops and the lease is revoked
         registration = nodes.register(
             stack,
@@ -50,7 +51,6 @@ class HostNodeApp(ServiceApp):
             memory_mb=settings.memory_mb,
             partition=programs.partition() if programs else None,
         )
-        server = bus.Server(nc, max_concurrent=settings.capacity * 2)
         stack.push_async_callback(server.close, settings.shutdown_grace_s)
         await server.serve(node.routes())
         beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)

@@ -20,6 +20,10 @@ class BundleCache:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         root.mkdir(parents=True, exist_ok=True)
 
+    def ready(self, digest: str) -> Path | None:
+        """The bundle's directory if it is unpacked here already (no waiting), else None."""
+        return self._ready.get(digest)
+
     async def ensure(self, digest: str) -> tuple[Path, bool]:
         """The unpacked bundle's directory, and whether this call had to fetch it."""
         ready = self._ready.get(digest)

@@ -9,19 +9,21 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from dpu_node.programs import ProgramRuntime
 from fabric import bus, metrics, nodes, telemetry
 from fabric.bundles import BundleError
 from fabric.tasks import TaskSet
-from fabric.tracing import Span
+from fabric.tracing import NO_SPAN, Span, Unsampled
 from host_node import phase_spans
 from host_node.bundle_cache import BundleCache
 from host_node.kernel_probe import KernelProbe
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
-from host_node.runtimes.python import PythonInstance
+from host_node.runtimes.python import Frame, PythonInstance, output_of
 from host_node.sandbox.cgroups import Limits
 from host_node.settings import HostNodeSettings
 from host_node.spawner import Spawner
@@ -37,16 +39,60 @@ NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the r
 PREWARM_INIT_S = 30.0  # a prewarmed instance's start may take this long
 
 
+Respond = Callable[[Any, bus.Context], None]  # bus.Server.respond: sends a handler's answer
+
+
+class WarmCall:
+    """A warm python invocation on the fast path: waiting for an instance, then while it runs."""
+
+    __slots__ = (
+        "answer",
+        "code_dir",
+        "ctx",
+        "deadline",
+        "handler_started",
+        "instance",
+        "key",
+        "phases",
+        "req",
+        "span",
+        "timeout_s",
+        "waiting",
+    )
+
+    def __init__(
+        self,
+        req: NodeInvoke,
+        ctx: bus.Context,
+        key: str,
+        code_dir: Path,
+        answer: "asyncio.Future[InvokeReply | ErrorReply]",
+        span: Span | Unsampled | None,
+    ):
+        self.req, self.ctx, self.key, self.code_dir = req, ctx, key, code_dir
+        self.answer = answer  # what copies of the invocation wait for (nodes.Once)
+        self.span = span
+        self.deadline = ctx.received_at + req.timeout_ms / 1000 - NODE_MARGIN_S
+        self.instance: PythonInstance | None = None  # once it has one
+        self.waiting: asyncio.Future[Any] | None = None  # its place in line for an instance
+        self.handler_started = 0.0
+        self.timeout_s = 0.0
+        self.phases: dict[str, float] = {}
+
+
 class HostNode:
     def __init__(
         self,
         settings: HostNodeSettings,
         bundles: BundleCache,
         spawner: Spawner,
+        respond: Respond,
         programs: ProgramRuntime | None = None,
         probe: KernelProbe | None = None,
     ):
         self.settings = settings
+        self._respond = respond
+        self._calls: set[WarmCall] = set()  # on the fast path, running
         self._probe = probe  # kernel events for cold-start traces (bcc), where it runs
         self._bundles = bundles
         self._spawner = spawner
@@ -76,7 +122,9 @@ class HostNode:
     def routes(self) -> list[bus.Route]:
         node_id = self.settings.node_id
         routes = [
-            bus.Route(subjects.node_invoke(node_id), codec.node_invoke, self.on_invoke),
+            bus.Route(
+                subjects.node_invoke(node_id), codec.node_invoke, self.on_invoke, fast=self.on_invoke_now
+            ),
             self.once.route(),
         ]
         if self.programs is not None:
@@ -87,6 +135,115 @@ class HostNode:
         """The maps of this tenant's function, and nobody else's (see ProgramRuntime.maps)."""
         assert self.programs is not None
         return self.programs.maps(req)
+
+    def on_invoke_now(self, req: NodeInvoke, ctx: bus.Context) -> bus.Pass | None:
+        """The fast path: a warm python invocation is sent to an idle instance as it is read, or
+        waits in line for the next one freed when all its instances are busy, and is answered
+        from the instance's frame by callback: no task, no coroutines held open while it waits
+        or runs. Anything else goes to `on_invoke` (PASS): a cold start, exec and eBPF
+        functions, a copy of an invocation seen before, a full node."""
+        spec = req.spec
+        if spec.runtime != "python" or self.inflight >= self.settings.capacity:
+            return bus.PASS
+        if self.once.has(req.invocation_id) or (code_dir := self._bundles.ready(req.bundle_digest)) is None:
+            return bus.PASS
+        key = instance_key(spec.tenant, spec.name, req.bundle_digest)
+        instance = self.warm.pool.take_idle(key)
+        if instance is None and self.warm.pool.live(key) < self._instance_limit(spec):
+            return bus.PASS  # room for another instance: a cold start
+        self.inflight += 1
+        span = nodes.open_invoke_span(
+            req, ctx, self.settings.node_id, **{"hetfaas.pool_mode": self.settings.sandbox.mode}
+        )
+        call = WarmCall(req, ctx, key, code_dir, self.once.begin(req.invocation_id), span)
+        self._calls.add(call)
+        if instance is not None:
+            self._send(call, instance)
+        else:
+            wait_s = call.deadline - time.monotonic()
+            call.waiting = self.warm.queue(key, wait_s, partial(self._got_instance, call))
+        return None
+
+    def _got_instance(self, call: WarmCall, got: PythonInstance | TimeoutError | None) -> None:
+        call.waiting = None
+        if call not in self._calls:  # answered meanwhile (the node stopped): pass it on
+            if isinstance(got, PythonInstance):
+                self._give_back(call.req, call.key, call.code_dir, got)
+        elif isinstance(got, TimeoutError):
+            limit = self._instance_limit(call.req.spec)
+            why = f"all {limit} instances of the function stayed busy until the deadline"
+            self._finish_call(call, FunctionFailed("timeout", why))
+        elif got is None:  # one stopped: room to start another, which takes a coroutine
+            self._tasks.spawn(self._start_for(call), f"start-for-{call.req.invocation_id}")
+        else:
+            self._send(call, got)
+
+    def _send(self, call: WarmCall, instance: PythonInstance) -> None:
+        call.instance = instance
+        now = call.handler_started = time.monotonic()
+        call.phases["acquire_ms"] = round((now - call.ctx.received_at) * 1000, 3)
+        call.timeout_s = _run_budget(call.req, call.deadline, now)
+        try:
+            instance.call(call.req.payload, call.timeout_s, partial(self._called, call))
+        except ConnectionError as exc:  # it died while idle
+            self._called(call, exc)
+
+    def _called(self, call: WarmCall, outcome: Frame | TimeoutError | ConnectionError) -> None:
+        if call not in self._calls:
+            return  # answered already: the node stopped, and the instance with it
+        if isinstance(outcome, TimeoutError | ConnectionError):
+            # The instance is stopped, and why it died takes a moment to learn: in a task.
+            self._tasks.spawn(self._failed(call, outcome), f"failed-{call.req.invocation_id}")
+            return
+        req = call.req
+        assert call.instance is not None
+        self._give_back(req, call.key, call.code_dir, call.instance)
+        try:
+            output = output_of(outcome)
+        except FunctionFailed as failure:
+            self._finish_call(call, failure)
+            return
+        call.phases["handler_ms"] = _ms_since(call.handler_started)
+        self._finish_call(call, self._reply(req, call.ctx.received_at, output, False, call.phases))
+
+    async def _failed(self, call: WarmCall, exc: TimeoutError | ConnectionError) -> None:
+        assert call.instance is not None
+        failure = await call.instance.failure(exc, call.timeout_s)
+        self._give_back(call.req, call.key, call.code_dir, call.instance)  # stopped: room for another
+        self._finish_call(call, failure)
+
+    async def _start_for(self, call: WarmCall) -> None:
+        """A call that waited in line until an instance stopped: on as `_run_python` goes."""
+        try:
+            output, cold = await self._run_python(call.req, call.code_dir, call.deadline, call.phases)
+        except FunctionFailed as failure:
+            self._finish_call(call, failure)
+            return
+        self._finish_call(call, self._reply(call.req, call.ctx.received_at, output, cold, call.phases))
+
+    def _finish_call(self, call: WarmCall, outcome: InvokeReply | FunctionFailed) -> None:
+        """Answer a fast-path call as `on_invoke` would have (once: later outcomes are dropped)."""
+        if call not in self._calls:
+            return
+        self._calls.discard(call)
+        req = call.req
+        reply: InvokeReply | ErrorReply
+        try:
+            if isinstance(outcome, FunctionFailed):
+                reply = self._error(req, outcome.code, outcome.message, outcome.detail)
+            else:
+                reply = outcome
+            self._observe(req, reply, call.span or NO_SPAN)
+        except Exception as exc:  # a bug here must not leave the caller without an answer
+            log.exception("invocation %s", req.invocation_id)
+            reply = bus.internal_error(exc, req.invocation_id)
+        telemetry.close_span(call.span)
+        self.inflight -= 1
+        self.once.settle(req.invocation_id, call.answer, reply)
+        try:
+            self._respond(nodes.answer(req, reply), call.ctx)
+        except Exception:  # the connection is closing: the scheduler hears of this node's loss
+            log.exception("the answer to invocation %s was not sent", req.invocation_id)
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
         reply = await self.once.run(req.invocation_id, lambda: self._invoke_traced(req, ctx))
@@ -101,19 +258,23 @@ class HostNode:
                 req, ctx, self.settings.node_id, **{"hetfaas.pool_mode": self.settings.sandbox.mode}
             ) as span:
                 reply = await self._invoke(req, ctx.received_at)
-                if isinstance(reply, InvokeReply):
-                    init_ms = reply.phases_ms.get("acquire_ms") or reply.phases_ms.get("program_load_ms")
-                    self._metrics.observe(req, reply, self.settings.sandbox.mode, init_ms)
-                    span.set_attribute("faas.coldstart", reply.cold_start)
-                    if isinstance(span, Span) and span.sampled:
-                        start = record_phases(span, reply, req.spec.runtime)
-                        if start is not None and self._probe is not None:
-                            self._tasks.spawn(self._record_kernel(start, span), "kernel-events")
-                else:
-                    span.set_attribute("hetfaas.error", reply.error.code)
+                self._observe(req, reply, span)
                 return reply
         finally:
             self.inflight -= 1
+
+    def _observe(self, req: NodeInvoke, reply: InvokeReply | ErrorReply, span: Any) -> None:
+        """Metrics, and the node span's attributes (with a start's phases under it)."""
+        if isinstance(reply, ErrorReply):
+            span.set_attribute("hetfaas.error", reply.error.code)
+            return
+        init_ms = reply.phases_ms.get("acquire_ms") or reply.phases_ms.get("program_load_ms")
+        self._metrics.observe(req, reply, self.settings.sandbox.mode, init_ms)
+        span.set_attribute("faas.coldstart", reply.cold_start)
+        if isinstance(span, Span) and span.sampled:
+            start = record_phases(span, reply, req.spec.runtime)
+            if start is not None and self._probe is not None:
+                self._tasks.spawn(self._record_kernel(start, span), "kernel-events")
 
     async def _invoke(self, req: NodeInvoke, received_at: float) -> InvokeReply | ErrorReply:
         # The caller's deadline bounds everything (fetch, waiting for an instance, init); the
@@ -136,6 +297,11 @@ class HostNode:
             return self._error(req, failure.code, failure.message, failure.detail)
         except BundleError as exc:
             return self._error(req, "internal", f"cannot get the function's code: {exc}")
+        return self._reply(req, received_at, output, cold, phases)
+
+    def _reply(
+        self, req: NodeInvoke, received_at: float, output: bytes, cold: bool, phases: dict[str, float]
+    ) -> InvokeReply:
         return InvokeReply(
             invocation_id=req.invocation_id,
             node=self.settings.node_id,
@@ -160,15 +326,20 @@ class HostNode:
         if cold:
             phases["runtime_init_ms"] = instance.init_ms
         handler_started = time.monotonic()
-        keep_alive_s, prewarm_after_s = self._keep_alive(req)
         try:
             output = await instance.invoke(req.payload, _run_budget(req, deadline, handler_started))
         finally:
-            self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0)
-            if prewarm_after_s > 0:
-                self._schedule_prewarm(key, spec, code_dir, prewarm_after_s, keep_alive_s)
+            self._give_back(req, key, code_dir, instance)
         phases["handler_ms"] = _ms_since(handler_started)
         return output, cold
+
+    def _give_back(self, req: NodeInvoke, key: str, code_dir: Path, instance: PythonInstance) -> None:
+        """The instance is free again: idle for the scheduler's keep-alive, or stopped now and
+        started afresh just before the function's next call is due (prewarm)."""
+        keep_alive_s, prewarm_after_s = self._keep_alive(req)
+        self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0)
+        if prewarm_after_s > 0:
+            self._schedule_prewarm(key, req.spec, code_dir, prewarm_after_s, keep_alive_s)
 
     async def _record_kernel(self, start: Span, node_span: Span) -> None:
         """The kernel's events for this start (fork, exec, cgroup attach, the slot's mkdir), as a
@@ -338,8 +509,24 @@ class HostNode:
     async def close(self) -> None:
         for timer in self._prewarm_timers.values():
             timer.cancel()
+        await self._stop_calls(self.settings.shutdown_grace_s)
         await self._tasks.close()
         self.warm.close()
+
+    async def _stop_calls(self, grace_s: float) -> None:
+        """Let the fast path's invocations finish for up to `grace_s`, then stop their instances;
+        their callers hear `unavailable` (the scheduler tries another node)."""
+        if self._calls and grace_s > 0:
+            await asyncio.wait([call.answer for call in self._calls], timeout=grace_s)
+        for call in list(self._calls):
+            if call.waiting is not None:
+                call.waiting.cancel()
+            if call.instance is not None:
+                call.instance.kill()
+                self._give_back(call.req, call.key, call.code_dir, call.instance)
+            self._finish_call(
+                call, FunctionFailed("unavailable", "the node stopped before the function returned")
+            )
 
 
 def record_phases(span: Span, reply: InvokeReply, runtime: str) -> Span | None:

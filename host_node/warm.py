@@ -6,6 +6,7 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
+from fabric.deadlines import timeouts
 from host_node.instances import InstancePool
 from host_node.runtimes.errors import FunctionFailed
 
@@ -69,6 +70,28 @@ class WarmInstances(Generic[T]):
             waiters = self._waiters.get(key)
             if waiters is not None and future in waiters:
                 waiters.remove(future)
+
+    def queue(
+        self, key: str, wait_s: float, on_ready: Callable[[T | TimeoutError | None], None]
+    ) -> "asyncio.Future[T | None]":
+        """A place in line for the next instance of `key` released, as `acquire` waits for one
+        but with no coroutine: `on_ready` gets the instance, or None (one stopped: there is
+        room to start another), or TimeoutError after `wait_s`. Cancel the future returned to
+        leave the line."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T | None] = loop.create_future()
+        self._waiters[key].append(future)
+        deadlines = timeouts(loop)
+        slot = deadlines.add(loop, loop.time() + max(wait_s, 0), future)
+
+        def ready(done: "asyncio.Future[T | None]") -> None:
+            deadlines.discard(slot, done)
+            if not done.cancelled():
+                exc = done.exception()
+                on_ready(exc if isinstance(exc, TimeoutError) else done.result())
+
+        future.add_done_callback(ready)
+        return future
 
     def release(self, key: str, instance: T, keep_alive_s: float, unload: bool = False) -> bool:
         """Hand the instance to a waiter, or keep it idle for `keep_alive_s`; with `unload` (the

@@ -4,9 +4,10 @@ import asyncio
 import os
 import socket
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
-from fabric.deadlines import timeouts
+from fabric.deadlines import of_loop, timeouts
 from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.launch import launch
@@ -15,6 +16,11 @@ from host_node.spawner import Process, Spawner, death_of
 
 WORKER_FD = 3  # the instance's end of the socket, as numbered inside its process
 
+Frame = tuple[int, bytes]  # (kind, body): see protocol.py
+# What a frame's reader hears: the frame, or TimeoutError (the deadline passed) or
+# ConnectionError (the instance closed its socket: it died, or was killed).
+OnFrame = Callable[[Frame | TimeoutError | ConnectionError], None]
+
 
 class FrameChannel(asyncio.Protocol):
     """Frames over the instance's socket. A Protocol rather than streams: on the warm path every
@@ -22,8 +28,12 @@ class FrameChannel(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._frames: deque[tuple[int, bytes]] = deque()
-        self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self._frames: deque[Frame] = deque()
+        self._waiter: asyncio.Future[Frame] | None = None
+        self._on_frame: OnFrame | None = None  # see `expect`
+        self._slot = 0  # the deadline's slot, while `_on_frame` waits
+        self._loop = asyncio.get_running_loop()  # made by the loop's create_unix_connection
+        self._expiries = of_loop(self._loop, _expire)  # looked up once: `expect` runs per invocation
         self._transport: asyncio.BaseTransport | None = None
         self.closed = False
 
@@ -41,15 +51,19 @@ class FrameChannel(asyncio.Protocol):
             self._deliver((kind, bytes(buffer[header : header + size])))
             del buffer[: header + size]
 
-    def _deliver(self, frame: tuple[int, bytes]) -> None:
-        if self._waiter is not None and not self._waiter.done():
+    def _deliver(self, frame: Frame) -> None:
+        if self._on_frame is not None:
+            self._hand_over(frame)
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(frame)
         else:
             self._frames.append(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._waiter is not None and not self._waiter.done():
+        if self._on_frame is not None:
+            self._hand_over(ConnectionError("python instance closed its socket"))
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(ConnectionError("python instance closed its socket"))
 
     def send(self, data: bytes) -> None:
@@ -57,7 +71,26 @@ class FrameChannel(asyncio.Protocol):
             raise ConnectionError("python instance closed its socket")
         self._transport.write(data)  # type: ignore[attr-defined]
 
-    async def receive(self, timeout_s: float) -> tuple[int, bytes]:
+    def expect(self, timeout_s: float, on_frame: OnFrame) -> None:
+        """The next frame goes to `on_frame` as it is read, with no coroutine waiting for it (a
+        node's fast path); TimeoutError after `timeout_s` (at most 5 ms late, as `receive`)."""
+        if self._frames:
+            on_frame(self._frames.popleft())
+        elif self.closed:
+            on_frame(ConnectionError("python instance closed its socket"))
+        else:
+            loop = self._loop
+            self._on_frame = on_frame
+            self._slot = self._expiries.add(loop, loop.time() + max(timeout_s, 0), self)
+
+    def _hand_over(self, outcome: Frame | TimeoutError | ConnectionError) -> None:
+        on_frame, self._on_frame = self._on_frame, None
+        if on_frame is not None:
+            if not isinstance(outcome, TimeoutError):
+                self._expiries.discard(self._slot, self)
+            on_frame(outcome)
+
+    async def receive(self, timeout_s: float) -> Frame:
         """The next frame; TimeoutError after `timeout_s` (at most 5 ms late: `fabric.deadlines`,
         cheaper than a timer of its own per invocation)."""
         if self._frames:
@@ -77,6 +110,10 @@ class FrameChannel(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+
+def _expire(channel: FrameChannel) -> None:
+    channel._hand_over(TimeoutError())
 
 
 class PythonInstance:
@@ -136,31 +173,42 @@ class PythonInstance:
         """Run the handler once; any failure that leaves the worker unusable marks it unhealthy."""
         try:
             self._channel.send(protocol.frame(protocol.INVOKE, payload))
-            kind, body = await self._channel.receive(timeout_s)
-        except TimeoutError:
+            frame = await self._channel.receive(timeout_s)
+        except (TimeoutError, ConnectionError) as exc:
+            raise await self.failure(exc, timeout_s) from None
+        return output_of(frame)
+
+    def call(self, payload: bytes, timeout_s: float, on_frame: OnFrame) -> None:
+        """`invoke` without a coroutine: the answer goes to `on_frame` as it is read; read it
+        with `output_of`, and a TimeoutError or ConnectionError with `failure`. Raises
+        ConnectionError if the instance's socket is closed already."""
+        self._channel.send(protocol.frame(protocol.INVOKE, payload))
+        self._channel.expect(timeout_s, on_frame)
+
+    async def failure(self, exc: TimeoutError | ConnectionError, timeout_s: float) -> FunctionFailed:
+        """What the caller hears when the instance did not answer; it is stopped either way."""
+        if isinstance(exc, TimeoutError):
             self.kill()
-            raise FunctionFailed(
-                "timeout", f"function did not return within {timeout_s * 1000:.0f} ms"
-            ) from None
-        except ConnectionError:
-            why = await death_of(self._proc)
-            self.kill()
-            raise FunctionFailed(
-                "function_error", f"python instance died during the invocation: {why}"
-            ) from None
-        if kind == protocol.OUTPUT:
-            return body
-        if kind == protocol.OUTPUT_TOO_LARGE:
-            raise FunctionFailed(
-                "function_error", f"output of {body.decode()} bytes is over the node's limit"
-            )
-        text = body.decode(errors="replace")
-        raise FunctionFailed("function_error", "handler raised " + _last_line(text), text)
+            return FunctionFailed("timeout", f"function did not return within {timeout_s * 1000:.0f} ms")
+        why = await death_of(self._proc)
+        self.kill()
+        return FunctionFailed("function_error", f"python instance died during the invocation: {why}")
 
     def kill(self) -> None:
         self.healthy = False
         self._proc.kill()
         self._channel.close()
+
+
+def output_of(frame: Frame) -> bytes:
+    """The handler's output, or FunctionFailed for what it raised or returned too much of."""
+    kind, body = frame
+    if kind == protocol.OUTPUT:
+        return body
+    if kind == protocol.OUTPUT_TOO_LARGE:
+        raise FunctionFailed("function_error", f"output of {body.decode()} bytes is over the node's limit")
+    text = body.decode(errors="replace")
+    raise FunctionFailed("function_error", "handler raised " + _last_line(text), text)
 
 
 def _last_line(text: str) -> str:
