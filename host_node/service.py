@@ -166,17 +166,20 @@ class HostNode:
 
     def _got_instance(self, call: WarmCall, got: PythonInstance | TimeoutError | None) -> None:
         call.waiting = None
-        if call not in self._calls:  # answered meanwhile (the node stopped): pass it on
-            if isinstance(got, PythonInstance):
-                self._give_back(call.req, call.key, call.code_dir, got)
-        elif isinstance(got, TimeoutError):
-            limit = self._instance_limit(call.req.spec)
-            why = f"all {limit} instances of the function stayed busy until the deadline"
-            self._finish_call(call, FunctionFailed("timeout", why))
-        elif got is None:  # one stopped: room to start another, which takes a coroutine
-            self._tasks.spawn(self._start_for(call), f"start-for-{call.req.invocation_id}")
-        else:
-            self._send(call, got)
+        try:
+            if call not in self._calls:  # answered meanwhile (the node stopped): pass it on
+                if isinstance(got, PythonInstance):
+                    self.warm.release(call.key, got, 0)  # to the next in line, or idle until stopped
+            elif isinstance(got, TimeoutError):
+                limit = self._instance_limit(call.req.spec)
+                why = f"all {limit} instances of the function stayed busy until the deadline"
+                self._finish_call(call, FunctionFailed("timeout", why))
+            elif got is None:  # one stopped: room to start another, which takes a coroutine
+                self._tasks.spawn(self._start_for(call), f"start-for-{call.req.invocation_id}")
+            else:
+                self._send(call, got)
+        except Exception as exc:
+            self._call_broke(call, exc)
 
     def _send(self, call: WarmCall, instance: PythonInstance) -> None:
         call.instance = instance
@@ -196,30 +199,50 @@ class HostNode:
             self._tasks.spawn(self._failed(call, outcome), f"failed-{call.req.invocation_id}")
             return
         req = call.req
-        assert call.instance is not None
-        self._give_back(req, call.key, call.code_dir, call.instance)
         try:
+            assert call.instance is not None
+            self._give_back(req, call.key, call.code_dir, call.instance)
+            call.instance = None  # given back: it may serve another call already
             output = output_of(outcome)
+            call.phases["handler_ms"] = _ms_since(call.handler_started)
+            self._finish_call(call, self._reply(req, call.ctx.received_at, output, False, call.phases))
         except FunctionFailed as failure:
             self._finish_call(call, failure)
-            return
-        call.phases["handler_ms"] = _ms_since(call.handler_started)
-        self._finish_call(call, self._reply(req, call.ctx.received_at, output, False, call.phases))
+        except Exception as exc:
+            self._call_broke(call, exc)
 
     async def _failed(self, call: WarmCall, exc: TimeoutError | ConnectionError) -> None:
-        assert call.instance is not None
-        failure = await call.instance.failure(exc, call.timeout_s)
-        self._give_back(call.req, call.key, call.code_dir, call.instance)  # stopped: room for another
-        self._finish_call(call, failure)
+        try:
+            assert call.instance is not None
+            failure = await call.instance.failure(exc, call.timeout_s)
+            self._give_back(call.req, call.key, call.code_dir, call.instance)  # stopped: room for another
+            call.instance = None
+            self._finish_call(call, failure)
+        except Exception as broke:
+            self._call_broke(call, broke)
 
     async def _start_for(self, call: WarmCall) -> None:
         """A call that waited in line until an instance stopped: on as `_run_python` goes."""
         try:
             output, cold = await self._run_python(call.req, call.code_dir, call.deadline, call.phases)
+            self._finish_call(call, self._reply(call.req, call.ctx.received_at, output, cold, call.phases))
         except FunctionFailed as failure:
             self._finish_call(call, failure)
-            return
-        self._finish_call(call, self._reply(call.req, call.ctx.received_at, output, cold, call.phases))
+        except Exception as exc:  # what the handler's path answers `internal` (bus.dispatch)
+            self._call_broke(call, exc)
+
+    def _call_broke(self, call: WarmCall, exc: Exception) -> None:
+        """A fault of ours on the fast path: logged, the caller hears `internal` at once, and the
+        call's instance, in a state nobody knows, is stopped rather than reused."""
+        log.error("invocation %s on the fast path", call.req.invocation_id, exc_info=exc)
+        instance = call.instance
+        if instance is not None and call in self._calls:
+            instance.kill()
+            try:
+                self.warm.release(call.key, instance, 0)  # stopped: forgotten, room for another
+            except Exception:
+                log.exception("instance of %s not released", call.key)
+        self._finish_call(call, FunctionFailed("internal", f"internal error: {type(exc).__name__}: {exc}"))
 
     def _finish_call(self, call: WarmCall, outcome: InvokeReply | FunctionFailed) -> None:
         """Answer a fast-path call as `on_invoke` would have (once: later outcomes are dropped)."""
@@ -523,7 +546,7 @@ class HostNode:
                 call.waiting.cancel()
             if call.instance is not None:
                 call.instance.kill()
-                self._give_back(call.req, call.key, call.code_dir, call.instance)
+                self.warm.release(call.key, call.instance, 0)  # stopped: forgotten, no prewarm
             self._finish_call(
                 call, FunctionFailed("unavailable", "the node stopped before the function returned")
             )

@@ -219,3 +219,20 @@ def node_key() -> str:
     from schemas.messages import instance_key
 
     return instance_key("t", "echo", DIGEST)
+
+
+async def test_a_fault_of_the_node_s_own_answers_internal_and_leaves_nothing_held(host, monkeypatch) -> None:
+    node, answers = host
+    await warm_up(node)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(node, "_give_back", broken)
+    assert node.on_invoke_now(invoke("f"), ctx()) is None
+    reply = await answers.of("f")
+    assert isinstance(reply, ErrorReply) and reply.error.code == "internal"
+    assert "RuntimeError: injected" in reply.error.message
+    assert node.inflight == 0 and not node._calls
+    assert node.warm.pool.live(node_key()) == 0, "its instance, in an unknown state, was stopped"
+    assert node.once.has("f") and not node.once._answers["f"].cancelled(), "a copy hears the same"
