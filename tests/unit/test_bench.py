@@ -2,7 +2,7 @@
 
 import uvloop
 
-from bench import cpu_split, hops, keepalive, placement, scheduler_cpu, warm_invoke
+from bench import cpu_split, hops, keepalive, placement, scheduler_cpu, span_cost, warm_invoke
 
 
 def test_placement_benchmark_runs_and_looks_at_few_nodes() -> None:
@@ -40,3 +40,14 @@ def test_ratios_are_taken_pair_by_pair() -> None:
     e2e = [{"req_per_s": r} for r in (30, 60, 120)]  # 30% in every pair, whatever the drift
     assert warm_invoke.paired_ratio(raw, e2e) == {"median": 0.3, "low": 0.3, "high": 0.3}
     assert warm_invoke.ratio_cell({"median": 0.3, "low": 0.25, "high": 0.41}) == "30% (25%-41%)"
+
+
+def test_span_cost_benchmark_exports_the_spans_it_makes(tmp_path) -> None:
+    for variant in span_cost.VARIANTS:
+        assert span_cost.cpu_per_round_trip(variant, 300, tmp_path) > 0
+    for exported in ("exported", "exported_on_loop"):
+        assert (tmp_path / f"{exported}.jsonl").read_bytes().count(b'"spanId"') == 600, exported
+    assert (
+        not (tmp_path / "dropped.jsonl").exists()
+        or b"spanId" not in (tmp_path / "dropped.jsonl").read_bytes()
+    )

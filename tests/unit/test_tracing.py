@@ -3,6 +3,7 @@
 import json
 import threading
 
+from fabric import otlp
 from fabric.tracing import (
     BatchExporter,
     Scope,
@@ -180,3 +181,15 @@ def test_a_failing_writer_costs_its_batch_and_a_slow_one_bounded_memory() -> Non
     exporter.shutdown()
     assert calls[0] == 2 and sum(calls) + exporter.dropped == 16, "every span written or counted dropped"
     assert exporter.dropped > 0, "what the hung writer could not take was dropped, not queued without end"
+
+
+def test_invocation_ids_are_encoded_but_not_kept_so_the_repeated_pairs_stay() -> None:
+    t, written = tracer()
+    for n in range(3):
+        with Scope(t, t.start("s", attributes={"faas.invocation_id": f"i-{n}", "faas.name": "echo"})):
+            pass
+    t.shutdown()
+    ids = [s["attributes"][0]["value"]["stringValue"] for s in exported(written)]
+    assert ids == ["i-0", "i-1", "i-2"]
+    assert not any(key == "faas.invocation_id" for key, _, _ in otlp._cached)
+    assert ("faas.name", "echo", str) in otlp._cached
