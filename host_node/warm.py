@@ -67,9 +67,7 @@ class WarmInstances(Generic[T]):
                 "timeout", f"all {max_for_key} instances of the function stayed busy until the deadline"
             ) from None
         finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None and future in waiters:
-                waiters.remove(future)
+            self._leave_line(key, future)
 
     def queue(
         self, key: str, wait_s: float, on_ready: Callable[[T | TimeoutError | None], None]
@@ -86,12 +84,21 @@ class WarmInstances(Generic[T]):
 
         def ready(done: "asyncio.Future[T | None]") -> None:
             deadlines.discard(slot, done)
-            if not done.cancelled():
-                exc = done.exception()
-                on_ready(exc if isinstance(exc, TimeoutError) else done.result())
+            if done.cancelled():
+                self._leave_line(key, done)
+            elif isinstance(exc := done.exception(), TimeoutError):
+                self._leave_line(key, done)
+                on_ready(exc)
+            else:
+                on_ready(done.result())
 
         future.add_done_callback(ready)
         return future
+
+    def _leave_line(self, key: str, future: "asyncio.Future[T | None]") -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None and future in waiters:
+            waiters.remove(future)
 
     def release(self, key: str, instance: T, keep_alive_s: float, unload: bool = False) -> bool:
         """Hand the instance to a waiter, or keep it idle for `keep_alive_s`; with `unload` (the

@@ -180,6 +180,7 @@ async def test_a_function_past_its_timeout_is_stopped_and_one_waiting_for_it_tim
     queued = await answers.of("queued")
     assert isinstance(queued, ErrorReply) and queued.error.code == "timeout"
     assert "stayed busy" in queued.error.message
+    assert not node.warm._waiters[node_key()], "it left the line"
     slow = await answers.of("slow")
     assert isinstance(slow, ErrorReply) and slow.error.code == "timeout"
     assert "did not return within 600 ms" in slow.error.message
