@@ -77,8 +77,9 @@ async def cpu_per_invocation(invocations: int, variant: str, path: str) -> float
         for n in range(invocations)
     ]
     traced = variant != "off"
+    spans_dir = tempfile.TemporaryDirectory(prefix="hetfaas-bench-")  # removed with its spans
     if traced:
-        tracer = telemetry.setup_tracing("bench-scheduler", tempfile.mkdtemp(prefix="hetfaas-bench-"), True)
+        tracer = telemetry.setup_tracing("bench-scheduler", spans_dir.name, True)
         assert tracer is not None
         if variant == "dropped":
             tracer.exporter._max_queue = 0  # every span made, none queued for export
@@ -97,7 +98,9 @@ async def cpu_per_invocation(invocations: int, variant: str, path: str) -> float
                 raise RuntimeError(f"the benchmark's invocation failed: {reply!r}")
     finally:
         telemetry.stop_tracing()  # waits for the exporter: its encoding is counted
-    return (time.process_time() - started) / invocations * 1e6
+        used = time.process_time() - started
+        spans_dir.cleanup()
+    return used / invocations * 1e6
 
 
 def main() -> None:
