@@ -215,6 +215,8 @@ class HostNode:
         try:
             assert call.instance is not None
             failure = await call.instance.failure(exc, call.timeout_s)
+            if call not in self._calls:
+                return  # the node stopped meanwhile, and let the instance go itself
             self._give_back(call.req, call.key, call.code_dir, call.instance)  # stopped: room for another
             call.instance = None
             self._finish_call(call, failure)
