@@ -116,12 +116,8 @@ class ProgramRuntime:
     def _observed(
         self, req: NodeInvoke, span: Span | Any, reply: InvokeReply | ErrorReply
     ) -> InvokeReply | ErrorReply:
-        if isinstance(reply, ErrorReply):
-            span.set_attribute("hetfaas.error", reply.error.code)
-            return reply
-        span.set_attribute("faas.coldstart", reply.cold_start)
-        self._metrics.observe(req, reply, "dpu", reply.phases_ms.get("program_load_ms"))
-        if reply.cold_start and isinstance(span, Span):
+        self._metrics.ended(req, reply, span, "dpu")
+        if isinstance(reply, InvokeReply) and reply.cold_start and isinstance(span, Span):
             self._record_load_and_run(span, reply)
         return reply
 

@@ -126,6 +126,15 @@ class InvokeMetrics:
         )
         self.coldstarts = registry.counter("faas.coldstarts", "Cold starts", (*labels, "hetfaas.pool_mode"))
 
+    def ended(self, req: NodeInvoke, reply: InvokeReply | ErrorReply, span: Any, mode: str) -> None:
+        """An invocation's end in the metrics and on its node span (a Span or a no-op)."""
+        if isinstance(reply, ErrorReply):
+            span.set_attribute("hetfaas.error", reply.error.code)
+            return
+        span.set_attribute("faas.coldstart", reply.cold_start)
+        phases = reply.phases_ms
+        self.observe(req, reply, mode, phases.get("acquire_ms") or phases.get("program_load_ms"))
+
     def observe(self, req: NodeInvoke, reply: InvokeReply, mode: str, init_ms: float | None) -> None:
         name, tenant = req.spec.name, req.spec.tenant
         self.duration.record((name, tenant, "true" if reply.cold_start else "false"), reply.duration_ms)

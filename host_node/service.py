@@ -290,13 +290,8 @@ class HostNode:
 
     def _observe(self, req: NodeInvoke, reply: InvokeReply | ErrorReply, span: Any) -> None:
         """Metrics, and the node span's attributes (with a start's phases under it)."""
-        if isinstance(reply, ErrorReply):
-            span.set_attribute("hetfaas.error", reply.error.code)
-            return
-        init_ms = reply.phases_ms.get("acquire_ms") or reply.phases_ms.get("program_load_ms")
-        self._metrics.observe(req, reply, self.settings.sandbox.mode, init_ms)
-        span.set_attribute("faas.coldstart", reply.cold_start)
-        if isinstance(span, Span) and span.sampled:
+        self._metrics.ended(req, reply, span, self.settings.sandbox.mode)
+        if isinstance(reply, InvokeReply) and isinstance(span, Span) and span.sampled:
             start = record_phases(span, reply, req.spec.runtime)
             if start is not None and self._probe is not None:
                 self._tasks.spawn(self._record_kernel(start, span), "kernel-events")
