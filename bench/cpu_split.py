@@ -5,8 +5,11 @@ process's CPU time (utime + stime from /proc/<pid>/stat) before and after; the c
 from getrusage. Beside it the same for raw nats-py request-reply against the echo responder,
 the baseline `bench.warm_invoke` and `bench.ebpf` compare with. `--path host` invokes a python
 echo function on host nodes; `--path dpu` the eBPF packet counter on a DPU node (as root).
+`--sandbox` sets the host nodes' sandbox mode (default: their own, `prewarm`; `plain` runs the
+instances as bare child processes): what the sandbox costs a warm invocation.
 
     .venv/bin/python -m bench.cpu_split [--path host|dpu] [--requests 20000] [--in-flight 64] [--tracing off]
+        [--sandbox plain|naive|pool|prewarm]
 """
 
 import argparse
@@ -25,6 +28,7 @@ from bench.warm_invoke import SUBJECT, e2e_round, measure, prepare, raw_round, r
 from cli.client import Client
 from deploy import launcher
 from fabric import telemetry
+from host_node.sandbox.settings import MODES, SandboxSettings
 
 TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
 
@@ -111,8 +115,21 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 def start_cluster(work: Path, args: argparse.Namespace, tracing: bool) -> launcher.ClusterInfo:
     if args.path == "dpu":
         return dpu_cluster(work, tracing)
-    traced = {"tracing": tracing}
-    return launcher.up(work / "state", hosts=args.hosts, scheduler_overrides=traced, host_overrides=traced)
+    return launcher.up(
+        work / "state",
+        hosts=args.hosts,
+        scheduler_overrides={"tracing": tracing},
+        host_overrides=host_settings(tracing, args.sandbox),
+    )
+
+
+def host_settings(tracing: bool, sandbox_mode: str | None) -> dict[str, object]:
+    """The host nodes' settings that differ from a local cluster's."""
+    if not sandbox_mode:
+        return {"tracing": tracing}
+    # under a cgroup parent of its own, as every local cluster's sandboxes are
+    sandbox = SandboxSettings(mode=sandbox_mode, cgroup_parent="hetfaas-bench-cpu-split")
+    return {"tracing": tracing, "sandbox": sandbox}
 
 
 async def prepare_dpu(url: str, work: Path) -> None:
@@ -152,6 +169,7 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=2)
     parser.add_argument("--tracing", choices=("on", "off"), default="off")
     parser.add_argument("--path", choices=("host", "dpu"), default="host")
+    parser.add_argument("--sandbox", choices=MODES, help="the host nodes' sandbox mode")
     print(report(run(parser.parse_args())))
 
 

@@ -3,6 +3,7 @@
 import uvloop
 
 from bench import cpu_split, hops, keepalive, placement, scheduler_cpu, span_cost, warm_invoke
+from host_node.sandbox.settings import SandboxSettings
 
 
 def test_placement_benchmark_runs_and_looks_at_few_nodes() -> None:
@@ -32,6 +33,13 @@ def test_cpu_split_tells_the_path_s_processes_apart() -> None:
     assert cpu_split.role_of(hop + b"bus-forward-inline\0nats://x\0e", hops.ROLES) == "forwarder"
     assert cpu_split.role_of(hop + b"fast-echo\0nats://x", hops.ROLES) == "echo responder"
     assert cpu_split.role_of(hop + b"node\0nats://x\0s\0" + b"1\08\0/c", hops.ROLES) == "node"
+
+
+def test_cpu_split_changes_only_the_sandbox_mode_it_is_given() -> None:
+    assert cpu_split.host_settings(False, None) == {"tracing": False}  # the cluster's own sandbox
+    plain = cpu_split.host_settings(True, "plain")["sandbox"]
+    assert isinstance(plain, SandboxSettings) and plain.mode == "plain"
+    assert plain.cgroup_parent  # never the machine's cgroup root, where another cluster may be
 
 
 def test_ratios_are_taken_pair_by_pair() -> None:
