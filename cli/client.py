@@ -16,7 +16,7 @@ from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest, RevokeReply, RevokeRequest, VerifyReply, VerifyRequest
 from schemas.errors import Error
-from schemas.manifest import parse_manifest
+from schemas.manifest import name_problems, parse_manifest
 from schemas.messages import (
     ApprovedProgram,
     ClusterStatus,
@@ -145,6 +145,10 @@ class Client:
     ) -> InvokeOutcome:
         """Invoke and wait for the answer; `retry_after_ms=0` never sends the invocation again."""
         invocation_id = invocation_id or next_invocation_id()
+        if problems := name_problems(tenant=tenant, function=function):
+            # they would make a subject no scheduler listens on (or none at all)
+            invalid = Error(code="bad_request", message="; ".join(problems))
+            return InvokeOutcome(invocation_id, None, invalid, "", 0.0)
         request = InvokeRequest(
             invocation_id=invocation_id,
             tenant=tenant,

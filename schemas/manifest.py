@@ -55,11 +55,7 @@ def parse_manifest(text: str) -> FunctionSpec:
 
 def spec_problems(spec: FunctionSpec) -> list[str]:
     """Everything wrong with a spec; empty when it is deployable."""
-    problems = []
-    for field in ("name", "tenant"):
-        value = getattr(spec, field)
-        if not NAME_RE.match(value):
-            problems.append(f"{field} {value!r} must match {NAME_RE.pattern}")
+    problems = name_problems(name=spec.name, tenant=spec.tenant)
     for field, (low, high) in LIMITS.items():
         value = getattr(spec, field)
         if not low <= value <= high:
@@ -68,6 +64,15 @@ def spec_problems(spec: FunctionSpec) -> list[str]:
         problems.append(f"placement 'dpu' needs runtime 'ebpf'; a {spec.runtime} function runs on hosts")
     problems.extend(_runtime_problems(spec))
     return problems
+
+
+def name_problems(**names: str) -> list[str]:
+    """What is wrong with each name given (`tenant=..., name=...`); empty when all are valid."""
+    return [
+        f"{field} {value!r} must match {NAME_RE.pattern}"
+        for field, value in names.items()
+        if not NAME_RE.match(value)
+    ]
 
 
 def _runtime_problems(spec: FunctionSpec) -> list[str]:

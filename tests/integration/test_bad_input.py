@@ -107,6 +107,21 @@ async def test_unknown_function_and_tenant(client: Client, tenant: str) -> None:
     )
 
 
+async def test_names_that_cannot_be_a_subject_are_refused_by_name(client: Client, tenant: str) -> None:
+    """A dot, a space or a wildcard in a name would make a subject no scheduler listens on (or
+    none at all): the caller hears what is wrong with the name, not that nothing is running."""
+    await client.deploy(EXAMPLES / "hello-python", tenant=tenant)
+    dotted = await client.invoke(tenant, "hello.world")
+    spaced = await client.invoke("two words", "hello")
+    wildcard = await client.invoke(tenant, "*")
+    still_served = await client.invoke(tenant, "hello", b"Ada")
+
+    assert dotted.error.code == "bad_request" and "function 'hello.world' must match" in dotted.error.message
+    assert spaced.error.code == "bad_request" and "tenant 'two words' must match" in spaced.error.message
+    assert wildcard.error.code == "bad_request" and "function '*'" in wildcard.error.message
+    assert still_served.ok
+
+
 async def test_payload_over_the_limit(client: Client, tenant: str) -> None:
     await client.deploy(EXAMPLES / "hello-python", tenant=tenant)
     outcome = await client.invoke(tenant, "hello", b"x" * (64 * 1024 + 1))
