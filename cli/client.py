@@ -28,6 +28,8 @@ from schemas.messages import (
     InvokeReply,
     InvokeRequest,
     ListFunctions,
+    RemoveFunction,
+    RemoveReply,
     SetTenant,
     StatusRequest,
     TenantReply,
@@ -227,6 +229,13 @@ class Client:
             map_refs=reply.map_refs,
             signed=reply.signed,
         )
+
+    async def remove(self, tenant: str, name: str) -> RemoveReply:
+        """Take the function out of service (see `RemoveFunction`)."""
+        attributes = {"faas.name": name, "hetfaas.tenant": tenant}
+        with telemetry.span("client.remove", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
+            request = RemoveFunction(tenant=tenant, name=name)
+            return await self._control(subjects.REMOVE, request, codec.remove_result)
 
     async def functions(self, tenant: str | None = None) -> list[FunctionRecord]:
         reply = await self._control(subjects.LIST_FUNCTIONS, ListFunctions(tenant=tenant), codec.list_result)

@@ -185,6 +185,20 @@ def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
     )
 
 
+@cli.command("rm")
+@click.argument("name")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def remove(name: str, tenant: str, as_json: bool) -> None:
+    """Remove function NAME: no new invocations; those running finish; its idle instances stop
+    (an eBPF function's program is unloaded). Its code stays in the bundle store."""
+    reply = _run(lambda c: c.remove(tenant, name))
+    if as_json:
+        _print_json(msgspec.to_builtins(reply))
+        return
+    click.echo(f"removed {tenant}/{name} ({reply.function.bundle_digest[:19]})")
+
+
 @cli.command()
 @click.argument("name")
 @click.option("--tenant", default="default", show_default=True)

@@ -248,8 +248,14 @@ class ProgramRuntime:
     def _apply_program(self, event: Event) -> None:
         if event.kind == "put":
             self._remember(event.key, event.value)
-        else:
-            self.programs.pop(event.key, None)
+            return
+        # The approval was withdrawn (its function removed): the program leaves the kernel, and
+        # its maps with it, freeing the tenant's partition.
+        self.programs.pop(event.key, None)
+        digest, tenant, function = keys.parse_program(event.key)
+        if (program := self.loaded.pop((tenant, function, digest), None)) is not None:
+            log.info("unloading program %s of %s/%s: its function was removed", digest, tenant, function)
+            program.close()
 
     def _remember(self, where: str, value: bytes) -> None:
         try:

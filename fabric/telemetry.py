@@ -10,12 +10,13 @@ and `trace_headers()` returns None, so the hot path pays no span objects and no 
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fabric.tracing import (
     NO_SCOPE,
     BatchExporter,
     NoScope,
+    NoSpan,
     Scope,
     Span,
     SpanKind,
@@ -28,6 +29,7 @@ from fabric.tracing import (
     http_writer,
     sampler_from_env,
 )
+from schemas.messages import ErrorReply
 
 __all__ = [
     "SpanKind",
@@ -35,6 +37,7 @@ __all__ = [
     "close_span",
     "enabled",
     "headers_of",
+    "noted",
     "open_span",
     "record",
     "setup_tracing",
@@ -102,6 +105,16 @@ def close_span(span: Span | Unsampled | None, error: str | None = None) -> None:
         if error and isinstance(span, Span) and not span.error:
             span.set_error(error)
         _tracer.finish(span)
+
+
+R = TypeVar("R")
+
+
+def noted(span: Span | NoSpan, reply: R) -> R:
+    """`reply`, its span marked failed when it is an error reply (a control request's outcome)."""
+    if isinstance(reply, ErrorReply):
+        span.set_error(f"{reply.error.code}: {reply.error.message}")
+    return reply
 
 
 def headers_of(span: Span | Unsampled | None) -> dict[str, str] | None:

@@ -91,7 +91,7 @@ class Span:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
 
-class _NoSpan:
+class NoSpan:
     """What callers get when tracing is off: accepts everything, records nothing."""
 
     __slots__ = ()
@@ -109,7 +109,7 @@ class _NoSpan:
         pass
 
 
-class Unsampled(_NoSpan):
+class Unsampled(NoSpan):
     """A span the sampler left out: it carries the trace onward (children and the next hop stay
     unsampled) and records nothing, so an unsampled invocation costs almost nothing."""
 
@@ -125,7 +125,7 @@ class Unsampled(_NoSpan):
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-00"
 
 
-NO_SPAN = _NoSpan()
+NO_SPAN = NoSpan()
 _current: contextvars.ContextVar["Span | Unsampled | None"] = contextvars.ContextVar(
     "hetfaas_span", default=None
 )
@@ -396,7 +396,7 @@ class Within:
 class NoScope:
     __slots__ = ()
 
-    def __enter__(self) -> _NoSpan:
+    def __enter__(self) -> NoSpan:
         return NO_SPAN
 
     def __exit__(self, *exc_info: object) -> None:

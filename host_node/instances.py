@@ -6,6 +6,8 @@ Pure (no asyncio, no processes): instances are opaque values; the caller starts 
 from collections import Counter
 from typing import Generic, TypeVar
 
+from schemas.messages import function_of
+
 T = TypeVar("T")
 
 
@@ -71,6 +73,14 @@ class InstancePool(Generic[T]):
         instance, _, _ = self._idle[key].pop(0)
         self.discard(key)
         return key, instance
+
+    def drain_function(self, function: str) -> list[tuple[str, T]]:
+        """Remove every idle instance of `function` ("tenant/name"), whatever its code."""
+        keys = [key for key in self._idle if function_of(key) == function]
+        gone = [(key, inst) for key in keys for inst, _, _ in self._idle.pop(key)]
+        for key, _ in gone:
+            self.discard(key)
+        return gone
 
     def drain(self) -> list[tuple[str, T]]:
         """Remove every idle instance (node shutdown)."""

@@ -31,12 +31,22 @@ from host_node.warm import WarmInstances
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest
 from schemas.manifest import NAME_RE
-from schemas.messages import ErrorReply, FunctionSpec, Heartbeat, InvokeReply, NodeInvoke, instance_key
+from schemas.messages import (
+    ErrorReply,
+    FunctionRemoved,
+    FunctionSpec,
+    Heartbeat,
+    InvokeReply,
+    NodeInvoke,
+    function_of,
+    instance_key,
+)
 
 log = logging.getLogger(__name__)
 
 NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
 PREWARM_INIT_S = 30.0  # a prewarmed instance's start may take this long
+REMOVED_FOR_S = 3600.0  # a removed function is remembered longer than any invocation runs
 
 
 Respond = Callable[[Any, bus.Context], None]  # bus.Server.respond: sends a handler's answer
@@ -107,6 +117,9 @@ class HostNode:
         self._memory_of: dict[str, int] = {}  # instance key -> its memory limit (MB)
         self._exec_memory_mb = 0  # of exec runs in progress
         self._prewarm_timers: dict[str, asyncio.TimerHandle] = {}
+        # "tenant/name" of removed functions -> when (monotonic): an instance of one that was
+        # running or starting then stops once free, until the function is invoked here again
+        self._removed: dict[str, float] = {}
         self._tasks = TaskSet()
         self.prewarmed = 0  # instances started ahead of a predicted invocation
         self._metrics = nodes.InvokeMetrics()
@@ -126,10 +139,29 @@ class HostNode:
                 subjects.node_invoke(node_id), codec.node_invoke, self.on_invoke, fast=self.on_invoke_now
             ),
             self.once.route(),
+            bus.Route(
+                subjects.FUNCTION_REMOVED, codec.function_removed, self.on_function_removed, inline=True
+            ),
         ]
         if self.programs is not None:
             routes.append(bus.Route(subjects.node_maps(node_id), codec.maps_request, self.on_maps))
         return routes
+
+    def on_function_removed(self, removed: FunctionRemoved, ctx: bus.Context) -> None:
+        """A function was removed: its idle instances stop now, and those still running once
+        their call ends, not at their keep-alive; no prewarm starts one again."""
+        function = f"{removed.tenant}/{removed.name}"
+        stopped = self.warm.stop_idle(function)
+        for key in [key for key in self._prewarm_timers if function_of(key) == function]:
+            self._prewarm_timers.pop(key).cancel()
+        self._exec_warm = {k: until for k, until in self._exec_warm.items() if function_of(k) != function}
+        self._removed[function] = time.monotonic()  # running or starting: stopped when free
+        if stopped:
+            log.info("%s was removed: stopped its %d idle instances", function, stopped)
+
+    def _invoked(self, spec: FunctionSpec) -> None:
+        """An invocation of a function removed earlier: it is deployed again."""
+        self._removed.pop(f"{spec.tenant}/{spec.name}", None)
 
     async def on_maps(self, req: MapsRequest, ctx: bus.Context) -> MapsReply:
         """The maps of this tenant's function, and nobody else's (see ProgramRuntime.maps)."""
@@ -143,6 +175,8 @@ class HostNode:
         or runs. Anything else goes to `on_invoke` (PASS): a cold start, exec and eBPF
         functions, a copy of an invocation seen before, a full node."""
         spec = req.spec
+        if self._removed:
+            self._invoked(spec)
         if spec.runtime != "python" or self.inflight >= self.settings.capacity:
             return bus.PASS
         if self.once.has(req.invocation_id) or (code_dir := self._bundles.ready(req.bundle_digest)) is None:
@@ -275,6 +309,8 @@ class HostNode:
         return nodes.answer(req, reply)
 
     async def _invoke_traced(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
+        if self._removed:
+            self._invoked(req.spec)
         if self.inflight >= self.settings.capacity:
             return self._error(req, "throttled", f"node is running {self.inflight} invocations, its capacity")
         self.inflight += 1
@@ -355,10 +391,12 @@ class HostNode:
 
     def _give_back(self, req: NodeInvoke, key: str, code_dir: Path, instance: PythonInstance) -> None:
         """The instance is free again: idle for the scheduler's keep-alive, or stopped now and
-        started afresh just before the function's next call is due (prewarm)."""
+        started afresh just before the function's next call is due (prewarm). An instance of a
+        function removed meanwhile stops (unless a call already waits for it)."""
         keep_alive_s, prewarm_after_s = self._keep_alive(req)
-        self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0)
-        if prewarm_after_s > 0:
+        removed = bool(self._removed) and function_of(key) in self._removed
+        self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0 or removed)
+        if prewarm_after_s > 0 and not removed:
             self._schedule_prewarm(key, req.spec, code_dir, prewarm_after_s, keep_alive_s)
 
     async def _record_kernel(self, start: Span, node_span: Span) -> None:
@@ -525,6 +563,7 @@ class HostNode:
             self._exec_warm = {k: until for k, until in self._exec_warm.items() if until >= now}
             live = self.warm.pool
             self._memory_of = {k: mb for k, mb in self._memory_of.items() if live.live(k)}
+            self._removed = {f: at for f, at in self._removed.items() if now - at < REMOVED_FOR_S}
 
     async def close(self) -> None:
         for timer in self._prewarm_timers.values():

@@ -144,6 +144,13 @@ class WarmInstances(Generic[T]):
             instance.kill()
         return len(expired)
 
+    def stop_idle(self, function: str) -> int:
+        """Stop the idle instances of `function` ("tenant/name"): it was removed."""
+        gone = self.pool.drain_function(function)
+        for _, instance in gone:
+            instance.kill()
+        return len(gone)
+
     def close(self) -> None:
         for _, instance in self.pool.drain():
             instance.kill()

@@ -214,14 +214,21 @@ class Invoker:
                 flight.span.set_attribute("hetfaas.error", reply.error.code)
             telemetry.close_span(flight.span)
 
+    def is_resent(self, req: InvokeRequest) -> bool:
+        """A caller's copy of an invocation this replica is still handling: dropped, since the
+        first copy's answer goes to the same inbox."""
+        if req.invocation_id not in self._handling:
+            return False
+        self.counters.resent += 1
+        return True
+
     async def invoke(
         self, req: InvokeRequest, record: FunctionRecord, ctx: bus.Context
     ) -> ErrorReply | bytes | None:
         """The answer to relay; None when the caller gets it from someone else (the node, another
         replica, or the first copy of a request the caller sent again)."""
-        if req.invocation_id in self._handling:
-            self.counters.resent += 1
-            return None  # the first copy's answer goes to the same inbox
+        if self.is_resent(req):
+            return None
         self._handling.add(req.invocation_id)
         try:
             deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000

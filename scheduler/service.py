@@ -19,7 +19,7 @@ from scheduler.invoke import Invoker, error, invoke_attributes
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
 from schemas import codec, ebpf, keys, subjects
-from schemas.manifest import NAME_RE, spec_problems
+from schemas.manifest import NAME_RE, name_problems, spec_problems
 from schemas.messages import (
     ApprovedProgram,
     ClusterStatus,
@@ -28,9 +28,12 @@ from schemas.messages import (
     ErrorReply,
     FunctionList,
     FunctionRecord,
+    FunctionRemoved,
     Heartbeat,
     InvokeRequest,
     ListFunctions,
+    RemoveFunction,
+    RemoveReply,
     ReplicaBeat,
     SetTenant,
     StatusRequest,
@@ -104,6 +107,7 @@ class Scheduler:
                 subjects.INVOKE_ALL, codec.invoke_request, self.on_invoke, queue, fast=self.on_invoke_now
             ),
             bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue),
+            bus.Route(subjects.REMOVE, codec.remove_function, self.on_remove, queue),
             bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
             bus.Route(subjects.MAPS, codec.maps_request, self.on_maps, queue),
@@ -166,6 +170,8 @@ class Scheduler:
         problem = self._check_invoke(req, ctx.subject)
         if problem:
             return error("bad_request", problem, req.invocation_id)
+        if self.invoker.is_resent(req):  # before the lookup: its function may be gone by now
+            return None
         record = self.view.functions.get((req.tenant, req.function)) or await self._lookup(req)
         if isinstance(record, ErrorReply):
             return record
@@ -321,10 +327,8 @@ class Scheduler:
         with telemetry.span(
             "scheduler.deploy", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
         ) as span:
-            reply = await self._deploy(req)
-            if isinstance(reply, ErrorReply):
-                span.set_error(f"{reply.error.code}: {reply.error.message}")
-            else:
+            reply = telemetry.noted(span, await self._deploy(req))
+            if not isinstance(reply, ErrorReply):
                 span.set_attribute("hetfaas.updated", reply.updated)
             return reply
 
@@ -367,6 +371,29 @@ class Scheduler:
         self.view.put_function(record)
         log.info("deployed %s/%s (%s)", req.spec.tenant, req.spec.name, req.bundle_digest)
         return DeployReply(function=record, revision=revision, updated=True)
+
+    async def on_remove(self, req: RemoveFunction, ctx: bus.Context) -> RemoveReply | ErrorReply:
+        attributes = {"faas.name": req.name, "hetfaas.tenant": req.tenant}
+        with telemetry.span(
+            "scheduler.remove", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
+        ) as span:
+            return telemetry.noted(span, await self._remove(req))
+
+    async def _remove(self, req: RemoveFunction) -> RemoveReply | ErrorReply:
+        if problems := name_problems(tenant=req.tenant, name=req.name):
+            return error("bad_request", "; ".join(problems))
+        gone = error("not_found", f"function {req.name!r} is not deployed for tenant {req.tenant!r}")
+        try:
+            record = await state.read_function(self._store, req.tenant, req.name)
+            if record is None or not await state.remove_function(self._store, req.tenant, req.name):
+                return gone  # (or another replica removed it meanwhile)
+        except STORE_ERRORS as exc:
+            return error("unavailable", f"cannot remove while etcd is unreachable: {exc}")
+        self.view.remove_function(req.tenant, req.name)  # before the watch says so: no new placements
+        removed = FunctionRemoved(tenant=req.tenant, name=req.name)
+        await self._nc.publish(subjects.FUNCTION_REMOVED, codec.encode(removed))
+        log.info("removed %s/%s (%s)", req.tenant, req.name, record.bundle_digest)
+        return RemoveReply(function=record)
 
     async def on_maps(self, req: ebpf.MapsRequest, ctx: bus.Context) -> ebpf.MapsReply | ErrorReply:
         """A tenant's function's maps, gathered from every node that has it loaded (DPUs, and hosts

@@ -136,6 +136,19 @@ async def write_function(store: Store, record: FunctionRecord) -> int:
     return await store.put(keys.function(record.spec.tenant, record.spec.name), codec.encode(record))
 
 
+async def remove_function(store: Store, tenant: str, name: str) -> bool:
+    """Delete the function, then every program approval it was deployed with: DPU nodes unload
+    those programs as they see the approvals go. False: it was gone already."""
+    if not await store.delete(keys.function(tenant, name)):
+        return False
+    approvals, _ = await store.list_prefix(keys.PROGRAMS)
+    for entry in approvals:
+        _, approved_tenant, function = keys.parse_program(entry.key)
+        if (approved_tenant, function) == (tenant, name):
+            await store.delete(entry.key)
+    return True
+
+
 async def list_functions(store: Store, tenant: str | None) -> list[FunctionRecord]:
     prefix = keys.tenant_functions(tenant) if tenant else keys.FUNCTIONS
     entries, _ = await store.list_prefix(prefix)

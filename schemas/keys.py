@@ -35,6 +35,13 @@ def program(digest: str, tenant: str, function: str) -> str:
     return f"{PROGRAMS}{digest}/{tenant}/{function}"
 
 
+def parse_program(key: str) -> tuple[str, str, str]:
+    """(digest, tenant, function) of a `program` key."""
+    digest, _, rest = key.removeprefix(PROGRAMS).partition("/")
+    tenant, _, function = rest.partition("/")
+    return digest, tenant, function
+
+
 def revoked(digest: str) -> str:
     """A revoked program: DPU nodes watch these, unload it and refuse to load it again."""
     return REVOKED + digest

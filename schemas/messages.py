@@ -225,6 +225,27 @@ class DeployReply(msgspec.Struct, frozen=True, kw_only=True, tag="deploy_reply")
     updated: bool  # false when the same code and spec were already deployed
 
 
+class RemoveFunction(msgspec.Struct, frozen=True, kw_only=True, tag="remove_function"):
+    """Client -> scheduler: take a function out of service. Invocations already running finish;
+    its bundle stays in the store (content-addressed: other functions may share it)."""
+
+    tenant: str
+    name: str
+
+
+class RemoveReply(msgspec.Struct, frozen=True, kw_only=True, tag="remove_reply"):
+    function: FunctionRecord  # as it was deployed
+
+
+class FunctionRemoved(msgspec.Struct, frozen=True, kw_only=True, tag="function_removed"):
+    """Scheduler -> every node on `subjects.FUNCTION_REMOVED`, once a function is removed: its
+    idle instances stop now rather than at their keep-alive. (DPU nodes learn it from etcd, where
+    the function's program approvals are deleted with it.)"""
+
+    tenant: str
+    name: str
+
+
 class ListFunctions(msgspec.Struct, frozen=True, kw_only=True, tag="list_functions"):
     tenant: str | None = None
 
@@ -308,6 +329,7 @@ class HaveIt(msgspec.Struct, frozen=True, kw_only=True, tag="have_it"):
 
 InvokeResult = InvokeReply | ErrorReply
 DeployResult = DeployReply | ErrorReply
+RemoveResult = RemoveReply | ErrorReply
 ListResult = FunctionList | ErrorReply
 StatusResult = ClusterStatus | ErrorReply
 TenantResult = TenantReply | ErrorReply
@@ -316,3 +338,8 @@ TenantResult = TenantReply | ErrorReply
 def instance_key(tenant: str, name: str, bundle_digest: str) -> str:
     """Identity of a warm instance: same function *and* same code (a redeploy makes new ones)."""
     return f"{tenant}/{name}@{bundle_digest}"
+
+
+def function_of(key: str) -> str:
+    """The "tenant/name" an instance key belongs to, whatever its code."""
+    return key.partition("@")[0]

@@ -9,6 +9,7 @@ BUNDLE_BUCKET = "hetfaas-bundles"
 INVOKE_ALL = "hetfaas.invoke.*.*"
 HEARTBEAT_ALL = "hetfaas.heartbeat.*"
 DEPLOY = "hetfaas.control.deploy"
+REMOVE = "hetfaas.control.remove"
 LIST_FUNCTIONS = "hetfaas.control.functions"
 STATUS = "hetfaas.control.status"
 VERIFY = "hetfaas.verify"
@@ -17,6 +18,7 @@ REVOKE = "hetfaas.control.revoke"
 SET_TENANT = "hetfaas.control.tenant"
 REPLICA_BEAT_ALL = "hetfaas.scheduler.*.beat"
 WHERE_IS = "hetfaas.nodes.where-is"  # every node listens (no queue group)
+FUNCTION_REMOVED = "hetfaas.nodes.function-removed"  # every node listens (no queue group)
 
 
 def invoke(tenant: str, function: str) -> str:

@@ -52,10 +52,8 @@ class Verifier:
         with telemetry.span(
             "verifier.verify", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
         ) as span:
-            reply = await self._verify(req)
-            if isinstance(reply, ErrorReply):
-                span.set_error(f"{reply.error.code}: {reply.error.message}")
-            else:
+            reply = telemetry.noted(span, await self._verify(req))
+            if not isinstance(reply, ErrorReply):
                 span.set_attribute("hetfaas.accepted", reply.accepted)
                 span.set_attribute("hetfaas.verified_insns", reply.verified_insns or 0)
             return reply

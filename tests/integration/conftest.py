@@ -121,9 +121,18 @@ def _identity_of(pid: str) -> str | None:
 
 def host_pid(identity: str) -> int:
     """The host pid of the process whose IDENTITY() returned `identity`."""
-    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _identity_of(p) == identity]
+    pids = pids_of(identity)
     assert len(pids) == 1, f"{len(pids)} processes match {identity!r}"
     return pids[0]
+
+
+def pids_of(identity: str) -> list[int]:
+    """Host pids of live processes whose IDENTITY() returned `identity` (none once it exited)."""
+    return [
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and _identity_of(p) == identity and not process_gone(int(p))
+    ]
 
 
 def pids_running(marker: str) -> list[int]:

@@ -87,6 +87,21 @@ def test_errors_exit_non_zero(cluster: launcher.ClusterInfo, tenant: str, tmp_pa
     assert invalid.returncode == 1 and b"unknown key 'handlr'" in invalid.stderr
 
 
+def test_rm_removes_a_function_and_says_so(cluster: launcher.ClusterInfo, tenant: str) -> None:
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    removed = hetfaas(cluster.state_dir, "rm", "hello", "--tenant", tenant)
+    listed = hetfaas(cluster.state_dir, "ls", "--tenant", tenant, "--json")
+    again = hetfaas(cluster.state_dir, "rm", "hello", "--tenant", tenant)
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    as_json = hetfaas(cluster.state_dir, "rm", "hello", "--tenant", tenant, "--json")
+
+    assert removed.returncode == 0 and removed.stdout.startswith(f"removed {tenant}/hello (sha256-".encode())
+    assert json.loads(listed.stdout) == []
+    assert again.returncode == 1 and b"not_found: function 'hello' is not deployed" in again.stderr
+    body = json.loads(as_json.stdout)
+    assert as_json.returncode == 0 and body["function"]["spec"]["name"] == "hello"
+
+
 def test_tenant_limits_and_the_replica_table(cluster: launcher.ClusterInfo, tenant: str) -> None:
     limited = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "3", "--json")
     plain = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "5")

@@ -13,6 +13,8 @@ import pytest
 from cli.client import Client, ClientError, ProgramRejected
 from deploy import build_ebpf, launcher
 from dpu_node.settings import DpuNodeSettings
+from schemas import codec, subjects
+from schemas.messages import Heartbeat, instance_key
 from tests.bpf_build import COUNTER, bpf_builder
 from tests.integration.conftest import EXAMPLES
 
@@ -176,6 +178,36 @@ async def test_a_revoked_program_is_unloaded_and_refused(dclient: Client, tmp_pa
         await asyncio.sleep(0.05)  # the revocation travels through etcd's watch
 
     assert before.ok
+
+
+async def test_a_removed_function_s_program_leaves_the_dpu(dclient: Client, tmp_path: Path) -> None:
+    """Its approval is withdrawn with it: the DPU node unloads the program (and its maps), so the
+    tenant's partition has the room again; deployed anew, it loads afresh."""
+    source = COUNTER.replace("max_entries, 4)", "max_entries, 7)")
+    deployed = await dclient.deploy(ebpf_function(tmp_path, "fleeting", source))
+    loaded_key = instance_key("acme", "fleeting", deployed.function.program_digest)
+    beats: asyncio.Queue[Heartbeat] = asyncio.Queue()
+    watch = await dclient.nc.subscribe_inline(
+        subjects.heartbeat("dpu-1"), lambda _s, _r, data, _h: beats.put_nowait(codec.heartbeat.decode(data))
+    )
+
+    async def next_beat_where(loaded: bool) -> None:
+        async with asyncio.timeout(10):
+            while (loaded_key in (await beats.get()).warm_idle) != loaded:
+                pass
+
+    try:
+        first = await dclient.invoke("acme", "fleeting", bytes(64))
+        await next_beat_where(loaded=True)
+        await dclient.remove("acme", "fleeting")
+        await next_beat_where(loaded=False)
+    finally:
+        await watch.unsubscribe()
+    await dclient.deploy(ebpf_function(tmp_path / "again", "fleeting", source))
+    again = await dclient.invoke("acme", "fleeting", bytes(64))
+
+    assert first.ok and first.reply.cold_start
+    assert again.ok and again.reply.cold_start, "loaded afresh: the old program was gone"
 
 
 async def test_a_rejected_program_is_not_deployed(dclient: Client, tmp_path: Path) -> None:

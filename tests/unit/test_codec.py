@@ -6,11 +6,15 @@ from schemas.errors import Error
 from schemas.messages import (
     ErrorReply,
     FunctionRecord,
+    FunctionRemoved,
     FunctionSpec,
     Heartbeat,
     InvokeReply,
     InvokeRequest,
     NodeInvoke,
+    RemoveFunction,
+    function_of,
+    instance_key,
 )
 
 SPEC = FunctionSpec(name="fn", runtime="python", tenant="acme", handler="m:f")
@@ -35,6 +39,8 @@ SPEC = FunctionSpec(name="fn", runtime="python", tenant="acme", handler="m:f")
             FunctionRecord(spec=SPEC, bundle_digest="sha256-x", bundle_size=3, deployed_at=1.5),
             codec.function_record,
         ),
+        (RemoveFunction(tenant="acme", name="fn"), codec.remove_function),
+        (FunctionRemoved(tenant="acme", name="fn"), codec.function_removed),
     ],
 )
 def test_round_trip(message: msgspec.Struct, decoder: msgspec.msgpack.Decoder) -> None:
@@ -80,3 +86,5 @@ def test_subjects_and_keys() -> None:
     assert subjects.parse_invoke("hetfaas.invoke.acme") is None
     assert keys.function("acme", "fn") == "/hetfaas/functions/acme/fn"
     assert keys.parse_function(keys.function("acme", "fn")) == ("acme", "fn")
+    assert keys.parse_program(keys.program("sha256-ab", "acme", "fn")) == ("sha256-ab", "acme", "fn")
+    assert function_of(instance_key("acme", "fn", "sha256-ab")) == "acme/fn"

@@ -51,6 +51,18 @@ def test_discard_and_drain() -> None:
     assert pool.total == 1 and pool.idle_counts() == {}
 
 
+def test_draining_a_function_takes_its_idle_instances_of_every_code_version() -> None:
+    pool: InstancePool[str] = InstancePool(max_total=5)
+    for key, name in [("t/f@v1", "old"), ("t/f@v2", "new"), ("t/fg@v1", "other"), ("u/f@v1", "tenant")]:
+        pool.reserve(key, 5)
+        pool.put_idle(key, name, now=0.0, keep_alive_s=60)
+    pool.reserve("t/f@v2", 5)  # running: not idle, not drained
+
+    assert sorted(pool.drain_function("t/f")) == [("t/f@v1", "old"), ("t/f@v2", "new")]
+    assert pool.idle_counts() == {"t/fg@v1": 1, "u/f@v1": 1}
+    assert pool.live("t/f@v2") == 1 and pool.live("t/f@v1") == 0
+
+
 def test_each_instance_keeps_its_own_keep_alive() -> None:
     """The scheduler sets keep-alive per function: a short one expires before a long one."""
     pool: InstancePool[str] = InstancePool(max_total=2)
