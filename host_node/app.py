@@ -56,6 +56,7 @@ class HostNodeApp(ServiceApp):
         beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)
         tasks.spawn(beats, "heartbeats")
         tasks.spawn(node.reap_idle(), "reap-idle")
+        tasks.spawn(node.keep_logs_bounded(), "function-logs")
         tasks.spawn(registration.run(), "registration")
         log.info("host node %s serving", settings.node_id)
 

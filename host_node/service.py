@@ -18,7 +18,7 @@ from fabric import bus, metrics, nodes, telemetry
 from fabric.bundles import BundleError
 from fabric.tasks import TaskSet
 from fabric.tracing import NO_SPAN, Span, Unsampled
-from host_node import phase_spans
+from host_node import function_logs, phase_spans
 from host_node.bundle_cache import BundleCache
 from host_node.kernel_probe import KernelProbe
 from host_node.runtimes.errors import FunctionFailed
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 NODE_MARGIN_S = 0.01  # reply this much before the scheduler's deadline so the reply still counts
 PREWARM_INIT_S = 30.0  # a prewarmed instance's start may take this long
+LOG_CHECK_S = 2.0  # how often function logs are checked against their size limit
 REMOVED_FOR_S = 3600.0  # a removed function is remembered longer than any invocation runs
 
 
@@ -564,6 +565,16 @@ class HostNode:
             live = self.warm.pool
             self._memory_of = {k: mb for k, mb in self._memory_of.items() if live.live(k)}
             self._removed = {f: at for f, at in self._removed.items() if now - at < REMOVED_FOR_S}
+
+    async def keep_logs_bounded(self) -> None:
+        """Rotate function logs past `max_log_bytes` (see function_logs), off the event loop."""
+        while True:
+            await asyncio.sleep(LOG_CHECK_S)
+            rotated = await asyncio.to_thread(
+                function_logs.rotate_oversized, self._logs, self.settings.max_log_bytes
+            )
+            for path in rotated:
+                log.info("rotated %s (over %d bytes)", path, self.settings.max_log_bytes)
 
     async def close(self) -> None:
         for timer in self._prewarm_timers.values():

@@ -20,6 +20,7 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_instances_per_function: int = 16  # further capped by each function's `concurrency`
     keep_alive_s: float = 600.0  # an idle instance lives this long
     max_output_bytes: int = 6 * 1024 * 1024
+    max_log_bytes: int = 16 * 1024 * 1024  # a function's log past this moves to <function>.log.1
     shutdown_grace_s: float = 10.0  # on SIGTERM, running invocations get this long to finish
     memory_mb: int = 0  # memory for function instances, placement counts it (0: not accounted)
     kernel_tracing: bool = True  # with tracing on: cold starts' kernel events (bcc; root only)

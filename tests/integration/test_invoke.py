@@ -1,7 +1,10 @@
 """Deploy and invoke through a real cluster: cold then warm, redeploys, concurrency."""
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from tests.integration.conftest import (
     host_pid,
     make_function,
     wait_gone,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -124,16 +128,28 @@ async def test_list_and_status(client: Client, tenant: str) -> None:
     assert [s.scheduler_id for s in status.schedulers] == ["scheduler-0"]
 
 
-async def test_idle_instances_stop_after_their_keep_alive(tmp_path) -> None:
+@contextlib.asynccontextmanager
+async def one_host(tmp_path: Path, **host_settings: object) -> AsyncIterator[Client]:
+    """A cluster of its own (one host node with these settings), and a client of it."""
     info = launcher.up(
         tmp_path / "state",
         hosts=1,
-        host_overrides={**HOST_OVERRIDES, "keep_alive_s": 0.5},
+        host_overrides={**HOST_OVERRIDES, **host_settings},
         scheduler_overrides=SCHEDULER_OVERRIDES,
     )
-    client = await Client.connect(info.nats_url, "keep-alive-test")
     try:
-        await client.wait_until_ready(1, timeout_s=30)
+        client = await Client.connect(info.nats_url, "one-host-test")
+        try:
+            await client.wait_until_ready(1, timeout_s=30)
+            yield client
+        finally:
+            await client.close()
+    finally:
+        launcher.stop(info)
+
+
+async def test_idle_instances_stop_after_their_keep_alive(tmp_path) -> None:
+    async with one_host(tmp_path, keep_alive_s=0.5) as client:
         fn = make_function(
             tmp_path, "echo", 'runtime = "python"\nhandler = "main:handle"\n', {"main.py": ECHO}
         )
@@ -143,10 +159,32 @@ async def test_idle_instances_stop_after_their_keep_alive(tmp_path) -> None:
         pid = host_pid(instance)
         stopped = await wait_gone(pid, timeout_s=10)
         again = await client.invoke("default", "echo", b"b")
-    finally:
-        await client.close()
-        launcher.stop(info)
 
     assert stopped, "the idle instance outlived its keep-alive"
     assert first.reply.cold_start and again.reply.cold_start, "the second call had to start a new instance"
     assert json.loads(again.reply.output)["instance"] != instance
+
+
+CHATTY = """
+def handle(payload):
+    print("x" * 3000, flush=True)  # to the function's log
+    return payload
+"""
+
+
+async def test_a_chatty_function_s_log_is_rotated_at_its_limit(tmp_path) -> None:
+    log = tmp_path / "state" / "data" / "host-1" / "logs" / "default" / "chatty.log"
+    async with one_host(tmp_path, max_log_bytes=8000) as client:
+        fn = make_function(
+            tmp_path, "chatty", 'runtime = "python"\nhandler = "main:handle"\n', {"main.py": CHATTY}
+        )
+        await client.deploy(fn)
+        outcomes = [await client.invoke("default", "chatty", b"a") for _ in range(4)]  # 12 000 bytes
+        rotated = await wait_until(lambda: log.with_name("chatty.log.1").exists(), timeout_s=10)
+        after = await client.invoke("default", "chatty", b"b")
+
+    assert all(o.ok for o in outcomes) and after.ok
+    assert rotated, "the log grew past its limit and stayed there"
+    assert log.with_name("chatty.log.1").stat().st_size >= 8000
+    assert 0 < log.stat().st_size < 8000, "the instance went on writing into the emptied log"
+    assert log.read_text().strip("x\n") == "", "whole lines of the function's own output"
