@@ -28,6 +28,8 @@ from schemas.messages import (
     InvokeReply,
     InvokeRequest,
     ListFunctions,
+    LogsReply,
+    LogsRequest,
     RemoveFunction,
     RemoveReply,
     SetTenant,
@@ -236,6 +238,11 @@ class Client:
         with telemetry.span("client.remove", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
             request = RemoveFunction(tenant=tenant, name=name)
             return await self._control(subjects.REMOVE, request, codec.remove_result)
+
+    async def logs(self, tenant: str, function: str, lines: int = 100) -> LogsReply:
+        """The last `lines` lines of the function's output on each host node holding any."""
+        request = LogsRequest(tenant=tenant, function=function, lines=lines)
+        return await self._control(subjects.LOGS, request, codec.logs_result)
 
     async def functions(self, tenant: str | None = None) -> list[FunctionRecord]:
         reply = await self._control(subjects.LIST_FUNCTIONS, ListFunctions(tenant=tenant), codec.list_result)

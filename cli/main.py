@@ -202,6 +202,28 @@ def remove(name: str, tenant: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--tenant", default="default", show_default=True)
+@click.option(
+    "--tail", "lines", default=100, show_default=True, type=click.IntRange(1, 10_000), help="lines per node"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def logs(name: str, tenant: str, lines: int, as_json: bool) -> None:
+    """Print the last lines of function NAME's output (its stdout and stderr) from every host
+    node that ran it, each line prefixed with its node when more than one did."""
+    reply = _run(lambda c: c.logs(tenant, name, lines))
+    if as_json:
+        _print_json(msgspec.to_builtins(reply))
+        return
+    if not reply.logs:
+        click.echo(f"{tenant}/{name} has written nothing yet", err=True)
+    for node_logs in reply.logs:
+        prefix = f"{node_logs.node} | " if len(reply.logs) > 1 else ""
+        for line in node_logs.lines:
+            click.echo(prefix + line)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--tenant", default="default", show_default=True)
 @click.option("--data", help="payload text")
 @click.option("--data-file", type=click.File("rb"), help="payload file ('-' for stdin)")
 @click.option("--timeout-ms", default=30_000, show_default=True, type=click.IntRange(1, 900_000))

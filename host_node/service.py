@@ -30,14 +30,18 @@ from host_node.spawner import Spawner
 from host_node.warm import WarmInstances
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest
-from schemas.manifest import NAME_RE
+from schemas.errors import Error
+from schemas.manifest import NAME_RE, name_problems
 from schemas.messages import (
     ErrorReply,
     FunctionRemoved,
     FunctionSpec,
     Heartbeat,
     InvokeReply,
+    LogsReply,
+    LogsRequest,
     NodeInvoke,
+    NodeLogs,
     function_of,
     instance_key,
 )
@@ -143,10 +147,21 @@ class HostNode:
             bus.Route(
                 subjects.FUNCTION_REMOVED, codec.function_removed, self.on_function_removed, inline=True
             ),
+            bus.Route(subjects.node_logs(node_id), codec.logs_request, self.on_logs),
         ]
         if self.programs is not None:
             routes.append(bus.Route(subjects.node_maps(node_id), codec.maps_request, self.on_maps))
         return routes
+
+    async def on_logs(self, req: LogsRequest, ctx: bus.Context) -> LogsReply | ErrorReply:
+        """The last lines of a function's output on this node (stdout and stderr, as written)."""
+        if problems := name_problems(tenant=req.tenant, function=req.function):
+            return ErrorReply(error=Error(code="bad_request", message="; ".join(problems)))
+        log_path = self._logs / req.tenant / f"{req.function}.log"
+        lines, truncated = await asyncio.to_thread(function_logs.tail, log_path, max(0, req.lines))
+        if not lines:
+            return LogsReply(logs=[])
+        return LogsReply(logs=[NodeLogs(node=self.settings.node_id, lines=lines, truncated=truncated)])
 
     def on_function_removed(self, removed: FunctionRemoved, ctx: bus.Context) -> None:
         """A function was removed: its idle instances stop now, and those still running once

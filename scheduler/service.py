@@ -6,6 +6,7 @@ import functools
 import logging
 import re
 import time
+from typing import Any
 
 import msgspec
 import nats
@@ -32,6 +33,8 @@ from schemas.messages import (
     Heartbeat,
     InvokeRequest,
     ListFunctions,
+    LogsReply,
+    LogsRequest,
     RemoveFunction,
     RemoveReply,
     ReplicaBeat,
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 
 MAX_INVOCATION_ID = 128
+MAX_LOG_LINES = 10_000  # `hetfaas logs --tail`: each node sends at most 1 MiB anyway
 
 
 def program_digest_of(program: ApprovedProgram) -> str:
@@ -108,6 +112,7 @@ class Scheduler:
             ),
             bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue),
             bus.Route(subjects.REMOVE, codec.remove_function, self.on_remove, queue),
+            bus.Route(subjects.LOGS, codec.logs_request, self.on_logs, queue),
             bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
             bus.Route(subjects.MAPS, codec.maps_request, self.on_maps, queue),
@@ -421,15 +426,42 @@ class Scheduler:
         log.warning("revoked program %s: %s", req.digest, req.reason or "no reason given")
         return ebpf.RevokeReply(digest=req.digest, revoked_at=now)
 
-    async def _node_maps(self, node_id: str, req: ebpf.MapsRequest) -> list[ebpf.MapDump]:
-        try:
-            data = await self._requester.request(
-                subjects.node_maps(node_id), codec.encode(req), 5.0, None, node_id
+    async def on_logs(self, req: LogsRequest, ctx: bus.Context) -> LogsReply | ErrorReply:
+        """The last lines of a function's output from every host node holding any (a function
+        removed since still has them)."""
+        if problems := name_problems(tenant=req.tenant, function=req.function):
+            return error("bad_request", "; ".join(problems))
+        if not 1 <= req.lines <= MAX_LOG_LINES:
+            return error("bad_request", f"lines must be in 1..{MAX_LOG_LINES}")
+        now, stale = time.monotonic(), self.settings.node_stale_after_s
+        hosts = sorted(
+            n.node_id for n in self.view.nodes.values() if n.record.kind == "host" and n.healthy(now, stale)
+        )
+        replies = await asyncio.gather(
+            *(
+                self._ask_node(subjects.node_logs(node_id), req, node_id, codec.logs_result)
+                for node_id in hosts
             )
-        except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout):
-            return []  # a node that cannot answer has nothing to show
-        reply = codec.maps_result.decode(data)
+        )
+        found = [logs for reply in replies if isinstance(reply, LogsReply) for logs in reply.logs]
+        if not found and (req.tenant, req.function) not in self.view.functions:
+            return error("not_found", f"function {req.function!r} is not deployed for tenant {req.tenant!r}")
+        return LogsReply(logs=found)
+
+    async def _node_maps(self, node_id: str, req: ebpf.MapsRequest) -> list[ebpf.MapDump]:
+        reply = await self._ask_node(subjects.node_maps(node_id), req, node_id, codec.maps_result)
         return reply.maps if isinstance(reply, ebpf.MapsReply) else []
+
+    async def _ask_node(
+        self, subject: str, req: msgspec.Struct, node_id: str, decoder: msgspec.msgpack.Decoder
+    ) -> Any:
+        """A node's answer to a question about what it holds; None from a node that cannot
+        answer (it has nothing to show)."""
+        try:
+            data = await self._requester.request(subject, codec.encode(req), 5.0, None, node_id)
+        except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout):
+            return None
+        return decoder.decode(data)
 
     async def on_list(self, req: ListFunctions, ctx: bus.Context) -> FunctionList | ErrorReply:
         try:

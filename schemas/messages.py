@@ -246,6 +246,24 @@ class FunctionRemoved(msgspec.Struct, frozen=True, kw_only=True, tag="function_r
     name: str
 
 
+class LogsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="logs"):
+    """Client -> scheduler -> every host node: the last `lines` lines of a function's output."""
+
+    tenant: str
+    function: str
+    lines: int = 100
+
+
+class NodeLogs(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    lines: list[str]  # oldest first, without their newlines
+    truncated: bool = False  # the node holds earlier lines too
+
+
+class LogsReply(msgspec.Struct, frozen=True, kw_only=True, tag="logs_reply"):
+    logs: list[NodeLogs]  # the nodes holding any, by node id
+
+
 class ListFunctions(msgspec.Struct, frozen=True, kw_only=True, tag="list_functions"):
     tenant: str | None = None
 
@@ -330,6 +348,7 @@ class HaveIt(msgspec.Struct, frozen=True, kw_only=True, tag="have_it"):
 InvokeResult = InvokeReply | ErrorReply
 DeployResult = DeployReply | ErrorReply
 RemoveResult = RemoveReply | ErrorReply
+LogsResult = LogsReply | ErrorReply
 ListResult = FunctionList | ErrorReply
 StatusResult = ClusterStatus | ErrorReply
 TenantResult = TenantReply | ErrorReply

@@ -10,6 +10,7 @@ INVOKE_ALL = "hetfaas.invoke.*.*"
 HEARTBEAT_ALL = "hetfaas.heartbeat.*"
 DEPLOY = "hetfaas.control.deploy"
 REMOVE = "hetfaas.control.remove"
+LOGS = "hetfaas.control.logs"
 LIST_FUNCTIONS = "hetfaas.control.functions"
 STATUS = "hetfaas.control.status"
 VERIFY = "hetfaas.verify"
@@ -57,6 +58,10 @@ def heartbeat(node_id: str) -> str:
 
 def node_maps(node_id: str) -> str:
     return f"hetfaas.node.{node_id}.maps"
+
+
+def node_logs(node_id: str) -> str:
+    return f"hetfaas.node.{node_id}.logs"
 
 
 def replica_beat(scheduler_id: str) -> str:

@@ -102,6 +102,23 @@ def test_rm_removes_a_function_and_says_so(cluster: launcher.ClusterInfo, tenant
     assert as_json.returncode == 0 and body["function"]["spec"]["name"] == "hello"
 
 
+def test_logs_prints_the_function_s_output(
+    cluster: launcher.ClusterInfo, tenant: str, tmp_path: Path
+) -> None:
+    talker = 'def handle(payload):\n    print("said", payload.decode(), flush=True)\n    return b""\n'
+    fn = make_function(
+        tmp_path, "talker", 'runtime = "python"\nhandler = "main:handle"\n', {"main.py": talker}
+    )
+    hetfaas(cluster.state_dir, "deploy", str(fn), "--tenant", tenant)
+    for word in ("one", "two", "three"):
+        hetfaas(cluster.state_dir, "invoke", "talker", "--tenant", tenant, "--data", word)
+    printed = hetfaas(cluster.state_dir, "logs", "talker", "--tenant", tenant, "--tail", "2")
+    unknown = hetfaas(cluster.state_dir, "logs", "ghost", "--tenant", tenant)
+
+    assert printed.returncode == 0 and printed.stdout == b"said two\nsaid three\n", printed
+    assert unknown.returncode == 1 and b"not_found" in unknown.stderr
+
+
 def test_tenant_limits_and_the_replica_table(cluster: launcher.ClusterInfo, tenant: str) -> None:
     limited = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "3", "--json")
     plain = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "5")

@@ -11,7 +11,10 @@ from schemas.messages import (
     Heartbeat,
     InvokeReply,
     InvokeRequest,
+    LogsReply,
+    LogsRequest,
     NodeInvoke,
+    NodeLogs,
     RemoveFunction,
     function_of,
     instance_key,
@@ -41,6 +44,8 @@ SPEC = FunctionSpec(name="fn", runtime="python", tenant="acme", handler="m:f")
         ),
         (RemoveFunction(tenant="acme", name="fn"), codec.remove_function),
         (FunctionRemoved(tenant="acme", name="fn"), codec.function_removed),
+        (LogsRequest(tenant="acme", function="fn", lines=5), codec.logs_request),
+        (LogsReply(logs=[NodeLogs(node="h", lines=["a", "b"], truncated=True)]), codec.logs_result),
     ],
 )
 def test_round_trip(message: msgspec.Struct, decoder: msgspec.msgpack.Decoder) -> None:
