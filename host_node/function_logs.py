@@ -4,48 +4,57 @@ and their last lines for `hetfaas logs`.
 A python instance's stdout and stderr are the log file itself, opened for appending, so the
 node cannot rotate it by renaming: the instance would go on writing into the renamed file.
 Instead a log past its limit is copied to `<function>.log.1` (the one before dropped) and
-emptied in place (logrotate's copytruncate); appending writers carry on at its new end. A line
-written between the copy and the truncation is lost. A function's logs take at most about twice
+emptied in place (logrotate's copytruncate); appending writers carry on at its new end. Lines
+written between the copy and the truncation are lost. A function's logs take at most about twice
 the limit on each node, plus what it writes between two checks.
 """
 
+import logging
 import os
-import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def rotate_oversized(logs_dir: Path, max_bytes: int) -> list[Path]:
-    """Rotate every function log in `logs_dir` over `max_bytes`; the logs rotated."""
+    """Rotate every function log in `logs_dir` over `max_bytes`; the logs rotated. A log that
+    cannot be rotated (a full disk) is logged and left for the next check."""
     rotated = []
-    for log in logs_dir.glob("*/*.log"):
+    for path in logs_dir.glob("*/*.log"):
         try:
-            if log.stat().st_size > max_bytes:
-                rotate(log)
-                rotated.append(log)
+            if path.stat().st_size > max_bytes:
+                rotate(path, max_bytes)
+                rotated.append(path)
         except FileNotFoundError:
             continue  # gone meanwhile
+        except OSError as exc:
+            log.warning("could not rotate %s: %s", path, exc)
     return rotated
 
 
-def rotate(log: Path) -> None:
-    older = log.with_name(log.name + ".1")
-    partial = log.with_name(log.name + ".1.partial")
-    with open(log, "rb") as source, open(partial, "wb") as copy:
-        shutil.copyfileobj(source, copy)
+def rotate(path: Path, max_bytes: int) -> None:
+    """Keep the log's last `max_bytes` (from the first whole line in them) as `<name>.1`, then
+    empty it: however large it grew between checks, the copy stays within the limit."""
+    older = path.with_name(path.name + ".1")
+    partial = path.with_name(path.name + ".1.partial")
+    kept, cut = _end_of(path, max_bytes)
+    if cut:
+        kept = kept[kept.find(b"\n") + 1 :]  # from the first whole line (none: nothing kept)
+    partial.write_bytes(kept)
     os.replace(partial, older)  # a reader never sees half a copy
-    os.truncate(log, 0)
+    os.truncate(path, 0)
 
 
 MAX_TAIL_BYTES = 1 << 20  # of output one node sends back for `hetfaas logs`
 
 
-def tail(log: Path, lines: int, max_bytes: int = MAX_TAIL_BYTES) -> tuple[list[str], bool]:
+def tail(path: Path, lines: int, max_bytes: int = MAX_TAIL_BYTES) -> tuple[list[str], bool]:
     """The last `lines` lines of a function's output, from its log and, when that holds too
     few, the rotated one before it: (lines, oldest first; whether earlier ones exist)."""
-    newer, newer_cut = _end_of(log, max_bytes)
+    newer, newer_cut = _end_of(path, max_bytes)
     older, older_cut = b"", False
     if not newer_cut:
-        older, older_cut = _end_of(log.with_name(log.name + ".1"), max_bytes - len(newer))
+        older, older_cut = _end_of(path.with_name(path.name + ".1"), max_bytes - len(newer))
     found = (older + newer).decode(errors="replace").splitlines()
     cut = newer_cut or older_cut
     if cut:

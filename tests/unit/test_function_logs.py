@@ -10,14 +10,15 @@ def test_a_log_over_its_limit_moves_aside_and_its_writer_carries_on(tmp_path) ->
     quiet.write_bytes(b"q" * 100)
     writer = os.open(chatty, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # as an instance holds it
     try:
-        os.write(writer, b"x" * 150)
+        os.write(writer, b"x" * 60 + b"\n" + b"y" * 89 + b"\n")  # 151 bytes
         rotated = rotate_oversized(tmp_path, max_bytes=100)
         os.write(writer, b"after\n")
     finally:
         os.close(writer)
 
     assert rotated == [chatty]
-    assert (tmp_path / "acme" / "chatty.log.1").read_bytes() == b"x" * 150
+    # the last 100 bytes, from the first whole line in them
+    assert (tmp_path / "acme" / "chatty.log.1").read_bytes() == b"y" * 89 + b"\n"
     assert chatty.read_bytes() == b"after\n", "appended at the emptied log's start, no hole"
     assert quiet.read_bytes() == b"q" * 100 and not (tmp_path / "acme" / "quiet.log.1").exists()
     assert sorted(p.name for p in chatty.parent.iterdir()) == ["chatty.log", "chatty.log.1", "quiet.log"]
