@@ -1,6 +1,7 @@
 """Async Python client for a hetfaas cluster: deploy, invoke, list, status. Talks only NATS."""
 
 import asyncio
+import functools
 import itertools
 import os
 import time
@@ -77,6 +78,13 @@ _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count()
 
 
+@functools.lru_cache(maxsize=1024)  # checked on every invocation; the names in use are few
+def _invalid_names(tenant: str, function: str) -> str:
+    """Why these names cannot make an invoke subject ("" when they can): a dot, a space or a
+    wildcard would make one no scheduler listens on, or none at all."""
+    return "; ".join(name_problems(tenant=tenant, function=function))
+
+
 def next_invocation_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
@@ -149,10 +157,8 @@ class Client:
     ) -> InvokeOutcome:
         """Invoke and wait for the answer; `retry_after_ms=0` never sends the invocation again."""
         invocation_id = invocation_id or next_invocation_id()
-        if problems := name_problems(tenant=tenant, function=function):
-            # they would make a subject no scheduler listens on (or none at all)
-            invalid = Error(code="bad_request", message="; ".join(problems))
-            return InvokeOutcome(invocation_id, None, invalid, "", 0.0)
+        if problems := _invalid_names(tenant, function):
+            return InvokeOutcome(invocation_id, None, Error(code="bad_request", message=problems), "", 0.0)
         request = InvokeRequest(
             invocation_id=invocation_id,
             tenant=tenant,

@@ -253,9 +253,8 @@ class ProgramRuntime:
         # its maps with it, freeing the tenant's partition.
         self.programs.pop(event.key, None)
         digest, tenant, function = keys.parse_program(event.key)
-        if (program := self.loaded.pop((tenant, function, digest), None)) is not None:
-            log.info("unloading program %s of %s/%s: its function was removed", digest, tenant, function)
-            program.close()
+        if (tenant, function, digest) in self.loaded:
+            self._unload((tenant, function, digest), "its function was removed")
 
     def _remember(self, where: str, value: bytes) -> None:
         try:
@@ -318,8 +317,12 @@ class ProgramRuntime:
 
     def _unload_revoked(self) -> None:
         for key in [k for k in self.loaded if k[2] in self.revoked]:
-            log.warning("unloading revoked program %s of %s/%s", key[2], key[0], key[1])
-            self.loaded.pop(key).close()
+            self._unload(key, "revoked")
+
+    def _unload(self, key: tuple[str, str, str], why: str) -> None:
+        tenant, function, digest = key
+        log.warning("unloading program %s of %s/%s: %s", digest, tenant, function, why)
+        self.loaded.pop(key).close()
 
     def close(self) -> None:
         for program in self.loaded.values():

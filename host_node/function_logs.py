@@ -13,7 +13,17 @@ import logging
 import os
 from pathlib import Path
 
+from schemas.manifest import NAME_RE
+
 log = logging.getLogger(__name__)
+
+
+def log_of(logs_dir: Path, tenant: str, function: str) -> Path:
+    """Where a function's stdout and stderr go on this node. The names come off the wire: anyone
+    who can publish to the node's subjects could send "../", so they are checked (ValueError)."""
+    if not (NAME_RE.match(tenant) and NAME_RE.match(function)):
+        raise ValueError(f"invalid tenant or function name {tenant!r}/{function!r}")
+    return logs_dir / tenant / f"{function}.log"
 
 
 def rotate_oversized(logs_dir: Path, max_bytes: int) -> list[Path]:

@@ -74,18 +74,11 @@ class InstancePool(Generic[T]):
         self.discard(key)
         return key, instance
 
-    def drain_function(self, function: str) -> list[tuple[str, T]]:
-        """Remove every idle instance of `function` ("tenant/name"), whatever its code."""
-        keys = [key for key in self._idle if function_of(key) == function]
+    def drain(self, function: str | None = None) -> list[tuple[str, T]]:
+        """Remove every idle instance (node shutdown), or those of `function` ("tenant/name",
+        whatever their code: it was removed)."""
+        keys = [key for key in self._idle if function is None or function_of(key) == function]
         gone = [(key, inst) for key in keys for inst, _, _ in self._idle.pop(key)]
-        for key, _ in gone:
-            self.discard(key)
-        return gone
-
-    def drain(self) -> list[tuple[str, T]]:
-        """Remove every idle instance (node shutdown)."""
-        gone = [(key, inst) for key, stack in self._idle.items() for inst, _, _ in stack]
-        self._idle.clear()
         for key, _ in gone:
             self.discard(key)
         return gone

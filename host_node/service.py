@@ -31,7 +31,6 @@ from host_node.warm import WarmInstances
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest
 from schemas.errors import Error
-from schemas.manifest import NAME_RE, name_problems
 from schemas.messages import (
     ErrorReply,
     FunctionRemoved,
@@ -155,9 +154,10 @@ class HostNode:
 
     async def on_logs(self, req: LogsRequest, ctx: bus.Context) -> LogsReply | ErrorReply:
         """The last lines of a function's output on this node (stdout and stderr, as written)."""
-        if problems := name_problems(tenant=req.tenant, function=req.function):
-            return ErrorReply(error=Error(code="bad_request", message="; ".join(problems)))
-        log_path = self._logs / req.tenant / f"{req.function}.log"
+        try:
+            log_path = function_logs.log_of(self._logs, req.tenant, req.function)
+        except ValueError as exc:
+            return ErrorReply(error=Error(code="bad_request", message=str(exc)))
         lines, truncated = await asyncio.to_thread(function_logs.tail, log_path, max(0, req.lines))
         if not lines:
             return LogsReply(logs=[])
@@ -524,11 +524,11 @@ class HostNode:
         return self.settings.sandbox.limits_for(spec.memory_mb)
 
     def _log_path(self, tenant: str, name: str) -> Path:
-        """Where an instance's stdout and stderr go. The names come off the wire: anyone who can
-        publish to this node's subject could send "../", so check them before building a path."""
-        if not (NAME_RE.match(tenant) and NAME_RE.match(name)):
-            raise FunctionFailed("bad_request", f"invalid tenant or function name {tenant!r}/{name!r}")
-        path = self._logs / tenant / f"{name}.log"
+        """Where an instance's stdout and stderr go (its tenant's directory made if need be)."""
+        try:
+            path = function_logs.log_of(self._logs, tenant, name)
+        except ValueError as exc:
+            raise FunctionFailed("bad_request", str(exc)) from None
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 

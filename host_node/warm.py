@@ -144,13 +144,12 @@ class WarmInstances(Generic[T]):
             instance.kill()
         return len(expired)
 
-    def stop_idle(self, function: str) -> int:
-        """Stop the idle instances of `function` ("tenant/name"): it was removed."""
-        gone = self.pool.drain_function(function)
+    def stop_idle(self, function: str | None = None) -> int:
+        """Stop the idle instances: all of them, or those of `function` ("tenant/name")."""
+        gone = self.pool.drain(function)
         for _, instance in gone:
             instance.kill()
         return len(gone)
 
     def close(self) -> None:
-        for _, instance in self.pool.drain():
-            instance.kill()
+        self.stop_idle()

@@ -20,7 +20,7 @@ from scheduler.invoke import Invoker, error, invoke_attributes
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
 from schemas import codec, ebpf, keys, subjects
-from schemas.manifest import NAME_RE, name_problems, spec_problems
+from schemas.manifest import name_problems, spec_problems
 from schemas.messages import (
     ApprovedProgram,
     ClusterStatus,
@@ -49,6 +49,10 @@ DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 
 MAX_INVOCATION_ID = 128
 MAX_LOG_LINES = 10_000  # `hetfaas logs --tail`: each node sends at most 1 MiB anyway
+
+
+def not_deployed(tenant: str, function: str, invocation_id: str = "") -> ErrorReply:
+    return error("not_found", f"function {function!r} is not deployed for tenant {tenant!r}", invocation_id)
 
 
 def program_digest_of(program: ApprovedProgram) -> str:
@@ -215,11 +219,7 @@ class Scheduler:
             return error(
                 "not_found", f"unknown tenant {req.tenant!r} (no functions deployed)", req.invocation_id
             )
-        return error(
-            "not_found",
-            f"function {req.function!r} is not deployed for tenant {req.tenant!r}",
-            req.invocation_id,
-        )
+        return not_deployed(req.tenant, req.function, req.invocation_id)
 
     def _node_gone(self, node_id: str) -> None:
         failed = self._requester.fail_peer(node_id)
@@ -309,8 +309,8 @@ class Scheduler:
         return record.max_concurrency if record else self.settings.admission.tenant_max_concurrency
 
     async def on_set_tenant(self, req: SetTenant, ctx: bus.Context) -> TenantReply | ErrorReply:
-        if not NAME_RE.match(req.tenant):
-            return error("bad_request", f"tenant {req.tenant!r} must match {NAME_RE.pattern}")
+        if problems := name_problems(tenant=req.tenant):
+            return error("bad_request", "; ".join(problems))
         if not 1 <= req.max_concurrency <= 1_000_000:
             return error("bad_request", "max_concurrency must be in 1..1000000")
         record = TenantRecord(tenant=req.tenant, max_concurrency=req.max_concurrency)
@@ -387,11 +387,10 @@ class Scheduler:
     async def _remove(self, req: RemoveFunction) -> RemoveReply | ErrorReply:
         if problems := name_problems(tenant=req.tenant, name=req.name):
             return error("bad_request", "; ".join(problems))
-        gone = error("not_found", f"function {req.name!r} is not deployed for tenant {req.tenant!r}")
         try:
             record = await state.read_function(self._store, req.tenant, req.name)
             if record is None or not await state.remove_function(self._store, req.tenant, req.name):
-                return gone  # (or another replica removed it meanwhile)
+                return not_deployed(req.tenant, req.name)  # (or another replica removed it meanwhile)
         except STORE_ERRORS as exc:
             return error("unavailable", f"cannot remove while etcd is unreachable: {exc}")
         self.view.remove_function(req.tenant, req.name)  # before the watch says so: no new placements
@@ -445,7 +444,7 @@ class Scheduler:
         )
         found = [logs for reply in replies if isinstance(reply, LogsReply) for logs in reply.logs]
         if not found and (req.tenant, req.function) not in self.view.functions:
-            return error("not_found", f"function {req.function!r} is not deployed for tenant {req.tenant!r}")
+            return not_deployed(req.tenant, req.function)
         return LogsReply(logs=found)
 
     async def _node_maps(self, node_id: str, req: ebpf.MapsRequest) -> list[ebpf.MapDump]:

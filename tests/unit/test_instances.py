@@ -58,7 +58,7 @@ def test_draining_a_function_takes_its_idle_instances_of_every_code_version() ->
         pool.put_idle(key, name, now=0.0, keep_alive_s=60)
     pool.reserve("t/f@v2", 5)  # running: not idle, not drained
 
-    assert sorted(pool.drain_function("t/f")) == [("t/f@v1", "old"), ("t/f@v2", "new")]
+    assert sorted(pool.drain("t/f")) == [("t/f@v1", "old"), ("t/f@v2", "new")]
     assert pool.idle_counts() == {"t/fg@v1": 1, "u/f@v1": 1}
     assert pool.live("t/f@v2") == 1 and pool.live("t/f@v1") == 0
 
