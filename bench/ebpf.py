@@ -27,8 +27,8 @@ import uvloop
 from bench.warm_invoke import SUBJECT, measure, median_round, paired_ratio, ratio_cell, raw_round
 from cli.client import Client
 from deploy import launcher
-from dpu_node.admission import LoadRequest, admit
-from dpu_node.loader import load
+from ebpf_runtime.admission import LoadRequest, admit
+from ebpf_runtime.loader import load
 from fabric import bpf, signing
 from schemas.ebpf import VerifyReply, program_digest
 from tests.bpf_build import COUNTER, bpf_builder

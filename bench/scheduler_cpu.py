@@ -23,7 +23,7 @@ from fabric import bus, telemetry
 from fabric.runner import GC_THRESHOLDS
 from scheduler import shares
 from scheduler.invoke import Invoker
-from scheduler.service import Scheduler
+from scheduler.service import INVOKE_SPAN, Scheduler
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
 from schemas import subjects
@@ -67,6 +67,13 @@ def scheduler() -> Scheduler:
     return service
 
 
+async def handle(service: Scheduler, request: InvokeRequest, ctx: bus.Context, traced: bool) -> object:
+    """The handler's path as the server runs it (in the route's span when tracing)."""
+    if not traced:
+        return await service.on_invoke(request, ctx)
+    return await bus.traced_call(INVOKE_SPAN, service.on_invoke, request, ctx)
+
+
 async def cpu_per_invocation(invocations: int, variant: str, path: str) -> float:
     service = scheduler()
     subject = subjects.invoke("bench", "echo")
@@ -94,7 +101,7 @@ async def cpu_per_invocation(invocations: int, variant: str, path: str) -> float
                 if service.on_invoke_now(request, ctx) is bus.PASS:
                     raise RuntimeError("the fast path did not take a warm invocation")
                 await asyncio.sleep(0)  # the acknowledgement's turn
-            elif (reply := await asyncio.create_task(service.on_invoke(request, ctx))) is not None:
+            elif (reply := await asyncio.create_task(handle(service, request, ctx, traced))) is not None:
                 raise RuntimeError(f"the benchmark's invocation failed: {reply!r}")
     finally:
         telemetry.stop_tracing()  # waits for the exporter: its encoding is counted

@@ -232,7 +232,7 @@ class Client:
             raise ProgramRejected(reply)
         return ApprovedProgram(
             instructions=reply.instructions,
-            prog_type=reply.prog_type,
+            prog_type=spec.ebpf.prog_type,  # what the verifier checked it as
             maps=reply.maps,
             map_refs=reply.map_refs,
             signed=reply.signed,

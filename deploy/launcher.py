@@ -16,7 +16,8 @@ from typing import Any
 import msgspec
 
 from deploy import services
-from dpu_node.settings import DpuNodeSettings, EbpfRuntimeSettings
+from dpu_node.settings import DpuNodeSettings
+from ebpf_runtime.settings import EbpfRuntimeSettings
 from fabric import signing
 from fabric.settings import write_settings
 from host_node.sandbox import cgroups

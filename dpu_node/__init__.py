@@ -1,1 +1,2 @@
-"""DPU nodes (a stand-in for a DPU card): load only signed, attested eBPF bytecode (DESIGN.md §5)."""
+"""DPU nodes (a stand-in for a DPU card): run only signed, attested eBPF bytecode, through
+`ebpf_runtime` (docs/architecture.md §5)."""

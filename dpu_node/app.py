@@ -4,9 +4,9 @@ import contextlib
 import logging
 import os
 
-from dpu_node.programs import ProgramRuntime, trusted_keys
 from dpu_node.service import DpuNode
 from dpu_node.settings import DpuNodeSettings
+from ebpf_runtime.programs import ProgramRuntime, trusted_keys
 from fabric import bus, nodes
 from fabric.app import ServiceApp, open_connections
 

@@ -1,10 +1,10 @@
 """The DPU node's NATS handlers: invoke (each invocation id once), maps, and its heartbeat."""
 
-from dpu_node.programs import ProgramRuntime
+from ebpf_runtime.programs import ProgramRuntime
 from fabric import bus, nodes
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest
-from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke
+from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, error_reply
 
 
 class DpuNode:
@@ -49,7 +49,7 @@ class DpuNode:
     async def _invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
         if self.runtime.inflight >= self.capacity:
             why = f"node is running {self.runtime.inflight} invocations, its capacity"
-            return nodes.error_reply(req, self.node_id, "throttled", why)
+            return error_reply("throttled", why, req.invocation_id, self.node_id)
         return await self.runtime.traced_invoke(req, ctx)
 
     async def on_maps(self, req: MapsRequest, ctx: bus.Context) -> MapsReply:

@@ -1,16 +1,4 @@
-import msgspec
-
-
-class EbpfRuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What a node that runs signed eBPF programs trusts and how it splits itself per tenant."""
-
-    trusted_keys: list[str]  # base64 Ed25519 public keys of the verifier; only these are believed
-    cores: int = 8  # programs running at once
-    map_memory_bytes: int = 256 * 1024 * 1024  # all tenants' maps together
-    tenant_programs: int = 16  # per tenant partition
-    tenant_map_memory_bytes: int = 32 * 1024 * 1024  # per tenant partition
-    tenant_concurrency: int = 4  # one tenant's programs running at once (of `cores`)
-    max_packet_bytes: int = 9000
+from ebpf_runtime.settings import EbpfRuntimeSettings
 
 
 class DpuNodeSettings(EbpfRuntimeSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):

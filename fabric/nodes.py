@@ -17,7 +17,7 @@ from fabric.connection import Connection
 from fabric.store import LeasedKey, Store
 from fabric.tracing import NoScope, Scope, Span, Unsampled
 from schemas import codec, keys, subjects
-from schemas.errors import Error, ErrorCode
+from schemas.errors import RETRIED_ELSEWHERE
 from schemas.messages import (
     ErrorReply,
     HaveIt,
@@ -29,8 +29,6 @@ from schemas.messages import (
     Partition,
     WhereIs,
 )
-
-SCHEDULER_RETRIES = {"throttled", "unavailable"}  # refusals the scheduler retries on another node
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +144,9 @@ class InvokeMetrics:
 
 def answer(req: NodeInvoke, reply: InvokeReply | ErrorReply) -> InvokeReply | ErrorReply | bus.ReplyTo:
     """Straight to the caller when the scheduler asked for it, except refusals it retries elsewhere."""
-    if req.reply_to and not (isinstance(reply, ErrorReply) and reply.error.code in SCHEDULER_RETRIES):
+    if req.reply_to and not (isinstance(reply, ErrorReply) and reply.error.code in RETRIED_ELSEWHERE):
         return bus.ReplyTo(req.reply_to, reply, batch_ack=req.batch_acks)
     return reply
-
-
-def error_reply(
-    req: NodeInvoke, node_id: str, code: ErrorCode, message: str, detail: str | None = None
-) -> ErrorReply:
-    return ErrorReply(
-        error=Error(code=code, message=message, detail=detail), invocation_id=req.invocation_id, node=node_id
-    )
 
 
 class Once:
@@ -212,7 +202,7 @@ class Once:
         reply: InvokeReply | ErrorReply,
     ) -> None:
         answer.set_result(reply)
-        if isinstance(reply, ErrorReply) and reply.error.code in SCHEDULER_RETRIES:
+        if isinstance(reply, ErrorReply) and reply.error.code in RETRIED_ELSEWHERE:
             del self._answers[invocation_id]
         while len(self._answers) > self._keep:
             oldest, future = next(iter(self._answers.items()))

@@ -6,12 +6,13 @@ import logging
 import os
 from pathlib import Path
 
-from dpu_node.programs import ProgramRuntime, trusted_keys
+from ebpf_runtime.programs import ProgramRuntime, trusted_keys
 from fabric import bus, nodes, telemetry
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
 from fabric.store import Store
 from fabric.tasks import TaskSet
+from host_node import function_logs
 from host_node.bundle_cache import BundleCache
 from host_node.kernel_probe import KernelProbe
 from host_node.sandbox.agent import ShardedSpawner
@@ -55,8 +56,8 @@ class HostNodeApp(ServiceApp):
         await server.serve(node.routes())
         beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)
         tasks.spawn(beats, "heartbeats")
-        tasks.spawn(node.reap_idle(), "reap-idle")
-        tasks.spawn(node.keep_logs_bounded(), "function-logs")
+        tasks.spawn(node.runtime.reap_idle(), "reap-idle")
+        tasks.spawn(function_logs.keep_bounded(node.logs, settings.max_log_bytes), "function-logs")
         tasks.spawn(registration.run(), "registration")
         log.info("host node %s serving", settings.node_id)
 

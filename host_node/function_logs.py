@@ -9,6 +9,7 @@ written between the copy and the truncation are lost. A function's logs take at 
 the limit on each node, plus what it writes between two checks.
 """
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from schemas.manifest import NAME_RE
 
 log = logging.getLogger(__name__)
+
+CHECK_S = 2.0  # how often function logs are checked against their size limit
 
 
 def log_of(logs_dir: Path, tenant: str, function: str) -> Path:
@@ -81,3 +84,11 @@ def _end_of(path: Path, max_bytes: int) -> tuple[bytes, bool]:
             return file.read(max_bytes), size > max_bytes
     except FileNotFoundError:
         return b"", False
+
+
+async def keep_bounded(logs_dir: Path, max_bytes: int) -> None:
+    """Rotate function logs past `max_bytes` every CHECK_S, off the event loop."""
+    while True:
+        await asyncio.sleep(CHECK_S)
+        for path in await asyncio.to_thread(rotate_oversized, logs_dir, max_bytes):
+            log.info("rotated %s (over %d bytes)", path, max_bytes)

@@ -1,4 +1,6 @@
-"""A start's phases as spans: where each phase sits in time, from what the node measured. Pure.
+"""A start's phases as spans: where each phase sits in time, from what the node measured
+(`layout`, pure), and the spans recorded under the node's span of an invocation: the phases
+(`record_phases`) and the kernel's own events of a start (`record_kernel`, from bcc).
 
 The node measures phase durations (they come back in `InvokeReply.phases_ms`, some from the shard
 process that built the sandbox); their order is fixed: fetch the code, acquire an instance (a
@@ -8,7 +10,13 @@ to end from the moment the node received the invocation, they make the waterfall
 function starts a process on every call, so its sandbox phases sit inside the handler's run.
 """
 
+import time
 from dataclasses import dataclass
+
+from fabric import telemetry
+from fabric.tracing import Span
+from host_node.kernel_probe import KernelProbe
+from schemas.messages import InvokeReply
 
 SANDBOX_PHASES = (
     ("sandbox.slot_acquire", "slot_acquire_ms"),
@@ -63,3 +71,38 @@ def _sandbox(phases_ms: dict[str, float], at: int, parent: str) -> list[PhaseSpa
 
 def _ns(ms: float) -> int:
     return round(ms * MS)
+
+
+def record_phases(span: Span, reply: InvokeReply, runtime: str) -> Span | None:
+    """The start's phases as children of the node's span (slot, sandbox, exec, init, handler);
+    returns the span the kernel's part of the start belongs under (None: no process started)."""
+    laid_out = layout(reply.phases_ms, span.start_ns, time.time_ns(), reply.cold_start, runtime)
+    parents: dict[str, Span | None] = {"": span}
+    for phase in laid_out:
+        parent = parents.get(phase.parent) or span
+        parents[phase.name] = telemetry.record(phase.name, phase.start_ns, phase.end_ns, parent=parent)
+    return parents.get("node.cold_start") or (parents.get("node.handler") if runtime == "exec" else None)
+
+
+async def record_kernel(probe: KernelProbe, node_id: str, start: Span, node_span: Span) -> None:
+    """The kernel's events for this start (fork, exec, cgroup attach, the slot's mkdir), as a
+    `kernel` span under it with one event per tracepoint hit, at the kernel's timestamps."""
+    pid, slot = node_span.attributes.get("hetfaas.host_pid"), node_span.attributes.get("hetfaas.slot", "")
+    if not isinstance(pid, int):
+        return
+    since_mono = time.monotonic_ns() - (time.time_ns() - node_span.start_ns)
+    await probe.drained(time.monotonic_ns())
+    found = probe.events_of(pid, node_id, str(slot), since_mono)
+    if not found:
+        return
+    events = [
+        (
+            f"kernel.{e.tracepoint}",
+            e.wall_ns(),
+            {"pid": e.pid, "comm": e.comm, **({"cgroup": e.path} if e.path else {})},
+        )
+        for e in found
+    ]
+    first, last = events[0][1], events[-1][1]
+    attributes = {"hetfaas.kernel_events": len(events)}
+    telemetry.record("kernel", first, max(last, first + 1), attributes, parent=start, events=events)

@@ -1,6 +1,6 @@
 import msgspec
 
-from dpu_node.settings import EbpfRuntimeSettings
+from ebpf_runtime.settings import EbpfRuntimeSettings
 from host_node.sandbox.settings import SandboxSettings
 
 

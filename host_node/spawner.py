@@ -12,6 +12,7 @@ from typing import Protocol
 
 import msgspec
 
+from fabric import metrics
 from host_node.sandbox.cgroups import Limits
 from host_node.sandbox.protocol import Phases
 from schemas.messages import PoolShard
@@ -126,3 +127,23 @@ def _spawn_in(cwd: Path, argv: list[str], actions: list) -> int:
     # (chdir in the node would race its other threads).
     wrapper = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(cwd), *argv]
     return os.posix_spawn(wrapper[0], wrapper, function_env(), file_actions=actions, setsid=True)
+
+
+def spawner_gauges(spawner: Spawner, registry: metrics.Registry = metrics.REGISTRY) -> None:
+    """The sandbox pool's metrics: slots ready per shard, and slots created (its rate is the
+    refill rate)."""
+
+    def ready() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for s in spawner.states():
+            out[(str(s.shard), "free")] = s.free
+            out[(str(s.shard), "prewarmed")] = s.prewarmed
+        return out
+
+    def created() -> dict[tuple[str, ...], float]:
+        return {(str(s.shard),): s.created for s in spawner.states()}
+
+    shard = ("hetfaas.shard", "hetfaas.slots")
+    registry.gauge("hetfaas.pool.ready", "Sandbox slots ready per shard (free, prewarmed)", shard, ready)
+    why = "Slots created per shard (rate() is the refill rate)"
+    registry.gauge("hetfaas.pool.created", why, ("hetfaas.shard",), created, monotonic=True)

@@ -2,17 +2,13 @@
 
 import contextlib
 import logging
-import os
-import socket
-import time
 
 from fabric import bus
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
+from scheduler import state
 from scheduler.service import Scheduler
 from scheduler.settings import SchedulerSettings
-from schemas import codec, keys
-from schemas.messages import SchedulerRecord
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +26,7 @@ class SchedulerApp(ServiceApp):
         nc, store, tasks = await open_connections(stack, settings.scheduler_id, settings)
         scheduler = self.scheduler = Scheduler(settings, nc, store, BundleStore(nc.jetstream()))
         await scheduler.start()
-        record = SchedulerRecord(
-            scheduler_id=settings.scheduler_id,
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            started_at=time.time(),
-        )
-        registration = store.leased_key(
-            keys.scheduler(settings.scheduler_id), lambda: codec.encode(record), settings.lease_ttl_s
-        )
+        registration = state.registration(store, settings.scheduler_id, settings.lease_ttl_s)
         stack.push_async_callback(registration.revoke)
         server = bus.Server(nc, settings.max_concurrent)
         stack.push_async_callback(server.close)

@@ -1,34 +1,30 @@
 """The invoke path of one scheduler replica: admission (limits and the wait queue), placement,
 forwarding to the chosen node with a deadline, and retrying elsewhere while the deadline allows."""
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import msgspec
 
-from fabric import bus, nodes, telemetry
-from fabric.connection import STATUS, Connection
+from fabric import bus, telemetry
+from fabric.connection import Connection
 from fabric.tasks import TaskSet
 from fabric.tracing import Span, Within
 from scheduler import framework, keepalive, plugins, shares
-from scheduler.admission import Blocked, FunctionKey, Running, decrement, increment
+from scheduler.gate import CAPACITY, AdmissionGate
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView, warm_key
-from scheduler.waiting import QueueFull, WaitQueue
+from scheduler.where_is import where_is
 from schemas import codec, subjects
-from schemas.errors import Error, ErrorCode
-from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, NodeInvoke, WhereIs
+from schemas.errors import RETRIED_ELSEWHERE
+from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, NodeInvoke, error_reply
 
 log = logging.getLogger(__name__)
 
 SERVER, CLIENT = telemetry.SpanKind.SERVER, telemetry.SpanKind.CLIENT
-CAPACITY = ("capacity",)  # the wait-queue reason of invocations waiting for room on a node
-MAX_ARRIVAL_HISTORIES = 100_000
 
 
 # msgspec writes a tagged struct's tag first, so an encoded ErrorReply starts with a map header and
@@ -40,19 +36,8 @@ def is_error_reply(data: bytes) -> bool:
     return data[1 : 1 + len(_ERROR_TAG)] == _ERROR_TAG
 
 
-def error(code: ErrorCode, message: str, invocation_id: str = "", node: str = "") -> ErrorReply:
-    return ErrorReply(error=Error(code=code, message=message), invocation_id=invocation_id, node=node)
-
-
 class TryElsewhere(Exception):
     """This attempt failed in a way another node may not (gone, unreachable, full)."""
-
-
-@dataclass
-class Counters:
-    throttled: int = 0  # turned away: queue full, or waited its longest
-    handed_over: int = 0  # sent to a replica holding a share of a limit this one has none of
-    resent: int = 0  # a caller's resend of an invocation this replica is still handling: dropped
 
 
 class Attempts(msgspec.Struct):
@@ -109,12 +94,10 @@ class Invoker:
         self._replicas = replicas
         self._tenant_limit = tenant_limit
         self._profile = plugins.profile(settings.placement)
-        self.running = Running()
-        self.queue = WaitQueue(settings.admission.max_queue)
-        self.counters = Counters()
+        self.gate = AdmissionGate(settings, nc, replicas, tenant_limit)
+        self.counters = self.gate.counters
         self._handling: set[str] = set()
-        self._arrivals: dict[FunctionKey, keepalive.Arrivals] = {}
-        self.fresh_arrivals: dict[FunctionKey, float] = {}  # told to the other replicas at the next beat
+        self.arrivals = keepalive.ArrivalBook(settings.keep_alive)
         self.tasks = TaskSet()  # retries of invocations the fast path took
 
     def try_now(self, req: InvokeRequest, record: FunctionRecord, ctx: bus.Context) -> bool:
@@ -123,13 +106,7 @@ class Invoker:
         its node's acknowledgement taken by callback: no task, no chain of coroutines held open
         while the node runs it. Anything else is left to `invoke` (False); so is a failed
         attempt's retry, which goes on in a task (`_retry`)."""
-        if req.attempt > 1 or req.invocation_id in self._handling or self.queue.waiting(CAPACITY):
-            return False
-        fn: FunctionKey = (req.tenant, req.function)
-        fn_limit, tenant_limit = self._shares(req, record)
-        if fn_limit == 0 or tenant_limit == 0 or self.running.blocked(fn, fn_limit, tenant_limit):
-            return False
-        if self._queued_ahead(fn, fn_limit, tenant_limit):
+        if req.attempt > 1 or req.invocation_id in self._handling or not self.gate.may_start_now(req, record):
             return False
         span = None
         if telemetry.enabled():
@@ -144,7 +121,7 @@ class Invoker:
         deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
         flight = Flight(req, record, ctx, key, deadline, self._keep_alive(req, record), span)
         self._handling.add(req.invocation_id)  # from here on, `_finish` undoes these
-        self.running.enter(fn)
+        self.gate.enter((req.tenant, req.function))
         self._send_first(flight, decision.node_id, Explanation(decision), now)
         return True
 
@@ -158,7 +135,7 @@ class Invoker:
             with Within(flight.span):
                 traced = attempt_attributes(node_id, 1, why)
                 span = telemetry.open_span("scheduler.attempt", kind=CLIENT, attributes=traced)
-        self._hold(node_id, flight.key)
+        self._view.reserve(node_id, flight.key)
         answered = partial(self._answered, flight, node_id, span)
         try:
             subject, timeout_s = subjects.node_invoke(node_id), message.timeout_ms / 1000
@@ -169,7 +146,7 @@ class Invoker:
             self._release_node(node_id, flight.key)
             telemetry.close_span(span, str(exc))
             why_not = f"internal error: could not send to {node_id}: {exc}"
-            self._finish(flight, error("internal", why_not, flight.req.invocation_id))
+            self._finish(flight, error_reply("internal", why_not, flight.req.invocation_id))
 
     def _answered(self, flight: Flight, node_id: str, span: Any, outcome: bytes | BaseException) -> None:
         try:
@@ -193,7 +170,7 @@ class Invoker:
         reply: ErrorReply | bytes | None = None
         try:
             with Within(flight.span):
-                wait_until = self._wait_until(ctx, flight.deadline)
+                wait_until = self.gate.wait_until(ctx, flight.deadline)
                 reply = await self._place_and_forward(
                     req, flight.record, flight.deadline, wait_until, ctx.reply, attempts, flight.keep_alive
                 )
@@ -204,9 +181,9 @@ class Invoker:
             self._finish(flight, reply)
 
     def _finish(self, flight: Flight, reply: ErrorReply | bytes | None) -> None:
-        """What `invoke` and `_admit` do on the way out, and the server's answer."""
+        """What `invoke` does on the way out, and the server's answer."""
         req = flight.req
-        self._leave((req.tenant, req.function))
+        self.gate.leave((req.tenant, req.function))
         self._handling.discard(req.invocation_id)
         bus.answer(self._nc, reply, flight.ctx)
         if flight.span is not None:
@@ -232,127 +209,16 @@ class Invoker:
         self._handling.add(req.invocation_id)
         try:
             deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
-            return await self._admit(req, record, deadline, ctx)
+            admitted = await self.gate.admit(req, record, deadline, ctx)
+            if admitted != "admitted":
+                return None if admitted == "handed_over" else admitted
+            try:
+                wait_until = self.gate.wait_until(ctx, deadline)
+                return await self._place_and_forward(req, record, deadline, wait_until, ctx.reply)
+            finally:
+                self.gate.leave((req.tenant, req.function))
         finally:
             self._handling.discard(req.invocation_id)
-
-    async def _admit(
-        self, req: InvokeRequest, record: FunctionRecord, deadline: float, ctx: bus.Context
-    ) -> ErrorReply | bytes | None:
-        fn: FunctionKey = (req.tenant, req.function)
-        fn_limit, tenant_limit = self._shares(req, record)
-        if fn_limit == 0 or tenant_limit == 0:
-            owner = self._owner(req, record, fn_limit == 0)
-            if owner is not None and not subjects.is_replica_invoke(ctx.subject):
-                await self._hand_over(req, owner, ctx)
-                return None  # the owner answers the caller
-            # handed to us already, or no live owner: serve it, one at a time
-            fn_limit, tenant_limit = fn_limit if fn_limit != 0 else 1, tenant_limit or 1
-        wait_until = self._wait_until(ctx, deadline)
-        refusal = await self._wait_for_limits(req, fn, fn_limit, tenant_limit, wait_until, deadline)
-        if refusal is not None:
-            return refusal
-        self.running.enter(fn)
-        try:
-            return await self._place_and_forward(req, record, deadline, wait_until, ctx.reply)
-        finally:
-            self._leave(fn)
-
-    def _shares(self, req: InvokeRequest, record: FunctionRecord) -> tuple[int | None, int]:
-        """This replica's shares of the function's limit (None: it has none) and the tenant's."""
-        replicas = self._replicas()
-        fn_total = record.spec.max_concurrency
-        fn_limit = replicas.share(fn_total, f"{req.tenant}/{req.function}") if fn_total else None
-        return fn_limit, replicas.share(self._tenant_limit(req.tenant), req.tenant)
-
-    def _owner(self, req: InvokeRequest, record: FunctionRecord, of_function: bool) -> str | None:
-        """The replica holding a share of the function's (or else the tenant's) limit."""
-        replicas = self._replicas()
-        if of_function:
-            return replicas.owner(record.spec.max_concurrency, f"{req.tenant}/{req.function}")
-        return replicas.owner(self._tenant_limit(req.tenant), req.tenant)
-
-    def _wait_until(self, ctx: bus.Context, deadline: float) -> float:
-        """The longest an invocation may wait in the queue."""
-        return min(deadline, ctx.received_at + self.settings.admission.max_queue_wait_ms / 1000)
-
-    def _leave(self, fn: FunctionKey) -> None:
-        """An admitted invocation is done: the next waiting on its limits may go."""
-        self.running.leave(fn)
-        self.queue.wake(("function", f"{fn[0]}/{fn[1]}"))
-        self.queue.wake(("tenant", fn[0]))
-
-    async def _wait_for_limits(
-        self,
-        req: InvokeRequest,
-        fn: FunctionKey,
-        fn_limit: int | None,
-        tenant_limit: int,
-        wait_until: float,
-        deadline: float,
-    ) -> ErrorReply | None:
-        """Wait (FIFO) until neither limit stops `fn`. A newcomer queues behind invocations
-        already waiting on the same limit instead of taking the slot one of them was woken for."""
-        woken = False
-        while True:
-            blocked = self.running.blocked(fn, fn_limit, tenant_limit)
-            if blocked is None and not woken:
-                blocked = self._queued_ahead(fn, fn_limit, tenant_limit)
-            if blocked is None:
-                return None
-            reason = (blocked.scope, blocked.name)
-            refusal = await self._wait(req, reason, wait_until, deadline, blocked, front=woken)
-            if refusal is not None:
-                return refusal
-            woken = True
-
-    def _queued_ahead(self, fn: FunctionKey, fn_limit: int | None, tenant_limit: int) -> Blocked | None:
-        name = f"{fn[0]}/{fn[1]}"
-        if fn_limit is not None and self.queue.waiting(("function", name)):
-            return Blocked("function", name, fn_limit)
-        if self.queue.waiting(("tenant", fn[0])):
-            return Blocked("tenant", fn[0], tenant_limit)
-        return None
-
-    async def _wait(
-        self,
-        req: InvokeRequest,
-        reason: tuple[str, ...],
-        wait_until: float,
-        deadline: float,
-        why: Blocked | str,
-        front: bool = False,
-    ) -> ErrorReply | None:
-        """Queue until woken (None) or refuse: throttled when the queue is full or the wait too long.
-        `front`: woken before but beaten to the slot, it keeps its turn."""
-        what = why.describe() if isinstance(why, Blocked) else why
-        started_ns = time.time_ns()
-        try:
-            woken = await self.queue.wait(reason, wait_until - time.monotonic(), front)
-            telemetry.record("scheduler.queue", started_ns, time.time_ns(), {"hetfaas.waited_for": what})
-            if woken:
-                return None
-        except QueueFull as exc:
-            self.counters.throttled += 1
-            return error("throttled", f"{what}, and {exc}", req.invocation_id)
-        if wait_until >= deadline:
-            return error("timeout", f"{what} until the deadline", req.invocation_id)
-        self.counters.throttled += 1
-        waited = self.settings.admission.max_queue_wait_ms
-        return error(
-            "throttled", f"{what}; waited {waited} ms, the most an invocation queues", req.invocation_id
-        )
-
-    async def _hand_over(self, req: InvokeRequest, owner: str, ctx: bus.Context) -> None:
-        """This replica holds no share of a limit smaller than the replica count: the owner of one
-        serves the invocation and answers the caller itself."""
-        self.counters.handed_over += 1
-        await self._nc.publish(
-            subjects.replica_invoke(owner),
-            codec.encode(req),
-            reply=ctx.reply,
-            headers=telemetry.trace_headers(),
-        )
 
     async def _place_and_forward(
         self,
@@ -369,12 +235,13 @@ class Invoker:
         key = warm_key(record)
         keep_alive = keep_alive or self._keep_alive(req, record)
         if attempts is None:
-            attempts = Attempts(prefer=await self._where_is(req) if req.attempt > 1 else None)
+            prefer = await self._where_is(req) if req.attempt > 1 else None
+            attempts = Attempts(prefer=prefer)
         while True:
             now = time.monotonic()
             if now >= deadline:
                 why = "; ".join(attempts.failures) or "no node had room"
-                return error(
+                return error_reply(
                     "timeout", f"deadline passed before {req.function!r} could run ({why})", req.invocation_id
                 )
             choice = await self._next_node(req, record, key, attempts, now, wait_until, deadline)
@@ -445,11 +312,11 @@ class Invoker:
         for room (the caller looks again)."""
         if attempts.prefer and not attempts.tried:
             return attempts.prefer, "a node had this invocation already (the caller sent it again)"
-        if not attempts.woken and self.queue.waiting(CAPACITY):
+        if not attempts.woken and self.gate.queue.waiting(CAPACITY):
             # Others wait for room already: queue behind them rather than take the slot the
             # next of them was woken for.
             why = "earlier invocations wait for room"
-            refusal = await self._wait(req, CAPACITY, wait_until, deadline, why)
+            refusal = await self.gate.wait(req, CAPACITY, wait_until, deadline, why)
             attempts.woken = True
             return refusal
         decision, total = self._place(req, record, key, attempts.tried, now, telemetry.current() is not None)
@@ -457,9 +324,9 @@ class Invoker:
             return decision.node_id, Explanation(decision)
         why = "; ".join([*attempts.failures, decision.explain(total)])
         if not decision.wait:
-            return error("unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id)
+            return error_reply("unavailable", f"no node can run {req.function!r}: {why}", req.invocation_id)
         busy = f"every fitting node is busy ({why})"
-        refusal = await self._wait(req, CAPACITY, wait_until, deadline, busy, front=attempts.woken)
+        refusal = await self.gate.wait(req, CAPACITY, wait_until, deadline, busy, front=attempts.woken)
         attempts.woken = True
         return refusal
 
@@ -494,7 +361,7 @@ class Invoker:
     async def _forward(self, node_id: str, message: NodeInvoke, key: str) -> ErrorReply | bytes | None:
         """One attempt on one node: the reply to relay, None when the node answered the caller
         itself, or TryElsewhere."""
-        self._hold(node_id, key)
+        self._view.reserve(node_id, key)
         outcome: bytes | BaseException
         try:
             outcome = await self._requester.request(
@@ -511,14 +378,9 @@ class Invoker:
             raise
         return self._outcome(node_id, key, message.invocation_id, outcome)
 
-    def _hold(self, node_id: str, key: str) -> None:
-        increment(self._view.held, node_id)
-        increment(self._view.held_instances, (node_id, key))
-
     def _release_node(self, node_id: str, key: str) -> None:
-        decrement(self._view.held, node_id)
-        decrement(self._view.held_instances, (node_id, key))
-        self.queue.wake(CAPACITY)
+        self._view.unreserve(node_id, key)
+        self.gate.queue.wake(CAPACITY)
 
     def _outcome(
         self, node_id: str, key: str, invocation_id: str, outcome: bytes | BaseException
@@ -532,12 +394,14 @@ class Invoker:
         if isinstance(outcome, bus.PeerLost):
             raise TryElsewhere(f"{node_id} was lost mid-request")
         if isinstance(outcome, bus.RequestTimeout):
-            return error("timeout", f"{node_id} did not answer before the deadline", invocation_id, node_id)
+            return error_reply(
+                "timeout", f"{node_id} did not answer before the deadline", invocation_id, node_id
+            )
         if isinstance(outcome, BaseException):
             raise outcome
         if is_error_reply(outcome):
             result = codec.invoke_result.decode(outcome)
-            if result.error.code in nodes.SCHEDULER_RETRIES:
+            if result.error.code in RETRIED_ELSEWHERE:
                 raise TryElsewhere(f"{node_id}: {result.error.message}")
         self._view.ran(node_id, key)
         # An empty acknowledgement: the node answered the caller itself. Otherwise relay the
@@ -545,87 +409,17 @@ class Invoker:
         return outcome or None
 
     async def _where_is(self, req: InvokeRequest) -> str | None:
-        """The caller sent this invocation before and heard nothing: its first scheduler may have
-        died after forwarding it. Every node says whether it has it; the one that has it gets it
-        again and answers from the running (or finished) invocation instead of running it twice.
-        The wait ends at the first yes, once every node the view holds healthy has said no, or
-        after `where_is_timeout_ms` (a node that died with it says nothing)."""
-        now = time.monotonic()
-        stale_after_s = self.settings.node_stale_after_s
-        asking = {node_id for node_id, node in self._view.nodes.items() if node.healthy(now, stale_after_s)}
-        if not asking:
-            return None
-        found: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe_inline(inbox, partial(_count_answer, found, asking))
-        try:
-            await self._nc.publish(
-                subjects.WHERE_IS, codec.encode(WhereIs(invocation_id=req.invocation_id)), reply=inbox
-            )
-            async with asyncio.timeout(self.settings.where_is_timeout_ms / 1000):
-                node = await found
-        except TimeoutError:
-            log.warning("invocation %s: %s never said whether they have it", req.invocation_id, asking)
-            return None
-        finally:
-            await sub.unsubscribe()
-        if node is not None:
-            log.info("invocation %s (attempt %d) is already on %s", req.invocation_id, req.attempt, node)
-        return node
+        """The node that has this invocation already (the caller sent it again), if any."""
+        settings = self.settings
+        timeout_s = settings.where_is_timeout_ms / 1000
+        stale_after_s = settings.node_stale_after_s
+        return await where_is(self._nc, self._view, req.invocation_id, req.attempt, stale_after_s, timeout_s)
 
     def _keep_alive(self, req: InvokeRequest, record: FunctionRecord) -> tuple[int, int]:
         """(keep_alive_ms, prewarm_after_ms) for the node, from this function's arrivals."""
         if not self.settings.keep_alive.enabled or record.spec.runtime == "ebpf":
             return 0, 0
-        now = time.time()
-        fn = (req.tenant, req.function)
-        self.fresh_arrivals[fn] = now
-        return self._arrivals_of(fn).record(now).as_ms()
-
-    def _arrivals_of(self, fn: FunctionKey) -> keepalive.Arrivals:
-        arrivals = self._arrivals.get(fn)
-        if arrivals is None:
-            if len(self._arrivals) >= MAX_ARRIVAL_HISTORIES:
-                self._arrivals.pop(next(iter(self._arrivals)))
-            arrivals = self._arrivals[fn] = keepalive.Arrivals(self.settings.keep_alive)
-        return arrivals
-
-    def arrived_elsewhere(self, arrivals: dict[str, float]) -> None:
-        """Another replica's recent arrivals (from its beat)."""
-        for name, at in arrivals.items():
-            tenant, _, function = name.partition("/")
-            self._arrivals_of((tenant, function)).seen_elsewhere(at)
-
-    def policy_of(self, fn: FunctionKey) -> keepalive.KeepAlive | None:
-        arrivals = self._arrivals.get(fn)
-        return arrivals.current if arrivals else None
-
-
-def _count_answer(
-    found: "asyncio.Future[str | None]",
-    asking: set[str],
-    subject: str,
-    reply: str,
-    data: bytes,
-    headers: dict[str, str] | None,
-) -> None:
-    """One node's answer to `where-is`: the first yes settles it; so does the last no."""
-    if found.done():
-        return
-    if headers and headers.get(STATUS) == bus.NO_RESPONDERS_STATUS:
-        found.set_result(None)  # no node listens at all
-        return
-    try:
-        answer = codec.have_it.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.warning("malformed where-is answer: %s", exc)
-        return
-    if answer.has:
-        found.set_result(answer.node_id)
-        return
-    asking.discard(answer.node_id)
-    if not asking:
-        found.set_result(None)
+        return self.arrivals.arrived((req.tenant, req.function), time.time())
 
 
 class Explanation:

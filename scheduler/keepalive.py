@@ -23,6 +23,7 @@ RECOMPUTE_EVERY = 16  # arrivals between recomputations: a policy is O(bins), an
 # ... and seconds: bins are a minute wide, so a busy function's policy cannot change faster, and
 # thousands of calls a second would otherwise recompute it hundreds of times a second.
 RECOMPUTE_AT_MOST_EVERY_S = 1.0
+MAX_ARRIVAL_HISTORIES = 100_000  # functions whose arrivals one replica keeps
 
 
 @dataclass(frozen=True)
@@ -130,3 +131,43 @@ def coefficient_of_variation(bins: list[int]) -> float:
         return 0.0
     variance = sum((c - mean) ** 2 for c in bins) / len(bins)
     return math.sqrt(variance) / mean
+
+
+class ArrivalBook:
+    """Every function's arrivals as this replica sees them, with those the other replicas report
+    in their beats; bounded, the oldest history forgotten first."""
+
+    def __init__(self, settings: KeepAliveSettings, max_histories: int = MAX_ARRIVAL_HISTORIES):
+        self.settings = settings
+        self._max = max_histories
+        self._arrivals: dict[tuple[str, str], Arrivals] = {}
+        self._fresh: dict[tuple[str, str], float] = {}  # told to the other replicas at the next beat
+
+    def arrived(self, fn: tuple[str, str], now: float) -> tuple[int, int]:
+        """An invocation of `fn` (tenant, function) at wall time `now`: (keep_alive_ms,
+        prewarm_after_ms) for the node that runs it."""
+        self._fresh[fn] = now
+        return self._of(fn).record(now).as_ms()
+
+    def take_fresh(self) -> dict[str, float]:
+        """Arrivals since the last call, as a beat carries them ("tenant/name" -> wall time)."""
+        fresh, self._fresh = self._fresh, {}
+        return {f"{tenant}/{name}": at for (tenant, name), at in fresh.items()}
+
+    def arrived_elsewhere(self, arrivals: dict[str, float]) -> None:
+        """Another replica's recent arrivals (from its beat)."""
+        for name, at in arrivals.items():
+            tenant, _, function = name.partition("/")
+            self._of((tenant, function)).seen_elsewhere(at)
+
+    def policy_of(self, fn: tuple[str, str]) -> KeepAlive | None:
+        arrivals = self._arrivals.get(fn)
+        return arrivals.current if arrivals else None
+
+    def _of(self, fn: tuple[str, str]) -> Arrivals:
+        arrivals = self._arrivals.get(fn)
+        if arrivals is None:
+            if len(self._arrivals) >= self._max:
+                self._arrivals.pop(next(iter(self._arrivals)))
+            arrivals = self._arrivals[fn] = Arrivals(self.settings)
+        return arrivals

@@ -4,59 +4,45 @@ of nodes and of the other replicas."""
 import asyncio
 import functools
 import logging
-import re
 import time
 from typing import Any
 
 import msgspec
 import nats
 
-from fabric import bus, metrics, telemetry
+from fabric import bus, metrics
 from fabric.bundles import BundleStore
 from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
 from scheduler import shares, state
-from scheduler.invoke import Invoker, error, invoke_attributes
+from scheduler.control import Control, not_deployed
+from scheduler.gate import CAPACITY
+from scheduler.invoke import Invoker, invoke_attributes
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
-from schemas import codec, ebpf, keys, subjects
-from schemas.manifest import name_problems, spec_problems
+from schemas import codec, subjects
 from schemas.messages import (
-    ApprovedProgram,
     ClusterStatus,
-    DeployReply,
-    DeployRequest,
     ErrorReply,
-    FunctionList,
     FunctionRecord,
-    FunctionRemoved,
     Heartbeat,
     InvokeRequest,
-    ListFunctions,
-    LogsReply,
-    LogsRequest,
-    RemoveFunction,
-    RemoveReply,
     ReplicaBeat,
-    SetTenant,
     StatusRequest,
-    TenantRecord,
-    TenantReply,
+    error_reply,
 )
 
 log = logging.getLogger(__name__)
-DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
-
 MAX_INVOCATION_ID = 128
-MAX_LOG_LINES = 10_000  # `hetfaas logs --tail`: each node sends at most 1 MiB anyway
 
 
-def not_deployed(tenant: str, function: str, invocation_id: str = "") -> ErrorReply:
-    return error("not_found", f"function {function!r} is not deployed for tenant {tenant!r}", invocation_id)
+def _note_error_code(span: Any, reply: ErrorReply | bytes | None) -> None:
+    """An invocation's error is an attribute of the scheduler's span (the outcome is the node's)."""
+    if isinstance(reply, ErrorReply):
+        span.set_attribute("hetfaas.error", reply.error.code)
 
 
-def program_digest_of(program: ApprovedProgram) -> str:
-    return ebpf.program_digest(program.instructions, program.maps, program.map_refs)
+INVOKE_SPAN = bus.Traced("scheduler.invoke", invoke_attributes, _note_error_code)
 
 
 class Scheduler:
@@ -72,19 +58,20 @@ class Scheduler:
         self.replica_beats: dict[str, tuple[ReplicaBeat, float]] = {}
         self._replicas: tuple[shares.Replicas, float] | None = None
         self.invoker = Invoker(settings, nc, self.view, self._requester, self.replicas, self.tenant_limit)
-        invoker = self.invoker
+        self.control = Control(settings, self.view, store, bundles, nc, self._requester, self.sync.tenants)
+        gate = self.invoker.gate
         registry = metrics.REGISTRY
         registry.gauge(
             "hetfaas.scheduler.queued",
             "Invocations waiting in the queue",
             (),
-            lambda: {(): invoker.queue.length},
+            lambda: {(): gate.queue.length},
         )
         registry.gauge(
             "hetfaas.scheduler.running",
             "Invocations admitted and not yet answered",
             (),
-            lambda: {(): invoker.running.total},
+            lambda: {(): gate.running.total},
         )
         counted = {
             "throttled": "Invocations turned away (queue full or waited too long)",
@@ -96,7 +83,7 @@ class Scheduler:
                 f"hetfaas.scheduler.{name}",
                 description,
                 (),
-                functools.partial(_counted, invoker.counters, name),
+                functools.partial(_counted, gate.counters, name),
                 monotonic=True,
             )
 
@@ -112,22 +99,22 @@ class Scheduler:
         queue = subjects.SCHEDULER_QUEUE
         return [
             bus.Route(
-                subjects.INVOKE_ALL, codec.invoke_request, self.on_invoke, queue, fast=self.on_invoke_now
+                subjects.INVOKE_ALL,
+                codec.invoke_request,
+                self.on_invoke,
+                queue,
+                fast=self.on_invoke_now,
+                span=INVOKE_SPAN,
             ),
-            bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue),
-            bus.Route(subjects.REMOVE, codec.remove_function, self.on_remove, queue),
-            bus.Route(subjects.LOGS, codec.logs_request, self.on_logs, queue),
-            bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
-            bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
-            bus.Route(subjects.MAPS, codec.maps_request, self.on_maps, queue),
-            bus.Route(subjects.REVOKE, codec.revoke_request, self.on_revoke, queue),
-            bus.Route(subjects.SET_TENANT, codec.set_tenant, self.on_set_tenant, queue),
             bus.Route(
                 subjects.replica_invoke(self.settings.scheduler_id),
                 codec.invoke_request,
                 self.on_invoke,
                 fast=self.on_invoke_now,
+                span=INVOKE_SPAN,
             ),
+            bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
+            *self.control.routes(queue),
         ]
 
     async def start(self) -> None:
@@ -162,23 +149,9 @@ class Scheduler:
         return None if record is not None and self.invoker.try_now(req, record, ctx) else bus.PASS
 
     async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
-        if not telemetry.enabled():
-            return await self._invoke(req, ctx)
-        with telemetry.span(
-            "scheduler.invoke",
-            parent=ctx.headers,
-            kind=telemetry.SpanKind.SERVER,
-            attributes=invoke_attributes(req),
-        ) as span:
-            reply = await self._invoke(req, ctx)
-            if isinstance(reply, ErrorReply):
-                span.set_attribute("hetfaas.error", reply.error.code)
-            return reply
-
-    async def _invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
         problem = self._check_invoke(req, ctx.subject)
         if problem:
-            return error("bad_request", problem, req.invocation_id)
+            return error_reply("bad_request", problem, req.invocation_id)
         if self.invoker.is_resent(req):  # before the lookup: its function may be gone by now
             return None
         record = self.view.functions.get((req.tenant, req.function)) or await self._lookup(req)
@@ -207,7 +180,7 @@ class Scheduler:
         try:
             record = await state.read_function(self._store, req.tenant, req.function)
         except STORE_ERRORS:
-            return error(
+            return error_reply(
                 "unavailable",
                 f"function {req.function!r} is unknown here and etcd is unreachable",
                 req.invocation_id,
@@ -216,7 +189,7 @@ class Scheduler:
             self.view.put_function(record)
             return record
         if not self.view.has_tenant(req.tenant):
-            return error(
+            return error_reply(
                 "not_found", f"unknown tenant {req.tenant!r} (no functions deployed)", req.invocation_id
             )
         return not_deployed(req.tenant, req.function, req.invocation_id)
@@ -242,7 +215,7 @@ class Scheduler:
     def on_heartbeat(self, hb: Heartbeat, ctx: bus.Context) -> None:
         self.view.on_heartbeat(hb, ctx.received_at)
         self._heartbeat_seen.set()
-        self.invoker.queue.wake_all(("capacity",))  # the node's partitions or memory may have room now
+        self.invoker.gate.queue.wake_all(CAPACITY)  # the node's partitions or memory may have room now
 
     # --- the other replicas ---
 
@@ -252,7 +225,7 @@ class Scheduler:
         if not known:
             self._replicas = None
         if beat.scheduler_id != self.settings.scheduler_id:
-            self.invoker.arrived_elsewhere(beat.arrivals)
+            self.invoker.arrivals.arrived_elsewhere(beat.arrivals)
         if not known and beat.scheduler_id != self.settings.scheduler_id:
             log.info("scheduler replica %s joined: %d live", beat.scheduler_id, self.replicas().count)
 
@@ -278,9 +251,9 @@ class Scheduler:
         return ReplicaBeat(
             scheduler_id=self.settings.scheduler_id,
             seq=seq,
-            running=self.invoker.running.total,
-            queued=self.invoker.queue.length,
-            throttled=self.invoker.counters.throttled,
+            running=self.invoker.gate.running.total,
+            queued=self.invoker.gate.queue.length,
+            throttled=self.invoker.gate.counters.throttled,
             etcd_ok=etcd_lost_for is None,
             view_age_ms=round(max([*ages, etcd_lost_for or 0.0], default=0.0) * 1000, 1),
             nodes_healthy=sum(
@@ -292,8 +265,7 @@ class Scheduler:
         seq = 0
         subject = subjects.replica_beat(self.settings.scheduler_id)
         while True:
-            fresh, self.invoker.fresh_arrivals = self.invoker.fresh_arrivals, {}
-            arrivals = {f"{tenant}/{name}": at for (tenant, name), at in fresh.items()}
+            arrivals = self.invoker.arrivals.take_fresh()
             beat = msgspec.structs.replace(self.beat(seq), arrivals=arrivals)
             try:
                 await self._nc.publish(subject, codec.encode(beat))
@@ -307,167 +279,6 @@ class Scheduler:
     def tenant_limit(self, tenant: str) -> int:
         record = self.sync.tenants.get(tenant)
         return record.max_concurrency if record else self.settings.admission.tenant_max_concurrency
-
-    async def on_set_tenant(self, req: SetTenant, ctx: bus.Context) -> TenantReply | ErrorReply:
-        if problems := name_problems(tenant=req.tenant):
-            return error("bad_request", "; ".join(problems))
-        if not 1 <= req.max_concurrency <= 1_000_000:
-            return error("bad_request", "max_concurrency must be in 1..1000000")
-        record = TenantRecord(tenant=req.tenant, max_concurrency=req.max_concurrency)
-        try:
-            await self._store.put(keys.tenant(req.tenant), codec.encode(record))
-        except STORE_ERRORS as exc:
-            return error("unavailable", f"cannot set tenant limits while etcd is unreachable: {exc}")
-        self.sync.tenants[req.tenant] = record
-        return TenantReply(record=record)
-
-    # --- control ---
-
-    async def on_deploy(self, req: DeployRequest, ctx: bus.Context) -> DeployReply | ErrorReply:
-        attributes = {
-            "faas.name": req.spec.name,
-            "hetfaas.tenant": req.spec.tenant,
-            "hetfaas.bundle": req.bundle_digest,
-        }
-        with telemetry.span(
-            "scheduler.deploy", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
-        ) as span:
-            reply = telemetry.noted(span, await self._deploy(req))
-            if not isinstance(reply, ErrorReply):
-                span.set_attribute("hetfaas.updated", reply.updated)
-            return reply
-
-    async def _deploy(self, req: DeployRequest) -> DeployReply | ErrorReply:
-        problems = spec_problems(req.spec)
-        if problems:
-            return error("bad_request", "invalid function spec: " + "; ".join(problems))
-        if (req.spec.runtime == "ebpf") != (req.program is not None):
-            return error("bad_request", "an ebpf function, and only one, comes with its approved program")
-        program_digest = ""
-        try:
-            if not await self._bundles.exists(req.bundle_digest):
-                return error("not_found", f"bundle {req.bundle_digest} was not uploaded to the bundle store")
-            if req.program is not None:
-                # Stored as approved; whoever loads it checks the signature against its own keys.
-                program_digest = program_digest_of(req.program)
-                where = keys.program(program_digest, req.spec.tenant, req.spec.name)
-                await self._store.put(where, codec.encode(req.program))
-            current = await state.read_function(self._store, req.spec.tenant, req.spec.name)
-            unchanged = (req.spec, req.bundle_digest, program_digest)
-            if (
-                current is not None
-                and (current.spec, current.bundle_digest, current.program_digest) == unchanged
-            ):
-                entry = await self._store.get(keys.function(req.spec.tenant, req.spec.name))
-                return DeployReply(
-                    function=current, revision=entry.mod_revision if entry else 0, updated=False
-                )
-            record = FunctionRecord(
-                spec=req.spec,
-                bundle_digest=req.bundle_digest,
-                bundle_size=req.bundle_size,
-                deployed_at=time.time(),
-                program_digest=program_digest,
-                map_memory_bytes=sum(m.memory_bytes for m in req.program.maps) if req.program else 0,
-            )
-            revision = await state.write_function(self._store, record)
-        except STORE_ERRORS as exc:
-            return error("unavailable", f"cannot deploy while etcd is unreachable: {exc}")
-        self.view.put_function(record)
-        log.info("deployed %s/%s (%s)", req.spec.tenant, req.spec.name, req.bundle_digest)
-        return DeployReply(function=record, revision=revision, updated=True)
-
-    async def on_remove(self, req: RemoveFunction, ctx: bus.Context) -> RemoveReply | ErrorReply:
-        attributes = {"faas.name": req.name, "hetfaas.tenant": req.tenant}
-        with telemetry.span(
-            "scheduler.remove", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
-        ) as span:
-            return telemetry.noted(span, await self._remove(req))
-
-    async def _remove(self, req: RemoveFunction) -> RemoveReply | ErrorReply:
-        if problems := name_problems(tenant=req.tenant, name=req.name):
-            return error("bad_request", "; ".join(problems))
-        try:
-            record = await state.read_function(self._store, req.tenant, req.name)
-            if record is None or not await state.remove_function(self._store, req.tenant, req.name):
-                return not_deployed(req.tenant, req.name)  # (or another replica removed it meanwhile)
-        except STORE_ERRORS as exc:
-            return error("unavailable", f"cannot remove while etcd is unreachable: {exc}")
-        self.view.remove_function(req.tenant, req.name)  # before the watch says so: no new placements
-        removed = FunctionRemoved(tenant=req.tenant, name=req.name)
-        await self._nc.publish(subjects.FUNCTION_REMOVED, codec.encode(removed))
-        log.info("removed %s/%s (%s)", req.tenant, req.name, record.bundle_digest)
-        return RemoveReply(function=record)
-
-    async def on_maps(self, req: ebpf.MapsRequest, ctx: bus.Context) -> ebpf.MapsReply | ErrorReply:
-        """A tenant's function's maps, gathered from every node that has it loaded (DPUs, and hosts
-        that run eBPF)."""
-        record = self.view.functions.get((req.tenant, req.function))
-        if record is None or not record.program_digest:
-            return error("not_found", f"no ebpf function {req.function!r} for tenant {req.tenant!r}")
-        ask = msgspec.structs.replace(req, program_digest=record.program_digest)
-        now, stale = time.monotonic(), self.settings.node_stale_after_s
-        runners = [
-            n.node_id for n in self.view.nodes.values() if n.record.runs_ebpf and n.healthy(now, stale)
-        ]
-        replies = await asyncio.gather(*(self._node_maps(node_id, ask) for node_id in runners))
-        return ebpf.MapsReply(maps=[dump for reply in replies for dump in reply])
-
-    async def on_revoke(self, req: ebpf.RevokeRequest, ctx: bus.Context) -> ebpf.RevokeReply | ErrorReply:
-        """Record a revocation in etcd; every DPU node watches them, unloads and refuses the program."""
-        if not DIGEST_RE.match(req.digest):
-            return error("bad_request", f"{req.digest!r} is not a program digest (sha256-<64 hex>)")
-        now = time.time()
-        try:
-            await self._store.put(keys.revoked(req.digest), codec.encode(req))
-        except STORE_ERRORS as exc:
-            return error("unavailable", f"cannot revoke while etcd is unreachable: {exc}")
-        log.warning("revoked program %s: %s", req.digest, req.reason or "no reason given")
-        return ebpf.RevokeReply(digest=req.digest, revoked_at=now)
-
-    async def on_logs(self, req: LogsRequest, ctx: bus.Context) -> LogsReply | ErrorReply:
-        """The last lines of a function's output from every host node holding any (a function
-        removed since still has them)."""
-        if problems := name_problems(tenant=req.tenant, function=req.function):
-            return error("bad_request", "; ".join(problems))
-        if not 1 <= req.lines <= MAX_LOG_LINES:
-            return error("bad_request", f"lines must be in 1..{MAX_LOG_LINES}")
-        now, stale = time.monotonic(), self.settings.node_stale_after_s
-        hosts = sorted(
-            n.node_id for n in self.view.nodes.values() if n.record.kind == "host" and n.healthy(now, stale)
-        )
-        replies = await asyncio.gather(
-            *(
-                self._ask_node(subjects.node_logs(node_id), req, node_id, codec.logs_result)
-                for node_id in hosts
-            )
-        )
-        found = [logs for reply in replies if isinstance(reply, LogsReply) for logs in reply.logs]
-        if not found and (req.tenant, req.function) not in self.view.functions:
-            return not_deployed(req.tenant, req.function)
-        return LogsReply(logs=found)
-
-    async def _node_maps(self, node_id: str, req: ebpf.MapsRequest) -> list[ebpf.MapDump]:
-        reply = await self._ask_node(subjects.node_maps(node_id), req, node_id, codec.maps_result)
-        return reply.maps if isinstance(reply, ebpf.MapsReply) else []
-
-    async def _ask_node(
-        self, subject: str, req: msgspec.Struct, node_id: str, decoder: msgspec.msgpack.Decoder
-    ) -> Any:
-        """A node's answer to a question about what it holds; None from a node that cannot
-        answer (it has nothing to show)."""
-        try:
-            data = await self._requester.request(subject, codec.encode(req), 5.0, None, node_id)
-        except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout):
-            return None
-        return decoder.decode(data)
-
-    async def on_list(self, req: ListFunctions, ctx: bus.Context) -> FunctionList | ErrorReply:
-        try:
-            records = await state.list_functions(self._store, req.tenant)
-        except STORE_ERRORS as exc:
-            return error("unavailable", f"cannot list functions while etcd is unreachable: {exc}")
-        return FunctionList(functions=sorted(records, key=lambda r: (r.spec.tenant, r.spec.name)))
 
     async def on_status(self, req: StatusRequest, ctx: bus.Context) -> ClusterStatus:
         try:

@@ -2,16 +2,19 @@
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from fabric.store import Event, Store, follow_prefix
+from fabric.store import Event, LeasedKey, Store, follow_prefix
 from scheduler.view import ClusterView
 from schemas import codec, keys
-from schemas.messages import FunctionRecord, SchedulerRecord, TenantRecord
+from schemas.ebpf import RevokeRequest
+from schemas.messages import ApprovedProgram, FunctionRecord, SchedulerRecord, TenantRecord
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +161,32 @@ async def list_functions(store: Store, tenant: str | None) -> list[FunctionRecor
 async def list_schedulers(store: Store) -> list[SchedulerRecord]:
     entries, _ = await store.list_prefix(keys.SCHEDULERS)
     return [codec.scheduler_record.decode(e.value) for e in entries]
+
+
+async def function_revision(store: Store, tenant: str, name: str) -> int:
+    """The etcd revision the function's record was last written at (0: it has none)."""
+    entry = await store.get(keys.function(tenant, name))
+    return entry.mod_revision if entry else 0
+
+
+async def write_program(store: Store, digest: str, tenant: str, name: str, program: ApprovedProgram) -> None:
+    """An ebpf function's approved program, stored as approved: whoever loads it checks the
+    signature against its own keys."""
+    await store.put(keys.program(digest, tenant, name), codec.encode(program))
+
+
+async def write_tenant(store: Store, record: TenantRecord) -> None:
+    await store.put(keys.tenant(record.tenant), codec.encode(record))
+
+
+async def write_revocation(store: Store, req: RevokeRequest) -> None:
+    """Every node that runs eBPF follows these: it unloads the program and refuses it from now on."""
+    await store.put(keys.revoked(req.digest), codec.encode(req))
+
+
+def registration(store: Store, scheduler_id: str, ttl_s: int) -> LeasedKey:
+    """The replica's key under a lease (its `run()` keeps it alive), listed in `status`."""
+    record = SchedulerRecord(
+        scheduler_id=scheduler_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=time.time()
+    )
+    return store.leased_key(keys.scheduler(scheduler_id), lambda: codec.encode(record), ttl_s)

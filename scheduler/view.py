@@ -7,6 +7,7 @@ The shell feeds it etcd watch events and heartbeats; placement reads immutable s
 from dataclasses import dataclass, field
 
 from scheduler import snapshot
+from scheduler.admission import decrement, increment
 from schemas.messages import FunctionRecord, Heartbeat, NodeRecord, NodeStatus, instance_key
 
 FULL_REBUILD_S = 0.25  # rebuild at least this often even unchanged: nodes go stale with time
@@ -54,7 +55,8 @@ class ClusterView:
         self.functions: dict[tuple[str, str], FunctionRecord] = {}
         # Heartbeats of nodes whose registration we have not seen yet (etcd watch lags NATS).
         self._early_heartbeats: dict[str, tuple[Heartbeat, float]] = {}
-        # This replica's invocations on each node right now: fresher than any heartbeat.
+        # This replica's invocations on each node right now (`reserve`, `unreserve`); read-only
+        # to everyone else.
         self.held: dict[str, int] = {}
         self.held_instances: dict[tuple[str, str], int] = {}  # per (node id, function key)
         self._snapshot: snapshot.Snapshot | None = None
@@ -74,6 +76,18 @@ class ClusterView:
         )
         self._changed = False
         return fresh
+
+    def reserve(self, node_id: str, key: str) -> None:
+        """An invocation of `key` is sent to `node_id` (the Kubernetes framework's Reserve):
+        placement counts it against the node's capacity and the function's instances there
+        until `unreserve`, fresher than any heartbeat."""
+        increment(self.held, node_id)
+        increment(self.held_instances, (node_id, key))
+
+    def unreserve(self, node_id: str, key: str) -> None:
+        """The invocation's attempt on `node_id` ended, however it went."""
+        decrement(self.held, node_id)
+        decrement(self.held_instances, (node_id, key))
 
     def ran(self, node_id: str, key: str) -> None:
         """`node_id` just ran `key`: it probably holds it warm until its next heartbeat says so."""

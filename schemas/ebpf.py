@@ -1,12 +1,14 @@
 """The wire contract of eBPF functions: map shapes, the verifier's findings, attestations, and the
-verify request and reply (DESIGN.md §5)."""
+verify request and reply (docs/architecture.md §5)."""
 
 import hashlib
+from typing import Literal
 
 import msgspec
 
 # Program types offered to tenants -> enum bpf_prog_type.
-PROG_TYPES = {"socket_filter": 1, "sched_cls": 3, "xdp": 6}
+ProgType = Literal["socket_filter", "sched_cls", "xdp"]
+PROG_TYPES: dict[str, int] = {"socket_filter": 1, "sched_cls": 3, "xdp": 6}
 
 
 class MapSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,4 +1,4 @@
-"""The one error shape every service returns, and its small fixed set of codes (DESIGN.md §3)."""
+"""The one error shape every service returns, and its small fixed set of codes (docs/architecture.md §3)."""
 
 from typing import Literal
 
@@ -23,3 +23,8 @@ class Error(msgspec.Struct, frozen=True, kw_only=True):
     code: ErrorCode
     message: str
     detail: str | None = None
+
+
+# Refusals that say "not here, not now" (nothing ran): the scheduler retries them on another node,
+# and a node forgets them at once, so a later copy of the invocation may run.
+RETRIED_ELSEWHERE: frozenset[ErrorCode] = frozenset({"throttled", "unavailable"})

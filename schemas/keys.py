@@ -1,4 +1,4 @@
-"""The etcd key layout. Every key and prefix is built here (DESIGN.md §3)."""
+"""The etcd key layout. Every key and prefix is built here (docs/architecture.md §3)."""
 
 NODES = "/hetfaas/nodes/"
 SCHEDULERS = "/hetfaas/schedulers/"

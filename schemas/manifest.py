@@ -9,7 +9,7 @@ import tomllib
 import msgspec
 
 from schemas.ebpf import PROG_TYPES
-from schemas.messages import FunctionSpec
+from schemas.messages import EbpfSpec, FunctionSpec
 
 # Names become NATS subject tokens and etcd key segments: no dots, spaces or wildcards.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -21,6 +21,7 @@ LIMITS = {
     "max_concurrency": (0, 100_000),
 }
 ALLOWED_KEYS = frozenset(FunctionSpec.__struct_fields__)
+ALLOWED_EBPF_KEYS = frozenset(EbpfSpec.__struct_fields__)
 
 
 class ManifestError(ValueError):
@@ -36,11 +37,8 @@ def parse_manifest(text: str) -> FunctionSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError([f"function.toml is not valid TOML: {exc}"]) from None
-    unknown = sorted(set(doc) - ALLOWED_KEYS)
-    if unknown:
-        noun = "key" if len(unknown) == 1 else "keys"
-        names = ", ".join(repr(k) for k in unknown)
-        raise ManifestError([f"unknown {noun} {names} (allowed: {', '.join(sorted(ALLOWED_KEYS))})"])
+    if problems := _table_problems(doc):
+        raise ManifestError(problems)
     if doc.get("runtime") == "ebpf":
         doc.setdefault("placement", "dpu")  # eBPF functions are what DPUs are for
     try:
@@ -51,6 +49,31 @@ def parse_manifest(text: str) -> FunctionSpec:
     if problems:
         raise ManifestError(problems)
     return spec
+
+
+def _table_problems(doc: dict) -> list[str]:
+    """Unknown keys, at the top and in the [ebpf] table (EbpfSpec itself takes unknown fields:
+    it travels on the wire, where a field added later must not break an older reader), and a
+    program type that is not offered (said plainly, before the conversion names the enum)."""
+    problems = _unknown(doc, ALLOWED_KEYS, "")
+    table = doc.get("ebpf")
+    if isinstance(table, dict):
+        problems += _unknown(table, ALLOWED_EBPF_KEYS, " in [ebpf]")
+        prog_type = table.get("prog_type", "xdp")
+        if prog_type not in PROG_TYPES:
+            problems.append(
+                f"prog_type {prog_type!r} is not offered (one of {', '.join(sorted(PROG_TYPES))})"
+            )
+    return problems
+
+
+def _unknown(table: dict, allowed: frozenset[str], where: str) -> list[str]:
+    unknown = sorted(set(table) - allowed)
+    if not unknown:
+        return []
+    noun = "key" if len(unknown) == 1 else "keys"
+    names = ", ".join(repr(k) for k in unknown)
+    return [f"unknown {noun} {names}{where} (allowed: {', '.join(sorted(allowed))})"]
 
 
 def spec_problems(spec: FunctionSpec) -> list[str]:
@@ -102,8 +125,6 @@ def _ebpf_problems(spec: FunctionSpec) -> list[str]:
         return ['ebpf functions need an [ebpf] table: object = "prog.o", program = "...", prog_type = "xdp"']
     if spec.placement == "host":
         return ["ebpf functions run on DPUs: placement must be 'dpu' or 'any'"]
-    if spec.ebpf.prog_type not in PROG_TYPES:
-        return [f"prog_type {spec.ebpf.prog_type!r} is not offered (one of {', '.join(sorted(PROG_TYPES))})"]
     if spec.ebpf.object.startswith("/") or ".." in spec.ebpf.object.split("/"):
         return [f"object {spec.ebpf.object!r} must be a path inside the function's directory"]
     return []

@@ -7,20 +7,26 @@ from typing import Literal
 
 import msgspec
 
-from schemas.ebpf import MapSpec, Signed
-from schemas.errors import Error
+from schemas.ebpf import MapSpec, ProgType, Signed
+from schemas.errors import Error, ErrorCode
 
 Runtime = Literal["python", "exec", "ebpf"]
 Placement = Literal["host", "dpu", "any"]
 NodeKind = Literal["host", "dpu"]
+# How a host node starts functions (host_node.sandbox.settings); a shard of its pool runs one of
+# the three sandboxed modes.
+PoolMode = Literal["naive", "pool", "prewarm"]
+SandboxMode = Literal["plain", "naive", "pool", "prewarm"]
 
 
-class EbpfSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The `[ebpf]` table of an ebpf function's `function.toml`."""
+class EbpfSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """The `[ebpf]` table of an ebpf function's `function.toml`. It travels inside NodeInvoke and
+    etcd records, so unknown fields are not forbidden here (a field added later must not break
+    an older reader); `schemas.manifest` refuses unknown keys in the table instead."""
 
     object: str  # the ELF object, relative to the function's directory
     program: str | None = None  # the program's function name, if the object holds several
-    prog_type: str = "xdp"
+    prog_type: ProgType = "xdp"
 
 
 class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,7 +93,7 @@ class PoolShard(msgspec.Struct, frozen=True, kw_only=True, tag="pool_shard"):
     """One shard of a host node's sandbox pool, as its spawner last reported it."""
 
     shard: int
-    mode: str
+    mode: PoolMode
     free: int  # cgroup slots ready
     prewarmed: int  # sandboxes waiting to exec (prewarm mode)
     busy: int
@@ -119,7 +125,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
     capacity: int
     instances: int
     warm_idle: dict[str, int] = {}  # instance_key(...) -> idle instances ready for reuse
-    sandbox_mode: str = ""
+    sandbox_mode: SandboxMode | Literal[""] = ""  # "": not a host node
     pool: list[PoolShard] = []
     tenant_runs: dict[str, int] = {}  # DPU nodes: program runs per tenant since the node started
     memory_used_mb: int = 0  # memory limits of the instances alive now
@@ -184,7 +190,7 @@ class ApprovedProgram(msgspec.Struct, frozen=True, kw_only=True):
     Nodes trust it only through the signature, checked against keys pinned in their own settings."""
 
     instructions: bytes
-    prog_type: str
+    prog_type: ProgType
     maps: list[MapSpec]
     map_refs: dict[int, str]
     signed: Signed
@@ -207,6 +213,15 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
     error: Error
     invocation_id: str = ""
     node: str = ""
+
+
+def error_reply(
+    code: ErrorCode, message: str, invocation_id: str = "", node: str = "", detail: str | None = None
+) -> ErrorReply:
+    """The one way every service builds an error reply."""
+    return ErrorReply(
+        error=Error(code=code, message=message, detail=detail), invocation_id=invocation_id, node=node
+    )
 
 
 # --- control: deploy, list, status -----------------------------------------------------------
@@ -286,7 +301,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     instances: int
     warm_idle: int
     heartbeat_age_ms: float | None  # None: registered but no heartbeat seen yet
-    sandbox_mode: str = ""
+    sandbox_mode: SandboxMode | Literal[""] = ""  # "": not a host node
     pool: list[PoolShard] = []
     tenant_runs: dict[str, int] = {}
 

@@ -1,4 +1,4 @@
-"""The subject table. Nobody writes a subject string anywhere else (DESIGN.md §3)."""
+"""The subject table. Nobody writes a subject string anywhere else (docs/architecture.md §3)."""
 
 from functools import lru_cache
 

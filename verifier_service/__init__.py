@@ -1,1 +1,1 @@
-"""The verifier service: checks tenant eBPF programs and signs what it approves (DESIGN.md §5)."""
+"""The verifier service: checks tenant eBPF programs and signs what it approves (docs/architecture.md §5)."""

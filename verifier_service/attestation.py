@@ -2,7 +2,7 @@
 
 A signature says *origin and integrity* (this service approved exactly these instructions, map
 shapes and parameters, for this tenant and function, until then), not safety: nodes still run
-the kernel verifier themselves and compare `verified_insns` (DESIGN.md §5)."""
+the kernel verifier themselves and compare `verified_insns` (docs/architecture.md §5)."""
 
 import os
 from pathlib import Path

@@ -19,7 +19,7 @@ DEFAULT_SAMPLE = bytes(64)  # a zeroed 64-byte frame
 
 class VerifyLimits(msgspec.Struct, frozen=True, kw_only=True):
     static: Limits = Limits()
-    max_verified_insns: int = 100_000  # far below the kernel's 1M: the budget of DESIGN.md §5
+    max_verified_insns: int = 100_000  # far below the kernel's 1M: the budget of docs/architecture.md §5
     kernel_timeout_s: float = 5.0
 
 

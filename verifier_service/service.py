@@ -5,6 +5,7 @@ import os
 import platform
 import secrets
 import time
+from typing import Any
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -12,9 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fabric import bus, signing, telemetry
 from schemas import codec, subjects
 from schemas.ebpf import PROG_TYPES, Attestation, VerifyReply, VerifyRequest
-from schemas.errors import Error
 from schemas.manifest import NAME_RE
-from schemas.messages import ErrorReply
+from schemas.messages import ErrorReply, error_reply
 from verifier_service import attestation
 from verifier_service.admission import FairTurns, TenantBuckets
 from verifier_service.kernel import KernelPool
@@ -41,29 +41,19 @@ class Verifier:
         )
 
     def routes(self) -> list[bus.Route]:
-        return [bus.Route(subjects.VERIFY, codec.verify_request, self.on_verify, subjects.VERIFIER_QUEUE)]
+        traced = bus.Traced("verifier.verify", _verify_attributes, _verified)
+        return [
+            bus.Route(
+                subjects.VERIFY, codec.verify_request, self.on_verify, subjects.VERIFIER_QUEUE, span=traced
+            )
+        ]
 
     async def on_verify(self, req: VerifyRequest, ctx: bus.Context) -> VerifyReply | ErrorReply:
-        attributes = {
-            "hetfaas.tenant": req.tenant,
-            "faas.name": req.function,
-            "hetfaas.prog_type": req.prog_type,
-        }
-        with telemetry.span(
-            "verifier.verify", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
-        ) as span:
-            reply = telemetry.noted(span, await self._verify(req))
-            if not isinstance(reply, ErrorReply):
-                span.set_attribute("hetfaas.accepted", reply.accepted)
-                span.set_attribute("hetfaas.verified_insns", reply.verified_insns or 0)
-            return reply
-
-    async def _verify(self, req: VerifyRequest) -> VerifyReply | ErrorReply:
         if problem := self._refusal(req):
-            return ErrorReply(error=Error(code="bad_request", message=problem))
+            return error_reply("bad_request", problem)
         if not self._buckets.take(req.tenant, time.monotonic()):
             message = f"tenant {req.tenant!r} is verifying faster than {self.settings.tenant_rate_per_s:g}/s"
-            return ErrorReply(error=Error(code="throttled", message=message))
+            return error_reply("throttled", message)
         reply = await self._turns.run(
             req.tenant,
             lambda: verify(req.object, req.program, req.prog_type, self._limits, kernel=self._kernel),
@@ -115,3 +105,14 @@ class Verifier:
 def ensure_root() -> None:
     if os.geteuid() != 0:
         raise PermissionError("the verifier loads programs into the kernel: it needs root (CAP_BPF)")
+
+
+def _verify_attributes(req: VerifyRequest) -> dict[str, Any]:
+    return {"hetfaas.tenant": req.tenant, "faas.name": req.function, "hetfaas.prog_type": req.prog_type}
+
+
+def _verified(span: Any, reply: VerifyReply | ErrorReply) -> None:
+    telemetry.noted(span, reply)
+    if not isinstance(reply, ErrorReply):
+        span.set_attribute("hetfaas.accepted", reply.accepted)
+        span.set_attribute("hetfaas.verified_insns", reply.verified_insns or 0)

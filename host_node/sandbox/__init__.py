@@ -1,1 +1,1 @@
-"""Secure sandboxes from sharded pools of pre-created cgroups (DESIGN.md §4)."""
+"""Secure sandboxes from sharded pools of pre-created cgroups (docs/architecture.md §4)."""

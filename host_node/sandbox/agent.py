@@ -18,8 +18,9 @@ from host_node.sandbox.cgroups import Layout, Limits
 from host_node.sandbox.init import CODE_VIEW, RUNTIME_VIEW, RootPlan
 from host_node.sandbox.pool import choose_shard
 from host_node.sandbox.settings import SandboxSettings
-from host_node.sandbox.shard import ShardConfig
+from host_node.sandbox.shard_config import ShardConfig
 from host_node.spawner import RUNTIME_DIR, SpawnFailed, View, function_env
+from schemas.messages import PoolShard
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class ShardLink:
         self.index = index
         self.sock = sock
         self.proc = proc
-        self.state: protocol.ShardState | None = None
+        self.state: PoolShard | None = None
         self.alive = True
         self.ready_estimate = 0  # free slots or prewarmed sandboxes, as last reported, minus launches since
         self.first_state: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -114,9 +115,11 @@ class ShardedSpawner:
 
     async def _start_shard(self, index: int) -> ShardLink:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mode = self.settings.mode
+        assert mode != "plain", "plain mode has no shards (PlainSpawner)"
         config = ShardConfig(
             shard=index,
-            mode=self.settings.mode,
+            mode=mode,
             layout=self.layout,
             plan=self.plan,
             pool=self.settings.pool,
@@ -239,7 +242,7 @@ class ShardedSpawner:
                 log.exception("shard %d: cannot handle a message", link.index)
 
     def _dispatch(self, link: ShardLink, message: protocol.FromShard) -> None:
-        if isinstance(message, protocol.ShardState):
+        if isinstance(message, PoolShard):
             link.state = message
             self._state_changed.set()
             self._state_changed = asyncio.Event()
@@ -294,12 +297,12 @@ class ShardedSpawner:
             pass
         link.sock.close()
 
-    def states(self) -> list[protocol.ShardState]:
+    def states(self) -> list[PoolShard]:
         return [link.state for link in self.shards if link.state is not None]
 
     async def wait_for_states(
-        self, predicate: Callable[[list[protocol.ShardState]], bool], timeout_s: float = 10.0
-    ) -> list[protocol.ShardState]:
+        self, predicate: Callable[[list[PoolShard]], bool], timeout_s: float = 10.0
+    ) -> list[PoolShard]:
         """Wait until the shards' reported states satisfy `predicate` (each report wakes us)."""
         async with asyncio.timeout(timeout_s):
             while not predicate(states := self.states()):

@@ -8,7 +8,7 @@ import socket
 import msgspec
 
 from host_node.sandbox.cgroups import Limits
-from schemas.messages import PoolShard as ShardState
+from schemas.messages import PoolShard
 
 MAX_MESSAGE = 1 << 16
 MAX_FDS = 8
@@ -60,7 +60,7 @@ class Exited(msgspec.Struct, tag="exited", frozen=True, kw_only=True):
 
 
 ToShard = Launch | Kill | Stop
-FromShard = Launched | LaunchFailed | Exited | ShardState
+FromShard = Launched | LaunchFailed | Exited | PoolShard
 
 _encoder = msgspec.msgpack.Encoder()
 to_shard = msgspec.msgpack.Decoder(ToShard)

@@ -1,12 +1,14 @@
 import os
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 
 from host_node.sandbox.cgroups import Limits
 from host_node.sandbox.pool import PoolSettings
+from schemas.messages import SandboxMode
 
-MODES = ("plain", "naive", "pool", "prewarm")
+MODES: tuple[SandboxMode, ...] = get_args(SandboxMode)
 
 
 class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -14,7 +16,7 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     without root); `naive`, `pool` and `prewarm` are the secure sandbox with the cgroup work done
     per start, from pre-created slots, or from pre-created sandboxes waiting to exec."""
 
-    mode: str = "prewarm"
+    mode: SandboxMode = "prewarm"
     shards: int = 0  # 0: one per CPU
     cgroup_parent: str = ""  # our subtree hetfaas.<node_id> goes under this path in every hierarchy
     user_namespace: str = "auto"  # auto (where the kernel allows) | on | off

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from deploy import launcher, services
-from fabric import bus
+from fabric import bus, serving
 from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.messages import ErrorReply
@@ -128,7 +128,7 @@ async def serve_answering_elsewhere(nc: Connection, subject: str, answers_to: st
 async def test_acknowledgements_to_one_requester_go_in_batches(
     nc: Connection, tenant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bus, "MAX_ACKS_PER_MESSAGE", 16)  # a long batch is split
+    monkeypatch.setattr(serving, "MAX_ACKS_PER_MESSAGE", 16)  # a long batch is split
     server = await serve_answering_elsewhere(nc, f"{tenant}.svc")
     requester = bus.Requester(nc)
     await requester.start()
@@ -214,7 +214,7 @@ async def test_requests_beyond_the_handlers_wait_their_turn_and_past_the_backlog
 ) -> None:
     """Two handlers at once, two requests waiting: the fifth is refused at once, with a reason;
     the waiting ones run in arrival order when the first finish."""
-    monkeypatch.setattr(bus, "MAX_BACKLOG", 2)
+    monkeypatch.setattr(serving, "MAX_BACKLOG", 2)
     release, started = asyncio.Event(), []
 
     async def handler(req: Ping, ctx: bus.Context) -> Ping:

@@ -9,8 +9,8 @@ import time
 import msgspec
 import pytest
 
-from dpu_node.admission import LoadRequest, Refused, admit
-from dpu_node.loader import load
+from ebpf_runtime.admission import LoadRequest, Refused, admit
+from ebpf_runtime.loader import load
 from fabric import bpf, signing
 from tests.bpf_build import COUNTER, bpf_builder
 from verifier_service.attestation import load_or_create_key

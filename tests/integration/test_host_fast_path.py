@@ -1,4 +1,4 @@
-"""A host node's fast path (`HostNode.on_invoke_now`) with real python instances (plain child
+"""A host node's fast path (`HostNode.on_invoke_now`, warm_call.py) with real python instances (plain child
 processes, no NATS: the node's answers are caught where `bus.Server.respond` would send them).
 
 A warm invocation goes to an idle instance as it is read, or waits in line for a busy one, and
@@ -134,7 +134,7 @@ async def test_a_warm_invocation_is_answered_by_its_idle_instance(host) -> None:
     assert isinstance(reply, InvokeReply) and reply.output == f"{pid} 2 hi".encode()
     assert not reply.cold_start and reply.node == "host-fast"
     assert set(reply.phases_ms) == {"acquire_ms", "handler_ms"}
-    assert node.inflight == 0 and node.warm.pool.idle_counts() == {node_key(): 1}, (
+    assert node.inflight == 0 and node.runtime.warm.pool.idle_counts() == {node_key(): 1}, (
         "the instance is idle again"
     )
 
@@ -182,11 +182,11 @@ async def test_a_function_past_its_timeout_is_stopped_and_one_waiting_for_it_tim
     queued = await answers.of("queued")
     assert isinstance(queued, ErrorReply) and queued.error.code == "timeout"
     assert "stayed busy" in queued.error.message
-    assert not node.warm._waiters[node_key()], "it left the line"
+    assert not node.runtime.warm._waiters[node_key()], "it left the line"
     slow = await answers.of("slow")
     assert isinstance(slow, ErrorReply) and slow.error.code == "timeout"
     assert "did not return within 600 ms" in slow.error.message
-    assert node.warm.pool.live(node_key()) == 0 and node.inflight == 0, "the instance was stopped"
+    assert node.runtime.warm.pool.live(node_key()) == 0 and node.inflight == 0, "the instance was stopped"
 
 
 async def test_an_instance_that_dies_mid_call_is_reported_and_the_next_in_line_gets_a_new_one(host) -> None:
@@ -207,15 +207,15 @@ async def test_stopping_the_node_lets_calls_finish_within_the_grace_then_stops_t
     await warm_up(node)
     assert node.on_invoke_now(invoke("quick", b"sleep:0.1"), ctx()) is None
     started = time.monotonic()
-    await node._stop_calls(2.0)
+    await node.calls.stop(2.0)
     assert time.monotonic() - started < 1.5, "no longer than the call took"
     assert isinstance(await answers.of("quick"), InvokeReply)
     assert node.on_invoke_now(invoke("stuck", b"sleep:30"), ctx()) is None
-    await node._stop_calls(0.1)
+    await node.calls.stop(0.1)
     stuck = await answers.of("stuck")
     assert isinstance(stuck, ErrorReply) and stuck.error.code == "unavailable"
     assert answers.to_scheduler == {"stuck"}, "the scheduler retries it elsewhere"
-    assert node.inflight == 0 and node.warm.pool.live(node_key()) == 0
+    assert node.inflight == 0 and node.runtime.warm.pool.live(node_key()) == 0
 
 
 def node_key() -> str:
@@ -231,11 +231,11 @@ async def test_a_fault_of_the_node_s_own_answers_internal_and_leaves_nothing_hel
     def broken(*args: object) -> None:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(node, "_give_back", broken)
+    monkeypatch.setattr(node.runtime, "give_back", broken)
     assert node.on_invoke_now(invoke("f"), ctx()) is None
     reply = await answers.of("f")
     assert isinstance(reply, ErrorReply) and reply.error.code == "internal"
     assert "RuntimeError: injected" in reply.error.message
-    assert node.inflight == 0 and not node._calls
-    assert node.warm.pool.live(node_key()) == 0, "its instance, in an unknown state, was stopped"
+    assert node.inflight == 0 and not node.calls.live
+    assert node.runtime.warm.pool.live(node_key()) == 0, "its instance, in an unknown state, was stopped"
     assert node.once.has("f") and not node.once._answers["f"].cancelled(), "a copy hears the same"

@@ -3,9 +3,9 @@ The program is a stand-in (the kernel's part is tested in tests/integration/test
 
 import time
 
-from dpu_node.programs import ProgramRuntime
 from dpu_node.service import DpuNode
-from dpu_node.settings import EbpfRuntimeSettings
+from ebpf_runtime.programs import ProgramRuntime
+from ebpf_runtime.settings import EbpfRuntimeSettings
 from fabric import bus
 from schemas.messages import EbpfSpec, ErrorReply, FunctionSpec, InvokeReply, NodeInvoke
 

@@ -70,7 +70,7 @@ async def invoke(invoker: Invoker, n: int = 1) -> None:
 
 
 def gave_everything_back(invoker: Invoker) -> bool:
-    return invoker.running.total == 0 and not invoker._handling and not invoker._view.held
+    return invoker.gate.running.total == 0 and not invoker._handling and not invoker._view.held
 
 
 async def test_a_node_that_answered_the_caller_leaves_nothing_to_relay() -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from dpu_node.settings import DpuNodeSettings, EbpfRuntimeSettings
+from dpu_node.settings import DpuNodeSettings
+from ebpf_runtime.settings import EbpfRuntimeSettings
 from fabric.settings import SettingsError, load_settings
 from host_node.settings import HostNodeSettings
 from scheduler.settings import SchedulerSettings

@@ -1,13 +1,13 @@
-"""Loading an admitted program on a DPU node: the node creates and owns every map (per tenant,
+"""Loading an admitted program on a node: the node creates and owns every map (per tenant,
 never shared), points the program at them, lets the kernel verifier run again, and refuses the
 program unless the kernel walked exactly as many instructions as the attestation says."""
 
 import os
 from dataclasses import dataclass, field
 
-from dpu_node.admission import LoadRequest, Refused
+from ebpf_runtime.admission import LoadRequest, Refused
 from fabric import bpf
-from schemas.ebpf import PROG_TYPES, Attestation, MapSpec
+from schemas.ebpf import PROG_TYPES, Attestation, MapSpec, ProgType
 
 
 @dataclass
@@ -15,7 +15,7 @@ class Loaded:
     tenant: str
     function: str
     digest: str
-    prog_type: str
+    prog_type: ProgType
     prog_fd: int
     maps: dict[str, tuple[int, MapSpec]] = field(default_factory=dict)  # name -> (fd, spec)
 

@@ -1,4 +1,4 @@
-"""Whether a DPU node may load a program: every check of DESIGN.md §5 before any bpf(2) call.
+"""Whether a node may load a program: every check of docs/architecture.md §5 before any bpf(2) call.
 Pure: the signed attestation, the bytes, what the deploy asks for, the node's trust and the time
 in; the attestation or a refusal with its reason out."""
 
@@ -6,7 +6,7 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fabric.signing import AttestationError, VerifiedSignatures, check
-from schemas.ebpf import Attestation, MapSpec, Signed, program_digest
+from schemas.ebpf import Attestation, MapSpec, ProgType, Signed, program_digest
 
 
 class LoadRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -14,7 +14,7 @@ class LoadRequest(msgspec.Struct, frozen=True, kw_only=True):
 
     tenant: str
     function: str
-    prog_type: str
+    prog_type: ProgType
     maps: list[MapSpec]
     map_refs: dict[int, str]
     instructions: bytes

@@ -12,15 +12,16 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from dpu_node.admission import LoadRequest, Refused, admit
-from dpu_node.loader import Loaded, load
-from dpu_node.settings import EbpfRuntimeSettings
+from ebpf_runtime.admission import LoadRequest, Refused, admit
+from ebpf_runtime.loader import Loaded, load
+from ebpf_runtime.settings import EbpfRuntimeSettings
 from fabric import bpf, bus, nodes, signing, telemetry
 from fabric.store import Entry, Event, Store, follow_prefix
 from fabric.tasks import TaskSet
 from fabric.tracing import Span
 from schemas import keys
 from schemas.ebpf import MapDump, MapEntry, MapSpec, MapsReply, MapsRequest
+from schemas.errors import ErrorCode
 from schemas.messages import (
     ApprovedProgram,
     ErrorReply,
@@ -28,6 +29,7 @@ from schemas.messages import (
     NodeInvoke,
     Partition,
     TenantUsage,
+    error_reply,
     instance_key,
 )
 
@@ -149,18 +151,18 @@ class ProgramRuntime:
         except Refused as exc:
             log.warning("refused %s/%s: %s", req.spec.tenant, req.spec.name, exc)
             # No room here is not a verdict on the program: the scheduler tries another node.
-            code = "unavailable" if exc.code in ROOM_REFUSALS else "rejected"
-            return self._error(req, code, f"{exc.code}: {exc}")
+            code: ErrorCode = "unavailable" if exc.code in ROOM_REFUSALS else "rejected"
+            return error_reply(code, f"{exc.code}: {exc}", req.invocation_id, self.node_id)
         finally:
             self.inflight -= 1
 
     def _problem(self, req: NodeInvoke) -> ErrorReply | None:
         if req.spec.runtime != "ebpf" or not req.program_digest:
-            return self._error(req, "bad_request", "not an ebpf function (no approved program)")
+            why = "not an ebpf function (no approved program)"
+            return error_reply("bad_request", why, req.invocation_id, self.node_id)
         if len(req.payload) > self.settings.max_packet_bytes:
-            return self._error(
-                req, "bad_request", f"a packet is at most {self.settings.max_packet_bytes} bytes"
-            )
+            why = f"a packet is at most {self.settings.max_packet_bytes} bytes"
+            return error_reply("bad_request", why, req.invocation_id, self.node_id)
         return None
 
     def _tenant_busy(self, req: NodeInvoke) -> ErrorReply | None:
@@ -168,9 +170,8 @@ class ProgramRuntime:
         if self._tenant_running[tenant] < self.settings.tenant_concurrency:
             return None
         limit = self.settings.tenant_concurrency
-        return self._error(
-            req, "throttled", f"tenant {tenant!r} has {limit} programs running here, its share"
-        )
+        why = f"tenant {tenant!r} has {limit} programs running here, its share"
+        return error_reply("throttled", why, req.invocation_id, self.node_id)
 
     def _ran(
         self, req: NodeInvoke, program: Loaded, cold: bool, load_ms: float, received_at: float
@@ -278,9 +279,6 @@ class ProgramRuntime:
         total = sum(spec.memory_bytes for p in self.loaded.values() for _, spec in p.maps.values())
         if total + wanted > self.settings.map_memory_bytes:
             raise Refused("node_full", "this DPU's map memory is used up")
-
-    def _error(self, req: NodeInvoke, code, message: str, detail: str | None = None) -> ErrorReply:
-        return nodes.error_reply(req, self.node_id, code, message, detail)
 
     def warm_keys(self) -> dict[str, int]:
         """Loaded programs, as the scheduler keys warm instances (see scheduler.view.warm_key)."""

@@ -1,0 +1,235 @@
+"""Requests with explicit deadlines over one shared inbox: resent copies, callbacks instead of
+tasks on the hot path, and every request waiting on a peer failed at once when it is lost."""
+
+import asyncio
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
+
+import msgspec
+import nats.errors
+
+from fabric.connection import STATUS, Connection
+from fabric.deadlines import Deadlines
+from schemas import codec, subjects
+
+log = logging.getLogger(__name__)
+
+NO_RESPONDERS_STATUS = "503"
+
+
+class RequestTimeout(asyncio.TimeoutError):
+    """No reply before the request's deadline."""
+
+
+class NoResponders(ConnectionError):
+    """Nobody subscribes to the subject: the peer is gone (NATS answers at once with status 503)."""
+
+
+class PeerLost(ConnectionError):
+    """The peer was declared dead while the request was in flight."""
+
+
+class Resend(msgspec.Struct, frozen=True):
+    """Send a request again after `after_s` (then doubling) while no answer came; `message(n)`
+    is the n-th copy (it may say that it is a copy), or None to send no more. (A Struct: a
+    client makes one per request, and a frozen dataclass costs ~10x as much to make.)"""
+
+    after_s: float
+    message: Callable[[int], bytes | None]
+
+
+class _Copies(msgspec.Struct):
+    """How to send a request again: where, and the number and time of the next copy."""
+
+    subject: str
+    reply: str
+    headers: dict[str, str] | None
+    resend: Resend
+    attempt: int  # the next copy's number (the first send is 1)
+    after_s: float  # the wait before the next copy (doubles after each)
+    at: float  # loop time of the next copy
+
+
+# Called once with a request's outcome: the reply's body, or the exception that ended the wait.
+Answer = Callable[[bytes | BaseException], None]
+
+
+class _Waiting(msgspec.Struct):
+    """One request waiting for its reply."""
+
+    answer: Answer
+    peer: str
+    deadline: float  # loop time
+    copies: _Copies | None = None
+    slot: int = 0  # of its next timer (the next copy or the deadline) in the requester's Deadlines
+
+
+class Requester:
+    """Request-reply over one shared inbox, with one deadline per request (the next copy or the
+    deadline, whichever is sooner; `fabric.deadlines`: at most 5 ms late, and no loop timer of
+    its own) and peer-loss cancellation.
+
+    Unlike `nc.request`, in-flight requests are grouped by peer, so when a peer is declared dead
+    every request waiting on it fails at once with PeerLost and can be retried elsewhere.
+    `request` awaits the answer; `send` hands it to a callback, for callers on the hot path that
+    would otherwise hold a task (and its chain of coroutines) open only to wait.
+    """
+
+    def __init__(self, nc: Connection):
+        self._nc = nc
+        self._prefix = ""
+        self._subscribed: asyncio.Future[None] | None = None
+        self._ids = itertools.count()
+        self._pending: dict[str, _Waiting] = {}
+        self._by_peer: dict[str, set[str]] = defaultdict(set)
+        self._deadlines = Deadlines(self._on_timer)  # type: ignore[arg-type]  # keys are tokens
+
+    async def start(self) -> None:
+        """Subscribe to the shared inbox (once, however many callers race to the first request)."""
+        if self._subscribed is None:
+            self._subscribed = asyncio.ensure_future(self._subscribe())
+        await self._subscribed
+
+    async def _subscribe(self) -> None:
+        prefix = self._nc.new_inbox() + "."
+        await self._nc.subscribe_inline(prefix + "*", self._on_reply)
+        self._prefix = prefix
+
+    def in_flight(self, peer: str) -> int:
+        return len(self._by_peer.get(peer, ()))
+
+    async def request(
+        self,
+        subject: str,
+        data: bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
+        peer: str,
+        resend: "Resend | None" = None,
+    ) -> bytes:
+        """The first reply's body. With `resend`, the request is sent again (with the same reply
+        subject, so any copy's answer counts) while none has come: the peer may have died."""
+        if timeout_s <= 0:
+            raise RequestTimeout(f"no time left to ask {peer}")
+        if not self._prefix:
+            await self.start()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        token = self.send(subject, data, timeout_s, headers, peer, partial(_settle, future), resend)
+        try:
+            return await future
+        finally:
+            self._forget(token)  # cancelled while waiting: nothing is left behind
+
+    def send(
+        self,
+        subject: str,
+        data: bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
+        peer: str,
+        answer: Answer,
+        resend: "Resend | None" = None,
+    ) -> str:
+        """Send a request now and call `answer` once with its outcome, never before this returns
+        (RequestTimeout, NoResponders and PeerLost as `request` raises them). Needs `start()`
+        first; what publishing raises, it raises. Returns the request's token."""
+        assert self._prefix, "Requester.send before start()"
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiting = _Waiting(answer, peer, now + timeout_s)
+        reply = self._prefix + token
+        if resend is not None:
+            waiting.copies = _Copies(subject, reply, headers, resend, 2, resend.after_s, now + resend.after_s)
+        self._nc.publish_now(subject, data, reply, headers)
+        self._pending[token] = waiting
+        self._by_peer[peer].add(token)
+        self._arm(loop, token, waiting)
+        return token
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, token: str, waiting: _Waiting) -> None:
+        copies = waiting.copies
+        at = copies.at if copies is not None and copies.at < waiting.deadline else waiting.deadline
+        waiting.slot = self._deadlines.add(loop, at, token)
+
+    def _on_timer(self, token: str) -> None:
+        waiting = self._pending.get(token)
+        if waiting is None:
+            return
+        loop = asyncio.get_running_loop()
+        copies = waiting.copies
+        if copies is None or loop.time() >= waiting.deadline:
+            self._end(token, RequestTimeout(f"{waiting.peer} did not answer in time"))
+            return
+        copy = copies.resend.message(copies.attempt)
+        if copy is None:
+            waiting.copies = None  # no more copies: wait out the deadline
+        else:
+            try:
+                self._nc.publish_now(copies.subject, copy, copies.reply, copies.headers)
+            except nats.errors.Error as exc:  # not sent: the deadline still stands, or the next copy
+                log.warning("copy %d to %s not sent: %s", copies.attempt, waiting.peer, exc)
+            copies.attempt += 1
+            copies.after_s *= 2
+            copies.at = loop.time() + copies.after_s
+        self._arm(loop, token, waiting)
+
+    def fail_peer(self, peer: str) -> int:
+        """Fail every request waiting on `peer`; returns how many there were."""
+        tokens = list(self._by_peer.get(peer, ()))
+        for token in tokens:
+            self._end(token, PeerLost(f"{peer} was lost while handling the request"))
+        return len(tokens)
+
+    def _end(self, token: str, outcome: bytes | BaseException) -> None:
+        """The request's first outcome goes to its caller; later ones find nothing."""
+        waiting = self._forget(token)
+        if waiting is None:
+            return
+        try:
+            waiting.answer(outcome)
+        except Exception:  # one caller's failure must not cost the others in the same batch
+            log.exception("handling the answer of a request to %s failed", waiting.peer)
+
+    def _forget(self, token: str) -> _Waiting | None:
+        waiting = self._pending.pop(token, None)
+        if waiting is None:
+            return None
+        self._deadlines.discard(waiting.slot, token)
+        tokens = self._by_peer[waiting.peer]
+        tokens.discard(token)
+        if not tokens:
+            del self._by_peer[waiting.peer]
+        return waiting
+
+    def _on_reply(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        token = subject[len(self._prefix) :]
+        if token == subjects.BATCH_TOKEN:
+            self._on_acks(subject, data)
+        elif headers and headers.get(STATUS) == NO_RESPONDERS_STATUS:
+            peer = waiting.peer if (waiting := self._pending.get(token)) else "the peer"
+            self._end(token, NoResponders(f"{peer} has no subscriber"))
+        else:
+            self._end(token, data)  # a late reply, after a timeout or peer loss, finds nothing
+
+    def _on_acks(self, subject: str, data: bytes) -> None:
+        """Empty acknowledgements of several requests in one message (see `Server._batch_ack`)."""
+        try:
+            acks = codec.acks.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("malformed batched acknowledgements on %s: %s", subject, exc)
+            return
+        for token in acks.tokens:
+            self._end(token, b"")
+
+
+def _settle(future: "asyncio.Future[bytes]", outcome: bytes | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -1,0 +1,238 @@
+"""Running CPU functions on a host node, the counterpart of `ebpf_runtime.programs.ProgramRuntime`:
+warm python instances (taken, started, given back, prewarmed), exec functions' warmth, the
+memory their sandboxes hold, and the functions removed while instances of them still run.
+
+Keep-alive follows the scheduler: each invocation says how long its instance stays warm and,
+for functions whose next call is predictably far off, to stop it now and start a fresh one
+(prewarm) just before that call is due. Without a word from the scheduler `keep_alive_s` holds."""
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from fabric.tasks import TaskSet
+from host_node import function_logs
+from host_node.runtimes.errors import FunctionFailed
+from host_node.runtimes.exec import run_exec
+from host_node.runtimes.python import PythonInstance
+from host_node.sandbox.cgroups import Limits
+from host_node.settings import HostNodeSettings
+from host_node.spawner import Spawner
+from host_node.warm import WarmInstances
+from schemas.messages import FunctionSpec, NodeInvoke, function_of, instance_key
+
+log = logging.getLogger(__name__)
+
+PREWARM_INIT_S = 30.0  # a prewarmed instance's start may take this long
+REMOVED_FOR_S = 3600.0  # a removed function is remembered longer than any invocation runs
+
+
+class CpuRuntime:
+    def __init__(self, settings: HostNodeSettings, spawner: Spawner, logs: Path, tasks: TaskSet):
+        self.settings = settings
+        self._spawner = spawner
+        self._logs = logs
+        self._tasks = tasks
+        self.warm: WarmInstances[PythonInstance] = WarmInstances(settings.max_instances)
+        # exec functions have no long-lived process; they are warm while their code is prepared
+        # here and recently used (instance_key -> keep-alive deadline, monotonic).
+        self._exec_warm: dict[str, float] = {}
+        self._memory_of: dict[str, int] = {}  # instance key -> its memory limit (MB)
+        self._exec_memory_mb = 0  # of exec runs in progress
+        self._prewarm_timers: dict[str, asyncio.TimerHandle] = {}
+        # "tenant/name" of removed functions -> when (monotonic): an instance of one that was
+        # running or starting then stops once free, until the function is invoked here again
+        self._removed: dict[str, float] = {}
+        self.prewarmed = 0  # instances started ahead of a predicted invocation
+
+    def instance_limit(self, spec: FunctionSpec) -> int:
+        return min(spec.concurrency, self.settings.max_instances_per_function)
+
+    # --- removed functions ---
+
+    def removed(self, tenant: str, name: str) -> int:
+        """A function was removed: its idle instances stop now (returns how many), and those
+        still running once their call ends, not at their keep-alive; no prewarm starts one again."""
+        function = f"{tenant}/{name}"
+        stopped = self.warm.stop_idle(function)
+        for key in [key for key in self._prewarm_timers if function_of(key) == function]:
+            self._prewarm_timers.pop(key).cancel()
+        self._exec_warm = {k: until for k, until in self._exec_warm.items() if function_of(k) != function}
+        self._removed[function] = time.monotonic()  # running or starting: stopped when free
+        return stopped
+
+    def invoked(self, spec: FunctionSpec) -> None:
+        """An invocation: a function removed earlier is deployed again."""
+        if self._removed:
+            self._removed.pop(f"{spec.tenant}/{spec.name}", None)
+
+    # --- python ---
+
+    async def run_python(
+        self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
+    ) -> tuple[bytes, bool]:
+        """The handler's output and whether this call started its instance (a cold start)."""
+        spec = req.spec
+        key = instance_key(spec.tenant, spec.name, req.bundle_digest)
+        self._memory_of[key] = spec.memory_mb
+        acquire_started = time.monotonic()
+        start = self._starter(spec, code_dir, deadline, phases)
+        instance, cold = await self.warm.acquire(
+            key, self.instance_limit(spec), start, deadline - acquire_started
+        )
+        phases["acquire_ms"] = ms_since(acquire_started)
+        if cold:
+            phases["runtime_init_ms"] = instance.init_ms
+        handler_started = time.monotonic()
+        try:
+            output = await instance.invoke(req.payload, run_budget(req, deadline, handler_started))
+        finally:
+            self.give_back(req, key, code_dir, instance)
+        phases["handler_ms"] = ms_since(handler_started)
+        return output, cold
+
+    def give_back(self, req: NodeInvoke, key: str, code_dir: Path, instance: PythonInstance) -> None:
+        """The instance is free again: idle for the scheduler's keep-alive, or stopped now and
+        started afresh just before the function's next call is due (prewarm). An instance of a
+        function removed meanwhile stops (unless a call already waits for it)."""
+        keep_alive_s, prewarm_after_s = self._keep_alive(req)
+        removed = bool(self._removed) and function_of(key) in self._removed
+        self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0 or removed)
+        if prewarm_after_s > 0 and not removed:
+            self._schedule_prewarm(key, req.spec, code_dir, prewarm_after_s, keep_alive_s)
+
+    def _starter(
+        self, spec: FunctionSpec, code_dir: Path, deadline: float, phases: dict[str, float]
+    ) -> Callable[[], Awaitable[PythonInstance]]:
+        handler = spec.handler
+        assert handler is not None
+
+        async def start() -> PythonInstance:
+            log_path = self._log_path(spec.tenant, spec.name)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                return await PythonInstance.start(
+                    self._spawner,
+                    handler,
+                    code_dir,
+                    log_fd,
+                    self.settings.max_output_bytes,
+                    deadline - time.monotonic(),
+                    self._limits(spec),
+                    phases,
+                )
+            finally:
+                os.close(log_fd)
+
+        return start
+
+    def _keep_alive(self, req: NodeInvoke) -> tuple[float, float]:
+        """(keep-alive, prewarm-after) in seconds: the scheduler's policy for this function, or
+        this node's default keep-alive."""
+        keep_alive_s = req.keep_alive_ms / 1000 if req.keep_alive_ms > 0 else self.settings.keep_alive_s
+        return keep_alive_s, max(req.prewarm_after_ms, 0) / 1000
+
+    def _schedule_prewarm(
+        self, key: str, spec: FunctionSpec, code_dir: Path, after_s: float, keep_alive_s: float
+    ) -> None:
+        """Start an instance of `key` in `after_s` (replacing any earlier plan for it)."""
+        if (earlier := self._prewarm_timers.pop(key, None)) is not None:
+            earlier.cancel()
+
+        def fire() -> None:
+            self._prewarm_timers.pop(key, None)
+            self._tasks.spawn(self._prewarm(key, spec, code_dir, keep_alive_s), f"prewarm {key}")
+
+        self._prewarm_timers[key] = asyncio.get_running_loop().call_later(after_s, fire)
+
+    async def _prewarm(self, key: str, spec: FunctionSpec, code_dir: Path, keep_alive_s: float) -> None:
+        start = self._starter(spec, code_dir, time.monotonic() + PREWARM_INIT_S, {})
+        try:
+            if await self.warm.prewarm(key, self.instance_limit(spec), start, keep_alive_s):
+                self.prewarmed += 1
+                log.info("prewarmed %s (kept %.0fs)", key, keep_alive_s)
+        except FunctionFailed as failure:
+            log.warning("prewarming %s failed: %s", key, failure.message)
+
+    # --- exec ---
+
+    async def run_exec(
+        self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
+    ) -> tuple[bytes, bool]:
+        assert req.spec.command is not None
+        key = instance_key(req.spec.tenant, req.spec.name, req.bundle_digest)
+        started = time.monotonic()
+        cold = key not in self._exec_warm
+        self._exec_warm[key] = started + self._keep_alive(req)[0]
+        self._exec_memory_mb += req.spec.memory_mb
+        try:
+            output = await run_exec(
+                self._spawner,
+                req.spec.command,
+                code_dir,
+                req.payload,
+                run_budget(req, deadline, started),
+                self.settings.max_output_bytes,
+                self._limits(req.spec),
+                phases,
+            )
+        finally:
+            self._exec_memory_mb -= req.spec.memory_mb
+        phases["handler_ms"] = ms_since(started)
+        return output, cold
+
+    # --- accounting ---
+
+    def _limits(self, spec: FunctionSpec) -> Limits:
+        return self.settings.sandbox.limits_for(spec.memory_mb)
+
+    def _log_path(self, tenant: str, name: str) -> Path:
+        """Where an instance's stdout and stderr go (its tenant's directory made if need be)."""
+        try:
+            path = function_logs.log_of(self._logs, tenant, name)
+        except ValueError as exc:
+            raise FunctionFailed("bad_request", str(exc)) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def memory_used_mb(self) -> int:
+        pool = self.warm.pool
+        return self._exec_memory_mb + sum(pool.live(key) * mb for key, mb in self._memory_of.items())
+
+    async def reap_idle(self) -> None:
+        """Stop instances whose keep-alive ran out (each has its own, set by the scheduler)."""
+        period = min(self.settings.keep_alive_s / 4, 1.0)
+        while True:
+            await asyncio.sleep(period)
+            if reaped := self.reap():
+                log.info("stopped %d idle instances past their keep-alive", reaped)
+
+    def reap(self) -> int:
+        """Stop instances whose keep-alive ran out and forget what has expired; returns how many
+        instances were stopped."""
+        reaped = self.warm.reap()
+        now = time.monotonic()
+        self._exec_warm = {k: until for k, until in self._exec_warm.items() if until >= now}
+        live = self.warm.pool
+        self._memory_of = {k: mb for k, mb in self._memory_of.items() if live.live(k)}
+        self._removed = {f: at for f, at in self._removed.items() if now - at < REMOVED_FOR_S}
+        return reaped
+
+    def stop_prewarms(self) -> None:
+        for timer in self._prewarm_timers.values():
+            timer.cancel()
+
+    def close(self) -> None:
+        self.warm.close()
+
+
+def run_budget(req: NodeInvoke, deadline: float, now: float) -> float:
+    """Seconds the function may run: its own timeout, cut short by the caller's deadline."""
+    return min(req.spec.timeout_ms / 1000, deadline - now)
+
+
+def ms_since(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 3)

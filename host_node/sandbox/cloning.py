@@ -1,0 +1,115 @@
+"""Cloning a sandbox in a shard process: clone3 into new namespaces (straight into the slot's
+cgroup2 where allowed), the child's own setup up to exec'ing hetfaas-waiter, and handing a
+launch to the waiter. Single-threaded callers only (setns and clone3, see shard.py)."""
+
+import os
+import signal
+import socket
+
+from host_node.sandbox import cgroups, init, linux, protocol
+from host_node.sandbox.cgroups import Slot
+from host_node.sandbox.shard_config import ShardConfig
+
+NAMESPACES = (
+    linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWNET
+)
+
+
+def clone(
+    config: ShardConfig, slot: Slot, into_cgroup: bool
+) -> tuple[int, int, socket.socket, socket.socket]:
+    """clone3 a child into new namespaces (and, when allowed, straight into the slot's cgroup2).
+    Returns pid 0 in the child, which closes the inherited fds and joins the rest of its
+    cgroups itself, except in a user namespace: then the parent maps its ids and attaches it
+    (the child has no rights over the host's cgroup files), then tells it to go on."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cgroup_fd = -1
+    flags = NAMESPACES | (linux.CLONE_NEWUSER if config.userns_base_uid else 0)
+    try:
+        cgroup_fd = slot.open_v2() if into_cgroup and slot.v2_dir else -1
+        pid, pidfd = linux.clone3(flags, cgroup_fd)
+    except OSError:
+        close_all([parent.detach(), child.detach()] + ([cgroup_fd] if cgroup_fd >= 0 else []))
+        raise
+    if pid == 0:
+        return pid, pidfd, parent, child
+    if cgroup_fd >= 0:
+        os.close(cgroup_fd)
+    if config.userns_base_uid:
+        try:
+            init.map_ids(pid, config.userns_base_uid)
+            for path in slot.procs_files(include_v2=cgroup_fd < 0):
+                cgroups.attach(path, pid)
+            parent.send(init.GO)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # on_exit reaps it and reports why
+    return pid, pidfd, parent, child
+
+
+def child_attach_files(config: ShardConfig, slot: Slot, cloned_into: bool) -> list[str]:
+    """The cgroups the child joins by itself (none in a user namespace: the parent does it)."""
+    if config.userns_base_uid:
+        return []
+    return slot.procs_files(include_v2=not cloned_into)
+
+
+def child_main(config: ShardConfig, status: socket.socket, attach_files: list[str], announce: bool) -> None:
+    """In the clone: build the sandbox, (announce it is ready,) become hetfaas-waiter."""
+    try:
+        init.close_inherited([status.fileno()])
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if config.userns_base_uid:
+            if status.recv(16) != init.GO:
+                os._exit(1)  # the parent could not map our ids: it kills us anyway
+        init.prepare(config.plan, attach_files, userns=bool(config.userns_base_uid))
+        if config.userns_base_uid:
+            # Only now: as the host's uid 0 we could still walk the host's 0700 directories
+            # to the template (e.g. under /root); inside the sandbox that no longer matters.
+            init.become_namespace_root()
+        if announce:
+            init.report(status, init.READY)
+    except BaseException as exc:
+        init.fail(status, f"sandbox setup failed: {exc}")
+    init.exec_waiter(status)
+
+
+def send_activation(
+    config: ShardConfig,
+    pid: int,
+    status: socket.socket,
+    launch: protocol.Launch,
+    code_tree: int,
+    fds: list[int],
+    own_mount_ns: int,
+) -> None:
+    """Hand the launch to the sandbox's hetfaas-waiter (at `status`). In a user namespace the code
+    is mounted from here: the kernel lets no namespace-root move a host-owned mount in itself."""
+    if config.userns_base_uid:
+        mount_code(own_mount_ns, pid, code_tree)
+        data = init.activation(config.plan, launch.argv, launch.env, code_mounted=True)
+        protocol.send_bytes(status, data, fds)
+    else:
+        data = init.activation(config.plan, launch.argv, launch.env, code_mounted=False)
+        protocol.send_bytes(status, data, [code_tree, *fds])
+
+
+def mount_code(own_mount_ns: int, pid: int, code_tree: int) -> None:
+    """Enter the sandbox's mount namespace (this process is single-threaded: setns is safe),
+    attach the code at /code, and come back."""
+    target = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.setns(target, linux.CLONE_NEWNS)
+        try:
+            linux.move_mount(code_tree, init.CODE_VIEW)
+        finally:
+            linux.setns(own_mount_ns, linux.CLONE_NEWNS)
+    finally:
+        os.close(target)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,242 @@
+"""The scheduler's control handlers: deploy, remove, list, logs, maps, revoke and tenant limits.
+What they store goes through `state` (the only module that touches etcd); what they ask of
+nodes goes through the replica's requester."""
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+import msgspec
+
+from fabric import bus, telemetry
+from fabric.bundles import BundleStore
+from fabric.connection import Connection
+from fabric.store import STORE_ERRORS, Store
+from scheduler import state
+from scheduler.settings import SchedulerSettings
+from scheduler.view import ClusterView
+from schemas import codec, ebpf, subjects
+from schemas.manifest import name_problems, spec_problems
+from schemas.messages import (
+    ApprovedProgram,
+    DeployReply,
+    DeployRequest,
+    ErrorReply,
+    FunctionList,
+    FunctionRecord,
+    FunctionRemoved,
+    ListFunctions,
+    LogsReply,
+    LogsRequest,
+    RemoveFunction,
+    RemoveReply,
+    SetTenant,
+    TenantRecord,
+    TenantReply,
+    error_reply,
+)
+
+log = logging.getLogger(__name__)
+DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
+MAX_LOG_LINES = 10_000  # `hetfaas logs --tail`: each node sends at most 1 MiB anyway
+NODE_QUESTION_S = 5.0  # a node that cannot say what it holds in this long has nothing to show
+
+
+def not_deployed(tenant: str, function: str, invocation_id: str = "") -> ErrorReply:
+    why = f"function {function!r} is not deployed for tenant {tenant!r}"
+    return error_reply("not_found", why, invocation_id)
+
+
+def program_digest_of(program: ApprovedProgram) -> str:
+    return ebpf.program_digest(program.instructions, program.maps, program.map_refs)
+
+
+class Control:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        view: ClusterView,
+        store: Store,
+        bundles: BundleStore,
+        nc: Connection,
+        requester: bus.Requester,
+        tenants: dict[str, TenantRecord],
+    ):
+        self.settings = settings
+        self._view = view
+        self._store = store
+        self._bundles = bundles
+        self._nc = nc
+        self._requester = requester
+        self._tenants = tenants  # the replica's followed tenant records (state.ClusterSync)
+
+    def routes(self, queue: str) -> list[bus.Route]:
+        deployed = bus.Traced("scheduler.deploy", _deploy_attributes, _deployed)
+        removed = bus.Traced("scheduler.remove", _remove_attributes)
+        return [
+            bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue, span=deployed),
+            bus.Route(subjects.REMOVE, codec.remove_function, self.on_remove, queue, span=removed),
+            bus.Route(subjects.LOGS, codec.logs_request, self.on_logs, queue),
+            bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
+            bus.Route(subjects.MAPS, codec.maps_request, self.on_maps, queue),
+            bus.Route(subjects.REVOKE, codec.revoke_request, self.on_revoke, queue),
+            bus.Route(subjects.SET_TENANT, codec.set_tenant, self.on_set_tenant, queue),
+        ]
+
+    async def on_deploy(self, req: DeployRequest, ctx: bus.Context) -> DeployReply | ErrorReply:
+        problems = spec_problems(req.spec)
+        if problems:
+            return error_reply("bad_request", "invalid function spec: " + "; ".join(problems))
+        if (req.spec.runtime == "ebpf") != (req.program is not None):
+            why = "an ebpf function, and only one, comes with its approved program"
+            return error_reply("bad_request", why)
+        try:
+            if not await self._bundles.exists(req.bundle_digest):
+                why = f"bundle {req.bundle_digest} was not uploaded to the bundle store"
+                return error_reply("not_found", why)
+            return await self._store_function(req)
+        except STORE_ERRORS as exc:
+            return error_reply("unavailable", f"cannot deploy while etcd is unreachable: {exc}")
+
+    async def _store_function(self, req: DeployRequest) -> DeployReply:
+        """The approved program (if any), then the function's record, unless it is unchanged."""
+        spec, program_digest = req.spec, ""
+        if req.program is not None:
+            program_digest = program_digest_of(req.program)
+            await state.write_program(self._store, program_digest, spec.tenant, spec.name, req.program)
+        current = await state.read_function(self._store, spec.tenant, spec.name)
+        unchanged = (spec, req.bundle_digest, program_digest)
+        if current is not None and (current.spec, current.bundle_digest, current.program_digest) == unchanged:
+            revision = await state.function_revision(self._store, spec.tenant, spec.name)
+            return DeployReply(function=current, revision=revision, updated=False)
+        record = FunctionRecord(
+            spec=spec,
+            bundle_digest=req.bundle_digest,
+            bundle_size=req.bundle_size,
+            deployed_at=time.time(),
+            program_digest=program_digest,
+            map_memory_bytes=sum(m.memory_bytes for m in req.program.maps) if req.program else 0,
+        )
+        revision = await state.write_function(self._store, record)
+        self._view.put_function(record)
+        log.info("deployed %s/%s (%s)", spec.tenant, spec.name, req.bundle_digest)
+        return DeployReply(function=record, revision=revision, updated=True)
+
+    async def on_remove(self, req: RemoveFunction, ctx: bus.Context) -> RemoveReply | ErrorReply:
+        if problems := name_problems(tenant=req.tenant, name=req.name):
+            return error_reply("bad_request", "; ".join(problems))
+        try:
+            record = await state.read_function(self._store, req.tenant, req.name)
+            if record is None or not await state.remove_function(self._store, req.tenant, req.name):
+                return not_deployed(req.tenant, req.name)  # (or another replica removed it meanwhile)
+        except STORE_ERRORS as exc:
+            return error_reply("unavailable", f"cannot remove while etcd is unreachable: {exc}")
+        self._view.remove_function(req.tenant, req.name)  # before the watch says so: no new placements
+        removed = FunctionRemoved(tenant=req.tenant, name=req.name)
+        await self._nc.publish(subjects.FUNCTION_REMOVED, codec.encode(removed))
+        log.info("removed %s/%s (%s)", req.tenant, req.name, record.bundle_digest)
+        return RemoveReply(function=record)
+
+    async def on_list(self, req: ListFunctions, ctx: bus.Context) -> FunctionList | ErrorReply:
+        try:
+            records = await state.list_functions(self._store, req.tenant)
+        except STORE_ERRORS as exc:
+            return error_reply("unavailable", f"cannot list functions while etcd is unreachable: {exc}")
+        return FunctionList(functions=sorted(records, key=lambda r: (r.spec.tenant, r.spec.name)))
+
+    async def on_set_tenant(self, req: SetTenant, ctx: bus.Context) -> TenantReply | ErrorReply:
+        if problems := name_problems(tenant=req.tenant):
+            return error_reply("bad_request", "; ".join(problems))
+        if not 1 <= req.max_concurrency <= 1_000_000:
+            return error_reply("bad_request", "max_concurrency must be in 1..1000000")
+        record = TenantRecord(tenant=req.tenant, max_concurrency=req.max_concurrency)
+        try:
+            await state.write_tenant(self._store, record)
+        except STORE_ERRORS as exc:
+            return error_reply("unavailable", f"cannot set tenant limits while etcd is unreachable: {exc}")
+        self._tenants[req.tenant] = record
+        return TenantReply(record=record)
+
+    async def on_revoke(self, req: ebpf.RevokeRequest, ctx: bus.Context) -> ebpf.RevokeReply | ErrorReply:
+        """Record a revocation in etcd; every DPU node watches them, unloads and refuses the program."""
+        if not DIGEST_RE.match(req.digest):
+            return error_reply("bad_request", f"{req.digest!r} is not a program digest (sha256-<64 hex>)")
+        now = time.time()
+        try:
+            await state.write_revocation(self._store, req)
+        except STORE_ERRORS as exc:
+            return error_reply("unavailable", f"cannot revoke while etcd is unreachable: {exc}")
+        log.warning("revoked program %s: %s", req.digest, req.reason or "no reason given")
+        return ebpf.RevokeReply(digest=req.digest, revoked_at=now)
+
+    async def on_maps(self, req: ebpf.MapsRequest, ctx: bus.Context) -> ebpf.MapsReply | ErrorReply:
+        """A tenant's function's maps, gathered from every node that has it loaded (DPUs, and hosts
+        that run eBPF)."""
+        record = self._view.functions.get((req.tenant, req.function))
+        if record is None or not record.program_digest:
+            return error_reply("not_found", f"no ebpf function {req.function!r} for tenant {req.tenant!r}")
+        ask = msgspec.structs.replace(req, program_digest=record.program_digest)
+        runners = self._healthy(lambda n: n.record.runs_ebpf)
+        replies = await asyncio.gather(
+            *(
+                self._ask_node(subjects.node_maps(node_id), ask, node_id, codec.maps_result)
+                for node_id in runners
+            )
+        )
+        return ebpf.MapsReply(
+            maps=[dump for r in replies if isinstance(r, ebpf.MapsReply) for dump in r.maps]
+        )
+
+    async def on_logs(self, req: LogsRequest, ctx: bus.Context) -> LogsReply | ErrorReply:
+        """The last lines of a function's output from every host node holding any (a function
+        removed since still has them)."""
+        if problems := name_problems(tenant=req.tenant, function=req.function):
+            return error_reply("bad_request", "; ".join(problems))
+        if not 1 <= req.lines <= MAX_LOG_LINES:
+            return error_reply("bad_request", f"lines must be in 1..{MAX_LOG_LINES}")
+        hosts = sorted(self._healthy(lambda n: n.record.kind == "host"))
+        replies = await asyncio.gather(
+            *(
+                self._ask_node(subjects.node_logs(node_id), req, node_id, codec.logs_result)
+                for node_id in hosts
+            )
+        )
+        found = [logs for reply in replies if isinstance(reply, LogsReply) for logs in reply.logs]
+        if not found and (req.tenant, req.function) not in self._view.functions:
+            return not_deployed(req.tenant, req.function)
+        return LogsReply(logs=found)
+
+    def _healthy(self, which: Any) -> list[str]:
+        now, stale = time.monotonic(), self.settings.node_stale_after_s
+        return [n.node_id for n in self._view.nodes.values() if which(n) and n.healthy(now, stale)]
+
+    async def _ask_node(
+        self, subject: str, req: msgspec.Struct, node_id: str, decoder: msgspec.msgpack.Decoder
+    ) -> Any:
+        """A node's answer to a question about what it holds; None from a node that cannot
+        answer (it has nothing to show)."""
+        try:
+            data = await self._requester.request(subject, codec.encode(req), NODE_QUESTION_S, None, node_id)
+        except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout):
+            return None
+        return decoder.decode(data)
+
+
+def _deploy_attributes(req: DeployRequest) -> dict[str, Any]:
+    return {
+        "faas.name": req.spec.name,
+        "hetfaas.tenant": req.spec.tenant,
+        "hetfaas.bundle": req.bundle_digest,
+    }
+
+
+def _deployed(span: Any, reply: DeployReply | ErrorReply) -> None:
+    telemetry.noted(span, reply)
+    if not isinstance(reply, ErrorReply):
+        span.set_attribute("hetfaas.updated", reply.updated)
+
+
+def _remove_attributes(req: RemoveFunction) -> dict[str, Any]:
+    return {"faas.name": req.name, "hetfaas.tenant": req.tenant}

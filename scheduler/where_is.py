@@ -1,0 +1,78 @@
+"""Finding an invocation sent before: a caller that heard nothing sends it again, and its first
+scheduler may have died after forwarding it. Every node says whether it holds it (`where-is`)."""
+
+import asyncio
+import logging
+import time
+from functools import partial
+
+import msgspec
+
+from fabric import bus
+from fabric.connection import STATUS, Connection
+from scheduler.view import ClusterView
+from schemas import codec, subjects
+from schemas.messages import WhereIs
+
+log = logging.getLogger(__name__)
+
+
+async def where_is(
+    nc: Connection,
+    view: ClusterView,
+    invocation_id: str,
+    attempt: int,
+    stale_after_s: float,
+    timeout_s: float,
+) -> str | None:
+    """The caller sent this invocation before and heard nothing: its first scheduler may have
+    died after forwarding it. Every node says whether it has it; the one that has it gets it
+    again and answers from the running (or finished) invocation instead of running it twice.
+    The wait ends at the first yes, once every node the view holds healthy has said no, or
+    after `timeout_s` (a node that died with it says nothing)."""
+    now = time.monotonic()
+    asking = {node_id for node_id, node in view.nodes.items() if node.healthy(now, stale_after_s)}
+    if not asking:
+        return None
+    found: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe_inline(inbox, partial(_count_answer, found, asking))
+    try:
+        await nc.publish(subjects.WHERE_IS, codec.encode(WhereIs(invocation_id=invocation_id)), reply=inbox)
+        async with asyncio.timeout(timeout_s):
+            node = await found
+    except TimeoutError:
+        log.warning("invocation %s: %s never said whether they have it", invocation_id, asking)
+        return None
+    finally:
+        await sub.unsubscribe()
+    if node is not None:
+        log.info("invocation %s (attempt %d) is already on %s", invocation_id, attempt, node)
+    return node
+
+
+def _count_answer(
+    found: "asyncio.Future[str | None]",
+    asking: set[str],
+    subject: str,
+    reply: str,
+    data: bytes,
+    headers: dict[str, str] | None,
+) -> None:
+    """One node's answer to `where-is`: the first yes settles it; so does the last no."""
+    if found.done():
+        return
+    if headers and headers.get(STATUS) == bus.NO_RESPONDERS_STATUS:
+        found.set_result(None)  # no node listens at all
+        return
+    try:
+        answer = codec.have_it.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("malformed where-is answer: %s", exc)
+        return
+    if answer.has:
+        found.set_result(answer.node_id)
+        return
+    asking.discard(answer.node_id)
+    if not asking:
+        found.set_result(None)
