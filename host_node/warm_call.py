@@ -43,6 +43,11 @@ class CallState(enum.Enum):
     ANSWERED = "answered"
 
 
+# The members as module names: `CallState.ANSWERED` costs ~130 ns a lookup on Python 3.11 (the
+# enum's metaclass), a module global ~20, and a call checks its state several times.
+WAITING, STARTING, RUNNING, FAILING, ANSWERED = CallState
+
+
 Ran = tuple[bytes, bool]  # the handler's output, and whether the call started its instance
 Outcome = Ran | FunctionFailed
 
@@ -79,7 +84,7 @@ class WarmCall:
         self.answer = answer  # what copies of the invocation wait for (nodes.Once)
         self.span = span
         self.deadline = ctx.received_at + req.timeout_ms / 1000 - NODE_MARGIN_S
-        self.state = CallState.WAITING
+        self.state = WAITING
         self.instance: PythonInstance | None = None  # while it holds one
         self.waiting: asyncio.Future[Any] | None = None  # its place in line for an instance
         self.handler_started = 0.0
@@ -118,7 +123,7 @@ class WarmCalls:
     def _got_instance(self, call: WarmCall, got: PythonInstance | TimeoutError | None) -> None:
         call.waiting = None
         try:
-            if call.state is CallState.ANSWERED:  # the node stopped meanwhile: pass it on
+            if call.state is ANSWERED:  # the node stopped meanwhile: pass it on
                 if isinstance(got, PythonInstance):
                     self._warm.release(call.key, got, 0)  # to the next in line, or idle until stopped
             elif isinstance(got, TimeoutError):
@@ -126,7 +131,7 @@ class WarmCalls:
                 why = f"all {limit} instances of the function stayed busy until the deadline"
                 self._finish(call, FunctionFailed("timeout", why))
             elif got is None:  # one stopped: room to start another, which takes a coroutine
-                call.state = CallState.STARTING
+                call.state = STARTING
                 self._tasks.spawn(self._start_for(call), f"start-for-{call.req.invocation_id}")
             else:
                 self._send(call, got)
@@ -134,7 +139,7 @@ class WarmCalls:
             self._broke(call, exc)
 
     def _send(self, call: WarmCall, instance: PythonInstance) -> None:
-        call.state = CallState.RUNNING
+        call.state = RUNNING
         call.instance = instance
         now = call.handler_started = time.monotonic()
         call.phases["acquire_ms"] = round((now - call.ctx.received_at) * 1000, 3)
@@ -145,11 +150,11 @@ class WarmCalls:
             self._called(call, exc)
 
     def _called(self, call: WarmCall, outcome: Frame | TimeoutError | ConnectionError) -> None:
-        if call.state is CallState.ANSWERED:
+        if call.state is ANSWERED:
             return  # the node stopped, and the instance with it
         if isinstance(outcome, TimeoutError | ConnectionError):
             # The instance is stopped, and why it died takes a moment to learn: in a task.
-            call.state = CallState.FAILING
+            call.state = FAILING
             self._tasks.spawn(self._failed(call, outcome), f"failed-{call.req.invocation_id}")
             return
         try:
@@ -168,7 +173,7 @@ class WarmCalls:
         try:
             assert call.instance is not None
             failure = await call.instance.failure(exc, call.timeout_s)
-            if call.state is CallState.ANSWERED:
+            if call.state is ANSWERED:
                 return  # the node stopped meanwhile, and let the instance go itself
             self._runtime.give_back(call.req, call.key, call.code_dir, call.instance)  # room for another
             call.instance = None
@@ -192,7 +197,7 @@ class WarmCalls:
         in a state nobody knows, is stopped rather than reused."""
         log.error("invocation %s on the fast path", call.req.invocation_id, exc_info=exc)
         instance = call.instance
-        if instance is not None and call.state is not CallState.ANSWERED:
+        if instance is not None and call.state is not ANSWERED:
             instance.kill()
             try:
                 self._warm.release(call.key, instance, 0)  # stopped: forgotten, room for another
@@ -202,9 +207,9 @@ class WarmCalls:
 
     def _finish(self, call: WarmCall, outcome: Outcome) -> None:
         """The call's first outcome is its answer; later ones are dropped."""
-        if call.state is CallState.ANSWERED:
+        if call.state is ANSWERED:
             return
-        call.state = CallState.ANSWERED
+        call.state = ANSWERED
         self.live.discard(call)
         self._answered(call, outcome)
 

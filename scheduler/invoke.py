@@ -1,5 +1,6 @@
-"""The invoke path of one scheduler replica: admission (limits and the wait queue), placement,
-forwarding to the chosen node with a deadline, and retrying elsewhere while the deadline allows."""
+"""The invoke path of one scheduler replica: the fast path, admission (through gate.py), placement
+of each attempt, forwarding to the chosen node with a deadline, and retrying elsewhere while the
+deadline allows."""
 
 import logging
 import time
@@ -92,7 +93,6 @@ class Invoker:
         self._view = view
         self._requester = requester
         self._replicas = replicas
-        self._tenant_limit = tenant_limit
         self._profile = plugins.profile(settings.placement)
         self.gate = AdmissionGate(settings, nc, replicas, tenant_limit)
         self.counters = self.gate.counters

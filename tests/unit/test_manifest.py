@@ -1,9 +1,15 @@
+import typing
+
+import msgspec
 import pytest
 
+from schemas.ebpf import PROG_TYPES, ProgType
 from schemas.manifest import ManifestError, parse_manifest
+from schemas.messages import EbpfSpec
 
 PY = 'name = "fn"\nruntime = "python"\nhandler = "main:handle"\n'
 EXEC = 'name = "fn"\nruntime = "exec"\ncommand = ["./run.sh", "--fast"]\n'
+EBPF = 'name = "fn"\nruntime = "ebpf"\n[ebpf]\nobject = "prog.o"\nprog_type = "xdp"\n'
 
 
 def test_defaults_fill_in() -> None:
@@ -41,6 +47,8 @@ def test_exec_manifest() -> None:
         (EXEC + 'placement = "dpu"\n', "placement 'dpu' needs runtime 'ebpf'"),
         (EXEC + 'timeout_ms = "fast"\n', "Expected `int`, got `str`"),
         ("name = \n", "not valid TOML"),
+        (EBPF + 'colour = "red"\n', "unknown key 'colour' in [ebpf] (allowed: object, prog_type, program)"),
+        (EBPF.replace('"xdp"', '"kprobe"'), "prog_type 'kprobe' is not offered (one of sched_cls,"),
     ],
 )
 def test_invalid_manifests_name_the_problem(text: str, problem: str) -> None:
@@ -53,3 +61,23 @@ def test_every_problem_is_listed() -> None:
     with pytest.raises(ManifestError) as excinfo:
         parse_manifest('name = "BAD"\nruntime = "exec"\nmemory_mb = 1\n')
     assert len(excinfo.value.problems) == 3
+
+
+def test_an_ebpf_table_reaches_the_spec() -> None:
+    spec = parse_manifest(EBPF)
+    assert spec.ebpf is not None and (spec.ebpf.object, spec.ebpf.prog_type, spec.placement) == (
+        "prog.o",
+        "xdp",
+        "dpu",
+    )
+
+
+def test_an_ebpf_spec_from_a_newer_writer_still_decodes() -> None:
+    """EbpfSpec travels inside NodeInvoke and etcd records: a field added later must not break
+    an older reader (the manifest, not the Struct, refuses unknown keys)."""
+    newer = msgspec.msgpack.encode({"object": "prog.o", "prog_type": "xdp", "attach": "later"})
+    assert msgspec.msgpack.decode(newer, type=EbpfSpec) == EbpfSpec(object="prog.o", prog_type="xdp")
+
+
+def test_offered_program_types_are_the_literal_type() -> None:
+    assert set(PROG_TYPES) == set(typing.get_args(ProgType))
