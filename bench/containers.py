@@ -2,7 +2,7 @@
 limits our sandboxes get (memory, cpu, pids), each container in its own absolute cgroup path.
 
 On hybrid hosts crun refuses to run (it sees controllers in cgroup2), so it runs in a private
-mount namespace with the cgroup2 mount unmounted there (notes/toolchain.md §6); that wrapper is
+mount namespace with the cgroup2 mount unmounted there (docs/architecture.md §10); that wrapper is
 part of its measured cost (about 4 ms)."""
 
 import json

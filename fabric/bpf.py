@@ -1,6 +1,6 @@
 """The bpf(2) calls hetfaas makes, through ctypes (CPython has no binding): creating maps, loading
 programs, reading back what the kernel verified, running programs on test input. Attribute
-layouts from include/uapi/linux/bpf.h (notes/toolchain.md §5 has them measured)."""
+layouts from include/uapi/linux/bpf.h (checked against this kernel by the integration tests)."""
 
 import ctypes
 import os

@@ -1,7 +1,7 @@
 """The isolation policy a tenant program must meet on top of the kernel verifier. Pure: a program
 (instructions, type, declared maps, which instruction references which map) in, reasons out.
 
-The rules (docs/architecture.md §5, notes/ebpf-isolation.md §2): helpers from a per-type allowlist only; no
+The rules (docs/architecture.md §5): helpers from a per-type allowlist only; no
 kfuncs, no kernel symbols, no tail calls; only maps the program declares, of allowlisted types
 (no prog arrays, map-in-map, perf arrays, dev/sock/xsk maps: anything that reaches beyond the
 tenant's own data); a length cap far below the kernel's and limits on maps and their memory."""
