@@ -62,7 +62,7 @@ async def measure_mode(mode: str, concurrency: int, rounds: int, work: Path) -> 
         "tracing": False,
     }
     info = launcher.up(work / mode, hosts=1, host_overrides=overrides, scheduler_overrides={"tracing": False})
-    client = await Client.connect(info.nats_url, "bench-e2e")
+    client = await Client.connect(info.nats_url, "bench-e2e", creds=info.nats_creds)
     results: dict[str, list[InvokeOutcome]] = {"exec": [], "python": []}
     try:
         await client.wait_until_ready(1, timeout_s=60)

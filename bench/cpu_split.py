@@ -15,8 +15,6 @@ instances as bare child processes): what the sandbox costs a warm invocation.
 import argparse
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 import uvloop
 
 from bench.ebpf import counter_call, deploy_counter, dpu_cluster
-from bench.warm_invoke import SUBJECT, e2e_round, measure, prepare, raw_round, round_arguments
+from bench.warm_invoke import e2e_round, measure, prepare, raw_round, round_arguments, start_raw_responder
 from cli.client import Client
 from deploy import launcher
 from fabric import telemetry
@@ -87,19 +85,17 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         work = Path(tmp)
         tracing = args.tracing == "on"
         info = start_cluster(work, args, tracing)
-        responder = subprocess.Popen(
-            [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
-        )
+        responder = start_raw_responder(info)
         try:
             assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
-            url, n, k = info.nats_url, args.requests, args.in_flight
+            n, k = args.requests, args.in_flight
             if args.path == "dpu":
-                uvloop.run(prepare_dpu(url, work))
-                e2e = lambda: dpu_round(url, n, k)  # noqa: E731
+                uvloop.run(prepare_dpu(info, work))
+                e2e = lambda: dpu_round(info, n, k)  # noqa: E731
             else:
-                uvloop.run(prepare(url, work, args.concurrency, args.hosts))
-                e2e = lambda: e2e_round(url, payload, n, k)  # noqa: E731
-            raw = measured(lambda: raw_round(url, payload, n, k), n)
+                uvloop.run(prepare(info, work, args.concurrency, args.hosts))
+                e2e = lambda: e2e_round(info, payload, n, k)  # noqa: E731
+            raw = measured(lambda: raw_round(info, payload, n, k), n)
             if tracing:  # the client traces too, as `hetfaas invoke` does
                 telemetry.setup_tracing("bench-client", info.state_dir, True)
             try:
@@ -132,16 +128,16 @@ def host_settings(tracing: bool, sandbox_mode: str | None) -> dict[str, object]:
     return {"tracing": tracing, "sandbox": sandbox}
 
 
-async def prepare_dpu(url: str, work: Path) -> None:
-    client = await Client.connect(url, "bench-setup")
+async def prepare_dpu(info: launcher.ClusterInfo, work: Path) -> None:
+    client = await Client.connect(info.nats_url, "bench-setup", creds=info.nats_creds)
     try:
         await deploy_counter(client, work)
     finally:
         await client.close()
 
 
-async def dpu_round(url: str, requests: int, in_flight: int) -> dict:
-    client = await Client.connect(url, "bench")
+async def dpu_round(info: launcher.ClusterInfo, requests: int, in_flight: int) -> dict:
+    client = await Client.connect(info.nats_url, "bench", creds=info.nats_creds)
     try:
         call = counter_call(client, bytes(64), [])
         await measure(call, 300, in_flight)  # warm-up: the program loaded

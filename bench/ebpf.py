@@ -15,8 +15,6 @@ to end, each beside its raw baseline measured in the same run.
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.warm_invoke import SUBJECT, measure, median_round, paired_ratio, ratio_cell, raw_round
+from bench.warm_invoke import measure, median_round, paired_ratio, ratio_cell, raw_round, start_raw_responder
 from cli.client import Client
 from deploy import launcher
 from ebpf_runtime.admission import LoadRequest, admit
@@ -192,12 +190,10 @@ def counter_call(client: Client, packet: bytes, run_ns: list[int]) -> Callable[[
 
 async def part_invoke(work: Path, requests: int, repeat: int, tracing: bool) -> list[str]:
     info = dpu_cluster(work, tracing)
-    responder = subprocess.Popen(  # noqa: ASYNC220 - set-up before anything is measured
-        [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
-    )
+    responder = start_raw_responder(info)  # set-up before anything is measured
     try:
         assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
-        client = await Client.connect(info.nats_url, "bench-ebpf")
+        client = await Client.connect(info.nats_url, "bench-ebpf", creds=info.nats_creds)
         await deploy_counter(client, work)
         packet = bytes(64)
         run_ns: list[int] = []  # the kernel's own measure of each run, as the DPU node reports it
@@ -213,7 +209,7 @@ async def part_invoke(work: Path, requests: int, repeat: int, tracing: bool) -> 
         for mode, in_flight in (("sequential", 1), ("in_flight_64", 64)):
             raw_cells, e2e_cells = [], []
             for _ in range(repeat):
-                raw_cells.append(await raw_round(info.nats_url, packet, requests, in_flight))
+                raw_cells.append(await raw_round(info, packet, requests, in_flight))
                 await measure(call, 300, in_flight)
                 e2e_cells.append(await measure(call, requests, in_flight))
             raw, e2e = median_round(raw_cells), median_round(e2e_cells)

@@ -7,8 +7,8 @@ import nats
 import uvloop
 
 
-async def main(url: str, subject: str) -> None:
-    nc = await nats.connect(url)
+async def main(url: str, subject: str, creds: str) -> None:
+    nc = await nats.connect(url, user_credentials=creds or None)
 
     async def echo(msg) -> None:
         await msg.respond(msg.data)
@@ -20,4 +20,4 @@ async def main(url: str, subject: str) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(main(sys.argv[1], sys.argv[2]))
+    uvloop.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""))

@@ -11,14 +11,19 @@ so it holds whole shares), then scheduler-1 started again. Each cell is the medi
 import argparse
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import uvloop
 
-from bench.warm_invoke import SUBJECT, e2e_round, median_round, prepare, raw_round, round_arguments
+from bench.warm_invoke import (
+    e2e_round,
+    median_round,
+    prepare,
+    raw_round,
+    round_arguments,
+    start_raw_responder,
+)
 from cli.client import Client
 from deploy import launcher
 
@@ -26,8 +31,8 @@ OFF = {"tracing": False}
 MODES = (("sequential", 1), ("in_flight_64", 64))
 
 
-async def wait_for_replicas(url: str, count: int) -> None:
-    client = await Client.connect(url, "bench-replicas")
+async def wait_for_replicas(info: launcher.ClusterInfo, count: int) -> None:
+    client = await Client.connect(info.nats_url, "bench-replicas", creds=info.nats_creds)
     try:
         async with asyncio.timeout(30):
             while True:
@@ -41,12 +46,12 @@ async def wait_for_replicas(url: str, count: int) -> None:
 
 def one_replica(info: launcher.ClusterInfo) -> None:
     launcher.terminate(info.processes["scheduler-1"], Path(info.state_dir), timeout_s=10)
-    uvloop.run(wait_for_replicas(info.nats_url, 1))
+    uvloop.run(wait_for_replicas(info, 1))
 
 
 def two_replicas(info: launcher.ClusterInfo) -> None:
     launcher.start_scheduler(info, 1, OFF)
-    uvloop.run(wait_for_replicas(info.nats_url, 2))
+    uvloop.run(wait_for_replicas(info, 2))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -54,26 +59,24 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="hetfaas-bench-") as tmp:
         work = Path(tmp)
         info = launcher.up(work / "state", hosts=2, schedulers=2, scheduler_overrides=OFF, host_overrides=OFF)
-        responder = subprocess.Popen(
-            [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
-        )
+        responder = start_raw_responder(info)
         rounds: dict[str, list[dict]] = {f"{k}_{m}": [] for k in ("raw", "e2e_1", "e2e_2") for m, _ in MODES}
         try:
             assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
-            uvloop.run(prepare(info.nats_url, work, args.concurrency, 2))
-            uvloop.run(wait_for_replicas(info.nats_url, 2))
+            uvloop.run(prepare(info, work, args.concurrency, 2))
+            uvloop.run(wait_for_replicas(info, 2))
             for _ in range(args.repeat):
                 for mode, in_flight in MODES:
                     rounds[f"raw_{mode}"].append(
-                        uvloop.run(raw_round(info.nats_url, payload, args.requests, in_flight))
+                        uvloop.run(raw_round(info, payload, args.requests, in_flight))
                     )
                     rounds[f"e2e_2_{mode}"].append(
-                        uvloop.run(e2e_round(info.nats_url, payload, args.requests, in_flight))
+                        uvloop.run(e2e_round(info, payload, args.requests, in_flight))
                     )
                 one_replica(info)
                 for mode, in_flight in MODES:
                     rounds[f"e2e_1_{mode}"].append(
-                        uvloop.run(e2e_round(info.nats_url, payload, args.requests, in_flight))
+                        uvloop.run(e2e_round(info, payload, args.requests, in_flight))
                     )
                 two_replicas(info)
         finally:

@@ -26,14 +26,14 @@ def start(work: Path, tracing: bool) -> launcher.ClusterInfo:
     flag = {"tracing": tracing}
     state = work / ("on" if tracing else "off") / "state"
     info = launcher.up(state, hosts=2, schedulers=1, scheduler_overrides=flag, host_overrides=flag)
-    uvloop.run(prepare(info.nats_url, work / ("on" if tracing else "off"), 8, 2))
+    uvloop.run(prepare(info, work / ("on" if tracing else "off"), 8, 2))
     return info
 
 
 def traced_round(info: launcher.ClusterInfo, payload: bytes, requests: int, in_flight: int) -> dict:
     telemetry.setup_tracing("bench-client", info.state_dir, True)
     try:
-        return uvloop.run(e2e_round(info.nats_url, payload, requests, in_flight))
+        return uvloop.run(e2e_round(info, payload, requests, in_flight))
     finally:
         telemetry.stop_tracing()
 
@@ -55,9 +55,7 @@ def run(requests: int, repeat: int, payload_size: int) -> dict:
             clusters.append(off := start(work, False))
             for _ in range(repeat):
                 for mode, in_flight in MODES:
-                    rounds[f"off_{mode}"].append(
-                        uvloop.run(e2e_round(off.nats_url, payload, requests, in_flight))
-                    )
+                    rounds[f"off_{mode}"].append(uvloop.run(e2e_round(off, payload, requests, in_flight)))
                     rounds[f"on_{mode}"].append(traced_round(on, payload, requests, in_flight))
             spans = spans_written(on)
         finally:

@@ -56,8 +56,18 @@ async def measure(call: Callable[[], Awaitable[None]], requests: int, in_flight:
     }
 
 
-async def raw_round(url: str, payload: bytes, requests: int, in_flight: int) -> dict:
-    nc = await nats.connect(url)
+def raw_creds(info: launcher.ClusterInfo) -> str | None:
+    """The raw baseline's identity on a secured cluster (None without authentication)."""
+    return launcher.unrestricted_creds(info, "bench-raw")
+
+
+def start_raw_responder(info: launcher.ClusterInfo) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT, raw_creds(info) or ""]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE)
+
+
+async def raw_round(info: launcher.ClusterInfo, payload: bytes, requests: int, in_flight: int) -> dict:
+    nc = await nats.connect(info.nats_url, user_credentials=raw_creds(info))
     try:
 
         async def call() -> None:
@@ -69,8 +79,8 @@ async def raw_round(url: str, payload: bytes, requests: int, in_flight: int) -> 
         await nc.close()
 
 
-async def e2e_round(url: str, payload: bytes, requests: int, in_flight: int) -> dict:
-    client = await Client.connect(url, "bench")
+async def e2e_round(info: launcher.ClusterInfo, payload: bytes, requests: int, in_flight: int) -> dict:
+    client = await Client.connect(info.nats_url, "bench", creds=info.nats_creds)
     try:
 
         async def call() -> None:
@@ -84,8 +94,8 @@ async def e2e_round(url: str, payload: bytes, requests: int, in_flight: int) -> 
         await client.close()
 
 
-async def prepare(url: str, work: Path, concurrency: int, hosts: int) -> None:
-    client = await Client.connect(url, "bench-setup")
+async def prepare(info: launcher.ClusterInfo, work: Path, concurrency: int, hosts: int) -> None:
+    client = await Client.connect(info.nats_url, "bench-setup", creds=info.nats_creds)
     try:
         await client.wait_until_ready(hosts, timeout_s=30)
         fn = work / "echo"
@@ -110,24 +120,19 @@ def run(args: argparse.Namespace) -> dict:
             schedulers=args.schedulers,
             scheduler_overrides={"tracing": args.tracing == "on"},
             host_overrides={"tracing": args.tracing == "on"},
+            secure=args.security == "on",
         )
-        responder = subprocess.Popen(
-            [sys.executable, "-m", "bench.raw_responder", info.nats_url, SUBJECT], stdout=subprocess.PIPE
-        )
+        responder = start_raw_responder(info)
         try:
             assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
-            uvloop.run(prepare(info.nats_url, work, args.concurrency, args.hosts))
+            uvloop.run(prepare(info, work, args.concurrency, args.hosts))
             results = {}
             for mode, in_flight in (("sequential", 1), ("in_flight_64", 64)):
                 # Alternate raw and e2e rounds so drift on a shared machine hits both alike.
                 rounds: dict[str, list[dict]] = {"raw": [], "e2e": []}
                 for _ in range(args.repeat):
-                    rounds["raw"].append(
-                        uvloop.run(raw_round(info.nats_url, payload, args.requests, in_flight))
-                    )
-                    rounds["e2e"].append(
-                        uvloop.run(e2e_round(info.nats_url, payload, args.requests, in_flight))
-                    )
+                    rounds["raw"].append(uvloop.run(raw_round(info, payload, args.requests, in_flight)))
+                    rounds["e2e"].append(uvloop.run(e2e_round(info, payload, args.requests, in_flight)))
                 for kind, cells in rounds.items():
                     results[f"{kind}_{mode}"] = median_round(cells)
                 results[f"ratio_{mode}"] = paired_ratio(rounds["raw"], rounds["e2e"])
@@ -159,7 +164,8 @@ def report(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"payload {args.payload} B, median of {args.repeat} rounds of {args.requests} requests, "
         f"{args.hosts} hosts, "
-        f"{args.schedulers} scheduler(s), tracing {args.tracing}, function concurrency {args.concurrency}",
+        f"{args.schedulers} scheduler(s), tracing {args.tracing}, "
+        f"security {getattr(args, 'security', 'on')}, function concurrency {args.concurrency}",
         "",
         "e2e/raw: the median of the rounds' ratios (each e2e round against the raw round just "
         "before it), with their range",
@@ -194,6 +200,12 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=2)
     parser.add_argument("--schedulers", type=int, default=1)
     parser.add_argument("--tracing", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--security",
+        choices=("on", "off"),
+        default="on",
+        help="off: NATS without authentication (the baseline)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
     results = run(args)

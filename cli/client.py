@@ -2,7 +2,6 @@
 
 import asyncio
 import functools
-import itertools
 import os
 import time
 from collections.abc import Callable
@@ -10,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats.errors
 
-from fabric import bus, telemetry
-from fabric.bundles import BundleStore, pack_directory
+from fabric import bus, credentials, telemetry
+from fabric.bundles import digest_of, pack_directory
 from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest, RevokeReply, RevokeRequest, VerifyReply, VerifyRequest
@@ -36,10 +36,13 @@ from schemas.messages import (
     SetTenant,
     StatusRequest,
     TenantReply,
+    UploadBundle,
 )
 
 MANIFEST = "function.toml"
-MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+# A bundle travels to the scheduler (the bundle store's only writer) in one message, under the
+# bus's 8 MiB limit on a tenant's messages.
+MAX_BUNDLE_BYTES = 6 * 1024 * 1024
 CONTROL_TIMEOUT_S = 10.0
 VERIFY_TIMEOUT_S = 30.0  # a verification runs the kernel verifier: seconds, not milliseconds
 VERIFY_WAIT_S = 10.0
@@ -72,10 +75,23 @@ class InvokeOutcome(msgspec.Struct, frozen=True):
         return self.error is None
 
 
-# Invocation ids: a random 64-bit prefix per process and a counter. Unique like a uuid4, without
-# a getrandom() system call per invocation.
-_ID_PREFIX = os.urandom(8).hex()
-_id_counter = itertools.count()
+class _RandomIds:
+    """Invocation ids: 128 random bits each, so that seeing one says nothing of the next (nodes
+    key their answers by id: a guessable id could be planted ahead). Read from the kernel 256 at
+    a time: a getrandom() call per invocation cost more than the rest of making one."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(16 * 256), 0
+        self._at += 16
+        return self._pool[self._at - 16 : self._at].hex()
+
+
+_ids = _RandomIds()
 
 
 @functools.lru_cache(maxsize=1024)  # checked on every invocation; the names in use are few
@@ -86,7 +102,7 @@ def _invalid_names(tenant: str, function: str) -> str:
 
 
 def next_invocation_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):08x}"
+    return _ids.next()
 
 
 def read_function_dir(path: Path) -> tuple[FunctionSpec, bytes]:
@@ -128,20 +144,66 @@ class ProgramRejected(ClientError):
         super().__init__(Error(code="rejected", message=f"the verifier rejected the program: {first}"))
 
 
+def unauthorized(message: str) -> ClientError:
+    return ClientError(Error(code="unauthorized", message=message))
+
+
 class Client:
-    def __init__(self, nc: Connection):
+    """A tenant's client (tenant credentials: it acts for that tenant only), or the operator's
+    (it acts for any tenant, and manages the cluster)."""
+
+    def __init__(self, nc: Connection, identity: credentials.Identity | None = None):
         self.nc = nc
-        self._bundles = BundleStore(nc.jetstream())
-        # Invocations use the shared-inbox requester: no per-request random token or wait_for
-        # task, which is a good share of a client's CPU per warm invocation.
+        self.identity = identity
+        # Invocations use shared-inbox requesters: no per-request random token or wait_for
+        # task, which is a good share of a client's CPU per warm invocation. A tenant's
+        # requests get their replies under the tenant's inbox (the services check it), so an
+        # operator's client keeps one requester per tenant it acts for.
         self._requester = bus.Requester(nc)
+        self._for_tenant: dict[str, bus.Requester] = {}
 
     @classmethod
     async def connect(
-        cls, nats_url: str, name: str = "hetfaas-cli", wait_for_server: bool = False
+        cls, nats_url: str, name: str = "hetfaas-cli", wait_for_server: bool = False, creds: str = ""
     ) -> "Client":
-        """A client; by default it fails at once (NoServersError) when NATS is not reachable."""
-        return cls(await bus.connect(nats_url, name, wait_for_server))
+        """A client; by default it fails at once (NoServersError) when NATS is not reachable.
+        `creds` is a NATS credentials file; a bad one raises ClientError `unauthorized`."""
+        identity = None
+        if creds:
+            try:
+                identity = credentials.read_creds(creds)
+            except credentials.CredentialsError as exc:
+                raise unauthorized(str(exc)) from None
+        if identity is not None and identity.role == "tenant":
+            inbox = subjects.tenant_inbox(identity.tenant)
+        else:
+            inbox = subjects.service_inbox("operator", identity.name) if identity else ""
+        try:
+            nc = await bus.connect(nats_url, name, wait_for_server, creds=creds, inbox_prefix=inbox)
+        except nats.errors.Error as exc:
+            if "authorization" in str(exc).lower():
+                who = f"the credentials in {creds}" if creds else "a client without credentials"
+                raise unauthorized(
+                    f"the cluster refused {who} (unknown, revoked or another cluster's)"
+                ) from None
+            raise
+        return cls(nc, identity)
+
+    @property
+    def tenant(self) -> str:
+        """The tenant these credentials are ("" for the operator's)."""
+        return self.identity.tenant if self.identity and self.identity.role == "tenant" else ""
+
+    def acting_for(self, tenant: str) -> bus.Requester:
+        """The requester of `tenant`'s requests; refused for a tenant these credentials are not."""
+        requester = self._for_tenant.get(tenant)
+        if requester is None:
+            if problems := name_problems(tenant=tenant):
+                raise ClientError(Error(code="bad_request", message=f"invalid tenant: {'; '.join(problems)}"))
+            if self.tenant and tenant != self.tenant:
+                raise unauthorized(f"credentials of tenant {self.tenant!r} cannot act for tenant {tenant!r}")
+            requester = self._for_tenant[tenant] = bus.Requester(self.nc, subjects.tenant_inbox(tenant))
+        return requester
 
     async def close(self) -> None:
         await self.nc.drain()
@@ -159,6 +221,10 @@ class Client:
         invocation_id = invocation_id or next_invocation_id()
         if problems := _invalid_names(tenant, function):
             return InvokeOutcome(invocation_id, None, Error(code="bad_request", message=problems), "", 0.0)
+        try:
+            requester = self.acting_for(tenant)
+        except ClientError as exc:
+            return InvokeOutcome(invocation_id, None, exc.error, "", 0.0)
         request = InvokeRequest(
             invocation_id=invocation_id,
             tenant=tenant,
@@ -175,7 +241,7 @@ class Client:
                 resend = None
                 if 0 < retry_after_ms < timeout_ms:
                     resend = bus.Resend(retry_after_ms / 1000, lambda n: _copy(request, n, started))
-                data = await self._requester.request(
+                data = await requester.request(
                     subjects.invoke(tenant, function),
                     codec.encode(request),
                     timeout_ms / 1000 + REPLY_GRACE_S,
@@ -203,6 +269,7 @@ class Client:
         """Upload the bundle (content-addressed: unchanged code is not sent again), then register.
         An ebpf function is verified first; a rejection raises ProgramRejected with the verdict."""
         spec, bundle = read_function_dir(path)
+        tenant = tenant or self.tenant or None  # a tenant's credentials deploy as that tenant
         if tenant is not None:
             spec = msgspec.structs.replace(spec, tenant=tenant)
         attributes = {"faas.name": spec.name, "hetfaas.tenant": spec.tenant, "hetfaas.runtime": spec.runtime}
@@ -210,12 +277,25 @@ class Client:
             program = None
             if spec.runtime == "ebpf":
                 program = await self._approve(spec, _read_ebpf_object(path, spec))
-            digest = await self._bundles.upload(bundle)
+            digest = await self._upload(spec.tenant, bundle)
             return await self._control(
-                subjects.DEPLOY,
+                subjects.control(spec.tenant, subjects.DEPLOY),
                 DeployRequest(spec=spec, bundle_digest=digest, bundle_size=len(bundle), program=program),
                 codec.deploy_result,
+                spec.tenant,
             )
+
+    async def _upload(self, tenant: str, bundle: bytes) -> str:
+        """Send the bundle to the scheduler unless the store has it already (content-addressed:
+        unchanged code is not sent again)."""
+        digest = digest_of(bundle)
+        subject = subjects.control(tenant, subjects.UPLOAD)
+        reply = await self._control(subject, UploadBundle(digest=digest), codec.upload_result, tenant)
+        if not reply.stored:
+            await self._control(
+                subject, UploadBundle(digest=digest, data=bundle), codec.upload_result, tenant
+            )
+        return digest
 
     async def _approve(self, spec: FunctionSpec, obj: bytes) -> ApprovedProgram:
         """Have the verifier check and sign the function's program."""
@@ -243,21 +323,33 @@ class Client:
         attributes = {"faas.name": name, "hetfaas.tenant": tenant}
         with telemetry.span("client.remove", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
             request = RemoveFunction(tenant=tenant, name=name)
-            return await self._control(subjects.REMOVE, request, codec.remove_result)
+            return await self._control(
+                subjects.control(tenant, subjects.REMOVE), request, codec.remove_result, tenant
+            )
 
     async def logs(self, tenant: str, function: str, lines: int = 100) -> LogsReply:
         """The last `lines` lines of the function's output on each host node holding any."""
         request = LogsRequest(tenant=tenant, function=function, lines=lines)
-        return await self._control(subjects.LOGS, request, codec.logs_result)
+        return await self._control(
+            subjects.control(tenant, subjects.LOGS), request, codec.logs_result, tenant
+        )
 
     async def functions(self, tenant: str | None = None) -> list[FunctionRecord]:
-        reply = await self._control(subjects.LIST_FUNCTIONS, ListFunctions(tenant=tenant), codec.list_result)
+        """One tenant's functions (a tenant's credentials: its own), or, for the operator,
+        every tenant's."""
+        tenant = tenant or self.tenant or None
+        if tenant is None:
+            reply = await self._control(subjects.ALL_FUNCTIONS, ListFunctions(), codec.list_result)
+        else:
+            subject = subjects.control(tenant, subjects.LIST_FUNCTIONS)
+            reply = await self._control(subject, ListFunctions(tenant=tenant), codec.list_result, tenant)
         return reply.functions
 
     async def maps(self, tenant: str, function: str) -> MapsReply:
         """The function's maps as the DPU nodes that run it hold them (a tenant sees only its own)."""
+        request = MapsRequest(tenant=tenant, function=function)
         return await self._control(
-            subjects.MAPS, MapsRequest(tenant=tenant, function=function), codec.maps_result
+            subjects.control(tenant, subjects.MAPS), request, codec.maps_result, tenant
         )
 
     async def revoke(self, digest: str, reason: str = "") -> RevokeReply:
@@ -286,8 +378,8 @@ class Client:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                data = await self._requester.request(
-                    subjects.VERIFY,
+                data = await self.acting_for(request.tenant).request(
+                    subjects.verify(request.tenant),
                     codec.encode(request),
                     VERIFY_TIMEOUT_S,
                     telemetry.trace_headers(),
@@ -328,9 +420,14 @@ class Client:
                 raise ClientError(Error(code="timeout", message=f"cluster not ready within {timeout_s:.0f}s"))
             await asyncio.sleep(0.1)
 
-    async def _control(self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder) -> Any:
+    async def _control(
+        self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder, tenant: str = ""
+    ) -> Any:
+        """A control request: a tenant's (its replies under the tenant's inbox), or the
+        operator's (`tenant` empty)."""
+        requester = self.acting_for(tenant) if tenant else self._requester
         try:
-            data = await self._requester.request(
+            data = await requester.request(
                 subject, codec.encode(message), CONTROL_TIMEOUT_S, telemetry.trace_headers(), "scheduler"
             )
         except bus.NoResponders:

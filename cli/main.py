@@ -1,86 +1,38 @@
 """`hetfaas`: the command line. Thin: argument parsing and printing around `cli.client`."""
 
-import asyncio
-import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import click
 import msgspec
-import nats
 
-from cli import render, traces
-from cli.client import RETRY_AFTER_MS, Client, ClientError, ProgramRejected
+from cli import render, tenants, traces
+from cli.client import RETRY_AFTER_MS, Client
+from cli.context import TENANT_HELP, acting_as, print_json, run, state_dir
 from deploy import launcher
 from deploy.services import ServiceError
-from fabric.bundles import BundleError
-from fabric.telemetry import setup_tracing, stop_tracing
 from schemas.ebpf import PROG_TYPES, VerifyRequest
-from schemas.manifest import ManifestError
 
 UP_TIMEOUT_S = 60.0
 
 
-def _state_dir() -> Path:
-    return launcher.default_state_dir()
-
-
-def _nats_url() -> str:
-    if url := os.environ.get("HETFAAS_NATS_URL"):
-        return url
-    info = launcher.read_cluster(_state_dir())
-    if info is None or not info.processes:
-        raise click.ClickException(
-            f"no cluster found in {_state_dir()}: run `hetfaas up` or set HETFAAS_NATS_URL"
-        )
-    return info.nats_url
-
-
-def _run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    """Run one client operation with tracing into the state directory, mapping errors to exit 1."""
-    state = _state_dir()
-    provider = setup_tracing("cli", str(state) if state.is_dir() else None, enabled=True)
-
-    async def main() -> Any:
-        client = await Client.connect(_nats_url())
-        try:
-            return await coro_fn(client, *args)
-        finally:
-            await client.close()
-
-    try:
-        return asyncio.run(main())
-    except ProgramRejected as exc:
-        click.echo(render.verdict(exc.verdict, "the function's program"), err=True)
-        raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
-    except ClientError as exc:
-        raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
-    except (ManifestError, BundleError) as exc:
-        raise click.ClickException(f"bad_request: {exc}") from None
-    except (OSError, nats.errors.Error) as exc:
-        raise click.ClickException(
-            f"unavailable: cannot reach the cluster at {_nats_url()} ({exc})"
-        ) from None
-    finally:
-        if provider:
-            stop_tracing()  # flushes the client's spans before the command returns
-
-
-def _print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hetfaas")
-def cli() -> None:
+@click.option(
+    "--creds",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="NATS credentials file to act as (default: $HETFAAS_CREDS, else the local cluster's operator)",
+)
+def cli(creds: str | None) -> None:
     """hetfaas: serverless functions on CPU hosts and DPUs.
 
     The cluster is found through $HETFAAS_NATS_URL, else the state directory of `hetfaas up`
-    ($HETFAAS_STATE_DIR, default ~/.local/state/hetfaas).
+    ($HETFAAS_STATE_DIR, default ~/.local/state/hetfaas). Every command acts as the identity in
+    its credentials: a tenant's act only for that tenant.
     """
 
 
@@ -101,7 +53,7 @@ def cli() -> None:
 )
 def up(hosts: int, schedulers: int, verifiers: int, dpus: int) -> None:
     """Start a local cluster in the background; returns when every node has registered."""
-    state = _state_dir()
+    state = state_dir()
     info = launcher.read_cluster(state)
     if info and info.processes and all(launcher.running_processes(info).values()):
         running_hosts = sum(name.startswith("host-") for name in info.processes)
@@ -126,7 +78,7 @@ def up(hosts: int, schedulers: int, verifiers: int, dpus: int) -> None:
         raise click.ClickException(str(exc)) from None
     nodes = hosts + (dpus if os.geteuid() == 0 else 0)
     click.echo(f"  waiting for {nodes} node(s) to register", err=True)
-    status = _run(_wait_for_nodes, nodes, info)
+    status = run(_wait_for_nodes, nodes, info)
     click.echo(render.status_table(status, state, launcher.running_processes(info)))
     click.echo(
         f"\ncluster is up: NATS {info.nats_url}, etcd {info.etcd_endpoint}; stop it with `hetfaas down`"
@@ -144,7 +96,7 @@ async def _wait_for_nodes(client: Client, hosts: int, info: launcher.ClusterInfo
 @cli.command()
 def down() -> None:
     """Stop the local cluster and everything it started (data stays in the state directory)."""
-    state = _state_dir()
+    state = state_dir()
     info = launcher.read_cluster(state)
     if info is None or not info.processes:
         click.echo(f"no cluster running in {state}")
@@ -157,12 +109,12 @@ def down() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def status(as_json: bool) -> None:
     """Show the cluster's nodes, their health and load."""
-    state = _state_dir()
+    state = state_dir()
     info = launcher.read_cluster(state)
     processes = launcher.running_processes(info) if info else {}
-    cluster = _run(lambda c: c.status())
+    cluster = run(lambda c: c.status())
     if as_json:
-        _print_json({"state_dir": str(state), "processes": processes, **msgspec.to_builtins(cluster)})
+        print_json({"state_dir": str(state), "processes": processes, **msgspec.to_builtins(cluster)})
     else:
         click.echo(render.status_table(cluster, state, processes))
 
@@ -173,9 +125,9 @@ def status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
     """Register the function in PATH (a directory holding function.toml, or the file itself)."""
-    reply = _run(lambda c: c.deploy(path, tenant))
+    reply = run(lambda c: c.deploy(path, tenant))
     if as_json:
-        _print_json(msgspec.to_builtins(reply))
+        print_json(msgspec.to_builtins(reply))
         return
     spec = reply.function.spec
     verb = "deployed" if reply.updated else "unchanged"
@@ -187,31 +139,31 @@ def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
 
 @cli.command("rm")
 @click.argument("name")
-@click.option("--tenant", default="default", show_default=True)
+@click.option("--tenant", default=None, help=TENANT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def remove(name: str, tenant: str, as_json: bool) -> None:
+def remove(name: str, tenant: str | None, as_json: bool) -> None:
     """Remove function NAME: no new invocations; those running finish; its idle instances stop
     (an eBPF function's program is unloaded). Its code stays in the bundle store."""
-    reply = _run(lambda c: c.remove(tenant, name))
+    reply = run(lambda c: c.remove(acting_as(c, tenant), name))
     if as_json:
-        _print_json(msgspec.to_builtins(reply))
+        print_json(msgspec.to_builtins(reply))
         return
     click.echo(f"removed {tenant}/{name} ({reply.function.bundle_digest[:19]})")
 
 
 @cli.command()
 @click.argument("name")
-@click.option("--tenant", default="default", show_default=True)
+@click.option("--tenant", default=None, help=TENANT_HELP)
 @click.option(
     "--tail", "lines", default=100, show_default=True, type=click.IntRange(1, 10_000), help="lines per node"
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def logs(name: str, tenant: str, lines: int, as_json: bool) -> None:
+def logs(name: str, tenant: str | None, lines: int, as_json: bool) -> None:
     """Print the last lines of function NAME's output (its stdout and stderr) from every host
     node that ran it, each line prefixed with its node when more than one did."""
-    reply = _run(lambda c: c.logs(tenant, name, lines))
+    reply = run(lambda c: c.logs(acting_as(c, tenant), name, lines))
     if as_json:
-        _print_json(msgspec.to_builtins(reply))
+        print_json(msgspec.to_builtins(reply))
         return
     if not reply.logs:
         click.echo(f"{tenant}/{name} has written nothing yet", err=True)
@@ -223,7 +175,7 @@ def logs(name: str, tenant: str, lines: int, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--tenant", default="default", show_default=True)
+@click.option("--tenant", default=None, help=TENANT_HELP)
 @click.option("--data", help="payload text")
 @click.option("--data-file", type=click.File("rb"), help="payload file ('-' for stdin)")
 @click.option("--timeout-ms", default=30_000, show_default=True, type=click.IntRange(1, 900_000))
@@ -239,7 +191,7 @@ def logs(name: str, tenant: str, lines: int, as_json: bool) -> None:
 @click.option("--trace", "show_trace", is_flag=True, help="then draw the invocation's trace (stderr)")
 def invoke(
     name: str,
-    tenant: str,
+    tenant: str | None,
     data: str | None,
     data_file: IO[bytes] | None,
     timeout_ms: int,
@@ -257,9 +209,11 @@ def invoke(
         payload = data_file.read()
     else:
         payload = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    outcome = _run(lambda c: c.invoke(tenant, name, payload, timeout_ms, retry_after_ms=retry_after_ms))
+    outcome = run(
+        lambda c: c.invoke(acting_as(c, tenant), name, payload, timeout_ms, retry_after_ms=retry_after_ms)
+    )
     if as_json:
-        _print_json(render.invoke_json(outcome))
+        print_json(render.invoke_json(outcome))
     elif outcome.ok:
         sys.stdout.buffer.write(outcome.reply.output)
         if outcome.reply.output and not outcome.reply.output.endswith(b"\n") and sys.stdout.isatty():
@@ -287,19 +241,23 @@ def invoke(
 @click.argument("obj", metavar="OBJ", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--program", default=None, help="the program's function name (needed if OBJ holds several)")
 @click.option("--prog-type", default="xdp", show_default=True, type=click.Choice(sorted(PROG_TYPES)))
-@click.option("--tenant", default="default", show_default=True)
+@click.option("--tenant", default=None, help=TENANT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def verify(obj: Path, program: str | None, prog_type: str, tenant: str, as_json: bool) -> None:
+def verify(obj: Path, program: str | None, prog_type: str, tenant: str | None, as_json: bool) -> None:
     """Check an eBPF object (clang -O2 -g -target bpf) against the platform's policy and the
     kernel verifier, without deploying it. Exit status 1 when it is rejected."""
-    request = VerifyRequest(
-        tenant=tenant, function="", object=obj.read_bytes(), program=program, prog_type=prog_type
+    data = obj.read_bytes()
+    reply = run(
+        lambda c: c.verify(
+            VerifyRequest(
+                tenant=acting_as(c, tenant), function="", object=data, program=program, prog_type=prog_type
+            )
+        )
     )
-    reply = _run(lambda c: c.verify(request))
     if as_json:
         body = msgspec.to_builtins(reply)
         body.pop("instructions", None)
-        _print_json(body)
+        print_json(body)
     else:
         click.echo(render.verdict(reply, str(obj)))
     if not reply.accepted:
@@ -308,13 +266,13 @@ def verify(obj: Path, program: str | None, prog_type: str, tenant: str, as_json:
 
 @cli.command()
 @click.argument("name")
-@click.option("--tenant", default="default", show_default=True)
+@click.option("--tenant", default=None, help=TENANT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (keys and values in hex)")
-def maps(name: str, tenant: str, as_json: bool) -> None:
+def maps(name: str, tenant: str | None, as_json: bool) -> None:
     """Show the maps of an ebpf function (the tenant's own), as each node running it holds them."""
-    reply = _run(lambda c: c.maps(tenant, name))
+    reply = run(lambda c: c.maps(acting_as(c, tenant), name))
     if as_json:
-        _print_json([render.map_json(dump) for dump in reply.maps])
+        print_json([render.map_json(dump) for dump in reply.maps])
     else:
         click.echo(
             render.maps_table(reply.maps) if reply.maps else f"{tenant}/{name} is not loaded on any node yet"
@@ -326,7 +284,7 @@ def maps(name: str, tenant: str, as_json: bool) -> None:
 @click.option("--reason", default="", help="why (kept with the revocation)")
 def revoke(digest: str, reason: str) -> None:
     """Revoke an approved eBPF program by digest: DPU nodes unload it and refuse to load it again."""
-    reply = _run(lambda c: c.revoke(digest, reason))
+    reply = run(lambda c: c.revoke(digest, reason))
     click.echo(f"revoked {reply.digest}")
 
 
@@ -334,10 +292,10 @@ TRACE_WAIT_S = 10.0  # services export spans every second (OTEL_BSP_SCHEDULE_DEL
 
 
 def _traces_dir() -> Path:
-    traces = _state_dir() / "traces"
+    traces = state_dir() / "traces"
     if not traces.is_dir():
         raise click.ClickException(
-            f"no traces in {_state_dir()}: `hetfaas trace` reads the local cluster's OTLP-JSON files "
+            f"no traces in {state_dir()}: `hetfaas trace` reads the local cluster's OTLP-JSON files "
             "(with OTEL_EXPORTER_OTLP_ENDPOINT set, spans go to your collector instead)"
         )
     return traces
@@ -365,7 +323,7 @@ def trace(invocation_id: str, as_json: bool) -> None:
     if not spans:
         raise click.ClickException(f"not_found: no trace for invocation {invocation_id} in {_traces_dir()}")
     if as_json:
-        _print_json([traces.span_json(s) for s in spans])
+        print_json([traces.span_json(s) for s in spans])
     else:
         click.echo(traces.waterfall(spans))
 
@@ -380,7 +338,7 @@ def coldstarts(function: str | None, since: str | None, as_json: bool) -> None:
     summary = traces.cold_starts(traces.read_spans(_traces_dir()), function, since_ns)
     rows = traces.cold_start_rows(summary)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
     elif not rows:
         click.echo(
             "no cold starts traced"
@@ -402,39 +360,19 @@ def parse_duration(text: str) -> float:
         raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m, 2h or 1d") from None
 
 
-@cli.group()
-def tenant() -> None:
-    """Tenants' limits."""
-
-
-@tenant.command("set")
-@click.argument("name")
-@click.option(
-    "--max-concurrency",
-    required=True,
-    type=click.IntRange(1, 1_000_000),
-    help="the tenant's invocations running at once, cluster-wide; beyond it they queue, then throttle",
-)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def tenant_set(name: str, max_concurrency: int, as_json: bool) -> None:
-    """Set tenant NAME's limits (stored in etcd; every scheduler replica follows them)."""
-    reply = _run(lambda c: c.set_tenant(name, max_concurrency))
-    if as_json:
-        _print_json(msgspec.to_builtins(reply.record))
-    else:
-        click.echo(f"tenant {reply.record.tenant}: max_concurrency {reply.record.max_concurrency}")
-
-
 @cli.command("ls")
 @click.option("--tenant", default=None, help="only this tenant's functions")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON array")
 def list_functions(tenant: str | None, as_json: bool) -> None:
     """List deployed functions."""
-    records = _run(lambda c: c.functions(tenant))
+    records = run(lambda c: c.functions(tenant))
     if as_json:
-        _print_json(msgspec.to_builtins(records))
+        print_json(msgspec.to_builtins(records))
     else:
         click.echo(render.functions_table(records))
+
+
+cli.add_command(tenants.tenant)
 
 
 def main() -> None:

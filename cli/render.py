@@ -1,6 +1,7 @@
 """How the CLI shows things to people (tables) and to programs (JSON-able dicts)."""
 
 import base64
+import time
 from pathlib import Path
 
 import msgspec
@@ -227,3 +228,18 @@ def cold_start_table(rows: list[dict]) -> str:
             for r in rows
         ],
     )
+
+
+def tenants_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no tenants (create one: hetfaas tenant create NAME --out NAME.creds)"
+    body = [
+        [
+            r["tenant"],
+            str(r["credentials"]),
+            str(r["active"]) if r["active"] else "revoked",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
+        ]
+        for r in rows
+    ]
+    return table(["TENANT", "CREDENTIALS", "ACTIVE", "CREATED"], body)

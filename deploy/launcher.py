@@ -15,15 +15,16 @@ from typing import Any
 
 import msgspec
 
-from deploy import services
+from deploy import authority, services
 from dpu_node.settings import DpuNodeSettings
 from ebpf_runtime.settings import EbpfRuntimeSettings
-from fabric import signing
+from fabric import credentials, signing
 from fabric.settings import write_settings
 from host_node.sandbox import cgroups
 from host_node.sandbox.settings import SandboxSettings
 from host_node.settings import HostNodeSettings
 from scheduler.settings import SchedulerSettings
+from schemas.permissions import Role
 from verifier_service.attestation import load_or_create_key
 from verifier_service.settings import VerifierSettings
 
@@ -39,6 +40,9 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     etcd_peer_port: int
     processes: dict[str, int] = {}  # name -> pid
     started_at: float = 0.0
+    # The operator's NATS credentials (the CLI's default identity); empty: a cluster started
+    # without authentication (benchmarks' baseline only).
+    nats_creds: str = ""
 
 
 def default_state_dir() -> Path:
@@ -92,10 +96,13 @@ def up(
     dpu_overrides: dict[str, Any] | None = None,
     listen_host: str = services.LOOPBACK,
     progress: Callable[[str], None] = lambda _: None,
+    secure: bool = True,
 ) -> ClusterInfo:
     """Start every process of a local cluster (the caller waits for the nodes to register).
     nats-server and etcd listen on `listen_host`: loopback, or an address that other network
-    namespaces (the tests' stand-ins for other machines) can reach."""
+    namespaces (the tests' stand-ins for other machines) can reach. Secure by default: NATS
+    authenticates every connection and each identity has only its role's permissions
+    (`secure=False` exists for measuring what that costs)."""
     state_dir = state_dir.resolve()
     for sub in ("config", "logs", "data", "traces"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -111,14 +118,16 @@ def up(
     )
     info.nats_url = f"nats://{listen_host}:{info.nats_port}"
     info.etcd_endpoint = f"{listen_host}:{info.etcd_client_port}"
+    auth_config = _secure(info) if secure else ""
     try:
-        progress(f"starting nats-server on port {info.nats_port}")
+        progress(f"starting nats-server on port {info.nats_port}" + (" (authenticated)" if secure else ""))
         info.processes["nats"] = services.start_nats(
             info.nats_port,
             state_dir / "data" / "nats",
             state_dir / "config" / "nats.conf",
             state_dir / "logs" / "nats.log",
             listen_host,
+            auth_config,
         ).pid
         _write_cluster(info)
         progress(f"starting etcd on port {info.etcd_client_port}")
@@ -134,6 +143,55 @@ def up(
         stop(info)
         raise
     return info
+
+
+def _secure(info: ClusterInfo) -> str:
+    """The cluster's authority (created on its first start, kept after), the system account's
+    and the operator's credentials; nats-server's operator-mode config."""
+    state_dir = Path(info.state_dir)
+    keys = authority.load_or_create(secrets_dir(state_dir))
+    authority.save(keys, secrets_dir(state_dir))
+    credentials.write_secret(secrets_dir(state_dir) / authority.SYSTEM_CREDS, keys.system_creds())
+    info.nats_creds = str(issue_creds(info, "operator", "operator"))
+    return authority.nats_config_lines(keys, state_dir / "data" / "nats-accounts")
+
+
+def secrets_dir(state_dir: Path) -> Path:
+    """The cluster's authority and every identity's credentials (0700; each file 0600)."""
+    return state_dir / "secrets"
+
+
+def issue_creds(info: ClusterInfo, role: Role, name: str) -> Path:
+    """The credentials file of `name` in `role`, issued now unless it exists (a restarted
+    service keeps its identity). Empty path on a cluster without authentication."""
+    state_dir = Path(info.state_dir)
+    path = secrets_dir(state_dir) / "creds" / f"{name}.creds"
+    keys = authority.load(secrets_dir(state_dir))
+    if keys is None:
+        return Path()
+    if not path.exists():
+        credentials.write_secret(path, keys.issue(role, name))
+        authority.save(keys, secrets_dir(state_dir))
+    return path
+
+
+def unrestricted_creds(info: ClusterInfo, name: str) -> str | None:
+    """Credentials allowed everything, issued once per cluster: for tests that play a node or a
+    buggy client, and for benchmarks' raw baselines (the bus itself being measured). Never a
+    service's or a tenant's. None on a cluster without authentication."""
+    directory = secrets_dir(Path(info.state_dir))
+    keys = authority.load(directory)
+    if keys is None or not info.nats_creds:
+        return None
+    path = directory / "creds" / f"{name}.creds"
+    if not path.exists():
+        credentials.write_secret(path, keys.issue_unrestricted(name))
+        authority.save(keys, directory)
+    return str(path)
+
+
+def _creds_setting(info: ClusterInfo, role: Role, name: str) -> str:
+    return str(issue_creds(info, role, name)) if info.nats_creds else ""
 
 
 def _start_ebpf_services(
@@ -176,6 +234,7 @@ def start_scheduler(info: ClusterInfo, index: int, overrides: dict[str, Any]) ->
     settings = SchedulerSettings(
         scheduler_id=name,
         nats_url=info.nats_url,
+        nats_creds=_creds_setting(info, "scheduler", name),
         etcd_endpoints=[info.etcd_endpoint],
         state_dir=info.state_dir,
         **overrides,
@@ -189,6 +248,7 @@ def start_verifier(info: ClusterInfo, index: int, overrides: dict[str, Any] | No
     settings = VerifierSettings(
         verifier_id=name,
         nats_url=info.nats_url,
+        nats_creds=_creds_setting(info, "verifier", name),
         etcd_endpoints=[info.etcd_endpoint],
         key_path=str(signing_key_path(info)),
         state_dir=info.state_dir,
@@ -207,6 +267,7 @@ def start_dpu(info: ClusterInfo, index: int, overrides: dict[str, Any] | None = 
     settings = DpuNodeSettings(
         node_id=name,
         nats_url=info.nats_url,
+        nats_creds=_creds_setting(info, "dpu", name),
         etcd_endpoints=[info.etcd_endpoint],
         trusted_keys=[verifier_public_key(info)],
         state_dir=info.state_dir,
@@ -234,6 +295,7 @@ def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: 
     settings = HostNodeSettings(
         node_id=name,
         nats_url=info.nats_url,
+        nats_creds=_creds_setting(info, "host", name),
         etcd_endpoints=[info.etcd_endpoint],
         work_dir=work_dir,
         state_dir=info.state_dir,

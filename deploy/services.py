@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from fabric import credentials
+
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 
 
@@ -89,11 +91,16 @@ def spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
 LOOPBACK = "127.0.0.1"
 
 
-def nats_argv(port: int, data_dir: Path, config_path: Path, host: str = LOOPBACK) -> list[str]:
+def nats_argv(
+    port: int, data_dir: Path, config_path: Path, host: str = LOOPBACK, auth_config: str = ""
+) -> list[str]:
+    """nats-server's command line, its config written to `config_path` (0600: with
+    `auth_config` it holds the operator's and accounts' JWTs)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(
+    config = (
         f'listen: "{host}:{port}"\nmax_payload: {NATS_MAX_PAYLOAD}\njetstream {{ store_dir: "{data_dir}" }}\n'
     )
+    credentials.write_secret(config_path, config + auth_config)
     return [nats_server_binary(), "-c", str(config_path)]
 
 
@@ -163,9 +170,9 @@ def etcd_healthy(client_port: int, host: str = LOOPBACK) -> bool:
 
 
 def start_nats(
-    port: int, data_dir: Path, config_path: Path, log_path: Path, host: str = LOOPBACK
+    port: int, data_dir: Path, config_path: Path, log_path: Path, host: str = LOOPBACK, auth_config: str = ""
 ) -> subprocess.Popen:
-    proc = spawn(nats_argv(port, data_dir, config_path, host), log_path)
+    proc = spawn(nats_argv(port, data_dir, config_path, host, auth_config), log_path)
     wait_until(lambda: tcp_ready(port, host), "nats-server", proc, 15, log_path)
     return proc
 

@@ -23,7 +23,7 @@ class DpuNodeApp(ServiceApp):
         if os.geteuid() != 0:
             raise PermissionError("a DPU node loads eBPF programs: it needs root (CAP_BPF, CAP_NET_ADMIN)")
         trusted = trusted_keys(settings.trusted_keys)
-        nc, store, tasks = await open_connections(stack, settings.node_id, settings)
+        nc, store, tasks = await open_connections(stack, "dpu", settings.node_id, settings)
         runtime = ProgramRuntime(settings.runtime(), settings.node_id, store, trusted)
         node = self.node = DpuNode(runtime, settings.capacity)
         stack.callback(runtime.close)

@@ -34,16 +34,16 @@ class DpuNode:
         """The fast path: a warm invocation with a core free, run without a coroutine. A copy
         of an invocation seen before, a first use (the load) and a wait for a core go to
         `on_invoke` (PASS)."""
-        if self.once.has(req.invocation_id) or self.runtime.inflight >= self.capacity:
+        if self.once.has(nodes.run_key(req)) or self.runtime.inflight >= self.capacity:
             return bus.PASS
         reply = self.runtime.run_now(req, ctx)
         if reply is None:
             return bus.PASS
-        self.once.remember(req.invocation_id, reply)
+        self.once.remember(nodes.run_key(req), reply)
         return nodes.answer(req, reply)
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
-        reply = await self.once.run(req.invocation_id, lambda: self._invoke(req, ctx))
+        reply = await self.once.run(nodes.run_key(req), lambda: self._invoke(req, ctx))
         return nodes.answer(req, reply)
 
     async def _invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:

@@ -7,6 +7,7 @@ class DpuNodeSettings(EbpfRuntimeSettings, frozen=True, kw_only=True, forbid_unk
     node_id: str
     nats_url: str
     etcd_endpoints: list[str]
+    nats_creds: str = ""  # the service's NATS credentials file (`.creds`); empty: connect without
     state_dir: str | None = None
     # Invocations accepted at once, those waiting for a core included; beyond it the node answers
     # `throttled`. Far above `cores`: a program runs for microseconds, an invocation is in

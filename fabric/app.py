@@ -6,12 +6,14 @@ import contextlib
 import os
 from typing import Protocol, Self
 
-from fabric import bus, metrics
+from fabric import bus, credentials, metrics
 from fabric.connection import Connection
 from fabric.store import Store
 from fabric.tasks import TaskSet
 from fabric.telemetry import setup_tracing
 from fabric.tracing import http_writer
+from schemas import subjects
+from schemas.permissions import Role
 
 
 class ServiceApp(contextlib.AbstractAsyncContextManager):
@@ -44,6 +46,8 @@ class ConnectionSettings(Protocol):
     @property
     def nats_url(self) -> str: ...
     @property
+    def nats_creds(self) -> str: ...
+    @property
     def etcd_endpoints(self) -> list[str]: ...
     @property
     def state_dir(self) -> str | None: ...
@@ -54,7 +58,7 @@ class ConnectionSettings(Protocol):
 
 
 async def open_connections(
-    stack: contextlib.AsyncExitStack, name: str, settings: ConnectionSettings
+    stack: contextlib.AsyncExitStack, role: Role, name: str, settings: ConnectionSettings
 ) -> tuple[Connection, Store, TaskSet]:
     """Tracing, metrics, NATS, etcd and a task set, each closed by `stack` after what is
     entered later."""
@@ -62,7 +66,11 @@ async def open_connections(
     if provider is not None:
         stack.callback(provider.shutdown)
     await open_metrics(stack, name, settings.metrics_listen)
-    nc = await bus.connect(settings.nats_url, name)
+    if settings.nats_creds:
+        credentials.read_creds(settings.nats_creds)  # a clear error now, not a retry loop later
+    nc = await bus.connect(
+        settings.nats_url, name, creds=settings.nats_creds, inbox_prefix=subjects.service_inbox(role, name)
+    )
     stack.push_async_callback(bus.close, nc)
     store = await stack.enter_async_context(Store(settings.etcd_endpoints))
     tasks = TaskSet()

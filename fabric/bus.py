@@ -64,13 +64,22 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str, wait_for_server: bool = True) -> Connection:
-    """Connect to NATS. Services wait for the server and reconnect for ever (`wait_for_server`);
-    a command-line client fails at once with NoServersError, so the user hears it."""
+async def connect(
+    url: str, name: str, wait_for_server: bool = True, creds: str = "", inbox_prefix: str = ""
+) -> Connection:
+    """Connect to NATS as the identity in the `creds` file (nats-py reads it again at every
+    reconnect, so rewritten credentials take effect then), with its inboxes under `inbox_prefix`
+    (the only replies its permissions let it receive). Services wait for the server and
+    reconnect for ever (`wait_for_server`); a command-line client fails at once with
+    NoServersError, so the user hears it."""
     nc = Connection()
+    options: dict = {"user_credentials": creds} if creds else {}
+    if inbox_prefix:
+        options["inbox_prefix"] = inbox_prefix
     await nc.connect(
         url,
         name=name,
+        **options,
         connect_timeout=2,
         reconnect_time_wait=0.25,  # type: ignore[arg-type]  # typed int, sleeps any float
         max_reconnect_attempts=-1 if wait_for_server else 1,  # 0 would mean "for ever" here too

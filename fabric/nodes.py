@@ -149,8 +149,16 @@ def answer(req: NodeInvoke, reply: InvokeReply | ErrorReply) -> InvokeReply | Er
     return reply
 
 
+def run_key(req: NodeInvoke | WhereIs) -> str:
+    """What a node runs once: an invocation id of one tenant's function. (Keyed by the id alone,
+    a copy carrying another tenant's id would get that tenant's answer.) Names hold no "/"."""
+    if isinstance(req, WhereIs):
+        return f"{req.tenant}/{req.function}/{req.invocation_id}"
+    return f"{req.spec.tenant}/{req.spec.name}/{req.invocation_id}"
+
+
 class Once:
-    """Each invocation id runs at most once on this node. A caller that heard nothing sends its
+    """Each invocation (`run_key`) runs at most once on this node. A caller that heard nothing sends its
     invocation again (its scheduler may have died after forwarding it), and the new scheduler
     finds it here through `where_is`: a copy that arrives while the first runs waits for the
     first's answer; one that arrives later gets the answer again. Refusals (throttled,
@@ -213,7 +221,7 @@ class Once:
     async def where_is(self, req: WhereIs, ctx: bus.Context) -> HaveIt:
         """Whether this node has the invocation: every node answers, so that the asking
         scheduler need not wait out its deadline to learn that none has it."""
-        answer = self._answers.get(req.invocation_id)
+        answer = self._answers.get(run_key(req))
         if answer is None:
             return HaveIt(node_id=self.node_id, done=False, has=False)
         return HaveIt(node_id=self.node_id, done=answer.done())

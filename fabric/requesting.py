@@ -4,6 +4,7 @@ tasks on the hot path, and every request waiting on a peer failed at once when i
 import asyncio
 import itertools
 import logging
+import secrets
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
@@ -78,8 +79,12 @@ class Requester:
     would otherwise hold a task (and its chain of coroutines) open only to wait.
     """
 
-    def __init__(self, nc: Connection):
+    def __init__(self, nc: Connection, inbox_under: str = ""):
+        """Replies come to `<inbox_under>.<random>.<token>` (a tenant's requests: under the
+        tenant's inbox, where the services answering them check the reply goes), or under the
+        connection's own inbox prefix."""
         self._nc = nc
+        self._inbox_under = inbox_under
         self._prefix = ""
         self._subscribed: asyncio.Future[None] | None = None
         self._ids = itertools.count()
@@ -94,7 +99,10 @@ class Requester:
         await self._subscribed
 
     async def _subscribe(self) -> None:
-        prefix = self._nc.new_inbox() + "."
+        if self._inbox_under:
+            prefix = f"{self._inbox_under}.{secrets.token_hex(11)}."
+        else:
+            prefix = self._nc.new_inbox() + "."
         await self._nc.subscribe_inline(prefix + "*", self._on_reply)
         self._prefix = prefix
 

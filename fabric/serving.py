@@ -107,6 +107,10 @@ class Route:
     fast: FastHandler | None = None
     # The handler's path runs in this span (a fast path opens its own, only when it takes one).
     span: Traced | None = None
+    # A tenant's request (the subject's third token names the tenant, and NATS let only that
+    # tenant or the operator publish it): taken only when its reply subject is that tenant's own
+    # inbox, so nobody can have an answer sent to another tenant's inbox (docs §8).
+    tenant_reply: bool = False
 
 
 @dataclass
@@ -122,6 +126,7 @@ class Server:
     subscriptions: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.foreign_replies = 0  # tenant requests dropped for a reply subject not the tenant's
         self._running = 0
         self._backlog: deque[tuple[Route, bytes, Context]] = deque()
         self._closing = False
@@ -136,6 +141,9 @@ class Server:
 
     def _deliverer(self, route: Route) -> Deliver:
         def deliver(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            if route.tenant_reply and not subjects.reply_is_the_tenants(subject, reply):
+                self._foreign_reply(subject, reply)
+                return
             ctx = Context(subject=subject, headers=headers, received_at=time.monotonic(), reply=reply)
             if route.inline:
                 _run_inline(route, data, ctx)
@@ -146,6 +154,15 @@ class Server:
                 self._wait_for_a_slot(route, data, ctx)
 
         return deliver
+
+    def _foreign_reply(self, subject: str, reply: str) -> None:
+        """Nothing is sent to a reply subject that is not the requesting tenant's: it would be
+        an answer delivered to (or forged into) someone else's inbox. Logged once in 1000."""
+        if self.foreign_replies % 1000 == 0:
+            log.warning(
+                "dropped a request on %s: its reply subject %r is not the tenant's inbox", subject, reply
+            )
+        self.foreign_replies += 1
 
     def _took_fast(self, route: Route, data: bytes, ctx: Context) -> bool:
         """Whether the route's fast path took the request. A malformed one is left to the

@@ -34,7 +34,7 @@ class HostNodeApp(ServiceApp):
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
-        nc, store, tasks = await open_connections(stack, settings.node_id, settings)
+        nc, store, tasks = await open_connections(stack, "host", settings.node_id, settings)
         bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
         spawner = await open_spawner(settings, stack)
         programs = await open_programs(settings, store, tasks, stack)

@@ -112,7 +112,7 @@ class HostNode:
         self.runtime.invoked(req.spec)
         if req.spec.runtime != "python" or self.inflight >= self.settings.capacity:
             return bus.PASS
-        if self.once.has(req.invocation_id) or (code_dir := self._bundles.ready(req.bundle_digest)) is None:
+        if self.once.has(nodes.run_key(req)) or (code_dir := self._bundles.ready(req.bundle_digest)) is None:
             return bus.PASS
         if (taken := self.calls.instance_for(req)) is None:
             return bus.PASS  # room for another instance: a cold start
@@ -122,7 +122,7 @@ class HostNode:
             req, ctx, self.settings.node_id, **{"hetfaas.pool_mode": self.settings.sandbox.mode}
         )
         self.calls.begin(
-            WarmCall(req, ctx, key, code_dir, self.once.begin(req.invocation_id), span), instance
+            WarmCall(req, ctx, key, code_dir, self.once.begin(nodes.run_key(req)), span), instance
         )
         return None
 
@@ -141,14 +141,14 @@ class HostNode:
             reply = bus.internal_error(exc, req.invocation_id)
         telemetry.close_span(call.span)
         self.inflight -= 1
-        self.once.settle(req.invocation_id, call.answer, reply)
+        self.once.settle(nodes.run_key(req), call.answer, reply)
         try:
             self._respond(nodes.answer(req, reply), call.ctx)
         except Exception:  # the connection is closing: the scheduler hears of this node's loss
             log.exception("the answer to invocation %s was not sent", req.invocation_id)
 
     async def on_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | bus.ReplyTo:
-        reply = await self.once.run(req.invocation_id, lambda: self._invoke_traced(req, ctx))
+        reply = await self.once.run(nodes.run_key(req), lambda: self._invoke_traced(req, ctx))
         return nodes.answer(req, reply)
 
     async def _invoke_traced(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:

@@ -8,6 +8,7 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     node_id: str
     nats_url: str
     etcd_endpoints: list[str]
+    nats_creds: str = ""  # the service's NATS credentials file (`.creds`); empty: connect without
     work_dir: str  # bundles and function logs live here
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True

@@ -9,9 +9,10 @@ import time
 from typing import Any
 
 import msgspec
+import nats.errors
 
 from fabric import bus, telemetry
-from fabric.bundles import BundleStore
+from fabric.bundles import BundleError, BundleStore, digest_of
 from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
 from scheduler import state
@@ -27,6 +28,7 @@ from schemas.messages import (
     FunctionList,
     FunctionRecord,
     FunctionRemoved,
+    FunctionSpec,
     ListFunctions,
     LogsReply,
     LogsRequest,
@@ -35,6 +37,8 @@ from schemas.messages import (
     SetTenant,
     TenantRecord,
     TenantReply,
+    UploadBundle,
+    UploadReply,
     error_reply,
 )
 
@@ -73,17 +77,49 @@ class Control:
         self._tenants = tenants  # the replica's followed tenant records (state.ClusterSync)
 
     def routes(self, queue: str) -> list[bus.Route]:
+        """A tenant's requests on `hetfaas.control.<tenant>.<verb>` (each acts only for the tenant
+        its subject names), and the operator's on `hetfaas.admin.*`."""
         deployed = bus.Traced("scheduler.deploy", _deploy_attributes, _deployed)
         removed = bus.Traced("scheduler.remove", _remove_attributes)
+        tenant_requests: list[tuple[str, Any, Any, Any, bus.Traced | None]] = [
+            (subjects.DEPLOY, codec.deploy_request, self.on_deploy, lambda r: r.spec.tenant, deployed),
+            (subjects.UPLOAD, codec.upload_bundle, self.on_upload, None, None),
+            (subjects.REMOVE, codec.remove_function, self.on_remove, lambda r: r.tenant, removed),
+            (subjects.LOGS, codec.logs_request, self.on_logs, lambda r: r.tenant, None),
+            (subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, lambda r: r.tenant, None),
+            (subjects.MAPS, codec.maps_request, self.on_maps, lambda r: r.tenant, None),
+        ]
+        routes = [
+            bus.Route(
+                subjects.control("*", verb),
+                decoder,
+                _for_the_subjects_tenant(handler, tenant_of),
+                queue,
+                span=span,
+                tenant_reply=True,
+            )
+            for verb, decoder, handler, tenant_of, span in tenant_requests
+        ]
         return [
-            bus.Route(subjects.DEPLOY, codec.deploy_request, self.on_deploy, queue, span=deployed),
-            bus.Route(subjects.REMOVE, codec.remove_function, self.on_remove, queue, span=removed),
-            bus.Route(subjects.LOGS, codec.logs_request, self.on_logs, queue),
-            bus.Route(subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, queue),
-            bus.Route(subjects.MAPS, codec.maps_request, self.on_maps, queue),
+            *routes,
+            bus.Route(subjects.ALL_FUNCTIONS, codec.list_functions, self.on_list, queue),
             bus.Route(subjects.REVOKE, codec.revoke_request, self.on_revoke, queue),
             bus.Route(subjects.SET_TENANT, codec.set_tenant, self.on_set_tenant, queue),
         ]
+
+    async def on_upload(self, req: UploadBundle, ctx: bus.Context) -> UploadReply | ErrorReply:
+        """Store a tenant's bundle (or say whether it is stored): the bytes must hash to `digest`."""
+        if not DIGEST_RE.match(req.digest):
+            return error_reply("bad_request", f"{req.digest!r} is not a bundle digest (sha256-<64 hex>)")
+        try:
+            if not req.data:
+                return UploadReply(digest=req.digest, stored=await self._bundles.exists(req.digest))
+            if digest_of(req.data) != req.digest:
+                return error_reply("bad_request", f"the bundle's bytes do not hash to {req.digest}")
+            await self._bundles.upload(req.data)
+        except (BundleError, *STORE_ERRORS, nats.errors.Error) as exc:
+            return error_reply("unavailable", f"cannot store the bundle now: {exc}")
+        return UploadReply(digest=req.digest, stored=True)
 
     async def on_deploy(self, req: DeployRequest, ctx: bus.Context) -> DeployReply | ErrorReply:
         problems = spec_problems(req.spec)
@@ -92,6 +128,9 @@ class Control:
         if (req.spec.runtime == "ebpf") != (req.program is not None):
             why = "an ebpf function, and only one, comes with its approved program"
             return error_reply("bad_request", why)
+        if req.program is not None and not _approved_for(req.program, req.spec):
+            why = f"the program was approved for another function than {req.spec.tenant}/{req.spec.name}"
+            return error_reply("unauthorized", why)
         try:
             if not await self._bundles.exists(req.bundle_digest):
                 why = f"bundle {req.bundle_digest} was not uploaded to the bundle store"
@@ -222,6 +261,32 @@ class Control:
         except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout):
             return None
         return decoder.decode(data)
+
+
+def _approved_for(program: ApprovedProgram, spec: FunctionSpec) -> bool:
+    """Whether the verifier signed the program for this tenant's function (nodes check the
+    signature; this refuses a borrowed approval at deploy, with a clear error)."""
+    try:
+        attestation = msgspec.msgpack.decode(program.signed.attestation, type=ebpf.Attestation)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    return (attestation.tenant, attestation.function) == (spec.tenant, spec.name)
+
+
+def _for_the_subjects_tenant(handler: Any, tenant_of: Any) -> Any:
+    """`handler` for a request that names the tenant its subject names: NATS let only that
+    tenant (or the operator) publish there, so the subject is who asks; a body naming another
+    tenant is refused."""
+
+    async def checked(req: Any, ctx: bus.Context) -> Any:
+        parsed = subjects.parse_control(ctx.subject)
+        asker = parsed[0] if parsed else ""
+        if tenant_of is not None and tenant_of(req) != asker:
+            why = f"credentials of tenant {asker!r} cannot act for tenant {tenant_of(req)!r}"
+            return error_reply("unauthorized", why)
+        return await handler(req, ctx)
+
+    return checked
 
 
 def _deploy_attributes(req: DeployRequest) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from scheduler.view import ClusterView, warm_key
 from scheduler.where_is import where_is
 from schemas import codec, subjects
 from schemas.errors import RETRIED_ELSEWHERE
-from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, NodeInvoke, error_reply
+from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, NodeInvoke, WhereIs, error_reply
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +413,8 @@ class Invoker:
         settings = self.settings
         timeout_s = settings.where_is_timeout_ms / 1000
         stale_after_s = settings.node_stale_after_s
-        return await where_is(self._nc, self._view, req.invocation_id, req.attempt, stale_after_s, timeout_s)
+        asked = WhereIs(invocation_id=req.invocation_id, tenant=req.tenant, function=req.function)
+        return await where_is(self._nc, self._view, asked, req.attempt, stale_after_s, timeout_s)
 
     def _keep_alive(self, req: InvokeRequest, record: FunctionRecord) -> tuple[int, int]:
         """(keep_alive_ms, prewarm_after_ms) for the node, from this function's arrivals."""

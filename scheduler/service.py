@@ -105,8 +105,9 @@ class Scheduler:
                 queue,
                 fast=self.on_invoke_now,
                 span=INVOKE_SPAN,
+                tenant_reply=True,
             ),
-            bus.Route(
+            bus.Route(  # a hand-over from a replica, which checked the caller's reply subject
                 subjects.replica_invoke(self.settings.scheduler_id),
                 codec.invoke_request,
                 self.on_invoke,

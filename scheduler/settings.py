@@ -46,6 +46,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     scheduler_id: str
     nats_url: str
     etcd_endpoints: list[str]
+    nats_creds: str = ""  # the service's NATS credentials file (`.creds`); empty: connect without
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True
     metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)

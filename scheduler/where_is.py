@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 async def where_is(
     nc: Connection,
     view: ClusterView,
-    invocation_id: str,
+    asked: WhereIs,
     attempt: int,
     stale_after_s: float,
     timeout_s: float,
@@ -38,16 +38,16 @@ async def where_is(
     inbox = nc.new_inbox()
     sub = await nc.subscribe_inline(inbox, partial(_count_answer, found, asking))
     try:
-        await nc.publish(subjects.WHERE_IS, codec.encode(WhereIs(invocation_id=invocation_id)), reply=inbox)
+        await nc.publish(subjects.WHERE_IS, codec.encode(asked), reply=inbox)
         async with asyncio.timeout(timeout_s):
             node = await found
     except TimeoutError:
-        log.warning("invocation %s: %s never said whether they have it", invocation_id, asking)
+        log.warning("invocation %s: %s never said whether they have it", asked.invocation_id, asking)
         return None
     finally:
         await sub.unsubscribe()
     if node is not None:
-        log.info("invocation %s (attempt %d) is already on %s", invocation_id, attempt, node)
+        log.info("invocation %s (attempt %d) is already on %s", asked.invocation_id, attempt, node)
     return node
 
 

@@ -234,6 +234,20 @@ class DeployRequest(msgspec.Struct, frozen=True, kw_only=True, tag="deploy"):
     program: "ApprovedProgram | None" = None  # ebpf: what the verifier approved and signed
 
 
+class UploadBundle(msgspec.Struct, frozen=True, kw_only=True, tag="upload_bundle"):
+    """Tenant -> scheduler on `subjects.control(tenant, UPLOAD)`: store a bundle. Only schedulers
+    write the bundle store (nodes only read it), so a tenant can neither read another's code nor
+    replace it. With `data` empty it only asks whether the store has `digest` already."""
+
+    digest: str
+    data: bytes = b""
+
+
+class UploadReply(msgspec.Struct, frozen=True, kw_only=True, tag="upload_reply"):
+    digest: str
+    stored: bool  # the store has it (now, or already)
+
+
 class DeployReply(msgspec.Struct, frozen=True, kw_only=True, tag="deploy_reply"):
     function: FunctionRecord
     revision: int
@@ -352,6 +366,8 @@ class WhereIs(msgspec.Struct, frozen=True, kw_only=True, tag="where_is"):
     Every node answers (`HaveIt`), so the scheduler stops waiting once all have said no."""
 
     invocation_id: str
+    tenant: str = ""  # whose function: nodes hold each invocation under tenant, function and id
+    function: str = ""
 
 
 class HaveIt(msgspec.Struct, frozen=True, kw_only=True, tag="have_it"):
@@ -362,6 +378,7 @@ class HaveIt(msgspec.Struct, frozen=True, kw_only=True, tag="have_it"):
 
 InvokeResult = InvokeReply | ErrorReply
 DeployResult = DeployReply | ErrorReply
+UploadResult = UploadReply | ErrorReply
 RemoveResult = RemoveReply | ErrorReply
 LogsResult = LogsReply | ErrorReply
 ListResult = FunctionList | ErrorReply

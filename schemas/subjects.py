@@ -8,22 +8,79 @@ BUNDLE_BUCKET = "hetfaas-bundles"
 
 INVOKE_ALL = "hetfaas.invoke.*.*"
 HEARTBEAT_ALL = "hetfaas.heartbeat.*"
-DEPLOY = "hetfaas.control.deploy"
-REMOVE = "hetfaas.control.remove"
-LOGS = "hetfaas.control.logs"
-LIST_FUNCTIONS = "hetfaas.control.functions"
-STATUS = "hetfaas.control.status"
-VERIFY = "hetfaas.verify"
-MAPS = "hetfaas.control.maps"
-REVOKE = "hetfaas.control.revoke"
-SET_TENANT = "hetfaas.control.tenant"
+# A tenant's control requests carry the tenant in the subject, where NATS permissions decide who
+# may publish: `hetfaas.control.<tenant>.<verb>`. The scheduler takes the tenant from there.
+CONTROL_ALL = "hetfaas.control.*.*"
+DEPLOY = "deploy"
+UPLOAD = "upload"  # a bundle, written to the bundle store by the scheduler (nodes only read it)
+REMOVE = "remove"
+LOGS = "logs"
+LIST_FUNCTIONS = "functions"
+MAPS = "maps"
+CONTROL_VERBS = (DEPLOY, UPLOAD, REMOVE, LOGS, LIST_FUNCTIONS, MAPS)
+# The operator's requests: cluster-wide, published only with operator credentials.
+STATUS = "hetfaas.admin.status"
+REVOKE = "hetfaas.admin.revoke"
+SET_TENANT = "hetfaas.admin.tenant"
+ALL_FUNCTIONS = "hetfaas.admin.functions"
+VERIFY_ALL = "hetfaas.verify.*"
 REPLICA_BEAT_ALL = "hetfaas.scheduler.*.beat"
 WHERE_IS = "hetfaas.nodes.where-is"  # every node listens (no queue group)
 FUNCTION_REMOVED = "hetfaas.nodes.function-removed"  # every node listens (no queue group)
 
+# Reply subjects. A tenant's replies come to `_INBOX.<tenant>.<id>.<token>`: only that tenant (and
+# the operator) may subscribe there, and a service answers a request only when its reply subject
+# is the tenant's own (`is_tenant_reply`), so nobody can have another tenant's answer sent to
+# them or forge one into another tenant's inbox. Services' own inboxes are `_HF.<role>.<id>`.
+TENANT_INBOX_ROOT = "_INBOX"
+SERVICE_INBOX_ROOT = "_HF"
+
+
+def control(tenant: str, verb: str) -> str:
+    return f"hetfaas.control.{tenant}.{verb}"
+
+
+def parse_control(subject: str) -> tuple[str, str] | None:
+    """(tenant, verb) of a tenant's control subject."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["hetfaas", "control"]:
+        return None
+    return parts[2], parts[3]
+
+
+def verify(tenant: str) -> str:
+    return f"hetfaas.verify.{tenant}"
+
+
+def parse_verify(subject: str) -> str | None:
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 3 and parts[:2] == ["hetfaas", "verify"] else None
+
+
+def tenant_inbox(tenant: str) -> str:
+    """The prefix of a tenant's reply subjects (its connection's inboxes live under it)."""
+    return f"{TENANT_INBOX_ROOT}.{tenant}"
+
+
+def service_inbox(role: str, name: str) -> str:
+    return f"{SERVICE_INBOX_ROOT}.{role}.{name}"
+
+
+def reply_is_the_tenants(subject: str, reply: str) -> bool:
+    """For a tenant's request (`hetfaas.<kind>.<tenant>...`): whether `reply` is that tenant's."""
+    parts = subject.split(".", 3)
+    return len(parts) > 2 and is_tenant_reply(parts[2], reply)
+
+
+def is_tenant_reply(tenant: str, reply: str) -> bool:
+    """Whether `reply` is a reply subject of `tenant`'s own (what a service answering a tenant's
+    request checks before it sends anything there)."""
+    prefix = f"{TENANT_INBOX_ROOT}.{tenant}."
+    return reply.startswith(prefix) and len(reply) > len(prefix)
+
 
 def invoke(tenant: str, function: str) -> str:
-    """Clients invoke here; the tenant in the subject allows per-tenant NATS permissions later."""
+    """Clients invoke here; NATS lets a tenant publish only under its own name."""
     return f"hetfaas.invoke.{tenant}.{function}"
 
 

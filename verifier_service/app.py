@@ -23,7 +23,7 @@ class VerifierApp(ServiceApp):
         settings = self.settings
         ensure_root()
         key = attestation.load_or_create_key(Path(settings.key_path))
-        nc, _store, _tasks = await open_connections(stack, settings.verifier_id, settings)
+        nc, _store, _tasks = await open_connections(stack, "verifier", settings.verifier_id, settings)
         kernel = KernelPool(settings.workers)  # workers started ahead of the first request
         stack.push_async_callback(kernel.close)
         await kernel.start()

@@ -44,11 +44,23 @@ class Verifier:
         traced = bus.Traced("verifier.verify", _verify_attributes, _verified)
         return [
             bus.Route(
-                subjects.VERIFY, codec.verify_request, self.on_verify, subjects.VERIFIER_QUEUE, span=traced
+                subjects.VERIFY_ALL,
+                codec.verify_request,
+                self.on_verify,
+                subjects.VERIFIER_QUEUE,
+                span=traced,
+                tenant_reply=True,
             )
         ]
 
     async def on_verify(self, req: VerifyRequest, ctx: bus.Context) -> VerifyReply | ErrorReply:
+        """Verify, and sign for the tenant whose subject it came on (NATS let only that tenant,
+        or the operator, publish there): never for a tenant named only in the body."""
+        asker = subjects.parse_verify(ctx.subject)
+        if req.tenant != asker:
+            return error_reply(
+                "unauthorized", f"credentials of tenant {asker!r} cannot verify for {req.tenant!r}"
+            )
         if problem := self._refusal(req):
             return error_reply("bad_request", problem)
         if not self._buckets.take(req.tenant, time.monotonic()):

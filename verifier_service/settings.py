@@ -5,6 +5,7 @@ class VerifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     verifier_id: str
     nats_url: str
     etcd_endpoints: list[str]
+    nats_creds: str = ""  # the service's NATS credentials file (`.creds`); empty: connect without
     key_path: str  # the Ed25519 signing key (a 0600 PEM file, created on first start)
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True

@@ -7,12 +7,16 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cli.client import Client
 from deploy import launcher
+from fabric import bus
+from fabric.connection import Connection
 from host_node.sandbox import cgroups
+from schemas import codec, subjects
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +49,8 @@ def start_cluster(state_dir: Path, hosts: int = 2, schedulers: int = 1) -> launc
     )
 
 
-async def wait_for_nodes(nats_url: str, nodes: int) -> None:
-    client = await Client.connect(nats_url, "tests-setup")
+async def wait_for_nodes(info: launcher.ClusterInfo, nodes: int) -> None:
+    client = await Client.connect(info.nats_url, "tests-setup", creds=info.nats_creds)
     try:
         await client.wait_until_ready(nodes, timeout_s=30)
     finally:
@@ -58,7 +62,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.Clust
     """The shared cluster (2 hosts, 1 scheduler), ready: both nodes registered and heartbeating."""
     info = start_cluster(tmp_path_factory.mktemp("cluster"))
     try:
-        asyncio.run(wait_for_nodes(info.nats_url, 2))
+        asyncio.run(wait_for_nodes(info, 2))
         yield info
     finally:
         launcher.stop(info)
@@ -66,9 +70,40 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.Clust
 
 @pytest.fixture(scope="session")
 async def client(cluster: launcher.ClusterInfo) -> AsyncIterator[Client]:
-    client = await Client.connect(cluster.nats_url, "tests")
+    client = await Client.connect(cluster.nats_url, "tests", creds=cluster.nats_creds)
     yield client
     await client.close()
+
+
+@pytest.fixture(scope="session")
+async def harness(cluster: launcher.ClusterInfo) -> AsyncIterator[Connection]:
+    """A raw connection allowed everything: for tests that play a node, a scheduler or a buggy
+    client with malformed messages (what the services make of them is what they test)."""
+    nc = await bus.connect(cluster.nats_url, "test-harness", creds=harness_creds(cluster))
+    yield nc
+    await bus.close(nc)
+
+
+def harness_creds(cluster: launcher.ClusterInfo) -> str:
+    """Credentials allowed everything (see `harness`)."""
+    path = launcher.unrestricted_creds(cluster, "test-harness")
+    assert path is not None, "the test cluster is secured"
+    return path
+
+
+async def raw_request(nc: Connection, subject: str, data: bytes, timeout_s: float = 5) -> Any:
+    """A request as a raw client sends it, its reply decoded. A tenant's subject gets a reply
+    subject in that tenant's inbox (services answer no other)."""
+    parts = subject.split(".")
+    tenant = parts[2] if len(parts) > 2 and parts[1] in ("invoke", "control", "verify") else ""
+    inbox = f"{subjects.tenant_inbox(tenant)}.{os.urandom(6).hex()}" if tenant else nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subject, data, reply=inbox)
+    try:
+        msg = await sub.next_msg(timeout=timeout_s)
+    finally:
+        await sub.unsubscribe()
+    return codec.invoke_result.decode(msg.data)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 
 from cli.client import Client, ClientError
 from deploy import launcher
+from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.manifest import ManifestError
 from schemas.messages import DeployRequest, ErrorReply, FunctionSpec, InvokeRequest, NodeInvoke
@@ -18,6 +19,7 @@ from tests.integration.conftest import (
     host_pid,
     make_function,
     pids_running,
+    raw_request,
     wait_gone,
     wait_until,
 )
@@ -45,11 +47,6 @@ def handle(payload):
 )
 
 
-async def raw_request(client: Client, subject: str, data: bytes) -> ErrorReply:
-    msg = await client.nc.request(subject, data, timeout=5)
-    return codec.invoke_result.decode(msg.data)
-
-
 @pytest.fixture
 async def faulty(client: Client, tenant: str, tmp_path: Path) -> str:
     fn = make_function(
@@ -72,23 +69,23 @@ async def faulty(client: Client, tenant: str, tmp_path: Path) -> str:
             "invocation_id",
         ),
         ("hetfaas.invoke.t.f", msgspec.msgpack.encode([1, 2, 3]), "malformed message"),
-        (subjects.DEPLOY, b"\x00", "malformed message"),
+        (subjects.control("t", subjects.DEPLOY), b"\x00", "malformed message"),
         (subjects.STATUS, msgspec.msgpack.encode({"type": "deploy"}), "malformed message"),
         (subjects.node_invoke("host-1"), b"garbage", "malformed message"),
     ],
 )
 async def test_malformed_messages_get_bad_request(
-    client: Client, subject: str, data: bytes, expected: str
+    harness: Connection, client: Client, subject: str, data: bytes, expected: str
 ) -> None:
-    reply = await raw_request(client, subject, data)
+    reply = await raw_request(harness, subject, data)
     assert isinstance(reply, ErrorReply) and reply.error.code == "bad_request"
     assert expected in reply.error.message
 
 
-async def test_subject_must_match_the_body(client: Client, tenant: str) -> None:
+async def test_subject_must_match_the_body(harness: Connection, client: Client, tenant: str) -> None:
     await client.deploy(EXAMPLES / "hello-python", tenant=tenant)
     request = InvokeRequest(invocation_id="x1", tenant=tenant, function="hello")
-    reply = await raw_request(client, subjects.invoke("other", "hello"), codec.encode(request))
+    reply = await raw_request(harness, subjects.invoke("other", "hello"), codec.encode(request))
     assert reply.error.code == "bad_request" and "does not match" in reply.error.message
 
 
@@ -160,15 +157,17 @@ async def test_scheduler_rechecks_specs_and_bundles(client: Client, tenant: str)
 
     with pytest.raises(ClientError) as bad:
         await client._control(
-            subjects.DEPLOY,
+            subjects.control(tenant, subjects.DEPLOY),
             DeployRequest(spec=bad_spec, bundle_digest=missing, bundle_size=1),
             codec.deploy_result,
+            tenant,
         )
     with pytest.raises(ClientError) as absent:
         await client._control(
-            subjects.DEPLOY,
+            subjects.control(tenant, subjects.DEPLOY),
             DeployRequest(spec=good_spec, bundle_digest=missing, bundle_size=1),
             codec.deploy_result,
+            tenant,
         )
 
     assert bad.value.error.code == "bad_request" and "name 'Bad.Name' must match" in bad.value.error.message
@@ -176,12 +175,12 @@ async def test_scheduler_rechecks_specs_and_bundles(client: Client, tenant: str)
     assert absent.value.error.code == "not_found" and "was not uploaded" in absent.value.error.message
 
 
-async def test_node_rejects_a_digest_that_is_a_path(client: Client) -> None:
+async def test_node_rejects_a_digest_that_is_a_path(harness: Connection, client: Client) -> None:
     spec = FunctionSpec(name="x", runtime="python", handler="m:f")
     message = NodeInvoke(
         invocation_id="p1", spec=spec, bundle_digest="../../etc", payload=b"", timeout_ms=1000
     )
-    reply = await raw_request(client, subjects.node_invoke("host-1"), codec.encode(message))
+    reply = await raw_request(harness, subjects.node_invoke("host-1"), codec.encode(message))
     assert reply.error.code == "internal" and "is not a bundle digest" in reply.error.message
 
 
@@ -259,11 +258,13 @@ async def test_exec_failure_reports_status_and_stderr(client: Client, tenant: st
     assert absent.error.code == "function_error" and "cannot start './nothere'" in absent.error.message
 
 
-async def test_bad_inputs_leave_other_invocations_unaffected(client: Client, faulty: str) -> None:
+async def test_bad_inputs_leave_other_invocations_unaffected(
+    harness: Connection, client: Client, faulty: str
+) -> None:
     payloads = [b"raise", b"ok", b"hang", b"ok", b"exit", b"ok"] * 3
     *outcomes, malformed = await asyncio.gather(
         *(client.invoke(faulty, "faulty", p) for p in payloads),
-        raw_request(client, "hetfaas.invoke.a.b", b"\xc1"),
+        raw_request(harness, "hetfaas.invoke.a.b", b"\xc1"),
     )
     expected = {b"ok": None, b"raise": "function_error", b"hang": "timeout", b"exit": "function_error"}
 
@@ -273,7 +274,9 @@ async def test_bad_inputs_leave_other_invocations_unaffected(client: Client, fau
     assert all(n.healthy for n in (await client.status()).nodes)
 
 
-async def test_node_rejects_names_that_would_be_paths(client: Client, tenant: str) -> None:
+async def test_node_rejects_names_that_would_be_paths(
+    harness: Connection, client: Client, tenant: str
+) -> None:
     deployed = await client.deploy(EXAMPLES / "hello-python", tenant=tenant)
     spec = FunctionSpec(name="../../../tmp/x", runtime="python", handler="handler:handle", tenant=tenant)
     message = NodeInvoke(
@@ -283,15 +286,15 @@ async def test_node_rejects_names_that_would_be_paths(client: Client, tenant: st
         payload=b"",
         timeout_ms=5000,
     )
-    reply = await raw_request(client, subjects.node_invoke("host-1"), codec.encode(message))
+    reply = await raw_request(harness, subjects.node_invoke("host-1"), codec.encode(message))
     assert reply.error.code == "bad_request" and "invalid tenant or function name" in reply.error.message
 
 
-async def test_garbage_heartbeats_are_ignored(client: Client) -> None:
-    await client.nc.publish(subjects.heartbeat("host-1"), b"\xc1 not a heartbeat")
-    await client.nc.publish(
+async def test_garbage_heartbeats_are_ignored(harness: Connection, client: Client) -> None:
+    await harness.publish(subjects.heartbeat("host-1"), b"\xc1 not a heartbeat")
+    await harness.publish(
         subjects.heartbeat("ghost"), msgspec.msgpack.encode({"type": "heartbeat", "seq": "x"})
     )
-    await client.nc.flush()
+    await harness.flush()
     status = await client.status()
     assert [(n.node_id, n.healthy) for n in status.nodes] == [("host-1", True), ("host-2", True)]

@@ -15,12 +15,12 @@ from fabric import bus, serving
 from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.messages import ErrorReply
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import harness_creds, wait_until
 
 
 @pytest.fixture
 async def nc(cluster: launcher.ClusterInfo) -> AsyncIterator[Connection]:
-    conn = await bus.connect(cluster.nats_url, "test-bus")
+    conn = await bus.connect(cluster.nats_url, "test-bus", creds=harness_creds(cluster))
     yield conn
     await conn.close()
 

@@ -54,7 +54,7 @@ def dpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.C
 
 @pytest.fixture(scope="module")
 async def dclient(dpu_cluster: launcher.ClusterInfo) -> AsyncIterator[Client]:
-    client = await Client.connect(dpu_cluster.nats_url, "dpu-tests")
+    client = await Client.connect(dpu_cluster.nats_url, "dpu-tests", creds=dpu_cluster.nats_creds)
     await client.wait_until_ready(1, timeout_s=30)
     yield client
     await client.close()

@@ -21,7 +21,7 @@ async def mixed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clien
     if os.geteuid() != 0:
         pytest.skip("verifiers and eBPF-running nodes load programs into the kernel: they need root")
     info = launcher.up(tmp_path_factory.mktemp("mixed") / "state", hosts=0, verifiers=1, dpus=0)
-    client = await Client.connect(info.nats_url, "ebpf-placement-tests")
+    client = await Client.connect(info.nats_url, "ebpf-placement-tests", creds=info.nats_creds)
     try:
         launcher.start_dpu(info, 1, {"tenant_programs": 1})
         launcher.start_host(info, 1, {**HOST_OVERRIDES, "ebpf": launcher.host_ebpf(info)})

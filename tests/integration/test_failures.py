@@ -34,7 +34,7 @@ LIMIT = 12  # the function's max_concurrency: below the 16 callers, so it binds
 async def fresh(tmp_path: Path) -> AsyncIterator[tuple[launcher.ClusterInfo, Client]]:
     """A cluster of its own (2 hosts, 2 scheduler replicas): these tests break things."""
     info = start_cluster(tmp_path / "state", hosts=2, schedulers=2)
-    client = await Client.connect(info.nats_url, "failure-tests")
+    client = await Client.connect(info.nats_url, "failure-tests", creds=info.nats_creds)
     try:
         await client.wait_until_ready(2, schedulers=2, timeout_s=30)
         fn = make_function(

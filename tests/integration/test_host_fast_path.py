@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fabric import bus
+from fabric.nodes import run_key
 from host_node.bundle_cache import BundleCache
 from host_node.sandbox.settings import SandboxSettings
 from host_node.service import HostNode
@@ -238,4 +239,5 @@ async def test_a_fault_of_the_node_s_own_answers_internal_and_leaves_nothing_hel
     assert "RuntimeError: injected" in reply.error.message
     assert node.inflight == 0 and not node.calls.live
     assert node.runtime.warm.pool.live(node_key()) == 0, "its instance, in an unknown state, was stopped"
-    assert node.once.has("f") and not node.once._answers["f"].cancelled(), "a copy hears the same"
+    key = run_key(invoke("f"))
+    assert node.once.has(key) and not node.once._answers[key].cancelled(), "a copy hears the same"

@@ -138,7 +138,7 @@ async def one_host(tmp_path: Path, **host_settings: object) -> AsyncIterator[Cli
         scheduler_overrides=SCHEDULER_OVERRIDES,
     )
     try:
-        client = await Client.connect(info.nats_url, "one-host-test")
+        client = await Client.connect(info.nats_url, "one-host-test", creds=info.nats_creds)
         try:
             await client.wait_until_ready(1, timeout_s=30)
             yield client

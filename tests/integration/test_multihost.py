@@ -64,7 +64,7 @@ async def test_a_node_on_another_machine_runs_functions(
     client = None
     try:
         launcher.start_host(info, 1, HOST_OVERRIDES, netns=namespace)
-        client = await Client.connect(info.nats_url, "multihost-test")
+        client = await Client.connect(info.nats_url, "multihost-test", creds=info.nats_creds)
         await client.wait_until_ready(1, timeout_s=30)
         await client.deploy(EXAMPLES / "hello-python")
         first = await client.invoke("default", "hello", b"far away", timeout_ms=10_000)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cli.client import Client, ClientError
+from fabric.connection import Connection
 from schemas import subjects
 from tests.integration.conftest import IDENTITY, host_pid, make_function, pids_of, wait_gone, wait_until
 
@@ -48,12 +49,12 @@ async def test_a_removed_function_is_no_longer_served_and_its_idle_instance_stop
 
 
 async def test_an_invocation_running_at_removal_finishes_then_its_instance_stops(
-    client: Client, tenant: str, tmp_path
+    client: Client, harness: Connection, tenant: str, tmp_path
 ) -> None:
     await client.deploy(make_function(tmp_path, "slow", MANIFEST, {"main.py": SLOW}), tenant=tenant)
     await client.deploy(make_function(tmp_path, "kept", MANIFEST, {"main.py": ECHO}), tenant=tenant)
     forwarded = asyncio.Event()  # the scheduler sent it to a node, before the removal's notice
-    watch = await client.nc.subscribe_inline(subjects.node_invoke("*"), lambda *_: forwarded.set())
+    watch = await harness.subscribe_inline(subjects.node_invoke("*"), lambda *_: forwarded.set())
     running = asyncio.create_task(client.invoke(tenant, "slow", b"", timeout_ms=20_000))
     await forwarded.wait()
     await watch.unsubscribe()

@@ -59,7 +59,7 @@ async def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         host_overrides={**HOST_OVERRIDES, "tracing": False},
         scheduler_overrides=OVERRIDES,
     )
-    client = await Client.connect(info.nats_url, "scheduling-tests")
+    client = await Client.connect(info.nats_url, "scheduling-tests", creds=info.nats_creds)
     try:
         await client.wait_until_ready(2, schedulers=2, timeout_s=30)
         await wait_for_replicas(client, 2)

@@ -294,7 +294,7 @@ def test_with_an_otlp_endpoint_spans_and_metrics_go_there(
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "300")
     info = start_cluster(tmp_path / "state", hosts=1)
     try:
-        asyncio.run(wait_for_nodes(info.nats_url, 1))
+        asyncio.run(wait_for_nodes(info, 1))
         hetfaas(info.state_dir, "deploy", str(EXAMPLES / "hello-python"))
         invoked = json.loads(hetfaas(info.state_dir, "invoke", "hello", "--json").stdout)
         deadline = time.monotonic() + 10

@@ -45,7 +45,9 @@ def verifier_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launc
 
 @pytest.fixture(scope="module")
 async def vclient(verifier_cluster: launcher.ClusterInfo) -> AsyncIterator[Client]:
-    client = await Client.connect(verifier_cluster.nats_url, "verify-tests")
+    client = await Client.connect(
+        verifier_cluster.nats_url, "verify-tests", creds=verifier_cluster.nats_creds
+    )
     yield client
     await client.close()
 
@@ -63,7 +65,7 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def hetfaas(info: launcher.ClusterInfo, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HETFAAS_NATS_URL": info.nats_url}
+    env = {**os.environ, "HETFAAS_NATS_URL": info.nats_url, "HETFAAS_CREDS": info.nats_creds}
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, env=env, timeout=60)
 
 

@@ -17,6 +17,7 @@ from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
 from schemas import codec, subjects
 from schemas.messages import HaveIt, Heartbeat, InvokeRequest, NodeRecord
+from tests.integration.conftest import harness_creds
 
 # Answers a node gives: (has it, when to answer: awaited first). None: it says nothing.
 Answer = tuple[bool, Callable[[], Awaitable[object]]] | None
@@ -24,7 +25,7 @@ Answer = tuple[bool, Callable[[], Awaitable[object]]] | None
 
 @pytest.fixture
 async def nc(cluster: launcher.ClusterInfo) -> AsyncIterator[Connection]:
-    conn = await bus.connect(cluster.nats_url, "test-where-is")
+    conn = await bus.connect(cluster.nats_url, "test-where-is", creds=harness_creds(cluster))
     yield conn
     await conn.close()
 

@@ -1,0 +1,84 @@
+"""What every command shares: finding the cluster, the identity it acts as, running one client
+operation with errors mapped to exit status 1, printing JSON."""
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import nats
+
+from cli import render
+from cli.client import Client, ClientError, ProgramRejected
+from deploy import launcher
+from fabric.bundles import BundleError
+from fabric.telemetry import setup_tracing, stop_tracing
+from schemas.manifest import ManifestError
+
+TENANT_HELP = "act for this tenant (default: the credentials' tenant, or 'default' for the operator)"
+
+
+def acting_as(client: Client, tenant: str | None) -> str:
+    """The tenant a command acts for: the one named, else the credentials' own."""
+    return tenant or client.tenant or "default"
+
+
+def state_dir() -> Path:
+    return launcher.default_state_dir()
+
+
+def nats_url() -> str:
+    if url := os.environ.get("HETFAAS_NATS_URL"):
+        return url
+    info = launcher.read_cluster(state_dir())
+    if info is None or not info.processes:
+        raise click.ClickException(
+            f"no cluster found in {state_dir()}: run `hetfaas up` or set HETFAAS_NATS_URL"
+        )
+    return info.nats_url
+
+
+def creds() -> str:
+    """The identity of every command: --creds, else $HETFAAS_CREDS, else the operator's
+    credentials of the local cluster (`hetfaas up` keeps them in its state directory)."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.find_root().params.get("creds") if ctx else None
+    if given := given or os.environ.get("HETFAAS_CREDS"):
+        return str(given)
+    info = launcher.read_cluster(state_dir())
+    return info.nats_creds if info and not os.environ.get("HETFAAS_NATS_URL") else ""
+
+
+def run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run one client operation with tracing into the state directory, mapping errors to exit 1."""
+    state = state_dir()
+    provider = setup_tracing("cli", str(state) if state.is_dir() else None, enabled=True)
+
+    async def main() -> Any:
+        client = await Client.connect(nats_url(), creds=creds())
+        try:
+            return await coro_fn(client, *args)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(main())
+    except ProgramRejected as exc:
+        click.echo(render.verdict(exc.verdict, "the function's program"), err=True)
+        raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
+    except ClientError as exc:
+        raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
+    except (ManifestError, BundleError) as exc:
+        raise click.ClickException(f"bad_request: {exc}") from None
+    except (OSError, nats.errors.Error) as exc:
+        raise click.ClickException(f"unavailable: cannot reach the cluster at {nats_url()} ({exc})") from None
+    finally:
+        if provider:
+            stop_tracing()  # flushes the client's spans before the command returns
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))

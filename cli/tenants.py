@@ -1,0 +1,121 @@
+"""`hetfaas tenant ...`: the operator's tenant management. Credentials are issued from the
+cluster's authority (the operator's keys, in the state directory) and revoked by pushing the
+account's updated JWT to NATS; limits are stored in etcd through the scheduler."""
+
+import asyncio
+from pathlib import Path
+
+import click
+import msgspec
+
+from cli import render
+from cli.context import print_json, run, state_dir
+from deploy import authority, launcher
+from fabric import credentials
+from schemas.manifest import name_problems
+
+
+def _authority() -> authority.Authority:
+    directory = launcher.secrets_dir(state_dir())
+    keys = authority.load(directory)
+    if keys is None:
+        raise click.ClickException(
+            f"unauthorized: no cluster authority in {directory}: tenants are managed by the operator "
+            "of a cluster started with `hetfaas up`"
+        )
+    return keys
+
+
+def _check_name(name: str) -> None:
+    if problems := name_problems(tenant=name):
+        raise click.ClickException("bad_request: " + "; ".join(problems))
+
+
+@click.group()
+def tenant() -> None:
+    """Tenants: their credentials and limits (the operator's commands)."""
+
+
+@tenant.command("create")
+@click.argument("name")
+@click.option(
+    "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="creds file"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def tenant_create(name: str, out: Path, as_json: bool) -> None:
+    """Create tenant NAME's credentials in OUT (a NATS .creds file, mode 0600): with them every
+    command (`--creds OUT` or $HETFAAS_CREDS) acts for NAME, and only for NAME."""
+    _check_name(name)
+    keys = _authority()
+    text = keys.issue("tenant", name)
+    credentials.write_secret(out, text)
+    authority.save(keys, launcher.secrets_dir(state_dir()))
+    identity = credentials.read_creds(out)
+    if as_json:
+        print_json({"tenant": name, "creds": str(out.resolve()), "user": identity.user})
+    else:
+        click.echo(f"tenant {name}: credentials written to {out} (user {identity.user[:12]}...)")
+
+
+@tenant.command("revoke")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def tenant_revoke(name: str, as_json: bool) -> None:
+    """Revoke every credential of tenant NAME: new connections are refused at once, open ones
+    closed as soon as the servers hear of it. Other tenants are not affected."""
+    _check_name(name)
+    keys = _authority()
+    revoked = keys.revoke("tenant", name)
+    if not revoked:
+        raise click.ClickException(f"not_found: tenant {name!r} has no credentials that are not revoked")
+    directory = launcher.secrets_dir(state_dir())
+    authority.save(keys, directory)
+    info = launcher.read_cluster(state_dir())
+    if info is not None and info.processes:
+        try:
+            asyncio.run(authority.push_account(info.nats_url, directory / authority.SYSTEM_CREDS, keys))
+        except authority.PushError as exc:
+            raise click.ClickException(
+                f"unavailable: revoked in {directory}, not yet on the servers: {exc}"
+            ) from None
+    if as_json:
+        print_json({"tenant": name, "revoked": revoked})
+    else:
+        click.echo(f"tenant {name}: {len(revoked)} credential(s) revoked")
+
+
+@tenant.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON array")
+def tenant_list(as_json: bool) -> None:
+    """The tenants credentials were issued to, and which are revoked."""
+    rows = [
+        {
+            "tenant": name,
+            "credentials": len(issued),
+            "active": sum(not i.revoked for i in issued),
+            "created": min(i.issued_at for i in issued),
+        }
+        for name, issued in sorted(_authority().tenants().items())
+    ]
+    if as_json:
+        print_json(rows)
+    else:
+        click.echo(render.tenants_table(rows))
+
+
+@tenant.command("set")
+@click.argument("name")
+@click.option(
+    "--max-concurrency",
+    required=True,
+    type=click.IntRange(1, 1_000_000),
+    help="the tenant's invocations running at once, cluster-wide; beyond it they queue, then throttle",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def tenant_set(name: str, max_concurrency: int, as_json: bool) -> None:
+    """Set tenant NAME's limits (stored in etcd; every scheduler replica follows them)."""
+    reply = run(lambda c: c.set_tenant(name, max_concurrency))
+    if as_json:
+        print_json(msgspec.to_builtins(reply.record))
+    else:
+        click.echo(f"tenant {reply.record.tenant}: max_concurrency {reply.record.max_concurrency}")

@@ -1,0 +1,93 @@
+"""What each identity may publish and subscribe to on NATS: least privilege, derived from the
+subject table (docs/architecture.md §8). nats-server enforces these lists (they are in each user's
+JWT); anything not allowed is denied.
+"""
+
+from typing import Literal
+
+import msgspec
+
+from schemas import subjects
+
+Role = Literal["operator", "tenant", "scheduler", "host", "dpu", "verifier"]
+ROLES: tuple[Role, ...] = ("operator", "tenant", "scheduler", "host", "dpu", "verifier")
+
+_BUCKET = f"OBJ_{subjects.BUNDLE_BUCKET}"
+# The JetStream API calls of reading an object (nats-py's ObjectStore.get and get_info): the
+# bucket's info, its metadata message, an ordered consumer over the object's chunks and its flow
+# control. Writing adds creating the bucket, publishing chunks and metadata, purging replaced
+# chunks. (Found by running both against a server with these lists and nothing else.)
+BUNDLE_READ = (
+    "$JS.API.STREAM.NAMES",  # nats-py finds the stream of a subscription by its subject
+    f"$JS.API.STREAM.INFO.{_BUCKET}",
+    f"$JS.API.STREAM.MSG.GET.{_BUCKET}",
+    f"$JS.API.DIRECT.GET.{_BUCKET}.>",
+    f"$JS.API.CONSUMER.CREATE.{_BUCKET}",
+    f"$JS.API.CONSUMER.CREATE.{_BUCKET}.>",
+    f"$JS.API.CONSUMER.DELETE.{_BUCKET}.>",
+    f"$JS.FC.{_BUCKET}.>",
+)
+BUNDLE_WRITE = (
+    *BUNDLE_READ,
+    f"$JS.API.STREAM.CREATE.{_BUCKET}",
+    f"$JS.API.STREAM.PURGE.{_BUCKET}",
+    f"$O.{subjects.BUNDLE_BUCKET}.>",
+)
+
+
+class Permissions(msgspec.Struct, frozen=True):
+    pub: tuple[str, ...]
+    sub: tuple[str, ...]
+
+
+def permissions(role: Role, name: str) -> Permissions:
+    """The allow lists of identity `name` in `role` (a tenant's name is the tenant)."""
+    own_inbox = f"{subjects.service_inbox(role, name)}.>"
+    scheduler_inboxes = f"{subjects.SERVICE_INBOX_ROOT}.scheduler.>"
+    tenant_inboxes = f"{subjects.TENANT_INBOX_ROOT}.>"
+    if role == "tenant":
+        return Permissions(
+            pub=(subjects.invoke(name, "*"), subjects.control(name, "*"), subjects.verify(name)),
+            sub=(f"{subjects.tenant_inbox(name)}.>",),
+        )
+    if role == "operator":  # acts for any tenant, alone manages tenants and revocations, watches
+        return Permissions(
+            pub=(subjects.INVOKE_ALL, subjects.CONTROL_ALL, subjects.VERIFY_ALL, "hetfaas.admin.*"),
+            sub=(tenant_inboxes, own_inbox, subjects.HEARTBEAT_ALL),
+        )
+    if role == "scheduler":
+        return Permissions(
+            pub=(
+                subjects.node_invoke("*"),
+                subjects.node_logs("*"),
+                subjects.node_maps("*"),
+                subjects.WHERE_IS,
+                subjects.FUNCTION_REMOVED,
+                subjects.replica_beat(name),
+                subjects.replica_invoke("*"),
+                tenant_inboxes,  # answers to tenants (checked: `subjects.is_tenant_reply`)
+                f"{subjects.SERVICE_INBOX_ROOT}.operator.>",
+                *BUNDLE_WRITE,
+            ),
+            sub=(
+                subjects.INVOKE_ALL,
+                subjects.CONTROL_ALL,
+                "hetfaas.admin.*",
+                subjects.HEARTBEAT_ALL,
+                subjects.REPLICA_BEAT_ALL,
+                subjects.replica_invoke(name),
+                own_inbox,
+            ),
+        )
+    if role in ("host", "dpu"):  # a node: answers callers and schedulers, states only its own beat
+        reads = BUNDLE_READ if role == "host" else ()
+        return Permissions(
+            pub=(subjects.heartbeat(name), tenant_inboxes, scheduler_inboxes, *reads),
+            sub=(f"hetfaas.node.{name}.>", subjects.WHERE_IS, subjects.FUNCTION_REMOVED, own_inbox),
+        )
+    if role == "verifier":
+        return Permissions(
+            pub=(tenant_inboxes, f"{subjects.SERVICE_INBOX_ROOT}.operator.>"),
+            sub=(subjects.VERIFY_ALL, own_inbox),
+        )
+    raise ValueError(f"unknown role {role!r}")
