@@ -425,6 +425,10 @@ class Client:
     ) -> Any:
         """A control request: a tenant's (its replies under the tenant's inbox), or the
         operator's (`tenant` empty)."""
+        if not tenant and self.tenant:  # NATS would refuse it, and the caller would hear a timeout
+            raise unauthorized(
+                f"{subject} is the operator's; these are credentials of tenant {self.tenant!r}"
+            )
         requester = self.acting_for(tenant) if tenant else self._requester
         try:
             data = await requester.request(

@@ -294,5 +294,9 @@ async def test_a_tenants_client_sees_only_its_own(
             await mine.functions(tenant)
         assert refused.value.error.code == "unauthorized"
         assert msgspec.to_builtins((await mine.invoke(tenant, "other")).error)["code"] == "unauthorized"
+        for operators_only in (mine.status(), mine.set_tenant("lister", 10_000)):
+            with pytest.raises(ClientError) as refused:
+                await operators_only
+            assert refused.value.error.code == "unauthorized"
     finally:
         await mine.close()
