@@ -56,6 +56,7 @@ class Scheduler:
         self.sync = state.ClusterSync(store, self.view, self._node_gone)
         self._heartbeat_seen = asyncio.Event()
         self.replica_beats: dict[str, tuple[ReplicaBeat, float]] = {}
+        self.foreign_claims = 0  # beats that named another identity than their subject
         self._replicas: tuple[shares.Replicas, float] | None = None
         self.invoker = Invoker(settings, nc, self.view, self._requester, self.replicas, self.tenant_limit)
         self.control = Control(settings, self.view, store, bundles, nc, self._requester, self.sync.tenants)
@@ -214,13 +215,26 @@ class Scheduler:
     # --- heartbeats ---
 
     def on_heartbeat(self, hb: Heartbeat, ctx: bus.Context) -> None:
+        if ctx.subject != subjects.heartbeat(hb.node_id):  # only that node may publish its subject
+            self._foreign_claim(ctx.subject, hb.node_id)
+            return
         self.view.on_heartbeat(hb, ctx.received_at)
         self._heartbeat_seen.set()
         self.invoker.gate.queue.wake_all(CAPACITY)  # the node's partitions or memory may have room now
 
     # --- the other replicas ---
 
+    def _foreign_claim(self, subject: str, claimed: str) -> None:
+        """A beat stating another identity than its subject's (which NATS lets only that identity
+        publish) is ignored: one node or replica cannot speak for another. Logged once in 1000."""
+        if self.foreign_claims % 1000 == 0:
+            log.warning("ignored a beat on %s claiming to be %r", subject, claimed)
+        self.foreign_claims += 1
+
     def on_replica_beat(self, beat: ReplicaBeat, ctx: bus.Context) -> None:
+        if ctx.subject != subjects.replica_beat(beat.scheduler_id):
+            self._foreign_claim(ctx.subject, beat.scheduler_id)
+            return
         known = beat.scheduler_id in self.replica_beats
         self.replica_beats[beat.scheduler_id] = (beat, ctx.received_at)
         if not known:

@@ -15,6 +15,7 @@ import pytest
 
 from cli.client import Client, ClientError
 from deploy import launcher
+from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.messages import (
     DeployRequest,
@@ -300,3 +301,29 @@ async def test_a_tenants_client_sees_only_its_own(
             assert refused.value.error.code == "unauthorized"
     finally:
         await mine.close()
+
+
+async def test_a_beat_speaks_only_for_the_identity_of_its_subject(
+    harness: Connection, client: Client
+) -> None:
+    """On its own subject (all NATS lets it publish), a node or replica naming another identity
+    in the body is ignored: it can neither pose as another node nor add a replica."""
+    forged_replica = ReplicaBeat(
+        scheduler_id="ghost-replica",
+        seq=0,
+        running=0,
+        queued=0,
+        throttled=0,
+        etcd_ok=True,
+        view_age_ms=0,
+        nodes_healthy=2,
+    )
+    # host-1 speaking for host-2 (host-2's own next beat would replace it within 0.2 s: the
+    # status below is asked at once, before it)
+    forged_node = Heartbeat(node_id="host-2", seq=0, inflight=0, capacity=64, instances=4242)
+    await harness.publish(subjects.replica_beat("scheduler-9"), codec.encode(forged_replica))
+    await harness.publish(subjects.heartbeat("host-1"), codec.encode(forged_node))
+    await harness.flush()
+    status = await client.status()
+    assert "ghost-replica" not in {beat.scheduler_id for beat in status.replicas}
+    assert all(node.instances != 4242 for node in status.nodes)
