@@ -259,9 +259,7 @@ async def main(args: argparse.Namespace) -> None:
         work = Path(tmp)
         key = load_or_create_key(work / "signing.pem")
         await verifier_pool.start()
-        verifier = Verifier(
-            VerifierSettings(verifier_id="bench", nats_url="", etcd_endpoints=[], key_path=""), key
-        )
+        verifier = Verifier(VerifierSettings(verifier_id="bench", nats_url="", key_path=""), key)
         parts = {
             "verify": lambda: part_verify(verifier),
             "load": lambda: part_node_load(verifier, key),

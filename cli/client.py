@@ -164,10 +164,16 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, nats_url: str, name: str = "hetfaas-cli", wait_for_server: bool = False, creds: str = ""
+        cls,
+        nats_url: str,
+        name: str = "hetfaas-cli",
+        wait_for_server: bool = False,
+        creds: str = "",
+        ca: str = "",
     ) -> "Client":
         """A client; by default it fails at once (NoServersError) when NATS is not reachable.
-        `creds` is a NATS credentials file; a bad one raises ClientError `unauthorized`."""
+        `creds` is a NATS credentials file; a bad one raises ClientError `unauthorized`. `ca`:
+        the CA file of a cluster whose NATS speaks TLS (`nats_ca` in its cluster.json)."""
         identity = None
         if creds:
             try:
@@ -179,7 +185,9 @@ class Client:
         else:
             inbox = subjects.service_inbox("operator", identity.name) if identity else ""
         try:
-            nc = await bus.connect(nats_url, name, wait_for_server, creds=creds, inbox_prefix=inbox)
+            nc = await bus.connect(nats_url, name, wait_for_server, creds=creds, inbox_prefix=inbox, ca=ca)
+        except credentials.CredentialsError as exc:
+            raise unauthorized(str(exc)) from None
         except nats.errors.Error as exc:
             if "authorization" in str(exc).lower():
                 who = f"the credentials in {creds}" if creds else "a client without credentials"
@@ -206,7 +214,9 @@ class Client:
         return requester
 
     async def close(self) -> None:
-        await self.nc.drain()
+        """Deliver what is in flight and close; a connection the server already closed is fine
+        (its credentials were revoked, or signed by a retired key)."""
+        await bus.close(self.nc)
 
     async def invoke(
         self,
@@ -412,8 +422,10 @@ class Client:
                 status = await self.status()
                 if sum(n.healthy for n in status.nodes) >= hosts and len(status.schedulers) >= schedulers:
                     return status
-            except ClientError:
-                pass  # no scheduler serves yet
+            except ClientError as exc:
+                if exc.error.code == "unauthorized":  # waiting will not change who these creds are
+                    raise
+                # else no scheduler serves yet
             if check is not None and (problem := check()):
                 raise ClientError(Error(code="unavailable", message=problem))
             if time.monotonic() > deadline:

@@ -52,13 +52,24 @@ def creds() -> str:
     return info.nats_creds if info and not os.environ.get("HETFAAS_NATS_URL") else ""
 
 
+def ca() -> str:
+    """The CA a TLS cluster's NATS certificate is checked against: --ca, else $HETFAAS_CA, else
+    the local cluster's (`nats_ca` in its cluster.json)."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.find_root().params.get("ca") if ctx else None
+    if given := given or os.environ.get("HETFAAS_CA"):
+        return str(given)
+    info = launcher.read_cluster(state_dir())
+    return info.nats_ca if info and not os.environ.get("HETFAAS_NATS_URL") else ""
+
+
 def run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """Run one client operation with tracing into the state directory, mapping errors to exit 1."""
     state = state_dir()
     provider = setup_tracing("cli", str(state) if state.is_dir() else None, enabled=True)
 
     async def main() -> Any:
-        client = await Client.connect(nats_url(), creds=creds())
+        client = await Client.connect(nats_url(), creds=creds(), ca=ca())
         try:
             return await coro_fn(client, *args)
         finally:

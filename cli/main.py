@@ -9,7 +9,7 @@ from typing import IO
 import click
 import msgspec
 
-from cli import render, tenants, traces
+from cli import account, render, tenants, traces
 from cli.client import RETRY_AFTER_MS, Client
 from cli.context import TENANT_HELP, acting_as, print_json, run, state_dir
 from deploy import launcher
@@ -27,7 +27,13 @@ UP_TIMEOUT_S = 60.0
     default=None,
     help="NATS credentials file to act as (default: $HETFAAS_CREDS, else the local cluster's operator)",
 )
-def cli(creds: str | None) -> None:
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="CA file of a cluster whose NATS speaks TLS (default: $HETFAAS_CA, else the local cluster's)",
+)
+def cli(creds: str | None, ca: str | None) -> None:
     """hetfaas: serverless functions on CPU hosts and DPUs.
 
     The cluster is found through $HETFAAS_NATS_URL, else the state directory of `hetfaas up`
@@ -51,8 +57,17 @@ def cli(creds: str | None) -> None:
 @click.option(
     "--dpus", default=0, show_default=True, type=click.IntRange(0, 64), help="DPU nodes to start (root)"
 )
-def up(hosts: int, schedulers: int, verifiers: int, dpus: int) -> None:
-    """Start a local cluster in the background; returns when every node has registered."""
+@click.option(
+    "--tls/--no-tls",
+    "use_tls",
+    default=False,
+    show_default=True,
+    help="clients reach NATS and etcd over TLS (a CA and certificate are made in the state directory)",
+)
+def up(hosts: int, schedulers: int, verifiers: int, dpus: int, use_tls: bool) -> None:
+    """Start a local cluster in the background; returns when every node has registered.
+    Secured: every connection to NATS and etcd authenticates, each identity with only its
+    role's permissions; the operator's credentials are kept in the state directory."""
     state = state_dir()
     info = launcher.read_cluster(state)
     if info and info.processes and all(launcher.running_processes(info).values()):
@@ -73,6 +88,7 @@ def up(hosts: int, schedulers: int, verifiers: int, dpus: int) -> None:
             verifiers=verifiers,
             dpus=dpus if os.geteuid() == 0 else 0,
             progress=lambda m: click.echo(f"  {m}", err=True),
+            use_tls=use_tls,
         )
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from None
@@ -83,6 +99,8 @@ def up(hosts: int, schedulers: int, verifiers: int, dpus: int) -> None:
     click.echo(
         f"\ncluster is up: NATS {info.nats_url}, etcd {info.etcd_endpoint}; stop it with `hetfaas down`"
     )
+    if info.nats_ca:
+        click.echo(f"TLS: clients check the servers against the CA in {info.nats_ca}")
 
 
 async def _wait_for_nodes(client: Client, hosts: int, info: launcher.ClusterInfo):
@@ -373,6 +391,7 @@ def list_functions(tenant: str | None, as_json: bool) -> None:
 
 
 cli.add_command(tenants.tenant)
+cli.add_command(account.account)
 
 
 def main() -> None:

@@ -15,7 +15,23 @@ from fabric import credentials
 from schemas.manifest import name_problems
 
 
-def _authority() -> authority.Authority:
+def save_and_push(keys: authority.Authority, done: str) -> None:
+    """Keep the authority and send the account's new JWT to the servers (when the cluster runs)."""
+    directory = launcher.secrets_dir(state_dir())
+    authority.save(keys, directory)
+    info = launcher.read_cluster(state_dir())
+    if info is not None and info.processes:
+        try:
+            asyncio.run(
+                authority.push_account(info.nats_url, directory / authority.SYSTEM_CREDS, keys, info.nats_ca)
+            )
+        except authority.PushError as exc:
+            raise click.ClickException(
+                f"unavailable: {done} in {directory}, not yet on the servers: {exc}"
+            ) from None
+
+
+def authority_of_cluster() -> authority.Authority:
     directory = launcher.secrets_dir(state_dir())
     keys = authority.load(directory)
     if keys is None:
@@ -46,7 +62,7 @@ def tenant_create(name: str, out: Path, as_json: bool) -> None:
     """Create tenant NAME's credentials in OUT (a NATS .creds file, mode 0600): with them every
     command (`--creds OUT` or $HETFAAS_CREDS) acts for NAME, and only for NAME."""
     _check_name(name)
-    keys = _authority()
+    keys = authority_of_cluster()
     text = keys.issue("tenant", name)
     credentials.write_secret(out, text)
     authority.save(keys, launcher.secrets_dir(state_dir()))
@@ -64,20 +80,11 @@ def tenant_revoke(name: str, as_json: bool) -> None:
     """Revoke every credential of tenant NAME: new connections are refused at once, open ones
     closed as soon as the servers hear of it. Other tenants are not affected."""
     _check_name(name)
-    keys = _authority()
+    keys = authority_of_cluster()
     revoked = keys.revoke("tenant", name)
     if not revoked:
         raise click.ClickException(f"not_found: tenant {name!r} has no credentials that are not revoked")
-    directory = launcher.secrets_dir(state_dir())
-    authority.save(keys, directory)
-    info = launcher.read_cluster(state_dir())
-    if info is not None and info.processes:
-        try:
-            asyncio.run(authority.push_account(info.nats_url, directory / authority.SYSTEM_CREDS, keys))
-        except authority.PushError as exc:
-            raise click.ClickException(
-                f"unavailable: revoked in {directory}, not yet on the servers: {exc}"
-            ) from None
+    save_and_push(keys, "revoked")
     if as_json:
         print_json({"tenant": name, "revoked": revoked})
     else:
@@ -95,7 +102,7 @@ def tenant_list(as_json: bool) -> None:
             "active": sum(not i.revoked for i in issued),
             "created": min(i.issued_at for i in issued),
         }
-        for name, issued in sorted(_authority().tenants().items())
+        for name, issued in sorted(authority_of_cluster().tenants().items())
     ]
     if as_json:
         print_json(rows)

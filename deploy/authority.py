@@ -9,6 +9,7 @@ server's system account: the operator pushes account updates (revocations) throu
 `nsc push` does.
 """
 
+import ssl
 import time
 from pathlib import Path
 
@@ -131,6 +132,23 @@ class Authority(msgspec.Struct, kw_only=True):
                 revoked.append(issued.user)
         return revoked
 
+    def add_signing_key(self) -> str:
+        """A new signing key, first in line: it signs every user issued from now on, while the
+        older ones still vouch for the users they signed (until `retire_signing_keys`)."""
+        seed = credentials.new_seed("account")
+        self.signing_seeds.insert(0, seed)
+        return credentials.public_key(seed)
+
+    def retire_signing_keys(self) -> list[str]:
+        """Drop every signing key but the newest: the users they signed stop being valid."""
+        retired = [credentials.public_key(seed) for seed in self.signing_seeds[1:]]
+        del self.signing_seeds[1:]
+        return retired
+
+    @property
+    def signing_keys(self) -> list[str]:
+        return [credentials.public_key(seed) for seed in self.signing_seeds]
+
     def tenants(self) -> dict[str, list[Issued]]:
         found: dict[str, list[Issued]] = {}
         for issued in self.issued:
@@ -175,12 +193,14 @@ class PushError(Exception):
     pass
 
 
-async def push_account(nats_url: str, system_creds: Path, keys: Authority) -> None:
+async def push_account(nats_url: str, system_creds: Path, keys: Authority, ca: str = "") -> None:
     """Send the account's current JWT (its revocations and signing keys) to the servers through
-    the system account: the server closes the connections of users it now revokes."""
+    the system account: the server closes the connections of users it now revokes. `ca`: the
+    CA file of a cluster whose NATS speaks TLS."""
+    tls = {"tls": ssl.create_default_context(cafile=ca)} if ca else {}
     try:
         nc = await nats.connect(
-            nats_url, user_credentials=str(system_creds), connect_timeout=2, allow_reconnect=False
+            nats_url, user_credentials=str(system_creds), connect_timeout=2, allow_reconnect=False, **tls
         )
     except (OSError, nats.errors.Error) as exc:
         raise PushError(f"cannot reach NATS at {nats_url} as the system account: {exc}") from None

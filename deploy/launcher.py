@@ -15,11 +15,12 @@ from typing import Any
 
 import msgspec
 
-from deploy import authority, services
+from deploy import authority, etcd_auth, services, tls
 from dpu_node.settings import DpuNodeSettings
 from ebpf_runtime.settings import EbpfRuntimeSettings
 from fabric import credentials, signing
 from fabric.settings import write_settings
+from fabric.store import Store
 from host_node.sandbox import cgroups
 from host_node.sandbox.settings import SandboxSettings
 from host_node.settings import HostNodeSettings
@@ -43,6 +44,10 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     # The operator's NATS credentials (the CLI's default identity); empty: a cluster started
     # without authentication (benchmarks' baseline only).
     nats_creds: str = ""
+    etcd_creds: str = ""  # etcd's root login (the operator's); empty: etcd without auth
+    # The CA that signed nats-server's and etcd's certificates when the links are TLS ("": plain)
+    nats_ca: str = ""
+    etcd_ca: str = ""
 
 
 def default_state_dir() -> Path:
@@ -97,12 +102,14 @@ def up(
     listen_host: str = services.LOOPBACK,
     progress: Callable[[str], None] = lambda _: None,
     secure: bool = True,
+    use_tls: bool = False,
 ) -> ClusterInfo:
     """Start every process of a local cluster (the caller waits for the nodes to register).
     nats-server and etcd listen on `listen_host`: loopback, or an address that other network
     namespaces (the tests' stand-ins for other machines) can reach. Secure by default: NATS
     authenticates every connection and each identity has only its role's permissions
-    (`secure=False` exists for measuring what that costs)."""
+    (`secure=False` exists for measuring what that costs). `use_tls`: clients reach nats-server
+    and etcd over TLS, with a CA and certificate made here (kept in the state directory)."""
     state_dir = state_dir.resolve()
     for sub in ("config", "logs", "data", "traces"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -116,22 +123,10 @@ def up(
         etcd_peer_port=_port(previous.etcd_peer_port if previous else None),
         started_at=time.time(),
     )
-    info.nats_url = f"nats://{listen_host}:{info.nats_port}"
+    info.nats_url = f"{'tls' if use_tls else 'nats'}://{listen_host}:{info.nats_port}"
     info.etcd_endpoint = f"{listen_host}:{info.etcd_client_port}"
-    auth_config = _secure(info) if secure else ""
     try:
-        progress(f"starting nats-server on port {info.nats_port}" + (" (authenticated)" if secure else ""))
-        info.processes["nats"] = services.start_nats(
-            info.nats_port,
-            state_dir / "data" / "nats",
-            state_dir / "config" / "nats.conf",
-            state_dir / "logs" / "nats.log",
-            listen_host,
-            auth_config,
-        ).pid
-        _write_cluster(info)
-        progress(f"starting etcd on port {info.etcd_client_port}")
-        start_etcd(info)
+        _start_nats_and_etcd(info, listen_host, secure, use_tls, progress)
         for i in range(schedulers):
             progress(f"starting scheduler-{i}")
             start_scheduler(info, i, scheduler_overrides or {})
@@ -145,6 +140,29 @@ def up(
     return info
 
 
+def _start_nats_and_etcd(
+    info: ClusterInfo, listen_host: str, secure: bool, use_tls: bool, progress: Callable[[str], None]
+) -> None:
+    state_dir = Path(info.state_dir)
+    auth_config = _secure(info) if secure else ""
+    if use_tls:
+        info.nats_ca = info.etcd_ca = tls.ensure(secrets_dir(state_dir) / "tls", [listen_host]).ca
+    how = ", ".join((["authenticated"] if secure else []) + (["TLS"] if use_tls else []))
+    progress(f"starting nats-server on port {info.nats_port}" + (f" ({how})" if how else ""))
+    info.processes["nats"] = services.start_nats(
+        info.nats_port,
+        state_dir / "data" / "nats",
+        state_dir / "config" / "nats.conf",
+        state_dir / "logs" / "nats.log",
+        listen_host,
+        auth_config,
+        _tls_files(info),
+    ).pid
+    _write_cluster(info)
+    progress(f"starting etcd on port {info.etcd_client_port}" + (f" ({how})" if how else ""))
+    start_etcd(info)
+
+
 def _secure(info: ClusterInfo) -> str:
     """The cluster's authority (created on its first start, kept after), the system account's
     and the operator's credentials; nats-server's operator-mode config."""
@@ -154,6 +172,15 @@ def _secure(info: ClusterInfo) -> str:
     credentials.write_secret(secrets_dir(state_dir) / authority.SYSTEM_CREDS, keys.system_creds())
     info.nats_creds = str(issue_creds(info, "operator", "operator"))
     return authority.nats_config_lines(keys, state_dir / "data" / "nats-accounts")
+
+
+def _tls_files(info: ClusterInfo) -> tls.TlsFiles | None:
+    if not info.nats_ca:
+        return None
+    directory = Path(info.nats_ca).parent
+    return tls.TlsFiles(
+        ca=info.nats_ca, cert=str(directory / "server.pem"), key=str(directory / "server.key")
+    )
 
 
 def secrets_dir(state_dir: Path) -> Path:
@@ -190,8 +217,35 @@ def unrestricted_creds(info: ClusterInfo, name: str) -> str | None:
     return str(path)
 
 
-def _creds_setting(info: ClusterInfo, role: Role, name: str) -> str:
-    return str(issue_creds(info, role, name)) if info.nats_creds else ""
+def _nats_link(info: ClusterInfo, role: Role, name: str) -> dict[str, Any]:
+    """The settings by which identity `name` in `role` reaches NATS."""
+    creds = str(issue_creds(info, role, name)) if info.nats_creds else ""
+    return {"nats_url": info.nats_url, "nats_creds": creds, "nats_ca": info.nats_ca}
+
+
+def _links(info: ClusterInfo, role: Role, name: str) -> dict[str, Any]:
+    """... and etcd, as its own etcd user (made now in etcd with its role's grants)."""
+    creds = str(issue_etcd_creds(info, role, name)) if info.etcd_creds else ""
+    etcd = {"etcd_endpoints": [info.etcd_endpoint], "etcd_creds": creds, "etcd_ca": info.etcd_ca}
+    return _nats_link(info, role, name) | etcd
+
+
+def _etcd_admin(info: ClusterInfo) -> etcd_auth.EtcdAdmin:
+    return etcd_auth.EtcdAdmin(info.etcd_endpoint, credentials.read_etcd_login(info.etcd_creds), info.etcd_ca)
+
+
+def operator_store(info: ClusterInfo) -> Store:
+    """The cluster's etcd as its root (the operator's own tools and tests; never a service)."""
+    login = credentials.read_etcd_login(info.etcd_creds) if info.etcd_creds else None
+    return Store(
+        [info.etcd_endpoint], login=login, ca=Path(info.etcd_ca).read_bytes() if info.etcd_ca else b""
+    )
+
+
+def issue_etcd_creds(info: ClusterInfo, role: Role, name: str) -> Path:
+    """The etcd login file of `name` in `role` (kept, 0600), its user and role asserted in etcd."""
+    directory = secrets_dir(Path(info.state_dir)) / "etcd"
+    return etcd_auth.issue(_etcd_admin(info), directory, role, name)
 
 
 def _start_ebpf_services(
@@ -214,7 +268,9 @@ def _start_ebpf_services(
 
 
 def start_etcd(info: ClusterInfo) -> int:
-    """(Re)start the cluster's etcd on its ports and data directory: its data survives."""
+    """(Re)start the cluster's etcd on its ports and data directory: its data survives. In a
+    secured cluster, with auth on and root's login kept in the state directory (made on the first
+    start)."""
     host = info.etcd_endpoint.rsplit(":", 1)[0]
     state_dir = Path(info.state_dir)
     proc = services.start_etcd(
@@ -223,8 +279,13 @@ def start_etcd(info: ClusterInfo) -> int:
         state_dir / "data" / "etcd",
         state_dir / "logs" / "etcd.log",
         host,
+        _tls_files(info),
     )
     info.processes["etcd"] = proc.pid
+    if info.nats_creds:
+        path, _ = etcd_auth.load_or_create_login(secrets_dir(state_dir) / "etcd", etcd_auth.ROOT)
+        info.etcd_creds = str(path)
+        _etcd_admin(info).secure()
     _write_cluster(info)
     return proc.pid
 
@@ -233,9 +294,7 @@ def start_scheduler(info: ClusterInfo, index: int, overrides: dict[str, Any]) ->
     name = f"scheduler-{index}"
     settings = SchedulerSettings(
         scheduler_id=name,
-        nats_url=info.nats_url,
-        nats_creds=_creds_setting(info, "scheduler", name),
-        etcd_endpoints=[info.etcd_endpoint],
+        **_links(info, "scheduler", name),
         state_dir=info.state_dir,
         **overrides,
     )
@@ -247,9 +306,7 @@ def start_verifier(info: ClusterInfo, index: int, overrides: dict[str, Any] | No
     name = f"verifier-{index}"
     settings = VerifierSettings(
         verifier_id=name,
-        nats_url=info.nats_url,
-        nats_creds=_creds_setting(info, "verifier", name),
-        etcd_endpoints=[info.etcd_endpoint],
+        **_nats_link(info, "verifier", name),
         key_path=str(signing_key_path(info)),
         state_dir=info.state_dir,
         **(overrides or {}),
@@ -266,9 +323,7 @@ def start_dpu(info: ClusterInfo, index: int, overrides: dict[str, Any] | None = 
     name = f"dpu-{index}"
     settings = DpuNodeSettings(
         node_id=name,
-        nats_url=info.nats_url,
-        nats_creds=_creds_setting(info, "dpu", name),
-        etcd_endpoints=[info.etcd_endpoint],
+        **_links(info, "dpu", name),
         trusted_keys=[verifier_public_key(info)],
         state_dir=info.state_dir,
         **(overrides or {}),
@@ -294,9 +349,7 @@ def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: 
     overrides = {"sandbox": _sandbox_settings(info)} | overrides
     settings = HostNodeSettings(
         node_id=name,
-        nats_url=info.nats_url,
-        nats_creds=_creds_setting(info, "host", name),
-        etcd_endpoints=[info.etcd_endpoint],
+        **_links(info, "host", name),
         work_dir=work_dir,
         state_dir=info.state_dir,
         **overrides,

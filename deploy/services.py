@@ -6,6 +6,7 @@ They listen on loopback unless given another address of this machine (a test's v
 import http.client
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from deploy.tls import TlsFiles
 from fabric import credentials
 
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024
@@ -92,21 +94,34 @@ LOOPBACK = "127.0.0.1"
 
 
 def nats_argv(
-    port: int, data_dir: Path, config_path: Path, host: str = LOOPBACK, auth_config: str = ""
+    port: int,
+    data_dir: Path,
+    config_path: Path,
+    host: str = LOOPBACK,
+    auth_config: str = "",
+    tls: TlsFiles | None = None,
 ) -> list[str]:
     """nats-server's command line, its config written to `config_path` (0600: with
-    `auth_config` it holds the operator's and accounts' JWTs)."""
+    `auth_config` it holds the operator's and accounts' JWTs); with `tls`, every client must
+    speak TLS to it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = (
         f'listen: "{host}:{port}"\nmax_payload: {NATS_MAX_PAYLOAD}\njetstream {{ store_dir: "{data_dir}" }}\n'
     )
+    if tls:
+        config += f'tls {{ cert_file: "{tls.cert}", key_file: "{tls.key}", timeout: 2 }}\n'
     credentials.write_secret(config_path, config + auth_config)
     return [nats_server_binary(), "-c", str(config_path)]
 
 
-def etcd_argv(client_port: int, peer_port: int, data_dir: Path, host: str = LOOPBACK) -> list[str]:
+def etcd_argv(
+    client_port: int, peer_port: int, data_dir: Path, host: str = LOOPBACK, tls: TlsFiles | None = None
+) -> list[str]:
+    """etcd's command line; clients over TLS with `tls`'s server certificate when given."""
     name = "hetfaas"
-    client, peer = f"http://{host}:{client_port}", f"http://{LOOPBACK}:{peer_port}"
+    scheme = "https" if tls else "http"
+    client, peer = f"{scheme}://{host}:{client_port}", f"http://{LOOPBACK}:{peer_port}"
+    tls_flags = ["--cert-file", tls.cert, "--key-file", tls.key] if tls else []
     return [
         etcd_binary(),
         "--name",
@@ -125,6 +140,11 @@ def etcd_argv(client_port: int, peer_port: int, data_dir: Path, host: str = LOOP
         f"{name}={peer}",
         "--log-level",
         "warn",
+        # logins check a 256-bit random password (deploy/etcd_auth.py): bcrypt's lowest cost is
+        # enough, and a login takes ~1 ms instead of ~50 at the default cost of 10
+        "--bcrypt-cost",
+        "4",
+        *tls_flags,
     ]
 
 
@@ -161,25 +181,40 @@ def tcp_ready(port: int, host: str = LOOPBACK) -> bool:
         return False
 
 
-def etcd_healthy(client_port: int, host: str = LOOPBACK) -> bool:
+def etcd_healthy(client_port: int, host: str = LOOPBACK, ca: str = "") -> bool:
+    scheme, context = ("https", ssl.create_default_context(cafile=ca)) if ca else ("http", None)
     try:
-        with urllib.request.urlopen(f"http://{host}:{client_port}/health", timeout=0.5) as resp:
+        with urllib.request.urlopen(
+            f"{scheme}://{host}:{client_port}/health", timeout=0.5, context=context
+        ) as resp:
             return b'"true"' in resp.read()
     except (OSError, http.client.HTTPException):  # not up yet, or not etcd on that port
         return False
 
 
 def start_nats(
-    port: int, data_dir: Path, config_path: Path, log_path: Path, host: str = LOOPBACK, auth_config: str = ""
+    port: int,
+    data_dir: Path,
+    config_path: Path,
+    log_path: Path,
+    host: str = LOOPBACK,
+    auth_config: str = "",
+    tls: TlsFiles | None = None,
 ) -> subprocess.Popen:
-    proc = spawn(nats_argv(port, data_dir, config_path, host, auth_config), log_path)
+    proc = spawn(nats_argv(port, data_dir, config_path, host, auth_config, tls), log_path)
     wait_until(lambda: tcp_ready(port, host), "nats-server", proc, 15, log_path)
     return proc
 
 
 def start_etcd(
-    client_port: int, peer_port: int, data_dir: Path, log_path: Path, host: str = LOOPBACK
+    client_port: int,
+    peer_port: int,
+    data_dir: Path,
+    log_path: Path,
+    host: str = LOOPBACK,
+    tls: TlsFiles | None = None,
 ) -> subprocess.Popen:
-    proc = spawn(etcd_argv(client_port, peer_port, data_dir, host), log_path)
-    wait_until(lambda: etcd_healthy(client_port, host), "etcd", proc, 30, log_path)
+    proc = spawn(etcd_argv(client_port, peer_port, data_dir, host, tls), log_path)
+    ca = tls.ca if tls else ""
+    wait_until(lambda: etcd_healthy(client_port, host, ca), "etcd", proc, 30, log_path)
     return proc

@@ -8,6 +8,9 @@ class DpuNodeSettings(EbpfRuntimeSettings, frozen=True, kw_only=True, forbid_unk
     nats_url: str
     etcd_endpoints: list[str]
     nats_creds: str = ""  # the service's NATS credentials file (`.creds`); empty: connect without
+    nats_ca: str = ""  # the CA (PEM file) that signed nats-server's certificate: TLS ("": plain TCP)
+    etcd_creds: str = ""  # the service's etcd login (a `user:password` file, 0600); empty: anonymous
+    etcd_ca: str = ""  # the CA (PEM file) that signed etcd's certificate: TLS ("": plain HTTP)
     state_dir: str | None = None
     # Invocations accepted at once, those waiting for a core included; beyond it the node answers
     # `throttled`. Far above `cores`: a program runs for microseconds, an invocation is in

@@ -4,6 +4,7 @@ resource on an exit stack, so leaving it (or failing half-way) releases them in 
 import asyncio
 import contextlib
 import os
+from pathlib import Path
 from typing import Protocol, Self
 
 from fabric import bus, credentials, metrics
@@ -40,15 +41,15 @@ class ServiceApp(contextlib.AbstractAsyncContextManager):
             await asyncio.Future()
 
 
-class ConnectionSettings(Protocol):
-    """What every service's settings say about reaching the cluster and reporting on itself."""
+class BusSettings(Protocol):
+    """What every service's settings say about reaching NATS and reporting on itself."""
 
     @property
     def nats_url(self) -> str: ...
     @property
     def nats_creds(self) -> str: ...
     @property
-    def etcd_endpoints(self) -> list[str]: ...
+    def nats_ca(self) -> str: ...
     @property
     def state_dir(self) -> str | None: ...
     @property
@@ -57,11 +58,21 @@ class ConnectionSettings(Protocol):
     def metrics_listen(self) -> str: ...
 
 
-async def open_connections(
-    stack: contextlib.AsyncExitStack, role: Role, name: str, settings: ConnectionSettings
-) -> tuple[Connection, Store, TaskSet]:
-    """Tracing, metrics, NATS, etcd and a task set, each closed by `stack` after what is
-    entered later."""
+class ConnectionSettings(BusSettings, Protocol):
+    """... and about reaching etcd (every service but the verifier, which never does)."""
+
+    @property
+    def etcd_endpoints(self) -> list[str]: ...
+    @property
+    def etcd_creds(self) -> str: ...
+    @property
+    def etcd_ca(self) -> str: ...
+
+
+async def open_bus(
+    stack: contextlib.AsyncExitStack, role: Role, name: str, settings: BusSettings
+) -> tuple[Connection, TaskSet]:
+    """Tracing, metrics, NATS and a task set, each closed by `stack` after what is entered later."""
     provider = setup_tracing(name, settings.state_dir, settings.tracing)
     if provider is not None:
         stack.callback(provider.shutdown)
@@ -69,13 +80,40 @@ async def open_connections(
     if settings.nats_creds:
         credentials.read_creds(settings.nats_creds)  # a clear error now, not a retry loop later
     nc = await bus.connect(
-        settings.nats_url, name, creds=settings.nats_creds, inbox_prefix=subjects.service_inbox(role, name)
+        settings.nats_url,
+        name,
+        creds=settings.nats_creds,
+        inbox_prefix=subjects.service_inbox(role, name),
+        ca=settings.nats_ca,
     )
     stack.push_async_callback(bus.close, nc)
-    store = await stack.enter_async_context(Store(settings.etcd_endpoints))
     tasks = TaskSet()
     stack.push_async_callback(tasks.close)
+    return nc, tasks
+
+
+async def open_connections(
+    stack: contextlib.AsyncExitStack, role: Role, name: str, settings: ConnectionSettings
+) -> tuple[Connection, Store, TaskSet]:
+    """`open_bus`, and the store as this service's etcd user."""
+    nc, tasks = await open_bus(stack, role, name, settings)
+    store = await stack.enter_async_context(open_store(settings))
     return nc, store, tasks
+
+
+def open_store(settings: ConnectionSettings) -> Store:
+    """The store as the settings' etcd identity; a credentials file that cannot be one is a clear
+    error now, not a retry loop later."""
+    login = credentials.read_etcd_login(settings.etcd_creds) if settings.etcd_creds else None
+    ca = read_ca(settings.etcd_ca) if settings.etcd_ca else b""
+    return Store(settings.etcd_endpoints, login=login, ca=ca)
+
+
+def read_ca(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise credentials.CredentialsError(f"cannot read CA certificate {path}: {exc.strerror}") from None
 
 
 async def open_metrics(stack: contextlib.AsyncExitStack, name: str, listen: str) -> None:

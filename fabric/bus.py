@@ -2,10 +2,12 @@
 (`fabric.serving`) and making requests (`fabric.requesting`)."""
 
 import logging
+import ssl
 
 import nats
 import nats.errors
 
+from fabric import credentials
 from fabric.connection import Connection
 from fabric.requesting import (
     NO_RESPONDERS_STATUS,
@@ -65,17 +67,20 @@ log = logging.getLogger(__name__)
 
 
 async def connect(
-    url: str, name: str, wait_for_server: bool = True, creds: str = "", inbox_prefix: str = ""
+    url: str, name: str, wait_for_server: bool = True, creds: str = "", inbox_prefix: str = "", ca: str = ""
 ) -> Connection:
     """Connect to NATS as the identity in the `creds` file (nats-py reads it again at every
     reconnect, so rewritten credentials take effect then), with its inboxes under `inbox_prefix`
-    (the only replies its permissions let it receive). Services wait for the server and
+    (the only replies its permissions let it receive), over TLS checked against the CA in the
+    `ca` PEM file when one is named. Services wait for the server and
     reconnect for ever (`wait_for_server`); a command-line client fails at once with
     NoServersError, so the user hears it."""
     nc = Connection()
     options: dict = {"user_credentials": creds} if creds else {}
     if inbox_prefix:
         options["inbox_prefix"] = inbox_prefix
+    if ca:
+        options["tls"] = tls_context(ca)
     await nc.connect(
         url,
         name=name,
@@ -91,6 +96,14 @@ async def connect(
         error_cb=_log_connection_error if wait_for_server else _ignore_connection_error,
     )
     return nc
+
+
+def tls_context(ca: str) -> ssl.SSLContext:
+    """A client TLS context trusting only the cluster's CA (and checking the server's name)."""
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise credentials.CredentialsError(f"cannot use CA certificate {ca}: {exc}") from None
 
 
 async def _log_connection_error(exc: Exception) -> None:

@@ -9,6 +9,7 @@ signing keys and carries that user's permissions and limits. A user proves its i
 """
 
 import base64
+import dataclasses
 import hashlib
 import os
 import re
@@ -244,3 +245,29 @@ def read_creds(path: str | Path) -> Identity:
         user=seed_user,
         expires_at=expires_at,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdLogin:
+    """An etcd user and its password (never in a repr, so never in a log line)."""
+
+    user: str
+    password: str = dataclasses.field(repr=False)
+
+
+def etcd_login_text(login: EtcdLogin) -> str:
+    """The file form: `user:password`, as etcdctl's `--user` takes it."""
+    return f"{login.user}:{login.password}\n"
+
+
+def read_etcd_login(path: str | Path) -> EtcdLogin:
+    """The etcd login in a file written by `etcd_login_text`, with a clear error naming the
+    problem (and never the password)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise CredentialsError(f"cannot read etcd credentials file {path}: {exc.strerror}") from None
+    user, colon, password = text.partition(":")
+    if not colon or not user or not password or "\n" in text:
+        raise CredentialsError(f"{path} is not an etcd credentials file (one line, user:password)")
+    return EtcdLogin(user, password)

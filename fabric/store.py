@@ -5,15 +5,19 @@ Built on etcd3aio (async, retries transient errors). Only this module imports it
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+from etcd3aio.errors import EtcdUnauthenticatedError
 from etcd3aio.kv import KVService
 
+from fabric.credentials import EtcdLogin
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -30,6 +34,7 @@ class Entry:
     key: str
     value: bytes
     mod_revision: int
+    lease: int = 0  # the lease the key lives under (0: none, it stays until deleted)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Event:
     key: str
     value: bytes
     mod_revision: int
+    lease: int = 0
 
 
 class Compacted(Exception):
@@ -45,10 +51,18 @@ class Compacted(Exception):
 
 
 class Store:
-    def __init__(self, endpoints: list[str], timeout_s: float = 5.0):
+    """`login`: the etcd user this process is (a cluster with auth on refuses anonymous calls);
+    `ca`: PEM of the CA that signed etcd's certificate, to reach it over TLS."""
+
+    def __init__(
+        self, endpoints: list[str], timeout_s: float = 5.0, login: EtcdLogin | None = None, ca: bytes = b""
+    ):
         # Six attempts back off 50 ms doubling to 1.55 s in all: long enough to ride out the
         # channel's reconnect (capped at 1 s below), short of the 5 s per-call timeout.
-        self._client = Etcd3Client(endpoints, rpc_max_attempts=6)
+        self._client = Etcd3Client(endpoints, rpc_max_attempts=6, ca_cert=ca or None)
+        self._login = login
+        self._logged_in = False
+        self._login_lock = asyncio.Lock()
         # gRPC backs off reconnects up to 120 s by default: after an etcd outage the store would
         # stay "unavailable" long after etcd is back. Cap it (etcd3aio builds the channel from
         # these options; it has no parameter for them).
@@ -67,25 +81,62 @@ class Store:
         assert self._client.kv is not None, "store not connected"
         return self._client.kv
 
+    async def _authenticated(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call` under this process's etcd token, logging in first when it has none. A token
+        etcd no longer knows (etcd restarted: its simple tokens live in memory; or idle past
+        their TTL) gets one new login and one retry."""
+        if self._login is None:
+            return await call()
+        if not self._logged_in:
+            await self._log_in(stale=False)
+        try:
+            return await call()
+        except EtcdUnauthenticatedError:
+            await self._log_in(stale=True)
+            return await call()
+
+    async def _log_in(self, stale: bool) -> None:
+        assert self._login is not None and self._client.auth is not None, "store not connected"
+        async with self._login_lock:
+            if self._logged_in and not stale:
+                return  # another call logged in while this one waited
+            try:
+                resp = await self._client.auth.authenticate(
+                    self._login.user, self._login.password, timeout=self.timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:  # etcd answers a bad login INVALID_ARGUMENT
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                message = (exc.details() or "").removeprefix("etcdserver: ")
+                raise EtcdUnauthenticatedError(
+                    f"etcd refused the login of {self._login.user}: {message}"
+                ) from None
+            self._client.set_token(resp.token)
+            self._logged_in = True
+
     async def get(self, key: str) -> Entry | None:
-        resp = await self._kv.get(key, timeout=self.timeout_s)
+        resp = await self._authenticated(lambda: self._kv.get(key, timeout=self.timeout_s))
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
-        return Entry(kv.key.decode(), kv.value, kv.mod_revision)
+        return Entry(kv.key.decode(), kv.value, kv.mod_revision, kv.lease)
 
     async def list_prefix(self, prefix: str) -> tuple[list[Entry], int]:
         """All entries under `prefix` and the store revision they were read at."""
-        resp = await self._kv.get(prefix, prefix_range_end(prefix), timeout=self.timeout_s)
-        entries = [Entry(kv.key.decode(), kv.value, kv.mod_revision) for kv in resp.kvs]
+        resp = await self._authenticated(
+            lambda: self._kv.get(prefix, prefix_range_end(prefix), timeout=self.timeout_s)
+        )
+        entries = [Entry(kv.key.decode(), kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs]
         return entries, resp.header.revision
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        resp = await self._kv.put(key, value, lease=lease, timeout=self.timeout_s)
+        resp = await self._authenticated(
+            lambda: self._kv.put(key, value, lease=lease, timeout=self.timeout_s)
+        )
         return resp.header.revision
 
     async def delete(self, key: str) -> bool:
-        resp = await self._kv.delete(key, timeout=self.timeout_s)
+        resp = await self._authenticated(lambda: self._kv.delete(key, timeout=self.timeout_s))
         return resp.deleted > 0
 
     async def watch_prefix(
@@ -94,6 +145,8 @@ class Store:
         """Batches of events after `start_revision`; raises Compacted when history is gone.
         `on_created` runs once etcd has set the watch up: from then on no event is missed."""
         assert self._client.watch is not None, "store not connected"
+        if self._login is not None and not self._logged_in:
+            await self._log_in(stale=False)  # a stale token fails the stream; the caller lists again
         stream = self._client.watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision)
         async for response in stream:
             if response.compact_revision > 0 or response.canceled:
@@ -102,7 +155,11 @@ class Store:
                 on_created()
             events = [
                 Event(
-                    "put" if ev.type == 0 else "delete", ev.kv.key.decode(), ev.kv.value, ev.kv.mod_revision
+                    "put" if ev.type == 0 else "delete",
+                    ev.kv.key.decode(),
+                    ev.kv.value,
+                    ev.kv.mod_revision,
+                    ev.kv.lease,
                 )
                 for ev in response.events
             ]
@@ -114,8 +171,9 @@ class Store:
         return LeasedKey(self, key, value, ttl_s)
 
     async def _grant(self, ttl_s: int) -> int:
-        assert self._client.lease is not None, "store not connected"
-        return (await self._client.lease.grant(ttl_s, timeout=self.timeout_s)).ID
+        lease = self._client.lease
+        assert lease is not None, "store not connected"
+        return (await self._authenticated(lambda: lease.grant(ttl_s, timeout=self.timeout_s))).ID
 
     async def _keep_alive_once(self, lease_id: int) -> int:
         """One keep-alive round trip; returns the remaining TTL (0 or less: the lease is gone)."""
@@ -130,8 +188,9 @@ class Store:
         return 0
 
     async def _revoke(self, lease_id: int) -> None:
-        assert self._client.lease is not None, "store not connected"
-        await self._client.lease.revoke(lease_id, timeout=self.timeout_s)
+        lease = self._client.lease
+        assert lease is not None, "store not connected"
+        await self._authenticated(lambda: lease.revoke(lease_id, timeout=self.timeout_s))
 
 
 class LeasedKey:

@@ -9,6 +9,9 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     nats_url: str
     etcd_endpoints: list[str]
     nats_creds: str = ""  # the service's NATS credentials file (`.creds`); empty: connect without
+    nats_ca: str = ""  # the CA (PEM file) that signed nats-server's certificate: TLS ("": plain TCP)
+    etcd_creds: str = ""  # the service's etcd login (a `user:password` file, 0600); empty: anonymous
+    etcd_ca: str = ""  # the CA (PEM file) that signed etcd's certificate: TLS ("": plain HTTP)
     work_dir: str  # bundles and function logs live here
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True

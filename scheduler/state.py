@@ -10,11 +10,11 @@ from typing import Any
 
 import msgspec
 
-from fabric.store import Event, LeasedKey, Store, follow_prefix
+from fabric.store import Entry, Event, LeasedKey, Store, follow_prefix
 from scheduler.view import ClusterView
 from schemas import codec, keys
 from schemas.ebpf import RevokeRequest
-from schemas.messages import ApprovedProgram, FunctionRecord, SchedulerRecord, TenantRecord
+from schemas.messages import ApprovedProgram, FunctionRecord, NodeRecord, SchedulerRecord, TenantRecord
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class ClusterSync:
             keys.SCHEDULERS, self._reset_schedulers, self._apply_scheduler, self.schedulers_synced
         )
 
-    def _reset_schedulers(self, values: list[bytes]) -> None:
-        records = [r for r in map(_decode(codec.scheduler_record), values) if r is not None]
+    def _reset_schedulers(self, entries: list[Entry]) -> None:
+        records = [r for r in map(_decode(codec.scheduler_record), _values(entries)) if r is not None]
         self.schedulers = {r.scheduler_id for r in records}
 
     def _apply_scheduler(self, event: Event) -> None:
@@ -73,16 +73,14 @@ class ClusterSync:
     async def _follow(
         self,
         prefix: str,
-        reset: Callable[[list[bytes]], None],
+        reset: Callable[[list[Entry]], None],
         apply: Callable[[Event], None],
         synced: asyncio.Event,
     ) -> None:
-        await follow_prefix(
-            self._store, prefix, lambda entries: reset([e.value for e in entries]), apply, synced, self._lost
-        )
+        await follow_prefix(self._store, prefix, reset, apply, synced, self._lost)
 
-    def _reset_nodes(self, values: list[bytes]) -> None:
-        records = [r for r in map(_decode(codec.node_record), values) if r is not None]
+    def _reset_nodes(self, entries: list[Entry]) -> None:
+        records = [r for r in (_node_record(e.key, e.value, e.lease) for e in entries) if r is not None]
         log.info("nodes listed from etcd: %s", ", ".join(sorted(r.node_id for r in records)) or "none")
         for node_id in self._view.reset_nodes(records):
             log.warning("node %s left (gone from etcd)", node_id)
@@ -94,13 +92,18 @@ class ClusterSync:
             log.warning("node %s left (its key was deleted: lease expired or revoked)", node_id)
             self._view.remove_node(node_id)
             self._on_node_gone(node_id)
-        elif (record := _decode(codec.node_record)(event.value)) is not None:
+        elif (record := _node_record(event.key, event.value, event.lease)) is not None:
             if record.node_id not in self._view.nodes:
                 log.info("node %s joined", record.node_id)
             self._view.put_node(record)
+        elif (node_id := event.key.removeprefix(keys.NODES)) in self._view.nodes:
+            log.warning("node %s left (its key no longer holds its registration)", node_id)
+            self._view.remove_node(node_id)
+            self._on_node_gone(node_id)
 
-    def _reset_functions(self, values: list[bytes]) -> None:
-        self._view.reset_functions([r for r in map(_decode(codec.function_record), values) if r is not None])
+    def _reset_functions(self, entries: list[Entry]) -> None:
+        records = map(_decode(codec.function_record), _values(entries))
+        self._view.reset_functions([r for r in records if r is not None])
 
     def _apply_function(self, event: Event) -> None:
         if event.kind == "delete":
@@ -108,8 +111,8 @@ class ClusterSync:
         elif (record := _decode(codec.function_record)(event.value)) is not None:
             self._view.put_function(record)
 
-    def _reset_tenants(self, values: list[bytes]) -> None:
-        records = [r for r in map(_decode(codec.tenant_record), values) if r is not None]
+    def _reset_tenants(self, entries: list[Entry]) -> None:
+        records = [r for r in map(_decode(codec.tenant_record), _values(entries)) if r is not None]
         self.tenants = {r.tenant: r for r in records}
 
     def _apply_tenant(self, event: Event) -> None:
@@ -117,6 +120,24 @@ class ClusterSync:
             self.tenants.pop(event.key.removeprefix(keys.TENANTS), None)
         elif (record := _decode(codec.tenant_record)(event.value)) is not None:
             self.tenants[record.tenant] = record
+
+
+def _values(entries: list[Entry]) -> list[bytes]:
+    return [entry.value for entry in entries]
+
+
+def _node_record(key: str, value: bytes, lease: int) -> NodeRecord | None:
+    """The registration at a node key, or None (logged) for one no live node wrote for itself: a
+    node registers under its own lease (so it vanishes with the node) and under its own id (etcd
+    lets each node's user write only its own key)."""
+    if not lease:
+        log.warning("ignoring %s: not under a lease, so no live node stands behind it", key)
+        return None
+    record = _decode(codec.node_record)(value)
+    if record is not None and keys.node(record.node_id) != key:
+        log.warning("ignoring %s: its record names node %r", key, record.node_id)
+        return None
+    return record
 
 
 def _decode(decoder: msgspec.msgpack.Decoder) -> Callable[[bytes], Any]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 import msgspec
 
-from schemas import subjects
+from schemas import keys, subjects
 
 Role = Literal["operator", "tenant", "scheduler", "host", "dpu", "verifier"]
 ROLES: tuple[Role, ...] = ("operator", "tenant", "scheduler", "host", "dpu", "verifier")
@@ -90,4 +90,37 @@ def permissions(role: Role, name: str) -> Permissions:
             pub=(tenant_inboxes, f"{subjects.SERVICE_INBOX_ROOT}.operator.>"),
             sub=(subjects.VERIFY_ALL, own_inbox),
         )
+    raise ValueError(f"unknown role {role!r}")
+
+
+class KeyGrant(msgspec.Struct, frozen=True):
+    """One etcd permission: `key` alone, or with `prefix` every key under it; read, or with
+    `write` read and write."""
+
+    key: str
+    prefix: bool = False
+    write: bool = False
+
+
+def etcd_grants(role: Role, name: str) -> tuple[KeyGrant, ...]:
+    """What identity `name` in `role` may read and write in etcd (its etcd role; etcd denies the
+    rest). Tenants and verifiers never reach etcd; the operator is etcd's root."""
+    if role == "scheduler":
+        return (
+            KeyGrant(keys.NODES, prefix=True),
+            KeyGrant(keys.SCHEDULERS, prefix=True),
+            KeyGrant(keys.scheduler(name), write=True),
+            KeyGrant(keys.FUNCTIONS, prefix=True, write=True),
+            KeyGrant(keys.PROGRAMS, prefix=True, write=True),
+            KeyGrant(keys.REVOKED, prefix=True, write=True),
+            KeyGrant(keys.TENANTS, prefix=True, write=True),
+        )
+    if role in ("host", "dpu"):  # its own registration; the approvals and revocations it follows
+        return (
+            KeyGrant(keys.node(name), write=True),
+            KeyGrant(keys.PROGRAMS, prefix=True),
+            KeyGrant(keys.REVOKED, prefix=True),
+        )
+    if role in ("tenant", "verifier", "operator"):
+        return ()
     raise ValueError(f"unknown role {role!r}")

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from fabric import bus, signing
-from fabric.app import ServiceApp, open_connections
+from fabric.app import ServiceApp, open_bus
 from verifier_service import attestation
 from verifier_service.kernel import KernelPool
 from verifier_service.service import Verifier, ensure_root
@@ -23,7 +23,9 @@ class VerifierApp(ServiceApp):
         settings = self.settings
         ensure_root()
         key = attestation.load_or_create_key(Path(settings.key_path))
-        nc, _store, _tasks = await open_connections(stack, "verifier", settings.verifier_id, settings)
+        nc, _tasks = await open_bus(
+            stack, "verifier", settings.verifier_id, settings
+        )  # no etcd: it keeps no state
         kernel = KernelPool(settings.workers)  # workers started ahead of the first request
         stack.push_async_callback(kernel.close)
         await kernel.start()

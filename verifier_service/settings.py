@@ -4,8 +4,8 @@ import msgspec
 class VerifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     verifier_id: str
     nats_url: str
-    etcd_endpoints: list[str]
     nats_creds: str = ""  # the service's NATS credentials file (`.creds`); empty: connect without
+    nats_ca: str = ""  # the CA (PEM file) that signed nats-server's certificate: TLS ("": plain TCP)
     key_path: str  # the Ed25519 signing key (a 0600 PEM file, created on first start)
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True

@@ -50,7 +50,7 @@ def start_cluster(state_dir: Path, hosts: int = 2, schedulers: int = 1) -> launc
 
 
 async def wait_for_nodes(info: launcher.ClusterInfo, nodes: int) -> None:
-    client = await Client.connect(info.nats_url, "tests-setup", creds=info.nats_creds)
+    client = await Client.connect(info.nats_url, "tests-setup", creds=info.nats_creds, ca=info.nats_ca)
     try:
         await client.wait_until_ready(nodes, timeout_s=30)
     finally:

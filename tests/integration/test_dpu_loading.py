@@ -35,7 +35,7 @@ async def approved(tmp_path_factory: pytest.TempPathFactory, keys):
         pytest.skip("loading eBPF programs needs root")
     data = bpf_builder(tmp_path_factory.mktemp("bpf"))("counter", COUNTER)
     reply = await verify(data, None, "xdp", VerifyLimits())
-    settings = VerifierSettings(verifier_id="v", nats_url="", etcd_endpoints=[], key_path="")
+    settings = VerifierSettings(verifier_id="v", nats_url="", key_path="")
     return Verifier(settings, keys[0]).attest(reply, "acme", "count")
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from cli.client import Client, ClientError, InvokeOutcome
 from deploy import launcher
-from fabric.store import Store
 from schemas import keys
 from tests.integration.conftest import HOST_OVERRIDES, make_function, most_at_once, start_cluster
 from tests.integration.test_tracing import trace_of
@@ -52,7 +51,7 @@ async def fresh(tmp_path: Path) -> AsyncIterator[tuple[launcher.ClusterInfo, Cli
 
 async def test_node_key_disappears_when_its_lease_expires(fresh) -> None:
     info, _ = fresh
-    async with Store([info.etcd_endpoint]) as store:
+    async with launcher.operator_store(info) as store:
         _, revision = await store.list_prefix(keys.NODES)
         events = store.watch_prefix(keys.node("host-3"), revision + 1)
         launcher.start_host(info, 3, HOST_OVERRIDES)
@@ -72,7 +71,7 @@ async def test_node_key_disappears_when_its_lease_expires(fresh) -> None:
 
 async def test_a_graceful_stop_deregisters_at_once(fresh) -> None:
     info, client = fresh
-    async with Store([info.etcd_endpoint]) as store:
+    async with launcher.operator_store(info) as store:
         launcher.terminate(info.processes["host-2"], Path(info.state_dir), timeout_s=10)
         assert await store.get(keys.node("host-2")) is None, "SIGTERM revoked the lease"
     outcome = await client.invoke("load", "slow", b"x")
