@@ -74,9 +74,10 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
     cluster: launcher.ClusterInfo, tenant: str
 ) -> None:
     """Tolerances: the node's phases cover its span to within 2 ms (the gaps between them are
-    the node's own bookkeeping); each hop's span starts after its parent's and ends before it,
-    except that the scheduler may end up to 5 ms after the client: the node answers the client
-    directly and the scheduler only then hears its acknowledgement."""
+    the node's own bookkeeping); each hop's span starts after its parent's, and ends before it
+    where one waits for the other. The scheduler's may end after the client's, by any amount:
+    the node answers the client directly and the scheduler only then hears its acknowledgement,
+    two messages nothing orders (6.3 ms apart once, on a loaded machine)."""
     hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
     result = json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
     trace = trace_of(cluster.state_dir, result["invocation_id"], HOPS | COLD_PHASES)
@@ -88,9 +89,10 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
     assert sched["parentSpanId"] == client["spanId"]
     assert attempt["parentSpanId"] == sched["spanId"]
     assert node["parentSpanId"] == attempt["spanId"], "the node's span hangs off the attempt that reached it"
-    for parent, child, late_ns in [(client, sched, 5_000_000), (sched, attempt, 0), (attempt, node, 0)]:
+    for parent, child in [(client, sched), (sched, attempt), (attempt, node)]:
         assert int(parent["startTimeUnixNano"]) <= int(child["startTimeUnixNano"])
-        assert int(child["endTimeUnixNano"]) <= int(parent["endTimeUnixNano"]) + late_ns
+    for parent, child in [(sched, attempt), (attempt, node)]:  # the parent waits for the child
+        assert int(child["endTimeUnixNano"]) <= int(parent["endTimeUnixNano"])
     assert (client["service"], sched["service"], node["service"]) == ("cli", "scheduler-0", result["node"])
     assert attempt["attrs"]["hetfaas.node"] == result["node"] and attempt["attrs"]["hetfaas.attempt"] == "1"
     assert "warm" in attempt["attrs"]["hetfaas.placement"], "the attempt says why this node"
