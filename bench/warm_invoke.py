@@ -79,8 +79,22 @@ async def raw_round(info: launcher.ClusterInfo, payload: bytes, requests: int, i
         await nc.close()
 
 
+def tenant_creds(info: launcher.ClusterInfo) -> str:
+    """The tenant "bench"'s credentials on a secured cluster, made once as an operator makes
+    them (its client then runs in the tenant's own account, as every tenant's does); "" on a
+    cluster without authentication."""
+    if not info.nats_creds:
+        return ""
+    out = Path(info.state_dir) / "bench-tenant.creds"
+    if not out.exists():
+        env = {**os.environ, "HETFAAS_STATE_DIR": info.state_dir}
+        argv = [sys.executable, "-m", "cli", "tenant", "create", "bench", "--out", str(out)]
+        subprocess.run(argv, env=env, check=True, capture_output=True)
+    return str(out)
+
+
 async def e2e_round(info: launcher.ClusterInfo, payload: bytes, requests: int, in_flight: int) -> dict:
-    client = await Client.connect(info.nats_url, "bench", creds=info.nats_creds)
+    client = await Client.connect(info.nats_url, "bench", creds=tenant_creds(info))
     try:
 
         async def call() -> None:
@@ -95,9 +109,13 @@ async def e2e_round(info: launcher.ClusterInfo, payload: bytes, requests: int, i
 
 
 async def prepare(info: launcher.ClusterInfo, work: Path, concurrency: int, hosts: int) -> None:
-    client = await Client.connect(info.nats_url, "bench-setup", creds=info.nats_creds)
+    operator = await Client.connect(info.nats_url, "bench-setup", creds=info.nats_creds)
     try:
-        await client.wait_until_ready(hosts, timeout_s=30)
+        await operator.wait_until_ready(hosts, timeout_s=30)
+    finally:
+        await operator.close()
+    client = await Client.connect(info.nats_url, "bench-setup", creds=tenant_creds(info))
+    try:
         fn = work / "echo"
         fn.mkdir()
         (fn / "function.toml").write_text(

@@ -45,10 +45,10 @@ def account_show(as_json: bool) -> None:
 @account.command("rotate-signing-key")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def rotate(as_json: bool) -> None:
-    """Step 1: add a new signing key; issue the services' credentials again under it."""
+    """Step 1: add a new signing key (to every account); issue the services' credentials again."""
     keys = authority_of_cluster()
     new_key = keys.add_signing_key()
-    save_and_push(keys, "the new signing key is kept")
+    save_and_push(keys, "the new signing key is kept", all_accounts(keys))
     reissued = reissue_service_creds(keys)
     authority.save(keys, launcher.secrets_dir(state_dir()))
     if as_json:
@@ -71,11 +71,16 @@ def retire(as_json: bool) -> None:
         raise click.ClickException(
             "bad_request: the account has one signing key; `hetfaas account rotate-signing-key` adds one"
         )
-    save_and_push(keys, "retired")
+    save_and_push(keys, "retired", all_accounts(keys))
     if as_json:
         print_json({"retired": retired, "signing_key": keys.signing_keys[0]})
     else:
         click.echo(f"{len(retired)} signing key(s) retired; users they signed are refused from now on")
+
+
+def all_accounts(keys: authority.Authority) -> list[str]:
+    """HETFAAS first (its new signing key signs the tenants' activations), then every tenant's."""
+    return [keys.account_jwt(), *(keys.tenant_account_jwt(tenant) for tenant in keys.tenant_accounts)]
 
 
 def reissue_service_creds(keys: authority.Authority) -> list[str]:

@@ -189,6 +189,9 @@ class Client:
         except credentials.CredentialsError as exc:
             raise unauthorized(str(exc)) from None
         except nats.errors.Error as exc:
+            if "maximum account active connections" in str(exc):
+                message = "the tenant has as many connections open as its account allows; close one"
+                raise ClientError(Error(code="throttled", message=message)) from None
             if "authorization" in str(exc).lower():
                 who = f"the credentials in {creds}" if creds else "a client without credentials"
                 raise unauthorized(

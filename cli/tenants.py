@@ -15,15 +15,16 @@ from fabric import credentials
 from schemas.manifest import name_problems
 
 
-def save_and_push(keys: authority.Authority, done: str) -> None:
-    """Keep the authority and send the account's new JWT to the servers (when the cluster runs)."""
+def save_and_push(keys: authority.Authority, done: str, jwts: list[str]) -> None:
+    """Keep the authority and send accounts' new JWTs to the servers (when the cluster runs; a
+    cluster started later is started with them)."""
     directory = launcher.secrets_dir(state_dir())
     authority.save(keys, directory)
     info = launcher.read_cluster(state_dir())
     if info is not None and info.processes:
         try:
             asyncio.run(
-                authority.push_account(info.nats_url, directory / authority.SYSTEM_CREDS, keys, info.nats_ca)
+                authority.push_accounts(info.nats_url, directory / authority.SYSTEM_CREDS, jwts, info.nats_ca)
             )
         except authority.PushError as exc:
             raise click.ClickException(
@@ -63,9 +64,8 @@ def tenant_create(name: str, out: Path, as_json: bool) -> None:
     command (`--creds OUT` or $HETFAAS_CREDS) acts for NAME, and only for NAME."""
     _check_name(name)
     keys = authority_of_cluster()
-    text = keys.issue("tenant", name)
-    credentials.write_secret(out, text)
-    authority.save(keys, launcher.secrets_dir(state_dir()))
+    credentials.write_secret(out, keys.issue("tenant", name))
+    save_and_push(keys, f"{out} is written, tenant {name}'s account kept", [keys.tenant_account_jwt(name)])
     identity = credentials.read_creds(out)
     if as_json:
         print_json({"tenant": name, "creds": str(out.resolve()), "user": identity.user})
@@ -84,7 +84,7 @@ def tenant_revoke(name: str, as_json: bool) -> None:
     revoked = keys.revoke("tenant", name)
     if not revoked:
         raise click.ClickException(f"not_found: tenant {name!r} has no credentials that are not revoked")
-    save_and_push(keys, "revoked")
+    save_and_push(keys, "revoked", [keys.tenant_account_jwt(name)])
     if as_json:
         print_json({"tenant": name, "revoked": revoked})
     else:

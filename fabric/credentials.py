@@ -108,14 +108,20 @@ def account_jwt(
     revocations: dict[str, int] | None = None,
     jetstream: bool = False,
     max_connections: int = UNLIMITED,
+    exports: list[dict[str, Any]] | None = None,
+    imports: list[dict[str, Any]] | None = None,
+    user_limits: "UserLimits | None" = None,
 ) -> str:
     """An account's JWT. Users issued by `signing_keys` belong to it; `revocations` maps a user's
     public key to a time: its JWTs issued at or before then no longer connect, and its open
-    connections are closed when the server hears of it."""
+    connections are closed when the server hears of it. `exports`/`imports`: the subjects it
+    offers other accounts and takes from them (`service_export`, `service_import`);
+    `max_connections` and `user_limits` bound the whole account (all its users together)."""
+    bounds = user_limits or UserLimits()
     limits: dict[str, Any] = {
-        "subs": UNLIMITED,
-        "data": UNLIMITED,
-        "payload": UNLIMITED,
+        "subs": bounds.subs,
+        "data": bounds.data,
+        "payload": bounds.payload,
         "imports": UNLIMITED,
         "exports": UNLIMITED,
         "wildcards": True,
@@ -138,7 +144,48 @@ def account_jwt(
     }
     if revocations:
         nats_claims["revocations"] = revocations
+    if exports:
+        nats_claims["exports"] = exports
+    if imports:
+        nats_claims["imports"] = imports
     return encode_jwt({"sub": account, "name": name, "nats": nats_claims}, operator_seed)
+
+
+def service_export(subject: str, response_threshold_s: float) -> dict[str, Any]:
+    """A private service export: only accounts holding an activation token for (a part of)
+    `subject` may import it. A request crossing it is answered once (`Singleton`), within
+    `response_threshold_s` (the server forgets the way back after that)."""
+    return {
+        "name": subject,
+        "subject": subject,
+        "type": "service",
+        "token_req": True,
+        "response_type": "Singleton",
+        "response_threshold": int(response_threshold_s * 1e9),
+    }
+
+
+def activation_jwt(signing_seed: str, exporter: str, importer: str, subject: str) -> str:
+    """The exporting account's permission for account `importer` to import `subject`, signed by
+    one of the exporter's signing keys."""
+    claims = {
+        "sub": importer,
+        "name": subject,
+        "nats": {
+            "type": "activation",
+            "version": 2,
+            "subject": subject,
+            "kind": "service",
+            "issuer_account": exporter,
+        },
+    }
+    return encode_jwt(claims, signing_seed)
+
+
+def service_import(exporter: str, subject: str, token: str) -> dict[str, Any]:
+    """Take `subject` from account `exporter` as a service (requests go there, replies come back
+    to the importer's own reply subject), with the exporter's activation `token`."""
+    return {"name": subject, "subject": subject, "account": exporter, "token": token, "type": "service"}
 
 
 class UserLimits(msgspec.Struct, frozen=True, kw_only=True):

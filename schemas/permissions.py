@@ -45,6 +45,7 @@ def permissions(role: Role, name: str) -> Permissions:
     own_inbox = f"{subjects.service_inbox(role, name)}.>"
     scheduler_inboxes = f"{subjects.SERVICE_INBOX_ROOT}.scheduler.>"
     tenant_inboxes = f"{subjects.TENANT_INBOX_ROOT}.>"
+    tenant_replies = f"{subjects.IMPORT_REPLY_ROOT}.>"  # answers crossing back to tenants' accounts
     if role == "tenant":
         return Permissions(
             pub=(subjects.invoke(name, "*"), subjects.control(name, "*"), subjects.verify(name)),
@@ -65,7 +66,8 @@ def permissions(role: Role, name: str) -> Permissions:
                 subjects.FUNCTION_REMOVED,
                 subjects.replica_beat(name),
                 subjects.replica_invoke("*"),
-                tenant_inboxes,  # answers to tenants (checked: `subjects.is_tenant_reply`)
+                tenant_inboxes,  # answers to tenants (checked: `subjects.reply_is_the_tenants`)
+                tenant_replies,
                 f"{subjects.SERVICE_INBOX_ROOT}.operator.>",
                 *BUNDLE_WRITE,
             ),
@@ -82,12 +84,12 @@ def permissions(role: Role, name: str) -> Permissions:
     if role in ("host", "dpu"):  # a node: answers callers and schedulers, states only its own beat
         reads = BUNDLE_READ if role == "host" else ()
         return Permissions(
-            pub=(subjects.heartbeat(name), tenant_inboxes, scheduler_inboxes, *reads),
+            pub=(subjects.heartbeat(name), tenant_inboxes, tenant_replies, scheduler_inboxes, *reads),
             sub=(f"hetfaas.node.{name}.>", subjects.WHERE_IS, subjects.FUNCTION_REMOVED, own_inbox),
         )
     if role == "verifier":
         return Permissions(
-            pub=(tenant_inboxes, f"{subjects.SERVICE_INBOX_ROOT}.operator.>"),
+            pub=(tenant_inboxes, tenant_replies, f"{subjects.SERVICE_INBOX_ROOT}.operator.>"),
             sub=(subjects.VERIFY_ALL, own_inbox),
         )
     raise ValueError(f"unknown role {role!r}")

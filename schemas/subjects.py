@@ -34,6 +34,12 @@ FUNCTION_REMOVED = "hetfaas.nodes.function-removed"  # every node listens (no qu
 # them or forge one into another tenant's inbox. Services' own inboxes are `_HF.<role>.<id>`.
 TENANT_INBOX_ROOT = "_INBOX"
 SERVICE_INBOX_ROOT = "_HF"
+# A tenant's own clients are in the tenant's own NATS account, which imports the tenant's
+# subjects as services (deploy/authority.py): their requests reach the services with a reply
+# subject the server made, under `_R_.`, and the server routes its answer back to the tenant's
+# inbox. Only the server makes such subjects (a client may not publish with one as its reply),
+# and only for requests that crossed a tenant's import of its own subjects.
+IMPORT_REPLY_ROOT = "_R_"
 
 
 def control(tenant: str, verb: str) -> str:
@@ -67,7 +73,10 @@ def service_inbox(role: str, name: str) -> str:
 
 
 def reply_is_the_tenants(subject: str, reply: str) -> bool:
-    """For a tenant's request (`hetfaas.<kind>.<tenant>...`): whether `reply` is that tenant's."""
+    """For a tenant's request (`hetfaas.<kind>.<tenant>...`): whether `reply` is that tenant's,
+    as the server made it for a request from the tenant's account, or in the tenant's inbox."""
+    if reply.startswith(f"{IMPORT_REPLY_ROOT}.") and len(reply) > len(IMPORT_REPLY_ROOT) + 1:
+        return True
     parts = subject.split(".", 3)
     return len(parts) > 2 and is_tenant_reply(parts[2], reply)
 

@@ -14,7 +14,7 @@ import nats.errors
 import pytest
 
 from cli.client import Client, ClientError
-from deploy import launcher
+from deploy import authority, launcher
 from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.messages import (
@@ -327,3 +327,34 @@ async def test_a_beat_speaks_only_for_the_identity_of_its_subject(
     status = await client.status()
     assert "ghost-replica" not in {beat.scheduler_id for beat in status.replicas}
     assert all(node.instances != 4242 for node in status.nodes)
+
+
+async def test_a_tenants_connections_are_bounded_together(
+    cluster: launcher.ClusterInfo, tmp_path: Path
+) -> None:
+    """All of a tenant's connections count against its own account's limit, whichever of its
+    credentials opened them; other tenants connect as before."""
+    first, second = create_tenant(cluster, "greedy", tmp_path), create_tenant(cluster, "greedy", tmp_path)
+    opened = []
+    try:
+        for i in range(authority.TENANT_MAX_CONNECTIONS):
+            creds = first if i % 2 else second
+            opened.append(
+                await nats.connect(
+                    cluster.nats_url,
+                    user_credentials=creds,
+                    inbox_prefix=subjects.tenant_inbox("greedy"),
+                    allow_reconnect=False,
+                )
+            )
+        with pytest.raises(ClientError) as refused:
+            await Client.connect(cluster.nats_url, creds=first)
+        assert refused.value.error.code == "throttled" and "connections" in refused.value.error.message
+        other = await Client.connect(cluster.nats_url, creds=create_tenant(cluster, "modest", tmp_path))
+        await other.close()
+        await opened.pop().close()
+        again = await Client.connect(cluster.nats_url, creds=first)
+        await again.close()
+    finally:
+        for nc in opened:
+            await nc.close()

@@ -20,8 +20,9 @@ def test_a_tenants_credentials_say_who_it_is(tmp_path: Path) -> None:
     assert (identity.role, identity.tenant, identity.name) == ("tenant", "alice", "tenant:alice")
     assert path.stat().st_mode & 0o777 == 0o600
     claims = credentials.decode_jwt(path.read_text().split("\n")[1])
-    assert claims["iss"] == credentials.public_key(keys.signing_seeds[0])  # a signing key, not the account's
-    assert claims["nats"]["issuer_account"] == keys.account
+    own = keys.tenant_accounts["alice"]  # the tenant's own account, signed by its signing key
+    assert claims["iss"] == credentials.public_key(own.signing_seeds[0]) != own.public
+    assert claims["nats"]["issuer_account"] == own.public != keys.account
 
 
 def test_a_tampered_jwt_is_refused(tmp_path: Path) -> None:
@@ -82,10 +83,11 @@ def test_revocation_names_only_that_tenants_users() -> None:
     keys.issue("tenant", "alice")
     keys.issue("tenant", "bob")
     revoked = keys.revoke("tenant", "alice")
-    assert len(revoked) == 2 and set(keys.revocations) == set(revoked)
+    assert len(revoked) == 2 and set(keys.tenant_accounts["alice"].revocations) == set(revoked)
     assert keys.revoke("tenant", "alice") == []  # already revoked
-    claims = credentials.decode_jwt(keys.account_jwt())
+    claims = credentials.decode_jwt(keys.tenant_account_jwt("alice"))  # in alice's own account
     assert set(claims["nats"]["revocations"]) == set(revoked)
+    assert "revocations" not in credentials.decode_jwt(keys.tenant_account_jwt("bob"))["nats"]
     assert [i.revoked for i in keys.tenants()["bob"]] == [False]
 
 
@@ -112,3 +114,25 @@ def test_only_the_tenants_own_inbox_is_its_reply_subject() -> None:
     assert not subjects.reply_is_the_tenants("hetfaas.invoke.alice.f", "_INBOX.alice.")
     assert not subjects.reply_is_the_tenants("hetfaas.invoke.alice.f", "")
     assert not subjects.reply_is_the_tenants("hetfaas.control.alice.deploy", "_HF.operator.operator.x.1")
+
+
+def test_a_tenants_account_imports_only_its_own_subjects_from_hetfaas() -> None:
+    keys = Authority.create()
+    keys.issue("tenant", "alice")
+    keys.issue("tenant", "bob")
+    alice = credentials.decode_jwt(keys.tenant_account_jwt("alice"))["nats"]
+    imported = {i["subject"] for i in alice["imports"]}
+    assert imported == {"hetfaas.invoke.alice.*", "hetfaas.control.alice.*", "hetfaas.verify.alice"}
+    for entry in alice["imports"]:
+        token = credentials.decode_jwt(entry["token"])  # signature checked
+        assert token["sub"] == keys.tenant_accounts["alice"].public, "valid for alice's account only"
+        assert token["nats"]["subject"] == entry["subject"] and entry["account"] == keys.account
+    assert alice["limits"]["conn"] == 64 and alice["limits"]["subs"] == 10_000
+    exports = credentials.decode_jwt(keys.account_jwt())["nats"]["exports"]
+    assert all(e["token_req"] and e["type"] == "service" for e in exports), "private: token required"
+    assert set(keys.account_jwts()) == {
+        keys.system_account,
+        keys.account,
+        keys.tenant_accounts["alice"].public,
+        keys.tenant_accounts["bob"].public,
+    }

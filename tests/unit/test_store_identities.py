@@ -87,8 +87,15 @@ def test_rotation_signs_with_the_new_key_and_retiring_keeps_only_it(tmp_path: Pa
     path = tmp_path / "alice.creds"
     credentials.write_secret(path, authority.issue("tenant", "alice"))
     claims = credentials.decode_jwt(path.read_text().split("\n")[1])
-    assert claims["iss"] == new
+    tenant_keys = [credentials.public_key(seed) for seed in authority.tenant_accounts["alice"].signing_seeds]
+    assert claims["iss"] == tenant_keys[0] and len(tenant_keys) == 1
+    operator = authority.issue("operator", "op").split("\n")[1]
+    assert credentials.decode_jwt(operator)["iss"] == new
     assert old in credentials.decode_jwt(authority.account_jwt())["nats"]["signing_keys"]
-    assert authority.retire_signing_keys() == [old]
-    assert credentials.decode_jwt(authority.account_jwt())["nats"]["signing_keys"] == [new]
+    authority.add_signing_key()
+    assert len(authority.tenant_accounts["alice"].signing_seeds) == 2, "every account's key rotates"
+    newest = authority.signing_keys[0]
+    assert authority.retire_signing_keys() == [new, old]
+    assert credentials.decode_jwt(authority.account_jwt())["nats"]["signing_keys"] == [newest]
+    assert len(authority.tenant_accounts["alice"].signing_seeds) == 1
     assert authority.retire_signing_keys() == []
