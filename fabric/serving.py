@@ -111,6 +111,9 @@ class Route:
     # tenant or the operator publish it): taken only when its reply subject is that tenant's own
     # inbox, so nobody can have an answer sent to another tenant's inbox (docs §8).
     tenant_reply: bool = False
+    # The reply subject is in this header, not the message's reply (a hand-over between replicas
+    # passing on a reply the server made for a tenant's request: see subjects.HAND_OVER_REPLY).
+    reply_header: str = ""
 
 
 @dataclass
@@ -141,6 +144,8 @@ class Server:
 
     def _deliverer(self, route: Route) -> Deliver:
         def deliver(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            if route.reply_header:
+                reply = (headers or {}).get(route.reply_header, reply)
             if route.tenant_reply and not subjects.reply_is_the_tenants(subject, reply):
                 self._foreign_reply(subject, reply)
                 return

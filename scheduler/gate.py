@@ -171,6 +171,5 @@ class AdmissionGate:
         await self._nc.publish(
             subjects.replica_invoke(owner),
             codec.encode(req),
-            reply=ctx.reply,
-            headers=telemetry.trace_headers(),
+            headers={**(telemetry.trace_headers() or {}), subjects.HAND_OVER_REPLY: ctx.reply},
         )

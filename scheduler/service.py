@@ -114,6 +114,7 @@ class Scheduler:
                 self.on_invoke,
                 fast=self.on_invoke_now,
                 span=INVOKE_SPAN,
+                reply_header=subjects.HAND_OVER_REPLY,
             ),
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
             *self.control.routes(queue),

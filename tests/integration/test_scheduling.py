@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     make_function,
     most_at_once,
 )
+from tests.integration.test_cli import hetfaas
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +125,26 @@ async def test_a_tenant_limit_holds_across_its_functions(
 
     assert [o.error for o in outcomes if not o.ok] == []
     assert ran_at_once(outcomes) <= 2
+
+
+async def test_a_tenants_own_client_is_answered_after_a_hand_over(
+    two_replicas: Client, tmp_path: Path, tenant: str
+) -> None:
+    """A tenant's own client sits in its own NATS account, so its requests arrive with a reply
+    subject the server made (`_R_...`), which no client may pass on as a reply. A limit of 1 has
+    one replica hand the other's invocations over: each must still be answered."""
+    out = tmp_path / "own.creds"
+    assert hetfaas(str(STATE["dir"]), "tenant", "create", tenant, "--out", str(out)).returncode == 0
+    own = await Client.connect(two_replicas.nc.connected_url.geturl(), creds=str(out))
+    try:
+        manifest = 'runtime = "python"\nhandler = "main:handle"\nmax_concurrency = 1\n'
+        await own.deploy(make_function(tmp_path, "single", manifest, {"main.py": TIMED}))
+        outcomes = [
+            await own.invoke(tenant, "single", b"0", timeout_ms=3000, retry_after_ms=0) for _ in range(8)
+        ]
+    finally:
+        await own.close()
+    assert [o.error for o in outcomes if not o.ok] == []
 
 
 async def test_beyond_the_queue_invocations_are_throttled_at_once(
