@@ -4,7 +4,7 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ REPLY_GRACE_S = 1.0  # the scheduler answers before the deadline; this covers th
 # may have died holding it. The copy has the same id and reply subject: nodes run an id once
 # and the first answer wins, so a copy costs a little work, never a second run on one node.
 RETRY_AFTER_MS = 2000
+# "No responders" means no scheduler received the request (nothing ran), so sending it again is
+# safe. A scheduler whose connection the server closed (a restart; a retired signing key, whose
+# users the servers disconnect) is subscribed again within a reconnect, ~0.3 s: wait that long
+# before telling the caller no scheduler is running.
+NO_SCHEDULER_PATIENCE_S = 2.0
 
 
 class ClientError(Exception):
@@ -125,6 +130,19 @@ def _read_ebpf_object(path: Path, spec: FunctionSpec) -> bytes:
 
 
 MIN_COPY_TIMEOUT_MS = 200  # a copy with less time left than this would only time out
+
+
+async def _while_no_scheduler(send: Callable[[], Awaitable[bytes]], until: float) -> bytes:
+    """`send()`, again after a pause while no scheduler is subscribed, until `until` (monotonic)."""
+    pause_s = 0.05
+    while True:
+        try:
+            return await send()
+        except bus.NoResponders:
+            if time.monotonic() + pause_s > until:
+                raise
+        await asyncio.sleep(pause_s)
+        pause_s = min(pause_s * 2, 0.4)
 
 
 def _copy(request: InvokeRequest, attempt: int, started: float) -> bytes | None:
@@ -254,13 +272,16 @@ class Client:
                 resend = None
                 if 0 < retry_after_ms < timeout_ms:
                     resend = bus.Resend(retry_after_ms / 1000, lambda n: _copy(request, n, started))
-                data = await requester.request(
-                    subjects.invoke(tenant, function),
-                    codec.encode(request),
-                    timeout_ms / 1000 + REPLY_GRACE_S,
-                    telemetry.trace_headers(),
-                    "scheduler",
-                    resend,
+                data = await _while_no_scheduler(
+                    lambda: requester.request(
+                        subjects.invoke(tenant, function),
+                        codec.encode(request),
+                        timeout_ms / 1000 + REPLY_GRACE_S,
+                        telemetry.trace_headers(),
+                        "scheduler",
+                        resend,
+                    ),
+                    started + min(timeout_ms / 1000, NO_SCHEDULER_PATIENCE_S),
                 )
                 result = codec.invoke_result.decode(data)
             except bus.NoResponders:

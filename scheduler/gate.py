@@ -18,6 +18,10 @@ from schemas import codec, subjects
 from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, error_reply
 
 CAPACITY = ("capacity",)  # the wait-queue reason of invocations waiting for room on a node
+# A replica handing an invocation over passes the caller's reply subject in this header, not as
+# the message's reply: nats-server lets no client send an `_R_.` subject (a tenant account's
+# request, docs/architecture.md §8) on as a reply.
+HAND_OVER_REPLY = "Hetfaas-Reply-To"
 
 
 @dataclass
@@ -171,5 +175,5 @@ class AdmissionGate:
         await self._nc.publish(
             subjects.replica_invoke(owner),
             codec.encode(req),
-            headers={**(telemetry.trace_headers() or {}), subjects.HAND_OVER_REPLY: ctx.reply},
+            headers={**(telemetry.trace_headers() or {}), HAND_OVER_REPLY: ctx.reply},
         )

@@ -96,7 +96,8 @@ class Invoker:
         self._profile = plugins.profile(settings.placement)
         self.gate = AdmissionGate(settings, nc, replicas, tenant_limit)
         self.counters = self.gate.counters
-        self._handling: set[str] = set()
+        # invocation id -> the reply subject of the copy this replica is handling
+        self._handling: dict[str, str] = {}
         self.arrivals = keepalive.ArrivalBook(settings.keep_alive)
         self.tasks = TaskSet()  # retries of invocations the fast path took
 
@@ -120,7 +121,7 @@ class Invoker:
             return False  # the span was never finished: nothing of it is exported
         deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
         flight = Flight(req, record, ctx, key, deadline, self._keep_alive(req, record), span)
-        self._handling.add(req.invocation_id)  # from here on, `_finish` undoes these
+        self._handling[req.invocation_id] = ctx.reply  # from here on, `_finish` undoes these
         self.gate.enter((req.tenant, req.function))
         self._send_first(flight, decision.node_id, Explanation(decision), now)
         return True
@@ -184,29 +185,36 @@ class Invoker:
         """What `invoke` does on the way out, and the server's answer."""
         req = flight.req
         self.gate.leave((req.tenant, req.function))
-        self._handling.discard(req.invocation_id)
+        self._stop_handling(req.invocation_id, flight.ctx.reply)
         bus.answer(self._nc, reply, flight.ctx)
         if flight.span is not None:
             if isinstance(reply, ErrorReply):
                 flight.span.set_attribute("hetfaas.error", reply.error.code)
             telemetry.close_span(flight.span)
 
-    def is_resent(self, req: InvokeRequest) -> bool:
-        """A caller's copy of an invocation this replica is still handling: dropped, since the
-        first copy's answer goes to the same inbox."""
-        if req.invocation_id not in self._handling:
+    def is_resent(self, req: InvokeRequest, reply: str) -> bool:
+        """A caller's copy of an invocation this replica is still handling, to the same reply
+        subject: dropped, since the first copy's answer goes there. A copy with a reply of its own
+        (each copy from a tenant's account gets one from the server, and the first's may be gone
+        with a connection the server closed) is handled as another replica would: where-is finds
+        the node, which answers every copy."""
+        if self._handling.get(req.invocation_id) != reply:
             return False
         self.counters.resent += 1
         return True
+
+    def _stop_handling(self, invocation_id: str, reply: str) -> None:
+        if self._handling.get(invocation_id) == reply:
+            del self._handling[invocation_id]
 
     async def invoke(
         self, req: InvokeRequest, record: FunctionRecord, ctx: bus.Context
     ) -> ErrorReply | bytes | None:
         """The answer to relay; None when the caller gets it from someone else (the node, another
         replica, or the first copy of a request the caller sent again)."""
-        if self.is_resent(req):
+        if self.is_resent(req, ctx.reply):
             return None
-        self._handling.add(req.invocation_id)
+        self._handling[req.invocation_id] = ctx.reply
         try:
             deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
             admitted = await self.gate.admit(req, record, deadline, ctx)
@@ -218,7 +226,7 @@ class Invoker:
             finally:
                 self.gate.leave((req.tenant, req.function))
         finally:
-            self._handling.discard(req.invocation_id)
+            self._stop_handling(req.invocation_id, ctx.reply)
 
     async def _place_and_forward(
         self,

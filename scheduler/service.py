@@ -16,7 +16,7 @@ from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
 from scheduler import shares, state
 from scheduler.control import Control, not_deployed
-from scheduler.gate import CAPACITY
+from scheduler.gate import CAPACITY, HAND_OVER_REPLY
 from scheduler.invoke import Invoker, invoke_attributes
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
@@ -114,7 +114,7 @@ class Scheduler:
                 self.on_invoke,
                 fast=self.on_invoke_now,
                 span=INVOKE_SPAN,
-                reply_header=subjects.HAND_OVER_REPLY,
+                reply_header=HAND_OVER_REPLY,
             ),
             bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
             *self.control.routes(queue),
@@ -155,7 +155,7 @@ class Scheduler:
         problem = self._check_invoke(req, ctx.subject)
         if problem:
             return error_reply("bad_request", problem, req.invocation_id)
-        if self.invoker.is_resent(req):  # before the lookup: its function may be gone by now
+        if self.invoker.is_resent(req, ctx.reply):  # before the lookup: its function may be gone by now
             return None
         record = self.view.functions.get((req.tenant, req.function)) or await self._lookup(req)
         if isinstance(record, ErrorReply):

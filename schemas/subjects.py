@@ -40,9 +40,6 @@ SERVICE_INBOX_ROOT = "_HF"
 # inbox. Only the server makes such subjects (a client may not publish with one as its reply),
 # and only for requests that crossed a tenant's import of its own subjects.
 IMPORT_REPLY_ROOT = "_R_"
-# A replica handing an invocation over to another passes the caller's reply subject in this
-# header, not as the message's reply: nats-server lets no client send an `_R_.` subject as one.
-HAND_OVER_REPLY = "Hetfaas-Reply-To"
 
 
 def control(tenant: str, verb: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.client import Client, ClientError
+from cli.client import Client, ClientError, InvokeOutcome
 from deploy import launcher
 from fabric import credentials
 from tests.integration.conftest import EXAMPLES, HOST_OVERRIDES, SCHEDULER_OVERRIDES, wait_for_nodes
@@ -56,24 +56,38 @@ async def test_rotating_the_signing_key(cluster_of_one: launcher.ClusterInfo, tm
     assert outcome.ok, "step 1 stops nothing: the old key still vouches for its users"
 
     cli_json(info, "tenant", "create", "alice", "--out", new_creds)
-    retired = cli_json(info, "account", "retire-signing-keys")
-    assert retired["retired"] == rotated["retiring"]
-    with pytest.raises(ClientError) as refused:
-        await Client.connect(info.nats_url, creds=old_creds)
-    assert refused.value.error.code == "unauthorized"
-    # the servers close what the retired key signed (nats-py tells only a callback of its own)
-    async with asyncio.timeout(5):
-        while not old.nc.is_closed:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-    operator = await Client.connect(info.nats_url, creds=info.nats_creds)  # issued again in step 1
     new = await Client.connect(info.nats_url, creds=new_creds)
+    operator = None
     try:
+        # a user keeps invoking through step 2: the servers close the services' connections
+        # (their users were signed by the retired key), which reconnect with step 1's files
+        calls = asyncio.create_task(invoke_until(new, stop := asyncio.Event()))
+        retired = await asyncio.to_thread(cli_json, info, "account", "retire-signing-keys")
+        assert retired["retired"] == rotated["retiring"]
+        with pytest.raises(ClientError) as refused:
+            await Client.connect(info.nats_url, creds=old_creds)
+        assert refused.value.error.code == "unauthorized"
+        # the servers close what the retired key signed (nats-py tells only a callback of its own)
+        async with asyncio.timeout(5):
+            while not old.nc.is_closed:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        operator = await Client.connect(info.nats_url, creds=info.nats_creds)  # issued again in step 1
         await operator.wait_until_ready(1, timeout_s=10)  # the services reconnected with their new files
         outcome = await new.invoke("alice", "hello", b"after")
         assert outcome.ok, outcome.error
         assert b"after" in outcome.reply.output
+        stop.set()
+        outcomes = await calls
+        assert len(outcomes) > 3 and [o.error for o in outcomes if not o.ok] == [], "no call failed"
     finally:
         await new.close()
         await old.close()
-        await operator.close()
+        if operator is not None:
+            await operator.close()
+
+
+async def invoke_until(client: Client, stop: asyncio.Event) -> list[InvokeOutcome]:
+    outcomes = []
+    while not stop.is_set():
+        outcomes.append(await client.invoke("alice", "hello", b"during"))
+    return outcomes

@@ -108,6 +108,10 @@ def test_no_role_may_use_everything_and_only_nodes_state_their_own_beat() -> Non
 
 
 def test_only_the_tenants_own_inbox_is_its_reply_subject() -> None:
+    """Or a reply the server made for a request from the tenant's own account (`_R_.`)."""
+    assert subjects.reply_is_the_tenants("hetfaas.invoke.alice.f", "_R_.un560P.IbOo7y")
+    assert not subjects.reply_is_the_tenants("hetfaas.invoke.alice.f", "_R_.")
+    assert not subjects.reply_is_the_tenants("hetfaas.invoke.alice.f", "_R_x.y")
     assert subjects.reply_is_the_tenants("hetfaas.invoke.alice.f", "_INBOX.alice.abc.1")
     assert not subjects.reply_is_the_tenants("hetfaas.invoke.alice.f", "_INBOX.bob.abc.1")
     assert not subjects.reply_is_the_tenants("hetfaas.invoke.alice.f", "_INBOX.alice-2.abc.1")

@@ -107,3 +107,20 @@ async def test_a_node_that_timed_out_gives_the_caller_a_timeout() -> None:
     answer = codec.invoke_result.decode(body)
     assert isinstance(answer, ErrorReply) and answer.error.code == "timeout" and answer.node == "host-1"
     assert gave_everything_back(inv)
+
+
+async def test_a_copy_is_dropped_only_when_the_first_copys_answer_reaches_its_reply() -> None:
+    """A copy to the same inbox gets the first copy's answer; a copy from a tenant's account has a
+    reply subject of its own (the server makes one per request, and the first one's may be gone
+    with a connection it closed), so it is served, not dropped."""
+    inv, _ = invoker(bus.RequestTimeout("never answered"))
+    inv._handling["i9"] = "_R_.first.1"  # the first copy is being handled
+    copy = InvokeRequest(
+        invocation_id="i9", tenant="t", function="f", payload=b"", timeout_ms=5000, attempt=2
+    )
+    assert inv.is_resent(copy, "_R_.first.1") and inv.counters.resent == 1
+    assert not inv.is_resent(copy, "_R_.second.2")
+    inv._stop_handling("i9", "_R_.second.2")  # a later copy ending leaves the first's entry be
+    assert inv._handling == {"i9": "_R_.first.1"}
+    inv._stop_handling("i9", "_R_.first.1")
+    assert gave_everything_back(inv)

@@ -63,3 +63,30 @@ async def test_with_tracing_off_the_handler_runs_alone(tmp_path: Path) -> None:
     assert not telemetry.enabled()
     assert isinstance(await dispatched("someone"), FunctionList)
     assert not (tmp_path / "traces").exists()
+
+
+def test_a_route_may_take_its_reply_subject_from_a_header() -> None:
+    """A hand-over between replicas carries the caller's reply in a header (no client may pass an
+    `_R_.` reply on as its own); the route answers there, and a tenant route still checks it."""
+    seen: list[str] = []
+
+    def record(req: ListFunctions, ctx: bus.Context) -> None:
+        seen.append(ctx.reply)
+
+    server = bus.Server(nc=None, max_concurrent=1)  # type: ignore[arg-type]  # inline: no I/O
+    route = bus.Route("hetfaas.invoke.alice.f", codec.list_functions, record, inline=True, reply_header="R")
+    deliver = server._deliverer(route)
+    body = codec.encode(ListFunctions(tenant="alice"))
+    deliver("hetfaas.invoke.alice.f", "", body, {"R": "_R_.abc.def"})
+    deliver("hetfaas.invoke.alice.f", "_INBOX.alice.1", body, None)
+    assert seen == ["_R_.abc.def", "_INBOX.alice.1"]
+    checked = bus.Route(
+        "hetfaas.invoke.alice.f",
+        codec.list_functions,
+        record,
+        inline=True,
+        reply_header="R",
+        tenant_reply=True,
+    )
+    server._deliverer(checked)("hetfaas.invoke.alice.f", "", body, {"R": "_INBOX.bob.1"})
+    assert seen == ["_R_.abc.def", "_INBOX.alice.1"] and server.foreign_replies == 1
