@@ -44,23 +44,24 @@ def nats_url() -> str:
 def creds() -> str:
     """The identity of every command: --creds, else $HETFAAS_CREDS, else the operator's
     credentials of the local cluster (`hetfaas up` keeps them in its state directory)."""
-    ctx = click.get_current_context(silent=True)
-    given = ctx.find_root().params.get("creds") if ctx else None
-    if given := given or os.environ.get("HETFAAS_CREDS"):
-        return str(given)
-    info = launcher.read_cluster(state_dir())
-    return info.nats_creds if info and not os.environ.get("HETFAAS_NATS_URL") else ""
+    return _chosen("creds", "HETFAAS_CREDS", lambda info: info.nats_creds)
 
 
 def ca() -> str:
     """The CA a TLS cluster's NATS certificate is checked against: --ca, else $HETFAAS_CA, else
     the local cluster's (`nats_ca` in its cluster.json)."""
+    return _chosen("ca", "HETFAAS_CA", lambda info: info.nats_ca)
+
+
+def _chosen(option: str, variable: str, local: Callable[[launcher.ClusterInfo], str]) -> str:
+    """A global option's value, else the environment's, else the local cluster's (none when
+    $HETFAAS_NATS_URL points elsewhere)."""
     ctx = click.get_current_context(silent=True)
-    given = ctx.find_root().params.get("ca") if ctx else None
-    if given := given or os.environ.get("HETFAAS_CA"):
+    given = ctx.find_root().params.get(option) if ctx else None
+    if given := given or os.environ.get(variable):
         return str(given)
     info = launcher.read_cluster(state_dir())
-    return info.nats_ca if info and not os.environ.get("HETFAAS_NATS_URL") else ""
+    return local(info) if info and not os.environ.get("HETFAAS_NATS_URL") else ""
 
 
 def run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
