@@ -61,7 +61,7 @@ class Store:
         # channel's reconnect (capped at 1 s below), short of the 5 s per-call timeout.
         self._client = Etcd3Client(endpoints, rpc_max_attempts=6, ca_cert=ca or None)
         self._login = login
-        self._logged_in = False
+        self._token = ""  # the etcd token calls carry ("": none yet)
         self._login_lock = asyncio.Lock()
         # gRPC backs off reconnects up to 120 s by default: after an etcd outage the store would
         # stay "unavailable" long after etcd is back. Cap it (etcd3aio builds the channel from
@@ -87,18 +87,20 @@ class Store:
         their TTL) gets one new login and one retry."""
         if self._login is None:
             return await call()
-        if not self._logged_in:
-            await self._log_in(stale=False)
+        if not self._token:
+            await self._log_in(stale="")
+        token = self._token
         try:
             return await call()
         except EtcdUnauthenticatedError:
-            await self._log_in(stale=True)
+            await self._log_in(stale=token)
             return await call()
 
-    async def _log_in(self, stale: bool) -> None:
+    async def _log_in(self, stale: str) -> None:
+        """A new token, unless another call got one since `stale` failed (or was missing)."""
         assert self._login is not None and self._client.auth is not None, "store not connected"
         async with self._login_lock:
-            if self._logged_in and not stale:
+            if self._token != stale:
                 return  # another call logged in while this one waited
             try:
                 resp = await self._client.auth.authenticate(
@@ -112,7 +114,7 @@ class Store:
                     f"etcd refused the login of {self._login.user}: {message}"
                 ) from None
             self._client.set_token(resp.token)
-            self._logged_in = True
+            self._token = resp.token
 
     async def get(self, key: str) -> Entry | None:
         resp = await self._authenticated(lambda: self._kv.get(key, timeout=self.timeout_s))
@@ -145,8 +147,8 @@ class Store:
         """Batches of events after `start_revision`; raises Compacted when history is gone.
         `on_created` runs once etcd has set the watch up: from then on no event is missed."""
         assert self._client.watch is not None, "store not connected"
-        if self._login is not None and not self._logged_in:
-            await self._log_in(stale=False)  # a stale token fails the stream; the caller lists again
+        if self._login is not None and not self._token:
+            await self._log_in(stale="")  # a stale token fails the stream; the caller lists again
         stream = self._client.watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision)
         async for response in stream:
             if response.compact_revision > 0 or response.canceled:
@@ -206,10 +208,14 @@ class LeasedKey:
         self._value = value
         self._ttl_s = ttl_s
         self._lease_id = 0
+        self._revoked = False
 
     async def run(self) -> None:
         retry_s = 0.2
-        while True:
+        # Not after `revoke`: the owner is stopping, and its tasks are cancelled only after its
+        # registration is revoked, so the keep-alive would otherwise see the lease gone and write
+        # the key again, a dead node registered for another TTL.
+        while not self._revoked:
             try:
                 self._lease_id = await self._store._grant(self._ttl_s)
                 await self._store.put(self._key, self._value(), lease=self._lease_id)
@@ -224,11 +230,13 @@ class LeasedKey:
         while True:
             await asyncio.sleep(self._ttl_s / 3)
             if await self._store._keep_alive_once(self._lease_id) <= 0:
-                log.warning("lease for %s expired; registering again", self._key)
+                if not self._revoked:
+                    log.warning("lease for %s expired; registering again", self._key)
                 return
 
     async def revoke(self) -> None:
-        """Delete the key now (graceful shutdown) instead of waiting for the TTL."""
+        """Delete the key now (graceful shutdown) instead of waiting for the TTL; never again."""
+        self._revoked = True
         if self._lease_id:
             try:
                 await self._store._revoke(self._lease_id)
