@@ -6,7 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import msgspec
 
@@ -14,9 +14,11 @@ from fabric.store import Entry, Event, LeasedKey, Store, follow_prefix
 from scheduler.view import ClusterView
 from schemas import codec, keys
 from schemas.ebpf import RevokeRequest
+from schemas.manifest import spec_problems
 from schemas.messages import ApprovedProgram, FunctionRecord, NodeRecord, SchedulerRecord, TenantRecord
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class ClusterSync:
@@ -61,13 +63,13 @@ class ClusterSync:
         )
 
     def _reset_schedulers(self, entries: list[Entry]) -> None:
-        records = [r for r in map(_decode(codec.scheduler_record), _values(entries)) if r is not None]
+        records = _records(entries, codec.scheduler_record)
         self.schedulers = {r.scheduler_id for r in records}
 
     def _apply_scheduler(self, event: Event) -> None:
         if event.kind == "delete":
             self.schedulers.discard(event.key.removeprefix(keys.SCHEDULERS))
-        elif (record := _decode(codec.scheduler_record)(event.value)) is not None:
+        elif (record := decoded(event.key, event.value, codec.scheduler_record)) is not None:
             self.schedulers.add(record.scheduler_id)
 
     async def _follow(
@@ -102,28 +104,23 @@ class ClusterSync:
             self._on_node_gone(node_id)
 
     def _reset_functions(self, entries: list[Entry]) -> None:
-        records = map(_decode(codec.function_record), _values(entries))
-        self._view.reset_functions([r for r in records if r is not None])
+        self._view.reset_functions(_records(entries, codec.function_record))
 
     def _apply_function(self, event: Event) -> None:
         if event.kind == "delete":
             self._view.remove_function(*keys.parse_function(event.key))
-        elif (record := _decode(codec.function_record)(event.value)) is not None:
+        elif (record := decoded(event.key, event.value, codec.function_record)) is not None:
             self._view.put_function(record)
 
     def _reset_tenants(self, entries: list[Entry]) -> None:
-        records = [r for r in map(_decode(codec.tenant_record), _values(entries)) if r is not None]
+        records = _records(entries, codec.tenant_record)
         self.tenants = {r.tenant: r for r in records}
 
     def _apply_tenant(self, event: Event) -> None:
         if event.kind == "delete":
             self.tenants.pop(event.key.removeprefix(keys.TENANTS), None)
-        elif (record := _decode(codec.tenant_record)(event.value)) is not None:
+        elif (record := decoded(event.key, event.value, codec.tenant_record)) is not None:
             self.tenants[record.tenant] = record
-
-
-def _values(entries: list[Entry]) -> list[bytes]:
-    return [entry.value for entry in entries]
 
 
 def _node_record(key: str, value: bytes, lease: int) -> NodeRecord | None:
@@ -133,27 +130,36 @@ def _node_record(key: str, value: bytes, lease: int) -> NodeRecord | None:
     if not lease:
         log.warning("ignoring %s: not under a lease, so no live node stands behind it", key)
         return None
-    record = _decode(codec.node_record)(value)
+    record = decoded(key, value, codec.node_record)
     if record is not None and keys.node(record.node_id) != key:
         log.warning("ignoring %s: its record names node %r", key, record.node_id)
         return None
     return record
 
 
-def _decode(decoder: msgspec.msgpack.Decoder) -> Callable[[bytes], Any]:
-    def decode(value: bytes) -> Any:
-        try:
-            return decoder.decode(value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("ignoring an unreadable record in etcd: %s", exc)
-            return None
+def decoded(key: str, value: bytes, decoder: msgspec.msgpack.Decoder[R]) -> R | None:
+    """The record at `key`, or None for one that does not decode or breaks the rules a record
+    of its kind obeys (garbage planted in etcd, or a writer's bug): reported with its key and
+    why, and skipped, so that nothing else stops working."""
+    try:
+        record = decoder.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.error("skipping the unreadable record at %s: %s", key, exc)
+        return None
+    if isinstance(record, FunctionRecord) and (problems := spec_problems(record.spec)):
+        log.error("skipping the record at %s: %s", key, "; ".join(problems))
+        return None
+    return record
 
-    return decode
+
+def _records(entries: list[Entry], decoder: msgspec.msgpack.Decoder[R]) -> list[R]:
+    return [r for r in (decoded(e.key, e.value, decoder) for e in entries) if r is not None]
 
 
 async def read_function(store: Store, tenant: str, name: str) -> FunctionRecord | None:
+    """The function's record; None when it has none, or none that is readable (reported)."""
     entry = await store.get(keys.function(tenant, name))
-    return None if entry is None else codec.function_record.decode(entry.value)
+    return None if entry is None else decoded(entry.key, entry.value, codec.function_record)
 
 
 async def write_function(store: Store, record: FunctionRecord) -> int:
@@ -176,12 +182,12 @@ async def remove_function(store: Store, tenant: str, name: str) -> bool:
 async def list_functions(store: Store, tenant: str | None) -> list[FunctionRecord]:
     prefix = keys.tenant_functions(tenant) if tenant else keys.FUNCTIONS
     entries, _ = await store.list_prefix(prefix)
-    return [codec.function_record.decode(e.value) for e in entries]
+    return _records(entries, codec.function_record)
 
 
 async def list_schedulers(store: Store) -> list[SchedulerRecord]:
     entries, _ = await store.list_prefix(keys.SCHEDULERS)
-    return [codec.scheduler_record.decode(e.value) for e in entries]
+    return _records(entries, codec.scheduler_record)
 
 
 async def function_revision(store: Store, tenant: str, name: str) -> int:

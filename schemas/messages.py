@@ -3,7 +3,7 @@
 Families are tagged unions so one decoder can tell a reply from an error without guessing.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -345,16 +345,22 @@ class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True, tag="cluster_stat
     replicas: list[ReplicaBeat] = []  # every replica's last beat, as the answering replica heard it
 
 
+# A tenant's limit, checked wherever one is decoded (a request to set it, its record in etcd):
+# at least 1 (0 or less would throttle the tenant for good), at most what `hetfaas tenant set`
+# takes.
+TenantLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+
+
 class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
     """etcd value at `keys.tenant(name)`: a tenant's limits (absent: the scheduler's defaults)."""
 
     tenant: str
-    max_concurrency: int  # its invocations running at once in the whole cluster
+    max_concurrency: TenantLimit  # its invocations running at once in the whole cluster
 
 
 class SetTenant(msgspec.Struct, frozen=True, kw_only=True, tag="set_tenant"):
     tenant: str
-    max_concurrency: int
+    max_concurrency: TenantLimit
 
 
 class TenantReply(msgspec.Struct, frozen=True, kw_only=True, tag="tenant_reply"):
