@@ -1,15 +1,12 @@
 """Function code on this node: fetched once per digest from the bundle store, verified, unpacked."""
 
 import asyncio
-import re
 import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from fabric.bundles import BundleError, BundleStore, unpack
-
-DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
+from fabric.bundles import BundleError, BundleStore, is_digest, unpack
 
 
 class BundleCache:
@@ -29,7 +26,7 @@ class BundleCache:
         ready = self._ready.get(digest)
         if ready is not None:
             return ready, False
-        if not DIGEST_RE.match(digest):
+        if not is_digest(digest):
             raise BundleError(f"{digest!r} is not a bundle digest")  # also keeps paths inside the cache
         path = self._root / digest
         async with self._locks[digest]:

@@ -4,14 +4,13 @@ nodes goes through the replica's requester."""
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any
 
 import msgspec
 import nats.errors
 
-from fabric import bus, telemetry
+from fabric import bundles, bus, telemetry
 from fabric.bundles import BundleError, BundleStore, digest_of
 from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
@@ -43,7 +42,6 @@ from schemas.messages import (
 )
 
 log = logging.getLogger(__name__)
-DIGEST_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 MAX_LOG_LINES = 10_000  # `hetfaas logs --tail`: each node sends at most 1 MiB anyway
 NODE_QUESTION_S = 5.0  # a node that cannot say what it holds in this long has nothing to show
 
@@ -109,13 +107,17 @@ class Control:
 
     async def on_upload(self, req: UploadBundle, ctx: bus.Context) -> UploadReply | ErrorReply:
         """Store a tenant's bundle (or say whether it is stored): the bytes must hash to `digest`."""
-        if not DIGEST_RE.match(req.digest):
+        if not bundles.is_digest(req.digest):
             return error_reply("bad_request", f"{req.digest!r} is not a bundle digest (sha256-<64 hex>)")
         try:
             if not req.data:
-                return UploadReply(digest=req.digest, stored=await self._bundles.exists(req.digest))
+                return UploadReply(digest=req.digest, stored=await self._bundles.holds(req.digest))
             if digest_of(req.data) != req.digest:
                 return error_reply("bad_request", f"the bundle's bytes do not hash to {req.digest}")
+            try:
+                bundles.check(req.data)
+            except BundleError as exc:
+                return error_reply("bad_request", f"the bundle cannot be deployed: {exc}")
             await self._bundles.upload(req.data)
         except (BundleError, *STORE_ERRORS, nats.errors.Error) as exc:
             return error_reply("unavailable", f"cannot store the bundle now: {exc}")
@@ -131,8 +133,12 @@ class Control:
         if req.program is not None and not _approved_for(req.program, req.spec):
             why = f"the program was approved for another function than {req.spec.tenant}/{req.spec.name}"
             return error_reply("unauthorized", why)
+        if not bundles.is_digest(req.bundle_digest):
+            return error_reply(
+                "bad_request", f"{req.bundle_digest!r} is not a bundle digest (sha256-<64 hex>)"
+            )
         try:
-            if not await self._bundles.exists(req.bundle_digest):
+            if not await self._bundles.holds(req.bundle_digest):
                 why = f"bundle {req.bundle_digest} was not uploaded to the bundle store"
                 return error_reply("not_found", why)
             return await self._store_function(req)
@@ -200,7 +206,7 @@ class Control:
 
     async def on_revoke(self, req: ebpf.RevokeRequest, ctx: bus.Context) -> ebpf.RevokeReply | ErrorReply:
         """Record a revocation in etcd; every DPU node watches them, unloads and refuses the program."""
-        if not DIGEST_RE.match(req.digest):
+        if not bundles.is_digest(req.digest):  # programs are named the same way
             return error_reply("bad_request", f"{req.digest!r} is not a program digest (sha256-<64 hex>)")
         now = time.time()
         try:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from fabric import bundles
 from fabric.bundles import BundleError, digest_of, pack_directory, unpack
 
 
@@ -65,3 +66,30 @@ def test_unpack_refuses_anything_but_files_inside(tmp_path: Path, member: tarfil
 
 def test_digest_format() -> None:
     assert digest_of(b"") == "sha256-e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def many(names: list[str], size: int = 1) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"x" * size))
+    return buf.getvalue()
+
+
+def test_bounds_on_what_a_bundle_unpacks_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deep = "/".join(["d"] * bundles.MAX_DEPTH) + "/f"
+    with pytest.raises(BundleError, match="deeper than"):
+        bundles.check(many([deep]))
+    monkeypatch.setattr(bundles, "MAX_FILES", 3)
+    with pytest.raises(BundleError, match="more than 3 files"):
+        unpack(many(["a", "b", "c", "d"]), tmp_path / "files")
+    monkeypatch.setattr(bundles, "MAX_UNPACKED_BYTES", 1000)
+    with pytest.raises(BundleError, match="unpacks to more than"):
+        unpack(many(["a", "b"], size=600), tmp_path / "bytes")
+    assert not (tmp_path / "bytes").exists() or not any((tmp_path / "bytes").iterdir())
+    with pytest.raises(BundleError, match=r"not a readable tar\.gz"):
+        bundles.check(b"\x1f\x8b not really gzip")
+    unpack(many(["a", "b"], size=400), tmp_path / "fits")
+    assert sorted(p.name for p in (tmp_path / "fits").iterdir()) == ["a", "b"]
