@@ -33,6 +33,10 @@ from schemas.messages import (
 )
 
 log = logging.getLogger(__name__)
+# The replicas whose beats are kept (a real cluster runs a handful): past this, only a silent
+# one's place is given to a newcomer, so ids a message names cannot grow the table.
+MAX_REPLICAS = 64
+STALE_BEATS_FORGOTTEN = 30  # beat intervals of silence after which a replica's last beat goes
 MAX_INVOCATION_ID = 128
 
 
@@ -57,6 +61,7 @@ class Scheduler:
         self._heartbeat_seen = asyncio.Event()
         self.replica_beats: dict[str, tuple[ReplicaBeat, float]] = {}
         self.foreign_claims = 0  # beats that named another identity than their subject
+        self.refused_beats = 0  # beats of replicas beyond MAX_REPLICAS
         self._replicas: tuple[shares.Replicas, float] | None = None
         self.invoker = Invoker(settings, nc, self.view, self._requester, self.replicas, self.tenant_limit)
         self.control = Control(settings, self.view, store, bundles, nc, self._requester, self.sync.tenants)
@@ -237,6 +242,13 @@ class Scheduler:
             self._foreign_claim(ctx.subject, beat.scheduler_id)
             return
         known = beat.scheduler_id in self.replica_beats
+        if not known and len(self.replica_beats) >= MAX_REPLICAS and not self._forget_stale_replicas():
+            if self.refused_beats % 1000 == 0:
+                log.warning(
+                    "ignored the beat of %s: %d replicas beat already", beat.scheduler_id, MAX_REPLICAS
+                )
+            self.refused_beats += 1
+            return
         self.replica_beats[beat.scheduler_id] = (beat, ctx.received_at)
         if not known:
             self._replicas = None
@@ -244,6 +256,14 @@ class Scheduler:
             self.invoker.arrivals.arrived_elsewhere(beat.arrivals)
         if not known and beat.scheduler_id != self.settings.scheduler_id:
             log.info("scheduler replica %s joined: %d live", beat.scheduler_id, self.replicas().count)
+
+    def _forget_stale_replicas(self) -> bool:
+        """Drop the beats of replicas silent for a long while; whether any were dropped."""
+        cutoff = time.monotonic() - self.settings.beat_interval_s * STALE_BEATS_FORGOTTEN
+        stale = [rid for rid, (_, at) in self.replica_beats.items() if at < cutoff]
+        for rid in stale:
+            del self.replica_beats[rid]
+        return bool(stale)
 
     def replicas(self) -> shares.Replicas:
         """The live replicas (this one included), to split limits and node capacity into shares:

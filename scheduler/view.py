@@ -49,6 +49,12 @@ class NodeView:
         )
 
 
+# Heartbeats kept for nodes not registered yet: a registration follows its first beat within a
+# watch event, so this holds only nodes starting at once; a flood of unknown ids (300 000 grew
+# a replica by 346 MB when this was unbounded) evicts the oldest.
+MAX_EARLY_HEARTBEATS = 256
+
+
 class ClusterView:
     def __init__(self) -> None:
         self.nodes: dict[str, NodeView] = {}
@@ -134,7 +140,11 @@ class ClusterView:
     def on_heartbeat(self, hb: Heartbeat, now: float) -> None:
         node = self.nodes.get(hb.node_id)
         if node is None:
-            self._early_heartbeats[hb.node_id] = (hb, now)
+            early = self._early_heartbeats
+            early.pop(hb.node_id, None)  # re-inserted last: the oldest is first
+            early[hb.node_id] = (hb, now)
+            if len(early) > MAX_EARLY_HEARTBEATS:
+                del early[next(iter(early))]
             return
         node.heartbeat, node.heartbeat_at = hb, now
         node.unreachable = False

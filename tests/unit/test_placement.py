@@ -10,7 +10,7 @@ from scheduler.framework import Cycle, Fit, Placed, Request, Unplaced
 from scheduler.invoke import Explanation
 from scheduler.settings import PlacementSettings
 from scheduler.snapshot import NO_POOL, NodeInfo, Snapshot, build, node_info
-from scheduler.view import ClusterView
+from scheduler.view import MAX_EARLY_HEARTBEATS, ClusterView
 from schemas.messages import Heartbeat, NodeRecord, Partition, PoolShard, TenantUsage
 
 NOW = 100.0
@@ -412,3 +412,14 @@ def test_the_explanation_is_written_out_only_when_asked() -> None:
     placed = Placed("a", "host", 500.0, {"load": 37.5, "warm": 100.0}, 2)
     assert str(Explanation(placed)) == "load 38, warm 100 (of 2 looked at)"
     assert str(Explanation(Placed("a", "host", 0.0, {}, 1))) == "", "decided without explaining"
+
+
+def test_heartbeats_of_unregistered_nodes_are_bounded_and_the_newest_kept() -> None:
+    view = ClusterView()
+    for i in range(MAX_EARLY_HEARTBEATS * 10):
+        view.on_heartbeat(Heartbeat(node_id=f"n{i}", seq=0, inflight=0, capacity=1, instances=0), float(i))
+    assert len(view._early_heartbeats) == MAX_EARLY_HEARTBEATS
+    last = f"n{MAX_EARLY_HEARTBEATS * 10 - 1}"
+    view.put_node(NodeRecord(node_id=last, kind="host", hostname="h", pid=1, capacity=1, started_at=0))
+    assert view.nodes[last].heartbeat is not None, "a node registering just after its beat keeps it"
+    assert "n0" not in view._early_heartbeats
