@@ -1,9 +1,11 @@
 """The sandbox's seccomp deny-list as a classic BPF program. Pure: builds bytes, loads nothing.
 
 In the spirit of Docker's default profile: everything is allowed except calls that reach kernel-
-wide state (mounts, modules, kexec, clocks, keys, bpf, perf, ptrace, namespaces, io_uring) and raw
-or packet sockets. clone3 answers ENOSYS so libc falls back to clone, whose flags a classic filter
-can see (clone3 passes them in memory, out of the filter's reach)."""
+wide state (mounts, modules, kexec, clocks, keys, bpf, perf, ptrace, namespaces, io_uring) and
+sockets of any family but unix, IPv4/IPv6 (not raw) and netlink's routing protocol (which
+glibc's getaddrinfo and if_nameindex use): no vsock, packet, uevent netlink, AF_ALG and the rest
+of the kernel's rarely used, often buggy families. clone3 answers ENOSYS so libc falls back to
+clone, whose flags a classic filter can see (clone3 passes them in memory, out of its reach)."""
 
 import errno
 import struct
@@ -32,9 +34,12 @@ CLONE_X86_64 = 56
 CLONE3_X86_64 = 435
 SOCKET_X86_64 = 41
 CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+AF_UNIX = 1
 AF_INET = 2
 AF_INET6 = 10
+AF_NETLINK = 16
 AF_PACKET = 17
+NETLINK_ROUTE = 0
 SOCK_RAW = 3
 SOCK_TYPE_MASK = 0xF
 
@@ -92,7 +97,7 @@ def deny_list_program() -> list[Insn]:
         (RET_K, RET_KILL_PROCESS),  # a foreign ABI could dodge every number below
         ("label", "syscall"),
         (LD_W_ABS, OFFSET_NR),
-        (JGE_K, X32_SYSCALL_BIT, "deny"),
+        (JGE_K, X32_SYSCALL_BIT, "kill"),  # the x32 ABI: its numbers would dodge the list too
     ]
     lines += [(JEQ_K, number, "deny") for number in sorted(DENIED_X86_64.values())]
     lines += [
@@ -103,13 +108,17 @@ def deny_list_program() -> list[Insn]:
         ("label", "clone"),
         (LD_W_ABS, arg_offset(0)),
         (JSET_K, CLONE_NAMESPACE_FLAGS, "deny", "allow"),
-        # Raw IP and packet sockets only: netlink and unix sockets are SOCK_RAW or DGRAM too, and
-        # glibc needs netlink (getaddrinfo, if_nameindex).
+        # Families allowed: unix, IP (not raw: netlink's routing sockets are SOCK_RAW too, so the
+        # type is checked for IP only), and netlink's routing protocol, which glibc needs.
         ("label", "socket"),
         (LD_W_ABS, arg_offset(0)),
-        (JEQ_K, AF_PACKET, "deny"),
+        (JEQ_K, AF_UNIX, "allow"),
         (JEQ_K, AF_INET, "socket_type"),
-        (JEQ_K, AF_INET6, "socket_type", "allow"),
+        (JEQ_K, AF_INET6, "socket_type"),
+        (JEQ_K, AF_NETLINK, "netlink", "deny"),
+        ("label", "netlink"),
+        (LD_W_ABS, arg_offset(2)),
+        (JEQ_K, NETLINK_ROUTE, "allow", "deny"),
         ("label", "socket_type"),
         (LD_W_ABS, arg_offset(1)),
         (ALU_AND_K, SOCK_TYPE_MASK),
@@ -118,6 +127,8 @@ def deny_list_program() -> list[Insn]:
         (RET_K, RET_ERRNO | errno.ENOSYS),
         ("label", "deny"),
         (RET_K, eperm),
+        ("label", "kill"),
+        (RET_K, RET_KILL_PROCESS),
         ("label", "allow"),
         (RET_K, RET_ALLOW),
     ]

@@ -101,11 +101,17 @@ def handle(payload):
             "ptrace": attempt(lambda: libc.ptrace(16, 1, 0, 0)),  # PTRACE_ATTACH to our init
             "raw_socket": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)),
             "packet_socket": attempt(lambda: socket.socket(17, socket.SOCK_RAW, 0)),
+            "vsock": attempt(lambda: socket.socket(40, socket.SOCK_STREAM, 0)),
+            "netlink_uevent": attempt(lambda: socket.socket(16, socket.SOCK_DGRAM, 15)),
+            "crypto_api": attempt(lambda: socket.socket(38, 5, 0)),
             "unshare_user": attempt(lambda: libc.unshare(0x10000000)),
             "bpf": attempt(lambda: libc.syscall(321, 0, 0, 0)),
             "chroot": attempt(lambda: libc.chroot(b"/tmp")),
             "setuid_root": attempt(lambda: os.setuid(0)),
         }
+    if action == "x32":
+        libc.syscall(39 | 0x40000000)  # getpid through the x32 ABI
+        return "survived"
     if action == "fork_bomb":
         return fork_bomb()
     if action == "hog":
@@ -186,7 +192,16 @@ async def test_mount_ptrace_raw_sockets_and_namespaces_are_denied(client: Client
     results = await ask(client, probe, "privileged")
 
     assert all(results.values()), f"every call must fail: {results}"
-    assert results["raw_socket"] == results["packet_socket"] == "EPERM"
+    sockets = ("raw_socket", "packet_socket", "vsock", "netlink_uevent", "crypto_api")
+    assert {results[name] for name in sockets} == {"EPERM"}, results
+
+
+async def test_a_foreign_syscall_abi_kills_the_function(client: Client, probe: str) -> None:
+    """x32's numbers (0x40000000 and up) would dodge every number the filter checks."""
+    outcome = await client.invoke(probe, "probe", b"x32", timeout_ms=20_000)
+    assert outcome.error is not None and outcome.error.code == "function_error", outcome
+    assert "SIGSYS" in outcome.error.message or "signal 31" in outcome.error.message, outcome.error
+    assert "Seccomp" in await ask(client, probe, "status"), "the next call gets a fresh instance"
 
 
 async def test_a_fork_bomb_is_stopped_by_the_pids_limit(client: Client, probe: str) -> None:

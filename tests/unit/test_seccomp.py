@@ -54,12 +54,17 @@ def test_every_denied_call_gets_eperm(name):
         (sc.CLONE3_X86_64, (), sc.RET_ERRNO | errno.ENOSYS),
         (SOCKET, (AF_INET, SOCK_STREAM), sc.RET_ALLOW),
         (SOCKET, (AF_UNIX, SOCK_DGRAM), sc.RET_ALLOW),
-        (SOCKET, (16, sc.SOCK_RAW), sc.RET_ALLOW),  # netlink, which glibc's getaddrinfo needs
+        (SOCKET, (16, sc.SOCK_RAW, 0), sc.RET_ALLOW),  # netlink routing, which getaddrinfo needs
+        (SOCKET, (16, SOCK_DGRAM, 15), EPERM),  # netlink's kernel uevents
+        (SOCKET, (16, sc.SOCK_RAW, 9), EPERM),  # netlink audit
+        (SOCKET, (40, SOCK_STREAM), EPERM),  # vsock: the hypervisor's side of the machine
+        (SOCKET, (38, 5), EPERM),  # AF_ALG: the kernel's crypto API
+        (SOCKET, (44, SOCK_DGRAM), EPERM),  # AF_XDP
         (SOCKET, (sc.AF_INET6, sc.SOCK_RAW), EPERM),
         (SOCKET, (AF_INET, sc.SOCK_RAW), EPERM),
         (SOCKET, (AF_INET, sc.SOCK_RAW | 0x80000), EPERM),  # SOCK_CLOEXEC does not hide it
         (SOCKET, (sc.AF_PACKET, SOCK_DGRAM), EPERM),
-        (sc.X32_SYSCALL_BIT + 1, (), EPERM),
+        (sc.X32_SYSCALL_BIT + 39, (), sc.RET_KILL_PROCESS),  # x32's getpid
     ],
 )
 def test_decisions(nr, args, expected):
