@@ -12,7 +12,8 @@ from host_node.runtimes.errors import FunctionFailed
 
 
 class Instance(Protocol):
-    healthy: bool
+    @property
+    def healthy(self) -> bool: ...
 
     def kill(self) -> None: ...
 
@@ -32,7 +33,7 @@ class WarmInstances(Generic[T]):
         """An instance for `key` and whether it was started for this call (a cold start)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            instance = self.pool.take_idle(key)
+            instance = self.take_idle(key)
             if instance is not None:
                 return instance, False
             if self._reserve(key, max_for_key):
@@ -45,6 +46,16 @@ class WarmInstances(Generic[T]):
             instance = await self._wait(key, deadline, max_for_key)
             if instance is not None:
                 return instance, False
+
+    def take_idle(self, key: str) -> T | None:
+        """An idle instance fit to serve; one that died or was cut off while idle is stopped and
+        its place freed, so the call starts a fresh one instead of failing on it."""
+        while (instance := self.pool.take_idle(key)) is not None:
+            if instance.healthy:
+                return instance
+            instance.kill()
+            self.pool.discard(key)
+        return None
 
     def _reserve(self, key: str, max_for_key: int) -> bool:
         if self.pool.reserve(key, max_for_key):

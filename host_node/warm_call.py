@@ -107,7 +107,7 @@ class WarmCalls:
         for the fast path: there is room for another instance (a cold start)."""
         spec = req.spec
         key = instance_key(spec.tenant, spec.name, req.bundle_digest)
-        instance = self._warm.pool.take_idle(key)
+        instance = self._warm.take_idle(key)
         if instance is None and self._warm.pool.live(key) < self._runtime.instance_limit(spec):
             return None
         return key, instance

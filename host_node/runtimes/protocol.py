@@ -15,5 +15,12 @@ HANDLER_ERROR = 5  # worker -> node: body = traceback
 OUTPUT_TOO_LARGE = 6  # worker -> node: body = the output's size (ascii)
 
 
+# What the worker may send: READY or INIT_ERROR once, then one answer per INVOKE.
+FROM_WORKER = frozenset({READY, INIT_ERROR, OUTPUT, HANDLER_ERROR, OUTPUT_TOO_LARGE})
+# A frame other than OUTPUT carries a traceback or a number: the worker sends at most this much
+# of a traceback (its end, where the exception is), and the node refuses a larger frame.
+MAX_TEXT_FRAME = 64 * 1024
+
+
 def frame(kind: int, body: bytes) -> bytes:
     return HEADER.pack(len(body), kind) + body

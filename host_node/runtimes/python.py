@@ -18,15 +18,31 @@ WORKER_FD = 3  # the instance's end of the socket, as numbered inside its proces
 
 Frame = tuple[int, bytes]  # (kind, body): see protocol.py
 # What a frame's reader hears: the frame, or TimeoutError (the deadline passed) or
-# ConnectionError (the instance closed its socket: it died, or was killed).
+# ConnectionError (the instance closed its socket: it died, or was killed; or it broke the
+# protocol, ProtocolViolation).
 OnFrame = Callable[[Frame | TimeoutError | ConnectionError], None]
+
+
+class ProtocolViolation(ConnectionError):
+    """The instance sent what the node never takes: a frame larger than its kind may be, of a
+    kind the worker never sends, or one nobody asked for. The handler runs in the worker's
+    process and can write to its socket, so this is a function attacking its node: the socket is
+    closed at once (nothing more is read or buffered) and the instance stopped."""
 
 
 class FrameChannel(asyncio.Protocol):
     """Frames over the instance's socket. A Protocol rather than streams: on the warm path every
-    microsecond of the node's CPU counts, and this parses frames straight out of data_received."""
+    microsecond of the node's CPU counts, and this parses frames straight out of data_received.
 
-    def __init__(self) -> None:
+    The instance is an adversary: a frame is refused at its header when it is larger than its
+    kind may be (the output cap for OUTPUT, `protocol.MAX_TEXT_FRAME` for the others), so the
+    node never buffers more than that; and at most one frame is taken per frame asked for (READY
+    at start, an answer per INVOKE), so an answer is never matched to another call."""
+
+    def __init__(self, max_output: int) -> None:
+        self._max_output = max_output
+        self._asked = 1  # frames the node waits for: READY (or INIT_ERROR) first
+        self.violation = ""  # why the instance was cut off, if it was
         self._buffer = bytearray()
         self._frames: deque[Frame] = deque()
         self._waiter: asyncio.Future[Frame] | None = None
@@ -41,15 +57,39 @@ class FrameChannel(asyncio.Protocol):
         self._transport = transport  # a uvloop transport is no asyncio.Transport subclass, but writes
 
     def data_received(self, data: bytes) -> None:
+        if self.violation:
+            return  # cut off: the transport is closing
         buffer = self._buffer
         buffer += data
         header = protocol.HEADER.size
         while len(buffer) >= header:
             size, kind = protocol.HEADER.unpack_from(buffer)
+            if problem := self._refused(size, kind):
+                self._cut_off(problem)
+                return
             if len(buffer) < header + size:
                 return
+            self._asked -= 1
             self._deliver((kind, bytes(buffer[header : header + size])))
             del buffer[: header + size]
+
+    def _refused(self, size: int, kind: int) -> str:
+        if kind not in protocol.FROM_WORKER:
+            return f"a frame of kind {kind}, which the worker never sends"
+        limit = self._max_output if kind == protocol.OUTPUT else protocol.MAX_TEXT_FRAME
+        if size > limit:
+            return f"a frame of {size} bytes, over the {limit} a frame of its kind may be"
+        if self._asked <= 0:
+            return "a frame the node did not ask for"
+        return ""
+
+    def _cut_off(self, problem: str) -> None:
+        self.violation = problem
+        self._buffer = bytearray()  # its memory back now, not when the transport lets go
+        self._frames.clear()
+        if self._transport is not None:
+            self._transport.close()
+        self._lost(ProtocolViolation(f"the instance broke the node's protocol: {problem}"))
 
     def _deliver(self, frame: Frame) -> None:
         if self._on_frame is not None:
@@ -60,15 +100,22 @@ class FrameChannel(asyncio.Protocol):
             self._frames.append(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(ConnectionError("python instance closed its socket"))
+
+    def _lost(self, error: ConnectionError) -> None:
+        if self.closed:
+            return
         self.closed = True
         if self._on_frame is not None:
-            self._hand_over(ConnectionError("python instance closed its socket"))
+            self._hand_over(error)
         elif self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(ConnectionError("python instance closed its socket"))
+            self._waiter.set_exception(error)
 
     def send(self, data: bytes) -> None:
+        """Send an INVOKE (its answer is the next frame the node takes)."""
         if self.closed or self._transport is None:
-            raise ConnectionError("python instance closed its socket")
+            raise ConnectionError(self.violation or "python instance closed its socket")
+        self._asked += 1
         self._transport.write(data)  # type: ignore[attr-defined]
 
     def expect(self, timeout_s: float, on_frame: OnFrame) -> None:
@@ -77,7 +124,7 @@ class FrameChannel(asyncio.Protocol):
         if self._frames:
             on_frame(self._frames.popleft())
         elif self.closed:
-            on_frame(ConnectionError("python instance closed its socket"))
+            on_frame(ConnectionError(self.violation or "python instance closed its socket"))
         else:
             loop = self._loop
             self._on_frame = on_frame
@@ -96,7 +143,7 @@ class FrameChannel(asyncio.Protocol):
         if self._frames:
             return self._frames.popleft()
         if self.closed:
-            raise ConnectionError("python instance closed its socket")
+            raise ConnectionError(self.violation or "python instance closed its socket")
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         deadlines = timeouts(loop)
@@ -121,7 +168,13 @@ class PythonInstance:
         self._proc = proc
         self._channel = channel
         self.init_ms = init_ms
-        self.healthy = True
+        self._killed = False
+
+    @property
+    def healthy(self) -> bool:
+        """Not stopped, and its socket open (an instance that broke the protocol, or died while
+        idle, is not given another call)."""
+        return not self._killed and not self._channel.closed
 
     @classmethod
     async def start(
@@ -150,7 +203,8 @@ class PythonInstance:
         finally:
             child.close()
             os.close(devnull)
-        _, channel = await asyncio.get_running_loop().create_unix_connection(FrameChannel, sock=parent)
+        loop = asyncio.get_running_loop()
+        _, channel = await loop.create_unix_connection(lambda: FrameChannel(max_output), sock=parent)
         try:
             kind, body = await channel.receive(timeout_s)
         except (TimeoutError, ConnectionError) as exc:
@@ -187,6 +241,9 @@ class PythonInstance:
 
     async def failure(self, exc: TimeoutError | ConnectionError, timeout_s: float) -> FunctionFailed:
         """What the caller hears when the instance did not answer; it is stopped either way."""
+        if isinstance(exc, ProtocolViolation):
+            self.kill()
+            return FunctionFailed("function_error", f"{exc}; it was stopped")
         if isinstance(exc, TimeoutError):
             self.kill()
             return FunctionFailed("timeout", f"function did not return within {timeout_s * 1000:.0f} ms")
@@ -195,7 +252,7 @@ class PythonInstance:
         return FunctionFailed("function_error", f"python instance died during the invocation: {why}")
 
     def kill(self) -> None:
-        self.healthy = False
+        self._killed = True
         self._proc.kill()
         self._channel.close()
 

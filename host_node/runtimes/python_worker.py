@@ -67,6 +67,12 @@ class Frames:
         return data[protocol.HEADER.size : end]
 
 
+def last_of(text: str) -> bytes:
+    """A traceback's end, within what the node takes (the exception's line is last)."""
+    data = text.encode(errors="replace")
+    return data[-protocol.MAX_TEXT_FRAME :]
+
+
 def load_handler(spec: str, code_dir: str):
     module_name, _, function_name = spec.partition(":")
     sys.path.insert(0, code_dir)
@@ -82,7 +88,7 @@ def serve(sock: socket.socket, handler, max_output: int) -> None:
         try:
             output = to_bytes(handler(payload))
         except Exception:
-            sock.sendall(protocol.frame(protocol.HANDLER_ERROR, traceback.format_exc().encode()))
+            sock.sendall(protocol.frame(protocol.HANDLER_ERROR, last_of(traceback.format_exc())))
             continue
         if len(output) > max_output:
             sock.sendall(protocol.frame(protocol.OUTPUT_TOO_LARGE, str(len(output)).encode()))
@@ -99,7 +105,7 @@ def main() -> None:
         if not callable(handler):
             raise TypeError(f"{handler_spec} is not callable")
     except BaseException:
-        sock.sendall(protocol.frame(protocol.INIT_ERROR, traceback.format_exc().encode()))
+        sock.sendall(protocol.frame(protocol.INIT_ERROR, last_of(traceback.format_exc())))
         return
     init_ms = (time.perf_counter() - started) * 1000
     sock.sendall(protocol.frame(protocol.READY, f"{init_ms:.3f}".encode()))
