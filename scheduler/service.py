@@ -313,8 +313,16 @@ class Scheduler:
     # --- tenants ---
 
     def tenant_limit(self, tenant: str) -> int:
+        """The tenant's own limit (`hetfaas tenant set`), else the default: the smaller of
+        `tenant_max_concurrency` and `tenant_default_share` of the healthy nodes' capacity."""
         record = self.sync.tenants.get(tenant)
-        return record.max_concurrency if record else self.settings.admission.tenant_max_concurrency
+        if record is not None:
+            return record.max_concurrency
+        settings = self.settings
+        refresh_s = settings.placement.snapshot_refresh_ms / 1000
+        capacity = self.view.snapshot(time.monotonic(), settings.node_stale_after_s, refresh_s).capacity
+        share = max(1, int(capacity * settings.admission.tenant_default_share))
+        return min(settings.admission.tenant_max_concurrency, share)
 
     async def on_status(self, req: StatusRequest, ctx: bus.Context) -> ClusterStatus:
         try:

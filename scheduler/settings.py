@@ -21,6 +21,10 @@ class PlacementSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
 class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     tenant_max_concurrency: int = 1000  # default per tenant; `hetfaas tenant set` overrides it
+    # ... and at most this share of the healthy nodes' capacity, so that one tenant without a
+    # limit of its own cannot fill every node: 500 calls of one tenant on 2 x 64 slots cut
+    # another tenant's short calls to a third when the default was 1000 alone
+    tenant_default_share: float = 0.5
     max_queue: int = 1024  # invocations waiting in this replica; beyond it: throttled at once
     max_queue_wait_ms: int = 2000  # how long one may wait for a limit or for capacity
 

@@ -37,6 +37,7 @@ class Snapshot:
     warm_index: Mapping[str, tuple[str, ...]]  # instance key -> ids of nodes holding it warm
     utilisation: Mapping[str, float]  # per kind: in flight / capacity over the healthy nodes
     built_at: float
+    capacity: int = 0  # invocations the healthy nodes run at once, all kinds together
 
     @property
     def size(self) -> int:
@@ -82,4 +83,5 @@ def build(nodes: Iterable[NodeInfo], built_at: float) -> Snapshot:
         warm_index=MappingProxyType({key: tuple(ids) for key, ids in warm.items()}),
         utilisation=MappingProxyType({k: used / max(cap, 1) for k, (used, cap) in load.items()}),
         built_at=built_at,
+        capacity=sum(cap for _, cap in load.values()),
     )
