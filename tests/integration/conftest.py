@@ -206,6 +206,14 @@ def cgroup_dirs_named(name: str) -> list[str]:
     return [m for m in mounts if os.path.exists(os.path.join(m, name))]
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, MB (for tests that show a flood leaves it bounded)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def most_at_once(intervals: list[tuple[float, float]]) -> int:
     """The largest number of (start, end) intervals that overlap at one moment: how many
     invocations of a function really ran at once, from the times the function itself reported."""

@@ -16,7 +16,7 @@ from fabric import bus
 from scheduler.service import MAX_REPLICAS
 from schemas import codec, subjects
 from schemas.messages import Heartbeat, ReplicaBeat
-from tests.integration.conftest import HOST_OVERRIDES, harness_creds
+from tests.integration.conftest import HOST_OVERRIDES, harness_creds, rss_mb
 
 pytestmark = pytest.mark.integration
 FLOOD = 100_000
@@ -32,13 +32,6 @@ async def small(tmp_path: Path) -> AsyncIterator[tuple[launcher.ClusterInfo, Cli
     finally:
         await client.close()
         launcher.stop(info)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 async def test_unique_names_cannot_grow_a_scheduler(small) -> None:

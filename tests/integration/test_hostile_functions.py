@@ -9,7 +9,7 @@ import pytest
 
 from cli.client import Client
 from deploy import launcher
-from tests.integration.conftest import HOST_OVERRIDES, make_function
+from tests.integration.conftest import HOST_OVERRIDES, make_function, rss_mb
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +42,6 @@ def handle(payload):
     return "own:" + action
 """
 MIB = 1 << 20
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture

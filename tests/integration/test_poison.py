@@ -13,7 +13,7 @@ import pytest
 from deploy import launcher
 from schemas import codec, keys
 from schemas.messages import FunctionRecord, FunctionSpec, TenantRecord
-from tests.integration.conftest import EXAMPLES, HOST_OVERRIDES, raw_request
+from tests.integration.conftest import EXAMPLES, HOST_OVERRIDES, raw_request, wait_for_nodes
 from tests.integration.test_cli import hetfaas
 
 pytestmark = pytest.mark.integration
@@ -25,6 +25,7 @@ GARBAGE = b"\xc1 not msgpack"
 def poisoned(tmp_path: Path) -> Iterator[launcher.ClusterInfo]:
     info = launcher.up(tmp_path / "state", hosts=1, host_overrides=HOST_OVERRIDES)
     try:
+        asyncio.run(wait_for_nodes(info, 1))  # up returns with the processes started, not ready
         yield info
     finally:
         if (current := launcher.read_cluster(Path(info.state_dir))) is not None:
@@ -55,7 +56,8 @@ async def plant(info: launcher.ClusterInfo) -> None:
 
 def test_garbage_records_are_skipped_and_reported(poisoned: launcher.ClusterInfo) -> None:
     info, state = poisoned, poisoned.state_dir
-    assert hetfaas(state, "deploy", str(EXAMPLES / "hello-python"), "--tenant", "poison").returncode == 0
+    deployed = hetfaas(state, "deploy", str(EXAMPLES / "hello-python"), "--tenant", "poison")
+    assert deployed.returncode == 0, deployed.stderr
     asyncio.run(plant(info))
     assert hetfaas(state, "down").returncode == 0
     up = hetfaas(state, "up", "--hosts", "1", "--verifiers", "0", timeout_s=90)
