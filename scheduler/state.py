@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import msgspec
 
+from fabric import bundles
 from fabric.store import Entry, Event, LeasedKey, Store, follow_prefix
 from scheduler.view import ClusterView
 from schemas import codec, keys
@@ -146,9 +147,13 @@ def decoded(key: str, value: bytes, decoder: msgspec.msgpack.Decoder[R]) -> R | 
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         log.error("skipping the unreadable record at %s: %s", key, exc)
         return None
-    if isinstance(record, FunctionRecord) and (problems := spec_problems(record.spec)):
-        log.error("skipping the record at %s: %s", key, "; ".join(problems))
-        return None
+    if isinstance(record, FunctionRecord):
+        problems = spec_problems(record.spec)
+        if not bundles.is_digest(record.bundle_digest):
+            problems.append(f"{record.bundle_digest!r} is not a bundle digest")
+        if problems:
+            log.error("skipping the record at %s: %s", key, "; ".join(problems))
+            return None
     return record
 
 

@@ -37,10 +37,16 @@ def _negative_memory() -> bytes:
     return codec.encode(FunctionRecord(spec=spec, bundle_digest="sha256-x", bundle_size=1, deployed_at=0))
 
 
+def _a_path_for_a_digest() -> bytes:
+    spec = FunctionSpec(name="path", tenant="poison", runtime="python", handler="m:f")
+    return codec.encode(FunctionRecord(spec=spec, bundle_digest="../../etc", bundle_size=1, deployed_at=0))
+
+
 async def plant(info: launcher.ClusterInfo) -> None:
     async with launcher.operator_store(info) as store:
         await store.put(keys.function("poison", "junk"), GARBAGE)
         await store.put(keys.function("poison", "neg"), _negative_memory())
+        await store.put(keys.function("poison", "path"), _a_path_for_a_digest())
         # what a writer without the checks would store: built, not decoded, so never validated
         await store.put(
             keys.tenant("poison"), codec.encode(TenantRecord(tenant="poison", max_concurrency=-5))
@@ -81,6 +87,9 @@ def test_garbage_records_are_skipped_and_reported(poisoned: launcher.ClusterInfo
     assert f"skipping the unreadable record at {keys.tenant('poison')}: Expected `int` >= 1" in log
     assert f"skipping the unreadable record at {keys.tenant('huge')}: Expected `int` <= 1000000" in log
     assert f"skipping the record at {keys.function('poison', 'neg')}: memory_mb" in log
+    assert (
+        f"skipping the record at {keys.function('poison', 'path')}: '../../etc' is not a bundle digest" in log
+    )
 
 
 async def test_a_limit_out_of_range_is_refused_when_set(cluster: launcher.ClusterInfo, harness) -> None:
