@@ -91,12 +91,35 @@ def prepare(plan: RootPlan, attach_files: list[str], userns: bool) -> None:
     # only while a full one is visible in our mount namespace.
     proc_flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     linux.mount("proc", os.path.join(root, "proc"), "proc", proc_flags)
+    _mask_host_wide(root)
     os.chdir(root)
     linux.pivot_root(".", ".")  # the old root ends up stacked on the new one: detach it
     linux.umount2(".", linux.MNT_DETACH)
     os.chdir("/")
     linux.sethostname(plan.hostname)
     _loopback_up()
+
+
+# What /proc shows of the whole host rather than of the sandbox and its uid may read, hidden as
+# container runtimes hide it: a file behind /dev/null, a directory behind an empty read-only
+# tmpfs. Files only root reads (kcore, timer_list, sched_debug, sysrq-trigger) need no mask:
+# each mount is one more on every start, under the kernel's one global mount lock. /proc/stat
+# stays: glibc counts CPUs from it when /sys is absent, as it is in a sandbox.
+MASKED_FILES = ("loadavg", "config.gz")
+MASKED_DIRS = ("pressure", "scsi", "acpi")
+
+
+def _mask_host_wide(root: str) -> None:
+    proc, null = os.path.join(root, "proc"), os.path.join(root, "dev", "null")
+    for name in MASKED_FILES:
+        path = os.path.join(proc, name)
+        if os.path.exists(path):
+            linux.mount(null, path, None, linux.MS_BIND)
+    for name in MASKED_DIRS:
+        path = os.path.join(proc, name)
+        if os.path.isdir(path):
+            flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+            linux.mount("tmpfs", path, "tmpfs", flags, "size=0")
 
 
 def _mirror_top_level(root: str, name: str) -> None:

@@ -109,6 +109,15 @@ def handle(payload):
             "chroot": attempt(lambda: libc.chroot(b"/tmp")),
             "setuid_root": attempt(lambda: os.setuid(0)),
         }
+    if action == "proc":
+        shown = {}
+        for name in ("loadavg", "config.gz", "keys", "timer_list", "sched_debug", "kcore"):
+            shown[name] = attempt(lambda name=name: open("/proc/" + name, "rb").read()) or "read"
+            if shown[name] == "read":
+                shown[name] = len(open("/proc/" + name, "rb").read())
+        shown["pressure"] = sorted(os.listdir("/proc/pressure")) if os.path.isdir("/proc/pressure") else []
+        shown["self"] = len(open("/proc/self/status").read())
+        return shown
     if action == "x32":
         libc.syscall(39 | 0x40000000)  # getpid through the x32 ABI
         return "survived"
@@ -194,6 +203,15 @@ async def test_mount_ptrace_raw_sockets_and_namespaces_are_denied(client: Client
     assert all(results.values()), f"every call must fail: {results}"
     sockets = ("raw_socket", "packet_socket", "vsock", "netlink_uevent", "crypto_api")
     assert {results[name] for name in sockets} == {"EPERM"}, results
+
+
+async def test_proc_hides_what_is_the_hosts(client: Client, probe: str) -> None:
+    """Host-wide /proc files read empty (or cannot be read); the sandbox's own still work."""
+    shown = await ask(client, probe, "proc")
+    for name in ("loadavg", "config.gz", "keys", "timer_list", "sched_debug", "kcore"):
+        assert shown[name] in (0, "ENOENT", "EACCES", "EPERM"), (name, shown[name])
+    assert shown["pressure"] == [] and shown["self"] > 0
+    assert read("/proc/loadavg"), "the host's own /proc is untouched"
 
 
 async def test_a_foreign_syscall_abi_kills_the_function(client: Client, probe: str) -> None:
