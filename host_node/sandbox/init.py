@@ -119,7 +119,7 @@ def _mask_host_wide(root: str) -> None:
         path = os.path.join(proc, name)
         if os.path.isdir(path):
             flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-            linux.mount("tmpfs", path, "tmpfs", flags, "size=0")
+            linux.mount("tmpfs", path, "tmpfs", flags, "size=4k")  # read-only: stays empty
 
 
 def _mirror_top_level(root: str, name: str) -> None:
