@@ -53,8 +53,8 @@ REPLY_GRACE_S = 1.0  # the scheduler answers before the deadline; this covers th
 RETRY_AFTER_MS = 2000
 # "No responders" means no scheduler received the request (nothing ran), so sending it again is
 # safe. A scheduler whose connection the server closed (a restart; a retired signing key, whose
-# users the servers disconnect) is subscribed again within a reconnect, ~0.3 s: wait that long
-# before telling the caller no scheduler is running.
+# users the servers disconnect) is subscribed again after one reconnect (nats-py waits 0.25 s,
+# then connects): wait a few times that before telling the caller no scheduler is running.
 NO_SCHEDULER_PATIENCE_S = 2.0
 
 

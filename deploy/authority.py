@@ -12,7 +12,6 @@ The account SYS is the server's system account: the operator pushes account upda
 tenants, revocations, signing keys) through it, as `nsc push` does.
 """
 
-import ssl
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import msgspec
 import nats
 import nats.errors
 
-from fabric import credentials
+from fabric import bus, credentials
 from schemas import subjects
 from schemas.permissions import Role, permissions
 
@@ -287,7 +286,7 @@ async def push_accounts(nats_url: str, system_creds: Path, jwts: list[str], ca: 
     """Send account JWTs (new tenants, revocations, signing keys) to the servers through the
     system account: the server closes the connections of users it no longer accepts. `ca`: the
     CA file of a cluster whose NATS speaks TLS."""
-    tls = {"tls": ssl.create_default_context(cafile=ca)} if ca else {}
+    tls = {"tls": bus.tls_context(ca)} if ca else {}
     try:
         nc = await nats.connect(
             nats_url, user_credentials=str(system_creds), connect_timeout=2, allow_reconnect=False, **tls

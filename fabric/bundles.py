@@ -141,6 +141,15 @@ class BundleStore:
             await (await self._store()).put(digest, data)
         return digest
 
+    async def exists(self, digest: str) -> bool:
+        """Whether an object is stored under `digest` (its metadata only: nodes check the bytes
+        when they fetch them, and an upload checks them with `holds`)."""
+        try:
+            await (await self._store()).get_info(digest)
+        except js_errors.ObjectNotFoundError:
+            return False
+        return True
+
     async def holds(self, digest: str) -> bool:
         """Whether the store holds the bundle `digest` names, its bytes checked: an object under
         that name whose bytes hash differently (planted, or damaged) is deleted and reported, so
