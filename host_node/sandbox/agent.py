@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from host_node.sandbox import cgroups, protocol, waiter
+from host_node.sandbox import cgroups, ids, protocol, waiter
 from host_node.sandbox.cgroups import Layout, Limits
 from host_node.sandbox.init import CODE_VIEW, RUNTIME_VIEW, RootPlan
 from host_node.sandbox.pool import choose_shard
@@ -68,7 +68,9 @@ class ShardedSpawner:
         self.node_id = node_id
         self.layout: Layout = cgroups.detect_layout(settings.cgroup_parent, node_id)
         self.plan = _root_plan(settings, work_dir)
-        self.userns_base = settings.userns_base()
+        self.userns = settings.use_user_namespaces()
+        self._id_lock = -1  # held while the node lives: its block of host ids (ids.claim_block)
+        self._id_block = 0
         self.shards: list[ShardLink] = []
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[SandboxProcess], int]] = {}
@@ -90,6 +92,7 @@ class ShardedSpawner:
                 0, f"the sandbox's seccomp filter is written for x86_64, not {platform.machine()}"
             )
         waiter.ensure_built()
+        self._id_lock, self._id_block = ids.claim_block(self.settings.sandbox_uid_base)
         cgroups.prepare_subtree(self.layout)
         self._remove_foreign_slots()
         os.makedirs(self.plan.mount_point, exist_ok=True)
@@ -98,9 +101,11 @@ class ShardedSpawner:
         async with asyncio.timeout(SHARD_START_TIMEOUT_S):
             await asyncio.gather(*(link.first_state for link in self.shards))
         log.info(
-            "sandboxes: %s mode, %d shards, cgroups %s (%s)",
+            "sandboxes: %s mode, %d shards, host uids %d.. (%s), cgroups %s (%s)",
             self.settings.mode,
             len(self.shards),
+            self._id_block,
+            "each in its own user namespace" if self.userns else "no user namespaces",
             self.layout.kind,
             self.layout.v2_root or next(iter(self.layout.v1_roots.values())),
         )
@@ -124,7 +129,8 @@ class ShardedSpawner:
             plan=self.plan,
             pool=self.settings.pool,
             idle_limits=self.settings.limits_for(self.settings.idle_memory_mb),
-            userns_base_uid=self.userns_base,
+            userns=self.userns,
+            ids=ids.shard_range(self._id_block, index, self.settings.shard_count()),
         )
         theirs.set_inheritable(True)
         env = dict(os.environ) | {"PYTHONPATH": str(REPO_ROOT)}
@@ -162,6 +168,9 @@ class ShardedSpawner:
                 link.proc.kill()
                 await link.proc.wait()
             self._drop_link(link)
+        if self._id_lock >= 0:
+            os.close(self._id_lock)  # the sandboxes are gone: another node may have the ids
+            self._id_lock = -1
 
     def remove_all_slots(self) -> None:
         """`hetfaas down`: nothing of ours may stay behind in the host's cgroups."""
@@ -328,4 +337,5 @@ def _root_plan(settings: SandboxSettings, work_dir: Path) -> RootPlan:
         uid=settings.uid,
         gid=settings.gid,
         nofile=settings.nofile,
+        own_counts=settings.own_counts(),
     )

@@ -16,18 +16,22 @@ NAMESPACES = (
 
 
 def clone(
-    config: ShardConfig, slot: Slot, into_cgroup: bool
+    config: ShardConfig, slot: Slot, into_cgroup: bool, uid: int
 ) -> tuple[int, int, socket.socket, socket.socket]:
     """clone3 a child into new namespaces (and, when allowed, straight into the slot's cgroup2).
     Returns pid 0 in the child, which closes the inherited fds and joins the rest of its
     cgroups itself, except in a user namespace: then the parent maps its ids and attaches it
-    (the child has no rights over the host's cgroup files), then tells it to go on."""
+    (the child has no rights over the host's cgroup files), then tells it to go on.
+
+    The user namespace is made with the sandbox's own host `uid` as its effective uid, which
+    makes that uid its owner: the kernel charges what it counts per user up the namespace chain
+    to the owner (ids.py), so this sandbox's counts are its own and not the host root's."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     cgroup_fd = -1
-    flags = NAMESPACES | (linux.CLONE_NEWUSER if config.userns_base_uid else 0)
+    flags = NAMESPACES | (linux.CLONE_NEWUSER if config.userns else 0)
     try:
         cgroup_fd = slot.open_v2() if into_cgroup and slot.v2_dir else -1
-        pid, pidfd = linux.clone3(flags, cgroup_fd)
+        pid, pidfd = _clone3_owned(flags, cgroup_fd, uid) if config.userns else linux.clone3(flags, cgroup_fd)
     except OSError:
         close_all([parent.detach(), child.detach()] + ([cgroup_fd] if cgroup_fd >= 0 else []))
         raise
@@ -35,9 +39,9 @@ def clone(
         return pid, pidfd, parent, child
     if cgroup_fd >= 0:
         os.close(cgroup_fd)
-    if config.userns_base_uid:
+    if config.userns:
         try:
-            init.map_ids(pid, config.userns_base_uid)
+            init.map_ids(pid, config.ids.root, uid, config.plan)
             for path in slot.procs_files(include_v2=cgroup_fd < 0):
                 cgroups.attach(path, pid)
             parent.send(init.GO)
@@ -46,9 +50,23 @@ def clone(
     return pid, pidfd, parent, child
 
 
+def _clone3_owned(flags: int, cgroup_fd: int, uid: int) -> tuple[int, int]:
+    """clone3 with `uid` as the effective uid (so it owns the new user namespace) and the
+    filesystem uid kept 0 (so clone3 may still write the slot's root-owned cgroup.procs)."""
+    linux.act_as_owner(uid)
+    try:
+        pid, pidfd = linux.clone3(flags, cgroup_fd)
+    except OSError:
+        os.seteuid(0)
+        raise
+    if pid:
+        os.seteuid(0)  # the child stays the owner until its namespace's ids are mapped
+    return pid, pidfd
+
+
 def child_attach_files(config: ShardConfig, slot: Slot, cloned_into: bool) -> list[str]:
     """The cgroups the child joins by itself (none in a user namespace: the parent does it)."""
-    if config.userns_base_uid:
+    if config.userns:
         return []
     return slot.procs_files(include_v2=not cloned_into)
 
@@ -58,13 +76,13 @@ def child_main(config: ShardConfig, status: socket.socket, attach_files: list[st
     try:
         init.close_inherited([status.fileno()])
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if config.userns_base_uid:
+        if config.userns:
             if status.recv(16) != init.GO:
                 os._exit(1)  # the parent could not map our ids: it kills us anyway
-        init.prepare(config.plan, attach_files, userns=bool(config.userns_base_uid))
-        if config.userns_base_uid:
-            # Only now: as the host's uid 0 we could still walk the host's 0700 directories
-            # to the template (e.g. under /root); inside the sandbox that no longer matters.
+        init.prepare(config.plan, attach_files, userns=config.userns)
+        if config.userns:
+            # Only now: with the host's uid 0 as our filesystem uid we could still walk the
+            # host's 0700 directories to the template (e.g. under /root); inside, that is moot.
             init.become_namespace_root()
         if announce:
             init.report(status, init.READY)
@@ -75,6 +93,7 @@ def child_main(config: ShardConfig, status: socket.socket, attach_files: list[st
 
 def send_activation(
     config: ShardConfig,
+    uid: int,
     pid: int,
     status: socket.socket,
     launch: protocol.Launch,
@@ -83,13 +102,16 @@ def send_activation(
     own_mount_ns: int,
 ) -> None:
     """Hand the launch to the sandbox's hetfaas-waiter (at `status`). In a user namespace the code
-    is mounted from here: the kernel lets no namespace-root move a host-owned mount in itself."""
-    if config.userns_base_uid:
+    is mounted from here: the kernel lets no namespace-root move a host-owned mount in itself.
+    The function runs as the sandbox's own host `uid`: in a user namespace through the plan's
+    uid, which maps to it; without one directly."""
+    if config.userns:
         mount_code(own_mount_ns, pid, code_tree)
-        data = init.activation(config.plan, launch.argv, launch.env, code_mounted=True)
+        plan = config.plan
+        data = init.activation(plan, launch.argv, launch.env, plan.uid, plan.gid, code_mounted=True)
         protocol.send_bytes(status, data, fds)
     else:
-        data = init.activation(config.plan, launch.argv, launch.env, code_mounted=False)
+        data = init.activation(config.plan, launch.argv, launch.env, uid, uid, code_mounted=False)
         protocol.send_bytes(status, data, [code_tree, *fds])
 
 

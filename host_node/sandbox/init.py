@@ -10,6 +10,7 @@ E (failed); the socket is close-on-exec, so end-of-file after R means the execve
 
 import fcntl
 import os
+import shutil
 import socket
 import struct
 from typing import NoReturn
@@ -20,7 +21,6 @@ from host_node.sandbox import linux, seccomp, waiter
 
 READY = b"W"
 GO = b"M"  # parent -> child: your user namespace is mapped (and you are in your cgroups)
-ID_RANGE = 65536
 CODE_MOUNTED = 1  # activation flag: /code is in place, the first fd is the function's fd 0
 EXECUTING = b"R"
 FAILED = b"E"
@@ -40,9 +40,10 @@ class RootPlan(msgspec.Struct, frozen=True, kw_only=True):
     etc_files: list[str]  # entries of the host's /etc shown read-only
     tmp_size_mb: int
     hostname: str
-    uid: int
+    uid: int  # in a user namespace, the id the function has in it; else the host's sandbox uid is used
     gid: int
     nofile: int
+    own_counts: dict[str, int] = {}  # /proc/sys/user limits set in the sandbox's user namespace
 
 
 RUNTIME_VIEW = "/opt/hetfaas/runtime"
@@ -59,15 +60,17 @@ def build_template(plan: RootPlan) -> None:
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)  # nothing here reaches the host
     root = plan.mount_point
-    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=755,size=1m")
+    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=755,size=4m")
     for name in SKELETON:
         os.mkdir(os.path.join(root, name))
     for name in ("bin", "lib", "lib64", "sbin"):
         _mirror_top_level(root, name)
     for path in plan.ro_binds:
         _bind(path, root + path, read_only=True)
-    _bind(plan.runtime_dir, root + RUNTIME_VIEW, read_only=True)
-    _bind(plan.waiter, root + waiter.VIEW, read_only=True)
+    # Copies, not binds: a bind's mountinfo line names its host path (here the node's install).
+    shutil.copytree(plan.runtime_dir, root + RUNTIME_VIEW, ignore=shutil.ignore_patterns("*.new"))
+    os.makedirs(os.path.dirname(root + waiter.VIEW), mode=0o755, exist_ok=True)
+    shutil.copy2(plan.waiter, root + waiter.VIEW)
     for name in plan.etc_files:
         _bind(os.path.join("/etc", name), os.path.join(root, "etc", name), read_only=True)
     _populate_dev(os.path.join(root, "dev"))
@@ -82,16 +85,19 @@ def prepare(plan: RootPlan, attach_files: list[str], userns: bool) -> None:
             f.write("0")
     root = plan.mount_point
     if userns:
+        _limit_own_counts(plan.own_counts)
         # Mounts copied from the shard's (more privileged) namespace are locked, and pivot_root
         # refuses a locked new root: bind the template onto itself, which we own.
         linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     tmp_options = f"mode=1777,size={plan.tmp_size_mb}m"
     linux.mount("tmpfs", os.path.join(root, "tmp"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, tmp_options)
     # /proc before leaving the host's tree: in a user namespace the kernel lets us mount a proc
-    # only while a full one is visible in our mount namespace.
+    # only while a full one is visible in our mount namespace. `subset=pid` (Linux 5.8) shows
+    # only the processes' directories: every host-wide file (stat, meminfo, loadavg, pressure,
+    # interrupts, config.gz, sys...) is absent, with no mount per file to hide it. glibc then
+    # counts CPUs by the process's affinity (no /sys, no /proc/stat), which is the right count.
     proc_flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-    linux.mount("proc", os.path.join(root, "proc"), "proc", proc_flags)
-    _mask_host_wide(root)
+    linux.mount("proc", os.path.join(root, "proc"), "proc", proc_flags, "subset=pid")
     os.chdir(root)
     linux.pivot_root(".", ".")  # the old root ends up stacked on the new one: detach it
     linux.umount2(".", linux.MNT_DETACH)
@@ -100,26 +106,16 @@ def prepare(plan: RootPlan, attach_files: list[str], userns: bool) -> None:
     _loopback_up()
 
 
-# What /proc shows of the whole host rather than of the sandbox and its uid may read, hidden as
-# container runtimes hide it: a file behind /dev/null, a directory behind an empty read-only
-# tmpfs. Files only root reads (kcore, timer_list, sched_debug, sysrq-trigger) need no mask:
-# each mount is one more on every start, under the kernel's one global mount lock. /proc/stat
-# stays: glibc counts CPUs from it when /sys is absent, as it is in a sandbox.
-MASKED_FILES = ("loadavg", "config.gz")
-MASKED_DIRS = ("pressure", "scsi", "acpi")
-
-
-def _mask_host_wide(root: str) -> None:
-    proc, null = os.path.join(root, "proc"), os.path.join(root, "dev", "null")
-    for name in MASKED_FILES:
-        path = os.path.join(proc, name)
-        if os.path.exists(path):
-            linux.mount(null, path, None, linux.MS_BIND)
-    for name in MASKED_DIRS:
-        path = os.path.join(proc, name)
-        if os.path.isdir(path):
-            flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-            linux.mount("tmpfs", path, "tmpfs", flags, "size=4k")  # read-only: stays empty
+def _limit_own_counts(counts: dict[str, int]) -> None:
+    """The kernel's per-user counts as this sandbox's namespace sees them (namespace root may set
+    them: CAP_SYS_RESOURCE in it). They bound the sandbox below the host's per-user limits,
+    which bound it too, counted for the namespace's owner: the sandbox's own host uid."""
+    for name, value in counts.items():
+        fd = os.open(f"/proc/sys/user/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(value).encode())
+        finally:
+            os.close(fd)
 
 
 def _mirror_top_level(root: str, name: str) -> None:
@@ -156,11 +152,12 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", IFF_UP))
 
 
-def map_ids(pid: int, base: int) -> None:
-    """Parent side: the sandbox's ids 0..65535 are host ids base..base+65535 (no host id is root)."""
-    for name in ("uid_map", "gid_map"):
+def map_ids(pid: int, root: int, uid: int, plan: RootPlan) -> None:
+    """Parent side: the sandbox's root is host id `root` (no host id is root) and its function's
+    uid and gid are the sandbox's own host id `uid`; no other id exists in it."""
+    for name, inside in (("uid_map", plan.uid), ("gid_map", plan.gid)):
         with open(f"/proc/{pid}/{name}", "w") as f:
-            f.write(f"0 {base} {ID_RANGE}\n")
+            f.write(f"0 {root} 1\n{inside} {uid} 1\n")
 
 
 def become_namespace_root() -> None:
@@ -180,10 +177,12 @@ def exec_waiter(status: socket.socket) -> NoReturn:
         fail(status, f"cannot start hetfaas-waiter: {exc}")
 
 
-def activation(plan: RootPlan, argv: list[str], env: dict[str, str], code_mounted: bool) -> bytes:
+def activation(
+    plan: RootPlan, argv: list[str], env: dict[str, str], uid: int, gid: int, code_mounted: bool
+) -> bytes:
     """The launch as hetfaas-waiter reads it (see its source for the layout)."""
     flags = CODE_MOUNTED if code_mounted else 0
-    head = struct.pack("=5I", flags, plan.uid, plan.gid, plan.nofile, len(SECCOMP_PROGRAM))
+    head = struct.pack("=5I", flags, uid, gid, plan.nofile, len(SECCOMP_PROGRAM))
     strings = b"".join(os.fsencode(a) + b"\0" for a in argv) + b"\0"
     strings += b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items()) + b"\0"
     return head + SECCOMP_PROGRAM + strings

@@ -146,6 +146,18 @@ def sethostname(name: str) -> None:
     _check(_libc.sethostname(raw, len(raw)), "sethostname")
 
 
+def act_as_owner(uid: int) -> None:
+    """Effective uid `uid` (what the kernel makes a new user namespace's owner), filesystem uid
+    still 0 (which keeps the filesystem capabilities: writing root's cgroup files, walking its
+    0700 directories). `os.seteuid(0)` undoes both. Single-threaded callers only: glibc's
+    setfsuid changes the calling thread alone."""
+    os.seteuid(uid)
+    _libc.setfsuid(0)
+    if _libc.setfsuid(-1) != 0:  # setfsuid reports the previous value, never an error
+        os.seteuid(0)
+        raise OSError(1, f"cannot keep filesystem uid 0 while acting as {uid}")
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
     args = (ctypes.c_ulong(a) for a in (arg2, arg3, arg4, arg5))
     _check(_libc.prctl(option, *args), f"prctl({option})")

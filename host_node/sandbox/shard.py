@@ -21,6 +21,7 @@ import msgspec
 from host_node.sandbox import cloning, init, linux, protocol
 from host_node.sandbox.cgroups import Slot
 from host_node.sandbox.cloning import close_all
+from host_node.sandbox.ids import SandboxIds
 from host_node.sandbox.pool import Backoff, RefillPlanner
 from host_node.sandbox.shard_config import ShardConfig
 from host_node.sandbox.slots import RECYCLE_RETRY_S, SlotStock
@@ -38,6 +39,7 @@ class Sandbox:
     pid: int
     pidfd: int
     slot: Slot
+    uid: int  # its own host uid (ids.py), given back when it is reaped
     status: socket.socket
     slot_reused: bool
     launch: protocol.Launch | None = None
@@ -62,6 +64,7 @@ class Shard:
         self.prewarm_planner = RefillPlanner(config.pool, now)
         self.backoff = Backoff()  # refill failures (slot creation, prewarmed sandbox setup)
         self.by_id: dict[int, Sandbox] = {}
+        self.ids = SandboxIds(config.ids)
         self.own_mount_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         self.building: set[int] = set()  # pidfds of prewarming sandboxes not yet ready
         self.prewarmed: deque[Sandbox] = deque()
@@ -163,14 +166,14 @@ class Shard:
         oom_kills = slot.oom_kills()
         slot_ready = time.monotonic()
         into = self.config.mode != "naive"
-        pid, pidfd, parent, child = cloning.clone(self.config, slot, into)
-        userns = bool(self.config.userns_base_uid)
+        pid, pidfd, parent, child, uid = self.clone(slot, into)
+        userns = self.config.userns
         if pid == 0:
             cloning.child_main(
                 self.config, child, cloning.child_attach_files(self.config, slot, into), userns
             )
         child.close()
-        sandbox = Sandbox(pid, pidfd, slot, parent, reused, launch, received, slot_ready)
+        sandbox = Sandbox(pid, pidfd, slot, uid, parent, reused, launch, received, slot_ready)
         sandbox.oom_kills_before = oom_kills
         self.track(sandbox)
         if userns:  # the code can be mounted once the sandbox is built: on its W
@@ -178,11 +181,23 @@ class Shard:
         else:
             self.send_activation(sandbox, launch, code_tree, fds)
 
+    def clone(self, slot: Slot, into_cgroup: bool) -> tuple[int, int, socket.socket, socket.socket, int]:
+        """cloning.clone with a host uid of the sandbox's own; on failure both go back."""
+        uid = -1
+        try:
+            uid = self.ids.take()
+            return (*cloning.clone(self.config, slot, into_cgroup, uid), uid)
+        except OSError:
+            self.ids.give_back(uid)
+            self.slots.recycle(slot, ran_launch=False)
+            raise
+
     def send_activation(
         self, sandbox: Sandbox, launch: protocol.Launch, code_tree: int, fds: list[int]
     ) -> None:
         config, mount_ns = self.config, self.own_mount_ns
-        cloning.send_activation(config, sandbox.pid, sandbox.status, launch, code_tree, fds, mount_ns)
+        pid, status = sandbox.pid, sandbox.status
+        cloning.send_activation(config, sandbox.uid, pid, status, launch, code_tree, fds, mount_ns)
 
     def track(self, sandbox: Sandbox) -> None:
         assert sandbox.launch
@@ -193,11 +208,11 @@ class Shard:
     # -- prewarm ----------------------------------------------------------------------------
     def prewarm_one(self) -> None:
         slot, reused = self.slots.acquire(self.config.idle_limits)
-        pid, pidfd, parent, child = cloning.clone(self.config, slot, into_cgroup=True)
+        pid, pidfd, parent, child, uid = self.clone(slot, into_cgroup=True)
         if pid == 0:
             cloning.child_main(self.config, child, cloning.child_attach_files(self.config, slot, True), True)
         child.close()
-        sandbox = Sandbox(pid, pidfd, slot, parent, reused, prewarmed=True)
+        sandbox = Sandbox(pid, pidfd, slot, uid, parent, reused, prewarmed=True)
         self.building.add(pidfd)
         self.watch(parent.fileno(), select.POLLIN, lambda ev, s=sandbox: self.on_prewarm_status(s))
         self.watch(pidfd, select.POLLIN, lambda ev, s=sandbox: self.on_exit(s))
@@ -308,6 +323,7 @@ class Shard:
                 if sandbox.slot.oom_kills() > sandbox.oom_kills_before:
                     why += f" (out of memory: {launch.limits.memory_mb} MB is too little to set up in)"
                 self.reply(protocol.LaunchFailed(id=launch.id, message=why))
+        self.ids.give_back(sandbox.uid)  # its pid namespace, and every process in it, is gone
         self.slots.recycle(sandbox.slot, ran_launch=launch is not None)
 
     # -- recycling --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import msgspec
 
 from host_node.sandbox import init
 from host_node.sandbox.cgroups import Layout, Limits
+from host_node.sandbox.ids import IdRange
 from host_node.sandbox.pool import PoolSettings
 from schemas.messages import PoolMode
 
@@ -15,4 +16,5 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     plan: init.RootPlan
     pool: PoolSettings
     idle_limits: Limits  # what an idle slot (or a prewarmed sandbox) is held to
-    userns_base_uid: int  # 0: no user namespace; else sandbox ids 0..65535 are host ids base+0..
+    userns: bool  # each sandbox in a user namespace of its own (owned by the sandbox's host uid)
+    ids: IdRange  # the host uids this shard's sandboxes run as, one per live sandbox
