@@ -1,8 +1,10 @@
 """Two tenants on one cluster: does one tenant's flood starve the other? A "victim" tenant's
-short calls, alone and then while a "flood" tenant holds hundreds of long calls (neither with a
-limit of its own: the defaults decide), alternating.
+short calls, alone and then while a "flood" tenant holds hundreds of long calls, alternating.
+Neither has a limit of its own (the defaults decide), or with `--own-limits N` both have limit N
+(`hetfaas tenant set`), which may exceed what the nodes hold.
 
     .venv/bin/python -m bench.contention [--flood 500] [--flood-s 4.5] [--seconds 8] [--pairs 2]
+        [--own-limits 1000] [--settle]
 """
 
 import argparse
@@ -106,11 +108,16 @@ async def sitting(info: launcher.ClusterInfo, work: Path, args: argparse.Namespa
     try:
         await client.wait_until_ready(args.hosts, timeout_s=30)
         await deploy(client, work, "victim", "flood")
+        if args.own_limits:
+            for tenant in ("victim", "flood"):
+                await client.set_tenant(tenant, args.own_limits)
         await victim_calls(client, "victim", 1.0)  # warm-up: the victim's instances started
         pairs = []
         for _ in range(args.pairs):
             alone = await victim_calls(client, "victim", args.seconds)
-            crowded = await flooded(client, "victim", "flood", args.flood, args.flood_s, args.seconds)
+            crowded = await flooded(
+                client, "victim", "flood", args.flood, args.flood_s, args.seconds, settle=args.settle
+            )
             pairs.append((alone, crowded))
         return pairs
     finally:
@@ -126,6 +133,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="the victim's run, each time")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--own-limits", type=int, default=0, help="both tenants' own limit (0: none)")
+    parser.add_argument(
+        "--settle",
+        action="store_true",
+        help="measure the victim once the flood's calls run, not from the first",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hetfaas-bench-") as tmp:
         work = Path(tmp)
@@ -134,9 +147,10 @@ def main() -> None:
             pairs = asyncio.run(sitting(info, work, args))
         finally:
             launcher.stop(info)
+    limits = f"both limited to {args.own_limits}" if args.own_limits else "default limits"
     print(
         f"victim: 8 short calls in flight for {args.seconds:.0f} s; "
-        f"flood: {args.flood} calls of {args.flood_s} s"
+        f"flood: {args.flood} calls of {args.flood_s} s; {limits}"
     )
     for alone, crowded in pairs:
         print(f"  alone:   {alone.line()}")

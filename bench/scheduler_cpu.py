@@ -16,12 +16,14 @@ import asyncio
 import gc
 import tempfile
 import time
+from types import SimpleNamespace
 
 import uvloop
 
 from fabric import bus, telemetry
 from fabric.runner import GC_THRESHOLDS
 from scheduler import shares
+from scheduler.capacity import Room
 from scheduler.invoke import Invoker
 from scheduler.service import INVOKE_SPAN, Scheduler
 from scheduler.settings import SchedulerSettings
@@ -63,7 +65,12 @@ def scheduler() -> Scheduler:
     alone = shares.Replicas(("bench",), "bench")
     service = Scheduler.__new__(Scheduler)  # its handler only: no connections
     service.settings, service.view = settings, view
-    service.invoker = Invoker(settings, None, view, AnswersAtOnce(), lambda: alone, lambda _: 1_000_000)  # type: ignore[arg-type]
+    # the tenant's limit as the service works it out (its default, the room kept for others)
+    service.sync = SimpleNamespace(tenants={})  # type: ignore[assignment]
+    service._room, service._room_at = Room(0, 1, {}), 0.0
+    service.replicas = lambda: alone  # type: ignore[method-assign]
+    limit, weight = service.tenant_limit, service.tenant_weight
+    service.invoker = Invoker(settings, None, view, AnswersAtOnce(), lambda: alone, limit, weight)  # type: ignore[arg-type]
     return service
 
 

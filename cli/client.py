@@ -391,10 +391,10 @@ class Client:
             subjects.REVOKE, RevokeRequest(digest=digest, reason=reason), codec.revoke_result
         )
 
-    async def set_tenant(self, tenant: str, max_concurrency: int) -> TenantReply:
+    async def set_tenant(self, tenant: str, max_concurrency: int, weight: int = 1) -> TenantReply:
         return await self._control(
             subjects.SET_TENANT,
-            SetTenant(tenant=tenant, max_concurrency=max_concurrency),
+            SetTenant(tenant=tenant, max_concurrency=max_concurrency, weight=weight),
             codec.tenant_result,
         )
 

@@ -118,11 +118,21 @@ def tenant_list(as_json: bool) -> None:
     type=click.IntRange(1, 1_000_000),
     help="the tenant's invocations running at once, cluster-wide; beyond it they queue, then throttle",
 )
+@click.option(
+    "--weight",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="its share of the nodes' room against other tenants' weights, while invocations wait for room",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def tenant_set(name: str, max_concurrency: int, as_json: bool) -> None:
+def tenant_set(name: str, max_concurrency: int, weight: int, as_json: bool) -> None:
     """Set tenant NAME's limits (stored in etcd; every scheduler replica follows them)."""
-    reply = run(lambda c: c.set_tenant(name, max_concurrency))
+    reply = run(lambda c: c.set_tenant(name, max_concurrency, weight))
     if as_json:
         print_json(msgspec.to_builtins(reply.record))
     else:
-        click.echo(f"tenant {reply.record.tenant}: max_concurrency {reply.record.max_concurrency}")
+        record = reply.record
+        click.echo(
+            f"tenant {record.tenant}: max_concurrency {record.max_concurrency}, weight {record.weight}"
+        )

@@ -197,7 +197,9 @@ class Control:
             return error_reply("bad_request", "; ".join(problems))
         if not 1 <= req.max_concurrency <= 1_000_000:
             return error_reply("bad_request", "max_concurrency must be in 1..1000000")
-        record = TenantRecord(tenant=req.tenant, max_concurrency=req.max_concurrency)
+        if not 1 <= req.weight <= 1000:
+            return error_reply("bad_request", "weight must be in 1..1000")
+        record = TenantRecord(tenant=req.tenant, max_concurrency=req.max_concurrency, weight=req.weight)
         try:
             await state.write_tenant(self._store, record)
         except STORE_ERRORS as exc:

@@ -12,12 +12,13 @@ from fabric import bus, telemetry
 from fabric.connection import Connection
 from scheduler import shares
 from scheduler.admission import Blocked, FunctionKey, Running
+from scheduler.capacity import CapacityQueue, RecentPeaks
 from scheduler.settings import SchedulerSettings
 from scheduler.waiting import QueueFull, WaitQueue
 from schemas import codec, subjects
 from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, error_reply
 
-CAPACITY = ("capacity",)  # the wait-queue reason of invocations waiting for room on a node
+CAPACITY = ("capacity",)  # invocations waiting for room on a node: in their tenant's line (capacity.py)
 # A replica handing an invocation over passes the caller's reply subject in this header, not as
 # the message's reply: nats-server lets no client send an `_R_.` subject (a tenant account's
 # request, docs/architecture.md §8) on as a reply.
@@ -38,6 +39,7 @@ class AdmissionGate:
         nc: Connection,
         replicas: Callable[[], shares.Replicas],
         tenant_limit: Callable[[str], int],
+        tenant_weight: Callable[[str], int],
     ):
         self.settings = settings
         self._nc = nc
@@ -45,12 +47,14 @@ class AdmissionGate:
         self._tenant_limit = tenant_limit
         self.running = Running()
         self.queue = WaitQueue(settings.admission.max_queue)
+        self.capacity = CapacityQueue(self.queue, self.running.tenants, tenant_weight)
+        self.peaks = RecentPeaks()  # each tenant's most admitted at once lately (capacity.py)
         self.counters = Counters()
 
     def may_start_now(self, req: InvokeRequest, record: FunctionRecord) -> bool:
         """Whether the invocation may start without waiting: within this replica's shares of
         its limits, with nobody queued ahead of it on them or for room on a node."""
-        if self.queue.waiting(CAPACITY):
+        if self.capacity.waiting():
             return False
         fn: FunctionKey = (req.tenant, req.function)
         fn_limit, tenant_limit = self._shares(req, record)
@@ -76,12 +80,13 @@ class AdmissionGate:
         refusal = await self._wait_for_limits(req, fn, (fn_limit, tenant_limit), wait_until, deadline)
         if refusal is not None:
             return refusal
-        self.running.enter(fn)
+        self.enter(fn)
         return "admitted"
 
     def enter(self, fn: FunctionKey) -> None:
-        """An invocation the fast path admitted (`may_start_now`) starts."""
+        """An admitted invocation starts (here, or on the fast path after `may_start_now`)."""
         self.running.enter(fn)
+        self.peaks.note(fn[0], self.running.tenants[fn[0]], time.monotonic())
 
     def leave(self, fn: FunctionKey) -> None:
         """An admitted invocation is done: the next waiting on its limits may go."""
@@ -153,7 +158,11 @@ class AdmissionGate:
         what = why.describe() if isinstance(why, Blocked) else why
         started_ns = time.time_ns()
         try:
-            woken = await self.queue.wait(reason, wait_until - time.monotonic(), front)
+            timeout_s = wait_until - time.monotonic()
+            if reason == CAPACITY:
+                woken = await self.capacity.wait(req.tenant, timeout_s, front)
+            else:
+                woken = await self.queue.wait(reason, timeout_s, front)
             telemetry.record("scheduler.queue", started_ns, time.time_ns(), {"hetfaas.waited_for": what})
             if woken:
                 return None

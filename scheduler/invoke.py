@@ -87,6 +87,7 @@ class Invoker:
         requester: bus.Requester,
         replicas: Callable[[], shares.Replicas],
         tenant_limit: Callable[[str], int],
+        tenant_weight: Callable[[str], int],
     ):
         self.settings = settings
         self._nc = nc
@@ -94,7 +95,7 @@ class Invoker:
         self._requester = requester
         self._replicas = replicas
         self._profile = plugins.profile(settings.placement)
-        self.gate = AdmissionGate(settings, nc, replicas, tenant_limit)
+        self.gate = AdmissionGate(settings, nc, replicas, tenant_limit, tenant_weight)
         self.counters = self.gate.counters
         # invocation id -> the reply subject of the copy this replica is handling
         self._handling: dict[str, str] = {}
@@ -320,7 +321,7 @@ class Invoker:
         for room (the caller looks again)."""
         if attempts.prefer and not attempts.tried:
             return attempts.prefer, "a node had this invocation already (the caller sent it again)"
-        if not attempts.woken and self.gate.queue.waiting(CAPACITY):
+        if not attempts.woken and self.gate.capacity.waiting():
             # Others wait for room already: queue behind them rather than take the slot the
             # next of them was woken for.
             why = "earlier invocations wait for room"
@@ -388,7 +389,7 @@ class Invoker:
 
     def _release_node(self, node_id: str, key: str) -> None:
         self._view.unreserve(node_id, key)
-        self.gate.queue.wake(CAPACITY)
+        self.gate.capacity.wake()
 
     def _outcome(
         self, node_id: str, key: str, invocation_id: str, outcome: bytes | BaseException

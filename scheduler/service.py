@@ -15,8 +15,10 @@ from fabric.bundles import BundleStore
 from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
 from scheduler import shares, state
+from scheduler.capacity import Room
+from scheduler.capacity import room as capacity_room
 from scheduler.control import Control, not_deployed
-from scheduler.gate import CAPACITY, HAND_OVER_REPLY
+from scheduler.gate import HAND_OVER_REPLY
 from scheduler.invoke import Invoker, invoke_attributes
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_REPLICAS = 64
 STALE_BEATS_FORGOTTEN = 30  # beat intervals of silence after which a replica's last beat goes
 MAX_INVOCATION_ID = 128
+ROOM_REFRESH_S = 0.1  # how often the room tenants keep for their recent use is worked out again
 
 
 def _note_error_code(span: Any, reply: ErrorReply | bytes | None) -> None:
@@ -63,7 +66,10 @@ class Scheduler:
         self.foreign_claims = 0  # beats that named another identity than their subject
         self.refused_beats = 0  # beats of replicas beyond MAX_REPLICAS
         self._replicas: tuple[shares.Replicas, float] | None = None
-        self.invoker = Invoker(settings, nc, self.view, self._requester, self.replicas, self.tenant_limit)
+        self._room, self._room_at = Room(0, 1, {}), 0.0
+        self.invoker = Invoker(
+            settings, nc, self.view, self._requester, self.replicas, self.tenant_limit, self.tenant_weight
+        )
         self.control = Control(settings, self.view, store, bundles, nc, self._requester, self.sync.tenants)
         gate = self.invoker.gate
         registry = metrics.REGISTRY
@@ -226,7 +232,7 @@ class Scheduler:
             return
         self.view.on_heartbeat(hb, ctx.received_at)
         self._heartbeat_seen.set()
-        self.invoker.gate.queue.wake_all(CAPACITY)  # the node's partitions or memory may have room now
+        self.invoker.gate.capacity.wake_all()  # the node's partitions or memory may have room now
 
     # --- the other replicas ---
 
@@ -314,15 +320,30 @@ class Scheduler:
 
     def tenant_limit(self, tenant: str) -> int:
         """The tenant's own limit (`hetfaas tenant set`), else the default: the smaller of
-        `tenant_max_concurrency` and `tenant_default_share` of the healthy nodes' capacity."""
+        `tenant_max_concurrency` and `tenant_default_share` of the healthy nodes' capacity; and
+        at most the room the other recently active tenants keep not (capacity.py)."""
         record = self.sync.tenants.get(tenant)
-        if record is not None:
-            return record.max_concurrency
         settings = self.settings
+        now = time.monotonic()
         refresh_s = settings.placement.snapshot_refresh_ms / 1000
-        capacity = self.view.snapshot(time.monotonic(), settings.node_stale_after_s, refresh_s).capacity
-        share = max(1, int(capacity * settings.admission.tenant_default_share))
-        return min(settings.admission.tenant_max_concurrency, share)
+        capacity = self.view.snapshot(now, settings.node_stale_after_s, refresh_s).capacity
+        if record is not None:
+            own = record.max_concurrency
+        else:
+            share = max(1, int(capacity * settings.admission.tenant_default_share))
+            own = min(settings.admission.tenant_max_concurrency, share)
+        if now >= self._room_at or self._room.capacity != capacity:
+            # this replica's peaks stand for its share of each tenant: scaled to the cluster's
+            replicas = self.replicas().count
+            peaks = {t: peak * replicas for t, peak in self.invoker.gate.peaks.peaks(now).items()}
+            self._room = capacity_room(capacity, peaks, self.tenant_weight)
+            self._room_at = now + ROOM_REFRESH_S
+        return self._room.limit(tenant, own, record.weight if record is not None else 1)
+
+    def tenant_weight(self, tenant: str) -> int:
+        """The tenant's share of the nodes' room while tenants wait for it (capacity.py)."""
+        record = self.sync.tenants.get(tenant)
+        return record.weight if record is not None else 1
 
     async def on_status(self, req: StatusRequest, ctx: bus.Context) -> ClusterStatus:
         try:

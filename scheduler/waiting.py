@@ -3,7 +3,7 @@ and in time. A freed slot wakes the longest waiter for that slot (FIFO per reaso
 
 import asyncio
 from collections import defaultdict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 
 class QueueFull(Exception):
@@ -20,10 +20,17 @@ class WaitQueue:
         queue = self._waiters.get(reason)
         return len(queue) if queue else 0
 
-    async def wait(self, reason: Hashable, timeout_s: float, front: bool = False) -> bool:
+    async def wait(
+        self,
+        reason: Hashable,
+        timeout_s: float,
+        front: bool = False,
+        pass_on: Callable[[], None] | None = None,
+    ) -> bool:
         """Wait until woken for `reason` (True) or `timeout_s` passes (False). Raises QueueFull
         when `max_len` invocations wait already: they are turned away at once, not queued.
-        `front`: a waiter that was woken but lost the slot keeps its turn."""
+        `front`: a waiter that was woken but lost the slot keeps its turn. `pass_on`: who gets
+        the turn of one woken just as its time ran out (the next waiting for `reason` if None)."""
         if self.length >= self.max_len:
             raise QueueFull(f"{self.length} invocations are queued on this replica, its limit")
         if timeout_s <= 0:
@@ -41,7 +48,11 @@ class WaitQueue:
             return True
         except TimeoutError:
             if future.done() and not future.cancelled():
-                self.wake(reason)  # woken as the time ran out: pass the turn on, do not lose it
+                # woken as the time ran out: pass the turn on, do not lose it
+                if pass_on is not None:
+                    pass_on()
+                else:
+                    self.wake(reason)
             return False
         finally:
             self.length -= 1

@@ -349,6 +349,7 @@ class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True, tag="cluster_stat
 # at least 1 (0 or less would throttle the tenant for good), at most what `hetfaas tenant set`
 # takes.
 TenantLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+TenantWeight = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 
 
 class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -356,11 +357,14 @@ class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
 
     tenant: str
     max_concurrency: TenantLimit  # its invocations running at once in the whole cluster
+    # Its share of the nodes' room while tenants wait for it, against the others' weights.
+    weight: TenantWeight = 1
 
 
 class SetTenant(msgspec.Struct, frozen=True, kw_only=True, tag="set_tenant"):
     tenant: str
     max_concurrency: TenantLimit
+    weight: TenantWeight = 1
 
 
 class TenantReply(msgspec.Struct, frozen=True, kw_only=True, tag="tenant_reply"):

@@ -121,13 +121,15 @@ def test_logs_prints_the_function_s_output(
 
 def test_tenant_limits_and_the_replica_table(cluster: launcher.ClusterInfo, tenant: str) -> None:
     limited = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "3", "--json")
-    plain = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "5")
+    plain = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "5", "--weight", "3")
     invalid = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "0")
+    heavy = hetfaas(cluster.state_dir, "tenant", "set", tenant, "--max-concurrency", "5", "--weight", "1001")
     status = hetfaas(cluster.state_dir, "status")
 
-    assert json.loads(limited.stdout) == {"tenant": tenant, "max_concurrency": 3}
-    assert plain.stdout.decode().strip() == f"tenant {tenant}: max_concurrency 5"
+    assert json.loads(limited.stdout) == {"tenant": tenant, "max_concurrency": 3, "weight": 1}
+    assert plain.stdout.decode().strip() == f"tenant {tenant}: max_concurrency 5, weight 3"
     assert invalid.returncode == 2 and b"--max-concurrency" in invalid.stderr
+    assert heavy.returncode == 2 and b"--weight" in heavy.stderr
     table = status.stdout.decode()
     assert "REPLICA" in table and "QUEUED" in table and "scheduler-0 *" in table, table
 

@@ -26,3 +26,22 @@ async def test_a_flood_of_long_calls_leaves_another_tenant_its_share(
     assert crowded.success == 1.0, crowded.line()
     assert crowded.calls >= alone.calls / 2, f"alone {alone.line()}; flooded {crowded.line()}"
     assert crowded.p99_ms <= 2 * alone.p99_ms, f"alone {alone.line()}; flooded {crowded.line()}"
+
+
+async def test_tenants_whose_own_limits_exceed_the_cluster_share_its_room(
+    client: Client, tmp_path: Path, tenant: str
+) -> None:
+    """Both tenants may run 1000 at once, far more than the nodes hold: the flood's calls beyond
+    the nodes' room wait in its own line, and room that frees goes to the tenant with fewer on
+    the nodes, so the victim's calls do not queue behind the flood's."""
+    victim, flood = f"{tenant}v", f"{tenant}f"
+    await deploy(client, tmp_path, victim, flood)
+    for name in (victim, flood):
+        await client.set_tenant(name, 1000)
+    await victim_calls(client, victim, 0.5)
+    alone = await victim_calls(client, victim, 3.0)
+    crowded = await flooded(client, victim, flood, calls=200, hold_s=5.0, seconds=3.0, settle=True)
+
+    assert crowded.success == 1.0, crowded.line()
+    assert crowded.calls >= alone.calls / 2, f"alone {alone.line()}; flooded {crowded.line()}"
+    assert crowded.p99_ms <= 2 * alone.p99_ms, f"alone {alone.line()}; flooded {crowded.line()}"

@@ -43,7 +43,7 @@ def invoker(nc: Connection, node_ids: list[str], timeout_ms: int) -> Invoker:
             Heartbeat(node_id=node_id, seq=0, inflight=0, capacity=8, instances=0), time.monotonic()
         )
     alone = shares.Replicas(("t",), "t")
-    return Invoker(settings, nc, view, bus.Requester(nc), lambda: alone, lambda _: 100)
+    return Invoker(settings, nc, view, bus.Requester(nc), lambda: alone, lambda _: 100, lambda _: 1)
 
 
 async def stand_in_nodes(nc: Connection, invocation_id: str, answers: dict[str, Answer]) -> None:

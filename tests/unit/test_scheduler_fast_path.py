@@ -53,7 +53,7 @@ def invoker(outcome: Outcome) -> tuple[Invoker, Bus]:
     view.on_heartbeat(beat, time.monotonic())
     stand_in = Bus(outcome)
     alone = shares.Replicas(("s",), "s")
-    invoker = Invoker(settings, stand_in, view, stand_in, lambda: alone, lambda _: 100)  # type: ignore[arg-type]
+    invoker = Invoker(settings, stand_in, view, stand_in, lambda: alone, lambda _: 100, lambda _: 1)  # type: ignore[arg-type]
     return invoker, stand_in
 
 
