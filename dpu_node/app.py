@@ -36,13 +36,15 @@ class DpuNodeApp(ServiceApp):
             settings.lease_ttl_s,
             partition=runtime.partition(),
         )
+        registration.on_taken = self.fail
+        tasks.spawn(registration.run(), "registration")
+        await registration.claimed()
         await runtime.start_following(tasks, settings.lease_ttl_s * 2)
         server = bus.Server(nc, max_concurrent=settings.capacity)
         stack.push_async_callback(server.close)
         await server.serve(node.routes())
         beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)
         tasks.spawn(beats, "heartbeats")
-        tasks.spawn(registration.run(), "registration")
         log.info(
             "DPU node %s serving (%d cores; trusts %s)", settings.node_id, settings.cores, ", ".join(trusted)
         )

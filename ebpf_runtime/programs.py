@@ -43,6 +43,15 @@ ACTIONS = {
 _approved = msgspec.msgpack.Decoder(ApprovedProgram)
 
 
+def partition_of(settings: EbpfRuntimeSettings) -> Partition:
+    """What a node offers eBPF tenants, as its registration says it."""
+    return Partition(
+        concurrency=settings.tenant_concurrency,
+        programs=settings.tenant_programs,
+        map_memory_bytes=settings.tenant_map_memory_bytes,
+    )
+
+
 class ProgramRuntime:
     def __init__(
         self, settings: EbpfRuntimeSettings, node_id: str, store: Store, trusted: dict[str, Ed25519PublicKey]
@@ -64,12 +73,7 @@ class ProgramRuntime:
         self._metrics = nodes.InvokeMetrics()
 
     def partition(self) -> Partition:
-        s = self.settings
-        return Partition(
-            concurrency=s.tenant_concurrency,
-            programs=s.tenant_programs,
-            map_memory_bytes=s.tenant_map_memory_bytes,
-        )
+        return partition_of(self.settings)
 
     def maps(self, req: MapsRequest) -> MapsReply:
         """The maps of this tenant's function, and nobody else's: the key includes the tenant."""

@@ -9,6 +9,7 @@ from typing import Protocol, Self
 
 from fabric import bus, credentials, metrics
 from fabric.connection import Connection
+from fabric.fatal import Fatal
 from fabric.store import Store
 from fabric.tasks import TaskSet
 from fabric.telemetry import setup_tracing
@@ -20,8 +21,10 @@ from schemas.permissions import Role
 class ServiceApp(contextlib.AbstractAsyncContextManager):
     def __init__(self) -> None:
         self._stack = contextlib.AsyncExitStack()
+        self._failed: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Self:
+        self._failed = asyncio.get_running_loop().create_future()
         try:
             await self._start(self._stack)
         except BaseException:
@@ -36,9 +39,16 @@ class ServiceApp(contextlib.AbstractAsyncContextManager):
         raise NotImplementedError
 
     async def serve_forever(self) -> None:
-        """Run until cancelled (SIGTERM/SIGINT: see fabric.runner), then shut down in order."""
+        """Run until cancelled (SIGTERM/SIGINT: see fabric.runner) or `fail`ed, then shut down
+        in order (and raise what failed it)."""
         async with self:
-            await asyncio.Future()
+            assert self._failed is not None
+            await self._failed
+
+    def fail(self, exc: Fatal) -> None:
+        """The service cannot go on (its registration was taken over): stop serving."""
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_exception(exc)
 
 
 class BusSettings(Protocol):

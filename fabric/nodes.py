@@ -14,7 +14,8 @@ import nats
 
 from fabric import bus, metrics, telemetry
 from fabric.connection import Connection
-from fabric.store import LeasedKey, Store
+from fabric.leased import LeasedKey
+from fabric.store import Store
 from fabric.tracing import NoScope, Scope, Span, Unsampled
 from schemas import codec, keys, subjects
 from schemas.errors import RETRIED_ELSEWHERE
@@ -56,7 +57,7 @@ def register(
         runs_ebpf=partition is not None,
         partition=partition,
     )
-    registration = store.leased_key(keys.node(node_id), lambda: codec.encode(record), ttl_s)
+    registration = LeasedKey(store, keys.node(node_id), lambda: codec.encode(record), ttl_s)
     stack.push_async_callback(registration.revoke)
     return registration
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
+from fabric.fatal import Fatal
 from fabric.settings import SettingsError, load_settings
 
 T = TypeVar("T")
@@ -34,7 +35,11 @@ def run_service(main: Callable[[], Coroutine[Any, Any, None]], log_level: str, n
     logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     gc.freeze()  # what the imports made lives for ever: no collection needs to walk it again
     gc.set_threshold(*GC_THRESHOLDS)
-    uvloop.run(_until_signalled(main))
+    try:
+        uvloop.run(_until_signalled(main))
+    except Fatal as exc:
+        logging.getLogger(name).error("%s", exc)
+        raise SystemExit(1) from None
 
 
 async def _until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -11,6 +11,7 @@ from typing import Literal, TypeVar
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+from etcd3aio._protobuf import Compare
 from etcd3aio.errors import EtcdUnauthenticatedError
 from etcd3aio.kv import KVService
 
@@ -137,6 +138,36 @@ class Store:
         )
         return resp.header.revision
 
+    async def create(self, key: str, value: bytes, lease: int) -> Entry | None:
+        """Write `key` only if it does not exist, atomically; else nothing is written and the
+        entry that exists is returned."""
+        kv = self._kv
+        resp = await self._authenticated(
+            lambda: kv.txn(
+                [KVService.txn_compare_create_revision(key, 0)],
+                [KVService.txn_op_put(key, value, lease=lease)],
+                [KVService.txn_op_get(key)],
+                timeout=self.timeout_s,
+            )
+        )
+        if resp.succeeded:
+            return None
+        found = resp.responses[0].response_range.kvs[0]
+        return Entry(found.key.decode(), found.value, found.mod_revision, found.lease)
+
+    async def replace(self, key: str, value: bytes, lease: int, mod_revision: int) -> bool:
+        """Write `key` only if it is still as read at `mod_revision`, atomically."""
+        kv = self._kv
+        unchanged = Compare(
+            result=Compare.EQUAL, target=Compare.MOD, key=key.encode(), mod_revision=mod_revision
+        )
+        resp = await self._authenticated(
+            lambda: kv.txn(
+                [unchanged], [KVService.txn_op_put(key, value, lease=lease)], timeout=self.timeout_s
+            )
+        )
+        return bool(resp.succeeded)
+
     async def delete(self, key: str) -> bool:
         resp = await self._authenticated(lambda: self._kv.delete(key, timeout=self.timeout_s))
         return resp.deleted > 0
@@ -169,9 +200,6 @@ class Store:
                 yield events
         raise Compacted(f"watch on {prefix} ended")
 
-    def leased_key(self, key: str, value: Callable[[], bytes], ttl_s: int) -> "LeasedKey":
-        return LeasedKey(self, key, value, ttl_s)
-
     async def _grant(self, ttl_s: int) -> int:
         lease = self._client.lease
         assert lease is not None, "store not connected"
@@ -193,55 +221,6 @@ class Store:
         lease = self._client.lease
         assert lease is not None, "store not connected"
         await self._authenticated(lambda: lease.revoke(lease_id, timeout=self.timeout_s))
-
-
-class LeasedKey:
-    """A key that exists while its owner lives: written under a lease, kept alive, re-created if lost.
-
-    If etcd was unreachable long enough for the lease to expire, the loop grants a new lease and
-    writes the key again, so a node that survives an etcd outage re-registers by itself.
-    """
-
-    def __init__(self, store: Store, key: str, value: Callable[[], bytes], ttl_s: int):
-        self._store = store
-        self._key = key
-        self._value = value
-        self._ttl_s = ttl_s
-        self._lease_id = 0
-        self._revoked = False
-
-    async def run(self) -> None:
-        retry_s = 0.2
-        # Not after `revoke`: the owner is stopping, and its tasks are cancelled only after its
-        # registration is revoked, so the keep-alive would otherwise see the lease gone and write
-        # the key again, a dead node registered for another TTL.
-        while not self._revoked:
-            try:
-                self._lease_id = await self._store._grant(self._ttl_s)
-                await self._store.put(self._key, self._value(), lease=self._lease_id)
-                retry_s = 0.2
-                await self._keep_alive()
-            except Exception as exc:  # etcd down, or anything else: the key must come back
-                log.warning("lease for %s: %s; retrying in %.1fs", self._key, exc, retry_s)
-            await asyncio.sleep(retry_s)
-            retry_s = min(retry_s * 2, self._ttl_s / 2)
-
-    async def _keep_alive(self) -> None:
-        while True:
-            await asyncio.sleep(self._ttl_s / 3)
-            if await self._store._keep_alive_once(self._lease_id) <= 0:
-                if not self._revoked:
-                    log.warning("lease for %s expired; registering again", self._key)
-                return
-
-    async def revoke(self) -> None:
-        """Delete the key now (graceful shutdown) instead of waiting for the TTL; never again."""
-        self._revoked = True
-        if self._lease_id:
-            try:
-                await self._store._revoke(self._lease_id)
-            except STORE_ERRORS as exc:
-                log.warning("could not revoke lease for %s: %s", self._key, exc)
 
 
 async def follow_prefix(

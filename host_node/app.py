@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from ebpf_runtime.programs import ProgramRuntime, trusted_keys
+from ebpf_runtime.programs import ProgramRuntime, partition_of, trusted_keys
 from fabric import bus, nodes, telemetry
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
@@ -35,13 +35,8 @@ class HostNodeApp(ServiceApp):
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
         nc, store, tasks = await open_connections(stack, "host", settings.node_id, settings)
-        bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
-        spawner = await open_spawner(settings, stack)
-        programs = await open_programs(settings, store, tasks, stack)
-        probe = await open_probe(settings, stack)
-        server = bus.Server(nc, max_concurrent=settings.capacity * 2)
-        node = self.node = HostNode(settings, bundles, spawner, server.respond, programs, probe)
-        stack.push_async_callback(node.close)  # after the server stops and the lease is revoked
+        # The id first: a second node with it must not touch this one's cgroups or bundles.
+        # (Schedulers place nothing here before the heartbeats, which start once it serves.)
         registration = nodes.register(
             stack,
             store,
@@ -50,15 +45,24 @@ class HostNodeApp(ServiceApp):
             settings.capacity,
             settings.lease_ttl_s,
             memory_mb=settings.memory_mb,
-            partition=programs.partition() if programs else None,
+            partition=partition_of(settings.ebpf) if settings.ebpf else None,
         )
+        registration.on_taken = self.fail
+        tasks.spawn(registration.run(), "registration")
+        await registration.claimed()
+        bundles = BundleCache(BundleStore(nc.jetstream()), Path(settings.work_dir) / "bundles")
+        spawner = await open_spawner(settings, stack)
+        programs = await open_programs(settings, store, tasks, stack)
+        probe = await open_probe(settings, stack)
+        server = bus.Server(nc, max_concurrent=settings.capacity * 2)
+        node = self.node = HostNode(settings, bundles, spawner, server.respond, programs, probe)
+        stack.push_async_callback(node.close)  # after the server stops and the lease is revoked
         stack.push_async_callback(server.close, settings.shutdown_grace_s)
         await server.serve(node.routes())
         beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)
         tasks.spawn(beats, "heartbeats")
         tasks.spawn(node.runtime.reap_idle(), "reap-idle")
         tasks.spawn(function_logs.keep_bounded(node.logs, settings.max_log_bytes), "function-logs")
-        tasks.spawn(registration.run(), "registration")
         log.info("host node %s serving", settings.node_id)
 
 

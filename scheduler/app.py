@@ -40,7 +40,9 @@ class SchedulerApp(ServiceApp):
         await server.serve(scheduler.view_routes())
         await scheduler.wait_until_ready()
         await server.serve(scheduler.request_routes())
+        registration.on_taken = self.fail
         tasks.spawn(registration.run(), "registration")  # listed in `status` once it serves
+        await registration.claimed()
         log.info("scheduler %s serving", settings.scheduler_id)
 
 

@@ -11,7 +11,8 @@ from typing import TypeVar
 import msgspec
 
 from fabric import bundles
-from fabric.store import Entry, Event, LeasedKey, Store, follow_prefix
+from fabric.leased import LeasedKey
+from fabric.store import Entry, Event, Store, follow_prefix
 from scheduler.view import ClusterView
 from schemas import codec, keys
 from schemas.ebpf import RevokeRequest
@@ -221,4 +222,4 @@ def registration(store: Store, scheduler_id: str, ttl_s: int) -> LeasedKey:
     record = SchedulerRecord(
         scheduler_id=scheduler_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=time.time()
     )
-    return store.leased_key(keys.scheduler(scheduler_id), lambda: codec.encode(record), ttl_s)
+    return LeasedKey(store, keys.scheduler(scheduler_id), lambda: codec.encode(record), ttl_s)
