@@ -7,7 +7,7 @@ import os
 from dpu_node.service import DpuNode
 from dpu_node.settings import DpuNodeSettings
 from ebpf_runtime.programs import ProgramRuntime, trusted_keys
-from fabric import bus, nodes
+from fabric import bus, health, nodes
 from fabric.app import ServiceApp, open_connections
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class DpuNodeApp(ServiceApp):
         await server.serve(node.routes())
         beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)
         tasks.spawn(beats, "heartbeats")
+        health.READINESS.check = lambda: health.unready(nc, registration)
         log.info(
             "DPU node %s serving (%d cores; trusts %s)", settings.node_id, settings.cores, ", ".join(trusted)
         )

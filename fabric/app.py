@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Protocol, Self
 
-from fabric import bus, credentials, metrics
+from fabric import bus, credentials, health, metrics
 from fabric.connection import Connection
 from fabric.fatal import Fatal
 from fabric.store import Store
@@ -127,10 +127,10 @@ def read_ca(path: str) -> bytes:
 
 
 async def open_metrics(stack: contextlib.AsyncExitStack, name: str, listen: str) -> None:
-    """The Prometheus scrape endpoint (when `listen` is set) and the OTLP push (when an OTLP
-    endpoint is)."""
+    """The HTTP endpoint, /metrics, /healthz and /readyz (when `listen` is set: fabric.health),
+    and the OTLP push (when an OTLP endpoint is)."""
     if listen:
-        server = await metrics.serve_prometheus(listen)
+        server = await health.serve(listen)
         stack.callback(server.close)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
         pusher = metrics.OtlpPusher(name, http_writer("metrics"))

@@ -69,7 +69,9 @@ log = logging.getLogger(__name__)
 async def connect(
     url: str, name: str, wait_for_server: bool = True, creds: str = "", inbox_prefix: str = "", ca: str = ""
 ) -> Connection:
-    """Connect to NATS as the identity in the `creds` file (nats-py reads it again at every
+    """Connect to NATS at `url`, one server or several separated by commas (as the nats CLI
+    takes them; the client tries them in turn, and fails over between them and the servers
+    they announce), as the identity in the `creds` file (nats-py reads it again at every
     reconnect, so rewritten credentials take effect then), with its inboxes under `inbox_prefix`
     (the only replies its permissions let it receive), over TLS checked against the CA in the
     `ca` PEM file when one is named. Services wait for the server and
@@ -82,7 +84,7 @@ async def connect(
     if ca:
         options["tls"] = tls_context(ca)
     await nc.connect(
-        url,
+        servers(url),
         name=name,
         **options,
         connect_timeout=2,
@@ -96,6 +98,14 @@ async def connect(
         error_cb=_log_connection_error if wait_for_server else _ignore_connection_error,
     )
     return nc
+
+
+def servers(url: str) -> list[str]:
+    """The servers a `nats_url` names: "nats://a:4222, nats://b:4222" is two."""
+    found = [part.strip() for part in url.split(",") if part.strip()]
+    if not found:
+        raise ValueError("no NATS server is named (nats_url is empty)")
+    return found
 
 
 def tls_context(ca: str) -> ssl.SSLContext:

@@ -40,6 +40,7 @@ class LeasedKey:
         self._ttl_s = ttl_s
         self._lease_id = 0  # the lease the key is (or was last) written under by us
         self._revoked = False
+        self.held = False  # claimed and kept alive now (False while etcd is away, until claimed again)
         self._first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_taken: Callable[[IdTaken], None] = lambda exc: log.error("%s", exc)
 
@@ -54,17 +55,21 @@ class LeasedKey:
         while not self._revoked:
             try:
                 await self._claim()
+                self.held = True
                 if not self._first.done():
                     self._first.set_result(None)
                 retry_s = 0.2
                 await self._keep_alive()
+                self.held = False
             except IdTaken as exc:
+                self.held = False
                 if not self._first.done():
                     self._first.set_exception(exc)
                 else:
                     self.on_taken(exc)
                 return
             except Exception as exc:  # etcd down, or anything else: the key must come back
+                self.held = False
                 log.warning("lease for %s: %s; retrying in %.1fs", self._key, exc, retry_s)
             await asyncio.sleep(retry_s)
             retry_s = min(retry_s * 2, self._ttl_s / 2)

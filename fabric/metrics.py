@@ -6,7 +6,6 @@ recorded value here, and a warm invocation records several. Recording is a dict 
 addition; the formats (Prometheus text 0.0.4, OTLP metrics) are produced only when asked.
 """
 
-import asyncio
 import bisect
 import logging
 import os
@@ -196,31 +195,6 @@ def _point(names: tuple[str, ...], values: Labels, start: str, now: str, **field
 
 
 REGISTRY = Registry()  # one per process, like the tracer
-
-
-# --- the endpoints --------------------------------------------------------------------------------
-
-
-async def serve_prometheus(listen: str, registry: Registry = REGISTRY) -> asyncio.Server:
-    """A scrape endpoint at http://<listen>/metrics (any path answers; HTTP/1.0 style)."""
-    host, _, port = listen.rpartition(":")
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            body = registry.prometheus().encode()
-            head = (
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host or "127.0.0.1", int(port))
 
 
 class OtlpPusher:

@@ -15,6 +15,7 @@ from etcd3aio._protobuf import Compare
 from etcd3aio.errors import EtcdUnauthenticatedError
 from etcd3aio.kv import KVService
 
+from fabric import endpoints as endpoints_module
 from fabric.credentials import EtcdLogin
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,19 @@ class Store:
     def __init__(
         self, endpoints: list[str], timeout_s: float = 5.0, login: EtcdLogin | None = None, ca: bytes = b""
     ):
+        found = endpoints_module.targets(endpoints)
+        if found.wants_tls and not ca:
+            raise endpoints_module.BadEndpoint(
+                "https:// etcd endpoints need etcd_ca, the CA that signed etcd's certificate"
+            )
         # Six attempts back off 50 ms doubling to 1.55 s in all: long enough to ride out the
         # channel's reconnect (capped at 1 s below), short of the 5 s per-call timeout.
-        self._client = Etcd3Client(endpoints, rpc_max_attempts=6, ca_cert=ca or None)
+        self._client = Etcd3Client(
+            found.addresses,
+            rpc_max_attempts=6,
+            ca_cert=ca or None,
+            tls_server_name=found.server_name if ca else None,
+        )
         self._login = login
         self._token = ""  # the etcd token calls carry ("": none yet)
         self._login_lock = asyncio.Lock()

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ebpf_runtime.programs import ProgramRuntime, partition_of, trusted_keys
-from fabric import bus, nodes, telemetry
+from fabric import bus, health, nodes, telemetry
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
 from fabric.store import Store
@@ -63,6 +63,7 @@ class HostNodeApp(ServiceApp):
         tasks.spawn(beats, "heartbeats")
         tasks.spawn(node.runtime.reap_idle(), "reap-idle")
         tasks.spawn(function_logs.keep_bounded(node.logs, settings.max_log_bytes), "function-logs")
+        health.READINESS.check = lambda: health.unready(nc, registration)
         log.info("host node %s serving", settings.node_id)
 
 

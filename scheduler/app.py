@@ -3,7 +3,7 @@
 import contextlib
 import logging
 
-from fabric import bus
+from fabric import bus, health
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
 from scheduler import state
@@ -43,6 +43,7 @@ class SchedulerApp(ServiceApp):
         registration.on_taken = self.fail
         tasks.spawn(registration.run(), "registration")  # listed in `status` once it serves
         await registration.claimed()
+        health.READINESS.check = lambda: scheduler.unready() or health.unready(nc, registration)
         log.info("scheduler %s serving", settings.scheduler_id)
 
 

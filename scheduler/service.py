@@ -340,6 +340,11 @@ class Scheduler:
             self._room_at = now + ROOM_REFRESH_S
         return self._room.limit(tenant, own, record.weight if record is not None else 1)
 
+    def unready(self) -> str | None:
+        """Why `/readyz` should say no: its view of etcd is not live (health.py)."""
+        lost_for = self.sync.lost_for(time.monotonic())
+        return None if lost_for is None else f"its view of etcd is {lost_for:.1f} s old (etcd unreachable)"
+
     def tenant_weight(self, tenant: str) -> int:
         """The tenant's share of the nodes' room while tenants wait for it (capacity.py)."""
         record = self.sync.tenants.get(tenant)

@@ -4,7 +4,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from fabric import bus, signing
+from fabric import bus, health, signing
 from fabric.app import ServiceApp, open_bus
 from verifier_service import attestation
 from verifier_service.kernel import KernelPool
@@ -34,6 +34,7 @@ class VerifierApp(ServiceApp):
         stack.push_async_callback(server.close)
         await server.serve(verifier.routes())
         public = signing.public_key_text(key.public_key())
+        health.READINESS.check = lambda: health.unready(nc)
         log.info(
             "verifier %s serving; signing key %s (public %s)", settings.verifier_id, verifier.key_id, public
         )

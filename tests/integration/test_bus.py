@@ -379,3 +379,20 @@ async def test_a_service_and_its_requester_carry_on_after_nats_server_restarts(t
         await nc.close()
         server_process.terminate()
         server_process.wait()
+
+
+@pytest.mark.parametrize("wait_for_server", [True, False])
+async def test_a_list_of_servers_is_tried_in_turn(
+    cluster: launcher.ClusterInfo, wait_for_server: bool
+) -> None:
+    """A service (waiting for ever) and a command-line client (trying each once) given a dead
+    server among its servers reach the live one (the client tries them in a random order)."""
+    dead = f"nats://127.0.0.1:{services.free_port()}"
+    conn = await bus.connect(
+        f"{dead}, {cluster.nats_url}", "test-servers", wait_for_server, creds=harness_creds(cluster)
+    )
+    try:
+        assert conn.is_connected and conn.connected_url is not None
+        assert conn.connected_url.port == int(cluster.nats_url.rsplit(":", 1)[1])
+    finally:
+        await conn.close()

@@ -116,3 +116,15 @@ async def test_schedulers_ignore_node_keys_no_live_node_wrote(
         finally:
             await root._revoke(lease)
             await root.delete(unleased)
+
+
+@pytest.mark.parametrize(
+    "written", ["http://localhost:{port}", "localhost:{port}", "http://127.0.0.1:{port}/"]
+)
+async def test_endpoints_written_as_urls_and_names_reach_etcd(
+    cluster: launcher.ClusterInfo, written: str
+) -> None:
+    port = cluster.etcd_endpoint.rsplit(":", 1)[1]
+    login = login_of(cluster, "host", "host-1")
+    async with Store([written.format(port=port)], login=login) as host:
+        assert await host.get(keys.node("host-1")) is not None
