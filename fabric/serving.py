@@ -3,6 +3,7 @@ read, bounds concurrency, opens a route's span around its handler and maps handl
 `internal` error replies; services only write `async def on_x(req, ctx) -> Reply`."""
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -136,11 +137,27 @@ class Server:
         # batched-replies subject -> the reply tokens acknowledged, sent once per loop iteration
         self._acks: dict[str, list[str]] = {}
 
-    async def serve(self, routes: list[Route]) -> None:
+    async def serve(self, routes: list[Route]) -> list[Any]:
+        """Subscribe `routes`; returns their subscriptions (for `stop_serving`)."""
+        subscribed = []
         for route in routes:
             sub = await self.nc.subscribe_inline(route.subject, self._deliverer(route), route.queue)
-            self.subscriptions.append(sub)
+            subscribed.append(sub)
+        self.subscriptions.extend(subscribed)
         await self.nc.flush(timeout=5)
+        return subscribed
+
+    async def stop_serving(self, subscriptions: list[Any]) -> None:
+        """Unsubscribe these (what they already took still runs and is answered)."""
+        for sub in subscriptions:
+            if sub in self.subscriptions:
+                self.subscriptions.remove(sub)
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is gone: nothing left to unsubscribe
+                pass
+        with contextlib.suppress(Exception):  # as above
+            await self.nc.flush(timeout=5)
 
     def _deliverer(self, route: Route) -> Deliver:
         def deliver(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:

@@ -7,8 +7,10 @@ from fabric import bus, health
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
 from scheduler import state
+from scheduler.fence import Fence
 from scheduler.service import Scheduler
 from scheduler.settings import SchedulerSettings
+from schemas import keys
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,18 @@ class SchedulerApp(ServiceApp):
         tasks.spawn(scheduler.send_beats(), "replica-beats")
         tasks.spawn(scheduler.watch_staleness(), "watch-staleness")
         await server.serve(scheduler.view_routes())
+        tasks.spawn(scheduler.sync.probe_etcd(keys.scheduler(settings.scheduler_id)), "probe-etcd")
         await scheduler.wait_until_ready()
-        await server.serve(scheduler.request_routes())
+        await server.serve(scheduler.own_routes())
+        fence = Fence(
+            server,
+            scheduler.queue_routes,
+            scheduler.sync.lost_for,
+            scheduler.another_has_a_live_view,
+            lambda fenced: setattr(scheduler, "fenced", fenced),
+        )
+        await fence.serve()
+        tasks.spawn(fence.run(), "fence")
         registration.on_taken = self.fail
         tasks.spawn(registration.run(), "registration")  # listed in `status` once it serves
         await registration.claimed()

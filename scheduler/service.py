@@ -67,6 +67,7 @@ class Scheduler:
         self.refused_beats = 0  # beats of replicas beyond MAX_REPLICAS
         self._replicas: tuple[shares.Replicas, float] | None = None
         self._room, self._room_at = Room(0, 1, {}), 0.0
+        self.fenced = False  # set by the app's fence (fence.py)
         self.invoker = Invoker(
             settings, nc, self.view, self._requester, self.replicas, self.tenant_limit, self.tenant_weight
         )
@@ -106,8 +107,9 @@ class Scheduler:
             bus.Route(subjects.REPLICA_BEAT_ALL, codec.replica_beat, self.on_replica_beat, inline=True),
         ]
 
-    def request_routes(self) -> list[bus.Route]:
-        """What clients ask; served only once the view is usable (see `wait_until_ready`)."""
+    def queue_routes(self) -> list[bus.Route]:
+        """What clients ask the queue group; served only once the view is usable (see
+        `wait_until_ready`), and not while fenced (fence.py)."""
         queue = subjects.SCHEDULER_QUEUE
         return [
             bus.Route(
@@ -119,6 +121,13 @@ class Scheduler:
                 span=INVOKE_SPAN,
                 tenant_reply=True,
             ),
+            bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
+            *self.control.routes(queue),
+        ]
+
+    def own_routes(self) -> list[bus.Route]:
+        """What other replicas send this one by name."""
+        return [
             bus.Route(  # a hand-over from a replica, which checked the caller's reply subject
                 subjects.replica_invoke(self.settings.scheduler_id),
                 codec.invoke_request,
@@ -127,9 +136,16 @@ class Scheduler:
                 span=INVOKE_SPAN,
                 reply_header=HAND_OVER_REPLY,
             ),
-            bus.Route(subjects.STATUS, codec.status_request, self.on_status, queue),
-            *self.control.routes(queue),
         ]
+
+    def another_has_a_live_view(self) -> bool:
+        """Some other replica beats, lately, with its etcd live and not fenced (fence.py)."""
+        cutoff = time.monotonic() - self.settings.beat_interval_s * 3
+        return any(
+            beat.etcd_ok and not beat.fenced and at >= cutoff
+            for rid, (beat, at) in self.replica_beats.items()
+            if rid != self.settings.scheduler_id
+        )
 
     async def start(self) -> None:
         await self._requester.start()
@@ -297,6 +313,7 @@ class Scheduler:
             queued=self.invoker.gate.queue.length,
             throttled=self.invoker.gate.counters.throttled,
             etcd_ok=etcd_lost_for is None,
+            fenced=self.fenced,
             view_age_ms=round(max([*ages, etcd_lost_for or 0.0], default=0.0) * 1000, 1),
             nodes_healthy=sum(
                 n.healthy(now, self.settings.node_stale_after_s) for n in self.view.nodes.values()

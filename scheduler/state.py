@@ -12,7 +12,7 @@ import msgspec
 
 from fabric import bundles
 from fabric.leased import LeasedKey
-from fabric.store import Entry, Event, Store, follow_prefix
+from fabric.store import STORE_ERRORS, Entry, Event, Store, follow_prefix
 from scheduler.view import ClusterView
 from schemas import codec, keys
 from schemas.ebpf import RevokeRequest
@@ -21,6 +21,10 @@ from schemas.messages import ApprovedProgram, FunctionRecord, NodeRecord, Schedu
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+
+ETCD_PROBE_S = 0.5
+ETCD_PROBE_TIMEOUT_S = 1.0
+ETCD_SILENT_S = 2.0  # no answer for this long: etcd is lost to this replica
 
 
 class ClusterSync:
@@ -38,13 +42,28 @@ class ClusterSync:
         self.schedulers_synced = asyncio.Event()
         self.schedulers: set[str] = set()  # replicas registered (leased) in etcd
         self._lost_at: float | None = None
+        self._answered_at = time.monotonic()  # when etcd last answered a probe
 
     def lost_for(self, now: float) -> float | None:
-        """Seconds since etcd was lost, or None while the watches are live."""
+        """Seconds since etcd was lost, or None while the watches are live and etcd answers its
+        probes. The probes tell a cut link within ETCD_SILENT_S: a watch's stream, silent
+        anyway while nothing changes, notices only at gRPC's keepalive (10 s + 5 s)."""
         if self.nodes_synced.is_set() and self.functions_synced.is_set():
             self._lost_at = None
-            return None
+        if now - self._answered_at >= ETCD_SILENT_S:
+            since = self._answered_at if self._lost_at is None else min(self._lost_at, self._answered_at)
+            return now - since
         return None if self._lost_at is None else now - self._lost_at
+
+    async def probe_etcd(self, key: str) -> None:
+        """Read `key` (one this replica may read) every ETCD_PROBE_S: is etcd there?"""
+        while True:
+            try:
+                await asyncio.wait_for(self._store.get(key), ETCD_PROBE_TIMEOUT_S)
+                self._answered_at = time.monotonic()
+            except (*STORE_ERRORS, TimeoutError):
+                pass
+            await asyncio.sleep(ETCD_PROBE_S)
 
     def _lost(self) -> None:
         if self._lost_at is None:

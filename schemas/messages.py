@@ -332,6 +332,7 @@ class ReplicaBeat(msgspec.Struct, frozen=True, kw_only=True, tag="replica_beat")
     etcd_ok: bool  # its etcd watches are live
     view_age_ms: float  # how old the freshest part of its view might be (oldest heartbeat, or etcd outage)
     nodes_healthy: int
+    fenced: bool = False  # cut off from etcd, it takes no work from the queue group (scheduler/fence.py)
     # "tenant/function" -> the last time (unix seconds) it arrived here since the previous beat:
     # each replica measures the gaps of the arrivals it sees from the last arrival anywhere.
     arrivals: dict[str, float] = {}
