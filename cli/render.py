@@ -31,15 +31,30 @@ def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bo
             str(n.warm_idle),
             "-" if n.heartbeat_age_ms is None else f"{n.heartbeat_age_ms / 1000:.1f}s ago",
             n.sandbox_mode or "-",
+            n.version or "-",
         ]
         for n in status.nodes
     ]
+    schedulers = [f"{s.scheduler_id} ({s.version or '?'})" for s in status.schedulers]
     parts = [
         f"state directory: {state_dir}",
-        f"schedulers: {', '.join(s.scheduler_id for s in status.schedulers) or '-'} "
+        f"schedulers: {', '.join(schedulers) or '-'} "
         f"(this view from {status.answered_by}); functions: {status.functions}",
         "",
-        table(["NODE", "KIND", "HEALTH", "INFLIGHT", "INSTANCES", "WARM-IDLE", "HEARTBEAT", "SANDBOX"], rows)
+        table(
+            [
+                "NODE",
+                "KIND",
+                "HEALTH",
+                "INFLIGHT",
+                "INSTANCES",
+                "WARM-IDLE",
+                "HEARTBEAT",
+                "SANDBOX",
+                "VERSION",
+            ],
+            rows,
+        )
         if rows
         else "no nodes registered",
     ]

@@ -17,7 +17,7 @@ from fabric.connection import Connection
 from fabric.leased import LeasedKey
 from fabric.store import Store
 from fabric.tracing import NoScope, Scope, Span, Unsampled
-from schemas import codec, keys, subjects
+from schemas import codec, keys, subjects, version
 from schemas.errors import RETRIED_ELSEWHERE
 from schemas.messages import (
     ErrorReply,
@@ -56,6 +56,8 @@ def register(
         memory_mb=memory_mb,
         runs_ebpf=partition is not None,
         partition=partition,
+        version=version.release(),
+        wire=version.WIRE,
     )
     registration = LeasedKey(store, keys.node(node_id), lambda: codec.encode(record), ttl_s)
     stack.push_async_callback(registration.revoke)

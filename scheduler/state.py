@@ -14,7 +14,7 @@ from fabric import bundles
 from fabric.leased import LeasedKey
 from fabric.store import STORE_ERRORS, Entry, Event, Store, follow_prefix
 from scheduler.view import ClusterView
-from schemas import codec, keys
+from schemas import codec, keys, version
 from schemas.ebpf import RevokeRequest
 from schemas.manifest import spec_problems
 from schemas.messages import ApprovedProgram, FunctionRecord, NodeRecord, SchedulerRecord, TenantRecord
@@ -155,6 +155,16 @@ def _node_record(key: str, value: bytes, lease: int) -> NodeRecord | None:
     if record is not None and keys.node(record.node_id) != key:
         log.warning("ignoring %s: its record names node %r", key, record.node_id)
         return None
+    if record is not None and record.wire != version.WIRE:
+        log.error(
+            "not placing on node %s: it runs hetfaas %s, wire contract %d; this scheduler speaks %d "
+            "(finish the upgrade of one of them)",
+            record.node_id,
+            record.version or "(unknown)",
+            record.wire,
+            version.WIRE,
+        )
+        return None
     return record
 
 
@@ -239,6 +249,11 @@ async def write_revocation(store: Store, req: RevokeRequest) -> None:
 def registration(store: Store, scheduler_id: str, ttl_s: int) -> LeasedKey:
     """The replica's key under a lease (its `run()` keeps it alive), listed in `status`."""
     record = SchedulerRecord(
-        scheduler_id=scheduler_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=time.time()
+        scheduler_id=scheduler_id,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        started_at=time.time(),
+        version=version.release(),
+        wire=version.WIRE,
     )
     return LeasedKey(store, keys.scheduler(scheduler_id), lambda: codec.encode(record), ttl_s)

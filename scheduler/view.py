@@ -43,6 +43,7 @@ class NodeView:
             instances=hb.instances if hb else 0,
             warm_idle=sum(hb.warm_idle.values()) if hb else 0,
             heartbeat_age_ms=None if self.heartbeat_at is None else round((now - self.heartbeat_at) * 1e3, 1),
+            version=self.record.version,
             sandbox_mode=hb.sandbox_mode if hb else "",
             pool=hb.pool if hb else [],
             tenant_runs=hb.tenant_runs if hb else {},

@@ -78,6 +78,8 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
     memory_mb: int = 0  # memory for function instances (0: not accounted)
     runs_ebpf: bool = False  # can load signed eBPF programs (DPU nodes; hosts with trusted keys)
     partition: Partition | None = None  # per-tenant shares of an eBPF-running node
+    version: str = ""  # the hetfaas release it runs ("": from before versions were stated)
+    wire: int = 1  # the wire contract it speaks (schemas/version.py)
 
 
 class SchedulerRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +89,8 @@ class SchedulerRecord(msgspec.Struct, frozen=True, kw_only=True):
     hostname: str
     pid: int
     started_at: float
+    version: str = ""
+    wire: int = 1
 
 
 class PoolShard(msgspec.Struct, frozen=True, kw_only=True, tag="pool_shard"):
@@ -315,6 +319,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     instances: int
     warm_idle: int
     heartbeat_age_ms: float | None  # None: registered but no heartbeat seen yet
+    version: str = ""  # the hetfaas release it runs
     sandbox_mode: SandboxMode | Literal[""] = ""  # "": not a host node
     pool: list[PoolShard] = []
     tenant_runs: dict[str, int] = {}

@@ -14,7 +14,7 @@ from cli.client import Client
 from deploy import launcher
 from fabric import credentials
 from fabric.store import Store
-from schemas import codec, keys
+from schemas import codec, keys, version
 from schemas.messages import NodeRecord
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ async def nodes_once_seen(client: Client, node_id: str) -> set[str]:
             await asyncio.sleep(0.05)
 
 
-def _record(node_id: str) -> bytes:
+def _record(node_id: str, wire: int = version.WIRE) -> bytes:
     record = NodeRecord(
         node_id=node_id,
         kind="host",
@@ -86,6 +86,7 @@ def _record(node_id: str) -> bytes:
         capacity=10_000,
         started_at=0.0,
         memory_mb=1 << 20,
+        wire=wire,
     )
     return codec.encode(record)
 
@@ -128,3 +129,31 @@ async def test_endpoints_written_as_urls_and_names_reach_etcd(
     login = login_of(cluster, "host", "host-1")
     async with Store([written.format(port=port)], login=login) as host:
         assert await host.get(keys.node("host-1")) is not None
+
+
+async def test_every_registration_states_its_version_and_another_wire_contract_gets_no_work(
+    cluster: launcher.ClusterInfo, client: Client
+) -> None:
+    """A rolling upgrade shows in `status`; a node speaking another wire contract (it could not
+    decode the scheduler's requests, nor the scheduler its answers) is left out, and says why."""
+    tag = f"w{os.getpid()}"
+    future, witness = f"{tag}-future", f"{tag}-witness"
+    async with launcher.operator_store(cluster) as root:
+        lease = await root._grant(30)
+        try:
+            await root.put(keys.node(future), _record(future, wire=version.WIRE + 1), lease=lease)
+            await root.put(keys.node(witness), _record(witness), lease=lease)
+            nodes = await nodes_once_seen(client, witness)
+            status = await client.status()
+        finally:
+            await root._revoke(lease)
+
+    assert future not in nodes
+    release = version.release()
+    assert {n.node_id: n.version for n in status.nodes if n.node_id.startswith("host-")} == {
+        "host-1": release,
+        "host-2": release,
+    }
+    assert all(s.version == release and s.wire == version.WIRE for s in status.schedulers)
+    log = (Path(cluster.state_dir) / "logs" / "scheduler-0.log").read_text()
+    assert f"not placing on node {future}: it runs hetfaas (unknown), wire contract {version.WIRE + 1}" in log
