@@ -23,6 +23,8 @@ from schemas.messages import (
     ClusterStatus,
     DeployReply,
     DeployRequest,
+    DrainNode,
+    DrainReply,
     ErrorReply,
     FunctionRecord,
     FunctionSpec,
@@ -389,6 +391,12 @@ class Client:
     async def revoke(self, digest: str, reason: str = "") -> RevokeReply:
         return await self._control(
             subjects.REVOKE, RevokeRequest(digest=digest, reason=reason), codec.revoke_result
+        )
+
+    async def drain(self, node_id: str, drain: bool = True) -> DrainReply:
+        """Cordon a node and release its warm instances (`drain` False: uncordon it)."""
+        return await self._control(
+            subjects.DRAIN, DrainNode(node_id=node_id, drain=drain), codec.drain_result
         )
 
     async def set_tenant(self, tenant: str, max_concurrency: int, weight: int = 1) -> TenantReply:

@@ -9,7 +9,7 @@ from typing import IO
 import click
 import msgspec
 
-from cli import account, render, tenants, traces
+from cli import account, nodes, render, tenants, traces
 from cli.client import RETRY_AFTER_MS, Client
 from cli.context import TENANT_HELP, acting_as, print_json, run, state_dir
 from deploy import launcher
@@ -392,6 +392,7 @@ def list_functions(tenant: str | None, as_json: bool) -> None:
 
 cli.add_command(tenants.tenant)
 cli.add_command(account.account)
+cli.add_command(nodes.node)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bo
         [
             n.node_id,
             n.kind,
-            "healthy" if n.healthy else "UNHEALTHY",
+            ("healthy" if n.healthy else "UNHEALTHY") + (",SchedulingDisabled" if n.cordoned else ""),
             f"{n.inflight}/{n.capacity}",
             str(n.instances),
             str(n.warm_idle),

@@ -46,6 +46,7 @@ class CpuRuntime:
         # "tenant/name" of removed functions -> when (monotonic): an instance of one that was
         # running or starting then stops once free, until the function is invoked here again
         self._removed: dict[str, float] = {}
+        self.draining = False  # `hetfaas node drain`: instances stop when free, none is prewarmed
         self.prewarmed = 0  # instances started ahead of a predicted invocation
 
     def instance_limit(self, spec: FunctionSpec) -> int:
@@ -63,6 +64,17 @@ class CpuRuntime:
         self._exec_warm = {k: until for k, until in self._exec_warm.items() if function_of(k) != function}
         self._removed[function] = time.monotonic()  # running or starting: stopped when free
         return stopped
+
+    def drain(self, on: bool) -> int:
+        """Drained: every idle instance stops now (returns how many), every running one when its
+        call ends, and no prewarm starts one; undrained: instances stay warm again."""
+        self.draining = on
+        if not on:
+            return 0
+        self.stop_prewarms()
+        self._prewarm_timers.clear()
+        self._exec_warm = {}
+        return self.warm.stop_idle()
 
     def invoked(self, spec: FunctionSpec) -> None:
         """An invocation: a function removed earlier is deployed again."""
@@ -99,7 +111,7 @@ class CpuRuntime:
         started afresh just before the function's next call is due (prewarm). An instance of a
         function removed meanwhile stops (unless a call already waits for it)."""
         keep_alive_s, prewarm_after_s = self._keep_alive(req)
-        removed = bool(self._removed) and function_of(key) in self._removed
+        removed = self.draining or (bool(self._removed) and function_of(key) in self._removed)
         self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0 or removed)
         if prewarm_after_s > 0 and not removed:
             self._schedule_prewarm(key, req.spec, code_dir, prewarm_after_s, keep_alive_s)

@@ -25,6 +25,8 @@ from host_node.warm_call import NODE_MARGIN_S, Outcome, WarmCall, WarmCalls
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest
 from schemas.messages import (
+    DrainNode,
+    DrainReply,
     ErrorReply,
     FunctionRemoved,
     Heartbeat,
@@ -77,6 +79,7 @@ class HostNode:
                 subjects.FUNCTION_REMOVED, codec.function_removed, self.on_function_removed, inline=True
             ),
             bus.Route(subjects.node_logs(node_id), codec.logs_request, self.on_logs),
+            bus.Route(subjects.node_drain(node_id), codec.drain_node, self.on_drain),
         ]
         if self.programs is not None:
             routes.append(bus.Route(subjects.node_maps(node_id), codec.maps_request, self.on_maps))
@@ -92,6 +95,20 @@ class HostNode:
         if not lines:
             return LogsReply(logs=[])
         return LogsReply(logs=[NodeLogs(node=self.settings.node_id, lines=lines, truncated=truncated)])
+
+    async def on_drain(self, req: DrainNode, ctx: bus.Context) -> DrainReply:
+        """Drained (the schedulers place nothing more here): release the warm instances now, and
+        those running once their call ends; undrained: keep them warm again."""
+        released = self.runtime.drain(req.drain)
+        if req.drain:
+            log.warning(
+                "drained: released %d warm instances; %d invocations still run", released, self.inflight
+            )
+        else:
+            log.warning("no longer drained: placements may come again")
+        return DrainReply(
+            node_id=self.settings.node_id, cordoned=req.drain, released=released, running=self.inflight
+        )
 
     def on_function_removed(self, removed: FunctionRemoved, ctx: bus.Context) -> None:
         """A function was removed: its instances stop (see CpuRuntime.removed)."""

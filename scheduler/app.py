@@ -36,6 +36,7 @@ class SchedulerApp(ServiceApp):
         tasks.spawn(scheduler.sync.follow_nodes(), "follow-nodes")
         tasks.spawn(scheduler.sync.follow_functions(), "follow-functions")
         tasks.spawn(scheduler.sync.follow_tenants(), "follow-tenants")
+        tasks.spawn(scheduler.sync.follow_cordons(), "follow-cordons")
         tasks.spawn(scheduler.sync.follow_schedulers(), "follow-schedulers")
         tasks.spawn(scheduler.send_beats(), "replica-beats")
         tasks.spawn(scheduler.watch_staleness(), "watch-staleness")

@@ -17,12 +17,14 @@ from fabric.store import STORE_ERRORS, Store
 from scheduler import state
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
-from schemas import codec, ebpf, subjects
+from schemas import codec, ebpf, keys, subjects
 from schemas.manifest import name_problems, spec_problems
 from schemas.messages import (
     ApprovedProgram,
     DeployReply,
     DeployRequest,
+    DrainNode,
+    DrainReply,
     ErrorReply,
     FunctionList,
     FunctionRecord,
@@ -103,6 +105,7 @@ class Control:
             bus.Route(subjects.ALL_FUNCTIONS, codec.list_functions, self.on_list, queue),
             bus.Route(subjects.REVOKE, codec.revoke_request, self.on_revoke, queue),
             bus.Route(subjects.SET_TENANT, codec.set_tenant, self.on_set_tenant, queue),
+            bus.Route(subjects.DRAIN, codec.drain_node, self.on_drain, queue),
         ]
 
     async def on_upload(self, req: UploadBundle, ctx: bus.Context) -> UploadReply | ErrorReply:
@@ -255,6 +258,30 @@ class Control:
         if not found and (req.tenant, req.function) not in self._view.functions:
             return not_deployed(req.tenant, req.function)
         return LogsReply(logs=found)
+
+    async def on_drain(self, req: DrainNode, ctx: bus.Context) -> DrainReply | ErrorReply:
+        """Cordon a node in etcd (every replica follows the cordons: nothing more is placed on it)
+        and tell it to release its warm instances; or lift the cordon. A node that cannot be told
+        (it is down) is cordoned all the same."""
+        if req.node_id not in self._view.nodes and req.drain:
+            known = ", ".join(sorted(self._view.nodes)) or "none"
+            return error_reply("not_found", f"no node {req.node_id!r} is registered (nodes: {known})")
+        try:
+            if req.drain:
+                await self._store.put(keys.cordon(req.node_id), f"{time.time():.3f}".encode())
+            else:
+                await self._store.delete(keys.cordon(req.node_id))
+        except STORE_ERRORS as exc:
+            return error_reply(
+                "unavailable", f"cannot change {req.node_id}'s cordon while etcd is unreachable: {exc}"
+            )
+        cordoned = self._view.cordoned | {req.node_id} if req.drain else self._view.cordoned - {req.node_id}
+        self._view.set_cordoned(frozenset(cordoned))  # this replica at once; the others by the watch
+        answer = await self._ask_node(subjects.node_drain(req.node_id), req, req.node_id, codec.drain_result)
+        if isinstance(answer, DrainReply):
+            return answer
+        note = answer.error.message if isinstance(answer, ErrorReply) else "the node did not answer"
+        return DrainReply(node_id=req.node_id, cordoned=req.drain, note=note)
 
     def _healthy(self, which: Any) -> list[str]:
         now, stale = time.monotonic(), self.settings.node_stale_after_s

@@ -384,7 +384,13 @@ class Scheduler:
         return ClusterStatus(
             answered_by=self.settings.scheduler_id,
             schedulers=sorted(schedulers, key=lambda s: s.scheduler_id),
-            nodes=[n.status(now, stale, self.view.held.get(n.node_id, 0)) for n in nodes],
+            nodes=[
+                msgspec.structs.replace(
+                    n.status(now, stale, self.view.held.get(n.node_id, 0)),
+                    cordoned=n.node_id in self.view.cordoned,
+                )
+                for n in nodes
+            ],
             functions=len(self.view.functions),
             replicas=sorted([*beats, self.beat(-1)], key=lambda b: b.scheduler_id),
         )

@@ -78,6 +78,22 @@ class ClusterSync:
     async def follow_tenants(self) -> None:
         await self._follow(keys.TENANTS, self._reset_tenants, self._apply_tenant, self.tenants_synced)
 
+    async def follow_cordons(self) -> None:
+        """Drained nodes (`hetfaas node drain`): a key's presence is the cordon."""
+        await self._follow(keys.CORDONS, self._reset_cordons, self._apply_cordon, asyncio.Event())
+
+    def _reset_cordons(self, entries: list[Entry]) -> None:
+        self._view.set_cordoned(frozenset(e.key.removeprefix(keys.CORDONS) for e in entries))
+
+    def _apply_cordon(self, event: Event) -> None:
+        node_id = event.key.removeprefix(keys.CORDONS)
+        cordoned = set(self._view.cordoned)
+        if event.kind == "delete":
+            cordoned.discard(node_id)
+        else:
+            cordoned.add(node_id)
+        self._view.set_cordoned(frozenset(cordoned))
+
     async def follow_schedulers(self) -> None:
         await self._follow(
             keys.SCHEDULERS, self._reset_schedulers, self._apply_scheduler, self.schedulers_synced

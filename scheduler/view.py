@@ -59,6 +59,7 @@ MAX_EARLY_HEARTBEATS = 256
 class ClusterView:
     def __init__(self) -> None:
         self.nodes: dict[str, NodeView] = {}
+        self.cordoned: frozenset[str] = frozenset()  # drained by an operator: placed on no more
         self.functions: dict[tuple[str, str], FunctionRecord] = {}
         # Heartbeats of nodes whose registration we have not seen yet (etcd watch lags NATS).
         self._early_heartbeats: dict[str, tuple[Heartbeat, float]] = {}
@@ -77,12 +78,18 @@ class ClusterView:
             age = now - current.built_at
             if age < FULL_REBUILD_S and not (self._changed and age >= refresh_s):
                 return current
-        healthy = (n for n in self.nodes.values() if n.healthy(now, stale_after_s))
+        healthy = (
+            n for n in self.nodes.values() if n.node_id not in self.cordoned and n.healthy(now, stale_after_s)
+        )
         fresh = self._snapshot = snapshot.build(
             (snapshot.node_info(n.record, n.heartbeat, n.recent) for n in healthy), now
         )
         self._changed = False
         return fresh
+
+    def set_cordoned(self, cordoned: frozenset[str]) -> None:
+        self.cordoned = cordoned
+        self._changed = True
 
     def reserve(self, node_id: str, key: str) -> None:
         """An invocation of `key` is sent to `node_id` (the Kubernetes framework's Reserve):

@@ -6,10 +6,15 @@ FUNCTIONS = "/hetfaas/functions/"
 PROGRAMS = "/hetfaas/programs/"
 REVOKED = "/hetfaas/revoked/"
 TENANTS = "/hetfaas/tenants/"
+CORDONS = "/hetfaas/cordons/"  # nodes an operator drained: nothing is placed on them
 
 
 def node(node_id: str) -> str:
     return NODES + node_id
+
+
+def cordon(node_id: str) -> str:
+    return CORDONS + node_id
 
 
 def scheduler(scheduler_id: str) -> str:

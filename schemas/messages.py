@@ -320,6 +320,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     warm_idle: int
     heartbeat_age_ms: float | None  # None: registered but no heartbeat seen yet
     version: str = ""  # the hetfaas release it runs
+    cordoned: bool = False  # drained by an operator: nothing is placed on it
     sandbox_mode: SandboxMode | Literal[""] = ""  # "": not a host node
     pool: list[PoolShard] = []
     tenant_runs: dict[str, int] = {}
@@ -371,6 +372,23 @@ class SetTenant(msgspec.Struct, frozen=True, kw_only=True, tag="set_tenant"):
     tenant: str
     max_concurrency: TenantLimit
     weight: TenantWeight = 1
+
+
+class DrainNode(msgspec.Struct, frozen=True, kw_only=True, tag="drain_node"):
+    """Operator -> scheduler (`subjects.DRAIN`), then scheduler -> the node (`node_drain`): no new
+    placements on it (`drain`), its running invocations finish, its warm instances are released;
+    or, with `drain` false, placements again (uncordon)."""
+
+    node_id: str
+    drain: bool = True
+
+
+class DrainReply(msgspec.Struct, frozen=True, kw_only=True, tag="drain_reply"):
+    node_id: str
+    cordoned: bool  # nothing is placed on it
+    released: int = 0  # warm instances it stopped at once (those running stop when their call ends)
+    running: int = 0  # invocations it still runs
+    note: str = ""  # e.g. the node could not be told (it is down): it is cordoned all the same
 
 
 class TenantReply(msgspec.Struct, frozen=True, kw_only=True, tag="tenant_reply"):

@@ -62,6 +62,7 @@ def permissions(role: Role, name: str) -> Permissions:
                 subjects.node_invoke("*"),
                 subjects.node_logs("*"),
                 subjects.node_maps("*"),
+                subjects.node_drain("*"),
                 subjects.WHERE_IS,
                 subjects.FUNCTION_REMOVED,
                 subjects.replica_beat(name),
@@ -116,6 +117,7 @@ def etcd_grants(role: Role, name: str) -> tuple[KeyGrant, ...]:
             KeyGrant(keys.PROGRAMS, prefix=True, write=True),
             KeyGrant(keys.REVOKED, prefix=True, write=True),
             KeyGrant(keys.TENANTS, prefix=True, write=True),
+            KeyGrant(keys.CORDONS, prefix=True, write=True),
         )
     if role in ("host", "dpu"):  # its own registration; the approvals and revocations it follows
         return (

@@ -22,6 +22,7 @@ CONTROL_VERBS = (DEPLOY, UPLOAD, REMOVE, LOGS, LIST_FUNCTIONS, MAPS)
 STATUS = "hetfaas.admin.status"
 REVOKE = "hetfaas.admin.revoke"
 SET_TENANT = "hetfaas.admin.tenant"
+DRAIN = "hetfaas.admin.drain"
 ALL_FUNCTIONS = "hetfaas.admin.functions"
 VERIFY_ALL = "hetfaas.verify.*"
 REPLICA_BEAT_ALL = "hetfaas.scheduler.*.beat"
@@ -128,6 +129,10 @@ def node_maps(node_id: str) -> str:
 
 def node_logs(node_id: str) -> str:
     return f"hetfaas.node.{node_id}.logs"
+
+
+def node_drain(node_id: str) -> str:
+    return f"hetfaas.node.{node_id}.drain"
 
 
 def replica_beat(scheduler_id: str) -> str:
