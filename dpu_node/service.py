@@ -1,10 +1,18 @@
-"""The DPU node's NATS handlers: invoke (each invocation id once), maps, and its heartbeat."""
+"""The DPU node's NATS handlers: invoke (each invocation id once), maps, drain, and its heartbeat."""
 
 from ebpf_runtime.programs import ProgramRuntime
 from fabric import bus, nodes
 from schemas import codec, subjects
 from schemas.ebpf import MapsReply, MapsRequest
-from schemas.messages import ErrorReply, Heartbeat, InvokeReply, NodeInvoke, error_reply
+from schemas.messages import (
+    DrainNode,
+    DrainReply,
+    ErrorReply,
+    Heartbeat,
+    InvokeReply,
+    NodeInvoke,
+    error_reply,
+)
 
 
 class DpuNode:
@@ -25,8 +33,14 @@ class DpuNode:
                 eager=True,
             ),
             bus.Route(subjects.node_maps(self.node_id), codec.maps_request, self.on_maps),
+            bus.Route(subjects.node_drain(self.node_id), codec.drain_node, self.on_drain),
             self.once.route(),
         ]
+
+    async def on_drain(self, req: DrainNode, ctx: bus.Context) -> DrainReply:
+        """Drained: the schedulers place nothing more here; its loaded programs stay (a program
+        holds no process, and its tenant's maps must outlive a maintenance window)."""
+        return DrainReply(node_id=self.node_id, cordoned=req.drain, running=self.runtime.inflight)
 
     def on_invoke_now(
         self, req: NodeInvoke, ctx: bus.Context

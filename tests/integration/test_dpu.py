@@ -226,3 +226,15 @@ async def test_a_dpu_takes_far_more_invocations_at_once_than_it_has_cores(dclien
     [dpu] = [n for n in (await dclient.status()).nodes if n.kind == "dpu"]
     settings = DpuNodeSettings(node_id="x", nats_url="", etcd_endpoints=[], trusted_keys=["k"])
     assert dpu.capacity == settings.capacity >= 32 * settings.cores
+
+
+async def test_a_drained_dpu_node_answers_and_is_cordoned(dclient: Client) -> None:
+    try:
+        drained = await dclient.drain("dpu-1")
+        cordoned = {n.node_id: n.cordoned for n in (await dclient.status()).nodes}
+    finally:
+        undrained = await dclient.drain("dpu-1", drain=False)
+
+    assert drained.cordoned and drained.note == "", drained
+    assert cordoned == {"dpu-1": True}
+    assert not undrained.cordoned and undrained.note == ""
