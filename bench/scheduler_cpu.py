@@ -67,7 +67,7 @@ def scheduler() -> Scheduler:
     service.settings, service.view = settings, view
     # the tenant's limit as the service works it out (its default, the room kept for others)
     service.sync = SimpleNamespace(tenants={})  # type: ignore[assignment]
-    service._room, service._room_at = Room(0, 1, {}), 0.0
+    service._room, service._room_at = Room(0, 0, {}), 0.0
     service.replicas = lambda: alone  # type: ignore[method-assign]
     limit, weight = service.tenant_limit, service.tenant_weight
     service.invoker = Invoker(settings, None, view, AnswersAtOnce(), lambda: alone, limit, weight)  # type: ignore[arg-type]

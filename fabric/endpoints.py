@@ -12,13 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from fabric.fatal import Fatal
+
 DEFAULT_PORT = 2379
 
 Resolver = Callable[[str, int], list[str]]  # host, port -> IPv4 addresses
 
 
-class BadEndpoint(ValueError):
-    pass
+class BadEndpoint(Fatal, ValueError):
+    """A service with it cannot start: said plainly (fabric.runner), no traceback."""
 
 
 @dataclass(frozen=True)

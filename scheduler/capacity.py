@@ -72,8 +72,8 @@ class Room:
         others are active), never less than its weighted share of the capacity (so a tenant
         that grows takes room as it frees, through its line in the capacity queue)."""
         allotted = self.allotted.get(tenant)
-        if allotted is not None and len(self.allotted) == 1:
-            return own_limit  # alone: nobody to keep room for
+        if not self.allotted or (allotted is not None and len(self.allotted) == 1):
+            return own_limit  # alone (or the first after a quiet spell): nobody to keep room for
         total_weight = self.total_weight + (weight if allotted is None else 0)
         share = self.capacity * weight // total_weight
         return max(1, min(own_limit, max(share, allotted or 0)))
@@ -84,9 +84,9 @@ def room(capacity: int, peaks: Mapping[str, int], weight: Callable[[str], int]) 
     lately, each wanting its recent peak (cluster-wide): a tenant wanting less than its share
     gets what it wants, the rest share what is left by weight."""
     wants = {tenant: peak for tenant, peak in peaks.items() if peak > 0}
-    total_weight = sum(weight(tenant) for tenant in wants) or 1
+    total_weight = sum(weight(tenant) for tenant in wants)
     allotted: dict[str, int] = {}
-    left, weight_left = capacity, total_weight
+    left, weight_left = capacity, total_weight or 1
     for tenant in sorted(wants, key=lambda t: wants[t] / weight(t)):
         fair = left * weight(tenant) // weight_left
         allotted[tenant] = min(wants[tenant], fair)

@@ -66,7 +66,7 @@ class Scheduler:
         self.foreign_claims = 0  # beats that named another identity than their subject
         self.refused_beats = 0  # beats of replicas beyond MAX_REPLICAS
         self._replicas: tuple[shares.Replicas, float] | None = None
-        self._room, self._room_at = Room(0, 1, {}), 0.0
+        self._room, self._room_at = Room(0, 0, {}), 0.0
         self.fenced = False  # set by the app's fence (fence.py)
         self.invoker = Invoker(
             settings, nc, self.view, self._requester, self.replicas, self.tenant_limit, self.tenant_weight

@@ -57,6 +57,9 @@ def test_a_quiet_tenant_keeps_room_for_what_it_ran_lately() -> None:
 
 def test_alone_a_tenant_has_its_own_limit_and_a_newcomer_its_share() -> None:
     alone = room(128, {"flood": 128}, lambda _: 1)
+    quiet = room(128, {}, lambda _: 1)
+
+    assert quiet.limit("first", 1000, 1) == 1000, "the first after a quiet spell is alone too"
 
     assert alone.limit("flood", 1000, 1) == 1000
     assert alone.limit("newcomer", 1000, 1) == 64, "a tenant not yet active joins the sharing"
