@@ -43,7 +43,7 @@ class AnswersAtOnce:
         asyncio.get_running_loop().call_soon(acknowledged.set_result, b"")
         return await acknowledged
 
-    def send(self, *args: object) -> str:
+    def send(self, *args: object, **kwargs: object) -> str:
         answer = args[5]
         asyncio.get_running_loop().call_soon(answer, b"")  # type: ignore[arg-type]
         return "token"

@@ -46,6 +46,8 @@ MANIFEST = "function.toml"
 # bus's 8 MiB limit on a tenant's messages.
 MAX_BUNDLE_BYTES = 6 * 1024 * 1024
 CONTROL_TIMEOUT_S = 10.0
+# a bundle's upload: the scheduler tries JetStream again for up to 15 s while it elects a leader
+UPLOAD_TIMEOUT_S = 30.0
 VERIFY_TIMEOUT_S = 30.0  # a verification runs the kernel verifier: seconds, not milliseconds
 VERIFY_WAIT_S = 10.0
 REPLY_GRACE_S = 1.0  # the scheduler answers before the deadline; this covers the trip back
@@ -329,7 +331,11 @@ class Client:
         reply = await self._control(subject, UploadBundle(digest=digest), codec.upload_result, tenant)
         if not reply.stored:
             await self._control(
-                subject, UploadBundle(digest=digest, data=bundle), codec.upload_result, tenant
+                subject,
+                UploadBundle(digest=digest, data=bundle),
+                codec.upload_result,
+                tenant,
+                timeout_s=UPLOAD_TIMEOUT_S,
             )
         return digest
 
@@ -359,8 +365,8 @@ class Client:
         attributes = {"faas.name": name, "hetfaas.tenant": tenant}
         with telemetry.span("client.remove", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
             request = RemoveFunction(tenant=tenant, name=name)
-            return await self._control(
-                subjects.control(tenant, subjects.REMOVE), request, codec.remove_result, tenant
+            return await self._control(  # not sent again: a second copy would say "not deployed"
+                subjects.control(tenant, subjects.REMOVE), request, codec.remove_result, tenant, False
             )
 
     async def logs(self, tenant: str, function: str, lines: int = 100) -> LogsReply:
@@ -465,10 +471,20 @@ class Client:
             await asyncio.sleep(0.1)
 
     async def _control(
-        self, subject: str, message: msgspec.Struct, decoder: msgspec.msgpack.Decoder, tenant: str = ""
+        self,
+        subject: str,
+        message: msgspec.Struct,
+        decoder: msgspec.msgpack.Decoder,
+        tenant: str = "",
+        idempotent: bool = True,
+        timeout_s: float = CONTROL_TIMEOUT_S,
     ) -> Any:
         """A control request: a tenant's (its replies under the tenant's inbox), or the
-        operator's (`tenant` empty)."""
+        operator's (`tenant` empty). An `idempotent` one is sent again when the client
+        reconnects: a request written just as its NATS server died is lost (core NATS is
+        at-most-once), and the client, failed over to another server, would otherwise hear
+        nothing for `timeout_s` (measured: a deploy right after a kill -9 of the server timed
+        out at 10 s; sent again, it was answered at once)."""
         if not tenant and self.tenant:  # NATS would refuse it, and the caller would hear a timeout
             raise unauthorized(
                 f"{subject} is the operator's; these are credentials of tenant {self.tenant!r}"
@@ -476,7 +492,12 @@ class Client:
         requester = self.acting_for(tenant) if tenant else self._requester
         try:
             data = await requester.request(
-                subject, codec.encode(message), CONTROL_TIMEOUT_S, telemetry.trace_headers(), "scheduler"
+                subject,
+                codec.encode(message),
+                timeout_s,
+                telemetry.trace_headers(),
+                "scheduler",
+                idempotent=idempotent,
             )
         except bus.NoResponders:
             raise ClientError(Error(code="unavailable", message="no scheduler is running")) from None

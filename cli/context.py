@@ -27,6 +27,18 @@ def acting_as(client: Client, tenant: str | None) -> str:
 
 
 def state_dir() -> Path:
+    """The cluster the CLI acts on: --context (or $HETFAAS_CONTEXT), a planned cluster's
+    operator directory (`hetfaas cluster plan`), else the local cluster's state directory."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.find_root().params.get("context") if ctx else None
+    if given := given or os.environ.get("HETFAAS_CONTEXT"):
+        path = Path(given).resolve()
+        if not (path / launcher.CLUSTER_FILE).is_file():
+            raise click.ClickException(
+                f"bad_request: {path} is not a cluster context (no {launcher.CLUSTER_FILE}): "
+                "`hetfaas cluster plan SPEC --out DIR` writes one in DIR/operator"
+            )
+        return path
     return launcher.default_state_dir()
 
 
@@ -34,7 +46,7 @@ def nats_url() -> str:
     if url := os.environ.get("HETFAAS_NATS_URL"):
         return url
     info = launcher.read_cluster(state_dir())
-    if info is None or not info.processes:
+    if info is None or not (info.processes or info.planned):
         raise click.ClickException(
             f"no cluster found in {state_dir()}: run `hetfaas up` or set HETFAAS_NATS_URL"
         )

@@ -1,5 +1,6 @@
 """`hetfaas`: the command line. Thin: argument parsing and printing around `cli.client`."""
 
+import logging
 import os
 import sys
 import time
@@ -9,11 +10,12 @@ from typing import IO
 import click
 import msgspec
 
-from cli import account, nodes, render, tenants, traces
+from cli import account, cluster, nodes, render, tenants, traces
 from cli.client import RETRY_AFTER_MS, Client
 from cli.context import TENANT_HELP, acting_as, print_json, run, state_dir
 from deploy import launcher
 from deploy.services import ServiceError
+from fabric.runner import quiet_tls_close
 from schemas.ebpf import PROG_TYPES, VerifyRequest
 
 UP_TIMEOUT_S = 60.0
@@ -33,10 +35,17 @@ UP_TIMEOUT_S = 60.0
     default=None,
     help="CA file of a cluster whose NATS speaks TLS (default: $HETFAAS_CA, else the local cluster's)",
 )
-def cli(creds: str | None, ca: str | None) -> None:
+@click.option(
+    "--context",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="a planned cluster's operator directory, DIR/operator (default: $HETFAAS_CONTEXT)",
+)
+def cli(creds: str | None, ca: str | None, context: str | None) -> None:
     """hetfaas: serverless functions on CPU hosts and DPUs.
 
-    The cluster is found through $HETFAAS_NATS_URL, else the state directory of `hetfaas up`
+    The cluster is found through --context or $HETFAAS_CONTEXT (a planned cluster's
+    DIR/operator), else $HETFAAS_NATS_URL, else the state directory of `hetfaas up`
     ($HETFAAS_STATE_DIR, default ~/.local/state/hetfaas). Every command acts as the identity in
     its credentials: a tenant's act only for that tenant.
     """
@@ -126,15 +135,19 @@ def down() -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def status(as_json: bool) -> None:
-    """Show the cluster's nodes, their health and load."""
+    """Show the cluster's nodes, their health and load (and a planned cluster's machines)."""
     state = state_dir()
     info = launcher.read_cluster(state)
     processes = launcher.running_processes(info) if info else {}
-    cluster = run(lambda c: c.status())
+    machines = cluster.machine_health(info) if info and info.planned else None
+    if machines is not None and not as_json:
+        click.echo(render.machines_table(machines) + "\n")
+    found = run(lambda c: c.status())
     if as_json:
-        print_json({"state_dir": str(state), "processes": processes, **msgspec.to_builtins(cluster)})
+        shown = {"state_dir": str(state), "processes": processes, **msgspec.to_builtins(found)}
+        print_json(shown | ({"machines": msgspec.to_builtins(machines)} if machines is not None else {}))
     else:
-        click.echo(render.status_table(cluster, state, processes))
+        click.echo(render.status_table(found, state, processes))
 
 
 @cli.command()
@@ -393,7 +406,10 @@ def list_functions(tenant: str | None, as_json: bool) -> None:
 cli.add_command(tenants.tenant)
 cli.add_command(account.account)
 cli.add_command(nodes.node)
+cli.add_command(cluster.cluster)
+cli.add_command(cluster.machine_group)
 
 
 def main() -> None:
+    logging.getLogger("asyncio").addFilter(quiet_tls_close)  # TLS links to NATS close noisily
     cli(prog_name="hetfaas")

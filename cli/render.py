@@ -7,6 +7,7 @@ from pathlib import Path
 import msgspec
 
 from cli.client import InvokeOutcome
+from deploy.probe import RoleHealth
 from schemas.ebpf import MapDump, VerifyReply
 from schemas.messages import ClusterStatus, FunctionRecord
 
@@ -18,6 +19,15 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
         for row in [headers, *rows]
     ]
     return "\n".join(lines)
+
+
+def machines_table(machines: list[RoleHealth]) -> str:
+    rows = [[m.machine, m.address, m.role, m.health if m.ok else m.health.upper()] for m in machines]
+    down = sum(not m.ok for m in machines)
+    summary = f"{len({m.machine for m in machines})} machines, {len(machines)} roles" + (
+        f", {down} NOT READY" if down else ", all ready"
+    )
+    return table(["MACHINE", "ADDRESS", "ROLE", "HEALTH"], rows) + "\n" + summary
 
 
 def status_table(status: ClusterStatus, state_dir: Path, processes: dict[str, bool]) -> str:

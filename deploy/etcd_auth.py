@@ -49,9 +49,13 @@ def range_end(key: str) -> str:
 class EtcdAdmin:
     """Root's side of etcd's auth API on one endpoint (`host:port`)."""
 
-    def __init__(self, endpoint: str, root: EtcdLogin, ca: str = "", timeout_s: float = 5.0):
+    def __init__(
+        self, endpoint: str, root: EtcdLogin, ca: str = "", timeout_s: float = 5.0, client_cert: str = ""
+    ):
         self._base = f"{'https' if ca else 'http'}://{endpoint}/v3"
         self._context = ssl.create_default_context(cafile=ca) if ca else None
+        if self._context is not None and client_cert:  # one PEM file: certificate and key
+            self._context.load_cert_chain(client_cert)
         self._root = root
         self._timeout_s = timeout_s
         self._token = ""

@@ -48,6 +48,15 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     # The CA that signed nats-server's and etcd's certificates when the links are TLS ("": plain)
     nats_ca: str = ""
     etcd_ca: str = ""
+    # A planned cluster's operator context (`hetfaas cluster plan`: DIR/operator) rather than
+    # a local cluster: every etcd member, the operator's client certificate, etcd's name.
+    planned: bool = False
+    etcd_endpoints: list[str] = []
+    etcd_client_cert: str = ""
+    etcd_server_name: str = ""
+
+    def all_etcd_endpoints(self) -> list[str]:
+        return self.etcd_endpoints or [self.etcd_endpoint]
 
 
 def default_state_dir() -> Path:
@@ -59,12 +68,28 @@ def default_state_dir() -> Path:
 
 def read_cluster(state_dir: Path) -> ClusterInfo | None:
     try:
-        return msgspec.json.decode((state_dir / CLUSTER_FILE).read_bytes(), type=ClusterInfo)
+        info = msgspec.json.decode((state_dir / CLUSTER_FILE).read_bytes(), type=ClusterInfo)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
+    if info.planned and Path(info.state_dir) != state_dir.resolve():
+        return _moved(info, state_dir.resolve())
+    return info
 
 
-def _write_cluster(info: ClusterInfo) -> None:
+def _moved(info: ClusterInfo, here: Path) -> ClusterInfo:
+    """An operator context read from where it was copied to: its files are there now."""
+    old = info.state_dir
+
+    def moved(path: str) -> str:
+        return str(here / Path(path).relative_to(old)) if path.startswith(old + "/") else path
+
+    fields = ("nats_creds", "etcd_creds", "nats_ca", "etcd_ca", "etcd_client_cert")
+    return msgspec.structs.replace(
+        info, state_dir=str(here), **{name: moved(getattr(info, name)) for name in fields}
+    )
+
+
+def write_cluster(info: ClusterInfo) -> None:
     path = Path(info.state_dir) / CLUSTER_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(msgspec.json.format(msgspec.json.encode(info)))
@@ -158,7 +183,7 @@ def _start_nats_and_etcd(
         auth_config,
         _tls_files(info),
     ).pid
-    _write_cluster(info)
+    write_cluster(info)
     progress(f"starting etcd on port {info.etcd_client_port}" + (f" ({how})" if how else ""))
     start_etcd(info)
 
@@ -238,7 +263,11 @@ def operator_store(info: ClusterInfo) -> Store:
     """The cluster's etcd as its root (the operator's own tools and tests; never a service)."""
     login = credentials.read_etcd_login(info.etcd_creds) if info.etcd_creds else None
     return Store(
-        [info.etcd_endpoint], login=login, ca=Path(info.etcd_ca).read_bytes() if info.etcd_ca else b""
+        info.all_etcd_endpoints(),
+        login=login,
+        ca=Path(info.etcd_ca).read_bytes() if info.etcd_ca else b"",
+        client_cert=Path(info.etcd_client_cert).read_bytes() if info.etcd_client_cert else b"",
+        server_name=info.etcd_server_name,
     )
 
 
@@ -286,7 +315,7 @@ def start_etcd(info: ClusterInfo) -> int:
         path, _ = etcd_auth.load_or_create_login(secrets_dir(state_dir) / "etcd", etcd_auth.ROOT)
         info.etcd_creds = str(path)
         _etcd_admin(info).secure()
-    _write_cluster(info)
+    write_cluster(info)
     return proc.pid
 
 
@@ -387,7 +416,7 @@ def _start_service(
     argv = [*(prefix or []), sys.executable, "-m", module, "--config", str(config)]
     proc = services.spawn(argv, Path(info.state_dir) / "logs" / f"{name}.log")
     info.processes[name] = proc.pid
-    _write_cluster(info)
+    write_cluster(info)
     return proc.pid
 
 
@@ -405,7 +434,7 @@ def stop(
             terminate(pid, state_dir, timeout_s)
             stopped.append(name)
     info.processes = {}
-    _write_cluster(info)
+    write_cluster(info)
     if os.geteuid() == 0:  # nodes remove their cgroups when they stop; a crashed one leaves them
         cgroups.remove_tree(cgroup_parent(info))
     return stopped

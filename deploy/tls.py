@@ -36,7 +36,19 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+def _nameless(unit: str) -> x509.Name:
+    """A subject without a CommonName: etcd would take a client certificate's CN for a user
+    name, and its JSON gateway refuses clients whose certificate has one (CVE-2018-16886), so
+    a planned cluster's certificates (clients' and etcd members') carry none."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hetfaas"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+        ]
+    )
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
@@ -65,7 +77,7 @@ def _new_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
         )
         .sign(key, hashes.SHA256())
     )
-    credentials.write_secret(directory / "ca.key", _key_pem(key))
+    credentials.write_secret(directory / "ca.key", key_pem(key))
     (directory / "ca.pem").write_text(_cert_pem(cert))
     return cert, key
 
@@ -104,24 +116,52 @@ def ensure(directory: Path, hosts: list[str]) -> TlsFiles:
     files = TlsFiles(
         ca=str(directory / "ca.pem"), cert=str(directory / "server.pem"), key=str(directory / "server.key")
     )
-    ca_cert, ca_key = _load_ca(directory) if (directory / "ca.key").exists() else _new_ca(directory)
-    if _covers(Path(files.cert), hosts):
-        return files
+    ca = load_or_create_ca(directory)
+    if not _covers(Path(files.cert), hosts):
+        issue(ca, hosts, Path(files.cert), Path(files.key))
+    return files
+
+
+def load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return _load_ca(directory) if (directory / "ca.key").exists() else _new_ca(directory)
+
+
+def issue(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    hosts: list[str],
+    cert_path: Path,
+    key_path: Path,
+    unit: str = "",
+    client: bool = False,
+) -> None:
+    """A certificate for `hosts` signed by `ca`, written to `cert_path` and `key_path` (0600).
+    `client`: it also authenticates as a client (a machine's certificate in a planned cluster
+    serves NATS and etcd and is the machine's client identity towards etcd and NATS routes).
+    `unit`: a subject naming that unit and no CommonName (`_nameless`); "": the servers' name."""
+    ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("hetfaas servers"))
+        .subject_name(_nameless(unit) if unit else _name("hetfaas servers"))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
     )
+    usages = [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    if client:
+        usages.append(x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
     cert = (
         _validity(builder, SERVER_DAYS)
         .add_extension(x509.SubjectAlternativeName(_sans(hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    credentials.write_secret(Path(files.key), _key_pem(key))
-    Path(files.cert).write_text(_cert_pem(cert))
-    return files
+    credentials.write_secret(key_path, key_pem(key))
+    cert_path.write_text(_cert_pem(cert))
+
+
+def covers(cert_path: Path, hosts: list[str]) -> bool:
+    """Whether the certificate kept there names every one of `hosts` and has not expired."""
+    return _covers(cert_path, hosts)

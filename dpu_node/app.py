@@ -35,6 +35,7 @@ class DpuNodeApp(ServiceApp):
             settings.capacity,
             settings.lease_ttl_s,
             partition=runtime.partition(),
+            trusted_keys=list(trusted),
         )
         registration.on_taken = self.fail
         tasks.spawn(registration.run(), "registration")

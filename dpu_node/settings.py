@@ -11,6 +11,10 @@ class DpuNodeSettings(EbpfRuntimeSettings, frozen=True, kw_only=True, forbid_unk
     nats_ca: str = ""  # the CA (PEM file) that signed nats-server's certificate: TLS ("": plain TCP)
     etcd_creds: str = ""  # the service's etcd login (a `user:password` file, 0600); empty: anonymous
     etcd_ca: str = ""  # the CA (PEM file) that signed etcd's certificate: TLS ("": plain HTTP)
+    # A client certificate and its key (one PEM file), for an etcd that admits only clients with
+    # one (a planned cluster's: `hetfaas cluster plan`); "": none
+    etcd_client_cert: str = ""
+    etcd_server_name: str = ""  # what etcd's certificates name, when the endpoints are addresses
     state_dir: str | None = None
     # Invocations accepted at once, those waiting for a core included; beyond it the node answers
     # `throttled`. Far above `cores`: a program runs for microseconds, an invocation is in

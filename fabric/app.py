@@ -77,6 +77,10 @@ class ConnectionSettings(BusSettings, Protocol):
     def etcd_creds(self) -> str: ...
     @property
     def etcd_ca(self) -> str: ...
+    @property
+    def etcd_client_cert(self) -> str: ...
+    @property
+    def etcd_server_name(self) -> str: ...
 
 
 async def open_bus(
@@ -115,15 +119,23 @@ def open_store(settings: ConnectionSettings) -> Store:
     """The store as the settings' etcd identity; a credentials file that cannot be one is a clear
     error now, not a retry loop later."""
     login = credentials.read_etcd_login(settings.etcd_creds) if settings.etcd_creds else None
-    ca = read_ca(settings.etcd_ca) if settings.etcd_ca else b""
-    return Store(settings.etcd_endpoints, login=login, ca=ca)
+    ca = read_pem(settings.etcd_ca) if settings.etcd_ca else b""
+    client_cert = read_pem(settings.etcd_client_cert) if settings.etcd_client_cert else b""
+    return Store(
+        settings.etcd_endpoints,
+        login=login,
+        ca=ca,
+        client_cert=client_cert,
+        server_name=settings.etcd_server_name,
+    )
 
 
-def read_ca(path: str) -> bytes:
+def read_pem(path: str) -> bytes:
+    """A certificate file's bytes (a CA's, or a client's with its key)."""
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise credentials.CredentialsError(f"cannot read CA certificate {path}: {exc.strerror}") from None
+        raise credentials.CredentialsError(f"cannot read certificate {path}: {exc.strerror}") from None
 
 
 async def open_metrics(stack: contextlib.AsyncExitStack, name: str, listen: str) -> None:

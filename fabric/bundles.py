@@ -2,17 +2,22 @@
 JetStream object store under its SHA-256, fetched and verified by the node that runs it.
 """
 
+import asyncio
+import base64
 import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import re
 import tarfile
 from pathlib import Path
 
+from nats import errors as nats_errors
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
+from nats.js.api import ObjectInfo, ObjectStoreConfig
 from nats.js.object_store import ObjectStore
 
 from schemas.subjects import BUNDLE_BUCKET
@@ -120,35 +125,89 @@ def unpack(data: bytes, dest: Path) -> None:
         tar.extractall(dest, members=members, filter="data")
 
 
-class BundleStore:
-    """The cluster's bundle bucket (a JetStream object store, replicated like any stream)."""
+STREAM = f"OBJ_{BUNDLE_BUCKET}"  # the JetStream stream under the bundle bucket
+# When the NATS server leading the bucket dies, JetStream elects another in 4-9 s (nats-server's
+# raft election timeouts): an upload meanwhile times out (measured: 1 in 3 deploys right after a
+# kill -9 of a server failed so). It is tried again within this budget.
+UPLOAD_BUDGET_S = 15.0
+RETRY_PAUSE_S = 0.5
+LEADERLESS = (nats_errors.TimeoutError, nats_errors.NoRespondersError, js_errors.ServiceUnavailableError)
+# A stored object's size is believed only up to this (a bundle is at most the scheduler's
+# max_payload_bytes, far below): a forged metadata record cannot make a node read for ever.
+MAX_STORED_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, js: JetStreamContext):
+
+class BundleStore:
+    """The cluster's bundle bucket (a JetStream object store, replicated like any stream).
+
+    `replicas`: a writer's (the scheduler's) copies of every bundle, on that many NATS servers:
+    it creates the bucket so, and raises an older bucket's copies to it (JetStream copies what
+    is stored to the new replicas). None: a reader (nodes), which never creates the bucket."""
+
+    def __init__(self, js: JetStreamContext, replicas: int | None = None):
         self._js = js
+        self._replicas = replicas
         self._bucket: ObjectStore | None = None
 
     async def _store(self) -> ObjectStore:
         if self._bucket is None:
             try:
-                self._bucket = await self._js.object_store(BUNDLE_BUCKET)
+                bucket = await self._js.object_store(BUNDLE_BUCKET)
             except js_errors.BucketNotFoundError:
-                self._bucket = await self._js.create_object_store(BUNDLE_BUCKET)
+                if self._replicas is None:
+                    raise BundleError("no bundle has been deployed to this cluster yet") from None
+                config = ObjectStoreConfig(replicas=self._replicas)
+                bucket = await self._js.create_object_store(BUNDLE_BUCKET, config=config)
+            if self._replicas is not None:
+                await self._keep_replicas()
+            self._bucket = bucket
         return self._bucket
 
-    async def upload(self, data: bytes) -> str:
+    async def _keep_replicas(self) -> None:
+        stream = f"OBJ_{BUNDLE_BUCKET}"
+        config = (await self._js.stream_info(stream)).config
+        if self._replicas is not None and (config.num_replicas or 1) < self._replicas:
+            log.info("raising the bundle store's copies from %s to %d", config.num_replicas, self._replicas)
+            config.num_replicas = self._replicas
+            await self._js.update_stream(config)
+
+    async def upload(self, data: bytes, budget_s: float = UPLOAD_BUDGET_S) -> str:
+        """Store `data` under its digest (unless it is there), trying again while JetStream
+        has no leader for the bucket, for at most `budget_s`."""
         digest = digest_of(data)
-        if not await self.holds(digest):
-            await (await self._store()).put(digest, data)
-        return digest
+        deadline = asyncio.get_running_loop().time() + budget_s
+        while True:
+            try:
+                if not await self.holds(digest):
+                    await (await self._store()).put(digest, data)
+                return digest
+            except LEADERLESS as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.warning(
+                    "bundle store without a leader (%s): trying %s again", exc or type(exc).__name__, digest
+                )
+                await asyncio.sleep(RETRY_PAUSE_S)  # JetStream says nothing when it has one again
 
     async def exists(self, digest: str) -> bool:
         """Whether an object is stored under `digest` (its metadata only: nodes check the bytes
         when they fetch them, and an upload checks them with `holds`)."""
+        return await self._info(digest) is not None
+
+    async def _info(self, digest: str) -> ObjectInfo | None:
+        """The object's metadata, by a direct get: any server holding a copy of the bucket
+        answers, so it works while JetStream elects a new leader (a kill -9 of the NATS server
+        that led it made the object store's own get, which needs a consumer, time out for
+        several seconds)."""
+        meta = f"$O.{BUNDLE_BUCKET}.M.{base64.urlsafe_b64encode(digest.encode()).decode()}"
         try:
-            await (await self._store()).get_info(digest)
-        except js_errors.ObjectNotFoundError:
-            return False
-        return True
+            msg = await self._js.get_msg(STREAM, subject=meta, direct=True)
+        except js_errors.NotFoundError:
+            return None
+        except nats_errors.NoRespondersError:
+            raise BundleError("no bundle has been deployed to this cluster yet") from None
+        info = ObjectInfo.from_response(json.loads(msg.data or b"{}"))
+        return None if info.deleted else info
 
     async def holds(self, digest: str) -> bool:
         """Whether the store holds the bundle `digest` names, its bytes checked: an object under
@@ -165,11 +224,26 @@ class BundleStore:
         return True
 
     async def fetch(self, digest: str) -> bytes:
-        try:
-            result = await (await self._store()).get(digest)
-        except js_errors.ObjectNotFoundError:
-            raise BundleError(f"bundle {digest} is not in the bundle store") from None
-        data = bytes(result.data or b"")
+        """The bundle's bytes, chunk by chunk with direct gets (see `_info`), checked."""
+        info = await self._info(digest)
+        if info is None:
+            raise BundleError(f"bundle {digest} is not in the bundle store")
+        if (info.size or 0) > MAX_STORED_BYTES or (info.chunks or 0) > MAX_STORED_BYTES // 1024:
+            raise BundleCorrupt(
+                f"bundle {digest} is stored as {info.size} bytes, more than any bundle may be"
+            )
+        chunk_subject, seq = f"$O.{BUNDLE_BUCKET}.C.{info.nuid}", 0
+        chunks: list[bytes] = []
+        while len(chunks) < (info.chunks or 0):
+            try:
+                msg = await self._js.get_msg(
+                    STREAM, seq=seq + 1, subject=chunk_subject, direct=True, next=True
+                )
+            except js_errors.NotFoundError:
+                raise BundleCorrupt(f"bundle {digest} lost chunks in the bundle store") from None
+            chunks.append(msg.data or b"")
+            seq = msg.seq or seq + 1
+        data = b"".join(chunks)
         if digest_of(data) != digest:
             raise BundleCorrupt(f"bundle {digest} failed verification: its bytes hash differently")
         return data

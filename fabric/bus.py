@@ -3,6 +3,7 @@
 
 import logging
 import ssl
+from functools import partial
 
 import nats
 import nats.errors
@@ -76,7 +77,7 @@ async def connect(
     (the only replies its permissions let it receive), over TLS checked against the CA in the
     `ca` PEM file when one is named. Services wait for the server and
     reconnect for ever (`wait_for_server`); a command-line client fails at once with
-    NoServersError, so the user hears it."""
+    NoServersError when no server answers, so the user hears it."""
     nc = Connection()
     options: dict = {"user_credentials": creds} if creds else {}
     if inbox_prefix:
@@ -88,14 +89,20 @@ async def connect(
         name=name,
         **options,
         connect_timeout=2,
+        # in the order written: a planned machine names its own server first, and the others
+        # in an order that spreads the machines without one over the servers (deploy/machine.py)
+        dont_randomize=True,
         reconnect_time_wait=0.25,  # type: ignore[arg-type]  # typed int, sleeps any float
-        max_reconnect_attempts=-1 if wait_for_server else 1,  # 0 would mean "for ever" here too
-        allow_reconnect=wait_for_server,
+        # A client tries each server twice, then gives up: at start (the user hears at once that
+        # nothing answers) and when its server goes (it fails over to another that answers).
+        max_reconnect_attempts=-1 if wait_for_server else 2,  # 0 would mean "for ever" here too
+        allow_reconnect=True,
         ping_interval=10,
         max_outstanding_pings=3,
         # nats-py's default logs a full traceback for every failed attempt; a client reports the
         # final NoServersError instead.
         error_cb=_log_connection_error if wait_for_server else _ignore_connection_error,
+        reconnected_cb=partial(_reconnected, nc),
     )
     return nc
 
@@ -114,6 +121,15 @@ def tls_context(ca: str) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
         raise credentials.CredentialsError(f"cannot use CA certificate {ca}: {exc}") from None
+
+
+async def _reconnected(nc: Connection) -> None:
+    log.info("NATS: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+    for listener in list(nc.on_reconnected):
+        try:
+            listener()
+        except Exception:  # one listener's failure must not cost the others
+            log.exception("handling a NATS reconnect failed")
 
 
 async def _log_connection_error(exc: Exception) -> None:

@@ -47,6 +47,9 @@ class Connection(NATS):
         self._ps = MessageParser(self)
         self._inline: dict[int, Deliver] = {}
         self._kick: asyncio.Future[None] | None = None  # a finished future: wakes the flusher
+        # Called after each reconnect (fabric.bus wires nats-py's callback to them): what was
+        # published while the link was down may be lost, and replies sent to us then are.
+        self.on_reconnected: list[Callable[[], None]] = []
 
     async def subscribe_inline(self, subject: str, deliver: Deliver, queue: str = "") -> Subscription:
         """Subscribe with `deliver` called for each message as it arrives. It must not block;

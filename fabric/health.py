@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fabric import metrics
+from fabric.fatal import Fatal
 
 if TYPE_CHECKING:
     from fabric.connection import Connection
@@ -84,4 +85,11 @@ async def serve(
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host or "127.0.0.1", int(port), limit=MAX_HEAD)
+    try:
+        return await asyncio.start_server(handle, host or "127.0.0.1", int(port), limit=MAX_HEAD)
+    except OSError as exc:  # another process has the port (a second copy of this service?)
+        raise ListenError(f"cannot serve /healthz and /metrics on {listen}: {exc.strerror}") from None
+
+
+class ListenError(Fatal, OSError):
+    """The service cannot start: said in one line (fabric.runner), no traceback."""

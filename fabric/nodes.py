@@ -43,9 +43,10 @@ def register(
     ttl_s: int,
     memory_mb: int = 0,
     partition: Partition | None = None,
+    trusted_keys: list[str] | None = None,
 ) -> LeasedKey:
     """The node's key under a lease (its `run()` keeps it alive); revoked when `stack` closes.
-    A node with a partition loads signed eBPF programs."""
+    A node with a partition loads signed eBPF programs signed by one of `trusted_keys` (ids)."""
     record = NodeRecord(
         node_id=node_id,
         kind=kind,
@@ -56,6 +57,7 @@ def register(
         memory_mb=memory_mb,
         runs_ebpf=partition is not None,
         partition=partition,
+        trusted_keys=sorted(trusted_keys or []),
         version=version.release(),
         wire=version.WIRE,
     )

@@ -66,6 +66,9 @@ class _Waiting(msgspec.Struct):
     deadline: float  # loop time
     copies: _Copies | None = None
     slot: int = 0  # of its next timer (the next copy or the deadline) in the requester's Deadlines
+    # An idempotent request (its peer runs a copy once: fabric.nodes.Once): sent again as it
+    # was after a reconnect, since its reply may have come while the link was down
+    again: tuple[str, bytes, str, dict[str, str] | None] | None = None
 
 
 class Requester:
@@ -91,6 +94,7 @@ class Requester:
         self._pending: dict[str, _Waiting] = {}
         self._by_peer: dict[str, set[str]] = defaultdict(set)
         self._deadlines = Deadlines(self._on_timer)  # type: ignore[arg-type]  # keys are tokens
+        nc.on_reconnected.append(self.send_again)
 
     async def start(self) -> None:
         """Subscribe to the shared inbox (once, however many callers race to the first request)."""
@@ -117,6 +121,7 @@ class Requester:
         headers: dict[str, str] | None,
         peer: str,
         resend: "Resend | None" = None,
+        idempotent: bool = False,
     ) -> bytes:
         """The first reply's body. With `resend`, the request is sent again (with the same reply
         subject, so any copy's answer counts) while none has come: the peer may have died."""
@@ -125,7 +130,9 @@ class Requester:
         if not self._prefix:
             await self.start()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        token = self.send(subject, data, timeout_s, headers, peer, partial(_settle, future), resend)
+        token = self.send(
+            subject, data, timeout_s, headers, peer, partial(_settle, future), resend, idempotent
+        )
         try:
             return await future
         finally:
@@ -140,10 +147,12 @@ class Requester:
         peer: str,
         answer: Answer,
         resend: "Resend | None" = None,
+        idempotent: bool = False,
     ) -> str:
         """Send a request now and call `answer` once with its outcome, never before this returns
         (RequestTimeout, NoResponders and PeerLost as `request` raises them). Needs `start()`
-        first; what publishing raises, it raises. Returns the request's token."""
+        first; what publishing raises, it raises. Returns the request's token. An `idempotent`
+        request, and one with `resend`, is sent again at once after a reconnect."""
         assert self._prefix, "Requester.send before start()"
         token = str(next(self._ids))
         loop = asyncio.get_running_loop()
@@ -152,6 +161,8 @@ class Requester:
         reply = self._prefix + token
         if resend is not None:
             waiting.copies = _Copies(subject, reply, headers, resend, 2, resend.after_s, now + resend.after_s)
+        elif idempotent:
+            waiting.again = (subject, data, reply, headers)
         self._nc.publish_now(subject, data, reply, headers)
         self._pending[token] = waiting
         self._by_peer[peer].add(token)
@@ -184,6 +195,22 @@ class Requester:
             copies.after_s *= 2
             copies.at = loop.time() + copies.after_s
         self._arm(loop, token, waiting)
+
+    def send_again(self) -> None:
+        """After a reconnect: a reply sent while the link was down is lost (core NATS holds
+        nothing for a client that is away), so every request that may be sent again is, at
+        once, rather than when its timer comes (measured: a kill -9 of the NATS server a
+        scheduler used made calls it had forwarded wait out their 8 s deadline)."""
+        for waiting in list(self._pending.values()):
+            try:
+                if waiting.again is not None:
+                    self._nc.publish_now(*waiting.again)
+                elif (copies := waiting.copies) is not None:
+                    if (copy := copies.resend.message(copies.attempt)) is not None:
+                        self._nc.publish_now(copies.subject, copy, copies.reply, copies.headers)
+                        copies.attempt += 1
+            except nats.errors.Error as exc:  # down again: its timer still stands
+                log.warning("request to %s not sent again: %s", waiting.peer, exc)
 
     def fail_peer(self, peer: str) -> int:
         """Fail every request waiting on `peer`; returns how many there were."""

@@ -47,7 +47,7 @@ async def _until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> Non
     assert task is not None
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_grpc_stream_teardown)
-    logging.getLogger("asyncio").addFilter(_quiet_tls_close)
+    logging.getLogger("asyncio").addFilter(quiet_tls_close)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
     try:
@@ -56,7 +56,7 @@ async def _until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> Non
         logging.getLogger(__name__).info("stopped by signal")
 
 
-def _quiet_tls_close(record: logging.LogRecord) -> bool:
+def quiet_tls_close(record: logging.LogRecord) -> bool:
     """nats-py's protocol asks to keep a connection half-open at EOF, which a TLS transport cannot:
     asyncio warns "returning true from eof_received() has no effect when using ssl" at every
     close of a TLS link to NATS. It changes nothing (the connection closes as it would anyway)."""

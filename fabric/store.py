@@ -27,6 +27,10 @@ RECONNECT_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
+# etcd refuses a token issued before any user or role changed (as etcd's own client does, log
+# in again): a planned cluster's members assert every service user at each start.
+OLD_AUTH_REVISION = "auth: revision in header is old"
+
 # Every way an etcd call can fail when etcd is down or slow; callers treat them as "unavailable".
 STORE_ERRORS = (EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
 
@@ -48,29 +52,53 @@ class Event:
     lease: int = 0
 
 
+def split_pem(text: bytes) -> tuple[bytes, bytes]:
+    """A PEM file's certificates and its private key, apart (gRPC takes them separately)."""
+    certs, key = [], b""
+    for block in text.split(b"-----BEGIN ")[1:]:
+        block = b"-----BEGIN " + block.strip() + b"\n"
+        if b"PRIVATE KEY-----" in block.split(b"\n", 1)[0]:
+            key = block
+        else:
+            certs.append(block)
+    return b"".join(certs), key
+
+
 class Compacted(Exception):
     """The watch's start revision was compacted away: the caller must list again."""
 
 
 class Store:
     """`login`: the etcd user this process is (a cluster with auth on refuses anonymous calls);
-    `ca`: PEM of the CA that signed etcd's certificate, to reach it over TLS."""
+    `ca`: PEM of the CA that signed etcd's certificate, to reach it over TLS; `client_cert`: PEM
+    of a certificate and its key, for an etcd that admits only clients with one (a planned
+    cluster's); `server_name`: the name etcd's certificates are checked against when the
+    endpoints are addresses (gRPC cannot take one name from a list of them)."""
 
     def __init__(
-        self, endpoints: list[str], timeout_s: float = 5.0, login: EtcdLogin | None = None, ca: bytes = b""
+        self,
+        endpoints: list[str],
+        timeout_s: float = 5.0,
+        login: EtcdLogin | None = None,
+        ca: bytes = b"",
+        client_cert: bytes = b"",
+        server_name: str = "",
     ):
         found = endpoints_module.targets(endpoints)
         if found.wants_tls and not ca:
             raise endpoints_module.BadEndpoint(
                 "https:// etcd endpoints need etcd_ca, the CA that signed etcd's certificate"
             )
+        cert_chain, cert_key = split_pem(client_cert)
         # Six attempts back off 50 ms doubling to 1.55 s in all: long enough to ride out the
         # channel's reconnect (capped at 1 s below), short of the 5 s per-call timeout.
         self._client = Etcd3Client(
             found.addresses,
             rpc_max_attempts=6,
             ca_cert=ca or None,
-            tls_server_name=found.server_name if ca else None,
+            tls_server_name=(server_name or found.server_name) if ca else None,
+            cert_chain=cert_chain or None,
+            cert_key=cert_key or None,
         )
         self._login = login
         self._token = ""  # the etcd token calls carry ("": none yet)
@@ -106,6 +134,11 @@ class Store:
             return await call()
         except EtcdUnauthenticatedError:
             await self._log_in(stale=token)
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if OLD_AUTH_REVISION not in (exc.details() or ""):
+                raise
+            await self._log_in(stale=token)  # users or roles changed since the token was issued
             return await call()
 
     async def _log_in(self, stale: str) -> None:

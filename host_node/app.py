@@ -46,6 +46,7 @@ class HostNodeApp(ServiceApp):
             settings.lease_ttl_s,
             memory_mb=settings.memory_mb,
             partition=partition_of(settings.ebpf) if settings.ebpf else None,
+            trusted_keys=list(trusted_keys(settings.ebpf.trusted_keys)) if settings.ebpf else [],
         )
         registration.on_taken = self.fail
         tasks.spawn(registration.run(), "registration")

@@ -12,6 +12,10 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     nats_ca: str = ""  # the CA (PEM file) that signed nats-server's certificate: TLS ("": plain TCP)
     etcd_creds: str = ""  # the service's etcd login (a `user:password` file, 0600); empty: anonymous
     etcd_ca: str = ""  # the CA (PEM file) that signed etcd's certificate: TLS ("": plain HTTP)
+    # A client certificate and its key (one PEM file), for an etcd that admits only clients with
+    # one (a planned cluster's: `hetfaas cluster plan`); "": none
+    etcd_client_cert: str = ""
+    etcd_server_name: str = ""  # what etcd's certificates name, when the endpoints are addresses
     work_dir: str  # bundles and function logs live here
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True

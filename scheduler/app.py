@@ -26,7 +26,9 @@ class SchedulerApp(ServiceApp):
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
         nc, store, tasks = await open_connections(stack, "scheduler", settings.scheduler_id, settings)
-        scheduler = self.scheduler = Scheduler(settings, nc, store, BundleStore(nc.jetstream()))
+        scheduler = self.scheduler = Scheduler(
+            settings, nc, store, BundleStore(nc.jetstream(), settings.bundle_replicas)
+        )
         await scheduler.start()
         registration = state.registration(store, settings.scheduler_id, settings.lease_ttl_s)
         stack.push_async_callback(registration.revoke)

@@ -140,6 +140,8 @@ class Control:
             return error_reply(
                 "bad_request", f"{req.bundle_digest!r} is not a bundle digest (sha256-<64 hex>)"
             )
+        if req.program is not None and (untrusted := self._untrusted(req.program, req.spec)):
+            return error_reply("unauthorized", untrusted)
         try:
             # the upload just before checked the bytes (`holds`): a deploy reads no bundle again
             if not await self._bundles.exists(req.bundle_digest):
@@ -167,6 +169,7 @@ class Control:
             deployed_at=time.time(),
             program_digest=program_digest,
             map_memory_bytes=sum(m.memory_bytes for m in req.program.maps) if req.program else 0,
+            program_key=req.program.signed.key_id if req.program else "",
         )
         revision = await state.write_function(self._store, record)
         self._view.put_function(record)
@@ -282,6 +285,23 @@ class Control:
             return answer
         note = answer.error.message if isinstance(answer, ErrorReply) else "the node did not answer"
         return DrainReply(node_id=req.node_id, cordoned=req.drain, note=note)
+
+    def _untrusted(self, program: ApprovedProgram, spec: FunctionSpec) -> str | None:
+        """Why no node that could run the program would load it (none trusts its key), if so.
+        With no such node registered yet, nothing is known: the deploy is recorded."""
+        runners = [
+            n.record
+            for n in self._view.nodes.values()
+            if n.record.runs_ebpf and (spec.placement == "any" or n.record.kind == "dpu")
+        ]
+        key = program.signed.key_id
+        if not runners or any(key in r.trusted_keys or not r.trusted_keys for r in runners):
+            return None
+        names = ", ".join(sorted(r.node_id for r in runners))
+        return (
+            f"the program is signed by verifier key {key}, which none of the nodes that could run it "
+            f"({names}) trusts: give them the key (`hetfaas cluster plan` distributes the verifier's keys)"
+        )
 
     def _healthy(self, which: Any) -> list[str]:
         now, stale = time.monotonic(), self.settings.node_stale_after_s

@@ -52,6 +52,7 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     placement: str  # host | dpu | any
     memory_mb: int = 128
     map_memory_bytes: int = 0
+    program_key: str = ""  # ebpf: the key that signed its program (nodes trusting it only)
     instances: int = 0  # most of it one node runs at once (python: its `concurrency`); 0: no cap
     salt: int = 0  # picks the random candidate (a hash of the invocation id)
     exclude: frozenset[str] = frozenset()  # nodes already tried for this invocation

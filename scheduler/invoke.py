@@ -141,8 +141,14 @@ class Invoker:
         answered = partial(self._answered, flight, node_id, span)
         try:
             subject, timeout_s = subjects.node_invoke(node_id), message.timeout_ms / 1000
-            self._requester.send(
-                subject, codec.encode(message), timeout_s, telemetry.headers_of(span), node_id, answered
+            self._requester.send(  # a copy is answered by the node from the first (Once)
+                subject,
+                codec.encode(message),
+                timeout_s,
+                telemetry.headers_of(span),
+                node_id,
+                answered,
+                idempotent=True,
             )
         except Exception as exc:  # not sent (the connection is closing): nothing runs it
             self._release_node(node_id, flight.key)
@@ -357,6 +363,7 @@ class Invoker:
             placement=spec.placement,
             memory_mb=spec.memory_mb,
             map_memory_bytes=record.map_memory_bytes,
+            program_key=record.program_key,
             instances=spec.concurrency if spec.runtime == "python" else 0,
             salt=hash(req.invocation_id) & 0xFFFFFFFF,
             exclude=frozenset(tried),
@@ -379,6 +386,7 @@ class Invoker:
                 message.timeout_ms / 1000,
                 telemetry.trace_headers(),
                 node_id,
+                idempotent=True,  # a copy is answered by the node from the first (Once)
             )
         except (bus.NoResponders, bus.PeerLost, bus.RequestTimeout) as exc:
             outcome = exc
@@ -401,7 +409,10 @@ class Invoker:
             self._view.unreachable(node_id)
             raise TryElsewhere(f"{node_id} is not listening")
         if isinstance(outcome, bus.PeerLost):
-            raise TryElsewhere(f"{node_id} was lost mid-request")
+            # It may have run there: sent again elsewhere it could run twice. At most once, as
+            # a synchronous invocation is everywhere (the caller decides whether to retry).
+            why = f"{node_id} was lost while it had the invocation: it may have run, so it is not run again"
+            return error_reply("unavailable", why, invocation_id, node_id)
         if isinstance(outcome, bus.RequestTimeout):
             return error_reply(
                 "timeout", f"{node_id} did not answer before the deadline", invocation_id, node_id

@@ -14,7 +14,11 @@ from scheduler.snapshot import NO_POOL, NodeInfo
 def runtime(req: Request, node: NodeInfo, cycle: Cycle) -> Status:
     """eBPF functions need a node that loads signed programs; python and exec need a host."""
     if req.runtime == "ebpf":
-        return FITS if node.runs_ebpf else Status(Fit.NEVER, "cannot load eBPF")
+        if not node.runs_ebpf:
+            return Status(Fit.NEVER, "cannot load eBPF")
+        if req.program_key and node.trusted_keys and req.program_key not in node.trusted_keys:
+            return Status(Fit.NEVER, f"does not trust key {req.program_key}")
+        return FITS
     return FITS if node.kind == "host" else Status(Fit.NEVER, f"a {node.kind} runs eBPF only")
 
 

@@ -54,12 +54,19 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     nats_ca: str = ""  # the CA (PEM file) that signed nats-server's certificate: TLS ("": plain TCP)
     etcd_creds: str = ""  # the service's etcd login (a `user:password` file, 0600); empty: anonymous
     etcd_ca: str = ""  # the CA (PEM file) that signed etcd's certificate: TLS ("": plain HTTP)
+    # A client certificate and its key (one PEM file), for an etcd that admits only clients with
+    # one (a planned cluster's: `hetfaas cluster plan`); "": none
+    etcd_client_cert: str = ""
+    etcd_server_name: str = ""  # what etcd's certificates name, when the endpoints are addresses
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True
     metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
     lease_ttl_s: int = 5
     max_payload_bytes: int = 6 * 1024 * 1024
+    # Copies of every bundle, each on its own NATS server (JetStream replicas): 3 in a planned
+    # cluster of 3 or more servers, so losing one loses no deployed code
+    bundle_replicas: int = 1
     max_timeout_ms: int = 900_000
     node_stale_after_s: float = 3.0  # no heartbeat for this long: the node is lost
     reply_margin_ms: int = 25  # answer this long before the caller's deadline, so the answer arrives

@@ -28,6 +28,7 @@ class NodeInfo:
     runs_ebpf: bool = False
     partition: Partition | None = None
     tenants: Mapping[str, TenantUsage] = field(default_factory=dict)
+    trusted_keys: frozenset[str] = frozenset()  # the verifier keys whose programs it loads
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ def node_info(record: NodeRecord, hb: Heartbeat | None, recent: Iterable[str] = 
         runs_ebpf=record.runs_ebpf,
         partition=record.partition,
         tenants=hb.tenants,
+        trusted_keys=frozenset(record.trusted_keys),
     )
 
 

@@ -56,6 +56,7 @@ class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
     deployed_at: float  # unix seconds
     program_digest: str = ""  # ebpf: the approved program, at keys.program(digest, tenant, name)
     map_memory_bytes: int = 0  # ebpf: what its maps take in a DPU tenant's partition
+    program_key: str = ""  # ebpf: the id of the verifier key that signed the program
 
 
 class Partition(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +79,9 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
     memory_mb: int = 0  # memory for function instances (0: not accounted)
     runs_ebpf: bool = False  # can load signed eBPF programs (DPU nodes; hosts with trusted keys)
     partition: Partition | None = None  # per-tenant shares of an eBPF-running node
+    # The verifier keys (ids) whose signatures it believes: deploy refuses a program none of the
+    # nodes that could run it would load. Stated by the node itself (only it writes its key).
+    trusted_keys: list[str] = []
     version: str = ""  # the hetfaas release it runs ("": from before versions were stated)
     wire: int = 1  # the wire contract it speaks (schemas/version.py)
 

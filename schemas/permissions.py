@@ -21,6 +21,7 @@ BUNDLE_READ = (
     "$JS.API.STREAM.NAMES",  # nats-py finds the stream of a subscription by its subject
     f"$JS.API.STREAM.INFO.{_BUCKET}",
     f"$JS.API.STREAM.MSG.GET.{_BUCKET}",
+    f"$JS.API.DIRECT.GET.{_BUCKET}",  # a bundle's chunks, by sequence (fabric.bundles)
     f"$JS.API.DIRECT.GET.{_BUCKET}.>",
     f"$JS.API.CONSUMER.CREATE.{_BUCKET}",
     f"$JS.API.CONSUMER.CREATE.{_BUCKET}.>",
@@ -30,6 +31,7 @@ BUNDLE_READ = (
 BUNDLE_WRITE = (
     *BUNDLE_READ,
     f"$JS.API.STREAM.CREATE.{_BUCKET}",
+    f"$JS.API.STREAM.UPDATE.{_BUCKET}",  # raising its copies (fabric.bundles)
     f"$JS.API.STREAM.PURGE.{_BUCKET}",
     f"$O.{subjects.BUNDLE_BUCKET}.>",
 )

@@ -6,11 +6,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
+import nats.errors
 import pytest
 
 from cli.client import Client, ClientError, InvokeOutcome
 from deploy import launcher
-from schemas import keys
+from schemas import keys, subjects
 from tests.integration.conftest import HOST_OVERRIDES, make_function, most_at_once, start_cluster
 from tests.integration.test_tracing import trace_of
 
@@ -132,11 +134,12 @@ async def test_killing_a_node_under_load(fresh) -> None:
     outcomes = check_answers(await load, timeout_ms)
 
     failed = [o.error for o in outcomes if not o.ok]
-    assert all(e.code in ("unavailable", "timeout") for e in failed), failed
-    assert len(failed) <= 2, f"in-flight requests were retried on the surviving node, not failed: {failed}"
+    # What the dead node had may have run there: answered, not run again (at most once), so at
+    # most the 16 callers' calls in flight fail; the rest go to the survivor.
+    assert all(e.code == "unavailable" and "it may have run" in e.message for e in failed), failed
+    assert len(failed) <= 16, failed
     after = [o for o in outcomes[len(outcomes) // 2 :] if o.ok]
     assert after and all(o.node == survivor for o in after[-50:])
-    assert any(o.reply.attempts == 2 for o in outcomes if o.ok), "some requests were retried"
 
 
 async def test_killing_a_scheduler_replica_under_load(fresh) -> None:
@@ -166,6 +169,7 @@ async def test_a_retried_invocation_is_one_trace_with_both_attempts(fresh) -> No
     first = await client.invoke("load", "slow", b"warm")
     await until_warm(client, first.node)  # so placement picks that node again
     launcher.kill(info, first.node)  # the schedulers learn it only when they try it
+    await until_unsubscribed(info, first.node)
     retried = await client.invoke("load", "slow", b"again", timeout_ms=5_000)
     hops = {"scheduler.invoke", "scheduler.attempt", "node.invoke"}
     trace = trace_of(info.state_dir, retried.invocation_id, hops, root="scheduler.invoke")
@@ -179,11 +183,29 @@ async def test_a_retried_invocation_is_one_trace_with_both_attempts(fresh) -> No
         (first.node, "1"),
         (other, "2"),
     ]
-    # "not listening" (NATS noticed the closed connection) or "lost mid-request" (its heartbeats
-    # stopped first): either way the first attempt's span says what became of it
+    # "not listening": NATS noticed the closed connection before the request came (had the
+    # request been in flight at the node's death, it would fail: it may have run there)
     assert attempts[0]["status"]["code"] == 2 and attempts[0]["status"]["message"].startswith(first.node)
     node = next(s for s in trace if s["name"] == "node.invoke")
     assert node["parentSpanId"] == attempts[1]["spanId"] and node["attrs"]["hetfaas.attempt"] == "2"
+
+
+async def until_unsubscribed(info: launcher.ClusterInfo, node_id: str) -> None:
+    """Until NATS has dropped the dead node's subscriptions. A killed node's socket closes only
+    as its process finishes exiting (0.4-0.6 s here): a request sent before then is lost with it,
+    and is answered "may have run" rather than retried."""
+    nc = await nats.connect(info.nats_url, user_credentials=launcher.unrestricted_creds(info, "probe"))
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await nc.request(subjects.node_invoke(node_id), b"", timeout=0.1)
+                except nats.errors.NoRespondersError:
+                    return
+                except nats.errors.TimeoutError:
+                    pass  # the request reached the dying connection: ask again
+    finally:
+        await nc.close()
 
 
 async def until_warm(client: Client, node_id: str) -> None:

@@ -54,7 +54,7 @@ async def test_a_bomb_planted_in_the_store_is_refused_by_the_node_unwritten(
     cluster: launcher.ClusterInfo, client: Client, harness: Connection, tenant: str
 ) -> None:
     data = bomb(members=24)  # 384 MiB of zeros
-    digest = await BundleStore(harness.jetstream()).upload(data)  # past the scheduler's check
+    digest = await BundleStore(harness.jetstream(), replicas=1).upload(data)  # past the scheduler's check
     spec = FunctionSpec(name="bomb", tenant=tenant, runtime="exec", command=["/bin/true"])
     record = FunctionRecord(spec=spec, bundle_digest=digest, bundle_size=len(data), deployed_at=0)
     async with launcher.operator_store(cluster) as store:

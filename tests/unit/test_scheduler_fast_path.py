@@ -35,7 +35,7 @@ class Bus:
         self.outcome = outcome
         self.published: list[tuple[str, bytes]] = []
 
-    def send(self, subject: str, data: bytes, timeout_s: float, *rest: object) -> str:
+    def send(self, subject: str, data: bytes, timeout_s: float, *rest: object, **options: object) -> str:
         answer: Callable = rest[2]  # type: ignore[assignment]  # (headers, peer, answer)
         asyncio.get_running_loop().call_soon(answer, self.outcome)
         return "token"
