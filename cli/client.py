@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import nats.errors
 
-from fabric import bus, credentials, telemetry
+from fabric import bus, credentials, telemetry, trace_stream
 from fabric.bundles import digest_of, pack_directory
 from fabric.connection import Connection
 from schemas import codec, subjects
@@ -469,6 +469,10 @@ class Client:
             if time.monotonic() > deadline:
                 raise ClientError(Error(code="timeout", message=f"cluster not ready within {timeout_s:.0f}s"))
             await asyncio.sleep(0.1)
+
+    async def trace_batches(self, since_s: float) -> list[bytes]:
+        """A planned cluster's spans of the last `since_s` seconds, as the services published them."""
+        return await trace_stream.read(self.nc.jetstream(), since_s)
 
     async def _control(
         self,

@@ -15,6 +15,7 @@ from cli.client import RETRY_AFTER_MS, Client
 from cli.context import TENANT_HELP, acting_as, print_json, run, state_dir
 from deploy import launcher
 from deploy.services import ServiceError
+from fabric import trace_stream
 from fabric.runner import quiet_tls_close
 from schemas.ebpf import PROG_TYPES, VerifyRequest
 
@@ -332,6 +333,19 @@ def _traces_dir() -> Path:
     return traces
 
 
+TRACE_WINDOW_S = 3600.0  # how far back `hetfaas trace` looks in a planned cluster's trace stream
+
+
+def _spans(since_s: float = TRACE_WINDOW_S) -> list[traces.Span]:
+    """The local files' spans (the CLI's own, and a local cluster's), and a planned cluster's
+    from its trace stream (every machine's services publish there)."""
+    spans = traces.read_spans(_traces_dir())
+    info = launcher.read_cluster(state_dir())
+    if info is not None and info.planned:
+        spans += traces.decode_batches(run(lambda c: c.trace_batches(since_s)))
+    return spans
+
+
 HOPS = {"scheduler.invoke", "scheduler.attempt", "node.invoke"}
 
 
@@ -339,7 +353,7 @@ def _wait_for_trace(invocation_id: str) -> str:
     """The waterfall once every hop's spans have been exported (services flush every second)."""
     deadline = time.monotonic() + TRACE_WAIT_S
     while True:
-        spans = traces.trace_of(traces.read_spans(_traces_dir()), invocation_id)
+        spans = traces.trace_of(_spans(), invocation_id)
         if HOPS <= {s.name for s in spans} or time.monotonic() > deadline:
             return traces.waterfall(spans) or f"no trace found for {invocation_id}"
         time.sleep(0.2)
@@ -350,7 +364,7 @@ def _wait_for_trace(invocation_id: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print the spans as a JSON array")
 def trace(invocation_id: str, as_json: bool) -> None:
     """Draw an invocation's trace as a waterfall: each hop and phase, where it ran, how long."""
-    spans = traces.trace_of(traces.read_spans(_traces_dir()), invocation_id)
+    spans = traces.trace_of(_spans(), invocation_id)
     if not spans:
         raise click.ClickException(f"not_found: no trace for invocation {invocation_id} in {_traces_dir()}")
     if as_json:
@@ -365,8 +379,9 @@ def trace(invocation_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the rows as a JSON array")
 def coldstarts(function: str | None, since: str | None, as_json: bool) -> None:
     """Summarise cold starts: how many, p50/p99 of each phase, its share of the time, by pool mode."""
-    since_ns = time.time_ns() - round(parse_duration(since) * 1e9) if since else 0
-    summary = traces.cold_starts(traces.read_spans(_traces_dir()), function, since_ns)
+    since_s = parse_duration(since) if since else trace_stream.MAX_AGE_S
+    since_ns = time.time_ns() - round(since_s * 1e9) if since else 0
+    summary = traces.cold_starts(_spans(since_s), function, since_ns)
     rows = traces.cold_start_rows(summary)
     if as_json:
         print_json(rows)

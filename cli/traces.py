@@ -55,6 +55,17 @@ def read_spans(traces_dir: Path) -> list[Span]:
     return spans
 
 
+def decode_batches(bodies: Iterable[bytes]) -> list[Span]:
+    """The spans in OTLP-JSON batches (a planned cluster's trace stream: fabric.trace_stream)."""
+    spans: list[Span] = []
+    for body in bodies:
+        try:
+            spans.extend(_decode(json.loads(body)))
+        except (ValueError, KeyError, TypeError):
+            continue  # a batch that is not one: skip it, keep the rest
+    return spans
+
+
 def _decode(request: dict) -> Iterator[Span]:
     for resource_spans in request["resourceSpans"]:
         resource = _attributes(resource_spans.get("resource", {}).get("attributes", []))

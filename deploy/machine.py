@@ -220,6 +220,7 @@ def service_settings(config: MachineConfig, role: MachineRole, files: Files, dat
         "nats_ca": str(files.ca),
         "metrics_listen": listen,
         "state_dir": str(data),
+        "trace_stream": True,  # spans from every machine in one place (fabric.trace_stream)
     }
     etcd = {
         "etcd_endpoints": config.etcd_endpoints(),

@@ -268,8 +268,10 @@ class Secrets:
 
     def _keep_creds(self, path: Path, role: Role, name: str) -> None:
         """NATS credentials for `name` in `role`, issued once (a planned-again machine keeps them)."""
-        if path.exists() and credentials.read_creds(path).role == role:
-            return
+        if path.exists():
+            kept = credentials.read_creds(path)
+            if (kept.role, kept.name) == (role, role if role == "operator" else f"{role}:{name}"):
+                return
         credentials.write_secret(path, self.nats.issue(role, name))
 
     def _etcd_member(self, files: Files, identities: Sequence[tuple[Role, str]]) -> None:

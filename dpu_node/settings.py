@@ -21,6 +21,9 @@ class DpuNodeSettings(EbpfRuntimeSettings, frozen=True, kw_only=True, forbid_unk
     # flight (on the wire, queued) for much longer, and the scheduler sends no more than this.
     capacity: int = 256
     tracing: bool = True
+    # spans go to the cluster's trace stream over NATS (a planned cluster: fabric.trace_stream)
+    # rather than to files in state_dir
+    trace_stream: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
     lease_ttl_s: int = 5

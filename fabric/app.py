@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Protocol, Self
 
-from fabric import bus, credentials, health, metrics
+from fabric import bus, credentials, health, metrics, trace_stream
 from fabric.connection import Connection
 from fabric.fatal import Fatal
 from fabric.store import Store
@@ -65,6 +65,8 @@ class BusSettings(Protocol):
     @property
     def tracing(self) -> bool: ...
     @property
+    def trace_stream(self) -> bool: ...
+    @property
     def metrics_listen(self) -> str: ...
 
 
@@ -86,10 +88,12 @@ class ConnectionSettings(BusSettings, Protocol):
 async def open_bus(
     stack: contextlib.AsyncExitStack, role: Role, name: str, settings: BusSettings
 ) -> tuple[Connection, TaskSet]:
-    """Tracing, metrics, NATS and a task set, each closed by `stack` after what is entered later."""
-    provider = setup_tracing(name, settings.state_dir, settings.tracing)
-    if provider is not None:
-        stack.callback(provider.shutdown)
+    """Tracing, metrics, NATS and a task set, each closed by `stack` after what is entered later
+    (spans for the trace stream: flushed before NATS closes)."""
+    if not settings.trace_stream:
+        provider = setup_tracing(name, settings.state_dir, settings.tracing)
+        if provider is not None:
+            stack.callback(provider.shutdown)
     await open_metrics(stack, name, settings.metrics_listen)
     if settings.nats_creds:
         credentials.read_creds(settings.nats_creds)  # a clear error now, not a retry loop later
@@ -101,6 +105,11 @@ async def open_bus(
         ca=settings.nats_ca,
     )
     stack.push_async_callback(bus.close, nc)
+    if settings.trace_stream and settings.tracing:
+        write = trace_stream.writer(nc, asyncio.get_running_loop(), subjects.traces(role, name))
+        provider = setup_tracing(name, None, True, write)
+        if provider is not None:
+            stack.callback(provider.shutdown)
     tasks = TaskSet()
     stack.push_async_callback(tasks.close)
     return nc, tasks

@@ -3,6 +3,7 @@
 
 import logging
 import ssl
+from collections.abc import Callable
 from functools import partial
 
 import nats
@@ -78,33 +79,56 @@ async def connect(
     `ca` PEM file when one is named. Services wait for the server and
     reconnect for ever (`wait_for_server`); a command-line client fails at once with
     NoServersError when no server answers, so the user hears it."""
-    nc = Connection()
-    options: dict = {"user_credentials": creds} if creds else {}
+    options: dict = {"name": name} | ({"user_credentials": creds} if creds else {})
     if inbox_prefix:
         options["inbox_prefix"] = inbox_prefix
     if ca:
         options["tls"] = tls_context(ca)
+    pool = servers(url)
+    if wait_for_server:
+        nc = Connection()
+        await _connect(nc, pool, options, reconnect=True, error_cb=_log_connection_error)
+        return nc
+    # A client: each server once, in turn, failing on the first error of the last one (nats-py
+    # retrying on its own hung after a TLS handshake refused); connected, it fails over.
+    for i in range(len(pool)):
+        nc = Connection()
+        try:
+            await _connect(nc, pool[i:] + pool[:i], options, reconnect=False, error_cb=_quiet)
+        except (OSError, nats.errors.Error, TimeoutError):
+            if i == len(pool) - 1:
+                raise
+            continue
+        nc.options["allow_reconnect"] = True  # read when the link drops: fail over from now on
+        return nc
+    raise AssertionError("servers() names at least one server")
+
+
+async def _connect(
+    nc: Connection, pool: list[str], options: dict, reconnect: bool, error_cb: Callable
+) -> None:
     await nc.connect(
-        servers(url),
-        name=name,
+        pool,
         **options,
         connect_timeout=2,
         # in the order written: a planned machine names its own server first, and the others
         # in an order that spreads the machines without one over the servers (deploy/machine.py)
         dont_randomize=True,
         reconnect_time_wait=0.25,  # type: ignore[arg-type]  # typed int, sleeps any float
-        # A client tries each server twice, then gives up: at start (the user hears at once that
-        # nothing answers) and when its server goes (it fails over to another that answers).
-        max_reconnect_attempts=-1 if wait_for_server else 2,  # 0 would mean "for ever" here too
-        allow_reconnect=True,
+        # A service reconnects for ever; a client tries each server twice when its own goes
+        max_reconnect_attempts=-1 if reconnect else 2,  # 0 would mean "for ever" here too
+        allow_reconnect=reconnect,
         ping_interval=10,
         max_outstanding_pings=3,
         # nats-py's default logs a full traceback for every failed attempt; a client reports the
-        # final NoServersError instead.
-        error_cb=_log_connection_error if wait_for_server else _ignore_connection_error,
+        # error it ends with instead.
+        error_cb=error_cb,
         reconnected_cb=partial(_reconnected, nc),
     )
-    return nc
+
+
+async def _quiet(exc: Exception) -> None:
+    pass
 
 
 def servers(url: str) -> list[str]:
@@ -134,10 +158,6 @@ async def _reconnected(nc: Connection) -> None:
 
 async def _log_connection_error(exc: Exception) -> None:
     log.warning("NATS connection: %s", exc or type(exc).__name__)
-
-
-async def _ignore_connection_error(exc: Exception) -> None:
-    pass
 
 
 async def close(nc: Connection) -> None:

@@ -8,7 +8,7 @@ and `trace_headers()` returns None, so the hot path pays no span objects and no 
 """
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,13 +48,20 @@ __all__ = [
 _tracer: Tracer | None = None  # set by setup_tracing; None means tracing is off
 
 
-def setup_tracing(service_name: str, state_dir: str | None, enabled: bool) -> Tracer | None:
-    """Install this process's tracer; returns it so the caller can flush it on exit."""
+def setup_tracing(
+    service_name: str, state_dir: str | None, enabled: bool, stream: Callable[[bytes], None] | None = None
+) -> Tracer | None:
+    """Install this process's tracer; returns it so the caller can flush it on exit. Spans go to
+    the OTLP endpoint when one is set, else to `stream` (a planned cluster's trace stream), else
+    to files in `state_dir`."""
     global _tracer
     if not enabled:
         return None
+    write: Callable[[bytes], None]
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         write = http_writer()
+    elif stream is not None:
+        write = stream
     elif state_dir:
         write = file_writer(Path(state_dir) / "traces" / f"{service_name}.jsonl")
     else:

@@ -19,6 +19,9 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     work_dir: str  # bundles and function logs live here
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True
+    # spans go to the cluster's trace stream over NATS (a planned cluster: fabric.trace_stream)
+    # rather than to files in state_dir
+    trace_stream: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
     lease_ttl_s: int = 5

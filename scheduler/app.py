@@ -3,7 +3,7 @@
 import contextlib
 import logging
 
-from fabric import bus, health
+from fabric import bus, health, trace_stream
 from fabric.app import ServiceApp, open_connections
 from fabric.bundles import BundleStore
 from scheduler import state
@@ -30,6 +30,8 @@ class SchedulerApp(ServiceApp):
             settings, nc, store, BundleStore(nc.jetstream(), settings.bundle_replicas)
         )
         await scheduler.start()
+        if settings.trace_stream:  # the schedulers make the stream every service publishes to
+            tasks.spawn(trace_stream.keep(nc.jetstream(), settings.bundle_replicas), "trace-stream")
         registration = state.registration(store, settings.scheduler_id, settings.lease_ttl_s)
         stack.push_async_callback(registration.revoke)
         server = bus.Server(nc, settings.max_concurrent)

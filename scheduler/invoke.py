@@ -18,10 +18,18 @@ from scheduler import framework, keepalive, plugins, shares
 from scheduler.gate import CAPACITY, AdmissionGate
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView, warm_key
-from scheduler.where_is import where_is
+from scheduler.where_is import REPLICA_PREFIX, where_is
 from schemas import codec, subjects
 from schemas.errors import RETRIED_ELSEWHERE
-from schemas.messages import ErrorReply, FunctionRecord, InvokeRequest, NodeInvoke, WhereIs, error_reply
+from schemas.messages import (
+    ErrorReply,
+    FunctionRecord,
+    HaveIt,
+    InvokeRequest,
+    NodeInvoke,
+    WhereIs,
+    error_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +259,8 @@ class Invoker:
         keep_alive = keep_alive or self._keep_alive(req, record)
         if attempts is None:
             prefer = await self._where_is(req) if req.attempt > 1 else None
+            if prefer is not None and prefer.startswith(REPLICA_PREFIX):
+                return None  # another replica still has the first copy: it answers the caller
             attempts = Attempts(prefer=prefer)
         while True:
             now = time.monotonic()
@@ -429,12 +439,23 @@ class Invoker:
         return outcome or None
 
     async def _where_is(self, req: InvokeRequest) -> str | None:
-        """The node that has this invocation already (the caller sent it again), if any."""
+        """The node, or the other replica, that has this invocation already (the caller sent it
+        again), if any."""
         settings = self.settings
         timeout_s = settings.where_is_timeout_ms / 1000
         stale_after_s = settings.node_stale_after_s
         asked = WhereIs(invocation_id=req.invocation_id, tenant=req.tenant, function=req.function)
-        return await where_is(self._nc, self._view, asked, req.attempt, stale_after_s, timeout_s)
+        live = self._replicas()
+        others = {REPLICA_PREFIX + rid for rid in live.beating if rid != live.me}
+        return await where_is(self._nc, self._view, asked, req.attempt, stale_after_s, timeout_s, others)
+
+    def has_it(self, req: WhereIs) -> HaveIt:
+        """Whether this replica still handles the invocation (queued, placing, or forwarded)."""
+        return HaveIt(
+            node_id=REPLICA_PREFIX + self.settings.scheduler_id,
+            done=False,
+            has=req.invocation_id in self._handling,
+        )
 
     def _keep_alive(self, req: InvokeRequest, record: FunctionRecord) -> tuple[int, int]:
         """(keep_alive_ms, prewarm_after_ms) for the node, from this function's arrivals."""

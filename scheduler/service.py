@@ -27,10 +27,12 @@ from schemas.messages import (
     ClusterStatus,
     ErrorReply,
     FunctionRecord,
+    HaveIt,
     Heartbeat,
     InvokeRequest,
     ReplicaBeat,
     StatusRequest,
+    WhereIs,
     error_reply,
 )
 
@@ -126,8 +128,9 @@ class Scheduler:
         ]
 
     def own_routes(self) -> list[bus.Route]:
-        """What other replicas send this one by name."""
+        """What other replicas send this one by name, and ask every replica."""
         return [
+            bus.Route(subjects.WHERE_IS, codec.where_is, self.on_where_is),
             bus.Route(  # a hand-over from a replica, which checked the caller's reply subject
                 subjects.replica_invoke(self.settings.scheduler_id),
                 codec.invoke_request,
@@ -366,6 +369,9 @@ class Scheduler:
         """The tenant's share of the nodes' room while tenants wait for it (capacity.py)."""
         record = self.sync.tenants.get(tenant)
         return record.weight if record is not None else 1
+
+    async def on_where_is(self, req: WhereIs, ctx: bus.Context) -> HaveIt:
+        return self.invoker.has_it(req)
 
     async def on_status(self, req: StatusRequest, ctx: bus.Context) -> ClusterStatus:
         try:

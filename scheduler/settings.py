@@ -60,6 +60,9 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     etcd_server_name: str = ""  # what etcd's certificates name, when the endpoints are addresses
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True
+    # spans go to the cluster's trace stream over NATS (a planned cluster: fabric.trace_stream)
+    # rather than to files in state_dir
+    trace_stream: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
     lease_ttl_s: int = 5

@@ -16,6 +16,10 @@ from schemas.messages import WhereIs
 
 log = logging.getLogger(__name__)
 
+# How a replica names itself answering where-is: a caller's copy that reaches another replica
+# while this one still has the first (queued for room, say) must not be placed a second time.
+REPLICA_PREFIX = "scheduler:"
+
 
 async def where_is(
     nc: Connection,
@@ -24,14 +28,17 @@ async def where_is(
     attempt: int,
     stale_after_s: float,
     timeout_s: float,
+    replicas: set[str] = frozenset(),  # type: ignore[assignment]  # read only
 ) -> str | None:
     """The caller sent this invocation before and heard nothing: its first scheduler may have
     died after forwarding it. Every node says whether it has it; the one that has it gets it
     again and answers from the running (or finished) invocation instead of running it twice.
     The wait ends at the first yes, once every node the view holds healthy has said no, or
-    after `timeout_s` (a node that died with it says nothing)."""
+    after `timeout_s` (a node that died with it says nothing). The other live `replicas` answer
+    too (as `scheduler:<id>`): one may still hold the first copy, before any node has it."""
     now = time.monotonic()
     asking = {node_id for node_id, node in view.nodes.items() if node.healthy(now, stale_after_s)}
+    asking |= replicas
     if not asking:
         return None
     found: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
@@ -70,8 +77,8 @@ def _count_answer(
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         log.warning("malformed where-is answer: %s", exc)
         return
-    if answer.has:
-        found.set_result(answer.node_id)
+    if answer.has and (answer.node_id in asking or not answer.node_id.startswith(REPLICA_PREFIX)):
+        found.set_result(answer.node_id)  # (a replica's own answer, handling this copy, is not asked)
         return
     asking.discard(answer.node_id)
     if not asking:

@@ -28,6 +28,16 @@ BUNDLE_READ = (
     f"$JS.API.CONSUMER.DELETE.{_BUCKET}.>",
     f"$JS.FC.{_BUCKET}.>",
 )
+_TRACES = subjects.TRACES_STREAM
+TRACES_READ = (  # the operator reads a planned cluster's spans back (an ordered consumer)
+    "$JS.API.STREAM.NAMES",
+    f"$JS.API.STREAM.INFO.{_TRACES}",
+    f"$JS.API.CONSUMER.CREATE.{_TRACES}",
+    f"$JS.API.CONSUMER.CREATE.{_TRACES}.>",
+    f"$JS.API.CONSUMER.DELETE.{_TRACES}.>",
+    f"$JS.FC.{_TRACES}.>",
+)
+TRACES_MAKE = (f"$JS.API.STREAM.INFO.{_TRACES}", f"$JS.API.STREAM.CREATE.{_TRACES}")  # schedulers
 BUNDLE_WRITE = (
     *BUNDLE_READ,
     f"$JS.API.STREAM.CREATE.{_BUCKET}",
@@ -55,47 +65,78 @@ def permissions(role: Role, name: str) -> Permissions:
         )
     if role == "operator":  # acts for any tenant, alone manages tenants and revocations, watches
         return Permissions(
-            pub=(subjects.INVOKE_ALL, subjects.CONTROL_ALL, subjects.VERIFY_ALL, "hetfaas.admin.*"),
+            pub=(
+                subjects.INVOKE_ALL,
+                subjects.CONTROL_ALL,
+                subjects.VERIFY_ALL,
+                "hetfaas.admin.*",
+                *TRACES_READ,
+                subjects.traces("operator", name),
+            ),
             sub=(tenant_inboxes, own_inbox, subjects.HEARTBEAT_ALL),
         )
     if role == "scheduler":
-        return Permissions(
-            pub=(
-                subjects.node_invoke("*"),
-                subjects.node_logs("*"),
-                subjects.node_maps("*"),
-                subjects.node_drain("*"),
-                subjects.WHERE_IS,
-                subjects.FUNCTION_REMOVED,
-                subjects.replica_beat(name),
-                subjects.replica_invoke("*"),
-                tenant_inboxes,  # answers to tenants (checked: `subjects.reply_is_the_tenants`)
-                tenant_replies,
-                f"{subjects.SERVICE_INBOX_ROOT}.operator.>",
-                *BUNDLE_WRITE,
-            ),
-            sub=(
-                subjects.INVOKE_ALL,
-                subjects.CONTROL_ALL,
-                "hetfaas.admin.*",
-                subjects.HEARTBEAT_ALL,
-                subjects.REPLICA_BEAT_ALL,
-                subjects.replica_invoke(name),
-                own_inbox,
-            ),
-        )
+        return _scheduler(name, own_inbox, scheduler_inboxes, tenant_inboxes, tenant_replies)
     if role in ("host", "dpu"):  # a node: answers callers and schedulers, states only its own beat
         reads = BUNDLE_READ if role == "host" else ()
         return Permissions(
-            pub=(subjects.heartbeat(name), tenant_inboxes, tenant_replies, scheduler_inboxes, *reads),
+            pub=(
+                subjects.heartbeat(name),
+                tenant_inboxes,
+                tenant_replies,
+                scheduler_inboxes,
+                subjects.traces(role, name),
+                *reads,
+            ),
             sub=(f"hetfaas.node.{name}.>", subjects.WHERE_IS, subjects.FUNCTION_REMOVED, own_inbox),
         )
     if role == "verifier":
         return Permissions(
-            pub=(tenant_inboxes, tenant_replies, f"{subjects.SERVICE_INBOX_ROOT}.operator.>"),
+            pub=(
+                tenant_inboxes,
+                tenant_replies,
+                f"{subjects.SERVICE_INBOX_ROOT}.operator.>",
+                subjects.traces(role, name),
+            ),
             sub=(subjects.VERIFY_ALL, own_inbox),
         )
     raise ValueError(f"unknown role {role!r}")
+
+
+def _scheduler(
+    name: str, own_inbox: str, scheduler_inboxes: str, tenant_inboxes: str, tenant_replies: str
+) -> Permissions:
+    """A replica: takes the queue group's requests, forwards to nodes, asks every node and
+    replica where an invocation is, answers callers, writes bundles, makes the trace stream."""
+    return Permissions(
+        pub=(
+            subjects.node_invoke("*"),
+            subjects.node_logs("*"),
+            subjects.node_maps("*"),
+            subjects.node_drain("*"),
+            subjects.WHERE_IS,
+            subjects.FUNCTION_REMOVED,
+            subjects.replica_beat(name),
+            subjects.replica_invoke("*"),
+            tenant_inboxes,  # answers to tenants (checked: `subjects.reply_is_the_tenants`)
+            tenant_replies,
+            f"{subjects.SERVICE_INBOX_ROOT}.operator.>",
+            scheduler_inboxes,  # where-is answers to the other replicas
+            *BUNDLE_WRITE,
+            *TRACES_MAKE,
+            subjects.traces("scheduler", name),
+        ),
+        sub=(
+            subjects.INVOKE_ALL,
+            subjects.CONTROL_ALL,
+            "hetfaas.admin.*",
+            subjects.HEARTBEAT_ALL,
+            subjects.REPLICA_BEAT_ALL,
+            subjects.WHERE_IS,
+            subjects.replica_invoke(name),
+            own_inbox,
+        ),
+    )
 
 
 class KeyGrant(msgspec.Struct, frozen=True):

@@ -5,6 +5,8 @@ from functools import lru_cache
 SCHEDULER_QUEUE = "hetfaas-scheduler"
 VERIFIER_QUEUE = "hetfaas-verifier"
 BUNDLE_BUCKET = "hetfaas-bundles"
+TRACES_STREAM = "HETFAAS_TRACES"  # a planned cluster's spans (fabric.trace_stream)
+TRACES_ALL = "hetfaas.traces.>"
 
 INVOKE_ALL = "hetfaas.invoke.*.*"
 HEARTBEAT_ALL = "hetfaas.heartbeat.*"
@@ -117,6 +119,11 @@ def batched(reply: str) -> tuple[str, str] | None:
 
 def node_invoke(node_id: str) -> str:
     return f"hetfaas.node.{node_id}.invoke"
+
+
+def traces(role: str, name: str) -> str:
+    """Where service `name` in `role` publishes its spans (only it may: schemas.permissions)."""
+    return f"hetfaas.traces.{role}.{name}"
 
 
 def heartbeat(node_id: str) -> str:

@@ -9,6 +9,9 @@ class VerifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     key_path: str  # the Ed25519 signing key (a 0600 PEM file, created on first start)
     state_dir: str | None = None  # where OTLP-JSON traces go when no OTLP endpoint is set
     tracing: bool = True
+    # spans go to the cluster's trace stream over NATS (a planned cluster: fabric.trace_stream)
+    # rather than to files in state_dir
+    trace_stream: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
     workers: int = 2  # kernel verifications at once (each a worker process)

@@ -3,7 +3,7 @@
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
@@ -347,16 +347,38 @@ async def test_a_cancelled_request_leaves_nothing_waiting(nc: Connection, tenant
     assert requester.fail_peer("peer") == 0
 
 
-async def test_a_service_and_its_requester_carry_on_after_nats_server_restarts(tmp_path: Path) -> None:
+class OwnServer:
+    """A nats-server of the test's own, to stop and start again on its port."""
+
+    def __init__(self, tmp_path: Path):
+        self.port = services.free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._dir = tmp_path
+        self.process = self.start()
+
+    def start(self) -> subprocess.Popen:
+        d = self._dir
+        self.process = services.start_nats(self.port, d / "data", d / "nats.conf", d / "nats.log")
+        return self.process
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[OwnServer]:
+    server = OwnServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_service_and_its_requester_carry_on_after_nats_server_restarts(own_server: OwnServer) -> None:
     """The inline subscriptions survive a reconnect: nats-py subscribes them again under the
     same ids, and the fast path still finds its handlers."""
-    port = services.free_port()
-
-    def start() -> subprocess.Popen:
-        return services.start_nats(port, tmp_path / "data", tmp_path / "nats.conf", tmp_path / "nats.log")
-
-    server_process = start()
-    nc = await bus.connect(f"nats://127.0.0.1:{port}", "test-restart")
+    nc = await bus.connect(own_server.url, "test-restart")
     try:
 
         async def echo(req: Ping, ctx: bus.Context) -> Ping:
@@ -366,10 +388,9 @@ async def test_a_service_and_its_requester_carry_on_after_nats_server_restarts(t
         await server.serve([bus.Route("restart.echo", msgspec.msgpack.Decoder(Ping), echo)])
         requester = bus.Requester(nc)
         before = await requester.request("restart.echo", codec.encode(Ping(1)), 5.0, None, "svc")
-        server_process.terminate()
-        server_process.wait()
+        own_server.stop()
         assert await wait_until(lambda: not nc.is_connected)
-        server_process = start()
+        own_server.start()
         assert await wait_until(lambda: nc.is_connected, timeout_s=15)
         await nc.flush()  # our subscriptions are back on the server once it has answered this
         after = await requester.request("restart.echo", codec.encode(Ping(2)), 5.0, None, "svc")
@@ -377,8 +398,39 @@ async def test_a_service_and_its_requester_carry_on_after_nats_server_restarts(t
         await server.close()
     finally:
         await nc.close()
-        server_process.terminate()
-        server_process.wait()
+
+
+async def test_requests_in_flight_are_sent_again_once_reconnected(own_server: OwnServer) -> None:
+    """A reply sent while the link is down is lost (core NATS keeps nothing for an absent
+    client): an idempotent request is sent again as soon as the connection is back, and its
+    copy is answered; one that may not be sent twice waits out its deadline."""
+    nc = await bus.connect(own_server.url, "test-again")
+    try:
+        seen: list[bytes] = []
+        restarted = asyncio.Event()
+
+        async def answer_after_the_restart(msg: Msg) -> None:
+            seen.append(msg.data)
+            if restarted.is_set():
+                await nc.publish(msg.reply, b"answer to " + msg.data)
+
+        await nc.subscribe("again.x", cb=answer_after_the_restart)
+        requester = bus.Requester(nc)
+        idempotent = asyncio.create_task(
+            requester.request("again.x", b"same", 10.0, None, "p", idempotent=True)
+        )
+        once = asyncio.create_task(requester.request("again.x", b"once", 4.0, None, "p"))
+        assert await wait_until(lambda: len(seen) == 2)
+        own_server.stop()
+        assert await wait_until(lambda: not nc.is_connected)
+        restarted.set()
+        own_server.start()
+        assert await asyncio.wait_for(idempotent, 8.0) == b"answer to same"
+        with pytest.raises(bus.RequestTimeout):
+            await once
+        assert sorted(seen) == [b"once", b"same", b"same"], "only the idempotent one was sent again"
+    finally:
+        await nc.close()
 
 
 @pytest.mark.parametrize("wait_for_server", [True, False])

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import tomli_w
 
 from cli.client import Client, InvokeOutcome
 from deploy import launcher, plan, probe
+from tests.integration.conftest import wait_until
 from tests.integration.lan import Lan
 
 # 5 machines: 3 NATS servers and 3 etcd members spread over them, 2 schedulers, 2 host nodes, a
@@ -214,3 +216,29 @@ def around(calls: list[Call], killed_at: float, fault: str, window_s: float = 2.
         calls=len(hit),
         errors=[c.outcome.error.code for c in hit if not c.outcome.ok and c.outcome.error],
     )
+
+
+async def kill_one_at_a_time(
+    lab: PlannedCluster, load: Load, while_nats_is_down: Callable[[], Awaitable[None]] | None = None
+) -> list[FaultResult]:
+    """The faults of the issue, in turn, each settled before the next: the NATS server on m1
+    (scheduler m1 and host m4 are connected to it: a machine's own server first, and m4 starts
+    at the first), the etcd leader, scheduler m2, and the host node that answered last."""
+    killed = lab.kill("m1", "nats")
+    if while_nats_is_down is not None:
+        await while_nats_is_down()
+    faults = [await settle(lab, load, killed, "nats-server m1 (host m4's, scheduler m1's)")]
+    leader = lab.etcd_leader(await lab.health())
+    faults.append(await settle(lab, load, lab.kill(leader, "etcd"), f"etcd leader ({leader})"))
+    faults.append(await settle(lab, load, lab.kill("m2", "scheduler"), "scheduler m2"))
+    busy = load.calls[-1].outcome.node or "m4"
+    faults.append(await settle(lab, load, lab.kill(busy, "host"), f"host node {busy}"))
+    return faults
+
+
+async def settle(lab: PlannedCluster, load: Load, killed_at: float, fault: str) -> FaultResult:
+    """Let the load run past the fault's window, then until every role is back."""
+    assert await wait_until(lambda: bool(load.calls) and load.calls[-1].started > killed_at + 3, 20), fault
+    health = await lab.until_healthy(60)
+    assert [(r.machine, r.role, r.health) for r in health if not r.ok] == [], f"back after {fault}"
+    return around(load.calls, killed_at, fault)
