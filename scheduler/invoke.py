@@ -18,7 +18,7 @@ from scheduler import framework, keepalive, plugins, shares
 from scheduler.gate import CAPACITY, AdmissionGate
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView, warm_key
-from scheduler.where_is import REPLICA_PREFIX, where_is
+from scheduler.where_is import REPLICA_PREFIX, SILENT, where_is
 from schemas import codec, subjects
 from schemas.errors import RETRIED_ELSEWHERE
 from schemas.messages import (
@@ -259,8 +259,10 @@ class Invoker:
         keep_alive = keep_alive or self._keep_alive(req, record)
         if attempts is None:
             prefer = await self._where_is(req) if req.attempt > 1 else None
-            if prefer is not None and prefer.startswith(REPLICA_PREFIX):
-                return None  # another replica still has the first copy: it answers the caller
+            if prefer is not None and (prefer == SILENT or prefer.startswith(REPLICA_PREFIX)):
+                # another replica still has the first copy (it answers the caller), or a node that
+                # may have it said nothing: not placed again (the caller's next copy asks again)
+                return None
             attempts = Attempts(prefer=prefer)
         while True:
             now = time.monotonic()
