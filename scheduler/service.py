@@ -231,7 +231,9 @@ class Scheduler:
         failed = self._requester.fail_peer(node_id)
         if failed:
             log.warning(
-                "node %s lost with %d invocations in flight; retrying them elsewhere", node_id, failed
+                "node %s lost with %d invocations in flight; answered 'may have run', not run again",
+                node_id,
+                failed,
             )
 
     async def watch_staleness(self) -> None:

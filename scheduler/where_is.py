@@ -4,6 +4,7 @@ scheduler may have died after forwarding it. Every node says whether it holds it
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from functools import partial
 
 import msgspec
@@ -32,7 +33,7 @@ async def where_is(
     attempt: int,
     stale_after_s: float,
     timeout_s: float,
-    replicas: set[str] = frozenset(),  # type: ignore[assignment]  # read only
+    replicas: Collection[str] = (),
 ) -> str | None:
     """The caller sent this invocation before and heard nothing: its first scheduler may have
     died after forwarding it. Every node says whether it has it; the one that has it gets it
@@ -42,7 +43,7 @@ async def where_is(
     too (as `scheduler:<id>`): one may still hold the first copy, before any node has it."""
     now = time.monotonic()
     asking = {node_id for node_id, node in view.nodes.items() if node.healthy(now, stale_after_s)}
-    asking |= replicas
+    asking.update(replicas)
     if not asking:
         return None
     found: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
