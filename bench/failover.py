@@ -4,7 +4,11 @@ with SIGKILL, and for each fault this reports the longest any invocation in flig
 (or started in the 2 s after it) took, and the errors among them. The baseline is the same
 window at a moment without a fault, in the same run.
 
-    .venv/bin/python -m bench.failover [--workers 12] [--repeat 1] [--json FILE]   (root)
+    .venv/bin/python -m bench.failover [--workers 12] [--repeat 1] [--json FILE] [--keep]   (root)
+
+Every failed call, and every call that ran more than once (counted from the nodes' function
+logs), is listed with its invocation id and its time from the nearest fault; with --keep the
+machines' directories (their logs) stay for a look.
 """
 
 import argparse
@@ -17,7 +21,15 @@ from pathlib import Path
 
 from tests.integration.conftest import make_function, wait_until
 from tests.integration.lan import Lan, needs_namespaces
-from tests.integration.topology import ECHO, FaultResult, Load, PlannedCluster, around, kill_one_at_a_time
+from tests.integration.topology import (
+    ECHO,
+    Call,
+    FaultResult,
+    Load,
+    PlannedCluster,
+    around,
+    kill_one_at_a_time,
+)
 
 TIMEOUT_MS = 8_000
 
@@ -44,9 +56,25 @@ async def one_run(lab: PlannedCluster, workers: int, scratch: Path) -> list[Faul
     finally:
         await client.close()
     total, failed = len(load.calls), sum(not c.outcome.ok for c in load.calls)
-    twice = sum(n > 1 for n in lab.runs_per_payload("load", "echo").values())
-    print(f"  {total} calls, {failed} failed ({100 * failed / total:.2f}%), ran twice: {twice}")
+    runs = lab.runs_per_payload("load", "echo")
+    twice = {payload for payload, n in runs.items() if n > 1}
+    print(f"  {total} calls, {failed} failed ({100 * failed / total:.2f}%), ran twice: {len(twice)}")
+    for call in load.calls:
+        if call.payload in twice or not call.outcome.ok:
+            print("   ", odd_call(call, runs.get(call.payload, 0), results))
     return results
+
+
+def odd_call(call: Call, runs: int, faults: list[FaultResult]) -> str:
+    """A failed or repeated call, placed in time against the nearest fault (for the logs)."""
+    outcome = call.outcome
+    nearest = min((f for f in faults if f.killed_at), key=lambda f: abs(call.started - f.killed_at))
+    what = f"{outcome.error.code}: {outcome.error.message}" if outcome.error else "ok"
+    return (
+        f"{outcome.invocation_id} payload {call.payload} ran {runs}x, {what} (node {outcome.node or '-'}), "
+        f"started {call.started - nearest.killed_at:+.2f} s from {nearest.fault}, "
+        f"took {call.ended - call.started:.2f} s"
+    )
 
 
 def table(results: list[FaultResult]) -> str:
@@ -68,6 +96,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="clusters started one after another")
     parser.add_argument("--restart-after", type=float, default=20.0, help="a killed role's pause")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the machines' directories (logs)")
     args = parser.parse_args()
     runs: list[list[dict]] = []
     try:
@@ -90,7 +119,10 @@ def main() -> None:
             if lab is not None:
                 lab.stop()
             lan.close()
-            shutil.rmtree(scratch, ignore_errors=True)
+            if args.keep:
+                print(f"  machines' directories kept in {scratch}")
+            else:
+                shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2))
 

@@ -433,6 +433,53 @@ async def test_requests_in_flight_are_sent_again_once_reconnected(own_server: Ow
         await nc.close()
 
 
+async def test_a_request_sent_again_to_a_peer_not_back_yet_is_asked_again_not_failed(
+    own_server: OwnServer,
+) -> None:
+    """After a reconnect, "no responders" to a request sent again does not say the peer never
+    had it: the peer may have taken the first and be reconnecting itself. Failed as
+    NoResponders, the scheduler tried the invocation on another node, and it ran twice. It is
+    asked again until the peer is back (and answers from the first), or declared lost."""
+    nc = await bus.connect(own_server.url, "test-asked-again")
+    peer = await bus.connect(own_server.url, "test-peer")
+    try:
+        seen: list[bytes] = []
+
+        async def record(msg: Msg) -> None:
+            seen.append(msg.data)
+
+        await peer.subscribe("again.back", cb=record)
+        await peer.subscribe("again.gone", cb=record)
+        await peer.flush()
+        requester = bus.Requester(nc)
+        back = asyncio.create_task(requester.request("again.back", b"b", 20.0, None, "back", idempotent=True))
+        gone = asyncio.create_task(requester.request("again.gone", b"g", 20.0, None, "gone", idempotent=True))
+        assert await wait_until(lambda: sorted(seen) == [b"b", b"g"]), "the peer had the first copies"
+        await peer.close()  # the peer is away (reconnecting, as far as the requester can tell)
+        own_server.stop()
+        assert await wait_until(lambda: not nc.is_connected)
+        own_server.start()
+        assert await wait_until(lambda: requester.asked_again == 2, 10.0), "both found nobody"
+        assert not back.done() and not gone.done(), "not failed as NoResponders"
+        again = await bus.connect(own_server.url, "test-peer-again")
+        try:
+
+            async def answer(msg: Msg) -> None:
+                await again.publish(msg.reply, b"answer to " + msg.data)
+
+            await again.subscribe("again.back", cb=answer)
+            await again.flush()
+            assert await asyncio.wait_for(back, 5.0) == b"answer to b"
+        finally:
+            await again.close()
+        assert requester.fail_peer("gone") == 1
+        with pytest.raises(bus.PeerLost):
+            await gone
+    finally:
+        await nc.close()
+        await peer.close()
+
+
 @pytest.mark.parametrize("wait_for_server", [True, False])
 async def test_a_list_of_servers_is_tried_in_turn(
     cluster: launcher.ClusterInfo, wait_for_server: bool

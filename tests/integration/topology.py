@@ -205,6 +205,7 @@ class FaultResult:
     worst_s: float  # the longest an invocation in flight at the kill, or started 2 s after, took
     calls: int  # invocations in that window
     errors: list[str]  # their error codes
+    killed_at: float = 0.0  # monotonic (0: no fault)
 
 
 def around(calls: list[Call], killed_at: float, fault: str, window_s: float = 2.0) -> FaultResult:
@@ -215,6 +216,7 @@ def around(calls: list[Call], killed_at: float, fault: str, window_s: float = 2.
         worst_s=max((c.ended - c.started for c in hit), default=0.0),
         calls=len(hit),
         errors=[c.outcome.error.code for c in hit if not c.outcome.ok and c.outcome.error],
+        killed_at=killed_at,
     )
 
 
