@@ -64,6 +64,9 @@ class Scheduler:
         self._requester = bus.Requester(nc)
         self.sync = state.ClusterSync(store, self.view, self._node_gone)
         self._heartbeat_seen = asyncio.Event()
+        # Nodes that left etcd while still beating, with invocations in flight (`_node_gone`):
+        # at most the registered nodes, each for one staleness period after it stops beating.
+        self._left_beating: set[str] = set()
         self.replica_beats: dict[str, tuple[ReplicaBeat, float]] = {}
         self.foreign_claims = 0  # beats that named another identity than their subject
         self.refused_beats = 0  # beats of replicas beyond MAX_REPLICAS
@@ -228,6 +231,19 @@ class Scheduler:
         return not_deployed(req.tenant, req.function, req.invocation_id)
 
     def _node_gone(self, node_id: str) -> None:
+        """`node_id` left etcd (its key deleted, or missing from a re-list). If it still beats, it
+        lives, and its lease lapsed (measured: a node's 2 s lease across a kill -9 of etcd's
+        leader; 12 calls it was running were answered "may have run"): what it runs is left
+        to finish, and failed only if its heartbeats stop too (`watch_staleness`)."""
+        heard = self.view.last_heard(node_id)
+        if heard is not None and time.monotonic() - heard <= self.settings.node_stale_after_s:
+            if self._requester.in_flight(node_id):
+                self._left_beating.add(node_id)
+                log.warning("node %s left etcd but still beats: its invocations in flight go on", node_id)
+            return
+        self._node_lost(node_id)
+
+    def _node_lost(self, node_id: str) -> None:
         failed = self._requester.fail_peer(node_id)
         if failed:
             log.warning(
@@ -237,13 +253,22 @@ class Scheduler:
             )
 
     async def watch_staleness(self) -> None:
-        """Fail requests waiting on nodes that stopped heartbeating, without waiting for their lease."""
-        period = self.settings.node_stale_after_s / 3
+        """Fail requests waiting on nodes that stopped heartbeating, without waiting for their
+        lease; and on nodes that left etcd while beating, once they stop."""
+        stale_after_s = self.settings.node_stale_after_s
         while True:
-            await asyncio.sleep(period)
-            for node_id in self.view.stale_nodes(time.monotonic(), self.settings.node_stale_after_s):
+            await asyncio.sleep(stale_after_s / 3)
+            now = time.monotonic()
+            for node_id in self.view.stale_nodes(now, stale_after_s):
                 if self._requester.in_flight(node_id):
-                    self._node_gone(node_id)
+                    self._node_lost(node_id)
+            for node_id in list(self._left_beating):
+                heard = self.view.last_heard(node_id)
+                if node_id in self.view.nodes or not self._requester.in_flight(node_id):
+                    self._left_beating.discard(node_id)  # registered again, or nothing to fail
+                elif heard is None or now - heard > stale_after_s:
+                    self._left_beating.discard(node_id)
+                    self._node_lost(node_id)
 
     # --- heartbeats ---
 

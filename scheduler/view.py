@@ -61,7 +61,8 @@ class ClusterView:
         self.nodes: dict[str, NodeView] = {}
         self.cordoned: frozenset[str] = frozenset()  # drained by an operator: placed on no more
         self.functions: dict[tuple[str, str], FunctionRecord] = {}
-        # Heartbeats of nodes whose registration we have not seen yet (etcd watch lags NATS).
+        # Heartbeats of nodes not registered now: not seen yet (etcd's watch lags NATS), or
+        # whose registration lapsed (`remove_node`).
         self._early_heartbeats: dict[str, tuple[Heartbeat, float]] = {}
         # This replica's invocations on each node right now (`reserve`, `unreserve`); read-only
         # to everyone else.
@@ -130,9 +131,21 @@ class ClusterView:
         self._changed = True
 
     def remove_node(self, node_id: str) -> None:
-        self.nodes.pop(node_id, None)
+        """Out of placement. Its last heartbeat is kept (with those of nodes not registered
+        yet): a node whose lease lapsed while it lives still beats, and registers again."""
+        node = self.nodes.pop(node_id, None)
         self._early_heartbeats.pop(node_id, None)
+        if node is not None and node.heartbeat is not None and node.heartbeat_at is not None:
+            self._keep_early(node.heartbeat, node.heartbeat_at)
         self._changed = True
+
+    def last_heard(self, node_id: str) -> float | None:
+        """When `node_id`'s last heartbeat came, registered or not (None: never, or forgotten)."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            return node.heartbeat_at
+        early = self._early_heartbeats.get(node_id)
+        return None if early is None else early[1]
 
     def reset_nodes(self, records: list[NodeRecord]) -> list[str]:
         """Replace membership after a re-list; returns the ids that disappeared."""
@@ -148,16 +161,19 @@ class ClusterView:
     def on_heartbeat(self, hb: Heartbeat, now: float) -> None:
         node = self.nodes.get(hb.node_id)
         if node is None:
-            early = self._early_heartbeats
-            early.pop(hb.node_id, None)  # re-inserted last: the oldest is first
-            early[hb.node_id] = (hb, now)
-            if len(early) > MAX_EARLY_HEARTBEATS:
-                del early[next(iter(early))]
+            self._keep_early(hb, now)
             return
         node.heartbeat, node.heartbeat_at = hb, now
         node.unreachable = False
         node.recent.clear()
         self._changed = True
+
+    def _keep_early(self, hb: Heartbeat, at: float) -> None:
+        early = self._early_heartbeats
+        early.pop(hb.node_id, None)  # re-inserted last: the oldest is first
+        early[hb.node_id] = (hb, at)
+        if len(early) > MAX_EARLY_HEARTBEATS:
+            del early[next(iter(early))]
 
     def stale_nodes(self, now: float, stale_after_s: float) -> list[str]:
         return [

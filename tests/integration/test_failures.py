@@ -119,17 +119,25 @@ def check_answers(sent: list[Sent], timeout_ms: int) -> list[InvokeOutcome]:
     return outcomes
 
 
-async def test_killing_a_node_under_load(fresh) -> None:
-    info, client = fresh
-    timeout_ms = 5_000
+async def load_until_midway(client: Client, timeout_ms: int) -> tuple["asyncio.Task[list[Sent]]", str]:
+    """16 callers invoking 20 times each, a third of the way through; and the node that just
+    answered: it has work in flight (at low load placement packs onto one node)."""
     midway = asyncio.Event()
     sent: list[Sent] = []
     load = asyncio.create_task(
         run_load(client, workers=16, per_worker=20, timeout_ms=timeout_ms, midway=midway, sent=sent)
     )
     await midway.wait()
-    busy = sent[-1][1].node  # the node that just answered: it has work in flight (at low load
-    survivor = "host-2" if busy == "host-1" else "host-1"  # placement packs onto one node)
+    busy = sent[-1][1].node
+    assert busy, sent[-1][1].error
+    return load, busy
+
+
+async def test_killing_a_node_under_load(fresh) -> None:
+    info, client = fresh
+    timeout_ms = 5_000
+    load, busy = await load_until_midway(client, timeout_ms)
+    survivor = "host-2" if busy == "host-1" else "host-1"
     launcher.kill(info, busy)
     outcomes = check_answers(await load, timeout_ms)
 
@@ -140,6 +148,29 @@ async def test_killing_a_node_under_load(fresh) -> None:
     assert len(failed) <= 16, failed
     after = [o for o in outcomes[len(outcomes) // 2 :] if o.ok]
     assert after and all(o.node == survivor for o in after[-50:])
+
+
+async def test_a_live_node_whose_lease_lapses_finishes_what_it_runs(fresh) -> None:
+    """A node's key can vanish while it lives (its lease lapsed: etcd changed leader, or its
+    link to etcd broke for longer than the TTL). It still beats, so what it was running is not
+    answered "may have run": it finishes, and the node registers again."""
+    info, client = fresh
+    timeout_ms = 5_000
+    load, busy = await load_until_midway(client, timeout_ms)
+    async with launcher.operator_store(info) as store:
+        held = await store.get(keys.node(busy))
+        assert held is not None
+        _, revision = await store.list_prefix(keys.NODES)
+        events = store.watch_prefix(keys.node(busy), revision + 1)
+        await store._revoke(held.lease)
+        async with asyncio.timeout(20):
+            lapsed, again = await anext(events), await anext(events)
+    outcomes = check_answers(await load, timeout_ms)
+
+    assert [e.kind for e in lapsed] == ["delete"]
+    assert [e.kind for e in again] == ["put"] and again[0].lease != held.lease, "registered again"
+    assert [o.error for o in outcomes if not o.ok] == []
+    assert len(outcomes) == 16 * 20
 
 
 async def test_killing_a_scheduler_replica_under_load(fresh) -> None:
