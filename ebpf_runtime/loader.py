@@ -32,11 +32,10 @@ def load(request: LoadRequest, approved: Attestation) -> Loaded:
     maps: dict[str, tuple[int, MapSpec]] = {}
     try:
         for spec in request.maps:
-            fd = bpf.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
-            maps[spec.name] = (fd, spec)
-        code = bpf.relocate_maps(
-            request.instructions, request.map_refs, {n: fd for n, (fd, _) in maps.items()}
-        )
+            maps[spec.name] = (bpf.create_map(spec), spec)
+        by_value = frozenset(spec.name for spec in request.maps if spec.global_data)
+        fds = {n: fd for n, (fd, _) in maps.items()}
+        code = bpf.relocate_maps(request.instructions, request.map_refs, fds, by_value)
         prog_type = PROG_TYPES[request.prog_type]
         strict = bpf.strict_loader.submit(bpf.prog_load, prog_type, code, "GPL", request.function, 0)
         prog_fd, _log = strict.result()

@@ -7,13 +7,15 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
+from schemas.ebpf import MapSpec
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 SYS_BPF = 321  # x86_64
 
 # bpf(2) commands
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 4
-PROG_LOAD, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD = 5, 10, 15
+PROG_LOAD, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD, MAP_FREEZE = 5, 10, 15, 22
 ATTR_SIZE = 128
 PROG_INFO_SIZE = 232
 VERIFIED_INSNS_OFFSET = 216  # struct bpf_prog_info.verified_insns
@@ -39,6 +41,38 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, 
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, flags)
     return _call(MAP_CREATE, attr, "map create")
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    value_buffer = ctypes.create_string_buffer(value, len(value))
+    struct.pack_into(
+        "<IIQQQ", attr, 0, fd, 0, ctypes.addressof(key_buffer), ctypes.addressof(value_buffer), flags
+    )
+    _call(MAP_UPDATE_ELEM, attr, "map update")
+
+
+def map_freeze(fd: int) -> None:
+    """No more writes from user space (BPF_MAP_FREEZE); with BPF_F_RDONLY_PROG, none from
+    programs either: the verifier may then treat its contents as constants."""
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    struct.pack_into("<I", attr, 0, fd)
+    _call(MAP_FREEZE, attr, "map freeze")
+
+
+def create_map(spec: MapSpec) -> int:
+    """A map of `spec`'s shape; global data gets its initial contents, and `.rodata` is frozen."""
+    fd = map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
+    try:
+        if spec.initial:
+            map_update(fd, bytes(4), spec.initial.ljust(spec.value_size, b"\0"))
+        if spec.frozen:
+            map_freeze(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
@@ -138,18 +172,23 @@ def test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, bytes, in
     return retval, data_out.raw[:size_out], duration
 
 
-PSEUDO_MAP_FD = 1
+PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2
 LD_IMM64 = 0x18
 
 
-def relocate_maps(instructions: bytes, map_refs: dict[int, str], fds: dict[str, int]) -> bytes:
-    """Point each map-loading ld_imm64 at our own map: src_reg = BPF_PSEUDO_MAP_FD, imm = its fd."""
+def relocate_maps(
+    instructions: bytes, map_refs: dict[int, str], fds: dict[str, int], by_value: frozenset[str] = frozenset()
+) -> bytes:
+    """Point each map-loading ld_imm64 at our own map: src_reg = BPF_PSEUDO_MAP_FD, imm = its fd.
+    Maps in `by_value` (global data) are loaded as an address into their value instead
+    (BPF_PSEUDO_MAP_VALUE; the second half's imm, the offset, stays as linked)."""
     code = bytearray(instructions)
     for index, name in map_refs.items():
         at = index * 8
         if code[at] != LD_IMM64:
             raise ValueError(f"instruction {index} loads no map")
-        code[at + 1] = (code[at + 1] & 0x0F) | PSEUDO_MAP_FD << 4
+        pseudo = PSEUDO_MAP_VALUE if name in by_value else PSEUDO_MAP_FD
+        code[at + 1] = (code[at + 1] & 0x0F) | pseudo << 4
         struct.pack_into("<i", code, at + 4, fds[name])
     return bytes(code)
 

@@ -18,10 +18,29 @@ class MapSpec(msgspec.Struct, frozen=True, kw_only=True):
     value_size: int
     max_entries: int
     flags: int = 0
+    # Global data (`.data`, `.bss`, `.rodata*`: a one-entry array named after its section): what
+    # the node writes into it before the load (empty: zeros), and whether it is then frozen
+    # (`.rodata`: read-only to the program and to everyone after)
+    initial: bytes = b""
+    frozen: bool = False
 
     @property
     def memory_bytes(self) -> int:
         return self.max_entries * (self.key_size + self.value_size)
+
+    @property
+    def global_data(self) -> bool:
+        """A section's variables (C names cannot start with "."): loaded by value, not by map."""
+        return self.name.startswith(".")
+
+    def digest_form(self) -> dict[str, object]:
+        """The fields the digest covers; those at their defaults left out, so approvals made
+        before global data existed keep their digests."""
+        fields = msgspec.structs.asdict(self)
+        for name in ("initial", "frozen"):
+            if not fields[name]:
+                del fields[name]
+        return fields
 
 
 class Reason(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -125,6 +144,6 @@ def program_digest(instructions: bytes, maps: list[MapSpec], map_refs: dict[int,
     compiler left them), the exact map shapes, and which instruction loads which map (the node
     relocates those itself). Verifier and nodes compute it alike."""
     hasher = hashlib.sha256(instructions)
-    hasher.update(msgspec.msgpack.encode(sorted(maps, key=lambda spec: spec.name)))
+    hasher.update(msgspec.msgpack.encode([m.digest_form() for m in sorted(maps, key=lambda m: m.name)]))
     hasher.update(msgspec.msgpack.encode(sorted(map_refs.items())))
     return "sha256-" + hasher.hexdigest()

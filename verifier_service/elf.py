@@ -8,15 +8,16 @@ import struct
 import msgspec
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
-from elftools.elf.sections import Section, SymbolTableSection
+from elftools.elf.sections import SymbolTableSection
 
 from schemas.ebpf import MapSpec, Reason
 from verifier_service.btf import Btf, BtfError
-from verifier_service.bytecode import INSN_SIZE
+from verifier_service.btf_ext import core_relocations
+from verifier_service.linking import SHF_EXECINSTR, is_global_data, link
 
 EM_BPF = 247
-R_BPF_64_64 = 1
+ARRAY = 2  # BPF_MAP_TYPE_ARRAY
+BPF_F_RDONLY_PROG = 0x80
 LEGACY_MAP_DEF = struct.Struct("<IIIII")  # struct bpf_map_def: type, key, value, max_entries, flags
 
 
@@ -33,7 +34,8 @@ class ElfProgram(msgspec.Struct, frozen=True, kw_only=True):
     maps: list[MapSpec]
     map_refs: dict[int, str]
     license: str
-    problems: list[Reason]  # relocations we cannot honour (global data, calls into .text)
+    problems: list[Reason]  # references no loader honours, CO-RE relocations
+    subprograms: list[str] = []  # the functions it reaches, appended after it
 
 
 def _fail(code: str, message: str, insn: int | None = None) -> ObjectError:
@@ -50,10 +52,10 @@ def read_object(data: bytes, program: str | None) -> ElfProgram:
             raise _fail("malformed_elf", "the object has no symbol table")
         symbol = _program_symbol(elf, symbols, program)
         section = elf.get_section(symbol["st_shndx"])
-        start, size = symbol["st_value"], symbol["st_size"]
-        raw = section.data()[start : start + size]
-        maps = _maps(elf, symbols)
-        refs, problems = _map_refs(elf, symbols, section, start, size)
+        linked = link(elf, symbols, symbol)
+        reached = set(linked.map_refs.values())
+        maps = [m for m in [*_maps(elf, symbols), *_global_data(elf)] if m.name in reached]
+        problems = linked.problems + core_relocations(elf, linked.pieces)
         license_section = elf.get_section_by_name("license")
         license_text = license_section.data().split(b"\0")[0].decode() if license_section else ""
     except (ELFError, BtfError, struct.error, UnicodeDecodeError, IndexError, KeyError) as exc:
@@ -61,11 +63,12 @@ def read_object(data: bytes, program: str | None) -> ElfProgram:
     return ElfProgram(
         name=symbol.name,
         section=section.name,
-        raw=raw,
+        raw=linked.raw,
         maps=maps,
-        map_refs=refs,
+        map_refs=linked.map_refs,
         license=license_text,
         problems=problems,
+        subprograms=linked.subprograms,
     )
 
 
@@ -74,7 +77,9 @@ def _program_symbol(elf: ELFFile, symbols: SymbolTableSection, wanted: str | Non
         s
         for s in symbols.iter_symbols()
         if s["st_info"]["type"] == "STT_FUNC" and isinstance(s["st_shndx"], int) and s["st_size"] > 0
-        and elf.get_section(s["st_shndx"])["sh_flags"] & 0x4  # SHF_EXECINSTR
+        and elf.get_section(s["st_shndx"])["sh_flags"] & SHF_EXECINSTR
+        # `.text` holds subprograms (libbpf loads nothing from it as a program)
+        and elf.get_section(s["st_shndx"]).name != ".text"
     ]  # fmt: skip
     names = sorted(s.name for s in programs)
     if wanted is None:
@@ -123,27 +128,25 @@ def _spec(name: str, fields: dict[str, int]) -> MapSpec:
     )
 
 
-def _map_refs(
-    elf: ELFFile, symbols: SymbolTableSection, section: Section, start: int, size: int
-) -> tuple[dict[int, str], list[Reason]]:
-    """Instruction index (in the program) -> map name, for every relocation inside the program;
-    and a reason for each relocation that is not a map reference."""
-    refs: dict[int, str] = {}
-    problems: list[Reason] = []
-    relocations = elf.get_section_by_name(".rel" + section.name)
-    if not isinstance(relocations, RelocationSection):
-        return refs, problems
-    map_sections = {elf.get_section_index(n) for n in (".maps", "maps") if elf.get_section_by_name(n)}
-    for relocation in relocations.iter_relocations():
-        offset = relocation["r_offset"]
-        if not start <= offset < start + size:
+def _global_data(elf: ELFFile) -> list[MapSpec]:
+    """Each global-data section as libbpf maps it: a one-entry array of the section's size, with
+    the section's bytes as its initial value; `.rodata` read-only to the program and frozen."""
+    specs = []
+    for section in elf.iter_sections():
+        if not is_global_data(section.name) or not section["sh_size"]:
             continue
-        index = (offset - start) // INSN_SIZE
-        symbol = symbols.get_symbol(relocation["r_info_sym"])
-        if relocation["r_info_type"] != R_BPF_64_64 or symbol["st_shndx"] not in map_sections:
-            target = symbol.name or elf.get_section(symbol["st_shndx"]).name
-            message = f"relocation against {target!r}: only map references are supported (no global data)"
-            problems.append(Reason("relocation", message, index))
-            continue
-        refs[index] = symbol.name
-    return refs, problems
+        rodata = section.name.startswith(".rodata")
+        initial = b"" if section["sh_type"] == "SHT_NOBITS" else section.data()
+        specs.append(
+            MapSpec(
+                name=section.name,
+                type=ARRAY,
+                key_size=4,
+                value_size=section["sh_size"],
+                max_entries=1,
+                flags=BPF_F_RDONLY_PROG if rodata else 0,
+                initial=initial.rstrip(b"\0") and initial,  # all zeros: nothing to write
+                frozen=rodata,
+            )
+        )
+    return specs

@@ -49,10 +49,9 @@ def verify(request: KernelRequest) -> KernelResult:
     prog_fd = -1
     try:
         for spec in request.maps:
-            fds[spec.name] = bpf.map_create(
-                spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags
-            )
-        code = bpf.relocate_maps(request.raw, request.map_refs, fds)
+            fds[spec.name] = bpf.create_map(spec)
+        by_value = frozenset(spec.name for spec in request.maps if spec.global_data)
+        code = bpf.relocate_maps(request.raw, request.map_refs, fds, by_value)
         try:
             prog_fd, log = bpf.prog_load(PROG_TYPES[request.prog_type], code, request.license, request.name)
         except bpf.BpfError as exc:

@@ -19,37 +19,69 @@ from verifier_service.bytecode import (
     PSEUDO_MAP_FD,
     Insn,
 )
+from verifier_service.helper_ids import HELPER_NAMES
 
-# Helper ids (include/uapi/linux/bpf.h, ___BPF_FUNC_MAPPER) that the rules name.
-HELPER_NAMES = {
-    1: "bpf_map_lookup_elem", 2: "bpf_map_update_elem", 3: "bpf_map_delete_elem",
-    4: "bpf_probe_read", 5: "bpf_ktime_get_ns", 6: "bpf_trace_printk", 7: "bpf_get_prandom_u32",
-    8: "bpf_get_smp_processor_id", 9: "bpf_skb_store_bytes", 10: "bpf_l3_csum_replace",
-    11: "bpf_l4_csum_replace", 12: "bpf_tail_call", 14: "bpf_get_current_pid_tgid",
-    23: "bpf_redirect", 25: "bpf_perf_event_output", 26: "bpf_skb_load_bytes",
-    28: "bpf_csum_diff", 35: "bpf_get_current_task", 44: "bpf_xdp_adjust_head",
-    51: "bpf_redirect_map", 54: "bpf_xdp_adjust_meta", 58: "bpf_override_return",
-    65: "bpf_xdp_adjust_tail", 109: "bpf_send_signal", 112: "bpf_probe_read_user",
-    113: "bpf_probe_read_kernel", 130: "bpf_ringbuf_output", 166: "bpf_sys_bpf",
-}  # fmt: skip
-_COMMON = {1, 2, 3, 5, 7, 8, 28}
+# The helpers a tenant program may call, by what they touch: only its own packet, its own maps
+# (the node creates every one, per tenant), its own stack and the clock. Ids: helper_ids.py.
+_MAPS = {1, 2, 3, 87, 88, 89, 93, 94, 164}  # lookup/update/delete, push/pop/peek, spin locks, for_each
+_CLOCK_AND_MATH = {5, 7, 8, 28, 118, 125, 160, 181, 182}  # ktime, prandom, cpu id, csum_diff, loop, strncmp
+_COMMON = _MAPS | _CLOCK_AND_MATH
 ALLOWED_HELPERS = {
-    "xdp": _COMMON | {44, 54, 65},
-    "sched_cls": _COMMON | {9, 10, 11, 26},
-    "socket_filter": _COMMON | {26},
+    # adjust head/meta/tail, buff len, load/store bytes: all the frame's own
+    "xdp": _COMMON | {44, 54, 65, 188, 189, 190},
+    # the skb's own bytes, checksums, hash, vlan tags, room, ECN, protocol
+    "sched_cls": _COMMON | {9, 10, 11, 18, 19, 26, 31, 34, 38, 39, 40, 41, 43, 48, 50, 68, 97, 135},
+    "socket_filter": _COMMON | {26, 68},
 }
-WHY_DENIED = {
-    12: "tail calls could jump into programs the tenant does not own",
-    23: "raw bpf_redirect can send packets to any interface",
-    51: "redirect maps are the platform's, not the tenant's",
-}
+
+# Why a helper is denied, by the state beyond the tenant's own that it reaches.
+_REASONS = {
+    "tail calls jump into program arrays, which could hold programs the tenant does not own": {12},
+    "it sends the packet to an interface or socket the platform owns": {13, 23, 51, 152, 155},
+    "it reads kernel or other processes' memory": {4, 45, 112, 113, 114, 115, 35, 158},
+    "it tells which host process or cgroup is running (another tenant's)": {14, 15, 16, 17, 80},
+    "it writes to the host's trace pipe or perf buffers, shared by every tenant": {6, 25, 111, 121, 165, 177},
+    "it reads kernel stacks or hardware counters": {22, 27, 67, 55},
+    "it signals or changes host processes": {58, 109, 117, 166},
+    "it reads the host's routing, neighbour or MTU state": {24, 69, 163},
+    "it finds sockets on the host, which may be other tenants'": {84, 85, 86, 99, 46},
+    "tunnel metadata steers the packet to devices the platform owns": {20, 21, 30, 33},
+    "ring buffers are read by a consumer on the node, which the platform does not run for tenants": {
+        130, 131, 132, 133, 134,
+    },
+}  # fmt: skip
+WHY_DENIED = {helper: why for why, helpers in _REASONS.items() for helper in helpers}
+DEFAULT_DENIAL = (
+    "not reviewed for {prog_type}: only helpers that touch the program's own packet, its own maps, "
+    "its stack and the clock are offered"
+)
 
 # Map types (enum bpf_map_type) a tenant may declare, and the ones the rules name when refused.
-MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash"}
+MAP_TYPES = {
+    1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash",
+    11: "lpm_trie", 22: "queue", 23: "stack",
+}  # fmt: skip
 REFUSED_MAP_TYPES = {
     3: "prog_array", 4: "perf_event_array", 12: "array_of_maps", 13: "hash_of_maps", 14: "devmap",
     15: "sockmap", 16: "cpumap", 17: "xskmap", 18: "sockhash", 27: "ringbuf",
 }  # fmt: skip
+WHY_MAP_REFUSED = {
+    3: "it holds programs (tail-call targets), which could be another tenant's",
+    4: "perf buffers are per host, read by no consumer of the tenant's",
+    12: "maps of maps could hold another tenant's map",
+    13: "maps of maps could hold another tenant's map",
+    14: "redirect targets are the platform's interfaces",
+    15: "it holds the host's sockets",
+    16: "it steers packets to the host's CPUs",
+    17: "AF_XDP sockets are the platform's",
+    18: "it holds the host's sockets",
+    27: "ring buffers need a consumer on the node, which the platform does not run; a queue map "
+    "(BPF_MAP_TYPE_QUEUE) holds records for `hetfaas maps` to read",
+}
+QUEUE_OR_STACK = {22, 23}
+LPM_TRIE = 11
+NO_PREALLOC = 1  # BPF_F_NO_PREALLOC: the kernel insists on it for an LPM trie
+LPM_KEY = range(4 + 1, 4 + 256 + 1)  # a 4-byte prefix length, then 1..256 bytes of data
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,7 +127,7 @@ def _call(insn: Insn, index: int, allowed: set[int], prog_type: str) -> list[Rea
     if insn.imm in allowed:
         return []
     name = HELPER_NAMES.get(insn.imm, f"helper #{insn.imm}")
-    why = WHY_DENIED.get(insn.imm, f"not on the {prog_type} allowlist")
+    why = WHY_DENIED.get(insn.imm) or DEFAULT_DENIAL.format(prog_type=prog_type)
     return [Reason("helper_denied", f"{name}: {why}", index)]
 
 
@@ -125,14 +157,38 @@ def _maps(maps: list[MapSpec], limits: Limits) -> list[Reason]:
     for spec in maps:
         if spec.type in REFUSED_MAP_TYPES:
             kind = REFUSED_MAP_TYPES[spec.type]
-            reasons.append(Reason("map_type", f"map {spec.name!r} is a {kind}: not offered to tenants"))
-        elif spec.type not in MAP_TYPES:
-            reasons.append(Reason("map_type", f"map {spec.name!r} has unknown type {spec.type}"))
-        if not 0 < spec.max_entries <= limits.max_entries or spec.key_size <= 0 or spec.value_size <= 0:
-            reasons.append(Reason("map_shape", f"map {spec.name!r} has an invalid shape"))
+            why = WHY_MAP_REFUSED[spec.type]
+            reasons.append(
+                Reason("map_type", f"map {spec.name!r} is a {kind}, not offered to tenants: {why}")
+            )
+            continue  # its shape is beside the point
+        if spec.type not in MAP_TYPES:
+            offered = ", ".join(sorted(MAP_TYPES.values()))
+            reasons.append(
+                Reason("map_type", f"map {spec.name!r} has type {spec.type}, not offered (one of {offered})")
+            )
+            continue
+        if problem := _shape_problem(spec, limits):
+            reasons.append(Reason("map_shape", f"map {spec.name!r} ({MAP_TYPES[spec.type]}) {problem}"))
     total = sum(spec.memory_bytes for spec in maps)
     if total > limits.max_map_bytes:
         reasons.append(
             Reason("map_memory", f"maps need {total} bytes, over the limit of {limits.max_map_bytes}")
         )
     return reasons
+
+
+def _shape_problem(spec: MapSpec, limits: Limits) -> str | None:
+    if not 0 < spec.max_entries <= limits.max_entries:
+        return f"has max_entries {spec.max_entries}: it must be 1..{limits.max_entries}"
+    if spec.value_size <= 0:
+        return "has no value size"
+    if spec.type in QUEUE_OR_STACK:
+        return None if spec.key_size == 0 else "has a key: queues and stacks take none (key_size 0)"
+    if spec.type == LPM_TRIE:
+        if spec.key_size not in LPM_KEY:
+            return f"has key_size {spec.key_size}: a 4-byte prefix length and 1..256 bytes of data"
+        if not spec.flags & NO_PREALLOC:
+            return "needs map_flags BPF_F_NO_PREALLOC (the kernel allocates trie nodes as they come)"
+        return None
+    return None if spec.key_size > 0 else "has no key size"

@@ -56,10 +56,58 @@ PRINTK = """
 SEC("xdp")
 int chatty(struct xdp_md *ctx) { bpf_printk("hello"); return XDP_PASS; }
 """
-GLOBAL_DATA = """
-__u32 limit = 7;
+KSYM = """
+extern const int bpf_prog_active __ksym;
 SEC("xdp")
-int configured(struct xdp_md *ctx) { return limit > 5 ? XDP_DROP : XDP_PASS; }
+int snoop(struct xdp_md *ctx) { return bpf_prog_active ? XDP_DROP : XDP_PASS; }
+"""
+CO_RE = """
+struct ethhdr { unsigned char h_dest[6]; unsigned char h_source[6]; unsigned short h_proto; }
+    __attribute__((preserve_access_index));
+SEC("xdp")
+int relocated(struct xdp_md *ctx)
+{
+    struct ethhdr *eth = (void *)(long)ctx->data;
+    if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
+        return XDP_PASS;
+    return eth->h_proto == 8 ? XDP_DROP : XDP_PASS;
+}
+"""
+SUBPROGRAM = """
+static __noinline int pick(int x) { return x & 1 ? XDP_DROP : XDP_PASS; }
+SEC("xdp") int caller(struct xdp_md *ctx) { return pick(ctx->ingress_ifindex); }
+"""
+QUEUE_WITH_KEY = """
+struct {
+    __uint(type, BPF_MAP_TYPE_QUEUE);
+    __uint(max_entries, 8);
+    __type(key, __u32);
+    __type(value, __u32);
+} q SEC(".maps");
+SEC("xdp") int pusher(struct xdp_md *ctx) { __u32 v = 1; bpf_map_push_elem(&q, &v, 0); return XDP_PASS; }
+"""
+LPM_PREALLOCATED = """
+struct key { __u32 prefixlen; __u32 addr; };
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(max_entries, 8);
+    __type(key, struct key);
+    __type(value, __u32);
+} t SEC(".maps");
+SEC("xdp") int matcher(struct xdp_md *ctx)
+{
+    struct key k = {32, 0};
+    return bpf_map_lookup_elem(&t, &k) ? XDP_DROP : XDP_PASS;
+}
+"""
+RINGBUF = """
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096); } events SEC(".maps");
+SEC("xdp") int tell(struct xdp_md *ctx)
+{
+    __u32 v = 1;
+    bpf_ringbuf_output(&events, &v, 4, 0);
+    return XDP_PASS;
+}
 """
 TWO_PROGRAMS = """
 SEC("xdp") int one(struct xdp_md *ctx) { return XDP_PASS; }
@@ -110,7 +158,8 @@ def test_the_digest_covers_the_map_shapes(build) -> None:
         ("tail_call", TAIL_CALL, {"tail_call", "map_type"}),
         ("map_in_map", MAP_IN_MAP, {"map_type"}),
         ("printk", PRINTK, {"helper_denied"}),
-        ("global_data", GLOBAL_DATA, {"relocation"}),
+        ("ksym", KSYM, {"kernel_symbol"}),
+        ("co_re", CO_RE, {"core_relocation"}),
     ],
 )
 def test_hostile_objects_are_rejected(build, name: str, source: str, codes: set[str]) -> None:
@@ -136,3 +185,35 @@ def test_malformed_objects_are_rejected_plainly(data: bytes) -> None:
 def test_a_truncated_object_is_malformed(build) -> None:
     data = build("counter_cut", COUNTER)
     assert [r.code for r in verdict(data[: len(data) // 2]).reasons] == ["malformed_elf"]
+
+
+def test_a_subprogram_is_linked_after_its_caller_and_cannot_be_named_as_a_program(build) -> None:
+    data = build("subprogram", SUBPROGRAM)
+    linked, named = verdict(data), verdict(data, "pick")
+
+    assert linked.accepted and linked.program == "caller", linked.reasons
+    assert linked.insns > 4, "the subprogram's instructions follow the caller's"
+    assert [r.code for r in named.reasons] == ["program"] and "caller" in named.reasons[0].message
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "says"),
+    [
+        ("queue_with_key", QUEUE_WITH_KEY, "queues and stacks take none"),
+        ("lpm_preallocated", LPM_PREALLOCATED, "BPF_F_NO_PREALLOC"),
+    ],
+)
+def test_map_shapes_are_checked_per_type(build, name: str, source: str, says: str) -> None:
+    [reason] = verdict(build(name, source)).reasons
+    assert reason.code == "map_shape" and says in reason.message, reason
+
+
+def test_a_refused_map_type_says_why_and_nothing_about_its_shape(build) -> None:
+    reasons = verdict(build("ringbuf", RINGBUF)).reasons
+    assert {r.code for r in reasons} == {"map_type", "helper_denied"}, reasons
+    assert "queue map" in next(r.message for r in reasons if r.code == "map_type")
+
+
+def test_a_co_re_relocation_is_refused_at_its_instruction_with_what_to_write(build) -> None:
+    [reason] = verdict(build("co_re_msg", CO_RE)).reasons
+    assert reason.insn is not None and "ethhdr" in reason.message and "<linux/if_ether.h>" in reason.message

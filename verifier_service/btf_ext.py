@@ -1,0 +1,89 @@
+"""`.BTF.ext`: what clang records per instruction beside the code (func info, line info, CO-RE
+relocations). Read here to refuse CO-RE clearly: its relocations say "this offset is the
+compile-time guess, fix it for the running kernel", and loading the guess unchanged would be
+wrong on another kernel with nobody told. Pure.
+
+Layout (libbpf's btf.h): a header (magic 0xeB9F, version, flags, hdr_len, then offset/length
+pairs of func info, line info and, when hdr_len >= 32, CO-RE relocations, relative to the header's
+end); each part is a record size, then per section: its name (an offset into .BTF's strings),
+a count, and that many records. A CO-RE record is (insn byte offset, type id, access string, kind)."""
+
+import struct
+
+from elftools.elf.elffile import ELFFile
+
+from schemas.ebpf import Reason
+from verifier_service.btf import MAGIC, Btf, BtfError
+from verifier_service.bytecode import INSN_SIZE
+
+CORE_KINDS = (
+    "field offset", "field size", "field exists", "field signedness", "field left shift",
+    "field right shift", "local type id", "target type id", "type exists", "type size",
+    "enum value exists", "enum value", "type matches",
+)  # fmt: skip
+_HEADER = struct.Struct("<HBBIIIIIIII")
+
+
+def _part(ext: bytes, which: int) -> list[tuple[int, list[bytes]]]:
+    """(section-name offset, records) per section of part `which` (0 func, 1 line, 2 CO-RE)."""
+    if len(ext) < 24:
+        raise BtfError(".BTF.ext is shorter than its header")
+    magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", ext)
+    if magic != MAGIC:
+        raise BtfError(f"bad .BTF.ext magic {magic:#x}")
+    pairs = struct.unpack_from("<" + "I" * ((min(hdr_len, 32) - 8) // 4), ext, 8)
+    if 2 * which + 1 >= len(pairs):
+        return []
+    offset, length = pairs[2 * which], pairs[2 * which + 1]
+    data = ext[hdr_len + offset : hdr_len + offset + length]
+    if not data:
+        return []
+    (record_size,) = struct.unpack_from("<I", data)
+    if record_size < 4:
+        raise BtfError(f".BTF.ext record size {record_size} is too small")
+    at, out = 4, []
+    while at + 8 <= len(data):
+        name_off, count = struct.unpack_from("<II", data, at)
+        at += 8
+        end = at + count * record_size
+        if end > len(data):
+            raise BtfError(".BTF.ext section runs past its part")
+        out.append((name_off, [data[i : i + record_size] for i in range(at, end, record_size)]))
+        at = end
+    return out
+
+
+def core_relocations(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[Reason]:
+    """A refusal for each CO-RE relocation in `pieces` (section index, byte start, byte size: the
+    linked program's parts, in order), at its instruction in the linked program."""
+    ext_section, btf_section = elf.get_section_by_name(".BTF.ext"), elf.get_section_by_name(".BTF")
+    if ext_section is None or btf_section is None:
+        return []
+    btf = Btf(btf_section.data())
+    bases, at = [], 0
+    for section, start, size in pieces:
+        bases.append((elf.get_section(section).name, start, size, at))
+        at += size // INSN_SIZE
+    reasons = []
+    for name_off, records in _part(ext_section.data(), 2):
+        section_name = btf.string(name_off)
+        for record in records:
+            insn_off, type_id, access_off, kind = struct.unpack_from("<IIII", record)
+            for name, start, size, base in bases:
+                if name == section_name and start <= insn_off < start + size:
+                    index = base + (insn_off - start) // INSN_SIZE
+                    reasons.append(_core_reason(btf, index, type_id, btf.string(access_off), kind))
+    return reasons
+
+
+def _core_reason(btf: Btf, index: int, type_id: int, access: str, kind: int) -> Reason:
+    what = CORE_KINDS[kind] if 0 <= kind < len(CORE_KINDS) else f"kind {kind}"
+    type_name = btf.names[type_id] if 0 <= type_id < len(btf.names) else f"#{type_id}"
+    return Reason(
+        "core_relocation",
+        f"a CO-RE relocation ({what} of {type_name or 'an anonymous type'}, access {access}): the "
+        "node's kernel types are not relocated against yet, and the compile-time value is not "
+        "loaded unchecked. For packet headers include the UAPI headers (<linux/if_ether.h>, "
+        "<linux/ip.h>, ...) instead of vmlinux.h, and drop __builtin_preserve_access_index",
+        index,
+    )
