@@ -34,6 +34,12 @@ command -v nsenter >/dev/null || apt_install util-linux
 { command -v cc >/dev/null && [ -e /usr/include/stdio.h ]; } || apt_install gcc libc6-dev
 # clang builds eBPF programs (-target bpf) against libbpf's headers.
 { command -v clang >/dev/null && [ -e /usr/include/bpf/bpf_helpers.h ]; } || apt_install clang llvm libbpf-dev
+# DPUs are Arm: the tests build hetfaas-waiter and the system-call tables for aarch64 and run them
+# under qemu-user (as root, where apt can install them; elsewhere those tests say what is missing).
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && [ "$(uname -m)" = x86_64 ]; then
+    { command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; } ||
+        apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+fi
 
 # bcc traces the kernel's side of cold starts (cgroup and sched tracepoints). It compiles against
 # kernel headers found at /lib/modules/$(uname -r)/{build,source}: where the running kernel has

@@ -7,11 +7,13 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
+from fabric import syscalls
 from schemas.ebpf import MapSpec
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-SYS_BPF = 321  # x86_64
+_ARCH = syscalls.here()  # x86_64 hosts, aarch64 DPUs: the numbers differ (bpf is 321 and 280)
+SYS_BPF, SYS_CAPSET = _ARCH.numbers["bpf"], _ARCH.numbers["capset"]
 
 # bpf(2) commands
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 4
@@ -212,7 +214,7 @@ def keep_only_bpf_capabilities() -> None:
     for cap in (CAP_BPF, CAP_NET_ADMIN):
         data[cap // 32].effective |= 1 << cap % 32
         data[cap // 32].permitted |= 1 << cap % 32
-    if _libc.syscall(126, ctypes.byref(Header(0x20080522, 0)), data) != 0:  # capset
+    if _libc.syscall(SYS_CAPSET, ctypes.byref(Header(0x20080522, 0)), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
 
 

@@ -10,29 +10,31 @@ clone, whose flags a classic filter can see (clone3 passes them in memory, out o
 import errno
 import struct
 
-AUDIT_ARCH_X86_64 = 0xC000003E
+from fabric import syscalls
+from fabric.syscalls import Arch
+
 X32_SYSCALL_BIT = 0x40000000
 
-# x86_64 numbers of the denied calls (arch/x86/entry/syscalls/syscall_64.tbl).
-DENIED_X86_64 = {
-    "ptrace": 101, "syslog": 103, "uselib": 134, "ustat": 136, "sysfs": 139, "vhangup": 153,
-    "pivot_root": 155, "_sysctl": 156, "chroot": 161, "acct": 163, "settimeofday": 164,
-    "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169,
-    "sethostname": 170, "setdomainname": 171, "iopl": 172, "ioperm": 173, "create_module": 174,
-    "init_module": 175, "delete_module": 176, "get_kernel_syms": 177, "query_module": 178,
-    "quotactl": 179, "nfsservctl": 180, "lookup_dcookie": 212, "clock_settime": 227,
-    "mbind": 237, "set_mempolicy": 238, "get_mempolicy": 239, "kexec_load": 246,
-    "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272, "move_pages": 279,
-    "perf_event_open": 298, "fanotify_init": 300, "name_to_handle_at": 303,
-    "open_by_handle_at": 304, "clock_adjtime": 305, "setns": 308, "process_vm_readv": 310,
-    "process_vm_writev": 311, "kcmp": 312, "finit_module": 313, "kexec_file_load": 320,
-    "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426,
-    "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
-    "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442, "quotactl_fd": 443,
-}  # fmt: skip
-CLONE_X86_64 = 56
-CLONE3_X86_64 = 435
-SOCKET_X86_64 = 41
+# The calls denied, by name: each architecture's numbers come from fabric.syscalls (a call an
+# architecture lacks, such as iopl or uselib on aarch64, needs no rule there).
+DENIED = (
+    "ptrace", "syslog", "uselib", "ustat", "sysfs", "vhangup", "pivot_root", "_sysctl", "chroot",
+    "acct", "settimeofday", "mount", "umount2", "swapon", "swapoff", "reboot", "sethostname",
+    "setdomainname", "iopl", "ioperm", "create_module", "init_module", "delete_module",
+    "get_kernel_syms", "query_module", "quotactl", "nfsservctl", "lookup_dcookie",
+    "clock_settime", "mbind", "set_mempolicy", "get_mempolicy", "kexec_load", "add_key",
+    "request_key", "keyctl", "unshare", "move_pages", "perf_event_open", "fanotify_init",
+    "name_to_handle_at", "open_by_handle_at", "clock_adjtime", "setns", "process_vm_readv",
+    "process_vm_writev", "kcmp", "finit_module", "kexec_file_load", "bpf", "userfaultfd",
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "open_tree", "move_mount", "fsopen",
+    "fsconfig", "fsmount", "fspick", "mount_setattr", "quotactl_fd",
+)  # fmt: skip
+
+
+def denied_numbers(arch: Arch) -> dict[str, int]:
+    return {name: arch.numbers[name] for name in DENIED if name in arch.numbers}
+
+
 CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 AF_UNIX = 1
 AF_INET = 2
@@ -88,22 +90,25 @@ def _offset(target: Jump, positions: dict[str, int], here: int) -> int:
     return target if isinstance(target, int) else positions[target] - here
 
 
-def deny_list_program() -> list[Insn]:
-    """The filter as (code, jt, jf, k) instructions."""
+def deny_list_program(arch: Arch | None = None) -> list[Insn]:
+    """The filter as (code, jt, jf, k) instructions, for `arch` (this machine's by default)."""
+    arch = arch or syscalls.here()
+    numbers = arch.numbers
     eperm = RET_ERRNO | errno.EPERM
     lines: list[tuple] = [
         (LD_W_ABS, OFFSET_ARCH),
-        (JEQ_K, AUDIT_ARCH_X86_64, "syscall"),
+        (JEQ_K, arch.audit_arch, "syscall"),
         (RET_K, RET_KILL_PROCESS),  # a foreign ABI could dodge every number below
         ("label", "syscall"),
         (LD_W_ABS, OFFSET_NR),
-        (JGE_K, X32_SYSCALL_BIT, "kill"),  # the x32 ABI: its numbers would dodge the list too
     ]
-    lines += [(JEQ_K, number, "deny") for number in sorted(DENIED_X86_64.values())]
+    if arch.name == "x86_64":
+        lines.append((JGE_K, X32_SYSCALL_BIT, "kill"))  # the x32 ABI: its numbers would dodge the list
+    lines += [(JEQ_K, number, "deny") for number in sorted(denied_numbers(arch).values())]
     lines += [
-        (JEQ_K, CLONE3_X86_64, "enosys"),
-        (JEQ_K, CLONE_X86_64, "clone"),
-        (JEQ_K, SOCKET_X86_64, "socket"),
+        (JEQ_K, numbers["clone3"], "enosys"),
+        (JEQ_K, numbers["clone"], "clone"),
+        (JEQ_K, numbers["socket"], "socket"),
         (RET_K, RET_ALLOW),
         ("label", "clone"),
         (LD_W_ABS, arg_offset(0)),

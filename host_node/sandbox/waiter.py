@@ -22,18 +22,23 @@ def ensure_built() -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise WaiterMissing(f"{BINARY} is missing and there is no C compiler: run deploy/setup.sh")
-    BINARY.parent.mkdir(exist_ok=True)
-    staging = BINARY.with_suffix(".new")
+    return build(compiler, BINARY)
+
+
+def build(compiler: str, binary: Path, *extra: str) -> Path:
+    """Compile the waiter with `compiler` (a cross compiler for a DPU's Arm, with `-static`)."""
+    binary.parent.mkdir(exist_ok=True)
+    staging = binary.with_suffix(".new")
     result = subprocess.run(
-        [compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(staging), str(SOURCE)],
+        [compiler, "-O2", "-Wall", "-Wextra", "-Werror", *extra, "-o", str(staging), str(SOURCE)],
         capture_output=True,
         text=True,
     )
     if result.returncode != 0:
-        raise WaiterMissing(f"cannot build {BINARY}: {result.stderr.strip()}")
+        raise WaiterMissing(f"cannot build {binary}: {result.stderr.strip()}")
     staging.chmod(0o755)
-    staging.replace(BINARY)  # atomic: a node starting meanwhile sees the old or the new one
-    return BINARY
+    staging.replace(binary)  # atomic: a node starting meanwhile sees the old or the new one
+    return binary
 
 
 if __name__ == "__main__":
