@@ -348,6 +348,7 @@ class Client:
             object=obj,
             program=spec.ebpf.program,
             prog_type=spec.ebpf.prog_type,
+            mode=spec.ebpf.verify_mode,
         )
         reply = await self.verify(request)
         if not reply.accepted or reply.signed is None:

@@ -273,16 +273,31 @@ def invoke(
 @click.argument("obj", metavar="OBJ", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--program", default=None, help="the program's function name (needed if OBJ holds several)")
 @click.option("--prog-type", default="xdp", show_default=True, type=click.Choice(sorted(PROG_TYPES)))
+@click.option(
+    "--mode",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "strict", "proven"]),
+    help="strict: the kernel's unprivileged rules, with Spectre hardening; proven: packet arithmetic "
+    "and bounded loops, no pointer leaks proven from the kernel's log; auto: strict if it passes",
+)
 @click.option("--tenant", default=None, help=TENANT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def verify(obj: Path, program: str | None, prog_type: str, tenant: str | None, as_json: bool) -> None:
+def verify(
+    obj: Path, program: str | None, prog_type: str, mode: str, tenant: str | None, as_json: bool
+) -> None:
     """Check an eBPF object (clang -O2 -g -target bpf) against the platform's policy and the
     kernel verifier, without deploying it. Exit status 1 when it is rejected."""
     data = obj.read_bytes()
     reply = run(
         lambda c: c.verify(
             VerifyRequest(
-                tenant=acting_as(c, tenant), function="", object=data, program=program, prog_type=prog_type
+                tenant=acting_as(c, tenant),
+                function="",
+                object=data,
+                program=program,
+                prog_type=prog_type,
+                mode=mode,  # type: ignore[arg-type]  # click.Choice checked it
             )
         )
     )

@@ -200,7 +200,8 @@ def verdict(reply: VerifyReply, what: str) -> str:
         lines = [
             f"accepted: {what} ({reply.program}, {reply.prog_type}, {reply.insns} instructions)",
             f"  digest {reply.digest}",
-            f"  kernel verifier walked {reply.verified_insns} instructions; {reply.run_ns} ns per run",
+            f"  kernel verifier walked {reply.verified_insns} instructions in {reply.mode} mode; "
+            f"{reply.run_ns} ns per run",
             f"  maps: {', '.join(m.name for m in reply.maps) or 'none'}",
             f"  on a zeroed 64-byte packet it returned {returns}",
         ]

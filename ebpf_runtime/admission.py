@@ -2,11 +2,13 @@
 Pure: the signed attestation, the bytes, what the deploy asks for, the node's trust and the time
 in; the attestation or a refusal with its reason out."""
 
+from collections.abc import Sequence
+
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fabric.signing import AttestationError, VerifiedSignatures, check
-from schemas.ebpf import Attestation, MapSpec, ProgType, Signed, program_digest
+from schemas.ebpf import VERIFY_MODES, Attestation, MapSpec, ProgType, Signed, program_digest
 
 
 class LoadRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +35,7 @@ def admit(
     revoked: set[str],
     now: float,
     verified: VerifiedSignatures | None = None,
+    load_modes: Sequence[str] = VERIFY_MODES,
 ) -> Attestation:
     try:
         approved = check(request.signed, trusted, now, verified)
@@ -49,6 +52,12 @@ def admit(
             raise Refused("wrong_" + field, f"approved for {field} {signed_for!r}, not {wanted!r}")
     if sorted(approved.maps, key=_name) != sorted(request.maps, key=_name):
         raise Refused("maps_mismatch", "the map specs differ from the approved ones")
+    if approved.mode not in load_modes:
+        raise Refused(
+            "verify_mode",
+            f"this node loads only programs verified {' or '.join(load_modes)}, and this one was "
+            f'verified {approved.mode}: deploy it with verify_mode = "strict" in its [ebpf] table',
+        )
     return approved
 
 

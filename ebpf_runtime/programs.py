@@ -216,7 +216,9 @@ class ProgramRuntime:
                 instructions=approved.instructions,
                 signed=approved.signed,
             )
-            attestation = admit(request, self._trusted, self.revoked, time.time(), self._verified)
+            attestation = admit(
+                request, self._trusted, self.revoked, time.time(), self._verified, self.settings.load_modes
+            )
             self._check_partition(request)
             program = await asyncio.to_thread(load, request, attestation)
             self.loaded[key] = program

@@ -115,14 +115,15 @@ def map_keys(fd: int, key_size: int, limit: int) -> list[bytes]:
 
 
 def prog_load(
-    prog_type: int, insns: bytes, license_text: str, name: str, log_level: int = 1
+    prog_type: int, insns: bytes, license_text: str, name: str, log_level: int = 1, log_size: int = LOG_SIZE
 ) -> tuple[int, str]:
-    """Load a program; (fd, the verifier's log). BpfError carries the log when it is refused."""
+    """Load a program; (fd, the verifier's log). BpfError carries the log when it is refused
+    (ENOSPC: the log did not fit in `log_size`)."""
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     code = ctypes.create_string_buffer(insns, len(insns))
     license_buffer = ctypes.create_string_buffer(license_text.encode() + b"\0")
-    log = ctypes.create_string_buffer(LOG_SIZE if log_level else 1)
-    log_size, log_address = (LOG_SIZE, ctypes.addressof(log)) if log_level else (0, 0)  # the kernel insists
+    log = ctypes.create_string_buffer(log_size if log_level else 1)
+    log_address = ctypes.addressof(log) if log_level else 0
     struct.pack_into(
         "<IIQQIIQII16s",
         attr,
@@ -132,7 +133,7 @@ def prog_load(
         ctypes.addressof(code),
         ctypes.addressof(license_buffer),
         log_level,
-        log_size,
+        log_size if log_level else 0,  # the kernel insists on 0 without a log
         log_address,
         0,
         0,
@@ -195,29 +196,57 @@ def relocate_maps(
     return bytes(code)
 
 
-CAP_NET_ADMIN, CAP_BPF = 12, 39
+CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF = 12, 38, 39
+# The privilege a load runs with decides how the kernel verifies (docs/architecture.md §5):
+# strict: CAP_BPF and CAP_NET_ADMIN only: no pointer leaks, Spectre v1/v4 hardening on.
+# proven: CAP_PERFMON too: pointer arithmetic and comparisons of privileged loaders, bounded loops
+#   walked without speculative paths, no Spectre hardening; the verifier service proves from the
+#   kernel's own log that no pointer or unwritten stack reaches anything the program can expose.
+MODE_CAPABILITIES = {"strict": (CAP_BPF, CAP_NET_ADMIN), "proven": (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)}
+MODES = tuple(MODE_CAPABILITIES)
 
 
-def keep_only_bpf_capabilities() -> None:
-    """Drop every capability of the calling thread but CAP_BPF and CAP_NET_ADMIN (what loading and
-    running xdp/tc/socket programs needs). Without CAP_SYS_ADMIN and CAP_PERFMON the kernel
-    verifies in its strict mode: no pointer leaks, Spectre mitigations on. capset(2) acts on one
-    thread, which is what lets a root process keep a strict thread for its loads."""
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
-    class Data(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+class _CapData(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
 
-    data = (Data * 2)()
-    for cap in (CAP_BPF, CAP_NET_ADMIN):
+
+def _capset(effective: tuple[int, ...], permitted: tuple[int, ...]) -> None:
+    data = (_CapData * 2)()
+    for cap in effective:
         data[cap // 32].effective |= 1 << cap % 32
+    for cap in permitted:
         data[cap // 32].permitted |= 1 << cap % 32
-    if _libc.syscall(SYS_CAPSET, ctypes.byref(Header(0x20080522, 0)), data) != 0:
+    if _libc.syscall(SYS_CAPSET, ctypes.byref(_CapHeader(0x20080522, 0)), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-# Loads on a node go through this thread, so they are verified exactly as the verifier service
-# verified them (same privilege mode, hence the same verified_insns).
-strict_loader = ThreadPoolExecutor(max_workers=1, initializer=keep_only_bpf_capabilities)
+def keep_only_bpf_capabilities(mode: str = "strict") -> None:
+    """Drop every capability of the calling thread but those of `mode` (CAP_BPF and CAP_NET_ADMIN,
+    what loading and running xdp/tc/socket programs needs, and CAP_PERFMON for proven mode).
+    capset(2) acts on one thread, which is what lets a root process keep a thread per mode."""
+    caps = MODE_CAPABILITIES[mode]
+    _capset(caps, caps)
+
+
+def switch_mode(mode: str) -> None:
+    """A thread that kept every mode's capabilities permitted (keep_modes_permitted) verifies in
+    `mode` from now: only that mode's capabilities are effective, and the kernel checks those."""
+    _capset(MODE_CAPABILITIES[mode], MODE_CAPABILITIES["proven"])
+
+
+def keep_modes_permitted() -> None:
+    """Keep only what the most privileged mode needs, permitted; effective as strict mode."""
+    _capset(MODE_CAPABILITIES["strict"], MODE_CAPABILITIES["proven"])
+
+
+# Loads on a node go through the thread of the program's attested mode, so they are verified
+# exactly as the verifier service verified them (same privileges, hence the same verified_insns).
+loaders = {
+    mode: ThreadPoolExecutor(max_workers=1, initializer=keep_only_bpf_capabilities, initargs=(mode,))
+    for mode in MODES
+}
+strict_loader = loaders["strict"]

@@ -2,7 +2,7 @@
 verify request and reply (docs/architecture.md §5)."""
 
 import hashlib
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -43,6 +43,12 @@ class MapSpec(msgspec.Struct, frozen=True, kw_only=True):
         return fields
 
 
+# strict: the kernel's unprivileged rules (no pointer leaks, Spectre hardening); proven: a
+# privileged load whose log proves no pointer or unwritten stack escapes (no Spectre hardening).
+VerifyMode = Literal["strict", "proven"]
+VERIFY_MODES: tuple[VerifyMode, ...] = get_args(VerifyMode)
+
+
 class Reason(msgspec.Struct, frozen=True, omit_defaults=True):
     """Why a program is rejected, in the developer's terms, and at which instruction."""
 
@@ -70,6 +76,9 @@ class Attestation(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     not_after: float
     serial: str
     key_id: str
+    # how the kernel verified it (docs/architecture.md §5), and so how a node must load it; an
+    # attestation signed before modes existed was verified strict
+    mode: VerifyMode = "strict"
 
 
 class Signed(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,6 +93,8 @@ class VerifyRequest(msgspec.Struct, frozen=True, kw_only=True, tag="verify"):
     object: bytes  # the ELF object, as clang wrote it
     program: str | None = None  # the program's function name; needed when the object holds several
     prog_type: str = "xdp"
+    # auto: strict when the kernel's strict rules accept it, else proven
+    mode: Literal["auto", "strict", "proven"] = "auto"
 
 
 class VerifyReply(msgspec.Struct, frozen=True, kw_only=True, tag="verify_reply"):
@@ -102,6 +113,7 @@ class VerifyReply(msgspec.Struct, frozen=True, kw_only=True, tag="verify_reply")
     kernel_log_tail: str = ""
     instructions: bytes = b""  # when accepted: what the digest covers (map references symbolic)
     signed: Signed | None = None  # when accepted and the request named a function
+    mode: str = ""  # the mode it was verified in ("strict" or "proven"; the last tried if refused)
 
 
 class MapsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="maps"):

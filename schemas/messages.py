@@ -27,6 +27,8 @@ class EbpfSpec(msgspec.Struct, frozen=True, kw_only=True):
     object: str  # the ELF object, relative to the function's directory
     program: str | None = None  # the program's function name, if the object holds several
     prog_type: ProgType = "xdp"
+    # how the verifier checks it (docs/architecture.md §5): auto takes strict when it passes
+    verify_mode: Literal["auto", "strict", "proven"] = "auto"
 
 
 class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -39,9 +39,9 @@ def bpf_builder(directory: Path):
     if clang is None or not Path("/usr/include/bpf/bpf_helpers.h").exists():
         pytest.skip("clang and libbpf-dev are not installed (deploy/setup.sh installs them)")
 
-    def build(name: str, source: str) -> bytes:
+    def build(name: str, source: str, extra: tuple[str, ...] = ()) -> bytes:
         (directory / f"{name}.c").write_text(HEADER + source)
-        flags = ["-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu"]
+        flags = ["-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", *extra]
         subprocess.run([clang, *flags, "-c", f"{name}.c", "-o", f"{name}.o"], cwd=directory, check=True)
         return (directory / f"{name}.o").read_bytes()
 

@@ -1,7 +1,13 @@
 """The kernel verifier's workers (kernel_worker.py): long-lived processes of reduced privilege, one
-verification at a time each, killed and replaced when one overruns its deadline."""
+verification at a time each, killed and replaced when one overruns its CPU budget or deadline.
+
+The budget is CPU time, read from /proc while the kernel walks: the kernel's 1M-instruction
+limit takes it 3-5 s, so a walk is cut off when it has spent what the service's instruction
+budget takes (docs/architecture.md §5), not when it returns. CPU time, not wall time, so a
+worker slowed by its neighbours is not cut off for their load."""
 
 import asyncio
+import os
 import sys
 
 import msgspec
@@ -9,6 +15,8 @@ import msgspec
 from verifier_service.kernel_worker import FRAME, KernelRequest, KernelResult
 
 _results = msgspec.msgpack.Decoder(KernelResult)
+BUDGET_POLL_S = 0.02  # the budget is checked this often (the kernel counts CPU in 10 ms ticks)
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
 class Worker:
@@ -34,6 +42,12 @@ class Worker:
         (size,) = FRAME.unpack(await self.proc.stdout.readexactly(FRAME.size))
         return _results.decode(await self.proc.stdout.readexactly(size))
 
+    def cpu_seconds(self) -> float:
+        """The worker's CPU time, user and system (a verification is mostly the kernel's)."""
+        with open(f"/proc/{self.proc.pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * _TICK_S
+
     async def stop(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
@@ -58,21 +72,29 @@ class KernelPool:
         self._all.add(worker)
         self._idle.put_nowait(worker)
 
-    async def verify(self, request: KernelRequest, timeout_s: float) -> KernelResult:
+    async def verify(self, request: KernelRequest, timeout_s: float, cpu_budget_s: float) -> KernelResult:
         worker = await self._idle.get()
+        answer = asyncio.ensure_future(worker.verify(request))
         try:
             async with asyncio.timeout(timeout_s):
-                result = await worker.verify(request)
+                spent = await _within_budget(worker, answer, cpu_budget_s)
+            if spent is not None:
+                await self._replace(worker, answer)
+                message = f"the kernel verifier spent over {cpu_budget_s:g} s of CPU on it and was stopped"
+                return KernelResult(accepted=False, error=message, stopped="cpu_budget")
+            result = answer.result()
         except TimeoutError:
-            await self._replace(worker)
-            return KernelResult(accepted=False, error=f"the kernel verifier took longer than {timeout_s:g} s")
+            await self._replace(worker, answer)
+            message = f"the kernel verifier took longer than {timeout_s:g} s"
+            return KernelResult(accepted=False, error=message, stopped="timeout")
         except (OSError, asyncio.IncompleteReadError, msgspec.DecodeError) as exc:
-            await self._replace(worker)
+            await self._replace(worker, answer)
             return KernelResult(accepted=False, error=f"the verifier worker failed: {exc}")
         self._idle.put_nowait(worker)
         return result
 
-    async def _replace(self, worker: Worker) -> None:
+    async def _replace(self, worker: Worker, answer: asyncio.Future) -> None:
+        answer.cancel()
         self._all.discard(worker)
         await worker.stop()
         await self._add()
@@ -83,11 +105,26 @@ class KernelPool:
         self._all.clear()
 
 
-async def run_kernel_verifier(request: KernelRequest, timeout_s: float) -> KernelResult:
+async def _within_budget(worker: Worker, answer: asyncio.Future, budget_s: float) -> float | None:
+    """Wait for the answer; the CPU the worker spent if it went over `budget_s` first."""
+    start = worker.cpu_seconds()
+    while not answer.done():
+        await asyncio.wait({answer}, timeout=BUDGET_POLL_S)
+        try:
+            spent = worker.cpu_seconds() - start
+        except FileNotFoundError:  # it died: its answer (an error) says why
+            await asyncio.wait({answer})
+            break
+        if not answer.done() and spent > budget_s:
+            return spent
+    return None
+
+
+async def run_kernel_verifier(request: KernelRequest, timeout_s: float, cpu_budget_s: float) -> KernelResult:
     """One verification in a worker of its own (tests and tools; the service keeps a pool)."""
     pool = KernelPool(1)
     await pool.start()
     try:
-        return await pool.verify(request, timeout_s)
+        return await pool.verify(request, timeout_s, cpu_budget_s)
     finally:
         await pool.close()

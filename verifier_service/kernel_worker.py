@@ -1,11 +1,14 @@
-"""The kernel verifier, run in a process of its own with only CAP_BPF and CAP_NET_ADMIN (no
-CAP_SYS_ADMIN, no CAP_PERFMON), so the kernel verifies in its strictest mode: no pointer leaks,
-Spectre mitigations on. It creates throwaway maps of the declared shapes, points the program's
-map references at them, loads it, reads back `verified_insns` and profiles it with
-BPF_PROG_TEST_RUN. One request on stdin, one result on stdout (msgpack); the service kills it at
-its deadline (the verifier stops at a pending signal)."""
+"""The kernel verifier, run in a process of its own that keeps only CAP_BPF, CAP_NET_ADMIN and
+CAP_PERFMON permitted (no CAP_SYS_ADMIN), and makes effective per request what the request's mode
+needs (fabric/bpf.py): strict, the kernel's unprivileged rules (no pointer leaks, Spectre
+mitigations on); proven, a privileged load at log level 2 whose log leak_proof.py checks. It
+creates throwaway maps of the declared shapes, points the program's map references at them, loads
+it, reads back `verified_insns` and profiles it with BPF_PROG_TEST_RUN. One request on stdin, one
+result on stdout (msgpack); the service kills it at its budget (the verifier stops at a pending
+signal)."""
 
 import os
+import re
 import struct
 import sys
 from typing import BinaryIO
@@ -13,10 +16,18 @@ from typing import BinaryIO
 import msgspec
 
 from fabric import bpf
-from schemas.ebpf import PROG_TYPES, MapSpec
+from schemas.ebpf import PROG_TYPES, MapSpec, Reason, VerifyMode
+from verifier_service.bytecode import decode
+from verifier_service.leak_proof import prove
 
 LOG_TAIL_LINES = 20
 PROFILE_REPEAT = 1000
+# A level-2 log takes 150-600 bytes per instruction walked (measured: 156 for a parser, 230 with
+# subprograms); the budget of 100k instructions fits. A longer walk is refused for it (ENOSPC).
+PROOF_LOG_BYTES = 64 << 20
+ENOSPC = 28
+# A privileged load's log prints map addresses (`r1 = 0xffff888100c9e400`): never shown to tenants.
+_KERNEL_ADDRESS = re.compile(r"0xffff[0-9a-f]{12}")
 
 
 class KernelRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,6 +38,7 @@ class KernelRequest(msgspec.Struct, frozen=True, kw_only=True):
     license: str
     name: str
     samples: list[bytes]
+    mode: VerifyMode = "strict"
 
 
 class SampleRun(msgspec.Struct, frozen=True):
@@ -41,6 +53,8 @@ class KernelResult(msgspec.Struct, frozen=True, kw_only=True):
     error: str = ""
     runs: list[SampleRun] = []
     run_ns: int = 0  # per run, averaged over PROFILE_REPEAT runs of the first sample
+    leaks: list[Reason] = []  # proven mode: what the proof found (a load it refuses is not run)
+    stopped: str = ""  # set by the pool: "cpu_budget" or "timeout" when the worker was killed
 
 
 def verify(request: KernelRequest) -> KernelResult:
@@ -52,10 +66,27 @@ def verify(request: KernelRequest) -> KernelResult:
             fds[spec.name] = bpf.create_map(spec)
         by_value = frozenset(spec.name for spec in request.maps if spec.global_data)
         code = bpf.relocate_maps(request.raw, request.map_refs, fds, by_value)
+        proving = request.mode == "proven"
+        bpf.switch_mode(request.mode)
         try:
-            prog_fd, log = bpf.prog_load(PROG_TYPES[request.prog_type], code, request.license, request.name)
+            prog_fd, log = bpf.prog_load(
+                PROG_TYPES[request.prog_type],
+                code,
+                request.license,
+                request.name,
+                2 if proving else 1,
+                PROOF_LOG_BYTES if proving else bpf.LOG_SIZE,
+            )
         except bpf.BpfError as exc:
-            return KernelResult(accepted=False, error=str(exc), log_tail=_tail(exc.log))
+            if proving and exc.errno == ENOSPC:
+                return KernelResult(accepted=False, error="the kernel's log of its walk is over 64 MiB")
+            return KernelResult(accepted=False, error=str(exc), log_tail=_tail(_level_one(exc.log)))
+        finally:
+            bpf.switch_mode("strict")
+        if proving and (leaks := prove(log, decode(request.raw))):
+            return KernelResult(
+                accepted=True, verified_insns=bpf.verified_insns(prog_fd), leaks=leaks, log_tail=_tail(log)
+            )
         runs = [SampleRun(*bpf.test_run(prog_fd, sample)[:2]) for sample in request.samples]
         run_ns = bpf.test_run(prog_fd, request.samples[0], PROFILE_REPEAT)[2] if request.samples else 0
         return KernelResult(
@@ -73,7 +104,12 @@ def verify(request: KernelRequest) -> KernelResult:
 
 
 def _tail(log: str) -> str:
-    return "\n".join(log.strip().splitlines()[-LOG_TAIL_LINES:])
+    return _KERNEL_ADDRESS.sub("0x...", "\n".join(log.strip().splitlines()[-LOG_TAIL_LINES:]))
+
+
+def _level_one(log: str) -> str:
+    """A refused level-2 log, as level 1 would end: the failing path, without its liveness notes."""
+    return "\n".join(line for line in log.splitlines() if not line.startswith(("mark_precise", "(", " ")))
 
 
 FRAME = struct.Struct("<I")  # each request and result: a 4-byte length, then msgpack
@@ -92,7 +128,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
 
 
 def main() -> None:
-    bpf.keep_only_bpf_capabilities()  # this process has one thread: the whole process
+    bpf.keep_modes_permitted()  # this process has one thread: the whole process
     serve(sys.stdin.buffer, sys.stdout.buffer)
 
 

@@ -38,6 +38,8 @@ class Verifier:
             static=Limits(max_insns=settings.max_insns),
             max_verified_insns=settings.max_verified_insns,
             kernel_timeout_s=settings.kernel_timeout_s,
+            kernel_cpu_budget_s=settings.kernel_cpu_budget_s,
+            modes=tuple(settings.modes),
         )
 
     def routes(self) -> list[bus.Route]:
@@ -68,13 +70,16 @@ class Verifier:
             return error_reply("throttled", message)
         reply = await self._turns.run(
             req.tenant,
-            lambda: verify(req.object, req.program, req.prog_type, self._limits, kernel=self._kernel),
+            lambda: verify(
+                req.object, req.program, req.prog_type, self._limits, kernel=self._kernel, mode=req.mode
+            ),
         )
         log.info(
-            "verified %s/%s: %s",
+            "verified %s/%s: %s (%s)",
             req.tenant,
             req.function or "-",
             "accepted" if reply.accepted else "rejected",
+            reply.mode or "-",
         )
         if reply.accepted and req.function:
             return self.attest(reply, req.tenant, req.function)
@@ -110,6 +115,7 @@ class Verifier:
             not_after=now + self.settings.attestation_ttl_s,
             serial=secrets.token_hex(8),
             key_id=self.key_id,
+            mode="proven" if reply.mode == "proven" else "strict",
         )
         return msgspec.structs.replace(reply, signed=attestation.sign(approved, self._key))
 
@@ -128,3 +134,4 @@ def _verified(span: Any, reply: VerifyReply | ErrorReply) -> None:
     if not isinstance(reply, ErrorReply):
         span.set_attribute("hetfaas.accepted", reply.accepted)
         span.set_attribute("hetfaas.verified_insns", reply.verified_insns or 0)
+        span.set_attribute("hetfaas.verify_mode", reply.mode)

@@ -1,5 +1,7 @@
 import msgspec
 
+from schemas.ebpf import VERIFY_MODES, VerifyMode
+
 
 class VerifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     verifier_id: str
@@ -14,11 +16,16 @@ class VerifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     trace_stream: bool = False
     metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint ("": none)
     log_level: str = "INFO"
-    workers: int = 2  # kernel verifications at once (each a worker process)
+    # kernel verifications at once (each a worker process), one per tenant at most: with more
+    # workers than busy tenants, a light program never waits behind a heavy one (bench.verifier)
+    workers: int = 4
     max_object_bytes: int = 512 * 1024
     max_insns: int = 4096  # length cap, far below the kernel's 1M
     max_verified_insns: int = 100_000  # budget for the kernel verifier's walk
-    kernel_timeout_s: float = 5.0  # a verification bomb is cut off here
+    kernel_cpu_budget_s: float = 1.0  # CPU a kernel walk may spend: a verification bomb is cut off here
+    kernel_timeout_s: float = 5.0  # wall clock, however loaded the machine: the last resort
+    # offered to tenants; ["strict"] keeps the kernel's Spectre hardening for every program
+    modes: list[VerifyMode] = msgspec.field(default_factory=lambda: list(VERIFY_MODES))
     tenant_rate_per_s: float = 2.0  # verifications a tenant may start per second, on average ...
     tenant_burst: int = 20  # ... and at once
     attestation_ttl_s: float = 30 * 24 * 3600.0

@@ -1,5 +1,6 @@
-"""The whole verification against the real kernel verifier (strict mode, in its worker): what the
-static checks cannot see is refused by the kernel, with its own words and the instruction."""
+"""The whole verification against the real kernel verifier (in its worker): what the static
+checks cannot see is refused by the kernel in strict mode, with its own words and the
+instruction; and a walk that would take the kernel seconds is stopped at its CPU budget."""
 
 import os
 import time
@@ -88,7 +89,7 @@ async def test_a_legitimate_program_is_accepted_with_its_cost(build) -> None:
 async def test_the_kernel_refuses_what_static_checks_cannot_see(
     build, name: str, source: str, words: str
 ) -> None:
-    verdict = await verify(build(name, source), None, "xdp", VerifyLimits())
+    verdict = await verify(build(name, source), None, "xdp", VerifyLimits(), mode="strict")
 
     assert not verdict.accepted
     [reason] = verdict.reasons
@@ -96,11 +97,16 @@ async def test_the_kernel_refuses_what_static_checks_cannot_see(
     assert reason.insn is not None, "the refusal points at an instruction"
 
 
-async def test_a_verification_bomb_is_refused_within_a_bounded_time(build) -> None:
-    limits = VerifyLimits(kernel_timeout_s=3.0)
+@pytest.mark.parametrize("mode", ["strict", "proven"])
+async def test_a_verification_bomb_is_stopped_at_its_cpu_budget(build, mode: str) -> None:
+    """The kernel would walk this loop to its 1M-instruction limit (3-5 s); the worker is killed
+    once it has spent the budget, long before the wall-clock deadline."""
+    limits = VerifyLimits(kernel_cpu_budget_s=0.3, kernel_timeout_s=30.0)
     started = time.monotonic()
-    verdict = await verify(build("bomb", UNBOUNDED_LOOP), None, "xdp", limits)
+    verdict = await verify(build("bomb", UNBOUNDED_LOOP), None, "xdp", limits, mode=mode)
     elapsed = time.monotonic() - started
 
-    assert not verdict.accepted and verdict.reasons[0].code == "kernel_verifier", verdict.reasons
-    assert elapsed < limits.kernel_timeout_s + 2.0, f"took {elapsed:.1f} s"
+    assert not verdict.accepted
+    [reason] = verdict.reasons
+    assert reason.code == "verified_insn_budget" and "0.3 s of CPU" in reason.message, reason
+    assert elapsed < 3.0, f"took {elapsed:.1f} s: not stopped at the budget"
