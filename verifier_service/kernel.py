@@ -62,6 +62,8 @@ class KernelPool:
         self._size = size
         self._idle: asyncio.Queue[Worker] = asyncio.Queue()
         self._all: set[Worker] = set()
+        self._starting: set[asyncio.Task] = set()  # replacements for workers killed by a cancellation
+        self._closed = False
 
     async def start(self) -> None:
         for _ in range(self._size):
@@ -90,8 +92,20 @@ class KernelPool:
         except (OSError, asyncio.IncompleteReadError, msgspec.DecodeError) as exc:
             await self._replace(worker, answer)
             return KernelResult(accepted=False, error=f"the verifier worker failed: {exc}")
+        except asyncio.CancelledError:  # the asker went away mid-walk: the worker's state is unknown
+            answer.cancel()
+            self._all.discard(worker)
+            worker.proc.kill()
+            self._starting.add(task := asyncio.create_task(self._after_cancel(worker)))
+            task.add_done_callback(self._starting.discard)
+            raise
         self._idle.put_nowait(worker)
         return result
+
+    async def _after_cancel(self, worker: Worker) -> None:
+        await worker.stop()
+        if not self._closed:
+            await self._add()
 
     async def _replace(self, worker: Worker, answer: asyncio.Future) -> None:
         answer.cancel()
@@ -100,6 +114,8 @@ class KernelPool:
         await self._add()
 
     async def close(self) -> None:
+        self._closed = True
+        await asyncio.gather(*self._starting, return_exceptions=True)
         for worker in list(self._all):
             await worker.stop()
         self._all.clear()

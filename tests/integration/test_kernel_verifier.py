@@ -2,13 +2,17 @@
 checks cannot see is refused by the kernel in strict mode, with its own words and the
 instruction; and a walk that would take the kernel seconds is stopped at its CPU budget."""
 
+import asyncio
 import os
 import time
 
 import pytest
 
 from tests.bpf_build import COUNTER, bpf_builder
+from verifier_service.admission import FairTurns
+from verifier_service.kernel import KernelPool
 from verifier_service.pipeline import VerifyLimits, verify
+from verifier_service.settings import VerifierSettings
 
 pytestmark = pytest.mark.privileged
 
@@ -110,3 +114,26 @@ async def test_a_verification_bomb_is_stopped_at_its_cpu_budget(build, mode: str
     [reason] = verdict.reasons
     assert reason.code == "verified_insn_budget" and "0.3 s of CPU" in reason.message, reason
     assert elapsed < 3.0, f"took {elapsed:.1f} s: not stopped at the budget"
+
+
+async def test_a_light_program_is_not_queued_behind_other_tenants_bombs(build) -> None:
+    """Per tenant one verification in flight, and more workers than busy tenants: a light
+    program is verified while two other tenants' bombs are still in the kernel (before, with
+    two workers, it waited for a bomb to end)."""
+    settings = VerifierSettings(verifier_id="v", nats_url="", key_path="")
+    pool, turns = KernelPool(settings.workers), FairTurns(settings.workers)
+    await pool.start()
+    limits = VerifyLimits(kernel_cpu_budget_s=settings.kernel_cpu_budget_s, modes=("strict",))
+    bomb, light = build("bomb", UNBOUNDED_LOOP), build("counter", COUNTER)
+    try:
+        bombs = [
+            asyncio.create_task(turns.run(tenant, lambda: verify(bomb, None, "xdp", limits, kernel=pool)))
+            for tenant in ("heavy-1", "heavy-2")
+        ]
+        reply = await turns.run("light", lambda: verify(light, None, "xdp", limits, kernel=pool))
+        still_walking = [not task.done() for task in bombs]
+        refused = await asyncio.gather(*bombs)
+    finally:
+        await pool.close()
+    assert reply.accepted and still_walking == [True, True]
+    assert [r.reasons[0].code for r in refused] == ["verified_insn_budget"] * 2

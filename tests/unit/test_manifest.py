@@ -47,7 +47,10 @@ def test_exec_manifest() -> None:
         (EXEC + 'placement = "dpu"\n', "placement 'dpu' needs runtime 'ebpf'"),
         (EXEC + 'timeout_ms = "fast"\n', "Expected `int`, got `str`"),
         ("name = \n", "not valid TOML"),
-        (EBPF + 'colour = "red"\n', "unknown key 'colour' in [ebpf] (allowed: object, prog_type, program, verify_mode)"),
+        (
+            EBPF + 'colour = "red"\n',
+            "unknown key 'colour' in [ebpf] (allowed: object, prog_type, program, verify_mode)",
+        ),
         (EBPF.replace('"xdp"', '"kprobe"'), "prog_type 'kprobe' is not offered (one of sched_cls,"),
     ],
 )
