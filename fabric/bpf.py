@@ -9,7 +9,7 @@ import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from fabric import syscalls
+from fabric import prog_btf, syscalls
 from schemas.ebpf import MapSpec
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -19,7 +19,7 @@ SYS_BPF, SYS_CAPSET = _ARCH.numbers["bpf"], _ARCH.numbers["capset"]
 
 # bpf(2) commands
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 4
-PROG_LOAD, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD, MAP_FREEZE = 5, 10, 15, 22
+PROG_LOAD, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD, BTF_LOAD, MAP_FREEZE = 5, 10, 15, 18, 22
 ATTR_SIZE = 128
 PROG_INFO_SIZE = 232
 VERIFIED_INSNS_OFFSET = 216  # struct bpf_prog_info.verified_insns
@@ -120,7 +120,38 @@ def prog_load(
     prog_type: int, insns: bytes, license_text: str, name: str, log_level: int = 1, log_size: int = LOG_SIZE
 ) -> tuple[int, str]:
     """Load a program; (fd, the verifier's log). BpfError carries the log when it is refused
-    (ENOSPC: the log did not fit in `log_size`)."""
+    (ENOSPC: the log did not fit in `log_size`). A program with callbacks is loaded with the
+    function info the kernel needs for them (fabric/prog_btf.py)."""
+    if not prog_btf.needs_func_info(insns):
+        return _prog_load(prog_type, insns, license_text, name, log_level, log_size)
+    blob, records, count = prog_btf.func_info(insns)
+    btf_fd = btf_load(blob)
+    try:
+        return _prog_load(prog_type, insns, license_text, name, log_level, log_size, (btf_fd, records, count))
+    finally:
+        os.close(btf_fd)
+
+
+def btf_load(blob: bytes) -> int:
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    data = ctypes.create_string_buffer(blob, len(blob))
+    log = ctypes.create_string_buffer(4096)
+    struct.pack_into("<QQIII", attr, 0, ctypes.addressof(data), ctypes.addressof(log), len(blob), len(log), 1)
+    result = _libc.syscall(SYS_BPF, BTF_LOAD, attr, ATTR_SIZE)
+    if result < 0:
+        raise BpfError(ctypes.get_errno(), "BTF load", log.value.decode(errors="replace"))
+    return result
+
+
+def _prog_load(
+    prog_type: int,
+    insns: bytes,
+    license_text: str,
+    name: str,
+    log_level: int,
+    log_size: int,
+    functions: tuple[int, bytes, int] | None = None,  # (BTF fd, func_info records, count)
+) -> tuple[int, str]:
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     code = ctypes.create_string_buffer(insns, len(insns))
     license_buffer = ctypes.create_string_buffer(license_text.encode() + b"\0")
@@ -142,6 +173,12 @@ def prog_load(
         0,
         _object_name(name),
     )
+    if functions is not None:  # prog_btf_fd @72, func_info_rec_size @76, func_info @80, func_info_cnt @88
+        btf_fd, records, count = functions
+        info = ctypes.create_string_buffer(records, len(records))
+        struct.pack_into(
+            "<IIQI", attr, 72, btf_fd, prog_btf.FUNC_INFO_REC_SIZE, ctypes.addressof(info), count
+        )
     result = _libc.syscall(SYS_BPF, PROG_LOAD, attr, ATTR_SIZE)
     errno = ctypes.get_errno()
     text = log[: log.find(b"\0")].decode(errors="replace")

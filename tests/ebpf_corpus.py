@@ -242,6 +242,53 @@ int hash_flow(struct __sk_buff *skb)
     prog_type="sched_cls",
     runs=((bytes(12) + b"\x08\x00" + bytes(50), TC_ACT_OK),),
 )
+BPF_LOOP = Case(
+    "bpf_loop",
+    "bpf_loop with a context on the stack",
+    """
+struct sum { __u64 total; __u32 last; };
+static long add(__u32 i, void *data)
+{
+    struct sum *s = data;
+    s->total += i;
+    s->last = i;
+    return 0;
+}
+SEC("xdp")
+int loops(struct xdp_md *ctx)
+{
+    struct sum s = {};
+    bpf_loop(4, add, &s, 0);                    /* 0 + 1 + 2 + 3 */
+    return s.total == 6 && s.last == 3 ? XDP_DROP : XDP_PASS;
+}
+""",
+    runs=((bytes(64), XDP_DROP),),
+)
+FOR_EACH = Case(
+    "for_each",
+    "bpf_for_each_map_elem over an array",
+    """
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 4);
+    __type(key, __u32);
+    __type(value, __u64);
+} counts SEC(".maps");
+static long total(void *map, __u32 *key, __u64 *value, __u64 *sum)
+{
+    *sum += *value + *key;                      /* keys 0..3, values 0 */
+    return 0;
+}
+SEC("xdp")
+int sums(struct xdp_md *ctx)
+{
+    __u64 sum = 0;
+    bpf_for_each_map_elem(&counts, total, &sum, 0);
+    return sum == 6 ? XDP_DROP : XDP_PASS;
+}
+""",
+    runs=((bytes(64), XDP_DROP),),
+)
 ACCEPTED = (
     PACKET_LENGTH,
     VARIABLE_HEADER,
@@ -252,6 +299,8 @@ ACCEPTED = (
     SIBLINGS,
     LOAD_BYTES,
     FLOW_HASH,
+    BPF_LOOP,
+    FOR_EACH,
 )
 
 
@@ -282,6 +331,32 @@ struct {
 } table SEC(".maps");
 """
 LEAKS = (
+    Leak(
+        "leak_through_callback",
+        "pointer through a callback's context",
+        _ARRAY
+        + """
+struct carry { void *packet; };
+static long keep(__u32 i, struct carry *c)
+{
+    __u32 key = 0;
+    __u64 *value = bpf_map_lookup_elem(&out, &key);
+    if (value)
+        *value = (__u64)(long)c->packet;
+    return 1;
+}
+SEC("xdp")
+int leak(struct xdp_md *ctx)
+{
+    struct carry c = { .packet = (void *)(long)ctx->data };
+    bpf_loop(1, keep, &c, 0);
+    return XDP_PASS;
+}
+""",
+        "leaks addr",
+        "pointer_leak",
+        "stores a pointer (pkt)",
+    ),
     Leak(
         "leak_global",
         "pointer into a global",
@@ -356,7 +431,7 @@ int leak(struct xdp_md *ctx)
 """,
         "invalid read from stack",  # unprivileged loads cannot spill a pointer at all
         "pointer_leak",
-        "a pointer (ctx) spilled to the stack",
+        "a pointer (ctx) spilled to its stack",
     ),
     Leak(
         "leak_unwritten_stack",

@@ -21,7 +21,6 @@ from verifier_service.bytecode import (
     ATOMIC,
     CALL,
     CALL_HELPER,
-    CALL_SUBPROGRAM,
     EXIT,
     JMP,
     JMP32,
@@ -31,7 +30,7 @@ from verifier_service.bytecode import (
     Insn,
 )
 from verifier_service.helper_ids import HELPER_NAMES
-from verifier_service.verifier_log import Frame, LogError, steps
+from verifier_service.verifier_log import MIXED, WRITTEN, Frame, LogError, Step, kind, stack_bytes, steps
 
 # What each reviewed helper takes, argument by argument (C prototypes: bpf_helper_defs.h).
 #   typed: a pointer the kernel checks the type of (the context, a map, a spin lock, a string)
@@ -65,11 +64,9 @@ HELPER_ARGS: dict[int, tuple[str, ...]] = {
 }  # fmt: skip
 
 PACKET = {"pkt", "pkt_meta", "pkt_end"}  # pointers into (or just past) the program's own packet
-_SCALAR = re.compile(r"^P?(?:-?\d+|0x[0-9a-f]+|scalar(?:\(.*\))?)$", re.S)
 _CONST = re.compile(r"^P?(-?\d+|0x[0-9a-f]+)$")
 _UMAX = re.compile(r"(?:^|[(,])umax=(\d+|0x[0-9a-f]+)")
-_BYTE_KINDS = re.compile(r"^[?rm0dif]{8}$")  # invalid, spill, misc, zero, dynptr, iter, irq flag
-_STACK = re.compile(r"^fp(-?\d+)$")
+_STACK = re.compile(r"^fp(?:\[(\d+)\])?(-?\d+)$")  # fp-8 (this frame's), fp[0]-8 (frame 0's)
 _MAP_SIZES = re.compile(r"ks=(\d+),vs=(\d+)")
 _OPS = {0x00: "+", 0x10: "-", 0x20: "*", 0x30: "/", 0x40: "|", 0x50: "&", 0x60: "<<", 0x70: ">>",
         0x80: "neg", 0x90: "%", 0xA0: "^", 0xB0: "=", 0xC0: "s>>", 0xD0: "byte swap"}  # fmt: skip
@@ -82,15 +79,6 @@ class _Leak(Exception):
         self.code = code
 
 
-def kind(value: str | None) -> str:
-    """'scalar', the pointer's type ('ctx', 'pkt', 'map_value', 'fp', ...), or 'unknown'."""
-    if value is None:
-        return "unknown"
-    if _SCALAR.match(value):
-        return "scalar"
-    return re.split(r"[(\[\-0-9]", value, maxsplit=1)[0] or "unknown"
-
-
 def prove(log: str, insns: list[Insn]) -> list[Reason]:
     """Every way the program can expose a pointer or unwritten stack: at most one reason per
     instruction, in the order of the instructions."""
@@ -100,7 +88,7 @@ def prove(log: str, insns: list[Insn]) -> list[Reason]:
             if step.insn in found:
                 continue
             try:
-                _check(insns[step.insn], step.frame, step.state)
+                _check(insns[step.insn], step)
             except _Leak as leak:
                 found[step.insn] = Reason(leak.code, str(leak), step.insn)
     except LogError as exc:
@@ -108,21 +96,21 @@ def prove(log: str, insns: list[Insn]) -> list[Reason]:
     return [found[index] for index in sorted(found)]
 
 
-def _check(insn: Insn, frame: int, state: Frame) -> None:
-    cls = insn.cls
+def _check(insn: Insn, step: Step) -> None:
+    cls, state = insn.cls, step.state
     if cls in (ALU, ALU64):
         _alu(insn, cls, state)
     elif cls == STX:
-        _store(insn, state)
+        _store(insn, step)
     elif cls == LDX and insn.code & 0xE0 in (MEM, 0x80):  # MEM and MEMSX loads
-        _load(insn, state)
+        _load(insn, step)
     elif cls in (JMP, JMP32):
         op = insn.code & 0xF0
         if insn.code == EXIT:
-            if frame == 0 and _pointer(state, 0):
+            if step.frame == 0 and _pointer(state, 0):
                 raise _Leak("pointer_leak", f"returns a pointer ({_type(state, 0)}): return a number")
         elif insn.code == CALL:
-            _call(insn, state)
+            _call(insn, step)
         elif op != 0x00:  # ja and gotol jump unconditionally
             _compare(insn, cls, state)
 
@@ -170,8 +158,8 @@ def _alu(insn: Insn, cls: int, state: Frame) -> None:
     raise _Leak("pointer_leak", f"{_OPS.get(op, 'arithmetic')} on a pointer ({pointer}) makes a number of it")
 
 
-def _store(insn: Insn, state: Frame) -> None:
-    mode = insn.code & 0xE0
+def _store(insn: Insn, step: Step) -> None:
+    mode, state = insn.code & 0xE0, step.state
     target = state.regs.get(insn.dst)
     if mode == ATOMIC:
         if _pointer(state, insn.src):
@@ -181,8 +169,8 @@ def _store(insn: Insn, state: Frame) -> None:
         return
     if mode != MEM:
         return
-    if kind(target) == "fp" and not _STACK.match(target or ""):
-        raise _Leak("stack", f"writes the stack at a variable offset, or another frame's ({target})")
+    if kind(target) == "fp" and _stack(step, target)[1] is not None and _pointer(state, insn.src):
+        raise _Leak("pointer_leak", f"stores a pointer ({_type(state, insn.src)}) into its caller's stack")
     if _pointer(state, insn.src) and kind(target) != "fp":
         raise _Leak(
             "pointer_leak",
@@ -191,12 +179,12 @@ def _store(insn: Insn, state: Frame) -> None:
         )
 
 
-def _load(insn: Insn, state: Frame) -> None:
-    source = state.regs.get(insn.src)
+def _load(insn: Insn, step: Step) -> None:
+    source = step.state.regs.get(insn.src)
     if kind(source) != "fp":
         return  # maps, globals, the packet and the context hold no pointer of ours (stores say so)
-    start = _stack_offset(source) + insn.off
-    _initialized(state, start, start + _size(insn), "reads", fills=True)
+    start = _stack(step, source)[0]
+    _initialized(step, source, start + insn.off, start + insn.off + _size(insn), "reads", fills=True)
 
 
 def _compare(insn: Insn, cls: int, state: Frame) -> None:
@@ -220,18 +208,10 @@ def _compare(insn: Insn, cls: int, state: Frame) -> None:
     )
 
 
-def _call(insn: Insn, state: Frame) -> None:
-    if insn.src == CALL_SUBPROGRAM:
-        for reg in range(1, 6):
-            if kind(state.regs.get(reg)) == "fp":
-                raise _Leak(
-                    "stack",
-                    f"passes a pointer to its stack (R{reg}) to a subprogram: pass the values, or make "
-                    "the subprogram __always_inline",
-                )
-        return
+def _call(insn: Insn, step: Step) -> None:
     if insn.src != CALL_HELPER:
-        return
+        return  # a subprogram: walked on, its reads of its caller's stack checked (Step.callers)
+    state = step.state
     name = HELPER_NAMES.get(insn.imm, f"helper #{insn.imm}")
     args = HELPER_ARGS.get(insn.imm)
     if args is None:
@@ -243,8 +223,8 @@ def _call(insn: Insn, state: Frame) -> None:
                 "pointer_leak", f"passes a pointer ({kind(value)}) as argument {reg} of {name}, a number"
             )
         if arg in ("read", "key", "value") and kind(value) == "fp":
-            start = _stack_offset(value)
-            _initialized(state, start, start + _window(state, reg, arg), f"gives {name}")
+            start = _stack(step, value)[0]
+            _initialized(step, value, start, start + _window(state, reg, arg), f"gives {name}")
 
 
 def _window(state: Frame, reg: int, arg: str) -> int:
@@ -262,34 +242,41 @@ def _window(state: Frame, reg: int, arg: str) -> int:
     return MAX_EXACT_WINDOW
 
 
-def _initialized(state: Frame, start: int, end: int, what: str, fills: bool = False) -> None:
-    """Every byte of [start, end) below the frame pointer was written, and none is a spilled
-    pointer (unless `fills`: a load of a whole spilled register gets the pointer back, typed).
-    Slot texts hold a spilled register or one kind per byte, the slot's highest address first."""
+def _initialized(
+    step: Step, pointer: str | None, start: int, end: int, what: str, fills: bool = False
+) -> None:
+    """Every byte of [start, end) below the frame pointer of the frame `pointer` points into was
+    written, and none is a spilled pointer (unless `fills`: a load of a whole spilled register
+    gets the pointer back, typed). A caller's stack is the worst of every call it made."""
+    _offset, caller = _stack(step, pointer)
+    found = stack_bytes(step.state.stack) if caller is None else step.callers.get(caller, {})
+    where = "its" if caller is None else "its caller's"
     end = min(end, 0)
     for address in range(start, end):
-        base = -((-address - 1) // 8 + 1) * 8
-        slot = state.stack.get(base)
-        if slot is not None and _BYTE_KINDS.match(slot):
-            unwritten = slot[base + 7 - address] == "?"
-        else:
-            unwritten = slot is None
-            if slot is not None and kind(slot) != "scalar" and not fills:
-                spilled = kind(slot)
-                raise _Leak("pointer_leak", f"{what} a pointer ({spilled}) spilled to the stack at fp{base}")
-        if unwritten:
+        byte = found.get(address)
+        if byte is None:
             raise _Leak(
                 "uninitialized_stack",
-                f"{what} stack bytes fp{start}..fp{end - 1}, of which fp{address} was never written: "
-                "initialize it (= {} or __builtin_memset)",
+                f"{what} {where} stack bytes fp{start}..fp{end - 1}, of which fp{address} was never "
+                "written: initialize it (= {} or __builtin_memset)",
             )
+        if byte == MIXED:
+            raise _Leak(
+                "uninitialized_stack",
+                f"{what} {where} stack at fp{address}, which the calls that reach here left differently "
+                "(written on one, unwritten or a pointer on another)",
+            )
+        if byte != WRITTEN and not fills:
+            raise _Leak("pointer_leak", f"{what} a pointer ({byte}) spilled to {where} stack at fp{address}")
 
 
-def _stack_offset(value: str | None) -> int:
-    match = _STACK.match(value or "")
+def _stack(step: Step, pointer: str | None) -> tuple[int, int | None]:
+    """(the offset a fixed stack pointer holds, the caller's frame it points into or None)."""
+    match = _STACK.match(pointer or "")
     if match is None:
-        raise _Leak("stack", f"uses the stack at a variable offset, or another frame's ({value})")
-    return int(match[1])
+        raise _Leak("stack", f"uses the stack at a variable offset ({pointer}): index it by a constant")
+    frame = int(match[1]) if match[1] is not None else step.frame
+    return int(match[2]), None if frame == step.frame else frame
 
 
 def _const_value(value: str) -> int | None:

@@ -124,18 +124,7 @@ class _Linker:
             self.reach(index, shndx, symbol["st_value"] + (imm + 1) * INSN_SIZE)
         elif code == LD_IMM64 and kind == R_BPF_64_64 and executable:
             self._set(index, regs_src=4)  # BPF_PSEUDO_FUNC: the kernel takes imm as relative
-            self.reach(index, shndx, symbol["st_value"] + imm)
-            # The kernel takes a callback only with the program's BTF func info (measured: "missing
-            # btf func_info"), which is not loaded yet: said here, not as the kernel's riddle.
-            self.problems.append(
-                Reason(
-                    "callback",
-                    "passes a callback (bpf_loop, bpf_for_each_map_elem, timers): the kernel needs the "
-                    "program's BTF function info for it, which hetfaas does not load yet; unroll the loop "
-                    "(#pragma unroll) around a static __noinline function instead",
-                    index,
-                )
-            )
+            self.reach(index, shndx, symbol["st_value"] + imm)  # loaded with BTF func info: prog_btf.py
         elif code == LD_IMM64 and shndx in self.map_sections:
             self.map_refs[index] = symbol.name
         elif code == LD_IMM64 and target is not None and is_global_data(target.name):

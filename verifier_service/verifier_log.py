@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from verifier_service.bytecode import CALL, CALL_HELPER, CALL_SUBPROGRAM, Insn
+from verifier_service.bytecode import CALL, CALL_HELPER, Insn
 
 _FROM = re.compile(r"^from \d+ to \d+(?: \(speculative execution\))?: (.*)$")
 _INSN = re.compile(r"^(\d+): \([0-9a-f]{2}\) [^;]*?(?:\s+; (.*))?$")
@@ -36,8 +36,55 @@ class Frame:
 
 class Step(NamedTuple):
     insn: int  # the instruction's index
-    frame: int  # 0: the program; 1.. the subprograms it called
+    frame: int  # 0: the program; 1.. the subprograms and callbacks it called
     state: Frame  # before the instruction ran; valid until the next step is taken
+    # frame -> its stack's bytes (stack_bytes) as the worst of every call made from it: what a
+    # callee may find through a pointer into its caller's stack (`fp[0]-8`)
+    callers: dict[int, dict[int, str]]
+
+
+_SCALAR = re.compile(r"^P?(?:-?\d+|0x[0-9a-f]+|scalar(?:\(.*\))?)$", re.S)
+_BYTE_KINDS = re.compile(r"^[?rm0dif]{8}$")  # invalid, spill, misc, zero, dynptr, iter, irq flag
+WRITTEN, MIXED = "written", "mixed"
+
+
+def kind(value: str | None) -> str:
+    """'scalar', the pointer's type ('ctx', 'pkt', 'map_value', 'fp', ...), or 'unknown'."""
+    if value is None:
+        return "unknown"
+    if _SCALAR.match(value):
+        return "scalar"
+    return re.split(r"[(\[\-0-9]", value, maxsplit=1)[0] or "unknown"
+
+
+def stack_bytes(stack: dict[int, str]) -> dict[int, str]:
+    """Address (fp-relative) -> WRITTEN, or the type of the pointer spilled there; bytes never
+    written are absent. A slot's text holds a spilled register or one kind per byte, the slot's
+    highest address first (`0000????`: fp-1..fp-4 zero, fp-5..fp-8 unwritten)."""
+    found: dict[int, str] = {}
+    for base, slot in stack.items():
+        if _BYTE_KINDS.match(slot):
+            found.update((base + 7 - at, WRITTEN) for at, char in enumerate(slot) if char != "?")
+        else:
+            spilled = kind(slot)
+            what = WRITTEN if spilled == "scalar" else spilled
+            found.update((address, what) for address in range(base, base + 8))
+    return found
+
+
+def _worst(before: dict[int, str] | None, now: dict[int, str]) -> dict[int, str]:
+    """Per byte, the worst of two calls' stacks: written only if written in both, a pointer's type
+    only if the same in both; anything else MIXED (refused however it is read)."""
+    if before is None:
+        return now
+    worst = {}
+    for address in before.keys() | now.keys():
+        old, new = before.get(address, ""), now.get(address, "")
+        if old == new:
+            worst[address] = old
+        elif {old, new} != {"", WRITTEN}:  # written on one, unwritten on the other: absent
+            worst[address] = MIXED
+    return worst
 
 
 class LogError(ValueError):
@@ -74,6 +121,7 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step]:
     if not DONE.search(log):
         raise LogError("the kernel's log is incomplete (it did not reach its last line)")
     frames: list[Frame] = [Frame()]
+    callers: dict[int, dict[int, str]] = {}
     current = 0
 
     def apply(text: str, whole: bool) -> None:
@@ -97,14 +145,17 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step]:
             index = int(match[1])
             if not 0 <= index < len(insns):
                 raise LogError(f"the log names instruction {index}, past the program's end")
-            yield Step(index, current, frames[current])
+            yield Step(index, current, frames[current], callers)
             insn = insns[index]
-            if insn.code == CALL and insn.src == CALL_HELPER:
-                for reg in range(1, 6):  # a helper leaves R1-R5 unwritten
-                    frames[current].regs.pop(reg, None)
-            elif insn.code == CALL and insn.src == CALL_SUBPROGRAM:
-                del frames[current + 1 :]  # the callee starts a frame of its own, printed next
+            if insn.code == CALL:
+                # a callee (a subprogram, or a helper's callback) starts a frame of its own,
+                # printed next; a helper leaves R1-R5 unwritten
+                del frames[current + 1 :]
                 frames.append(Frame())
+                callers[current] = _worst(callers.get(current), stack_bytes(frames[current].stack))
+                if insn.src == CALL_HELPER:
+                    for reg in range(1, 6):
+                        frames[current].regs.pop(reg, None)
             if match[2]:
                 apply(match[2], whole=False)
         elif match := _STATE.match(line):

@@ -29,11 +29,6 @@ XDP_DROP, XDP_PASS = corpus.XDP_DROP, corpus.XDP_PASS
 # what strict mode refuses and proven mode accepts: packet arithmetic and loops over the packet
 NEEDS_PROVEN = {"packet_length", "variable_header", "tcp_options"}
 
-CALLBACK = """
-static long step(__u32 i, void *ctx) { return 0; }
-SEC("xdp") int loops(struct xdp_md *ctx) { bpf_loop(4, step, 0, 0); return XDP_PASS; }
-"""
-
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], bytes]:
@@ -196,9 +191,3 @@ def test_every_leak_is_refused_with_the_right_reason(build, leak: corpus.Leak, m
         assert (reason.code, reply.mode) == (leak.proven_code, "proven"), reason
         assert leak.proven_says in reason.message and reason.insn is not None, reason
     assert not re.search(r"0xffff[0-9a-f]{12}", reply.kernel_log_tail), "kernel addresses in the log"
-
-
-def test_a_callback_is_refused_with_what_to_write_instead(build) -> None:
-    reply = verified(build, "callback", CALLBACK)
-    assert [r.code for r in reply.reasons] == ["callback"]
-    assert "bpf_loop" in reply.reasons[0].message and "__noinline" in reply.reasons[0].message
