@@ -210,6 +210,8 @@ def verdict(reply: VerifyReply, what: str) -> str:
     for reason in reply.reasons:
         where = f" at instruction {reason.insn}" if reason.insn is not None else ""
         lines.append(f"  {reason.code}{where}: {reason.message}")
+        if reason.source:
+            lines.append(f"    {reason.source}")
     if reply.kernel_log_tail and any(r.code == "kernel_verifier" for r in reply.reasons):
         lines.append("  the kernel verifier's log ends:")
         lines += [f"    {line}" for line in reply.kernel_log_tail.splitlines()]

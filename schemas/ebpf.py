@@ -55,6 +55,7 @@ class Reason(msgspec.Struct, frozen=True, omit_defaults=True):
     code: str
     message: str
     insn: int | None = None
+    source: str | None = None  # `file.c:line: text` of that instruction, when the object has line info
 
 
 class Attestation(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

@@ -53,6 +53,43 @@ def _part(ext: bytes, which: int) -> list[tuple[int, list[bytes]]]:
     return out
 
 
+def _bases(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[tuple[str, int, int, int]]:
+    """(section name, byte start, byte size, first index in the linked program) per piece."""
+    bases, at = [], 0
+    for section, start, size in pieces:
+        bases.append((elf.get_section(section).name, start, size, at))
+        at += size // INSN_SIZE
+    return bases
+
+
+def source_lines(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> dict[int, str]:
+    """Linked instruction index -> `file:line: source text`, for each instruction clang recorded
+    a line for (`-g`: BTF line info, a record (insn byte offset, file, line text, line << 10 |
+    column)); later instructions of the same line have none of their own (see line_of)."""
+    ext_section, btf_section = elf.get_section_by_name(".BTF.ext"), elf.get_section_by_name(".BTF")
+    if ext_section is None or btf_section is None:
+        return {}
+    btf = Btf(btf_section.data())
+    bases = _bases(elf, pieces)
+    lines = {}
+    for name_off, records in _part(ext_section.data(), 1):
+        section_name = btf.string(name_off)
+        for record in records:
+            insn_off, file_off, line_off, line_col = struct.unpack_from("<IIII", record)
+            for name, start, size, base in bases:
+                if name == section_name and start <= insn_off < start + size:
+                    file = btf.string(file_off).rsplit("/", 1)[-1]
+                    text = " ".join(btf.string(line_off).split())
+                    lines[base + (insn_off - start) // INSN_SIZE] = f"{file}:{line_col >> 10}: {text}"
+    return lines
+
+
+def line_of(lines: dict[int, str], index: int) -> str | None:
+    """The source line instruction `index` was compiled from: the nearest record at or before it."""
+    earlier = [at for at in lines if at <= index]
+    return lines[max(earlier)] if earlier else None
+
+
 def core_relocations(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[Reason]:
     """A refusal for each CO-RE relocation in `pieces` (section index, byte start, byte size: the
     linked program's parts, in order), at its instruction in the linked program."""
@@ -60,10 +97,7 @@ def core_relocations(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[R
     if ext_section is None or btf_section is None:
         return []
     btf = Btf(btf_section.data())
-    bases, at = [], 0
-    for section, start, size in pieces:
-        bases.append((elf.get_section(section).name, start, size, at))
-        at += size // INSN_SIZE
+    bases = _bases(elf, pieces)
     reasons = []
     for name_off, records in _part(ext_section.data(), 2):
         section_name = btf.string(name_off)

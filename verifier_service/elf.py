@@ -12,7 +12,7 @@ from elftools.elf.sections import SymbolTableSection
 
 from schemas.ebpf import MapSpec, Reason
 from verifier_service.btf import Btf, BtfError
-from verifier_service.btf_ext import core_relocations
+from verifier_service.btf_ext import core_relocations, source_lines
 from verifier_service.linking import SHF_EXECINSTR, is_global_data, link
 
 EM_BPF = 247
@@ -36,6 +36,7 @@ class ElfProgram(msgspec.Struct, frozen=True, kw_only=True):
     license: str
     problems: list[Reason]  # references no loader honours, CO-RE relocations
     subprograms: list[str] = []  # the functions it reaches, appended after it
+    lines: dict[int, str] = {}  # instruction -> its source line (btf_ext.source_lines)
 
 
 def _fail(code: str, message: str, insn: int | None = None) -> ObjectError:
@@ -56,6 +57,7 @@ def read_object(data: bytes, program: str | None) -> ElfProgram:
         reached = set(linked.map_refs.values())
         maps = [m for m in [*_maps(elf, symbols), *_global_data(elf)] if m.name in reached]
         problems = linked.problems + core_relocations(elf, linked.pieces)
+        lines = source_lines(elf, linked.pieces)
         license_section = elf.get_section_by_name("license")
         license_text = license_section.data().split(b"\0")[0].decode() if license_section else ""
     except (ELFError, BtfError, struct.error, UnicodeDecodeError, IndexError, KeyError) as exc:
@@ -69,6 +71,7 @@ def read_object(data: bytes, program: str | None) -> ElfProgram:
         license=license_text,
         problems=problems,
         subprograms=linked.subprograms,
+        lines=lines,
     )
 
 

@@ -70,6 +70,7 @@ _STACK = re.compile(r"^fp(?:\[(\d+)\])?(-?\d+)$")  # fp-8 (this frame's), fp[0]-
 _MAP_SIZES = re.compile(r"ks=(\d+),vs=(\d+)")
 _OPS = {0x00: "+", 0x10: "-", 0x20: "*", 0x30: "/", 0x40: "|", 0x50: "&", 0x60: "<<", 0x70: ">>",
         0x80: "neg", 0x90: "%", 0xA0: "^", 0xB0: "=", 0xC0: "s>>", 0xD0: "byte swap"}  # fmt: skip
+_MEMORY = {"map_value": "a map value or a global", "pkt": "the packet", "ctx": "the context"}
 MAX_EXACT_WINDOW = 512  # the stack's size: a read of unknown length is checked to the frame's top
 
 
@@ -174,8 +175,8 @@ def _store(insn: Insn, step: Step) -> None:
     if _pointer(state, insn.src) and kind(target) != "fp":
         raise _Leak(
             "pointer_leak",
-            f"stores a pointer ({_type(state, insn.src)}) into {kind(target)} memory: "
-            "only the program's own stack may hold pointers",
+            f"stores a pointer ({_type(state, insn.src)}) into {_MEMORY.get(kind(target), kind(target))}: "
+            "store numbers; only the program's own stack may hold pointers",
         )
 
 

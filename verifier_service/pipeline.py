@@ -12,7 +12,7 @@ from verifier_service.elf import ObjectError, read_object
 from verifier_service.kernel import KernelPool, run_kernel_verifier
 from verifier_service.kernel_worker import KernelRequest, KernelResult
 from verifier_service.policy import Limits
-from verifier_service.static import check_object
+from verifier_service.static import check_object, with_source
 
 LOG_INSN = re.compile(r"^(\d+): \(", re.MULTILINE)
 DEFAULT_SAMPLE = bytes(64)  # a zeroed 64-byte frame
@@ -77,7 +77,7 @@ async def verify(
     return msgspec.structs.replace(
         refused,
         accepted=not reasons,
-        reasons=reasons,
+        reasons=with_source(reasons, obj.lines),
         mode=attempt,
         verified_insns=result.verified_insns,
         run_ns=result.run_ns,
@@ -123,8 +123,36 @@ def _kernel_reason(error: str, log_tail: str) -> Reason:
     lines = [line for line in log_tail.splitlines() if line.strip()]
     last = next((line for line in reversed(lines) if not line.startswith("processed ")), error)
     positions = LOG_INSN.findall(log_tail)
+    hint = next((hint for pattern, hint in _HINTS if pattern in last), "")
     return Reason(
         "kernel_verifier",
-        f"the kernel verifier refused it: {last}",
+        f"the kernel verifier refused it: {last}" + (f". {hint}" if hint else ""),
         int(positions[-1]) if positions else None,
     )
+
+
+# What to write instead, for the kernel's commonest refusals (its words, then ours).
+_PROVEN = 'proven mode takes it: verify with --mode proven, or verify_mode = "proven" in [ebpf]'
+_HINTS = (
+    ("pointer -= pointer prohibited", "Strict mode refuses pointer differences; " + _PROVEN),
+    (
+        "has pointer with unsupported alu operation",
+        "Strict mode refuses a packet pointer plus a register; " + _PROVEN,
+    ),
+    (
+        "pointer comparison prohibited",
+        "Compare packet pointers with data_end, and other pointers only with NULL",
+    ),
+    ("leaks addr", "Store, return and pass numbers, not pointers: a pointer's value is the kernel's"),
+    (
+        "invalid read from stack",
+        "Initialize the variable before it is read or passed (= {} or __builtin_memset)",
+    ),
+    ("invalid access to packet", "Check the access against data_end first: if (p + n > data_end) return ..."),
+    ("outside of the packet", "Check the access against data_end first: if (p + n > data_end) return ..."),
+    ("unbounded memory access", "Bound the index first (if (i >= N) return ...), or mask it"),
+    ("back-edge", "Bound the loop by a constant, or use bpf_loop()"),
+    ("too large", "Bound the loop by a constant, or use bpf_loop()"),
+    ("invalid mem access 'scalar'", "Check the pointer a map lookup returned against NULL before using it"),
+    ("map_value_or_null", "Check the pointer a map lookup returned against NULL before using it"),
+)

@@ -5,6 +5,7 @@ import msgspec
 
 from schemas.ebpf import MapSpec, Reason, program_digest
 from verifier_service import bytecode, policy
+from verifier_service.btf_ext import line_of
 from verifier_service.elf import ObjectError, read_object
 from verifier_service.policy import Limits, Program
 
@@ -31,10 +32,18 @@ def check_object(data: bytes, program: str | None, prog_type: str, limits: Limit
         reasons = obj.problems + policy.check(parsed, limits)
     return StaticVerdict(
         accepted=not reasons,
-        reasons=reasons,
+        reasons=with_source(reasons, obj.lines),
         digest=program_digest(obj.raw, obj.maps, obj.map_refs),
         program=obj.name,
         insns=len(obj.raw) // bytecode.INSN_SIZE,
         maps=obj.maps,
         map_refs=obj.map_refs,
     )
+
+
+def with_source(reasons: list[Reason], lines: dict[int, str]) -> list[Reason]:
+    """Each reason at an instruction, with the source line it was compiled from."""
+    return [
+        msgspec.structs.replace(r, source=line_of(lines, r.insn)) if r.insn is not None and lines else r
+        for r in reasons
+    ]

@@ -190,4 +190,21 @@ def test_every_leak_is_refused_with_the_right_reason(build, leak: corpus.Leak, m
     else:  # auto: strict refused it, and the privileged load's log shows the leak
         assert (reason.code, reply.mode) == (leak.proven_code, "proven"), reason
         assert leak.proven_says in reason.message and reason.insn is not None, reason
+    assert reason.source is not None, "the object has line info (-g): the refusal names the line"
     assert not re.search(r"0xffff[0-9a-f]{12}", reply.kernel_log_tail), "kernel addresses in the log"
+
+
+@pytest.mark.parametrize("mode", ["strict", "proven"])
+def test_a_refusal_names_the_source_line(build, mode: str) -> None:
+    leak = next(leak for leak in corpus.LEAKS if leak.name == "leak_map")
+    reply = asyncio.run(verify(build(leak.name, leak.source), None, "xdp", VerifyLimits(), mode=mode))
+    [reason] = reply.reasons
+    assert reason.source is not None and reason.source.endswith("*value = (__u64)(long)value;"), reason
+    assert reason.source.startswith("leak_map.c:")
+
+
+def test_a_policy_refusal_names_the_source_line_too(build) -> None:
+    data = build("siblings", corpus.SIBLINGS.source)
+    reply = asyncio.run(verify(data, "forward", "xdp", VerifyLimits()))
+    denied = next(r for r in reply.reasons if r.code == "helper_denied")
+    assert denied.source is not None and "bpf_redirect_map(&ports, 0, 0)" in denied.source, denied
