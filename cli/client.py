@@ -15,7 +15,15 @@ from fabric import bus, credentials, telemetry, trace_stream
 from fabric.bundles import digest_of, pack_directory
 from fabric.connection import Connection
 from schemas import codec, subjects
-from schemas.ebpf import MapsReply, MapsRequest, RevokeReply, RevokeRequest, VerifyReply, VerifyRequest
+from schemas.ebpf import (
+    MapsReply,
+    MapsRequest,
+    MapWrite,
+    RevokeReply,
+    RevokeRequest,
+    VerifyReply,
+    VerifyRequest,
+)
 from schemas.errors import Error
 from schemas.manifest import name_problems, parse_manifest
 from schemas.messages import (
@@ -388,9 +396,10 @@ class Client:
             reply = await self._control(subject, ListFunctions(tenant=tenant), codec.list_result, tenant)
         return reply.functions
 
-    async def maps(self, tenant: str, function: str) -> MapsReply:
-        """The function's maps as the DPU nodes that run it hold them (a tenant sees only its own)."""
-        request = MapsRequest(tenant=tenant, function=function)
+    async def maps(self, tenant: str, function: str, write: MapWrite | None = None) -> MapsReply:
+        """The function's maps as the DPU nodes that run it hold them (a tenant sees only its own);
+        with a write, that entry set or deleted on every node's copy first."""
+        request = MapsRequest(tenant=tenant, function=function, write=write)
         return await self._control(
             subjects.control(tenant, subjects.MAPS), request, codec.maps_result, tenant
         )

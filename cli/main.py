@@ -10,7 +10,7 @@ from typing import IO
 import click
 import msgspec
 
-from cli import account, cluster, nodes, render, tenants, traces
+from cli import account, cluster, maps, nodes, render, tenants, traces
 from cli.client import RETRY_AFTER_MS, Client
 from cli.context import TENANT_HELP, acting_as, print_json, run, state_dir
 from deploy import launcher
@@ -312,21 +312,6 @@ def verify(
 
 
 @cli.command()
-@click.argument("name")
-@click.option("--tenant", default=None, help=TENANT_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object (keys and values in hex)")
-def maps(name: str, tenant: str | None, as_json: bool) -> None:
-    """Show the maps of an ebpf function (the tenant's own), as each node running it holds them."""
-    reply = run(lambda c: c.maps(acting_as(c, tenant), name))
-    if as_json:
-        print_json([render.map_json(dump) for dump in reply.maps])
-    else:
-        click.echo(
-            render.maps_table(reply.maps) if reply.maps else f"{tenant}/{name} is not loaded on any node yet"
-        )
-
-
-@cli.command()
 @click.argument("digest")
 @click.option("--reason", default="", help="why (kept with the revocation)")
 def revoke(digest: str, reason: str) -> None:
@@ -434,6 +419,7 @@ def list_functions(tenant: str | None, as_json: bool) -> None:
 
 
 cli.add_command(tenants.tenant)
+cli.add_command(maps.maps)
 cli.add_command(account.account)
 cli.add_command(nodes.node)
 cli.add_command(cluster.cluster)

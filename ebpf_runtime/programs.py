@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ebpf_runtime import map_writes
 from ebpf_runtime.admission import LoadRequest, Refused, admit
 from ebpf_runtime.loader import Loaded, load
 from ebpf_runtime.settings import EbpfRuntimeSettings
@@ -76,10 +77,19 @@ class ProgramRuntime:
         return partition_of(self.settings)
 
     def maps(self, req: MapsRequest) -> MapsReply:
-        """The maps of this tenant's function, and nobody else's: the key includes the tenant."""
+        """The maps of this tenant's function, and nobody else's: the key includes the tenant.
+        With a write, the entry is set or deleted in this node's copy first."""
         program = self.loaded.get((req.tenant, req.function, req.program_digest))
         if program is None:
             return MapsReply(maps=[])
+        if req.write is not None:
+            try:
+                done = map_writes.apply(program, req.write)
+            except map_writes.MapWriteError as exc:
+                return MapsReply(maps=[], refused=[f"{self.node_id}: {exc}"])
+            fd, spec = program.maps[req.write.map]
+            log.info("%s/%s: map %s: %s by its tenant", req.tenant, req.function, req.write.map, done)
+            return MapsReply(maps=[self._dump(req.write.map, fd, spec)], applied=[self.node_id])
         return MapsReply(
             maps=[self._dump(name, fd, spec) for name, (fd, spec) in sorted(program.maps.items())]
         )

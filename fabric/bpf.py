@@ -18,7 +18,7 @@ _ARCH = syscalls.here()  # x86_64 hosts, aarch64 DPUs: the numbers differ (bpf i
 SYS_BPF, SYS_CAPSET = _ARCH.numbers["bpf"], _ARCH.numbers["capset"]
 
 # bpf(2) commands
-MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 4
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 PROG_LOAD, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD, BTF_LOAD, MAP_FREEZE = 5, 10, 15, 18, 22
 ATTR_SIZE = 128
 PROG_INFO_SIZE = 232
@@ -48,13 +48,27 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, 
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    """Set key to value; a queue or stack (no key) pushes the value (the kernel wants a NULL key)."""
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     key_buffer = ctypes.create_string_buffer(key, len(key))
     value_buffer = ctypes.create_string_buffer(value, len(value))
-    struct.pack_into(
-        "<IIQQQ", attr, 0, fd, 0, ctypes.addressof(key_buffer), ctypes.addressof(value_buffer), flags
-    )
+    key_address = ctypes.addressof(key_buffer) if key else 0
+    struct.pack_into("<IIQQQ", attr, 0, fd, 0, key_address, ctypes.addressof(value_buffer), flags)
     _call(MAP_UPDATE_ELEM, attr, "map update")
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete key; False when there was none."""
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    struct.pack_into("<IIQ", attr, 0, fd, 0, ctypes.addressof(key_buffer))
+    try:
+        _call(MAP_DELETE_ELEM, attr, "map delete")
+    except BpfError as exc:
+        if exc.errno == 2:  # ENOENT
+            return False
+        raise
+    return True
 
 
 def map_freeze(fd: int) -> None:

@@ -18,6 +18,7 @@ from scheduler import state
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
 from schemas import codec, ebpf, keys, subjects
+from schemas.ebpf import map_write_problem
 from schemas.manifest import name_problems, spec_problems
 from schemas.messages import (
     ApprovedProgram,
@@ -227,10 +228,12 @@ class Control:
 
     async def on_maps(self, req: ebpf.MapsRequest, ctx: bus.Context) -> ebpf.MapsReply | ErrorReply:
         """A tenant's function's maps, gathered from every node that has it loaded (DPUs, and hosts
-        that run eBPF)."""
+        that run eBPF); with a write, set or deleted on each of those copies."""
         record = self._view.functions.get((req.tenant, req.function))
         if record is None or not record.program_digest:
             return error_reply("not_found", f"no ebpf function {req.function!r} for tenant {req.tenant!r}")
+        if req.write is not None and (problem := map_write_problem(req.write)):
+            return error_reply("bad_request", problem)
         ask = msgspec.structs.replace(req, program_digest=record.program_digest)
         runners = self._healthy(lambda n: n.record.runs_ebpf)
         replies = await asyncio.gather(
@@ -239,9 +242,15 @@ class Control:
                 for node_id in runners
             )
         )
-        return ebpf.MapsReply(
-            maps=[dump for r in replies if isinstance(r, ebpf.MapsReply) for dump in r.maps]
+        answered = [r for r in replies if isinstance(r, ebpf.MapsReply)]
+        merged = ebpf.MapsReply(
+            maps=[dump for r in answered for dump in r.maps],
+            applied=sorted(node for r in answered for node in r.applied),
+            refused=[why for r in answered for why in r.refused],
         )
+        if req.write is not None and merged.refused and not merged.applied:
+            return error_reply("bad_request", "; ".join(merged.refused))
+        return merged
 
     async def on_logs(self, req: LogsRequest, ctx: bus.Context) -> LogsReply | ErrorReply:
         """The last lines of a function's output from every host node holding any (a function

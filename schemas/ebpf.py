@@ -117,12 +117,36 @@ class VerifyReply(msgspec.Struct, frozen=True, kw_only=True, tag="verify_reply")
     mode: str = ""  # the mode it was verified in ("strict" or "proven"; the last tried if refused)
 
 
+class MapWrite(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry to set or delete in a map of the tenant's own function. Key and value are text,
+    read by each node against the map's shape (ebpf_runtime/map_text.py): a decimal number
+    (little-endian, the field's size), 0x and hex bytes, or an IPv4/IPv6 prefix for an LPM key."""
+
+    map: str
+    key: str = ""  # "" for a queue or stack, which take none
+    value: str | None = None  # None: delete the key
+
+
+MAX_MAP_TEXT = 1024  # a key or value as text: 512 bytes in hex, more than any map here takes
+
+
+def map_write_problem(write: MapWrite) -> str | None:
+    if not write.map or len(write.map) > 64:
+        return "a map name of 1..64 characters is needed"
+    for what, text in (("key", write.key), ("value", write.value or "")):
+        if len(text) > MAX_MAP_TEXT:
+            return f"the {what} is {len(text)} characters, over the limit of {MAX_MAP_TEXT}"
+    return None
+
+
 class MapsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="maps"):
-    """A tenant reads its own function's maps (client -> scheduler -> each DPU node)."""
+    """A tenant reads its own function's maps, or writes one entry of one of them, on every node
+    that has the program loaded (client -> scheduler -> each node)."""
 
     tenant: str
     function: str
     program_digest: str = ""  # filled in by the scheduler
+    write: MapWrite | None = None
 
 
 class MapEntry(msgspec.Struct, frozen=True, array_like=True):
@@ -139,7 +163,9 @@ class MapDump(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class MapsReply(msgspec.Struct, frozen=True, kw_only=True, tag="maps_reply"):
-    maps: list[MapDump]
+    maps: list[MapDump]  # after a write: the written map, as it is now
+    applied: list[str] = []  # after a write: the nodes that applied it
+    refused: list[str] = []  # after a write: why a node did not (node: reason)
 
 
 class RevokeRequest(msgspec.Struct, frozen=True, kw_only=True, tag="revoke"):

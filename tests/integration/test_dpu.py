@@ -14,7 +14,9 @@ from cli.client import Client, ClientError, ProgramRejected
 from deploy import build_ebpf, launcher
 from dpu_node.settings import DpuNodeSettings
 from schemas import codec, subjects
+from schemas.ebpf import MapWrite
 from schemas.messages import Heartbeat, instance_key
+from tests import ebpf_corpus as corpus
 from tests.bpf_build import COUNTER, bpf_builder
 from tests.integration.conftest import EXAMPLES
 
@@ -128,6 +130,39 @@ async def test_a_tenant_reads_its_own_maps_and_only_those(dclient: Client, tmp_p
     assert dpu.tenant_runs["acme"] >= 5, "the node accounts runs per tenant"
     assert theirs.maps == [], "tenant bravo sees nothing of acme's counter"
     assert unknown.value.error.code == "not_found"
+
+
+async def test_a_tenant_writes_its_own_maps_on_every_loaded_copy(dclient: Client, tmp_path: Path) -> None:
+    source = "const volatile __u32 version = 1;\n" + corpus.LPM.source  # a frozen .rodata beside the trie
+    source = source.replace("return bpf_map_lookup_elem", "return version && bpf_map_lookup_elem")
+    await dclient.deploy(ebpf_function(tmp_path, "blocklist", source))
+    packet = bytearray(64)
+    packet[26:30] = bytes([10, 1, 2, 3])  # IPv4 source 10.1.2.3
+
+    before = await dclient.invoke("acme", "blocklist", bytes(packet))
+    added = await dclient.maps("acme", "blocklist", MapWrite(map="blocked", key="10.1.0.0/16", value="1"))
+    blocked = await dclient.invoke("acme", "blocklist", bytes(packet))
+    deleted = await dclient.maps("acme", "blocklist", MapWrite(map="blocked", key="10.1.0.0/16"))
+    after = await dclient.invoke("acme", "blocklist", bytes(packet))
+    with pytest.raises(ClientError) as frozen:
+        await dclient.maps("acme", "blocklist", MapWrite(map=".rodata", key="0", value="0"))
+    with pytest.raises(ClientError) as unknown_map:
+        await dclient.maps("acme", "blocklist", MapWrite(map="routes", key="1", value="1"))
+    with pytest.raises(ClientError) as wrong_size:
+        await dclient.maps("acme", "blocklist", MapWrite(map="blocked", key="10.1.0.0/16", value="0x01"))
+    with pytest.raises(ClientError) as other_tenant:  # bravo has no such function: never acme's
+        await dclient.maps("bravo", "blocklist", MapWrite(map="blocked", key="10.0.0.0/8", value="1"))
+
+    assert [o.reply.action for o in (before, blocked, after)] == ["XDP_PASS", "XDP_DROP", "XDP_PASS"]
+    assert added.applied == ["dpu-1"] and deleted.applied == ["dpu-1"]
+    [trie] = added.maps
+    assert [(e.key, e.value) for e in trie.entries] == [
+        ((16).to_bytes(4, "little") + bytes([10, 1, 0, 0]), b"\1\0\0\0")
+    ]
+    assert frozen.value.error.code == "bad_request" and "frozen" in frozen.value.error.message
+    assert "its maps: .rodata, blocked" in unknown_map.value.error.message
+    assert "1 bytes; the map's value is 4 bytes" in wrong_size.value.error.message
+    assert other_tenant.value.error.code == "not_found"
 
 
 async def test_the_examples_filter_and_bounce_packets(dclient: Client) -> None:
