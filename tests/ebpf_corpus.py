@@ -330,7 +330,51 @@ struct {
     __type(value, __u64);
 } table SEC(".maps");
 """
+# Two paths meet with a stack variable written (MISC) on the one walked first and not on the
+# other. With CAP_PERFMON the kernel takes the first as covering the second (stacksafe(), under
+# allow_uninit_stack), so only the first is walked: the proof must see the meeting itself.
+_MEETING = (
+    _HASH
+    + """
+SEC("xdp")
+__attribute__((naked)) int leak(void)
+{
+    asm volatile(
+        "r6 = r1;"
+        "r1 = 1;"
+        "*(u64 *)(r10 - 8) = r1;"          /* the key */
+        "r0 = *(u32 *)(r6 + 12);"          /* ingress_ifindex */
+        "if r0 == 1 goto 1f;"
+        "r1 = r6; r2 = 0; r3 = r10; r3 += -16; r4 = 8;"
+        "call 189;"                        /* walked first: xdp_load_bytes writes fp-16 */
+        %s                                 /* the other path */
+        "2:"
+        "r1 = %%[table] ll;"
+        "r2 = r10; r2 += -8; r3 = r10; r3 += -16; r4 = 0;"
+        "call 2;"                          /* fp-16 into the map */
+        "r0 = 2;"
+        "exit;"
+        :: [table] "i"(&table) : "memory");
+}
+"""
+)
 LEAKS = (
+    Leak(
+        "leak_unwritten_where_paths_meet",
+        "unwritten stack where paths meet",
+        _MEETING % '"1:"',  # writes nothing
+        "invalid read from stack",
+        "unproven",
+        "paths meet here",
+    ),
+    Leak(
+        "leak_pointer_where_paths_meet",
+        "spilled pointer where paths meet",
+        _MEETING % '"goto 2f; 1: *(u64 *)(r10 - 16) = r6;"',  # spills the context
+        "invalid read from stack",
+        "unproven",
+        "paths meet here",
+    ),
     Leak(
         "leak_through_callback",
         "pointer through a callback's context",

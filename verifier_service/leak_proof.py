@@ -30,7 +30,18 @@ from verifier_service.bytecode import (
     Insn,
 )
 from verifier_service.helper_ids import HELPER_NAMES
-from verifier_service.verifier_log import MIXED, WRITTEN, Frame, LogError, Step, kind, stack_bytes, steps
+from verifier_service.verifier_log import (
+    MIXED,
+    WRITTEN,
+    Frame,
+    LogError,
+    Pruned,
+    Step,
+    Unfollowed,
+    kind,
+    stack_bytes,
+    steps,
+)
 
 # What each reviewed helper takes, argument by argument (C prototypes: bpf_helper_defs.h).
 #   typed: a pointer the kernel checks the type of (the context, a map, a spin lock, a string)
@@ -88,13 +99,34 @@ def prove(log: str, insns: list[Insn]) -> list[Reason]:
         for step in steps(log, insns):
             if step.insn in found:
                 continue
-            try:
-                _check(insns[step.insn], step)
-            except _Leak as leak:
-                found[step.insn] = Reason(leak.code, str(leak), step.insn)
+            if isinstance(step, Pruned):
+                found[step.insn] = Reason("unproven", _pruned(step), step.insn)
+            elif isinstance(step, Unfollowed):
+                found[step.insn] = Reason("unproven", _UNFOLLOWED, step.insn)
+            else:
+                try:
+                    _check(insns[step.insn], step)
+                except _Leak as leak:
+                    found[step.insn] = Reason(leak.code, str(leak), step.insn)
     except LogError as exc:
         return [Reason("unproven", f"proven mode could not check it: {exc}")]
     return [found[index] for index in sorted(found)]
+
+
+_UNFOLLOWED = (
+    "the kernel cut a path short inside a subprogram or callback, judging it like one it had "
+    "walked, which proven mode cannot check (the log prints one frame's stack): make it "
+    "__always_inline, or verify in strict mode"
+)
+
+
+def _pruned(pruned: Pruned) -> str:
+    low, high = min(pruned.covered), max(pruned.covered)
+    return (
+        f"paths meet here with stack bytes fp{low}..fp{high} written on one and unwritten or holding "
+        "a pointer on another; the kernel checked only the first, so what it holds on the second "
+        "is unproven: initialize the variable on every path (= {} or __builtin_memset)"
+    )
 
 
 def _check(insn: Insn, step: Step) -> None:

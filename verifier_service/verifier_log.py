@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 from verifier_service.bytecode import CALL, CALL_HELPER, Insn
 
-_FROM = re.compile(r"^from \d+ to \d+(?: \(speculative execution\))?: (.*)$")
+_FROM = re.compile(r"^from (\d+) to (\d+)(?: \(speculative execution\))?: (.*)$")
+_PRUNED = re.compile(r"^(\d+): safe$")
 _INSN = re.compile(r"^(\d+): \([0-9a-f]{2}\) [^;]*?(?:\s+; (.*))?$")
 _STATE = re.compile(r"^\d+: ((?:frame\d+: )?(?:R\d|fp).*)$")
 _NAME = re.compile(r"^(?:R(\d+)|fp(-\d+))(?:_\w+)?=(.*)$", re.S)
@@ -91,6 +92,22 @@ class LogError(ValueError):
     """The log is not one this reader can follow (the proof then fails closed)."""
 
 
+class Pruned(NamedTuple):
+    """The kernel stopped walking a path at `insn`, judging it covered by a state it had walked
+    there before. With CAP_PERFMON a walked stack byte of unknown scalar (STACK_MISC) covers any
+    byte, unwritten or a spilled pointer (stacksafe(): `allow_uninit_stack`): `covered` are the
+    bytes where that may have hidden a hazard the walked path never had."""
+
+    insn: int
+    covered: set[int]  # stack bytes (frame 0) unwritten or a spilled pointer here, MISC before
+
+
+class Unfollowed(NamedTuple):
+    """A path pruned inside a subprogram or callback: its frames' stacks are not all printed."""
+
+    insn: int
+
+
 def split_state(text: str) -> tuple[int | None, dict[int, str], dict[int, str]]:
     """`[frameK: ]NAME=VALUE ...` -> (K or None, registers, stack slots); spaces inside a value's
     parentheses, as in `var_off=(0x0; 0x3c)`, belong to the value."""
@@ -116,13 +133,34 @@ def split_state(text: str) -> tuple[int | None, dict[int, str], dict[int, str]]:
     return frame, regs, stack
 
 
-def steps(log: str, insns: list[Insn]) -> Iterator[Step]:
-    """Every instruction the log shows the kernel walking, with the state before it."""
+def _hazards(found: dict[int, str]) -> set[int]:
+    """Bytes below the frame pointer that are unwritten or hold a spilled pointer."""
+    return {a for a in range(-512, 0) if found.get(a, "") != WRITTEN}
+
+
+def _misc(stack: dict[int, str]) -> set[int]:
+    """Bytes of unknown scalar written byte-wise (STACK_MISC, printed `m`)."""
+    return {
+        base + 7 - at
+        for base, slot in stack.items()
+        if _BYTE_KINDS.match(slot)
+        for at, char in enumerate(slot)
+        if char == "m"
+    }
+
+
+def steps(log: str, insns: list[Insn]) -> Iterator[Step | Pruned | Unfollowed]:
+    """Every instruction the log shows the kernel walking, with the state before it; and every
+    path it pruned (Pruned, Unfollowed)."""
     if not DONE.search(log):
         raise LogError("the kernel's log is incomplete (it did not reach its last line)")
     frames: list[Frame] = [Frame()]
     callers: dict[int, dict[int, str]] = {}
     current = 0
+    # frame 0's instructions: the stack bytes MISC at any visit, and hazardous at any visit
+    misc_at: dict[int, set[int]] = {}
+    hazards_at: dict[int, set[int]] = {}
+    frame_of: dict[int, int] = {}
 
     def apply(text: str, whole: bool) -> None:
         nonlocal current
@@ -139,12 +177,30 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step]:
 
     for line in log.splitlines():
         if match := _FROM.match(line):
-            if match[1] != "safe":  # a pruned path: nothing follows on it
-                apply(match[1], whole=True)
+            if match[3] != "safe":
+                apply(match[3], whole=True)
+                continue
+            # the state popped was pushed at a visit of the branch: any of them
+            branch, target = int(match[1]), int(match[2])
+            if frame_of.get(branch, 0) != 0:
+                yield Unfollowed(target)
+            elif covered := hazards_at.get(branch, set()) & misc_at.get(target, set()):
+                yield Pruned(target, covered)
+        elif match := _PRUNED.match(line):
+            target = int(match[1])
+            if current != 0:
+                yield Unfollowed(target)
+            elif covered := _hazards(stack_bytes(frames[0].stack)) & misc_at.get(target, set()):
+                yield Pruned(target, covered)
         elif match := _INSN.match(line):
             index = int(match[1])
             if not 0 <= index < len(insns):
                 raise LogError(f"the log names instruction {index}, past the program's end")
+            frame_of[index] = current
+            if current == 0:
+                stack = frames[0].stack
+                misc_at.setdefault(index, set()).update(_misc(stack))
+                hazards_at.setdefault(index, set()).update(_hazards(stack_bytes(stack)))
             yield Step(index, current, frames[current], callers)
             insn = insns[index]
             if insn.code == CALL:
