@@ -182,13 +182,13 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step | Pruned | Unfollowed]:
                 continue
             # the state popped was pushed at a visit of the branch: any of them
             branch, target = int(match[1]), int(match[2])
-            if frame_of.get(branch, 0) != 0:
+            if frame_of.get(branch) != 0 or frame_of.get(target) != 0:  # a callee's, or not walked
                 yield Unfollowed(target)
             elif covered := hazards_at.get(branch, set()) & misc_at.get(target, set()):
                 yield Pruned(target, covered)
         elif match := _PRUNED.match(line):
             target = int(match[1])
-            if current != 0:
+            if current != 0 or frame_of.get(target) != 0:
                 yield Unfollowed(target)
             elif covered := _hazards(stack_bytes(frames[0].stack)) & misc_at.get(target, set()):
                 yield Pruned(target, covered)
