@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fabric import kernel_types
 from fabric.signing import AttestationError, VerifiedSignatures, check
 from schemas.ebpf import VERIFY_MODES, Attestation, MapSpec, ProgType, Signed, program_digest
 
@@ -36,6 +37,7 @@ def admit(
     now: float,
     verified: VerifiedSignatures | None = None,
     load_modes: Sequence[str] = VERIFY_MODES,
+    node_types: str | None = None,  # this node's kernel types' digest (default: read once from the kernel)
 ) -> Attestation:
     try:
         approved = check(request.signed, trusted, now, verified)
@@ -52,6 +54,14 @@ def admit(
             raise Refused("wrong_" + field, f"approved for {field} {signed_for!r}, not {wanted!r}")
     if sorted(approved.maps, key=_name) != sorted(request.maps, key=_name):
         raise Refused("maps_mismatch", "the map specs differ from the approved ones")
+    if node_types is None:
+        node_types = kernel_types.running_digest()
+    if approved.kernel_types and approved.kernel_types != node_types:
+        raise Refused(
+            "kernel_types",
+            "its CO-RE offsets were taken from another kernel's types than this node's: verify it "
+            "on a verifier running this node's kernel",
+        )
     if approved.mode not in load_modes:
         raise Refused(
             "verify_mode",

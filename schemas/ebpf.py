@@ -80,6 +80,9 @@ class Attestation(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     # how the kernel verified it (docs/architecture.md §5), and so how a node must load it; an
     # attestation signed before modes existed was verified strict
     mode: VerifyMode = "strict"
+    # CO-RE relocated: the digest of the kernel types (BTF) the offsets were taken from; a node
+    # whose kernel has other types refuses it ("": no relocations, any kernel)
+    kernel_types: str = ""
 
 
 class Signed(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,6 +118,7 @@ class VerifyReply(msgspec.Struct, frozen=True, kw_only=True, tag="verify_reply")
     instructions: bytes = b""  # when accepted: what the digest covers (map references symbolic)
     signed: Signed | None = None  # when accepted and the request named a function
     mode: str = ""  # the mode it was verified in ("strict" or "proven"; the last tried if refused)
+    kernel_types: str = ""  # CO-RE relocated against these kernel types (their BTF's digest)
 
 
 class MapWrite(msgspec.Struct, frozen=True, kw_only=True):

@@ -21,6 +21,11 @@ def tcp_frame(port: int, ihl: int = 5, options: bytes = b"", pad: int = 16) -> b
     return bytes(12) + b"\x08\x00" + ip + tcp + options + bytes(pad)
 
 
+def to_address(frame: bytes, address: bytes) -> bytes:
+    """`frame` with its IPv4 destination address replaced."""
+    return frame[:30] + address + frame[34:]
+
+
 class Case(NamedTuple):
     name: str
     idiom: str  # what the acceptance table calls it
@@ -289,6 +294,33 @@ int sums(struct xdp_md *ctx)
 """,
     runs=((bytes(64), XDP_DROP),),
 )
+CO_RE = Case(
+    "co_re",
+    "CO-RE (fields relocated against the kernel's types)",
+    """
+#include <bpf/bpf_core_read.h>
+/* this program's own idea of the headers, fields in another order: CO-RE finds the kernel's */
+struct iphdr___mine { __u8 protocol; __u32 daddr; __u8 ihl:4, version:4; }
+    __attribute__((preserve_access_index));
+struct iphdr___future { __u32 not_in_any_kernel; } __attribute__((preserve_access_index));
+SEC("xdp")
+int relocated(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
+    struct iphdr___mine *ip = data + 14;
+    if ((void *)ip + 20 > data_end)
+        return XDP_PASS;
+    if (bpf_core_field_exists(((struct iphdr___future *)ip)->not_in_any_kernel))
+        return XDP_ABORTED;
+    return ip->protocol == 6 && ip->ihl == 5 && ip->daddr == 0x0100000a ? XDP_DROP : XDP_PASS;
+}
+""",
+    runs=(
+        (to_address(tcp_frame(80), bytes([10, 0, 0, 1])), XDP_DROP),  # TCP, ihl 5, to 10.0.0.1
+        (to_address(tcp_frame(80, ihl=6), bytes([10, 0, 0, 1])), XDP_PASS),  # ihl 6
+        (to_address(tcp_frame(80), bytes([10, 0, 0, 2])), XDP_PASS),
+    ),
+)
 ACCEPTED = (
     PACKET_LENGTH,
     VARIABLE_HEADER,
@@ -301,6 +333,7 @@ ACCEPTED = (
     FLOW_HASH,
     BPF_LOOP,
     FOR_EACH,
+    CO_RE,
 )
 
 

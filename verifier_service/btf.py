@@ -6,6 +6,7 @@ their types: `__uint(type, BPF_MAP_TYPE_ARRAY)` is `int (*type)[2]` (the number 
 length), `__type(key, __u32)` is `__u32 *key` (the size is the pointee's)."""
 
 import struct
+from typing import NamedTuple
 
 MAGIC = 0xEB9F
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
@@ -28,6 +29,13 @@ class BtfError(ValueError):
     pass
 
 
+class Member(NamedTuple):
+    name: str
+    bit_offset: int
+    type_id: int
+    bits: int  # a bitfield's width; 0: not a bitfield
+
+
 class Btf:
     def __init__(self, data: bytes):
         if len(data) < 24:
@@ -42,6 +50,8 @@ class Btf:
         self._strings = data[base + str_off : base + str_off + str_len]
         self.types: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)]  # (kind, vlen, size_or_type, offset)
         self.names: list[str] = [""]
+        self._kind_flags: list[bool] = [False]
+        self._by_name: dict[str, list[int]] | None = None
         self._index()
 
     def _index(self) -> None:
@@ -53,6 +63,7 @@ class Btf:
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             self.types.append((kind, vlen, size_or_type, at + 12))
             self.names.append(self.string(name_off))
+            self._kind_flags.append(bool(info >> 31))
             at += 12 + _FIXED.get(kind, 0) + _PER_ENTRY.get(kind, 0) * vlen
 
     def string(self, offset: int) -> str:
@@ -63,6 +74,45 @@ class Btf:
         _kind, vlen, _, at = self.types[type_id]
         size = struct.calcsize(fmt)
         return [struct.unpack_from(fmt, self._types, at + i * size) for i in range(vlen)]
+
+    def named(self, name: str) -> list[int]:
+        """The types called `name`, or `name___anything` (CO-RE's flavours)."""
+        if self._by_name is None:
+            self._by_name = {}
+            for type_id, full in enumerate(self.names):
+                if full:
+                    self._by_name.setdefault(full.split("___", 1)[0], []).append(type_id)
+        return self._by_name.get(name, [])
+
+    def members(self, type_id: int) -> list[Member]:
+        """A struct's or union's members; with the kind flag, offsets hold a bitfield's size."""
+        flagged = self._kind_flags[type_id]
+        out = []
+        for name_off, member_type, offset in self._entries(type_id, "<III"):
+            bits, size = (offset & 0xFFFFFF, offset >> 24) if flagged else (offset, 0)
+            out.append(Member(self.string(name_off), bits, member_type, size))
+        return out
+
+    def array(self, type_id: int) -> tuple[int, int]:
+        """(element type, element count) of an array type."""
+        element, _index, count = struct.unpack_from("<III", self._types, self.types[type_id][3])
+        return element, count
+
+    def signed(self, type_id: int) -> bool:
+        """An int type marked signed (BTF_INT_SIGNED), or a signed enum (the kind flag)."""
+        type_id = self.resolve(type_id)
+        kind, _, _, at = self.types[type_id]
+        if kind == KIND_INT:
+            return bool(struct.unpack_from("<I", self._types, at)[0] >> 24 & 1)
+        return kind in (KIND_ENUM, KIND_ENUM64) and self._kind_flags[type_id]
+
+    def enumerators(self, type_id: int) -> list[tuple[str, int]]:
+        kind = self.types[type_id][0]
+        if kind == KIND_ENUM:
+            return [(self.string(n), v) for n, v in self._entries(type_id, "<Ii")]
+        if kind == KIND_ENUM64:
+            return [(self.string(n), lo | hi << 32) for n, lo, hi in self._entries(type_id, "<III")]
+        return []
 
     def resolve(self, type_id: int) -> int:
         """Skip typedefs and qualifiers."""

@@ -1,7 +1,6 @@
 """`.BTF.ext`: what clang records per instruction beside the code (func info, line info, CO-RE
-relocations). Read here to refuse CO-RE clearly: its relocations say "this offset is the
-compile-time guess, fix it for the running kernel", and loading the guess unchanged would be
-wrong on another kernel with nobody told. Pure.
+relocations): line info names refusals' source lines; CO-RE records say "this offset is the
+compile-time guess, fix it for the running kernel" (core.py applies them). Pure.
 
 Layout (libbpf's btf.h): a header (magic 0xeB9F, version, flags, hdr_len, then offset/length
 pairs of func info, line info and, when hdr_len >= 32, CO-RE relocations, relative to the header's
@@ -15,12 +14,8 @@ from elftools.elf.elffile import ELFFile
 from schemas.ebpf import Reason
 from verifier_service.btf import MAGIC, Btf, BtfError
 from verifier_service.bytecode import INSN_SIZE
+from verifier_service.core import Relocation
 
-CORE_KINDS = (
-    "field offset", "field size", "field exists", "field signedness", "field left shift",
-    "field right shift", "local type id", "target type id", "type exists", "type size",
-    "enum value exists", "enum value", "type matches",
-)  # fmt: skip
 _HEADER = struct.Struct("<HBBIIIIIIII")
 
 
@@ -90,15 +85,15 @@ def line_of(lines: dict[int, str], index: int) -> str | None:
     return lines[max(earlier)] if earlier else None
 
 
-def core_relocations(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[Reason]:
-    """A refusal for each CO-RE relocation in `pieces` (section index, byte start, byte size: the
-    linked program's parts, in order), at its instruction in the linked program."""
+def core_records(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[Relocation]:
+    """The CO-RE relocations of `pieces` (section index, byte start, byte size: the linked
+    program's parts, in order), at their instructions in the linked program."""
     ext_section, btf_section = elf.get_section_by_name(".BTF.ext"), elf.get_section_by_name(".BTF")
     if ext_section is None or btf_section is None:
         return []
     btf = Btf(btf_section.data())
     bases = _bases(elf, pieces)
-    reasons = []
+    records_found = []
     for name_off, records in _part(ext_section.data(), 2):
         section_name = btf.string(name_off)
         for record in records:
@@ -106,18 +101,14 @@ def core_relocations(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[R
             for name, start, size, base in bases:
                 if name == section_name and start <= insn_off < start + size:
                     index = base + (insn_off - start) // INSN_SIZE
-                    reasons.append(_core_reason(btf, index, type_id, btf.string(access_off), kind))
-    return reasons
+                    records_found.append(Relocation(index, type_id, btf.string(access_off), kind))
+    return records_found
 
 
-def _core_reason(btf: Btf, index: int, type_id: int, access: str, kind: int) -> Reason:
-    what = CORE_KINDS[kind] if 0 <= kind < len(CORE_KINDS) else f"kind {kind}"
-    type_name = btf.names[type_id] if 0 <= type_id < len(btf.names) else f"#{type_id}"
+def core_refusal(index: int, why: str) -> Reason:
     return Reason(
         "core_relocation",
-        f"a CO-RE relocation ({what} of {type_name or 'an anonymous type'}, access {access}): the "
-        "node's kernel types are not relocated against yet, and the compile-time value is not "
-        "loaded unchecked. For packet headers include the UAPI headers (<linux/if_ether.h>, "
-        "<linux/ip.h>, ...) instead of vmlinux.h, and drop __builtin_preserve_access_index",
+        f"a CO-RE relocation cannot be applied against this kernel's types: {why}. For packet "
+        "headers the UAPI headers (<linux/if_ether.h>, <linux/ip.h>, ...) need no relocation",
         index,
     )

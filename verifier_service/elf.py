@@ -11,8 +11,10 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from schemas.ebpf import MapSpec, Reason
+from verifier_service import kernel_types
 from verifier_service.btf import Btf, BtfError
-from verifier_service.btf_ext import core_relocations, source_lines
+from verifier_service.btf_ext import core_records, core_refusal, source_lines
+from verifier_service.core import Relocation, relocate
 from verifier_service.linking import SHF_EXECINSTR, is_global_data, link
 
 EM_BPF = 247
@@ -37,13 +39,17 @@ class ElfProgram(msgspec.Struct, frozen=True, kw_only=True):
     problems: list[Reason]  # references no loader honours, CO-RE relocations
     subprograms: list[str] = []  # the functions it reaches, appended after it
     lines: dict[int, str] = {}  # instruction -> its source line (btf_ext.source_lines)
+    kernel_types: str = ""  # CO-RE relocated: the digest of the kernel types applied (kernel_types.py)
 
 
 def _fail(code: str, message: str, insn: int | None = None) -> ObjectError:
     return ObjectError(Reason(code, message, insn))
 
 
-def read_object(data: bytes, program: str | None) -> ElfProgram:
+def read_object(
+    data: bytes, program: str | None, target: kernel_types.KernelTypes | None = None
+) -> ElfProgram:
+    """`target`: the kernel types CO-RE relocations are applied against (the running kernel's)."""
     try:
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] != "EM_BPF" and elf["e_machine"] != EM_BPF:
@@ -56,7 +62,10 @@ def read_object(data: bytes, program: str | None) -> ElfProgram:
         linked = link(elf, symbols, symbol)
         reached = set(linked.map_refs.values())
         maps = [m for m in [*_maps(elf, symbols), *_global_data(elf)] if m.name in reached]
-        problems = linked.problems + core_relocations(elf, linked.pieces)
+        raw, problems, applied = linked.raw, list(linked.problems), ""
+        if relocations := core_records(elf, linked.pieces):
+            raw, core_problems, applied = _relocated(elf, raw, relocations, target or kernel_types.running())
+            problems += core_problems
         lines = source_lines(elf, linked.pieces)
         license_section = elf.get_section_by_name("license")
         license_text = license_section.data().split(b"\0")[0].decode() if license_section else ""
@@ -65,14 +74,28 @@ def read_object(data: bytes, program: str | None) -> ElfProgram:
     return ElfProgram(
         name=symbol.name,
         section=section.name,
-        raw=linked.raw,
+        raw=raw,
         maps=maps,
         map_refs=linked.map_refs,
         license=license_text,
         problems=problems,
         subprograms=linked.subprograms,
         lines=lines,
+        kernel_types=applied,
     )
+
+
+def _relocated(
+    elf: ELFFile, raw: bytes, relocations: list[Relocation], target: kernel_types.KernelTypes | None
+) -> tuple[bytes, list[Reason], str]:
+    """The instructions with CO-RE relocations applied against `target`, refusals, its digest."""
+    if target is None:
+        return raw, [core_refusal(relocations[0].insn, "this kernel publishes no BTF")], ""
+    code = bytearray(raw)
+    local = elf.get_section_by_name(".BTF")
+    assert local is not None  # core_records found relocations in it
+    problems = relocate(code, relocations, Btf(local.data()), target.btf)
+    return bytes(code), [core_refusal(index, why) for index, why in problems], target.digest
 
 
 def _program_symbol(elf: ELFFile, symbols: SymbolTableSection, wanted: str | None):

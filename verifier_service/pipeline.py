@@ -78,6 +78,7 @@ async def verify(
         refused,
         accepted=not reasons,
         reasons=with_source(reasons, obj.lines),
+        kernel_types=obj.kernel_types,
         mode=attempt,
         verified_insns=result.verified_insns,
         run_ns=result.run_ns,

@@ -116,6 +116,7 @@ class Verifier:
             serial=secrets.token_hex(8),
             key_id=self.key_id,
             mode="proven" if reply.mode == "proven" else "strict",
+            kernel_types=reply.kernel_types,
         )
         return msgspec.structs.replace(reply, signed=attestation.sign(approved, self._key))
 

@@ -15,7 +15,7 @@ import pytest
 
 from ebpf_runtime.admission import LoadRequest, Refused, admit
 from ebpf_runtime.loader import Loaded, load
-from fabric import bpf, signing
+from fabric import bpf, kernel_types, signing
 from schemas.ebpf import VerifyReply
 from tests import ebpf_corpus as corpus
 from tests.bpf_build import bpf_builder
@@ -210,3 +210,16 @@ def test_a_policy_refusal_names_the_source_line_too(build) -> None:
     reply = asyncio.run(verify(data, "forward", "xdp", VerifyLimits()))
     denied = next(r for r in reply.reasons if r.code == "helper_denied")
     assert denied.source is not None and "bpf_redirect_map(&ports, 0, 0)" in denied.source, denied
+
+
+def test_a_co_re_program_is_attested_for_the_kernel_types_it_was_relocated_against(build, key) -> None:
+    reply = verified(build, "co_re", corpus.CO_RE.source)
+    assert reply.accepted and reply.kernel_types == kernel_types.running_digest(), reply.kernel_types
+    request = signed_request(reply, key)
+    keyring = {signing.key_id(key.public_key()): key.public_key()}
+    assert admit(request, keyring, set(), time.time()).kernel_types == reply.kernel_types
+    with pytest.raises(Refused) as refused:
+        admit(request, keyring, set(), time.time(), node_types="sha256-" + "0" * 64)
+    assert refused.value.code == "kernel_types"
+    plain = verified(build, "length", corpus.PACKET_LENGTH.source)
+    assert plain.kernel_types == "", "without CO-RE a program is for any kernel"

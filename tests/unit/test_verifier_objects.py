@@ -62,15 +62,15 @@ SEC("xdp")
 int snoop(struct xdp_md *ctx) { return bpf_prog_active ? XDP_DROP : XDP_PASS; }
 """
 CO_RE = """
-struct ethhdr { unsigned char h_dest[6]; unsigned char h_source[6]; unsigned short h_proto; }
-    __attribute__((preserve_access_index));
+struct ethhdr { unsigned char h_dest[6]; unsigned char h_source[6]; unsigned short h_magic; }
+    __attribute__((preserve_access_index));  /* no kernel's ethhdr has h_magic */
 SEC("xdp")
 int relocated(struct xdp_md *ctx)
 {
     struct ethhdr *eth = (void *)(long)ctx->data;
     if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
         return XDP_PASS;
-    return eth->h_proto == 8 ? XDP_DROP : XDP_PASS;
+    return eth->h_magic == 8 ? XDP_DROP : XDP_PASS;
 }
 """
 SUBPROGRAM = """
@@ -214,6 +214,7 @@ def test_a_refused_map_type_says_why_and_nothing_about_its_shape(build) -> None:
     assert "queue map" in next(r.message for r in reasons if r.code == "map_type")
 
 
-def test_a_co_re_relocation_is_refused_at_its_instruction_with_what_to_write(build) -> None:
+def test_a_co_re_relocation_the_kernel_cannot_satisfy_is_refused_at_its_instruction(build) -> None:
     [reason] = verdict(build("co_re_msg", CO_RE)).reasons
-    assert reason.insn is not None and "ethhdr" in reason.message and "<linux/if_ether.h>" in reason.message
+    assert reason.code == "core_relocation" and reason.insn is not None, reason
+    assert "this kernel has no ethhdr with 0:2" in reason.message and "<linux/if_ether.h>" in reason.message
