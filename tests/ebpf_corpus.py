@@ -391,7 +391,43 @@ __attribute__((naked)) int leak(void)
 }
 """
 )
+# A pointer spilled at fp-16, then part of it overwritten: with CAP_PERFMON the kernel takes the
+# rest for a number (STACK_MISC), and the map gets seven bytes of the context's address.
+_PARTLY_OVERWRITTEN = _HASH + """
+SEC("xdp")
+__attribute__((naked)) int leak(void)
+{
+    asm volatile(
+        "r6 = r1;"
+        "*(u64 *)(r10 - 16) = r1;"         /* spill the context pointer */
+        %s                                 /* overwrite part of it */
+        "r1 = 1;"
+        "*(u64 *)(r10 - 8) = r1;"          /* the key */
+        "r1 = %%[table] ll;"
+        "r2 = r10; r2 += -8; r3 = r10; r3 += -16; r4 = 0;"
+        "call 2;"
+        "r0 = 2;"
+        "exit;"
+        :: [table] "i"(&table) : "memory");
+}
+"""
 LEAKS = (
+    Leak(
+        "leak_partly_overwritten_pointer",
+        "the rest of a partly overwritten pointer",
+        _PARTLY_OVERWRITTEN % '"r2 = 0; *(u8 *)(r10 - 16) = r2;"',
+        "attempt to corrupt spilled pointer",
+        "pointer_leak",
+        "part of a pointer spilled at fp-16",
+    ),
+    Leak(
+        "leak_pointer_partly_overwritten_by_a_helper",
+        "the rest of a pointer a helper partly overwrote",
+        _PARTLY_OVERWRITTEN % '"r1 = r6; r2 = 0; r3 = r10; r3 += -16; r4 = 4; call 189;"',
+        "attempt to corrupt spilled pointer",
+        "pointer_leak",
+        "part of a pointer spilled at fp-16",
+    ),
     Leak(
         "leak_unwritten_where_paths_meet",
         "unwritten stack where paths meet",

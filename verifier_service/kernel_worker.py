@@ -83,7 +83,7 @@ def verify(request: KernelRequest) -> KernelResult:
             return KernelResult(accepted=False, error=str(exc), log_tail=_tail(_level_one(exc.log)))
         finally:
             bpf.switch_mode("strict")
-        if proving and (leaks := prove(log, decode(request.raw))):
+        if proving and (leaks := _proof(log, request.raw)):
             return KernelResult(
                 accepted=True, verified_insns=bpf.verified_insns(prog_fd), leaks=leaks, log_tail=_tail(log)
             )
@@ -101,6 +101,14 @@ def verify(request: KernelRequest) -> KernelResult:
     finally:
         for fd in [*fds.values(), *([prog_fd] if prog_fd >= 0 else [])]:
             os.close(fd)
+
+
+def _proof(log: str, raw: bytes) -> list[Reason]:
+    """The proof's reasons; a fault in it refuses the program (fails closed) and keeps the worker."""
+    try:
+        return prove(log, decode(raw))
+    except Exception as exc:  # any fault: refuse, say so
+        return [Reason("unproven", f"proven mode could not check it (an error in the proof: {exc!r})")]
 
 
 def _tail(log: str) -> str:

@@ -26,6 +26,7 @@ from verifier_service.bytecode import (
     JMP32,
     LDX,
     MEM,
+    ST,
     STX,
     Insn,
 )
@@ -133,7 +134,7 @@ def _check(insn: Insn, step: Step) -> None:
     cls, state = insn.cls, step.state
     if cls in (ALU, ALU64):
         _alu(insn, cls, state)
-    elif cls == STX:
+    elif cls in (STX, ST):
         _store(insn, step)
     elif cls == LDX and insn.code & 0xE0 in (MEM, 0x80):  # MEM and MEMSX loads
         _load(insn, step)
@@ -202,9 +203,13 @@ def _store(insn: Insn, step: Step) -> None:
         return
     if mode != MEM:
         return
-    if kind(target) == "fp" and _stack(step, target)[1] is not None and _pointer(state, insn.src):
+    stores_pointer = insn.cls == STX and _pointer(state, insn.src)  # ST stores its immediate
+    if kind(target) == "fp":
+        start = _stack(step, target)[0] + insn.off
+        _keeps_pointers_whole(step, target, start, start + _size(insn), "stores into")
+    if kind(target) == "fp" and _stack(step, target)[1] is not None and stores_pointer:
         raise _Leak("pointer_leak", f"stores a pointer ({_type(state, insn.src)}) into its caller's stack")
-    if _pointer(state, insn.src) and kind(target) != "fp":
+    if stores_pointer and kind(target) != "fp":
         raise _Leak(
             "pointer_leak",
             f"stores a pointer ({_type(state, insn.src)}) into {_MEMORY.get(kind(target), kind(target))}: "
@@ -258,6 +263,28 @@ def _call(insn: Insn, step: Step) -> None:
         if arg in ("read", "key", "value") and kind(value) == "fp":
             start = _stack(step, value)[0]
             _initialized(step, value, start, start + _window(state, reg, arg), f"gives {name}")
+        if arg == "write" and kind(value) == "fp":
+            start = _stack(step, value)[0]
+            _keeps_pointers_whole(
+                step, value, start, start + _window(state, reg, "read"), f"has {name} write"
+            )
+
+
+def _keeps_pointers_whole(step: Step, pointer: str | None, start: int, end: int, what: str) -> None:
+    """A write of [start, end) into the stack overwrites any spilled pointer whole or not at all:
+    with CAP_PERFMON the kernel lets part of one be overwritten and takes the rest for a number
+    (STACK_MISC), which a load would then read out (measured: accepted, 7 bytes of the context's
+    address into a map)."""
+    caller = _stack(step, pointer)[1]
+    found = stack_bytes(step.state.stack) if caller is None else step.callers.get(caller, {})
+    for base in range(start - start % 8, end, 8):  # each slot the write touches
+        slot = [found.get(address, "") for address in range(base, base + 8)]
+        if any(byte not in ("", WRITTEN) for byte in slot) and not (start <= base and base + 8 <= end):
+            raise _Leak(
+                "pointer_leak",
+                f"{what} part of a pointer spilled at fp{base}, leaving the rest of its address to be read "
+                "as a number: overwrite the whole 8 bytes",
+            )
 
 
 def _window(state: Frame, reg: int, arg: str) -> int:
