@@ -393,7 +393,9 @@ __attribute__((naked)) int leak(void)
 )
 # A pointer spilled at fp-16, then part of it overwritten: with CAP_PERFMON the kernel takes the
 # rest for a number (STACK_MISC), and the map gets seven bytes of the context's address.
-_PARTLY_OVERWRITTEN = _HASH + """
+_PARTLY_OVERWRITTEN = (
+    _HASH
+    + """
 SEC("xdp")
 __attribute__((naked)) int leak(void)
 {
@@ -411,6 +413,7 @@ __attribute__((naked)) int leak(void)
         :: [table] "i"(&table) : "memory");
 }
 """
+)
 LEAKS = (
     Leak(
         "leak_partly_overwritten_pointer",

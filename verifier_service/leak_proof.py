@@ -31,18 +31,8 @@ from verifier_service.bytecode import (
     Insn,
 )
 from verifier_service.helper_ids import HELPER_NAMES
-from verifier_service.verifier_log import (
-    MIXED,
-    WRITTEN,
-    Frame,
-    LogError,
-    Pruned,
-    Step,
-    Unfollowed,
-    kind,
-    stack_bytes,
-    steps,
-)
+from verifier_service.stack_state import MIXED, WRITTEN, Frame, kind, stack_bytes
+from verifier_service.verifier_log import LogError, Pruned, Step, Unfollowed, steps
 
 # What each reviewed helper takes, argument by argument (C prototypes: bpf_helper_defs.h).
 #   typed: a pointer the kernel checks the type of (the context, a map, a spin lock, a string)

@@ -13,7 +13,9 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from verifier_service.bytecode import CALL, CALL_HELPER, Insn
+from verifier_service.bytecode import CALL, CALL_HELPER, MEM, ST, STX, Insn
+from verifier_service.pruning import PruneWatch
+from verifier_service.stack_state import Frame, stack_bytes, worst
 
 _FROM = re.compile(r"^from (\d+) to (\d+)(?: \(speculative execution\))?: (.*)$")
 _PRUNED = re.compile(r"^(\d+): safe$")
@@ -24,17 +26,6 @@ _FRAME = re.compile(r"^frame(\d+):$")
 DONE = re.compile(r"^processed \d+ insns", re.MULTILINE)
 
 
-class Frame:
-    """One frame's registers (number -> the kernel's text for it) and stack slots (offset of the
-    slot's lowest byte, a negative multiple of 8 -> a spilled register's text or 8 byte kinds)."""
-
-    __slots__ = ("regs", "stack")
-
-    def __init__(self) -> None:
-        self.regs: dict[int, str] = {}
-        self.stack: dict[int, str] = {}
-
-
 class Step(NamedTuple):
     insn: int  # the instruction's index
     frame: int  # 0: the program; 1.. the subprograms and callbacks it called
@@ -42,50 +33,6 @@ class Step(NamedTuple):
     # frame -> its stack's bytes (stack_bytes) as the worst of every call made from it: what a
     # callee may find through a pointer into its caller's stack (`fp[0]-8`)
     callers: dict[int, dict[int, str]]
-
-
-_SCALAR = re.compile(r"^P?(?:-?\d+|0x[0-9a-f]+|scalar(?:\(.*\))?)$", re.S)
-_BYTE_KINDS = re.compile(r"^[?rm0dif]{8}$")  # invalid, spill, misc, zero, dynptr, iter, irq flag
-WRITTEN, MIXED = "written", "mixed"
-
-
-def kind(value: str | None) -> str:
-    """'scalar', the pointer's type ('ctx', 'pkt', 'map_value', 'fp', ...), or 'unknown'."""
-    if value is None:
-        return "unknown"
-    if _SCALAR.match(value):
-        return "scalar"
-    return re.split(r"[(\[\-0-9]", value, maxsplit=1)[0] or "unknown"
-
-
-def stack_bytes(stack: dict[int, str]) -> dict[int, str]:
-    """Address (fp-relative) -> WRITTEN, or the type of the pointer spilled there; bytes never
-    written are absent. A slot's text holds a spilled register or one kind per byte, the slot's
-    highest address first (`0000????`: fp-1..fp-4 zero, fp-5..fp-8 unwritten)."""
-    found: dict[int, str] = {}
-    for base, slot in stack.items():
-        if _BYTE_KINDS.match(slot):
-            found.update((base + 7 - at, WRITTEN) for at, char in enumerate(slot) if char != "?")
-        else:
-            spilled = kind(slot)
-            what = WRITTEN if spilled == "scalar" else spilled
-            found.update((address, what) for address in range(base, base + 8))
-    return found
-
-
-def _worst(before: dict[int, str] | None, now: dict[int, str]) -> dict[int, str]:
-    """Per byte, the worst of two calls' stacks: written only if written in both, a pointer's type
-    only if the same in both; anything else MIXED (refused however it is read)."""
-    if before is None:
-        return now
-    worst = {}
-    for address in before.keys() | now.keys():
-        old, new = before.get(address, ""), now.get(address, "")
-        if old == new:
-            worst[address] = old
-        elif {old, new} != {"", WRITTEN}:  # written on one, unwritten on the other: absent
-            worst[address] = MIXED
-    return worst
 
 
 class LogError(ValueError):
@@ -133,22 +80,6 @@ def split_state(text: str) -> tuple[int | None, dict[int, str], dict[int, str]]:
     return frame, regs, stack
 
 
-def _hazards(found: dict[int, str]) -> set[int]:
-    """Bytes below the frame pointer that are unwritten or hold a spilled pointer."""
-    return {a for a in range(-512, 0) if found.get(a, "") != WRITTEN}
-
-
-def _misc(stack: dict[int, str]) -> set[int]:
-    """Bytes of unknown scalar written byte-wise (STACK_MISC, printed `m`)."""
-    return {
-        base + 7 - at
-        for base, slot in stack.items()
-        if _BYTE_KINDS.match(slot)
-        for at, char in enumerate(slot)
-        if char == "m"
-    }
-
-
 def steps(log: str, insns: list[Insn]) -> Iterator[Step | Pruned | Unfollowed]:
     """Every instruction the log shows the kernel walking, with the state before it; and every
     path it pruned (Pruned, Unfollowed)."""
@@ -157,10 +88,7 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step | Pruned | Unfollowed]:
     frames: list[Frame] = [Frame()]
     callers: dict[int, dict[int, str]] = {}
     current = 0
-    # frame 0's instructions: the stack bytes MISC at any visit, and hazardous at any visit
-    misc_at: dict[int, set[int]] = {}
-    hazards_at: dict[int, set[int]] = {}
-    frame_of: dict[int, int] = {}
+    watch = PruneWatch()
 
     def apply(text: str, whole: bool) -> None:
         nonlocal current
@@ -181,34 +109,34 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step | Pruned | Unfollowed]:
                 apply(match[3], whole=True)
                 continue
             # the state popped was pushed at a visit of the branch: any of them
-            branch, target = int(match[1]), int(match[2])
-            if frame_of.get(branch) != 0 or frame_of.get(target) != 0:  # a callee's, or not walked
+            target = int(match[2])
+            covered = watch.popped(int(match[1]), target)
+            if covered is None:
                 yield Unfollowed(target)
-            elif covered := hazards_at.get(branch, set()) & misc_at.get(target, set()):
+            elif covered:
                 yield Pruned(target, covered)
         elif match := _PRUNED.match(line):
             target = int(match[1])
-            if current != 0 or frame_of.get(target) != 0:
+            covered = watch.pruned_here(target, current, frames[current])
+            if covered is None:
                 yield Unfollowed(target)
-            elif covered := _hazards(stack_bytes(frames[0].stack)) & misc_at.get(target, set()):
+            elif covered:
                 yield Pruned(target, covered)
         elif match := _INSN.match(line):
             index = int(match[1])
             if not 0 <= index < len(insns):
                 raise LogError(f"the log names instruction {index}, past the program's end")
-            frame_of[index] = current
-            if current == 0:
-                stack = frames[0].stack
-                misc_at.setdefault(index, set()).update(_misc(stack))
-                hazards_at.setdefault(index, set()).update(_hazards(stack_bytes(stack)))
+            watch.visit(index, current, frames[current])
             yield Step(index, current, frames[current], callers)
             insn = insns[index]
+            _note_callee_writes(watch, insn, frames[current])
             if insn.code == CALL:
+                watch.call(current, frames[current])
                 # a callee (a subprogram, or a helper's callback) starts a frame of its own,
                 # printed next; a helper leaves R1-R5 unwritten
                 del frames[current + 1 :]
                 frames.append(Frame())
-                callers[current] = _worst(callers.get(current), stack_bytes(frames[current].stack))
+                callers[current] = worst(callers.get(current), stack_bytes(frames[current].stack))
                 if insn.src == CALL_HELPER:
                     for reg in range(1, 6):
                         frames[current].regs.pop(reg, None)
@@ -216,3 +144,22 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step | Pruned | Unfollowed]:
                 apply(match[2], whole=False)
         elif match := _STATE.match(line):
             apply(match[1], whole=False)
+
+
+_CALLER_STACK = re.compile(r"^fp\[(\d+)\](-\d+)$")
+
+
+def _note_callee_writes(watch: PruneWatch, insn: Insn, frame: Frame) -> None:
+    """A store through a pointer into a caller's stack, or a helper handed one (it may write
+    from there to the frame's top): those bytes may now be MISC in that caller."""
+    targets = []
+    if insn.cls in (STX, ST) and insn.code & 0xE0 == MEM:
+        targets = [
+            (frame.regs.get(insn.dst, ""), insn.off, {0x00: 4, 0x08: 2, 0x10: 1, 0x18: 8}[insn.code & 0x18])
+        ]
+    elif insn.code == CALL and insn.src == CALL_HELPER:
+        targets = [(frame.regs.get(reg, ""), 0, 512) for reg in range(1, 6)]
+    for pointer, offset, size in targets:
+        if match := _CALLER_STACK.match(pointer):
+            start = int(match[2]) + offset
+            watch.callee_wrote(int(match[1]), start, start + size)
