@@ -414,7 +414,51 @@ __attribute__((naked)) int leak(void)
 }
 """
 )
+# The same meeting, the write made by a subprogram through a pointer into its caller's stack:
+# the log prints only the callee's frame there, so the caller's is what every call left.
+_MEETING_IN_A_CALLEE = (
+    _HASH
+    + """
+__attribute__((naked, noinline, used)) static int fill(void)
+{
+    asm volatile(
+        "r6 = r1;"                          /* the caller's fp-16 */
+        "r0 = *(u32 *)(r2 + 12);"           /* ingress_ifindex */
+        "if r0 == 1 goto 1f;"
+        "r1 = r2; r2 = 0; r3 = r6; r4 = 8;"
+        "call 189;"                         /* walked first: writes the caller's fp-16 */
+        "1:"
+        "r0 = 0;"
+        "exit;"
+        ::: "memory");
+}
+SEC("xdp")
+__attribute__((naked)) int leak(void)
+{
+    asm volatile(
+        "r2 = r1;"
+        "r1 = 1;"
+        "*(u64 *)(r10 - 8) = r1;"
+        "r1 = r10; r1 += -16;"
+        "call fill;"
+        "r1 = %[table] ll;"
+        "r2 = r10; r2 += -8; r3 = r10; r3 += -16; r4 = 0;"
+        "call 2;"                           /* fp-16: written on one path only */
+        "r0 = 2;"
+        "exit;"
+        :: [table] "i"(&table) : "memory");
+}
+"""
+)
 LEAKS = (
+    Leak(
+        "leak_unwritten_where_a_callees_paths_meet",
+        "unwritten stack where a subprogram's paths meet",
+        _MEETING_IN_A_CALLEE,
+        "invalid read from stack",
+        "unproven",
+        "paths meet here",
+    ),
     Leak(
         "leak_partly_overwritten_pointer",
         "the rest of a partly overwritten pointer",

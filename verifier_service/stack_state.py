@@ -73,7 +73,7 @@ def written_bytes(stack: dict[int, str]) -> set[int]:
 
 def misc_bytes(stack: dict[int, str]) -> set[int]:
     """Bytes of unknown scalar written byte-wise (STACK_MISC, printed `m`)."""
-    found = set()
+    found: set[int] = set()
     for base, slot in stack.items():
         kinds = slot if _BYTE_KINDS.match(slot) else (part[1] if (part := _PART_SPILLED.match(slot)) else "")
         found.update(base + 7 - at for at, char in enumerate(kinds) if char == "m")

@@ -9,6 +9,8 @@ import pytest
 from verifier_service.bytecode import Insn
 from verifier_service.leak_proof import HELPER_ARGS, kind, prove
 from verifier_service.policy import ALLOWED_HELPERS
+from verifier_service.pruning import PruneWatch
+from verifier_service.stack_state import WRITTEN, Frame, misc_bytes, stack_bytes
 from verifier_service.verifier_log import split_state
 
 HELPER_DEFS = Path("/usr/include/bpf/bpf_helper_defs.h")
@@ -51,3 +53,26 @@ def test_a_log_it_cannot_follow_fails_closed() -> None:
     assert reason.code == "unproven"
     [reason] = prove("0: (95) exit\nprocessed 1 insns (limit 1000000)\n", [exit_insn])  # R0 not shown
     assert reason.code == "pointer_leak" and "returns a pointer (unknown)" in reason.message
+
+
+def test_stack_slots_are_read_byte_by_byte() -> None:
+    stack = {-8: "mmmmscalar()", -16: "0000????", -24: "ctx()", -32: "P0"}
+    found = stack_bytes(stack)
+    assert [found.get(a) for a in (-1, -4, -5, -8)] == [WRITTEN] * 4, "mmmm high, a 32-bit number low"
+    assert [found.get(a) for a in (-9, -12, -13, -16)] == [WRITTEN, WRITTEN, None, None]
+    assert {found[a] for a in range(-24, -16)} == {"ctx"} and found[-32] == WRITTEN
+    assert misc_bytes(stack) == {-1, -2, -3, -4}
+
+
+def test_a_pruned_path_is_checked_against_every_frame_of_the_walked_one() -> None:
+    """The caller's fp-16 was MISC when the callee was first walked at 7 (a callee wrote it), and
+    unwritten at every call: a path pruned at 7 may hide it."""
+    watch, caller, callee = PruneWatch(), Frame(), Frame()
+    watch.call(0, caller)  # fp-16 never written by the caller
+    watch.callee_wrote(0, -16, -8)
+    watch.visit(7, 1, callee)
+    assert watch.pruned_here(7, 1, callee) == set(range(-16, -8))
+    assert watch.popped(3, 7) is None, "a branch never walked: not followed"
+    watch.visit(3, 1, callee)
+    assert watch.popped(3, 7) == set(range(-16, -8))
+    assert watch.pruned_here(9, 1, callee) is None, "pruned where nothing was walked: not followed"
