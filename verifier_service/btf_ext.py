@@ -8,6 +8,7 @@ end); each part is a record size, then per section: its name (an offset into .BT
 a count, and that many records. A CO-RE record is (insn byte offset, type id, access string, kind)."""
 
 import struct
+from collections.abc import Iterator
 
 from elftools.elf.elffile import ELFFile
 
@@ -57,25 +58,33 @@ def _bases(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[tuple[str, 
     return bases
 
 
+def _records(elf: ELFFile, pieces: list[tuple[int, int, int]], part: int) -> Iterator[tuple[Btf, int, bytes]]:
+    """(the object's BTF, linked instruction index, the record) for each record of `part` (1
+    line info, 2 CO-RE) that falls in `pieces` (section index, byte start, byte size: the
+    linked program's parts, in order)."""
+    ext_section, btf_section = elf.get_section_by_name(".BTF.ext"), elf.get_section_by_name(".BTF")
+    if ext_section is None or btf_section is None:
+        return
+    btf = Btf(btf_section.data())
+    bases = _bases(elf, pieces)
+    for name_off, records in _part(ext_section.data(), part):
+        section_name = btf.string(name_off)
+        for record in records:
+            (insn_off,) = struct.unpack_from("<I", record)
+            for name, start, size, base in bases:
+                if name == section_name and start <= insn_off < start + size:
+                    yield btf, base + (insn_off - start) // INSN_SIZE, record
+
+
 def source_lines(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> dict[int, str]:
     """Linked instruction index -> `file:line: source text`, for each instruction clang recorded
     a line for (`-g`: BTF line info, a record (insn byte offset, file, line text, line << 10 |
     column)); later instructions of the same line have none of their own (see line_of)."""
-    ext_section, btf_section = elf.get_section_by_name(".BTF.ext"), elf.get_section_by_name(".BTF")
-    if ext_section is None or btf_section is None:
-        return {}
-    btf = Btf(btf_section.data())
-    bases = _bases(elf, pieces)
     lines = {}
-    for name_off, records in _part(ext_section.data(), 1):
-        section_name = btf.string(name_off)
-        for record in records:
-            insn_off, file_off, line_off, line_col = struct.unpack_from("<IIII", record)
-            for name, start, size, base in bases:
-                if name == section_name and start <= insn_off < start + size:
-                    file = btf.string(file_off).rsplit("/", 1)[-1]
-                    text = " ".join(btf.string(line_off).split())
-                    lines[base + (insn_off - start) // INSN_SIZE] = f"{file}:{line_col >> 10}: {text}"
+    for btf, index, record in _records(elf, pieces, 1):
+        _insn_off, file_off, line_off, line_col = struct.unpack_from("<IIII", record)
+        file = btf.string(file_off).rsplit("/", 1)[-1]
+        lines[index] = f"{file}:{line_col >> 10}: {' '.join(btf.string(line_off).split())}"
     return lines
 
 
@@ -86,23 +95,12 @@ def line_of(lines: dict[int, str], index: int) -> str | None:
 
 
 def core_records(elf: ELFFile, pieces: list[tuple[int, int, int]]) -> list[Relocation]:
-    """The CO-RE relocations of `pieces` (section index, byte start, byte size: the linked
-    program's parts, in order), at their instructions in the linked program."""
-    ext_section, btf_section = elf.get_section_by_name(".BTF.ext"), elf.get_section_by_name(".BTF")
-    if ext_section is None or btf_section is None:
-        return []
-    btf = Btf(btf_section.data())
-    bases = _bases(elf, pieces)
-    records_found = []
-    for name_off, records in _part(ext_section.data(), 2):
-        section_name = btf.string(name_off)
-        for record in records:
-            insn_off, type_id, access_off, kind = struct.unpack_from("<IIII", record)
-            for name, start, size, base in bases:
-                if name == section_name and start <= insn_off < start + size:
-                    index = base + (insn_off - start) // INSN_SIZE
-                    records_found.append(Relocation(index, type_id, btf.string(access_off), kind))
-    return records_found
+    """The CO-RE relocations of `pieces`, at their instructions in the linked program."""
+    found = []
+    for btf, index, record in _records(elf, pieces, 2):
+        _insn_off, type_id, access_off, kind = struct.unpack_from("<IIII", record)
+        found.append(Relocation(index, type_id, btf.string(access_off), kind))
+    return found
 
 
 def core_refusal(index: int, why: str) -> Reason:

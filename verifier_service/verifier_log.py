@@ -109,19 +109,9 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step | Pruned | Unfollowed]:
                 apply(match[3], whole=True)
                 continue
             # the state popped was pushed at a visit of the branch: any of them
-            target = int(match[2])
-            covered = watch.popped(int(match[1]), target)
-            if covered is None:
-                yield Unfollowed(target)
-            elif covered:
-                yield Pruned(target, covered)
+            yield from _pruned(int(match[2]), watch.popped(int(match[1]), int(match[2])))
         elif match := _PRUNED.match(line):
-            target = int(match[1])
-            covered = watch.pruned_here(target, current, frames[current])
-            if covered is None:
-                yield Unfollowed(target)
-            elif covered:
-                yield Pruned(target, covered)
+            yield from _pruned(int(match[1]), watch.pruned_here(int(match[1]), current, frames[current]))
         elif match := _INSN.match(line):
             index = int(match[1])
             if not 0 <= index < len(insns):
@@ -144,6 +134,13 @@ def steps(log: str, insns: list[Insn]) -> Iterator[Step | Pruned | Unfollowed]:
                 apply(match[2], whole=False)
         elif match := _STATE.match(line):
             apply(match[1], whole=False)
+
+
+def _pruned(target: int, covered: set[int] | None) -> Iterator[Pruned | Unfollowed]:
+    if covered is None:
+        yield Unfollowed(target)
+    elif covered:
+        yield Pruned(target, covered)
 
 
 _CALLER_STACK = re.compile(r"^fp\[(\d+)\](-\d+)$")
