@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fabric.tasks import TaskSet
 from host_node import function_logs
+from host_node.removals import Removals
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
 from host_node.runtimes.python import PythonInstance
@@ -27,7 +28,6 @@ from schemas.messages import FunctionSpec, NodeInvoke, function_of, instance_key
 log = logging.getLogger(__name__)
 
 PREWARM_INIT_S = 30.0  # a prewarmed instance's start may take this long
-REMOVED_FOR_S = 3600.0  # a removed function is remembered longer than any invocation runs
 
 
 class CpuRuntime:
@@ -43,9 +43,7 @@ class CpuRuntime:
         self._memory_of: dict[str, int] = {}  # instance key -> its memory limit (MB)
         self._exec_memory_mb = 0  # of exec runs in progress
         self._prewarm_timers: dict[str, asyncio.TimerHandle] = {}
-        # "tenant/name" of removed functions -> when (monotonic): an instance of one that was
-        # running or starting then stops once free, until the function is invoked here again
-        self._removed: dict[str, float] = {}
+        self._removed = Removals()  # an instance running or starting then stops once free
         self.draining = False  # `hetfaas node drain`: instances stop when free, none is prewarmed
         self.prewarmed = 0  # instances started ahead of a predicted invocation
 
@@ -54,7 +52,7 @@ class CpuRuntime:
 
     # --- removed functions ---
 
-    def removed(self, tenant: str, name: str) -> int:
+    def removed(self, tenant: str, name: str, deployed_at: float = 0.0) -> int:
         """A function was removed: its idle instances stop now (returns how many), and those
         still running once their call ends, not at their keep-alive; no prewarm starts one again."""
         function = f"{tenant}/{name}"
@@ -62,7 +60,7 @@ class CpuRuntime:
         for key in [key for key in self._prewarm_timers if function_of(key) == function]:
             self._prewarm_timers.pop(key).cancel()
         self._exec_warm = {k: until for k, until in self._exec_warm.items() if function_of(k) != function}
-        self._removed[function] = time.monotonic()  # running or starting: stopped when free
+        self._removed.removed(function, deployed_at, time.monotonic())  # running or starting: when free
         return stopped
 
     def drain(self, on: bool) -> int:
@@ -76,10 +74,9 @@ class CpuRuntime:
         self._exec_warm = {}
         return self.warm.stop_idle()
 
-    def invoked(self, spec: FunctionSpec) -> None:
-        """An invocation: a function removed earlier is deployed again."""
-        if self._removed:
-            self._removed.pop(f"{spec.tenant}/{spec.name}", None)
+    def invoked(self, spec: FunctionSpec, deployed_at: float = 0.0) -> None:
+        """An invocation: of a later deployment than a removed one, the function is back."""
+        self._removed.invoked(f"{spec.tenant}/{spec.name}", deployed_at)
 
     # --- python ---
 
@@ -111,7 +108,7 @@ class CpuRuntime:
         started afresh just before the function's next call is due (prewarm). An instance of a
         function removed meanwhile stops (unless a call already waits for it)."""
         keep_alive_s, prewarm_after_s = self._keep_alive(req)
-        removed = self.draining or (bool(self._removed) and function_of(key) in self._removed)
+        removed = self.draining or function_of(key) in self._removed
         self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0 or removed)
         if prewarm_after_s > 0 and not removed:
             self._schedule_prewarm(key, req.spec, code_dir, prewarm_after_s, keep_alive_s)
@@ -230,7 +227,7 @@ class CpuRuntime:
         self._exec_warm = {k: until for k, until in self._exec_warm.items() if until >= now}
         live = self.warm.pool
         self._memory_of = {k: mb for k, mb in self._memory_of.items() if live.live(k)}
-        self._removed = {f: at for f, at in self._removed.items() if now - at < REMOVED_FOR_S}
+        self._removed.forget_old(now)
         return reaped
 
     def stop_prewarms(self) -> None:

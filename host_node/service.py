@@ -112,7 +112,7 @@ class HostNode:
 
     def on_function_removed(self, removed: FunctionRemoved, ctx: bus.Context) -> None:
         """A function was removed: its instances stop (see CpuRuntime.removed)."""
-        if stopped := self.runtime.removed(removed.tenant, removed.name):
+        if stopped := self.runtime.removed(removed.tenant, removed.name, removed.deployed_at):
             log.info(
                 "%s/%s was removed: stopped its %d idle instances", removed.tenant, removed.name, stopped
             )
@@ -126,7 +126,7 @@ class HostNode:
         """The fast path (warm_call.py): a warm python invocation, answered later by callback.
         Anything else goes to `on_invoke` (PASS): a cold start, exec and eBPF functions, a copy
         of an invocation seen before, a full node."""
-        self.runtime.invoked(req.spec)
+        self.runtime.invoked(req.spec, req.deployed_at)
         if req.spec.runtime != "python" or self.inflight >= self.settings.capacity:
             return bus.PASS
         if self.once.has(nodes.run_key(req)) or (code_dir := self._bundles.ready(req.bundle_digest)) is None:
@@ -169,7 +169,7 @@ class HostNode:
         return nodes.answer(req, reply)
 
     async def _invoke_traced(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
-        self.runtime.invoked(req.spec)
+        self.runtime.invoked(req.spec, req.deployed_at)
         if self.inflight >= self.settings.capacity:
             why = f"node is running {self.inflight} invocations, its capacity"
             return error_reply("throttled", why, req.invocation_id, self.settings.node_id)

@@ -187,7 +187,7 @@ class Control:
         except STORE_ERRORS as exc:
             return error_reply("unavailable", f"cannot remove while etcd is unreachable: {exc}")
         self._view.remove_function(req.tenant, req.name)  # before the watch says so: no new placements
-        removed = FunctionRemoved(tenant=req.tenant, name=req.name)
+        removed = FunctionRemoved(tenant=req.tenant, name=req.name, deployed_at=record.deployed_at)
         await self._nc.publish(subjects.FUNCTION_REMOVED, codec.encode(removed))
         log.info("removed %s/%s (%s)", req.tenant, req.name, record.bundle_digest)
         return RemoveReply(function=record)

@@ -311,6 +311,7 @@ class Invoker:
             keep_alive_ms=keep_alive[0],
             prewarm_after_ms=keep_alive[1],
             trigger=req.trigger,
+            deployed_at=record.deployed_at,
         )
 
     async def _traced_forward(

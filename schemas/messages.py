@@ -183,6 +183,9 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     keep_alive_ms: int = 0
     prewarm_after_ms: int = 0
     trigger: str = ""  # what invoked it (the caller's InvokeRequest.trigger), for traces
+    # the function's record's deployed_at: an invocation of a deployment removed since does not
+    # bring the function back on the node (host_node/removals.py)
+    deployed_at: float = 0.0
 
 
 class Acks(msgspec.Struct, frozen=True, kw_only=True, tag="acks"):
@@ -283,6 +286,7 @@ class FunctionRemoved(msgspec.Struct, frozen=True, kw_only=True, tag="function_r
 
     tenant: str
     name: str
+    deployed_at: float = 0.0  # the removed deployment's (FunctionRecord.deployed_at)
 
 
 class LogsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="logs"):

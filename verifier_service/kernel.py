@@ -91,7 +91,8 @@ class KernelPool:
             return KernelResult(accepted=False, error=message, stopped="timeout")
         except (OSError, asyncio.IncompleteReadError, msgspec.DecodeError) as exc:
             await self._replace(worker, answer)
-            return KernelResult(accepted=False, error=f"the verifier worker failed: {exc}")
+            error = f"the verifier's worker failed ({exc}): not the program's fault, verify it again"
+            return KernelResult(accepted=False, error=error, stopped="worker_failed")
         except asyncio.CancelledError:  # the asker went away mid-walk: the worker's state is unknown
             answer.cancel()
             self._all.discard(worker)

@@ -54,7 +54,7 @@ class KernelResult(msgspec.Struct, frozen=True, kw_only=True):
     runs: list[SampleRun] = []
     run_ns: int = 0  # per run, averaged over PROFILE_REPEAT runs of the first sample
     leaks: list[Reason] = []  # proven mode: what the proof found (a load it refuses is not run)
-    stopped: str = ""  # set by the pool: "cpu_budget" or "timeout" when the worker was killed
+    stopped: str = ""  # set by the pool: "cpu_budget", "timeout" (killed) or "worker_failed"
 
 
 def verify(request: KernelRequest) -> KernelResult:

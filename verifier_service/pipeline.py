@@ -97,6 +97,8 @@ async def _walk(request: KernelRequest, limits: VerifyLimits, kernel: KernelPool
 
 def _reasons(result: KernelResult, limits: VerifyLimits) -> list[Reason]:
     budget = limits.max_verified_insns
+    if result.stopped == "worker_failed":
+        return [Reason("verifier_failed", result.error)]
     if result.stopped:
         return [
             Reason(
