@@ -97,7 +97,7 @@ class CpuRuntime:
             phases["runtime_init_ms"] = instance.init_ms
         handler_started = time.monotonic()
         try:
-            output = await instance.invoke(req.payload, run_budget(req, deadline, handler_started))
+            output = await instance.invoke(req, run_budget(req, deadline, handler_started), cold)
         finally:
             self.give_back(req, key, code_dir, instance)
         phases["handler_ms"] = ms_since(handler_started)
@@ -132,6 +132,7 @@ class CpuRuntime:
                     deadline - time.monotonic(),
                     self._limits(spec),
                     phases,
+                    spec.payload,
                 )
             finally:
                 os.close(log_fd)

@@ -47,6 +47,9 @@ class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrency: int = 0
     placement: Placement = "host"
     ebpf: EbpfSpec | None = None
+    # python: what a handle(event, context) handler's event is: the payload's bytes, or the
+    # payload decoded as JSON
+    payload: Literal["bytes", "json"] = "bytes"
 
 
 class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):

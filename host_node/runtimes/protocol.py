@@ -13,6 +13,10 @@ INVOKE = 3  # node -> worker: body = payload
 OUTPUT = 4  # worker -> node: body = the handler's output
 HANDLER_ERROR = 5  # worker -> node: body = traceback
 OUTPUT_TOO_LARGE = 6  # worker -> node: body = the output's size (ascii)
+# node -> worker, for a handle(event, context) handler: body = the context (one line of JSON),
+# a newline, then the payload
+INVOKE_WITH_CONTEXT = 7
+WANTS_CONTEXT = b" context"  # READY's body ends so when the handler takes (event, context)
 
 
 # What the worker may send: READY or INIT_ERROR once, then one answer per INVOKE.

@@ -1,6 +1,7 @@
 """The node's side of a warm python instance (see python_worker.py for the other side)."""
 
 import asyncio
+import json
 import os
 import socket
 from collections import deque
@@ -13,6 +14,7 @@ from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.launch import launch
 from host_node.sandbox.cgroups import Limits
 from host_node.spawner import Process, Spawner, death_of
+from schemas.messages import NodeInvoke
 
 WORKER_FD = 3  # the instance's end of the socket, as numbered inside its process
 
@@ -164,10 +166,11 @@ def _expire(channel: FrameChannel) -> None:
 
 
 class PythonInstance:
-    def __init__(self, proc: Process, channel: FrameChannel, init_ms: float):
+    def __init__(self, proc: Process, channel: FrameChannel, init_ms: float, wants_context: bool = False):
         self._proc = proc
         self._channel = channel
         self.init_ms = init_ms
+        self.wants_context = wants_context  # handle(event, context): INVOKE_WITH_CONTEXT frames
         self._killed = False
 
     @property
@@ -187,10 +190,11 @@ class PythonInstance:
         timeout_s: float,
         limits: Limits,
         phases: dict[str, float],
+        payload_form: str = "bytes",
     ) -> "PythonInstance":
         view = spawner.view(code_dir)
         argv = [view.python, "-I", "-S", f"{view.runtime_dir}/python_worker.py", str(WORKER_FD), handler]
-        argv += [view.code_dir, str(max_output)]
+        argv += [view.code_dir, str(max_output), payload_form]
         parent, child = socket.socketpair()
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -221,22 +225,30 @@ class PythonInstance:
             raise FunctionFailed(
                 "function_error", f"handler {handler} failed to load", body.decode(errors="replace")
             )
-        return cls(proc, channel, float(body))
+        wants = body.endswith(protocol.WANTS_CONTEXT)
+        return cls(proc, channel, float(body.removesuffix(protocol.WANTS_CONTEXT)), wants)
 
-    async def invoke(self, payload: bytes, timeout_s: float) -> bytes:
+    def _invoke_frame(self, req: NodeInvoke, cold_start: bool, timeout_s: float) -> bytes:
+        if not self.wants_context:
+            return protocol.frame(protocol.INVOKE, req.payload)
+        return protocol.frame(
+            protocol.INVOKE_WITH_CONTEXT, context_line(req, cold_start, timeout_s) + req.payload
+        )
+
+    async def invoke(self, req: NodeInvoke, timeout_s: float, cold_start: bool = False) -> bytes:
         """Run the handler once; any failure that leaves the worker unusable marks it unhealthy."""
         try:
-            self._channel.send(protocol.frame(protocol.INVOKE, payload))
+            self._channel.send(self._invoke_frame(req, cold_start, timeout_s))
             frame = await self._channel.receive(timeout_s)
         except (TimeoutError, ConnectionError) as exc:
             raise await self.failure(exc, timeout_s) from None
         return output_of(frame)
 
-    def call(self, payload: bytes, timeout_s: float, on_frame: OnFrame) -> None:
-        """`invoke` without a coroutine: the answer goes to `on_frame` as it is read; read it
-        with `output_of`, and a TimeoutError or ConnectionError with `failure`. Raises
-        ConnectionError if the instance's socket is closed already."""
-        self._channel.send(protocol.frame(protocol.INVOKE, payload))
+    def call(self, req: NodeInvoke, timeout_s: float, on_frame: OnFrame) -> None:
+        """`invoke` without a coroutine (a warm call): the answer goes to `on_frame` as it is
+        read; read it with `output_of`, and a TimeoutError or ConnectionError with `failure`.
+        Raises ConnectionError if the instance's socket is closed already."""
+        self._channel.send(self._invoke_frame(req, False, timeout_s))
         self._channel.expect(timeout_s, on_frame)
 
     async def failure(self, exc: TimeoutError | ConnectionError, timeout_s: float) -> FunctionFailed:
@@ -255,6 +267,18 @@ class PythonInstance:
         self._killed = True
         self._proc.kill()
         self._channel.close()
+
+
+def context_line(req: NodeInvoke, cold_start: bool, timeout_s: float) -> bytes:
+    """What a handle(event, context) handler's context holds, as the line before the payload."""
+    context = {
+        "invocation_id": req.invocation_id,
+        "function": req.spec.name,
+        "tenant": req.spec.tenant,
+        "cold_start": cold_start,
+        "remaining_ms": int(timeout_s * 1000),
+    }
+    return json.dumps(context, separators=(",", ":")).encode() + b"\n"
 
 
 def output_of(frame: Frame) -> bytes:

@@ -1,8 +1,14 @@
 """A warm python instance: import the handler once, then serve invocations one at a time.
 
-Run as `python -I python_worker.py FD MODULE:FUNCTION CODE_DIR MAX_OUTPUT_BYTES`. Talks to the node
-only over the socket FD; the handler's own stdout/stderr go to the node's log for the function.
-Stdlib only, so the worker's own start-up stays small next to the function's imports.
+Run as `python -I python_worker.py FD MODULE:FUNCTION CODE_DIR MAX_OUTPUT_BYTES [bytes|json]`.
+Talks to the node only over the socket FD; the handler's own stdout/stderr go to the node's log
+for the function. Stdlib only, so the worker's own start-up stays small next to the function's
+imports.
+
+Two handler forms, told apart by the handler's own signature: `handle(payload)` (bytes in), and
+`handle(event, context)` as ported from Lambda and OpenFaaS, where `event` is the payload
+decoded as JSON when the manifest says `payload = "json"` (bytes otherwise) and `context` says
+which invocation this is and how long it has left (Context).
 """
 
 import importlib
@@ -48,15 +54,15 @@ class Frames:
         self._sock = sock
         self._data = b""  # read past the last frame
 
-    def next_payload(self) -> bytes | None:
-        """The next invocation's payload; None when the node closed the socket."""
+    def next_frame(self) -> tuple[int, bytes] | None:
+        """The next invocation's (kind, body); None when the node closed the socket."""
         data = self._data
         while len(data) < protocol.HEADER.size:
             more = self._sock.recv(READ_SIZE)
             if not more:
                 return None  # the node closed the socket: time to go
             data += more
-        size, _kind = protocol.HEADER.unpack_from(data)
+        size, kind = protocol.HEADER.unpack_from(data)
         end = protocol.HEADER.size + size
         if len(data) < end:
             rest = recv_exact(self._sock, end - len(data))
@@ -64,7 +70,7 @@ class Frames:
                 return None
             data += rest
         self._data = data[end:]
-        return data[protocol.HEADER.size : end]
+        return kind, data[protocol.HEADER.size : end]
 
 
 def last_of(text: str) -> bytes:
@@ -73,20 +79,68 @@ def last_of(text: str) -> bytes:
     return data[-protocol.MAX_TEXT_FRAME :]
 
 
+class Context:
+    """What a handle(event, context) handler learns of its invocation."""
+
+    __slots__ = ("_deadline", "_logger", "cold_start", "function", "invocation_id", "tenant", "traceparent")
+
+    def __init__(self, meta: dict):
+        self.invocation_id: str = meta["invocation_id"]
+        self.function: str = meta["function"]
+        self.tenant: str = meta["tenant"]
+        self.cold_start: bool = meta["cold_start"]
+        self.traceparent: str = meta.get("traceparent", "")  # W3C, for the handler's own spans
+        self._deadline = time.monotonic() + meta["remaining_ms"] / 1000
+        self._logger = None
+
+    def remaining_ms(self) -> int:
+        """Milliseconds left before the invocation's deadline."""
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+    @property
+    def logger(self):
+        """A logger whose lines go to the function's log (`hetfaas logs`); logging is imported
+        only when a handler asks for it (it costs a start a few milliseconds)."""
+        if self._logger is None:
+            import logging
+
+            logger = logging.getLogger(f"{self.tenant}/{self.function}")
+            if not logger.handlers:
+                handler = logging.StreamHandler(sys.stderr)
+                handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+                logger.addHandler(handler)
+                logger.setLevel(logging.INFO)
+            self._logger = logger
+        return self._logger
+
+
+def wants_context(handler) -> bool:
+    """handle(event, context): two positional parameters (a function's own code says so; any
+    other callable is taken as handle(payload))."""
+    code = getattr(handler, "__code__", None)
+    return code is not None and code.co_argcount - len(getattr(handler, "__defaults__", None) or ()) >= 2
+
+
 def load_handler(spec: str, code_dir: str):
     module_name, _, function_name = spec.partition(":")
     sys.path.insert(0, code_dir)
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def serve(sock: socket.socket, handler, max_output: int) -> None:
+def serve(sock: socket.socket, handler, max_output: int, as_json: bool = False) -> None:
     frames = Frames(sock)
     while True:
-        payload = frames.next_payload()
-        if payload is None:
+        framed = frames.next_frame()
+        if framed is None:
             return
+        kind, body = framed
         try:
-            output = to_bytes(handler(payload))
+            if kind == protocol.INVOKE_WITH_CONTEXT:
+                meta, _, payload = body.partition(b"\n")
+                context = Context(json.loads(meta))
+                output = to_bytes(handler(json.loads(payload) if as_json else payload, context))
+            else:
+                output = to_bytes(handler(body))
         except Exception:
             sock.sendall(protocol.frame(protocol.HANDLER_ERROR, last_of(traceback.format_exc())))
             continue
@@ -98,6 +152,7 @@ def serve(sock: socket.socket, handler, max_output: int) -> None:
 
 def main() -> None:
     fd, handler_spec, code_dir, max_output = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    as_json = sys.argv[5:6] == ["json"]
     sock = socket.socket(fileno=int(fd))
     started = time.perf_counter()
     try:
@@ -108,8 +163,9 @@ def main() -> None:
         sock.sendall(protocol.frame(protocol.INIT_ERROR, last_of(traceback.format_exc())))
         return
     init_ms = (time.perf_counter() - started) * 1000
-    sock.sendall(protocol.frame(protocol.READY, f"{init_ms:.3f}".encode()))
-    serve(sock, handler, max_output)
+    form = protocol.WANTS_CONTEXT if wants_context(handler) else b""
+    sock.sendall(protocol.frame(protocol.READY, f"{init_ms:.3f}".encode() + form))
+    serve(sock, handler, max_output, as_json)
 
 
 if __name__ == "__main__":
