@@ -85,6 +85,10 @@ def spec_problems(spec: FunctionSpec) -> list[str]:
             problems.append(f"{field} = {value} is outside {low}..{high}")
     if spec.placement == "dpu" and spec.runtime != "ebpf":
         problems.append(f"placement 'dpu' needs runtime 'ebpf'; a {spec.runtime} function runs on hosts")
+    if spec.payload != "bytes" and spec.runtime != "python":
+        problems.append(
+            f'payload = "{spec.payload}" is for python handlers; a {spec.runtime} function takes bytes'
+        )
     problems.extend(_runtime_problems(spec))
     return problems
 

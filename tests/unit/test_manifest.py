@@ -47,6 +47,7 @@ def test_exec_manifest() -> None:
         (EXEC + 'placement = "dpu"\n', "placement 'dpu' needs runtime 'ebpf'"),
         (EXEC + 'timeout_ms = "fast"\n', "Expected `int`, got `str`"),
         ("name = \n", "not valid TOML"),
+        (EXEC + 'payload = "json"\n', 'payload = "json" is for python handlers'),
         (
             EBPF + 'colour = "red"\n',
             "unknown key 'colour' in [ebpf] (allowed: object, prog_type, program, verify_mode)",
