@@ -145,7 +145,7 @@ class WarmCalls:
         call.phases["acquire_ms"] = round((now - call.ctx.received_at) * 1000, 3)
         call.timeout_s = run_budget(call.req, call.deadline, now)
         try:
-            instance.call(call.req, call.timeout_s, partial(self._called, call))
+            instance.call(call.req, call.timeout_s, partial(self._called, call), call.span)
         except ConnectionError as exc:  # it died while idle
             self._called(call, exc)
 

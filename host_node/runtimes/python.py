@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from fabric import tracing
 from fabric.deadlines import of_loop, timeouts
 from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
@@ -15,6 +16,8 @@ from host_node.runtimes.launch import launch
 from host_node.sandbox.cgroups import Limits
 from host_node.spawner import Process, Spawner, death_of
 from schemas.messages import NodeInvoke
+
+Traced = tracing.Span | tracing.Unsampled | None  # the invocation's span on this node, if any
 
 WORKER_FD = 3  # the instance's end of the socket, as numbered inside its process
 
@@ -228,27 +231,26 @@ class PythonInstance:
         wants = body.endswith(protocol.WANTS_CONTEXT)
         return cls(proc, channel, float(body.removesuffix(protocol.WANTS_CONTEXT)), wants)
 
-    def _invoke_frame(self, req: NodeInvoke, cold_start: bool, timeout_s: float) -> bytes:
+    def _invoke_frame(self, req: NodeInvoke, cold_start: bool, timeout_s: float, span: Traced) -> bytes:
         if not self.wants_context:
             return protocol.frame(protocol.INVOKE, req.payload)
-        return protocol.frame(
-            protocol.INVOKE_WITH_CONTEXT, context_line(req, cold_start, timeout_s) + req.payload
-        )
+        context = context_line(req, cold_start, timeout_s, span.traceparent() if span is not None else "")
+        return protocol.frame(protocol.INVOKE_WITH_CONTEXT, context + req.payload)
 
     async def invoke(self, req: NodeInvoke, timeout_s: float, cold_start: bool = False) -> bytes:
         """Run the handler once; any failure that leaves the worker unusable marks it unhealthy."""
         try:
-            self._channel.send(self._invoke_frame(req, cold_start, timeout_s))
+            self._channel.send(self._invoke_frame(req, cold_start, timeout_s, tracing.current_context()))
             frame = await self._channel.receive(timeout_s)
         except (TimeoutError, ConnectionError) as exc:
             raise await self.failure(exc, timeout_s) from None
         return output_of(frame)
 
-    def call(self, req: NodeInvoke, timeout_s: float, on_frame: OnFrame) -> None:
+    def call(self, req: NodeInvoke, timeout_s: float, on_frame: OnFrame, span: Traced = None) -> None:
         """`invoke` without a coroutine (a warm call): the answer goes to `on_frame` as it is
         read; read it with `output_of`, and a TimeoutError or ConnectionError with `failure`.
         Raises ConnectionError if the instance's socket is closed already."""
-        self._channel.send(self._invoke_frame(req, False, timeout_s))
+        self._channel.send(self._invoke_frame(req, False, timeout_s, span))
         self._channel.expect(timeout_s, on_frame)
 
     async def failure(self, exc: TimeoutError | ConnectionError, timeout_s: float) -> FunctionFailed:
@@ -269,14 +271,16 @@ class PythonInstance:
         self._channel.close()
 
 
-def context_line(req: NodeInvoke, cold_start: bool, timeout_s: float) -> bytes:
-    """What a handle(event, context) handler's context holds, as the line before the payload."""
+def context_line(req: NodeInvoke, cold_start: bool, timeout_s: float, traceparent: str = "") -> bytes:
+    """What a handle(event, context) handler's context holds, as the line before the payload;
+    `traceparent` (W3C) is the node's span of the invocation, for the handler's own spans."""
     context = {
         "invocation_id": req.invocation_id,
         "function": req.spec.name,
         "tenant": req.spec.tenant,
         "cold_start": cold_start,
         "remaining_ms": int(timeout_s * 1000),
+        "traceparent": traceparent,
     }
     return json.dumps(context, separators=(",", ":")).encode() + b"\n"
 

@@ -4,6 +4,7 @@ that names the invocation, its function and tenant, whether it was a cold start,
 it has left."""
 
 import json
+import re
 
 import pytest
 
@@ -23,6 +24,7 @@ def handle(event, context):
         "tenant": context.tenant,
         "cold_start": context.cold_start,
         "remaining_ms": context.remaining_ms(),
+        "traceparent": context.traceparent,
     }
 """
 
@@ -46,6 +48,9 @@ async def test_an_event_and_context_handler_gets_json_and_its_invocation(
     assert (one["function"], one["tenant"]) == ("lambda-style", tenant)
     assert (one["cold_start"], two["cold_start"]) == (True, False)
     assert 0 < two["remaining_ms"] <= 5000
+    for answer in (one, two):  # the node's span of each invocation, for the handler's own spans
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]", answer["traceparent"]), answer
+    assert one["traceparent"][3:35] != two["traceparent"][3:35], "each invocation its own trace"
     assert not not_json.ok and not_json.error.code == "function_error"
     assert "JSONDecodeError" in (not_json.error.detail or ""), not_json.error
     text = "\n".join(line for entry in logs.logs for line in entry.lines)
