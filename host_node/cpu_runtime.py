@@ -75,7 +75,7 @@ class CpuRuntime:
         return self.warm.stop_idle()
 
     def invoked(self, spec: FunctionSpec, deployed_at: float = 0.0) -> None:
-        """An invocation: of a later deployment than a removed one, the function is back."""
+        """An invocation: of another deployment than a removed one, the function is back."""
         self._removed.invoked(f"{spec.tenant}/{spec.name}", deployed_at)
 
     # --- python ---
