@@ -76,7 +76,8 @@ class CpuRuntime:
 
     def invoked(self, spec: FunctionSpec, deployed_at: float = 0.0) -> None:
         """An invocation: of another deployment than a removed one, the function is back."""
-        self._removed.invoked(f"{spec.tenant}/{spec.name}", deployed_at)
+        if self._removed:  # every invocation passes here: nothing built when none is removed
+            self._removed.invoked(f"{spec.tenant}/{spec.name}", deployed_at)
 
     # --- python ---
 
@@ -108,7 +109,7 @@ class CpuRuntime:
         started afresh just before the function's next call is due (prewarm). An instance of a
         function removed meanwhile stops (unless a call already waits for it)."""
         keep_alive_s, prewarm_after_s = self._keep_alive(req)
-        removed = self.draining or function_of(key) in self._removed
+        removed = self.draining or (bool(self._removed) and function_of(key) in self._removed)
         self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0 or removed)
         if prewarm_after_s > 0 and not removed:
             self._schedule_prewarm(key, req.spec, code_dir, prewarm_after_s, keep_alive_s)

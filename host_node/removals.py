@@ -27,6 +27,9 @@ class Removals:
         if not deployed_at or not removed_deployment or deployed_at != removed_deployment:
             del self._removed[function]
 
+    def __bool__(self) -> bool:
+        return bool(self._removed)
+
     def __contains__(self, function: str) -> bool:
         return function in self._removed
 

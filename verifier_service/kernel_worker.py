@@ -22,8 +22,8 @@ from verifier_service.leak_proof import prove
 
 LOG_TAIL_LINES = 20
 PROFILE_REPEAT = 1000
-# A level-2 log takes 150-600 bytes per instruction walked (measured: 156 for a parser, 230 with
-# subprograms); the budget of 100k instructions fits. A longer walk is refused for it (ENOSPC).
+# A level-2 log takes 150-500 bytes per instruction walked (measured: 156 for a parser, 480 for a
+# long loop): the budget of 100k instructions fits. A longer walk is refused for it (ENOSPC).
 PROOF_LOG_BYTES = 64 << 20
 ENOSPC = 28
 # A privileged load's log prints map addresses (`r1 = 0xffff888100c9e400`): never shown to tenants.

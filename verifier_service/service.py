@@ -39,6 +39,7 @@ class Verifier:
             max_verified_insns=settings.max_verified_insns,
             kernel_timeout_s=settings.kernel_timeout_s,
             kernel_cpu_budget_s=settings.kernel_cpu_budget_s,
+            proven_cpu_budget_s=settings.proven_cpu_budget_s,
             modes=tuple(settings.modes),
         )
 

@@ -6,7 +6,7 @@ import msgspec
 from schemas.ebpf import MapSpec, Reason, program_digest
 from verifier_service import bytecode, policy
 from verifier_service.btf_ext import line_of
-from verifier_service.elf import ObjectError, read_object
+from verifier_service.elf import ElfProgram, ObjectError, read_object
 from verifier_service.policy import Limits, Program
 
 
@@ -18,6 +18,7 @@ class StaticVerdict(msgspec.Struct, frozen=True, kw_only=True):
     insns: int = 0
     maps: list[MapSpec] = []
     map_refs: dict[int, str] = {}
+    object: ElfProgram | None = None  # what was read (the kernel's half loads it): None if unreadable
 
 
 def check_object(data: bytes, program: str | None, prog_type: str, limits: Limits) -> StaticVerdict:
@@ -38,6 +39,7 @@ def check_object(data: bytes, program: str | None, prog_type: str, limits: Limit
         insns=len(obj.raw) // bytecode.INSN_SIZE,
         maps=obj.maps,
         map_refs=obj.map_refs,
+        object=obj,
     )
 
 
