@@ -11,8 +11,9 @@ from typing import Any
 import msgspec
 import nats.errors
 
+from cli import function_dir, layers
 from fabric import bus, credentials, telemetry, trace_stream
-from fabric.bundles import digest_of, pack_directory
+from fabric.bundles import digest_of
 from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.ebpf import (
@@ -25,7 +26,7 @@ from schemas.ebpf import (
     VerifyRequest,
 )
 from schemas.errors import Error
-from schemas.manifest import name_problems, parse_manifest
+from schemas.manifest import name_problems
 from schemas.messages import (
     ApprovedProgram,
     ClusterStatus,
@@ -49,10 +50,6 @@ from schemas.messages import (
     UploadBundle,
 )
 
-MANIFEST = "function.toml"
-# A bundle travels to the scheduler (the bundle store's only writer) in one message, under the
-# bus's 8 MiB limit on a tenant's messages.
-MAX_BUNDLE_BYTES = 6 * 1024 * 1024
 CONTROL_TIMEOUT_S = 10.0
 # a bundle's upload: the scheduler tries JetStream again for up to 15 s while it elects a leader
 UPLOAD_TIMEOUT_S = 30.0
@@ -122,23 +119,8 @@ def next_invocation_id() -> str:
     return _ids.next()
 
 
-def read_function_dir(path: Path) -> tuple[FunctionSpec, bytes]:
-    """The spec from `function.toml` and the packed bundle of its directory."""
-    manifest = path if path.is_file() else path / MANIFEST
-    if not manifest.is_file():
-        raise ClientError(Error(code="bad_request", message=f"no {MANIFEST} at {path}"))
-    spec = parse_manifest(manifest.read_text())
-    return spec, pack_directory(manifest.parent, MAX_BUNDLE_BYTES)
-
-
-def _read_ebpf_object(path: Path, spec: FunctionSpec) -> bytes:
-    assert spec.ebpf is not None
-    obj = (path if path.is_dir() else path.parent) / spec.ebpf.object
-    if not obj.is_file():
-        raise ClientError(
-            Error(code="bad_request", message=f"the object {obj} does not exist (build it first)")
-        )
-    return obj.read_bytes()
+def _quiet(_line: str) -> None:
+    pass
 
 
 MIN_COPY_TIMEOUT_MS = 200  # a copy with less time left than this would only time out
@@ -311,10 +293,17 @@ class Client:
             return InvokeOutcome(invocation_id, None, result.error, result.node, latency_ms)
         return InvokeOutcome(invocation_id, result, None, result.node, latency_ms)
 
-    async def deploy(self, path: Path, tenant: str | None = None) -> DeployReply:
+    async def deploy(
+        self, path: Path, tenant: str | None = None, progress: layers.Progress | None = None
+    ) -> DeployReply:
         """Upload the bundle (content-addressed: unchanged code is not sent again), then register.
-        An ebpf function is verified first; a rejection raises ProgramRejected with the verdict."""
-        spec, bundle = read_function_dir(path)
+        An ebpf function is verified first; a rejection raises ProgramRejected with the verdict.
+        A python function's requirements are built into its dependency layer first (from the
+        deployer's cache when built before), saying how it goes to `progress`."""
+        try:
+            spec, bundle = function_dir.read(path)
+        except function_dir.FunctionDirError as exc:
+            raise ClientError(Error(code="bad_request", message=str(exc))) from None
         tenant = tenant or self.tenant or None  # a tenant's credentials deploy as that tenant
         if tenant is not None:
             spec = msgspec.structs.replace(spec, tenant=tenant)
@@ -322,25 +311,58 @@ class Client:
         with telemetry.span("client.deploy", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
             program = None
             if spec.runtime == "ebpf":
-                program = await self._approve(spec, _read_ebpf_object(path, spec))
+                try:
+                    obj = function_dir.ebpf_object(path, spec)
+                except function_dir.FunctionDirError as exc:
+                    raise ClientError(Error(code="bad_request", message=str(exc))) from None
+                program = await self._approve(spec, obj)
+            layer_digest = ""
+            if spec.python is not None and spec.python.requirements:
+                layer_digest = await self._layer(spec.tenant, spec.python.requirements, progress or _quiet)
             digest = await self._upload(spec.tenant, bundle)
+            request = DeployRequest(
+                spec=spec,
+                bundle_digest=digest,
+                bundle_size=len(bundle),
+                program=program,
+                layer_digest=layer_digest,
+            )
             return await self._control(
-                subjects.control(spec.tenant, subjects.DEPLOY),
-                DeployRequest(spec=spec, bundle_digest=digest, bundle_size=len(bundle), program=program),
-                codec.deploy_result,
-                spec.tenant,
+                subjects.control(spec.tenant, subjects.DEPLOY), request, codec.deploy_result, spec.tenant
             )
 
-    async def _upload(self, tenant: str, bundle: bytes) -> str:
-        """Send the bundle to the scheduler unless the store has it already (content-addressed:
-        unchanged code is not sent again)."""
+    async def _layer(self, tenant: str, requirements: list[str], progress: layers.Progress) -> str:
+        """The requirements' layer in the bundle store: built (or taken from the cache), then
+        sent in parts unless the store has it; its digest."""
+        try:
+            layer = await asyncio.to_thread(layers.build, requirements, progress)
+        except layers.LayerError as exc:
+            raise ClientError(Error(code="bad_request", message=str(exc))) from None
+        subject = subjects.control(tenant, subjects.UPLOAD)
+        held = await self._control(subject, UploadBundle(digest=layer.digest), codec.upload_result, tenant)
+        if held.stored:
+            progress(f"layer {layer.digest[:19]} is in the cluster already: reused")
+            return layer.digest
+        pieces = layers.parts(layer.data)
+        for number, piece in enumerate(pieces, 1):
+            await self._upload(tenant, piece, part=True)
+            progress(f"uploading layer {layer.digest[:19]}: part {number} of {len(pieces)}")
+        names = [digest_of(piece) for piece in pieces]
+        whole = UploadBundle(digest=layer.digest, parts=names)
+        await self._control(subject, whole, codec.upload_result, tenant, timeout_s=UPLOAD_TIMEOUT_S)
+        return layer.digest
+
+    async def _upload(self, tenant: str, bundle: bytes, part: bool = False) -> str:
+        """Send the bundle (or a layer's part) to the scheduler unless the store has it already
+        (content-addressed: unchanged code is not sent again)."""
         digest = digest_of(bundle)
         subject = subjects.control(tenant, subjects.UPLOAD)
-        reply = await self._control(subject, UploadBundle(digest=digest), codec.upload_result, tenant)
+        asked = UploadBundle(digest=digest, part=part)
+        reply = await self._control(subject, asked, codec.upload_result, tenant)
         if not reply.stored:
             await self._control(
                 subject,
-                UploadBundle(digest=digest, data=bundle),
+                UploadBundle(digest=digest, data=bundle, part=part),
                 codec.upload_result,
                 tenant,
                 timeout_s=UPLOAD_TIMEOUT_S,

@@ -156,16 +156,19 @@ def status(as_json: bool) -> None:
 @click.option("--tenant", default=None, help="deploy under this tenant instead of the manifest's")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
-    """Register the function in PATH (a directory holding function.toml, or the file itself)."""
-    reply = run(lambda c: c.deploy(path, tenant))
+    """Register the function in PATH (a directory holding function.toml, or the file itself).
+    A python function's requirements are built into its dependency layer first (progress on
+    stderr)."""
+    reply = run(lambda c: c.deploy(path, tenant, progress=lambda line: click.echo(line, err=True)))
     if as_json:
         print_json(msgspec.to_builtins(reply))
         return
     spec = reply.function.spec
     verb = "deployed" if reply.updated else "unchanged"
+    layer = f", layer {reply.function.layer_digest[:19]}" if reply.function.layer_digest else ""
     click.echo(
         f"{verb} {spec.tenant}/{spec.name} ({spec.runtime}, {reply.function.bundle_size} bytes, "
-        f"{reply.function.bundle_digest[:19]}, revision {reply.revision})"
+        f"{reply.function.bundle_digest[:19]}{layer}, revision {reply.revision})"
     )
 
 

@@ -149,6 +149,7 @@ def invoke_json(outcome: InvokeOutcome) -> dict:
         "invocation_id": outcome.invocation_id,
         "node": outcome.node or None,
         "cold_start": reply.cold_start if reply else None,
+        "start_path": (reply.start_path or None) if reply else None,
         "duration_ms": reply.duration_ms if reply else None,
         "latency_ms": round(outcome.latency_ms, 3),
         "phases_ms": reply.phases_ms if reply else {},
@@ -177,6 +178,8 @@ def invoke_summary(outcome: InvokeOutcome) -> str:
             f"[{outcome.invocation_id[:8]}] failed on {outcome.node or '-'} after {outcome.latency_ms:.1f} ms"
         )
     kind = "cold" if outcome.reply.cold_start else "warm"
+    if outcome.reply.start_path:
+        kind += f" ({outcome.reply.start_path.replace('_', ' ')})"
     if outcome.reply.retval is not None:
         kind += f" retval={outcome.reply.retval}" + (
             f" ({outcome.reply.action})" if outcome.reply.action else ""
@@ -240,13 +243,14 @@ def maps_table(dumps: list[MapDump]) -> str:
 
 
 def cold_start_table(rows: list[dict]) -> str:
-    """Cold starts by pool mode and phase (phases nest: sandbox.* and runtime.init are parts of
+    """Cold starts by pool mode, start path and phase (phases nest: sandbox.* and runtime.init are parts of
     node.cold_start, so shares add up per level, not overall)."""
     return table(
-        ["POOL MODE", "PHASE", "COUNT", "P50 MS", "P99 MS", "SHARE"],
+        ["POOL MODE", "START PATH", "PHASE", "COUNT", "P50 MS", "P99 MS", "SHARE"],
         [
             [
                 r["pool_mode"],
+                r["start_path"],
                 r["phase"],
                 str(r["count"]),
                 f"{r['p50_ms']:.3f}",

@@ -14,6 +14,7 @@ SHOWN_ATTRIBUTES = (
     "hetfaas.attempt",
     "faas.coldstart",
     "hetfaas.pool_mode",
+    "hetfaas.start_path",
     "hetfaas.shard",
     "hetfaas.slot_reused",
     "hetfaas.prewarmed",
@@ -169,19 +170,21 @@ def span_json(span: Span) -> dict:
 
 @dataclass
 class ColdStarts:
-    """Cold starts of one pool mode: end-to-end node time and each phase, in ms."""
+    """Cold starts of one pool mode and start path: end-to-end node time and each phase, in ms."""
 
     count: int = 0
     total_ms: list[float] = field(default_factory=list)
     phases_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
-def cold_starts(spans: list[Span], function: str | None = None, since_ns: int = 0) -> dict[str, ColdStarts]:
-    """Per pool mode, the cold starts' node spans and their phases."""
+def cold_starts(
+    spans: list[Span], function: str | None = None, since_ns: int = 0
+) -> dict[tuple[str, str], ColdStarts]:
+    """Per (pool mode, start path), the cold starts' node spans and their phases."""
     children: defaultdict[str, list[Span]] = defaultdict(list)
     for s in spans:
         children[s.parent_id].append(s)
-    summary: dict[str, ColdStarts] = {}
+    summary: dict[tuple[str, str], ColdStarts] = {}
     for node in spans:
         attrs = node.attributes
         if node.name != "node.invoke" or attrs.get("faas.coldstart") is not True or node.start_ns < since_ns:
@@ -189,7 +192,7 @@ def cold_starts(spans: list[Span], function: str | None = None, since_ns: int = 
         if function is not None and attrs.get("faas.name") != function:
             continue
         mode = str(attrs.get("hetfaas.pool_mode", "dpu" if "hetfaas.program" in attrs else "?"))
-        entry = summary.setdefault(mode, ColdStarts())
+        entry = summary.setdefault((mode, str(attrs.get("hetfaas.start_path", "-"))), ColdStarts())
         entry.count += 1
         entry.total_ms.append(node.duration_ms)
         for phase in _descendants(node, children):
@@ -208,20 +211,22 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
 
-def cold_start_rows(summary: dict[str, ColdStarts]) -> list[dict]:
-    """One row per (pool mode, phase): count, p50, p99, and its share of the cold starts' time."""
+def cold_start_rows(summary: dict[tuple[str, str], ColdStarts]) -> list[dict]:
+    """One row per (pool mode, start path, phase): count, p50, p99, and its share of those cold
+    starts' time. The start path says how the instance came: fresh, stem_cell ("-": not said)."""
     rows = []
-    for mode, entry in sorted(summary.items()):
+    for (mode, path), entry in sorted(summary.items()):
         total = sum(entry.total_ms) or 1.0
-        rows.append(_row(mode, "node.invoke (whole start)", entry.total_ms, total))
+        rows.append(_row(mode, path, "node.invoke (whole start)", entry.total_ms, total))
         for phase, values in sorted(entry.phases_ms.items(), key=lambda kv: -sum(kv[1])):
-            rows.append(_row(mode, phase, values, total))
+            rows.append(_row(mode, path, phase, values, total))
     return rows
 
 
-def _row(mode: str, phase: str, values: list[float], total: float) -> dict:
+def _row(mode: str, path: str, phase: str, values: list[float], total: float) -> dict:
     return {
         "pool_mode": mode,
+        "start_path": path,
         "phase": phase,
         "count": len(values),
         "p50_ms": round(statistics.median(values), 3),

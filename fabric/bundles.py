@@ -52,10 +52,12 @@ def digest_of(data: bytes) -> str:
     return DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
 
 
-def pack_directory(root: Path, max_bytes: int) -> bytes:
-    """Tar+gzip `root` reproducibly (sorted names, zeroed times and owners): same files, same digest."""
+def pack_directory(root: Path, max_bytes: int, keep_bytecode: bool = False) -> bytes:
+    """Tar+gzip `root` reproducibly (sorted names, zeroed times and owners): same files, same
+    digest. Bytecode is left out (a node compiles what it imports) unless `keep_bytecode` (a
+    dependency layer's, compiled without timestamps: cli/layers.py)."""
     buf = io.BytesIO()
-    files = _walk(root)
+    files = _walk(root, keep_bytecode)
     if len(files) > MAX_FILES or sum(path.stat().st_size for path in files) > MAX_UNPACKED_BYTES:
         raise BundleError(f"{root} holds more than {MAX_FILES} files or {MAX_UNPACKED_BYTES >> 20} MiB")
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
@@ -73,11 +75,13 @@ def pack_directory(root: Path, max_bytes: int) -> bytes:
     return data
 
 
-def _walk(root: Path) -> list[Path]:
+def _walk(root: Path, keep_bytecode: bool = False) -> list[Path]:
+    skipped = SKIP_NAMES - {"__pycache__"} if keep_bytecode else SKIP_NAMES
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_NAMES)
-        files.extend(Path(dirpath) / name for name in sorted(filenames) if not name.endswith(".pyc"))
+        dirnames[:] = sorted(d for d in dirnames if d not in skipped)
+        names = sorted(filenames) if keep_bytecode else sorted(n for n in filenames if not n.endswith(".pyc"))
+        files.extend(Path(dirpath) / name for name in names)
     return sorted(files)
 
 
@@ -135,6 +139,9 @@ LEADERLESS = (nats_errors.TimeoutError, nats_errors.NoRespondersError, js_errors
 # A stored object's size is believed only up to this (a bundle is at most the scheduler's
 # max_payload_bytes, far below): a forged metadata record cannot make a node read for ever.
 MAX_STORED_BYTES = 64 * 1024 * 1024
+# Where a dependency layer's parts are stored (scheduler/layers.py): a name no bundle has, so a
+# part, which is not checked as a bundle, is never taken for one
+PART_PREFIX = "part-"
 
 
 class BundleStore:
@@ -171,15 +178,16 @@ class BundleStore:
             config.num_replicas = self._replicas
             await self._js.update_stream(config)
 
-    async def upload(self, data: bytes, budget_s: float = UPLOAD_BUDGET_S) -> str:
+    async def upload(self, data: bytes, budget_s: float = UPLOAD_BUDGET_S, prefix: str = "") -> str:
         """Store `data` under its digest (unless it is there), trying again while JetStream
-        has no leader for the bucket, for at most `budget_s`."""
+        has no leader for the bucket, for at most `budget_s`. With a `prefix` (PART_PREFIX) it is
+        stored under that name beside the bundles, never as one."""
         digest = digest_of(data)
         deadline = asyncio.get_running_loop().time() + budget_s
         while True:
             try:
-                if not await self.holds(digest):
-                    await (await self._store()).put(digest, data)
+                if not await self.holds(digest, prefix):
+                    await (await self._store()).put(prefix + digest, data)
                 return digest
             except LEADERLESS as exc:
                 if asyncio.get_running_loop().time() > deadline:
@@ -188,6 +196,13 @@ class BundleStore:
                     "bundle store without a leader (%s): trying %s again", exc or type(exc).__name__, digest
                 )
                 await asyncio.sleep(RETRY_PAUSE_S)  # JetStream says nothing when it has one again
+
+    async def delete(self, digest: str, prefix: str = "") -> None:
+        """Drop an object (a layer's part once the layer is stored); nothing if it is gone."""
+        try:
+            await (await self._store()).delete(prefix + digest)
+        except js_errors.NotFoundError:
+            pass
 
     async def exists(self, digest: str) -> bool:
         """Whether an object is stored under `digest` (its metadata only: nodes check the bytes
@@ -209,23 +224,23 @@ class BundleStore:
         info = ObjectInfo.from_response(json.loads(msg.data or b"{}"))
         return None if info.deleted else info
 
-    async def holds(self, digest: str) -> bool:
+    async def holds(self, digest: str, prefix: str = "") -> bool:
         """Whether the store holds the bundle `digest` names, its bytes checked: an object under
         that name whose bytes hash differently (planted, or damaged) is deleted and reported, so
         the owner's next upload repairs it rather than being told it is there."""
         try:
-            await self.fetch(digest)
+            await self.fetch(digest, prefix)
         except BundleCorrupt as exc:
-            log.error("deleting %s from the bundle store: %s", digest, exc)
-            await (await self._store()).delete(digest)
+            log.error("deleting %s from the bundle store: %s", prefix + digest, exc)
+            await (await self._store()).delete(prefix + digest)
             return False
         except BundleError:  # not there
             return False
         return True
 
-    async def fetch(self, digest: str) -> bytes:
+    async def fetch(self, digest: str, prefix: str = "") -> bytes:
         """The bundle's bytes, chunk by chunk with direct gets (see `_info`), checked."""
-        info = await self._info(digest)
+        info = await self._info(prefix + digest)
         if info is None:
             raise BundleError(f"bundle {digest} is not in the bundle store")
         if (info.size or 0) > MAX_STORED_BYTES or (info.chunks or 0) > MAX_STORED_BYTES // 1024:

@@ -135,6 +135,8 @@ class InvokeMetrics:
             span.set_attribute("hetfaas.error", reply.error.code)
             return
         span.set_attribute("faas.coldstart", reply.cold_start)
+        if reply.start_path:
+            span.set_attribute("hetfaas.start_path", reply.start_path)
         phases = reply.phases_ms
         self.observe(req, reply, mode, phases.get("acquire_ms") or phases.get("program_load_ms"))
 

@@ -63,6 +63,8 @@ class HostNodeApp(ServiceApp):
         beats = nodes.send_heartbeats(nc, settings.node_id, node.heartbeat, settings.heartbeat_interval_s)
         tasks.spawn(beats, "heartbeats")
         tasks.spawn(node.runtime.reap_idle(), "reap-idle")
+        if settings.python_stem_cells > 0:
+            tasks.spawn(node.runtime.stems.keep_stocked(), "stem-cells")
         tasks.spawn(function_logs.keep_bounded(node.logs, settings.max_log_bytes), "function-logs")
         health.READINESS.check = lambda: health.unready(nc, registration)
         log.info("host node %s serving", settings.node_id)

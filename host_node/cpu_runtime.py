@@ -18,10 +18,12 @@ from host_node import function_logs
 from host_node.removals import Removals
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
-from host_node.runtimes.python import PythonInstance
+from host_node.runtimes.python import START_FRESH, START_STEM_CELL, FunctionCode, PythonInstance
+from host_node.runtimes.python_stem import StemLost
 from host_node.sandbox.cgroups import Limits
 from host_node.settings import HostNodeSettings
 from host_node.spawner import Spawner
+from host_node.stem_cells import StemCells
 from host_node.warm import WarmInstances
 from schemas.messages import FunctionSpec, NodeInvoke, function_of, instance_key
 
@@ -46,6 +48,8 @@ class CpuRuntime:
         self._removed = Removals()  # an instance running or starting then stops once free
         self.draining = False  # `hetfaas node drain`: instances stop when free, none is prewarmed
         self.prewarmed = 0  # instances started ahead of a predicted invocation
+        idle = settings.sandbox.limits_for(settings.sandbox.idle_memory_mb)
+        self.stems = StemCells(spawner, idle, settings.python_stem_cells)
 
     def instance_limit(self, spec: FunctionSpec) -> int:
         return min(spec.concurrency, self.settings.max_instances_per_function)
@@ -82,14 +86,15 @@ class CpuRuntime:
     # --- python ---
 
     async def run_python(
-        self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
-    ) -> tuple[bytes, bool]:
-        """The handler's output and whether this call started its instance (a cold start)."""
+        self, req: NodeInvoke, code: FunctionCode, deadline: float, phases: dict[str, float]
+    ) -> tuple[bytes, str]:
+        """The handler's output and, if this call started its instance (a cold start), how:
+        START_STEM_CELL or START_FRESH ("": a warm instance)."""
         spec = req.spec
         key = instance_key(spec.tenant, spec.name, req.bundle_digest)
         self._memory_of[key] = spec.memory_mb
         acquire_started = time.monotonic()
-        start = self._starter(spec, code_dir, deadline, phases)
+        start = self._starter(spec, code, deadline, phases)
         instance, cold = await self.warm.acquire(
             key, self.instance_limit(spec), start, deadline - acquire_started
         )
@@ -100,11 +105,11 @@ class CpuRuntime:
         try:
             output = await instance.invoke(req, run_budget(req, deadline, handler_started), cold)
         finally:
-            self.give_back(req, key, code_dir, instance)
+            self.give_back(req, key, code, instance)
         phases["handler_ms"] = ms_since(handler_started)
-        return output, cold
+        return output, instance.start_path if cold else ""
 
-    def give_back(self, req: NodeInvoke, key: str, code_dir: Path, instance: PythonInstance) -> None:
+    def give_back(self, req: NodeInvoke, key: str, code: FunctionCode, instance: PythonInstance) -> None:
         """The instance is free again: idle for the scheduler's keep-alive, or stopped now and
         started afresh just before the function's next call is due (prewarm). An instance of a
         function removed meanwhile stops (unless a call already waits for it)."""
@@ -112,10 +117,10 @@ class CpuRuntime:
         removed = self.draining or (bool(self._removed) and function_of(key) in self._removed)
         self.warm.release(key, instance, keep_alive_s, unload=prewarm_after_s > 0 or removed)
         if prewarm_after_s > 0 and not removed:
-            self._schedule_prewarm(key, req.spec, code_dir, prewarm_after_s, keep_alive_s)
+            self._schedule_prewarm(key, req.spec, code, prewarm_after_s, keep_alive_s)
 
     def _starter(
-        self, spec: FunctionSpec, code_dir: Path, deadline: float, phases: dict[str, float]
+        self, spec: FunctionSpec, code: FunctionCode, deadline: float, phases: dict[str, float]
     ) -> Callable[[], Awaitable[PythonInstance]]:
         handler = spec.handler
         assert handler is not None
@@ -123,18 +128,23 @@ class CpuRuntime:
         async def start() -> PythonInstance:
             log_path = self._log_path(spec.tenant, spec.name)
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            spawner, max_output, limits = self._spawner, self.settings.max_output_bytes, self._limits(spec)
             try:
+                if (stem := self.stems.take()) is not None:
+                    try:
+                        instance = await stem.become(
+                            spawner, handler, code.code_dir, code.deps_dir, log_fd, max_output,
+                            deadline - time.monotonic(), limits, phases, spec.payload,
+                        )  # fmt: skip
+                    except StemLost as lost:
+                        log.warning("%s; starting %s/%s afresh", lost, spec.tenant, spec.name)
+                    else:
+                        instance.start_path = START_STEM_CELL
+                        return instance
                 return await PythonInstance.start(
-                    self._spawner,
-                    handler,
-                    code_dir,
-                    log_fd,
-                    self.settings.max_output_bytes,
-                    deadline - time.monotonic(),
-                    self._limits(spec),
-                    phases,
-                    spec.payload,
-                )
+                    spawner, handler, code.code_dir, log_fd, max_output,
+                    deadline - time.monotonic(), limits, phases, spec.payload, code.deps_dir,
+                )  # fmt: skip
             finally:
                 os.close(log_fd)
 
@@ -147,7 +157,7 @@ class CpuRuntime:
         return keep_alive_s, max(req.prewarm_after_ms, 0) / 1000
 
     def _schedule_prewarm(
-        self, key: str, spec: FunctionSpec, code_dir: Path, after_s: float, keep_alive_s: float
+        self, key: str, spec: FunctionSpec, code: FunctionCode, after_s: float, keep_alive_s: float
     ) -> None:
         """Start an instance of `key` in `after_s` (replacing any earlier plan for it)."""
         if (earlier := self._prewarm_timers.pop(key, None)) is not None:
@@ -155,12 +165,12 @@ class CpuRuntime:
 
         def fire() -> None:
             self._prewarm_timers.pop(key, None)
-            self._tasks.spawn(self._prewarm(key, spec, code_dir, keep_alive_s), f"prewarm {key}")
+            self._tasks.spawn(self._prewarm(key, spec, code, keep_alive_s), f"prewarm {key}")
 
         self._prewarm_timers[key] = asyncio.get_running_loop().call_later(after_s, fire)
 
-    async def _prewarm(self, key: str, spec: FunctionSpec, code_dir: Path, keep_alive_s: float) -> None:
-        start = self._starter(spec, code_dir, time.monotonic() + PREWARM_INIT_S, {})
+    async def _prewarm(self, key: str, spec: FunctionSpec, code: FunctionCode, keep_alive_s: float) -> None:
+        start = self._starter(spec, code, time.monotonic() + PREWARM_INIT_S, {})
         try:
             if await self.warm.prewarm(key, self.instance_limit(spec), start, keep_alive_s):
                 self.prewarmed += 1
@@ -172,7 +182,7 @@ class CpuRuntime:
 
     async def run_exec(
         self, req: NodeInvoke, code_dir: Path, deadline: float, phases: dict[str, float]
-    ) -> tuple[bytes, bool]:
+    ) -> tuple[bytes, str]:
         assert req.spec.command is not None
         key = instance_key(req.spec.tenant, req.spec.name, req.bundle_digest)
         started = time.monotonic()
@@ -193,7 +203,7 @@ class CpuRuntime:
         finally:
             self._exec_memory_mb -= req.spec.memory_mb
         phases["handler_ms"] = ms_since(started)
-        return output, cold
+        return output, START_FRESH if cold else ""
 
     # --- accounting ---
 
@@ -238,6 +248,7 @@ class CpuRuntime:
 
     def close(self) -> None:
         self.warm.close()
+        self.stems.close()
 
 
 def run_budget(req: NodeInvoke, deadline: float, now: float) -> float:

@@ -22,6 +22,7 @@ SANDBOX_PHASES = (
     ("sandbox.slot_acquire", "slot_acquire_ms"),
     ("sandbox.setup", "sandbox_setup_ms"),
     ("sandbox.exec", "exec_ms"),
+    ("sandbox.assign", "sandbox_assign_ms"),  # a stem cell given its function's limits and code
 )
 MS = 1_000_000  # ns
 

@@ -19,6 +19,7 @@ from host_node.bundle_cache import BundleCache
 from host_node.cpu_runtime import CpuRuntime, ms_since
 from host_node.kernel_probe import KernelProbe
 from host_node.runtimes.errors import FunctionFailed
+from host_node.runtimes.python import FunctionCode
 from host_node.settings import HostNodeSettings
 from host_node.spawner import Spawner, spawner_gauges
 from host_node.warm_call import NODE_MARGIN_S, Outcome, WarmCall, WarmCalls
@@ -129,7 +130,7 @@ class HostNode:
         self.runtime.invoked(req.spec, req.deployed_at)
         if req.spec.runtime != "python" or self.inflight >= self.settings.capacity:
             return bus.PASS
-        if self.once.has(nodes.run_key(req)) or (code_dir := self._bundles.ready(req.bundle_digest)) is None:
+        if self.once.has(nodes.run_key(req)) or (code := self._code_ready(req)) is None:
             return bus.PASS
         if (taken := self.calls.instance_for(req)) is None:
             return bus.PASS  # room for another instance: a cold start
@@ -138,9 +139,7 @@ class HostNode:
         span = nodes.open_invoke_span(
             req, ctx, self.settings.node_id, **{"hetfaas.pool_mode": self.settings.sandbox.mode}
         )
-        self.calls.begin(
-            WarmCall(req, ctx, key, code_dir, self.once.begin(nodes.run_key(req)), span), instance
-        )
+        self.calls.begin(WarmCall(req, ctx, key, code, self.once.begin(nodes.run_key(req)), span), instance)
         return None
 
     def _answer_call(self, call: WarmCall, outcome: Outcome) -> None:
@@ -205,30 +204,46 @@ class HostNode:
         phases: dict[str, float] = {}
         try:
             code_dir, fetched = await self._bundles.ensure(req.bundle_digest)
+            deps_dir = None
+            if req.layer_digest:
+                deps_dir, fetched_layer = await self._bundles.ensure(req.layer_digest)
+                fetched = fetched or fetched_layer
             if fetched:
                 phases["bundle_fetch_ms"] = ms_since(received_at)
             if req.spec.runtime == "python":
-                output, cold = await self.runtime.run_python(req, code_dir, deadline, phases)
+                code = FunctionCode(code_dir, deps_dir)
+                output, start_path = await self.runtime.run_python(req, code, deadline, phases)
             else:
-                output, cold = await self.runtime.run_exec(req, code_dir, deadline, phases)
+                output, start_path = await self.runtime.run_exec(req, code_dir, deadline, phases)
         except FunctionFailed as failure:
             return self._failed(req, failure)
         except BundleError as exc:
             why = f"cannot get the function's code: {exc}"
             return error_reply("internal", why, req.invocation_id, self.settings.node_id)
-        return self._reply(req, received_at, output, cold, phases)
+        return self._reply(req, received_at, output, start_path, phases)
+
+    def _code_ready(self, req: NodeInvoke) -> FunctionCode | None:
+        """The function's bundle and layer, if both are here already (no waiting)."""
+        if (code_dir := self._bundles.ready(req.bundle_digest)) is None:
+            return None
+        if not req.layer_digest:
+            return FunctionCode(code_dir)
+        deps_dir = self._bundles.ready(req.layer_digest)
+        return None if deps_dir is None else FunctionCode(code_dir, deps_dir)
 
     def _failed(self, req: NodeInvoke, failure: FunctionFailed) -> ErrorReply:
         node_id = self.settings.node_id
         return error_reply(failure.code, failure.message, req.invocation_id, node_id, failure.detail)
 
     def _reply(
-        self, req: NodeInvoke, received_at: float, output: bytes, cold: bool, phases: dict[str, float]
+        self, req: NodeInvoke, received_at: float, output: bytes, start_path: str, phases: dict[str, float]
     ) -> InvokeReply:
+        """`start_path`: how a cold start got its instance ("": it was warm)."""
         return InvokeReply(
             invocation_id=req.invocation_id,
             node=self.settings.node_id,
-            cold_start=cold,
+            cold_start=bool(start_path),
+            start_path=start_path,
             duration_ms=ms_since(received_at),
             output=output,
             phases_ms=phases,

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -27,6 +27,7 @@ class View(msgspec.Struct, frozen=True):
     code_dir: str
     runtime_dir: str
     python: str
+    deps_dir: str = ""  # the function's dependency layer, if it has one
 
 
 class Process(Protocol):
@@ -40,10 +41,23 @@ class Process(Protocol):
 
 
 class Spawner(Protocol):
-    def view(self, code_dir: Path) -> View: ...
+    def view(self, code_dir: Path | None, deps_dir: Path | None = None) -> View: ...
 
-    async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> Process:
-        """Start argv with fds[i] as its fd i (0, 1, 2, then extra). The caller keeps its fds."""
+    async def start(
+        self,
+        argv: list[str],
+        code_dir: Path | None,
+        limits: Limits,
+        fds: list[int],
+        deps_dir: Path | None = None,
+    ) -> Process:
+        """Start argv with fds[i] as its fd i (0, 1, 2, then extra), with the function's code
+        and dependency layer in view. The caller keeps its fds. With no `code_dir` this is a
+        stem cell, given its function later by `assign`."""
+        ...
+
+    async def assign(self, proc: Any, code_dir: Path, deps_dir: Path | None, limits: Limits) -> float:
+        """Give a stem cell its function's limits, code and layer; µs it took."""
         ...
 
     def states(self) -> list[PoolShard]:
@@ -103,17 +117,27 @@ class PlainProcess:
 class PlainSpawner:
     """Plain child processes, each leading its own session. No isolation: development only."""
 
-    def view(self, code_dir: Path) -> View:
-        return View(str(code_dir), str(RUNTIME_DIR), sys.executable)
+    def view(self, code_dir: Path | None, deps_dir: Path | None = None) -> View:
+        return View(str(code_dir or ""), str(RUNTIME_DIR), sys.executable, str(deps_dir or ""))
 
-    async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> Process:
+    async def start(
+        self,
+        argv: list[str],
+        code_dir: Path | None,
+        limits: Limits,
+        fds: list[int],
+        deps_dir: Path | None = None,
+    ) -> Process:
         actions = [(os.POSIX_SPAWN_DUP2, fd, number) for number, fd in enumerate(fds)]
         started = time.monotonic()
         try:
-            pid = _spawn_in(code_dir, argv, actions)
+            pid = _spawn_in(code_dir or RUNTIME_DIR, argv, actions)
         except OSError as exc:
             raise SpawnFailed(exc.errno, f"cannot start {argv[0]!r}: {exc.strerror}") from None
         return PlainProcess(pid, (time.monotonic() - started) * 1e6)
+
+    async def assign(self, proc: Any, code_dir: Path, deps_dir: Path | None, limits: Limits) -> float:
+        return 0.0  # no sandbox: the stem cell reads the host's paths, and no limit applies
 
     def states(self) -> list[PoolShard]:
         return []

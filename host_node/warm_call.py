@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from fabric import bus
@@ -27,7 +26,7 @@ from fabric.tasks import TaskSet
 from fabric.tracing import Span, Unsampled
 from host_node.cpu_runtime import CpuRuntime, ms_since, run_budget
 from host_node.runtimes.errors import FunctionFailed
-from host_node.runtimes.python import Frame, PythonInstance, output_of
+from host_node.runtimes.python import Frame, FunctionCode, PythonInstance, output_of
 from schemas.messages import ErrorReply, InvokeReply, NodeInvoke, instance_key
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class CallState(enum.Enum):
 WAITING, STARTING, RUNNING, FAILING, ANSWERED = CallState
 
 
-Ran = tuple[bytes, bool]  # the handler's output, and whether the call started its instance
+Ran = tuple[bytes, str]  # the handler's output, and how the call started its instance ("": warm)
 Outcome = Ran | FunctionFailed
 
 
@@ -57,7 +56,7 @@ class WarmCall:
 
     __slots__ = (
         "answer",
-        "code_dir",
+        "code",
         "ctx",
         "deadline",
         "handler_started",
@@ -76,11 +75,11 @@ class WarmCall:
         req: NodeInvoke,
         ctx: bus.Context,
         key: str,
-        code_dir: Path,
+        code: FunctionCode,
         answer: "asyncio.Future[InvokeReply | ErrorReply]",
         span: Span | Unsampled | None,
     ):
-        self.req, self.ctx, self.key, self.code_dir = req, ctx, key, code_dir
+        self.req, self.ctx, self.key, self.code = req, ctx, key, code
         self.answer = answer  # what copies of the invocation wait for (nodes.Once)
         self.span = span
         self.deadline = ctx.received_at + req.timeout_ms / 1000 - NODE_MARGIN_S
@@ -159,11 +158,11 @@ class WarmCalls:
             return
         try:
             assert call.instance is not None
-            self._runtime.give_back(call.req, call.key, call.code_dir, call.instance)
+            self._runtime.give_back(call.req, call.key, call.code, call.instance)
             call.instance = None  # given back: it may serve another call already
             output = output_of(outcome)
             call.phases["handler_ms"] = ms_since(call.handler_started)
-            self._finish(call, (output, False))
+            self._finish(call, (output, ""))
         except FunctionFailed as failure:
             self._finish(call, failure)
         except Exception as exc:
@@ -175,7 +174,7 @@ class WarmCalls:
             failure = await call.instance.failure(exc, call.timeout_s)
             if call.state is ANSWERED:
                 return  # the node stopped meanwhile, and let the instance go itself
-            self._runtime.give_back(call.req, call.key, call.code_dir, call.instance)  # room for another
+            self._runtime.give_back(call.req, call.key, call.code, call.instance)  # room for another
             call.instance = None
             self._finish(call, failure)
         except Exception as broke:
@@ -185,7 +184,7 @@ class WarmCalls:
         """A call that waited in line until an instance stopped: on as the handler's path goes."""
         try:
             self._finish(
-                call, await self._runtime.run_python(call.req, call.code_dir, call.deadline, call.phases)
+                call, await self._runtime.run_python(call.req, call.code, call.deadline, call.phases)
             )
         except FunctionFailed as failure:
             self._finish(call, failure)

@@ -15,6 +15,7 @@ from fabric.bundles import BundleError, BundleStore, digest_of
 from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
 from scheduler import state
+from scheduler.layers import LayerAssembly, LayerRefused
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
 from schemas import codec, ebpf, keys, subjects
@@ -76,6 +77,7 @@ class Control:
         self._nc = nc
         self._requester = requester
         self._tenants = tenants  # the replica's followed tenant records (state.ClusterSync)
+        self._layers = LayerAssembly(bundles, settings.max_layer_bytes)
 
     def routes(self, queue: str) -> list[bus.Route]:
         """A tenant's requests on `hetfaas.control.<tenant>.<verb>` (each acts only for the tenant
@@ -114,15 +116,22 @@ class Control:
         if not bundles.is_digest(req.digest):
             return error_reply("bad_request", f"{req.digest!r} is not a bundle digest (sha256-<64 hex>)")
         try:
+            if req.parts:
+                await self._layers.assemble(req.digest, req.parts)
+                return UploadReply(digest=req.digest, stored=True)
+            prefix = bundles.PART_PREFIX if req.part else ""
             if not req.data:
-                return UploadReply(digest=req.digest, stored=await self._bundles.holds(req.digest))
+                return UploadReply(digest=req.digest, stored=await self._bundles.holds(req.digest, prefix))
             if digest_of(req.data) != req.digest:
                 return error_reply("bad_request", f"the bundle's bytes do not hash to {req.digest}")
             try:
-                bundles.check(req.data)
+                if not req.part:  # a layer's part is checked with the whole layer
+                    bundles.check(req.data)
             except BundleError as exc:
                 return error_reply("bad_request", f"the bundle cannot be deployed: {exc}")
-            await self._bundles.upload(req.data)
+            await self._bundles.upload(req.data, prefix=prefix)
+        except LayerRefused as exc:
+            return error_reply("bad_request", str(exc))
         except (BundleError, *STORE_ERRORS, nats.errors.Error) as exc:
             return error_reply("unavailable", f"cannot store the bundle now: {exc}")
         return UploadReply(digest=req.digest, stored=True)
@@ -143,11 +152,15 @@ class Control:
             )
         if req.program is not None and (untrusted := self._untrusted(req.program, req.spec)):
             return error_reply("unauthorized", untrusted)
+        if req.layer_digest and (req.spec.runtime != "python" or not bundles.is_digest(req.layer_digest)):
+            return error_reply(
+                "bad_request", f"layer {req.layer_digest!r}: a python function's layer digest only"
+            )
         try:
             # the upload just before checked the bytes (`holds`): a deploy reads no bundle again
-            if not await self._bundles.exists(req.bundle_digest):
-                why = f"bundle {req.bundle_digest} was not uploaded to the bundle store"
-                return error_reply("not_found", why)
+            for what, digest in (("bundle", req.bundle_digest), ("layer", req.layer_digest)):
+                if digest and not await self._bundles.exists(digest):
+                    return error_reply("not_found", f"{what} {digest} was not uploaded to the bundle store")
             return await self._store_function(req)
         except STORE_ERRORS as exc:
             return error_reply("unavailable", f"cannot deploy while etcd is unreachable: {exc}")
@@ -159,8 +172,10 @@ class Control:
             program_digest = program_digest_of(req.program)
             await state.write_program(self._store, program_digest, spec.tenant, spec.name, req.program)
         current = await state.read_function(self._store, spec.tenant, spec.name)
-        unchanged = (spec, req.bundle_digest, program_digest)
-        if current is not None and (current.spec, current.bundle_digest, current.program_digest) == unchanged:
+        unchanged = (spec, req.bundle_digest, program_digest, req.layer_digest)
+        if current is not None and (
+            (current.spec, current.bundle_digest, current.program_digest, current.layer_digest) == unchanged
+        ):
             revision = await state.function_revision(self._store, spec.tenant, spec.name)
             return DeployReply(function=current, revision=revision, updated=False)
         record = FunctionRecord(
@@ -171,6 +186,7 @@ class Control:
             program_digest=program_digest,
             map_memory_bytes=sum(m.memory_bytes for m in req.program.maps) if req.program else 0,
             program_key=req.program.signed.key_id if req.program else "",
+            layer_digest=req.layer_digest,
         )
         revision = await state.write_function(self._store, record)
         self._view.put_function(record)

@@ -303,6 +303,7 @@ class Invoker:
             spec=record.spec,
             bundle_digest=record.bundle_digest,
             program_digest=record.program_digest,
+            layer_digest=record.layer_digest,
             payload=req.payload,
             timeout_ms=int((deadline - now) * 1000),
             attempt=attempt,

@@ -67,6 +67,8 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     log_level: str = "INFO"
     lease_ttl_s: int = 5
     max_payload_bytes: int = 6 * 1024 * 1024
+    # A python function's dependency layer as stored (tar.gz); at most what nodes fetch (64 MiB)
+    max_layer_bytes: int = 64 * 1024 * 1024
     # Copies of every bundle, each on its own NATS server (JetStream replicas): 3 in a planned
     # cluster of 3 or more servers, so losing one loses no deployed code
     bundle_replicas: int = 1

@@ -7,9 +7,10 @@ import re
 import tomllib
 
 import msgspec
+from packaging.requirements import InvalidRequirement, Requirement
 
 from schemas.ebpf import PROG_TYPES
-from schemas.messages import EbpfSpec, FunctionSpec
+from schemas.messages import EbpfSpec, FunctionSpec, PythonSpec
 
 # Names become NATS subject tokens and etcd key segments: no dots, spaces or wildcards.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -22,6 +23,9 @@ LIMITS = {
 }
 ALLOWED_KEYS = frozenset(FunctionSpec.__struct_fields__)
 ALLOWED_EBPF_KEYS = frozenset(EbpfSpec.__struct_fields__)
+ALLOWED_PYTHON_KEYS = frozenset(PythonSpec.__struct_fields__)
+MAX_REQUIREMENTS = 200
+MAX_REQUIREMENT_LENGTH = 200
 
 
 class ManifestError(ValueError):
@@ -56,6 +60,8 @@ def _table_problems(doc: dict) -> list[str]:
     it travels on the wire, where a field added later must not break an older reader), and a
     program type that is not offered (said plainly, before the conversion names the enum)."""
     problems = _unknown(doc, ALLOWED_KEYS, "")
+    if isinstance(python := doc.get("python"), dict):
+        problems += _unknown(python, ALLOWED_PYTHON_KEYS, " in [python]")
     table = doc.get("ebpf")
     if isinstance(table, dict):
         problems += _unknown(table, ALLOWED_EBPF_KEYS, " in [ebpf]")
@@ -107,7 +113,11 @@ def _runtime_problems(spec: FunctionSpec) -> list[str]:
         return _ebpf_problems(spec)
     if spec.ebpf is not None:
         return [f"the [ebpf] table is for ebpf functions, not {spec.runtime}"]
+    if spec.python is not None and spec.runtime != "python":
+        return [f"the [python] table is for python functions, not {spec.runtime}"]
     if spec.runtime == "python":
+        if spec.python is not None and (problems := requirements_problems(spec.python.requirements)):
+            return problems
         if spec.command is not None:
             return ["'command' is for exec functions; python functions take 'handler'"]
         if spec.handler is None:
@@ -132,3 +142,28 @@ def _ebpf_problems(spec: FunctionSpec) -> list[str]:
     if spec.ebpf.object.startswith("/") or ".." in spec.ebpf.object.split("/"):
         return [f"object {spec.ebpf.object!r} must be a path inside the function's directory"]
     return []
+
+
+def requirements_problems(requirements: list[str]) -> list[str]:
+    """What is wrong with a python function's requirements: each must be a PEP 508 name with
+    versions, extras and markers, never a URL or a path (those are built from source, and the
+    layer takes wheels only)."""
+    if len(requirements) > MAX_REQUIREMENTS:
+        return [f"{len(requirements)} requirements, over the {MAX_REQUIREMENTS} a function may have"]
+    problems = []
+    for line in requirements:
+        if len(line) > MAX_REQUIREMENT_LENGTH:
+            problems.append(
+                f"requirement {line[:40]!r}... is longer than {MAX_REQUIREMENT_LENGTH} characters"
+            )
+            continue
+        try:
+            parsed = Requirement(line)
+        except InvalidRequirement as exc:
+            problems.append(f"requirement {line!r} is not a PEP 508 requirement: {str(exc).splitlines()[0]}")
+            continue
+        if parsed.url:
+            problems.append(
+                f"requirement {line!r} names a URL: only packages from an index (as wheels) are taken"
+            )
+    return problems

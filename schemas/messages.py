@@ -31,6 +31,14 @@ class EbpfSpec(msgspec.Struct, frozen=True, kw_only=True):
     verify_mode: Literal["auto", "strict", "proven"] = "auto"
 
 
+class PythonSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A python function's `[python]` table."""
+
+    # PEP 508 requirements (wheels only): built once per distinct set into the function's
+    # dependency layer on the deploying side; from `requirements.txt` when the table has none
+    requirements: list[str] = []
+
+
 class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What a tenant declares in `function.toml` (see `schemas.manifest` for the rules)."""
 
@@ -50,6 +58,7 @@ class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True):
     # python: what a handle(event, context) handler's event is: the payload's bytes, or the
     # payload decoded as JSON
     payload: Literal["bytes", "json"] = "bytes"
+    python: PythonSpec | None = None
 
 
 class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,6 +71,7 @@ class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
     program_digest: str = ""  # ebpf: the approved program, at keys.program(digest, tenant, name)
     map_memory_bytes: int = 0  # ebpf: what its maps take in a DPU tenant's partition
     program_key: str = ""  # ebpf: the id of the verifier key that signed the program
+    layer_digest: str = ""  # python: its dependency layer in the bundle store ("": none)
 
 
 class Partition(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,6 +181,7 @@ class NodeInvoke(msgspec.Struct, frozen=True, kw_only=True, tag="node_invoke"):
     payload: bytes
     timeout_ms: int  # what is left of the caller's deadline when the scheduler sends it
     program_digest: str = ""  # ebpf: the approved program to run, at keys.program(digest, tenant, name)
+    layer_digest: str = ""  # python: the function's dependency layer in the bundle store
     attempt: int = 1
     # When set, the node sends its answer straight to the caller here and acknowledges the
     # scheduler with an empty message; refusals the scheduler retries (throttled, unavailable)
@@ -219,6 +230,9 @@ class InvokeReply(msgspec.Struct, frozen=True, kw_only=True, tag="invoke_reply")
     duration_ms: float  # node-side, from receipt to reply
     output: bytes
     phases_ms: dict[str, float] = {}
+    # how a cold start got its instance: "fresh" (a sandbox and runtime started for it),
+    # "stem_cell" (a python runtime already waiting in its sandbox); "" when warm
+    start_path: str = ""
     attempts: int = 1
     retval: int | None = None  # ebpf: the program's return code ...
     action: str = ""  # ... and its name for the program type (XDP_DROP)
@@ -248,6 +262,7 @@ class DeployRequest(msgspec.Struct, frozen=True, kw_only=True, tag="deploy"):
     bundle_digest: str
     bundle_size: int
     program: "ApprovedProgram | None" = None  # ebpf: what the verifier approved and signed
+    layer_digest: str = ""  # python: the dependency layer, uploaded to the bundle store before
 
 
 class UploadBundle(msgspec.Struct, frozen=True, kw_only=True, tag="upload_bundle"):
@@ -257,6 +272,12 @@ class UploadBundle(msgspec.Struct, frozen=True, kw_only=True, tag="upload_bundle
 
     digest: str
     data: bytes = b""
+    # A part of something larger than one message (a dependency layer): stored as it is, not
+    # checked as a bundle; the whole is assembled by a later UploadBundle naming its `parts`.
+    part: bool = False
+    # The digests of parts uploaded before, in order: the scheduler joins them into `digest`
+    # (checked as a bundle, within its layer size limit) and stores that.
+    parts: list[str] = []
 
 
 class UploadReply(msgspec.Struct, frozen=True, kw_only=True, tag="upload_reply"):

@@ -11,24 +11,32 @@ from host_node.spawner import Process, Spawner, SpawnFailed
 async def launch(
     spawner: Spawner,
     argv: list[str],
-    code_dir: Path,
+    code_dir: Path | None,
     limits: Limits,
     fds: list[int],
     phases: dict[str, float],
+    deps_dir: Path | None = None,
 ) -> Process:
     try:
-        proc = await spawner.start(argv, code_dir, limits, fds)
+        proc = await spawner.start(argv, code_dir, limits, fds, deps_dir)
     except SpawnFailed as exc:
         raise FunctionFailed("function_error", str(exc.strerror or exc)) from None
     if proc.phases is not None:
         phases["slot_acquire_ms"] = round(proc.phases.slot_acquire_us / 1000, 3)
         phases["sandbox_setup_ms"] = round(proc.phases.sandbox_setup_us / 1000, 3)
         phases["exec_ms"] = round(proc.phases.exec_us / 1000, 3)
-        if (span := telemetry.current()) is not None:  # the invocation's span, for its trace
-            span.set_attribute("hetfaas.shard", getattr(proc, "shard", -1))
-            span.set_attribute("hetfaas.host_pid", proc.pid)  # kernel events are found by it
-            span.set_attribute("hetfaas.slot", getattr(proc, "slot", ""))
-            span.set_attribute("hetfaas.prewarmed", proc.phases.prewarmed)
-            span.set_attribute("hetfaas.slot_reused", proc.phases.slot_reused)
-            span.set_attribute("hetfaas.borrowed", proc.phases.borrowed)
+        describe(proc)
     return proc
+
+
+def describe(proc: Process) -> None:
+    """Where the invocation's process runs, on its span (for its trace; kernel events are found
+    by the host pid)."""
+    if (span := telemetry.current()) is None or proc.phases is None:
+        return
+    span.set_attribute("hetfaas.shard", getattr(proc, "shard", -1))
+    span.set_attribute("hetfaas.host_pid", proc.pid)
+    span.set_attribute("hetfaas.slot", getattr(proc, "slot", ""))
+    span.set_attribute("hetfaas.prewarmed", proc.phases.prewarmed)
+    span.set_attribute("hetfaas.slot_reused", proc.phases.slot_reused)
+    span.set_attribute("hetfaas.borrowed", proc.phases.borrowed)

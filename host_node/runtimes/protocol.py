@@ -17,9 +17,16 @@ OUTPUT_TOO_LARGE = 6  # worker -> node: body = the output's size (ascii)
 # a newline, then the payload
 INVOKE_WITH_CONTEXT = 7
 WANTS_CONTEXT = b" context"  # READY's body ends so when the handler takes (event, context)
+# A stem cell (python_worker.py --stem): started before its function is known.
+STEM_READY = 8  # worker -> node: the interpreter is up and waits for LOAD; body = empty
+# node -> worker, once: body = the function to load (JSON: handler, code_dir, deps_dir,
+# max_output, payload), with the function's log as SCM_RIGHTS beside it (its stdout and stderr)
+LOAD = 9
+MAX_LOAD_FRAME = 16 * 1024
 
 
-# What the worker may send: READY or INIT_ERROR once, then one answer per INVOKE.
+# What the worker may send once it has its function: READY or INIT_ERROR once, then one answer per
+# INVOKE. (A stem cell's STEM_READY is read before, off the bare socket: python_stem.py.)
 FROM_WORKER = frozenset({READY, INIT_ERROR, OUTPUT, HANDLER_ERROR, OUTPUT_TOO_LARGE})
 # A frame other than OUTPUT carries a traceback or a number: the worker sends at most this much
 # of a traceback (its end, where the exception is), and the node refuses a larger frame.

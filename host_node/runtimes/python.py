@@ -7,6 +7,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from fabric import tracing
 from fabric.deadlines import of_loop, timeouts
@@ -19,7 +20,19 @@ from schemas.messages import NodeInvoke
 
 Traced = tracing.Span | tracing.Unsampled | None  # the invocation's span on this node, if any
 
+
+class FunctionCode(NamedTuple):
+    """Where a python function's files are on this node: its bundle, and its dependency layer."""
+
+    code_dir: Path
+    deps_dir: Path | None = None
+
+
 WORKER_FD = 3  # the instance's end of the socket, as numbered inside its process
+
+# How a cold start got its instance (InvokeReply.start_path, the trace's hetfaas.start_path)
+START_FRESH = "fresh"  # a sandbox and an interpreter started for it
+START_STEM_CELL = "stem_cell"  # an interpreter already waiting in its sandbox (python_stem.py)
 
 Frame = tuple[int, bytes]  # (kind, body): see protocol.py
 # What a frame's reader hears: the frame, or TimeoutError (the deadline passed) or
@@ -174,6 +187,7 @@ class PythonInstance:
         self._channel = channel
         self.init_ms = init_ms
         self.wants_context = wants_context  # handle(event, context): INVOKE_WITH_CONTEXT frames
+        self.start_path = START_FRESH
         self._killed = False
 
     @property
@@ -194,15 +208,17 @@ class PythonInstance:
         limits: Limits,
         phases: dict[str, float],
         payload_form: str = "bytes",
+        deps_dir: Path | None = None,
     ) -> "PythonInstance":
-        view = spawner.view(code_dir)
+        """A fresh instance: a sandbox started for it, the interpreter, the handler's import."""
+        view = spawner.view(code_dir, deps_dir)
         argv = [view.python, "-I", "-S", f"{view.runtime_dir}/python_worker.py", str(WORKER_FD), handler]
-        argv += [view.code_dir, str(max_output), payload_form]
+        argv += [view.code_dir, str(max_output), payload_form] + ([view.deps_dir] if view.deps_dir else [])
         parent, child = socket.socketpair()
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
             proc = await launch(
-                spawner, argv, code_dir, limits, [devnull, log_fd, log_fd, child.fileno()], phases
+                spawner, argv, code_dir, limits, [devnull, log_fd, log_fd, child.fileno()], phases, deps_dir
             )
         except BaseException:
             parent.close()
@@ -210,8 +226,21 @@ class PythonInstance:
         finally:
             child.close()
             os.close(devnull)
+        return await cls.ready(proc, parent, handler, max_output, timeout_s)
+
+    @classmethod
+    async def ready(
+        cls, proc: Process, sock: socket.socket, handler: str, max_output: int, timeout_s: float
+    ) -> "PythonInstance":
+        """The instance once its worker says the handler is imported (READY); FunctionFailed,
+        and the process killed, when it fails to import or misses the deadline."""
         loop = asyncio.get_running_loop()
-        _, channel = await loop.create_unix_connection(lambda: FrameChannel(max_output), sock=parent)
+        try:
+            _, channel = await loop.create_unix_connection(lambda: FrameChannel(max_output), sock=sock)
+        except BaseException:
+            proc.kill()
+            sock.close()
+            raise
         try:
             kind, body = await channel.receive(timeout_s)
         except (TimeoutError, ConnectionError) as exc:

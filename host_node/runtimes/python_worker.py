@@ -1,9 +1,11 @@
 """A warm python instance: import the handler once, then serve invocations one at a time.
 
-Run as `python -I python_worker.py FD MODULE:FUNCTION CODE_DIR MAX_OUTPUT_BYTES [bytes|json]`.
-Talks to the node only over the socket FD; the handler's own stdout/stderr go to the node's log
-for the function. Stdlib only, so the worker's own start-up stays small next to the function's
-imports.
+Run as `python -I -S python_worker.py FD MODULE:FUNCTION CODE_DIR MAX_OUTPUT_BYTES [bytes|json
+[DEPS_DIR]]`, or as a stem cell, `python -I -S python_worker.py FD --stem`: started before its
+function is known, it says STEM_READY and waits for one LOAD frame naming the function, with the
+function's log beside it (SCM_RIGHTS) to become its stdout and stderr. Talks to the node only over
+the socket FD; the handler's own stdout/stderr go to the node's log for the function. Stdlib
+only, so the worker's own start-up stays small next to the function's imports.
 
 Two handler forms, told apart by the handler's own signature: `handle(payload)` (bytes in), and
 `handle(event, context)` as ported from Lambda and OpenFaaS, where `event` is the payload
@@ -121,10 +123,38 @@ def wants_context(handler) -> bool:
     return code is not None and code.co_argcount - len(getattr(handler, "__defaults__", None) or ()) >= 2
 
 
-def load_handler(spec: str, code_dir: str):
+def load_handler(spec: str, code_dir: str, deps_dir: str = ""):
+    """The handler, imported from the function's code (its own modules and vendored packages
+    first), then the standard library, then its dependency layer, read as a site directory
+    (its .pth files too) as site-packages would be."""
     module_name, _, function_name = spec.partition(":")
     sys.path.insert(0, code_dir)
+    if deps_dir:
+        import site
+
+        site.addsitedir(deps_dir)
     return getattr(importlib.import_module(module_name), function_name)
+
+
+def receive_load(sock: socket.socket) -> dict | None:
+    """A stem cell's LOAD: the function to become (None when the node closed the socket). The
+    function's log arrives beside it and becomes stdout and stderr."""
+    data, fds, _flags, _address = socket.recv_fds(sock, READ_SIZE, 1)
+    for fd in fds:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    while len(data) < protocol.HEADER.size:
+        if not (more := sock.recv(READ_SIZE)):
+            return None
+        data += more
+    size, kind = protocol.HEADER.unpack_from(data)
+    if kind != protocol.LOAD or size > protocol.MAX_LOAD_FRAME:
+        return None  # not the node's protocol: nothing to serve
+    end = protocol.HEADER.size + size
+    if len(data) < end and (rest := recv_exact(sock, end - len(data))) is not None:
+        data += rest
+    return json.loads(data[protocol.HEADER.size : end]) if len(data) >= end else None
 
 
 def serve(sock: socket.socket, handler, max_output: int, as_json: bool = False) -> None:
@@ -151,12 +181,33 @@ def serve(sock: socket.socket, handler, max_output: int, as_json: bool = False) 
 
 
 def main() -> None:
-    fd, handler_spec, code_dir, max_output = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    as_json = sys.argv[5:6] == ["json"]
-    sock = socket.socket(fileno=int(fd))
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    if sys.argv[2:] == ["--stem"]:
+        sock.sendall(protocol.frame(protocol.STEM_READY, b""))
+        load = receive_load(sock)
+        if load is None:
+            return  # retired before it was given a function
+        os.chdir(load["code_dir"])
+        args = (load["handler"], load["code_dir"], load["deps_dir"], load["max_output"], load["payload"])
+    else:
+        argv = sys.argv
+        args = (
+            argv[2],
+            argv[3],
+            argv[6] if len(argv) > 6 else "",
+            int(argv[4]),
+            argv[5] if len(argv) > 5 else "",
+        )
+    become(sock, *args)
+
+
+def become(
+    sock: socket.socket, handler_spec: str, code_dir: str, deps_dir: str, max_output: int, payload: str
+) -> None:
+    """Import the handler, say READY (or INIT_ERROR), serve."""
     started = time.perf_counter()
     try:
-        handler = load_handler(handler_spec, code_dir)
+        handler = load_handler(handler_spec, code_dir, deps_dir)
         if not callable(handler):
             raise TypeError(f"{handler_spec} is not callable")
     except BaseException:
@@ -165,7 +216,7 @@ def main() -> None:
     init_ms = (time.perf_counter() - started) * 1000
     form = protocol.WANTS_CONTEXT if wants_context(handler) else b""
     sock.sendall(protocol.frame(protocol.READY, f"{init_ms:.3f}".encode() + form))
-    serve(sock, handler, max_output, as_json)
+    serve(sock, handler, max_output, payload == "json")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import msgspec
 
 from host_node.sandbox import cgroups, ids, protocol, waiter
 from host_node.sandbox.cgroups import Layout, Limits
-from host_node.sandbox.init import CODE_VIEW, RUNTIME_VIEW, RootPlan
+from host_node.sandbox.init import CODE_VIEW, DEPS_VIEW, RUNTIME_VIEW, RootPlan
 from host_node.sandbox.pool import choose_shard
 from host_node.sandbox.settings import SandboxSettings
 from host_node.sandbox.shard_config import ShardConfig
@@ -75,6 +75,7 @@ class ShardedSpawner:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[SandboxProcess], int]] = {}
         self._running: dict[int, SandboxProcess] = {}
+        self._assigning: dict[int, asyncio.Future[protocol.Assigned]] = {}  # stem cells, by launch id
         self._next_home = itertools.cycle(range(settings.shard_count()))
         self._closing = False
         self._restarts: set[asyncio.Task] = set()  # shards being started again after a crash
@@ -177,10 +178,17 @@ class ShardedSpawner:
         cgroups.remove_subtree(self.layout)
 
     # -- launching --------------------------------------------------------------------------
-    def view(self, code_dir: Path) -> View:
-        return View(CODE_VIEW, RUNTIME_VIEW, real_python())
+    def view(self, code_dir: Path | None, deps_dir: Path | None = None) -> View:
+        return View(CODE_VIEW, RUNTIME_VIEW, real_python(), DEPS_VIEW if deps_dir else "")
 
-    async def start(self, argv: list[str], code_dir: Path, limits: Limits, fds: list[int]) -> SandboxProcess:
+    async def start(
+        self,
+        argv: list[str],
+        code_dir: Path | None,
+        limits: Limits,
+        fds: list[int],
+        deps_dir: Path | None = None,
+    ) -> SandboxProcess:
         self.launches += 1
         home = self._home_shard()
         ready = [link.ready_estimate if link.alive and link.state else 0 for link in self.shards]
@@ -189,7 +197,12 @@ class ShardedSpawner:
         link.ready_estimate = max(0, link.ready_estimate - 1)
         launch_id = next(self._ids)
         launch = protocol.Launch(
-            id=launch_id, argv=argv, env=function_env(), code_dir=str(code_dir), limits=limits
+            id=launch_id,
+            argv=argv,
+            env=function_env(),
+            code_dir=str(code_dir) if code_dir else "",
+            deps_dir=str(deps_dir) if deps_dir else "",
+            limits=limits,
         )
         future: asyncio.Future[SandboxProcess] = asyncio.get_running_loop().create_future()
         self._pending[launch_id] = (future, shard)
@@ -201,6 +214,26 @@ class ShardedSpawner:
         if borrowed and process.phases:
             process.phases = msgspec.structs.replace(process.phases, borrowed=True)
         return process
+
+    async def assign(
+        self, proc: SandboxProcess, code_dir: Path, deps_dir: Path | None, limits: Limits
+    ) -> float:
+        """Give a stem cell (started with no code) its function: the function's limits, then its
+        code and layer mounted. Returns how long the shard took (µs); SandboxError if it could
+        not (the stem cell is killed then)."""
+        assign = protocol.Assign(
+            id=proc.id, code_dir=str(code_dir), deps_dir=str(deps_dir) if deps_dir else "", limits=limits
+        )
+        future: asyncio.Future[protocol.Assigned] = asyncio.get_running_loop().create_future()
+        self._assigning[proc.id] = future
+        try:
+            await self._send(self.shards[proc.shard], assign)
+            assigned = await future
+        finally:
+            self._assigning.pop(proc.id, None)
+        if assigned.error:
+            raise SandboxError(0, assigned.error)
+        return assigned.assign_us
 
     def _home_shard(self) -> int:
         """Round-robin over the shards, skipping one being restarted after a crash."""
@@ -270,7 +303,15 @@ class ShardedSpawner:
             pending = self._pending.get(message.id)
             if pending and not pending[0].done():
                 pending[0].set_exception(SandboxError(0, message.message))
+        elif isinstance(message, protocol.Assigned):
+            assigning = self._assigning.get(message.id)
+            if assigning is not None and not assigning.done():
+                assigning.set_result(message)
         elif isinstance(message, protocol.Exited):
+            if (assigning := self._assigning.get(message.id)) is not None and not assigning.done():
+                assigning.set_exception(
+                    SandboxError(0, "the stem cell exited before it was given its function")
+                )
             exited = self._running.pop(message.id, None)
             if exited is not None and not exited.exited.done():
                 exited.oom_killed = message.oom_killed
@@ -283,6 +324,8 @@ class ShardedSpawner:
                 future.set_exception(SandboxError(0, f"shard {link.index} exited"))
         for launch_id, process in list(self._running.items()):
             if process.shard == link.index:
+                if (assigning := self._assigning.get(launch_id)) is not None and not assigning.done():
+                    assigning.set_exception(SandboxError(0, f"shard {link.index} exited"))
                 del self._running[launch_id]
                 if not process.exited.done():
                     process.exited.set_result(-9)

@@ -97,32 +97,39 @@ def send_activation(
     pid: int,
     status: socket.socket,
     launch: protocol.Launch,
-    code_tree: int,
+    trees: tuple[int, int],
     fds: list[int],
     own_mount_ns: int,
 ) -> None:
-    """Hand the launch to the sandbox's hetfaas-waiter (at `status`). In a user namespace the code
-    is mounted from here: the kernel lets no namespace-root move a host-owned mount in itself.
-    The function runs as the sandbox's own host `uid`: in a user namespace through the plan's
-    uid, which maps to it; without one directly."""
+    """Hand the launch to the sandbox's hetfaas-waiter (at `status`). `trees` are the code's and
+    the dependency layer's mount trees (-1: none; a stem cell has neither yet). In a user
+    namespace they are mounted from here: the kernel lets no namespace-root move a host-owned
+    mount in itself. The function runs as the sandbox's own host `uid`: in a user namespace
+    through the plan's uid, which maps to it; without one directly."""
+    code_tree, deps_tree = trees
     if config.userns:
-        mount_code(own_mount_ns, pid, code_tree)
+        mount_trees(own_mount_ns, pid, [(code_tree, init.CODE_VIEW), (deps_tree, init.DEPS_VIEW)])
         plan = config.plan
-        data = init.activation(plan, launch.argv, launch.env, plan.uid, plan.gid, code_mounted=True)
+        data = init.activation(plan, launch.argv, launch.env, plan.uid, plan.gid, init.CODE_MOUNTED)
         protocol.send_bytes(status, data, fds)
     else:
-        data = init.activation(config.plan, launch.argv, launch.env, uid, uid, code_mounted=False)
-        protocol.send_bytes(status, data, [code_tree, *fds])
+        flags = (init.CODE_MOUNTED if code_tree < 0 else 0) | (init.DEPS_TREE if deps_tree >= 0 else 0)
+        data = init.activation(config.plan, launch.argv, launch.env, uid, uid, flags)
+        protocol.send_bytes(status, data, [tree for tree in trees if tree >= 0] + fds)
 
 
-def mount_code(own_mount_ns: int, pid: int, code_tree: int) -> None:
+def mount_trees(own_mount_ns: int, pid: int, trees: list[tuple[int, str]]) -> None:
     """Enter the sandbox's mount namespace (this process is single-threaded: setns is safe),
-    attach the code at /code, and come back."""
+    attach each tree (an fd of -1 is none) at its path, and come back."""
+    trees = [(tree, at) for tree, at in trees if tree >= 0]
+    if not trees:
+        return
     target = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     try:
         linux.setns(target, linux.CLONE_NEWNS)
         try:
-            linux.move_mount(code_tree, init.CODE_VIEW)
+            for tree, at in trees:
+                linux.move_mount(tree, at)
         finally:
             linux.setns(own_mount_ns, linux.CLONE_NEWNS)
     finally:

@@ -5,11 +5,11 @@
  * on the status socket (fd given as argv[1]) for one activation datagram, then mount the
  * function's code, renumber its fds, drop every privilege, install seccomp and execve it.
  *
- * Activation datagram (native byte order), with SCM_RIGHTS fds [code_tree, fd0, fd1, ...]:
+ * Activation datagram (native byte order), with SCM_RIGHTS fds [code_tree, deps_tree, fd0, ...]:
  *   u32 flags, u32 uid, u32 gid, u32 nofile, u32 seccomp_len (bytes), seccomp program,
  *   argv strings (NUL-terminated), an empty string, env strings (NUL-terminated), an empty string.
- * With flag CODE_MOUNTED (user namespaces: the spawner mounted /code from outside) the fds are
- * [fd0, fd1, ...].
+ * With flag CODE_MOUNTED (user namespaces: the spawner mounted /code from outside; a stem cell:
+ * no code yet) there is no code_tree; deps_tree (for /deps) is there only with flag DEPS_TREE.
  * Replies on the socket: "R<monotonic seconds>" just before execve, "E<message>" on failure.
  * The socket is close-on-exec: end-of-file after R means execve succeeded. */
 #define _GNU_SOURCE
@@ -35,6 +35,7 @@
 #define STAGE_FD 100
 #define MOVE_MOUNT_F_EMPTY_PATH 0x4
 #define CODE_MOUNTED 1
+#define DEPS_TREE 2
 
 static int status_fd;
 
@@ -106,8 +107,8 @@ int main(int argc, char **argv) {
     buffer[size] = '\0';
     if (size < sizeof head) { errno = EINVAL; fail("activation message"); }
     memcpy(head, buffer, sizeof head);
-    int code_mounted = head[0] & CODE_MOUNTED;
-    if (nfds < (code_mounted ? 0 : 1)) { errno = EINVAL; fail("activation fds"); }
+    int code_mounted = head[0] & CODE_MOUNTED, deps_tree = (head[0] & DEPS_TREE) != 0;
+    if (nfds < (code_mounted ? 0 : 1) + deps_tree) { errno = EINVAL; fail("activation fds"); }
     size_t at = sizeof head;
     struct sock_fprog filter = {(unsigned short)(head[4] / 8), (struct sock_filter *)(buffer + at)};
     at += head[4];
@@ -119,6 +120,11 @@ int main(int argc, char **argv) {
     if (!code_mounted) {
         if (syscall(SYS_move_mount, fds[0], "", AT_FDCWD, "/code", MOVE_MOUNT_F_EMPTY_PATH)) fail("mount the code");
         close(fds[0]);
+        function_fds++, nfds--;
+    }
+    if (deps_tree) {
+        if (syscall(SYS_move_mount, function_fds[0], "", AT_FDCWD, "/deps", MOVE_MOUNT_F_EMPTY_PATH)) fail("mount the dependencies");
+        close(function_fds[0]);
         function_fds++, nfds--;
     }
     if (chdir("/code")) fail("chdir /code");

@@ -21,13 +21,14 @@ from host_node.sandbox import linux, seccomp, waiter
 
 READY = b"W"
 GO = b"M"  # parent -> child: your user namespace is mapped (and you are in your cgroups)
-CODE_MOUNTED = 1  # activation flag: /code is in place, the first fd is the function's fd 0
+CODE_MOUNTED = 1  # activation flag: /code is in place (or none is wanted): no code tree fd
+DEPS_TREE = 2  # activation flag: a dependency layer's tree follows the code's, for /deps
 EXECUTING = b"R"
 FAILED = b"E"
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 DEVICES = ("null", "zero", "full", "random", "urandom")
-SKELETON = ("code", "proc", "tmp", "dev", "etc")
+SKELETON = ("code", "deps", "proc", "tmp", "dev", "etc")
 
 
 class RootPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +49,7 @@ class RootPlan(msgspec.Struct, frozen=True, kw_only=True):
 
 RUNTIME_VIEW = "/opt/hetfaas/runtime"
 CODE_VIEW = "/code"  # where hetfaas-waiter mounts the function's code
+DEPS_VIEW = "/deps"  # where a function's dependency layer is mounted (cloning.mount_trees)
 
 
 def report(status: socket.socket, kind: bytes, text: str = "") -> None:
@@ -177,11 +179,8 @@ def exec_waiter(status: socket.socket) -> NoReturn:
         fail(status, f"cannot start hetfaas-waiter: {exc}")
 
 
-def activation(
-    plan: RootPlan, argv: list[str], env: dict[str, str], uid: int, gid: int, code_mounted: bool
-) -> bytes:
+def activation(plan: RootPlan, argv: list[str], env: dict[str, str], uid: int, gid: int, flags: int) -> bytes:
     """The launch as hetfaas-waiter reads it (see its source for the layout)."""
-    flags = CODE_MOUNTED if code_mounted else 0
     head = struct.pack("=5I", flags, uid, gid, plan.nofile, len(SECCOMP_PROGRAM))
     strings = b"".join(os.fsencode(a) + b"\0" for a in argv) + b"\0"
     strings += b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items()) + b"\0"

@@ -20,7 +20,18 @@ class Launch(msgspec.Struct, tag="launch", frozen=True, kw_only=True):
     id: int
     argv: list[str]
     env: dict[str, str]
-    code_dir: str  # host path, mounted read-only at /code
+    code_dir: str  # host path, mounted read-only at /code; "" for a stem cell (see Assign)
+    limits: Limits
+    deps_dir: str = ""  # host path of the function's dependency layer, mounted read-only at /deps
+
+
+class Assign(msgspec.Struct, tag="assign", frozen=True, kw_only=True):
+    """A stem cell (launched with no code) becomes a function's: its slot takes the function's
+    limits, then its code and dependency layer are mounted, read-only, at /code and /deps."""
+
+    id: int
+    code_dir: str
+    deps_dir: str = ""
     limits: Limits
 
 
@@ -53,14 +64,20 @@ class LaunchFailed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
     message: str
 
 
+class Assigned(msgspec.Struct, tag="assigned", frozen=True, kw_only=True):
+    id: int
+    error: str = ""  # why the sandbox could not be given the function (it is killed then)
+    assign_us: float = 0.0  # limits written and trees mounted
+
+
 class Exited(msgspec.Struct, tag="exited", frozen=True, kw_only=True):
     id: int
     status: int  # exit code, or -N when killed by signal N
     oom_killed: bool = False  # the kernel's OOM killer struck in the sandbox's cgroup
 
 
-ToShard = Launch | Kill | Stop
-FromShard = Launched | LaunchFailed | Exited | PoolShard
+ToShard = Launch | Assign | Kill | Stop
+FromShard = Launched | LaunchFailed | Assigned | Exited | PoolShard
 
 _encoder = msgspec.msgpack.Encoder()
 to_shard = msgspec.msgpack.Decoder(ToShard)

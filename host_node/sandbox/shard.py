@@ -49,7 +49,8 @@ class Sandbox:
     prewarmed: bool = False
     launched: bool = False
     oom_kills_before: int = 0
-    deferred: list[int] = field(default_factory=list)  # code tree and fds kept until the sandbox is built
+    # code and layer trees (-1: none), then fds, kept until the sandbox is built
+    deferred: list[int] = field(default_factory=list)
     error: str = ""
 
 
@@ -117,6 +118,8 @@ class Shard:
             return
         if isinstance(message, protocol.Launch):
             self.on_launch(message, fds)
+        elif isinstance(message, protocol.Assign):
+            self.on_assign(message)
         elif isinstance(message, protocol.Kill):
             sandbox = self.by_id.get(message.id)
             if sandbox is not None:
@@ -129,7 +132,7 @@ class Shard:
         self.slots.planner.demand(received)
         self.prewarm_planner.demand(received)
         try:
-            code_tree = linux.open_tree_clone(launch.code_dir)
+            trees = open_trees(launch.code_dir, launch.deps_dir)
         except OSError as exc:
             close_all(fds)
             self.reply(
@@ -139,17 +142,44 @@ class Shard:
         try:
             while (sandbox := self.take_prewarmed()) is not None:
                 try:
-                    self.activate(sandbox, launch, code_tree, fds, received)
+                    self.activate(sandbox, launch, trees, fds, received)
                     return
                 except OSError as exc:  # it died waiting; its exit is handled by on_exit
                     log.warning("shard %d: prewarmed sandbox lost: %s", self.config.shard, exc)
                     sandbox.launch = None
                     self.by_id.pop(launch.id, None)
-            self.clone_for(launch, code_tree, fds, received)
+            self.clone_for(launch, trees, fds, received)
         except OSError as exc:
             self.reply(protocol.LaunchFailed(id=launch.id, message=f"sandbox start failed: {exc}"))
         finally:
-            close_all([code_tree, *fds])  # the child holds its own copies
+            close_all([*trees, *fds])  # the child holds its own copies
+
+    def on_assign(self, assign: protocol.Assign) -> None:
+        """A stem cell becomes a function's: the function's limits on its slot first (its code
+        runs only after this), then its code and layer mounted."""
+        started = time.monotonic()
+        sandbox = self.by_id.get(assign.id)
+        if sandbox is None or not sandbox.launched or sandbox.launch is None or sandbox.launch.code_dir:
+            self.reply(protocol.Assigned(id=assign.id, error="no stem cell of that id is running here"))
+            return
+        trees: list[int] = []
+        try:
+            self.slots.set_limits(sandbox.slot, assign.limits)
+            trees = open_trees(assign.code_dir, assign.deps_dir)
+            mounts = [(trees[0], init.CODE_VIEW), (trees[1], init.DEPS_VIEW)]
+            cloning.mount_trees(self.own_mount_ns, sandbox.pid, mounts)
+        except OSError as exc:
+            kill_sandbox(sandbox)  # in a state between idle and the function's: of no use
+            self.reply(
+                protocol.Assigned(id=assign.id, error=f"cannot give the stem cell its function: {exc}")
+            )
+            return
+        finally:
+            close_all([tree for tree in trees if tree >= 0])
+        launch = sandbox.launch
+        sandbox.launch = msgspec.structs.replace(launch, code_dir=assign.code_dir, limits=assign.limits)
+        sandbox.oom_kills_before = sandbox.slot.oom_kills()
+        self.reply(protocol.Assigned(id=assign.id, assign_us=(time.monotonic() - started) * 1e6))
 
     def reply(self, message: msgspec.Struct) -> None:
         try:
@@ -159,7 +189,7 @@ class Shard:
 
     # -- slots ------------------------------------------------------------------------------
     # -- cloning ----------------------------------------------------------------------------
-    def clone_for(self, launch: protocol.Launch, code_tree: int, fds: list[int], received: float) -> None:
+    def clone_for(self, launch: protocol.Launch, trees: list[int], fds: list[int], received: float) -> None:
         """naive and pool (and a prewarm miss): clone and set up on the start path; the launch goes
         to the child's socket at once, for hetfaas-waiter to read when the sandbox is built."""
         slot, reused = self.slots.acquire(launch.limits)
@@ -177,9 +207,11 @@ class Shard:
         sandbox.oom_kills_before = oom_kills
         self.track(sandbox)
         if userns:  # the code can be mounted once the sandbox is built: on its W
-            sandbox.deferred = [os.dup(code_tree), *(os.dup(fd) for fd in fds)]
+            sandbox.deferred = [os.dup(tree) if tree >= 0 else -1 for tree in trees] + [
+                os.dup(fd) for fd in fds
+            ]
         else:
-            self.send_activation(sandbox, launch, code_tree, fds)
+            self.send_activation(sandbox, launch, trees, fds)
 
     def clone(self, slot: Slot, into_cgroup: bool) -> tuple[int, int, socket.socket, socket.socket, int]:
         """cloning.clone with a host uid of the sandbox's own; on failure both go back."""
@@ -193,11 +225,11 @@ class Shard:
             raise
 
     def send_activation(
-        self, sandbox: Sandbox, launch: protocol.Launch, code_tree: int, fds: list[int]
+        self, sandbox: Sandbox, launch: protocol.Launch, trees: list[int], fds: list[int]
     ) -> None:
         config, mount_ns = self.config, self.own_mount_ns
-        pid, status = sandbox.pid, sandbox.status
-        cloning.send_activation(config, sandbox.uid, pid, status, launch, code_tree, fds, mount_ns)
+        pid, status, code_and_deps = sandbox.pid, sandbox.status, (trees[0], trees[1])
+        cloning.send_activation(config, sandbox.uid, pid, status, launch, code_and_deps, fds, mount_ns)
 
     def track(self, sandbox: Sandbox) -> None:
         assert sandbox.launch
@@ -236,13 +268,13 @@ class Shard:
         return self.prewarmed.popleft()
 
     def activate(
-        self, sandbox: Sandbox, launch: protocol.Launch, code_tree: int, fds: list[int], received: float
+        self, sandbox: Sandbox, launch: protocol.Launch, trees: list[int], fds: list[int], received: float
     ) -> None:
         self.slots.set_limits(sandbox.slot, launch.limits)
         sandbox.oom_kills_before = sandbox.slot.oom_kills()
         sandbox.launch, sandbox.started_at = launch, received
         sandbox.slot_ready_at = time.monotonic()
-        self.send_activation(sandbox, launch, code_tree, fds)
+        self.send_activation(sandbox, launch, trees, fds)
         self.by_id[launch.id] = sandbox
         self.watch(sandbox.status.fileno(), select.POLLIN, lambda ev, s=sandbox: self.on_status(s))
 
@@ -250,15 +282,15 @@ class Shard:
     def on_status(self, sandbox: Sandbox) -> None:
         data = _recv(sandbox.status)
         if data.startswith(init.READY) and sandbox.deferred and sandbox.launch:
-            code_tree, *fds = sandbox.deferred
+            trees, fds = sandbox.deferred[:2], sandbox.deferred[2:]
             sandbox.deferred = []
             try:
-                self.send_activation(sandbox, sandbox.launch, code_tree, fds)
+                self.send_activation(sandbox, sandbox.launch, trees, fds)
             except OSError as exc:
                 sandbox.error = f"cannot hand the launch to the sandbox: {exc}"
                 kill_sandbox(sandbox)
             finally:
-                close_all([code_tree, *fds])
+                close_all([fd for fd in trees + fds if fd >= 0])
             return
         if data.startswith(init.EXECUTING):
             sandbox.exec_ready_at = float(data[1:])
@@ -302,7 +334,7 @@ class Shard:
             result = None
         self.unwatch(sandbox.pidfd)
         self.unwatch(sandbox.status.fileno())
-        close_all(sandbox.deferred)
+        close_all([fd for fd in sandbox.deferred if fd >= 0])
         sandbox.deferred = []
         if sandbox.launch is not None and not sandbox.launched:
             self.drain_status(sandbox)
@@ -397,6 +429,16 @@ class Shard:
         """Kill every sandbox of this shard; the slots stay for the next start to adopt."""
         for sandbox in [*self.by_id.values(), *self.prewarmed]:
             kill_sandbox(sandbox)
+
+
+def open_trees(code_dir: str, deps_dir: str) -> list[int]:
+    """Detached read-only copies of the code and the dependency layer (-1 for what is absent)."""
+    code = linux.open_tree_clone(code_dir) if code_dir else -1
+    try:
+        return [code, linux.open_tree_clone(deps_dir) if deps_dir else -1]
+    except OSError:
+        close_all([code] if code >= 0 else [])
+        raise
 
 
 def kill_sandbox(sandbox: Sandbox) -> None:

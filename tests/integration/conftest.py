@@ -31,6 +31,7 @@ SCHEDULER_OVERRIDES = {
     "lease_ttl_s": 2,
     "node_stale_after_s": 1.0,
     "max_payload_bytes": 64 * 1024,
+    "max_layer_bytes": 4 * 1024 * 1024,  # test_dependencies goes past it with a 5 MiB wheel
     # queue up to the caller's deadline: while a killed node is being declared lost, the
     # invocations it held keep their share of the function's limit for a second or two
     "admission": {"max_queue_wait_ms": 10_000},

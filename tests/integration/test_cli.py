@@ -21,9 +21,13 @@ HETFAAS = [sys.executable, "-m", "cli"]
 
 
 def hetfaas(
-    state_dir: str | Path, *args: str, stdin: bytes | None = None, timeout_s: float = 60
+    state_dir: str | Path,
+    *args: str,
+    stdin: bytes | None = None,
+    timeout_s: float = 60,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HETFAAS_STATE_DIR": str(state_dir)}
+    env = {**os.environ, **(env or {}), "HETFAAS_STATE_DIR": str(state_dir)}
     env.pop("HETFAAS_NATS_URL", None)
     # Without a payload, give the command an empty stdin, never the test runner's own.
     stdin_arg = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}

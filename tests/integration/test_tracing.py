@@ -67,6 +67,10 @@ COLD_PHASES = {
     "runtime.init",
     "node.handler",
 }
+# A stem cell's sandbox and interpreter were started before the invocation: its start is the
+# sandbox given the function (limits, code), then the handler's import.
+STEM_CELL_PHASES = {"node.cold_start", "sandbox.assign", "runtime.init", "node.handler"}
+START_PHASES = {"fresh": COLD_PHASES, "stem_cell": STEM_CELL_PHASES}
 HOPS = {"client.invoke", "scheduler.invoke", "scheduler.attempt", "node.invoke"}
 
 
@@ -80,7 +84,8 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
     two messages nothing orders (6.3 ms apart once, on a loaded machine)."""
     hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
     result = json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
-    trace = trace_of(cluster.state_dir, result["invocation_id"], HOPS | COLD_PHASES)
+    path = result["start_path"]
+    trace = trace_of(cluster.state_dir, result["invocation_id"], HOPS | START_PHASES[path])
 
     by_name = {s["name"]: s for s in trace}
     client, sched = by_name["client.invoke"], by_name["scheduler.invoke"]
@@ -98,13 +103,14 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
     assert "warm" in attempt["attrs"]["hetfaas.placement"], "the attempt says why this node"
     assert node["attrs"]["faas.coldstart"] is True and node["attrs"]["faas.name"] == "hello"
     assert node["attrs"]["faas.trigger"] == "cli" and node["attrs"]["hetfaas.pool_mode"]
+    assert node["attrs"]["hetfaas.start_path"] == path
     assert {"hetfaas.shard", "hetfaas.slot_reused", "hetfaas.prewarmed"} <= set(node["attrs"])
 
     cold = by_name["node.cold_start"]
     assert (
         cold["parentSpanId"] == node["spanId"] and by_name["node.handler"]["parentSpanId"] == node["spanId"]
     )
-    for phase in ("sandbox.slot_acquire", "sandbox.setup", "sandbox.exec", "runtime.start", "runtime.init"):
+    for phase in START_PHASES[path] - {"node.cold_start", "node.handler"} | {"runtime.start"}:
         assert by_name[phase]["parentSpanId"] == cold["spanId"], phase
     top = [s for s in trace if s.get("parentSpanId") == node["spanId"]]
     covered = sum(duration_ms(s) for s in top)
@@ -125,7 +131,7 @@ def test_a_warm_invocation_has_no_start_phases(cluster: launcher.ClusterInfo, te
 
     node = next(s for s in trace if s["name"] == "node.invoke")
     assert warm["cold_start"] is False and node["attrs"]["faas.coldstart"] is False
-    assert not {s["name"] for s in trace} & COLD_PHASES
+    assert not {s["name"] for s in trace} & (COLD_PHASES | STEM_CELL_PHASES)
 
 
 def test_the_trace_viewer_draws_the_waterfall_and_gives_the_spans(
