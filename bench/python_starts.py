@@ -6,6 +6,7 @@ its handler is imported. In one sandbox pool (prewarm mode), alternating per lev
 - python/prewarm: today's fresh start, a prewarmed sandbox, then the interpreter
 - python/stem: a stem cell per start (the stock as large as the burst)
 - python/stem16: the node's default stock of 16 stem cells; the rest of the burst starts fresh
+- python/template: a fork of the function's template per start (its cgroup move included)
 - exec/prewarm: a trivial exec function, the reference the python target is set against
 
 Each burst starts from a full pool and a full stock (both refill between bursts, as a node's do
@@ -33,7 +34,8 @@ from bench.coldstart import (
     sandbox_exec,
     sandbox_python,
 )
-from host_node.runtimes.python import PythonInstance
+from host_node.runtimes.python import FunctionCode, PythonInstance
+from host_node.runtimes.python_template import Template
 from host_node.sandbox import cgroups
 from host_node.sandbox.agent import ShardedSpawner
 from host_node.sandbox.pool import PoolSettings
@@ -43,7 +45,24 @@ from host_node.stem_cells import StemCells
 CGROUP_PARENT = "hetfaas-bench-python-starts"
 HANDLER = "def handle(payload):\n    return payload\n"
 DEFAULT_STOCK = 16  # HostNodeSettings.python_stem_cells
-METHODS = ("python/floor", "python/prewarm", "python/stem", "python/stem16", "exec/prewarm")
+METHODS = (
+    "python/floor",
+    "python/prewarm",
+    "python/stem",
+    "python/stem16",
+    "python/template",
+    "exec/prewarm",
+)
+
+
+def template_python(spawner: ShardedSpawner, template: Template) -> Start:
+    """A fork of the function's template, as a node's later cold starts are."""
+
+    async def start() -> None:
+        instance = await template.fork(spawner, 30.0, {})
+        instance.kill()
+
+    return start
 
 
 def stem_python(spawner: ShardedSpawner, code: Path, stems: StemCells) -> Start:
@@ -76,13 +95,18 @@ async def one_run(levels: list[int], samples: int, work: Path, code: Path) -> di
     await spawner.open()
     stems = StemCells(spawner, settings.limits_for(settings.idle_memory_mb), 0)
     stocking = asyncio.create_task(stems.keep_stocked())
+    null = os.open(os.devnull, os.O_WRONLY)
+    template = await Template.start(
+        spawner, "handler:handle", FunctionCode(code), null, 1 << 20, 30.0, LIMITS
+    )
 
     async def refilled() -> None:
         """Every sandbox started so far has ended, the pool is full again, and so is the stock."""
         started = spawner.launches
 
         def ready(states: list) -> bool:
-            if sum(s.ended for s in states) < started - stems.ready or any(s.recycling for s in states):
+            # the stock and the template are launched and alive; every other launch has ended
+            if sum(s.ended for s in states) < started - stems.ready - 1 or any(s.recycling for s in states):
                 return False
             return all(s.prewarmed >= pool.target for s in states)
 
@@ -101,6 +125,8 @@ async def one_run(levels: list[int], samples: int, work: Path, code: Path) -> di
                     start = sandbox_python(spawner, code)
                 elif method == "exec/prewarm":
                     start = sandbox_exec(spawner, code)
+                elif method == "python/template":
+                    start = template_python(spawner, template)
                 else:
                     start = stem_python(spawner, code, stems)
                 cell = results[f"{method}/{level}"] = await measure(start, level, samples, refilled)
@@ -108,6 +134,7 @@ async def one_run(levels: list[int], samples: int, work: Path, code: Path) -> di
     finally:
         stocking.cancel()
         stems.close()
+        template.kill()
         await spawner.close()
         spawner.remove_all_slots()
     return results
@@ -126,16 +153,15 @@ def report(results: dict, levels: list[int]) -> str:
             f"C=32 p99: python stem {stem:.1f} ms, exec prewarm {exec_:.1f} ms: "
             f"{stem / exec_:.2f}x (target ≤ 2x)."
         )
+    if 32 in levels:
+        fork = results["python/template/32"]["p99_ms"]
+        exec_32 = results["exec/prewarm/32"]["p99_ms"]
+        lines.append(f"C=32 p99: python template fork {fork:.1f} ms: {fork / exec_32:.2f}x exec prewarm's.")
     if 128 in levels:
-        today, stem = (
-            results["python/prewarm/128"]["starts_per_s"],
-            results["python/stem/128"]["starts_per_s"],
-        )
-        stem16 = results["python/stem16/128"]["starts_per_s"]
-        lines.append(
-            f"C=128 starts/s: stem {stem:.0f}, stem16 {stem16:.0f}, today's prewarm {today:.0f}: "
-            f"{stem / today:.1f}x and {stem16 / today:.1f}x (target ≥ 5x)."
-        )
+        today = results["python/prewarm/128"]["starts_per_s"]
+        rates = {m: results[f"python/{m}/128"]["starts_per_s"] for m in ("stem", "stem16", "template")}
+        said = ", ".join(f"{m} {rate:.0f} ({rate / today:.1f}x)" for m, rate in rates.items())
+        lines.append(f"C=128 starts/s: {said}; today's prewarm {today:.0f} (target ≥ 5x).")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 from fabric.tasks import TaskSet
@@ -18,12 +19,20 @@ from host_node import function_logs
 from host_node.removals import Removals
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
-from host_node.runtimes.python import START_FRESH, START_STEM_CELL, FunctionCode, PythonInstance
+from host_node.runtimes.python import (
+    START_FRESH,
+    START_STEM_CELL,
+    START_TEMPLATE_FORK,
+    FunctionCode,
+    PythonInstance,
+)
 from host_node.runtimes.python_stem import StemLost
+from host_node.runtimes.python_template import ForkFailed, Template, forks_possible
 from host_node.sandbox.cgroups import Limits
 from host_node.settings import HostNodeSettings
 from host_node.spawner import Spawner
 from host_node.stem_cells import StemCells
+from host_node.templates import Templates
 from host_node.warm import WarmInstances
 from schemas.messages import FunctionSpec, NodeInvoke, function_of, instance_key
 
@@ -50,6 +59,8 @@ class CpuRuntime:
         self.prewarmed = 0  # instances started ahead of a predicted invocation
         idle = settings.sandbox.limits_for(settings.sandbox.idle_memory_mb)
         self.stems = StemCells(spawner, idle, settings.python_stem_cells)
+        forking = settings.python_templates and settings.sandbox.mode != "plain" and forks_possible()
+        self.templates = Templates(tasks, forking)
 
     def instance_limit(self, spec: FunctionSpec) -> int:
         return min(spec.concurrency, self.settings.max_instances_per_function)
@@ -65,6 +76,7 @@ class CpuRuntime:
             self._prewarm_timers.pop(key).cancel()
         self._exec_warm = {k: until for k, until in self._exec_warm.items() if function_of(k) != function}
         self._removed.removed(function, deployed_at, time.monotonic())  # running or starting: when free
+        self.templates.stop_function(function)
         return stopped
 
     def drain(self, on: bool) -> int:
@@ -76,6 +88,8 @@ class CpuRuntime:
         self.stop_prewarms()
         self._prewarm_timers.clear()
         self._exec_warm = {}
+        for key in self.templates.keys():
+            self.templates.drop(key)
         return self.warm.stop_idle()
 
     def invoked(self, spec: FunctionSpec, deployed_at: float = 0.0) -> None:
@@ -89,12 +103,12 @@ class CpuRuntime:
         self, req: NodeInvoke, code: FunctionCode, deadline: float, phases: dict[str, float]
     ) -> tuple[bytes, str]:
         """The handler's output and, if this call started its instance (a cold start), how:
-        START_STEM_CELL or START_FRESH ("": a warm instance)."""
+        START_TEMPLATE_FORK, START_STEM_CELL or START_FRESH ("": a warm instance)."""
         spec = req.spec
         key = instance_key(spec.tenant, spec.name, req.bundle_digest)
         self._memory_of[key] = spec.memory_mb
         acquire_started = time.monotonic()
-        start = self._starter(spec, code, deadline, phases)
+        start = self._starter(key, spec, code, deadline, phases)
         instance, cold = await self.warm.acquire(
             key, self.instance_limit(spec), start, deadline - acquire_started
         )
@@ -120,35 +134,75 @@ class CpuRuntime:
             self._schedule_prewarm(key, req.spec, code, prewarm_after_s, keep_alive_s)
 
     def _starter(
-        self, spec: FunctionSpec, code: FunctionCode, deadline: float, phases: dict[str, float]
+        self, key: str, spec: FunctionSpec, code: FunctionCode, deadline: float, phases: dict[str, float]
     ) -> Callable[[], Awaitable[PythonInstance]]:
-        handler = spec.handler
-        assert handler is not None
-
         async def start() -> PythonInstance:
-            log_path = self._log_path(spec.tenant, spec.name)
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            spawner, max_output, limits = self._spawner, self.settings.max_output_bytes, self._limits(spec)
+            log_fd = self._open_log(spec)
             try:
-                if (stem := self.stems.take()) is not None:
-                    try:
-                        instance = await stem.become(
-                            spawner, handler, code.code_dir, code.deps_dir, log_fd, max_output,
-                            deadline - time.monotonic(), limits, phases, spec.payload,
-                        )  # fmt: skip
-                    except StemLost as lost:
-                        log.warning("%s; starting %s/%s afresh", lost, spec.tenant, spec.name)
-                    else:
-                        instance.start_path = START_STEM_CELL
-                        return instance
-                return await PythonInstance.start(
-                    spawner, handler, code.code_dir, log_fd, max_output,
-                    deadline - time.monotonic(), limits, phases, spec.payload, code.deps_dir,
-                )  # fmt: skip
+                instance = await self._start_instance(key, spec, code, deadline, phases, log_fd)
             finally:
                 os.close(log_fd)
+            if instance.start_path != START_TEMPLATE_FORK:  # the function ran here: its later starts fork
+                self.templates.want(key, partial(self._start_template, spec, code))
+            return instance
 
         return start
+
+    async def _start_instance(
+        self,
+        key: str,
+        spec: FunctionSpec,
+        code: FunctionCode,
+        deadline: float,
+        phases: dict[str, float],
+        log_fd: int,
+    ) -> PythonInstance:
+        """Forked from the function's template, else from a stem cell, else fresh."""
+        handler = spec.handler
+        assert handler is not None
+        spawner, max_output, limits = self._spawner, self.settings.max_output_bytes, self._limits(spec)
+        if (template := self.templates.take(key)) is not None:
+            try:
+                instance = await template.fork(spawner, deadline - time.monotonic(), phases)
+            except ForkFailed as failed:
+                log.warning("forking %s failed (%s); starting it another way", key, failed)
+                if not template.alive:
+                    self.templates.drop(key)
+            else:
+                instance.start_path = START_TEMPLATE_FORK
+                return instance
+        if (stem := self.stems.take()) is not None:
+            try:
+                instance = await stem.become(
+                    spawner, handler, code.code_dir, code.deps_dir, log_fd, max_output,
+                    deadline - time.monotonic(), limits, phases, spec.payload,
+                )  # fmt: skip
+            except StemLost as lost:
+                log.warning("%s; starting %s afresh", lost, key)
+            else:
+                instance.start_path = START_STEM_CELL
+                return instance
+        return await PythonInstance.start(
+            spawner, handler, code.code_dir, log_fd, max_output,
+            deadline - time.monotonic(), limits, phases, spec.payload, code.deps_dir,
+        )  # fmt: skip
+
+    async def _start_template(self, spec: FunctionSpec, code: FunctionCode) -> Template:
+        handler = spec.handler
+        assert handler is not None
+        log_fd = self._open_log(spec)
+        try:
+            return await Template.start(
+                self._spawner, handler, code, log_fd, self.settings.max_output_bytes,
+                PREWARM_INIT_S, self._limits(spec), spec.payload,
+            )  # fmt: skip
+        finally:
+            os.close(log_fd)
+
+    def _open_log(self, spec: FunctionSpec) -> int:
+        """The function's log, for an instance's stdout and stderr."""
+        log_path = self._log_path(spec.tenant, spec.name)
+        return os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def _keep_alive(self, req: NodeInvoke) -> tuple[float, float]:
         """(keep-alive, prewarm-after) in seconds: the scheduler's policy for this function, or
@@ -170,7 +224,7 @@ class CpuRuntime:
         self._prewarm_timers[key] = asyncio.get_running_loop().call_later(after_s, fire)
 
     async def _prewarm(self, key: str, spec: FunctionSpec, code: FunctionCode, keep_alive_s: float) -> None:
-        start = self._starter(spec, code, time.monotonic() + PREWARM_INIT_S, {})
+        start = self._starter(key, spec, code, time.monotonic() + PREWARM_INIT_S, {})
         try:
             if await self.warm.prewarm(key, self.instance_limit(spec), start, keep_alive_s):
                 self.prewarmed += 1
@@ -221,7 +275,9 @@ class CpuRuntime:
 
     def memory_used_mb(self) -> int:
         pool = self.warm.pool
-        return self._exec_memory_mb + sum(pool.live(key) * mb for key, mb in self._memory_of.items())
+        templates = set(self.templates.keys())
+        held = sum((pool.live(key) + (key in templates)) * mb for key, mb in self._memory_of.items())
+        return self._exec_memory_mb + held  # a template holds its function's memory too
 
     async def reap_idle(self) -> None:
         """Stop instances whose keep-alive ran out (each has its own, set by the scheduler)."""
@@ -234,11 +290,12 @@ class CpuRuntime:
     def reap(self) -> int:
         """Stop instances whose keep-alive ran out and forget what has expired; returns how many
         instances were stopped."""
-        reaped = self.warm.reap()
+        reaped = self.warm.reap() + self.templates.reap(self.settings.template_keep_alive_s)
         now = time.monotonic()
         self._exec_warm = {k: until for k, until in self._exec_warm.items() if until >= now}
         live = self.warm.pool
-        self._memory_of = {k: mb for k, mb in self._memory_of.items() if live.live(k)}
+        templates = set(self.templates.keys())
+        self._memory_of = {k: mb for k, mb in self._memory_of.items() if live.live(k) or k in templates}
         self._removed.forget_old(now)
         return reaped
 
@@ -249,6 +306,7 @@ class CpuRuntime:
     def close(self) -> None:
         self.warm.close()
         self.stems.close()
+        self.templates.close()
 
 
 def run_budget(req: NodeInvoke, deadline: float, now: float) -> float:

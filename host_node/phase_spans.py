@@ -23,6 +23,7 @@ SANDBOX_PHASES = (
     ("sandbox.setup", "sandbox_setup_ms"),
     ("sandbox.exec", "exec_ms"),
     ("sandbox.assign", "sandbox_assign_ms"),  # a stem cell given its function's limits and code
+    ("template.fork", "template_fork_ms"),  # forked from the function's template, given its own cgroup
 )
 MS = 1_000_000  # ns
 

@@ -268,6 +268,8 @@ class HostNode:
             memory_used_mb=self.runtime.memory_used_mb(),
             tenant_runs=dict(programs.tenant_runs) if programs else {},
             tenants=programs.tenant_usage() if programs else {},
+            stem_cells=self.runtime.stems.ready,
+            templates=self.runtime.templates.alive(),
         )
 
     async def close(self) -> None:

@@ -33,6 +33,12 @@ class HostNodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # Python interpreters started in their sandboxes ahead of any function (stem cells, each
     # ~10 MB idle): a cold start takes one rather than waiting for an interpreter. 0: none.
     python_stem_cells: int = 16
+    # A template per python function that has run here (its imports done), whose cold starts
+    # fork from it; needs the secure sandbox and Landlock ABI 6 (Linux 6.12), else off.
+    python_templates: bool = True
+    # A template lives this long after its last fork with no fork alive: it is what makes the
+    # function's next cold start here fast, so it outlives the instances' keep-alive.
+    template_keep_alive_s: float = 3600.0
     max_output_bytes: int = 6 * 1024 * 1024
     max_log_bytes: int = 16 * 1024 * 1024  # a function's log past this moves to <function>.log.1
     shutdown_grace_s: float = 10.0  # on SIGTERM, running invocations get this long to finish

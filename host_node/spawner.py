@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import msgspec
 
 from fabric import metrics
+from host_node.sandbox import forks
 from host_node.sandbox.cgroups import Limits
 from host_node.sandbox.protocol import Phases
 from schemas.messages import PoolShard
@@ -58,6 +59,10 @@ class Spawner(Protocol):
 
     async def assign(self, proc: Any, code_dir: Path, deps_dir: Path | None, limits: Limits) -> float:
         """Give a stem cell its function's limits, code and layer; µs it took."""
+        ...
+
+    async def adopt(self, template: Any, pidfd: int, limits: Limits) -> Process:
+        """The process a template forked (its pidfd), in a cgroup of its own with `limits`."""
         ...
 
     def states(self) -> list[PoolShard]:
@@ -114,6 +119,32 @@ class PlainProcess:
             pass
 
 
+class ForkedProcess:
+    """A template's fork in plain mode: not our child (its template reaps it), known by its pidfd."""
+
+    def __init__(self, pidfd: int):
+        self._pidfd = pidfd
+        self.pid = forks.pid_of(pidfd)
+        self.phases: Phases | None = None
+        self.oom_killed = False
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        loop.add_reader(pidfd, self._gone)
+
+    def _gone(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        if not self.exited.done():
+            self.exited.set_result(0)  # its status is its template's to read
+
+    def kill(self) -> None:
+        if not self.exited.done():
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class PlainSpawner:
     """Plain child processes, each leading its own session. No isolation: development only."""
 
@@ -138,6 +169,9 @@ class PlainSpawner:
 
     async def assign(self, proc: Any, code_dir: Path, deps_dir: Path | None, limits: Limits) -> float:
         return 0.0  # no sandbox: the stem cell reads the host's paths, and no limit applies
+
+    async def adopt(self, template: Any, pidfd: int, limits: Limits) -> Process:
+        return ForkedProcess(os.dup(pidfd))  # no cgroups here: no limit applies
 
     def states(self) -> list[PoolShard]:
         return []

@@ -344,6 +344,7 @@ class Scheduler:
             throttled=self.invoker.gate.counters.throttled,
             etcd_ok=etcd_lost_for is None,
             fenced=self.fenced,
+            functions=len(self.view.functions),
             view_age_ms=round(max([*ages, etcd_lost_for or 0.0], default=0.0) * 1000, 1),
             nodes_healthy=sum(
                 n.healthy(now, self.settings.node_stale_after_s) for n in self.view.nodes.values()

@@ -47,6 +47,8 @@ class NodeView:
             sandbox_mode=hb.sandbox_mode if hb else "",
             pool=hb.pool if hb else [],
             tenant_runs=hb.tenant_runs if hb else {},
+            stem_cells=hb.stem_cells if hb else 0,
+            templates=hb.templates if hb else 0,
         )
 
 

@@ -153,6 +153,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat"):
     tenant_runs: dict[str, int] = {}  # DPU nodes: program runs per tenant since the node started
     memory_used_mb: int = 0  # memory limits of the instances alive now
     tenants: dict[str, TenantUsage] = {}  # eBPF-running nodes: each tenant's partition in use
+    stem_cells: int = 0  # python interpreters waiting in their sandboxes for a cold start
+    templates: int = 0  # python functions whose cold starts here fork from a template
 
 
 # --- invoke -----------------------------------------------------------------------------------
@@ -231,7 +233,8 @@ class InvokeReply(msgspec.Struct, frozen=True, kw_only=True, tag="invoke_reply")
     output: bytes
     phases_ms: dict[str, float] = {}
     # how a cold start got its instance: "fresh" (a sandbox and runtime started for it),
-    # "stem_cell" (a python runtime already waiting in its sandbox); "" when warm
+    # "stem_cell" (a python runtime already waiting in its sandbox), "template_fork" (forked
+    # from the function's template on the node); "" when warm
     start_path: str = ""
     attempts: int = 1
     retval: int | None = None  # ebpf: the program's return code ...
@@ -358,6 +361,8 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     sandbox_mode: SandboxMode | Literal[""] = ""  # "": not a host node
     pool: list[PoolShard] = []
     tenant_runs: dict[str, int] = {}
+    stem_cells: int = 0
+    templates: int = 0
 
 
 class ReplicaBeat(msgspec.Struct, frozen=True, kw_only=True, tag="replica_beat"):
@@ -373,6 +378,7 @@ class ReplicaBeat(msgspec.Struct, frozen=True, kw_only=True, tag="replica_beat")
     view_age_ms: float  # how old the freshest part of its view might be (oldest heartbeat, or etcd outage)
     nodes_healthy: int
     fenced: bool = False  # cut off from etcd, it takes no work from the queue group (scheduler/fence.py)
+    functions: int = 0  # deployed functions its view holds (a deploy reaches other replicas by etcd's watch)
     # "tenant/function" -> the last time (unix seconds) it arrived here since the previous beat:
     # each replica measures the gaps of the arrivals it sees from the last arrival anywhere.
     arrivals: dict[str, float] = {}

@@ -23,6 +23,14 @@ STEM_READY = 8  # worker -> node: the interpreter is up and waits for LOAD; body
 # max_output, payload), with the function's log as SCM_RIGHTS beside it (its stdout and stderr)
 LOAD = 9
 MAX_LOAD_FRAME = 16 * 1024
+# A template (python_worker.py's last argument "template"): an instance that imported the handler
+# and, instead of serving, forks instances of it (python_template.py, docs/architecture.md §4).
+# node -> template: body = one line of JSON ({"id": n, "tmp": "/tmp/f<n>"}), a newline, then the
+# seccomp filter the fork stacks on its own; beside it (SCM_RIGHTS) the fork's end of its socket
+FORK = 10
+FORKED = 11  # fork -> node, on its own socket: isolated, waiting; beside it its pidfd
+GO = 12  # node -> fork: in its own cgroup now: say READY and serve
+FORK_ENDED = 13  # node -> template: body = the fork's id: remove its directory under /tmp
 
 
 # What the worker may send once it has its function: READY or INIT_ERROR once, then one answer per

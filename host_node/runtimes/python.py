@@ -29,10 +29,12 @@ class FunctionCode(NamedTuple):
 
 
 WORKER_FD = 3  # the instance's end of the socket, as numbered inside its process
+NO_DEPS = "-"  # the worker's DEPS_DIR argument when there is no layer (python_worker.py)
 
 # How a cold start got its instance (InvokeReply.start_path, the trace's hetfaas.start_path)
 START_FRESH = "fresh"  # a sandbox and an interpreter started for it
 START_STEM_CELL = "stem_cell"  # an interpreter already waiting in its sandbox (python_stem.py)
+START_TEMPLATE_FORK = "template_fork"  # forked from the function's template (python_template.py)
 
 Frame = tuple[int, bytes]  # (kind, body): see protocol.py
 # What a frame's reader hears: the frame, or TimeoutError (the deadline passed) or

@@ -1,7 +1,8 @@
 """A warm python instance: import the handler once, then serve invocations one at a time.
 
 Run as `python -I -S python_worker.py FD MODULE:FUNCTION CODE_DIR MAX_OUTPUT_BYTES [bytes|json
-[DEPS_DIR]]`, or as a stem cell, `python -I -S python_worker.py FD --stem`: started before its
+[DEPS_DIR|- [instance|template]]]` (a template forks instances rather than serving: forking.py),
+or as a stem cell, `python -I -S python_worker.py FD --stem`: started before its
 function is known, it says STEM_READY and waits for one LOAD frame naming the function, with the
 function's log beside it (SCM_RIGHTS) to become its stdout and stderr. Talks to the node only over
 the socket FD; the handler's own stdout/stderr go to the node's log for the function. Stdlib
@@ -24,6 +25,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import protocol
 
+NO_DEPS = "-"  # DEPS_DIR when the function has no layer (an empty argument would end argv)
 READ_SIZE = 65536  # under malloc's mmap threshold: a bigger buffer costs page faults per read
 
 
@@ -189,22 +191,25 @@ def main() -> None:
             return  # retired before it was given a function
         os.chdir(load["code_dir"])
         args = (load["handler"], load["code_dir"], load["deps_dir"], load["max_output"], load["payload"])
+        role = load.get("role", "instance")
     else:
-        argv = sys.argv
-        args = (
-            argv[2],
-            argv[3],
-            argv[6] if len(argv) > 6 else "",
-            int(argv[4]),
-            argv[5] if len(argv) > 5 else "",
-        )
-    become(sock, *args)
+        argv = sys.argv + [""] * 3
+        deps_dir = "" if argv[6] == NO_DEPS else argv[6]
+        args = (argv[2], argv[3], deps_dir, int(argv[4]), argv[5])
+        role = argv[7] or "instance"
+    become(sock, *args, role=role)
 
 
 def become(
-    sock: socket.socket, handler_spec: str, code_dir: str, deps_dir: str, max_output: int, payload: str
+    sock: socket.socket,
+    handler_spec: str,
+    code_dir: str,
+    deps_dir: str,
+    max_output: int,
+    payload: str,
+    role: str = "instance",
 ) -> None:
-    """Import the handler, say READY (or INIT_ERROR), serve."""
+    """Import the handler, say READY (or INIT_ERROR), serve; a template forks instances instead."""
     started = time.perf_counter()
     try:
         handler = load_handler(handler_spec, code_dir, deps_dir)
@@ -216,6 +221,15 @@ def become(
     init_ms = (time.perf_counter() - started) * 1000
     form = protocol.WANTS_CONTEXT if wants_context(handler) else b""
     sock.sendall(protocol.frame(protocol.READY, f"{init_ms:.3f}".encode() + form))
+    if role == "template":
+        import forking
+
+        def instance(own: socket.socket) -> None:
+            own.sendall(protocol.frame(protocol.READY, b"0.000" + form))
+            serve(own, handler, max_output, payload == "json")
+
+        forking.serve_template(sock, instance)
+        return
     serve(sock, handler, max_output, payload == "json")
 
 

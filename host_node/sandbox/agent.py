@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from host_node.sandbox import cgroups, ids, protocol, waiter
+from host_node.sandbox import cgroups, forks, ids, protocol, waiter
 from host_node.sandbox.cgroups import Layout, Limits
 from host_node.sandbox.init import CODE_VIEW, DEPS_VIEW, RUNTIME_VIEW, RootPlan
 from host_node.sandbox.pool import choose_shard
@@ -235,6 +235,25 @@ class ShardedSpawner:
             raise SandboxError(0, assigned.error)
         return assigned.assign_us
 
+    async def adopt(self, template: SandboxProcess, pidfd: int, limits: Limits) -> SandboxProcess:
+        """A process the template sandbox forked (named by its pidfd; the caller keeps its fd),
+        moved by the template's shard into a slot of its own with `limits`; SandboxError if it
+        is not the template's or cannot be moved (it is killed then)."""
+        launch_id = next(self._ids)
+        future: asyncio.Future[SandboxProcess] = asyncio.get_running_loop().create_future()
+        self._pending[launch_id] = (future, template.shard)
+        adopt = protocol.Adopt(id=launch_id, template=template.id, limits=limits)
+        try:
+            await self._send(self.shards[template.shard], adopt, [pidfd])
+            process = await future
+        finally:
+            self._pending.pop(launch_id, None)
+        try:
+            process.pid = forks.pid_of(pidfd)  # its host pid, for its trace's kernel events
+        except (forks.NotAFork, OSError):
+            pass  # gone already: its exit is on its way
+        return process
+
     def _home_shard(self) -> int:
         """Round-robin over the shards, skipping one being restarted after a crash."""
         for _ in range(len(self.shards)):
@@ -303,6 +322,22 @@ class ShardedSpawner:
             pending = self._pending.get(message.id)
             if pending and not pending[0].done():
                 pending[0].set_exception(SandboxError(0, message.message))
+        elif isinstance(message, protocol.Adopted):
+            pending = self._pending.get(message.id)
+            if message.error:
+                if pending and not pending[0].done():
+                    pending[0].set_exception(SandboxError(0, message.error))
+                return
+            phases = protocol.Phases(
+                slot_acquire_us=0, sandbox_setup_us=0, exec_us=0, prewarmed=False, slot_reused=True
+            )
+            launched = protocol.Launched(id=message.id, pid=0, slot=message.slot, phases=phases)
+            process = SandboxProcess(self, link.index, launched)
+            self._running[message.id] = process
+            if pending and not pending[0].done():
+                pending[0].set_result(process)
+            else:
+                process.kill()
         elif isinstance(message, protocol.Assigned):
             assigning = self._assigning.get(message.id)
             if assigning is not None and not assigning.done():

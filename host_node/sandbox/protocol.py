@@ -35,6 +35,21 @@ class Assign(msgspec.Struct, tag="assign", frozen=True, kw_only=True):
     limits: Limits
 
 
+class Adopt(msgspec.Struct, tag="adopt", frozen=True, kw_only=True):
+    """A process forked by the sandbox of launch `template` (its pidfd beside this message): move
+    it into a slot of its own with `limits`, and report it as launch `id` (Adopted, then Exited)."""
+
+    id: int
+    template: int
+    limits: Limits
+
+
+class Adopted(msgspec.Struct, tag="adopted", frozen=True, kw_only=True):
+    id: int
+    slot: str = ""
+    error: str = ""  # why it was not taken (it is killed then)
+
+
 class Kill(msgspec.Struct, tag="kill", frozen=True):
     id: int
 
@@ -76,8 +91,8 @@ class Exited(msgspec.Struct, tag="exited", frozen=True, kw_only=True):
     oom_killed: bool = False  # the kernel's OOM killer struck in the sandbox's cgroup
 
 
-ToShard = Launch | Assign | Kill | Stop
-FromShard = Launched | LaunchFailed | Assigned | Exited | PoolShard
+ToShard = Launch | Assign | Adopt | Kill | Stop
+FromShard = Launched | LaunchFailed | Assigned | Adopted | Exited | PoolShard
 
 _encoder = msgspec.msgpack.Encoder()
 to_shard = msgspec.msgpack.Decoder(ToShard)

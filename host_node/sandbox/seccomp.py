@@ -143,3 +143,46 @@ def deny_list_program(arch: Arch | None = None) -> list[Insn]:
 def encode(program: list[tuple[int, int, int, int]]) -> bytes:
     """struct sock_filter[]: u16 code, u8 jt, u8 jf, u32 k, native byte order."""
     return b"".join(struct.pack("=HBBI", code, jt, jf, k) for code, jt, jf, k in program)
+
+
+# What instances forked from one template would otherwise share through the namespaces they share
+# with it (docs/architecture.md §4, "fork from a template"): System V IPC and POSIX message queues
+# (the IPC namespace), and UDP on loopback (the network namespace; TCP is fenced by Landlock).
+FORK_FENCED = (
+    "shmget", "shmat", "shmctl", "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd",
+    "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify",
+    "mq_getsetattr",
+)  # fmt: skip
+SOCK_DGRAM = 2
+
+
+def fork_fence_program(arch: Arch | None = None) -> list[Insn]:
+    """A filter a forked instance stacks on the sandbox's (filters only add): it refuses, EPERM,
+    the calls through which it could reach a sibling in the namespaces they share."""
+    arch = arch or syscalls.here()
+    numbers = arch.numbers
+    lines: list[tuple] = [
+        (LD_W_ABS, OFFSET_ARCH),
+        (JEQ_K, arch.audit_arch, "syscall"),
+        (RET_K, RET_KILL_PROCESS),
+        ("label", "syscall"),
+        (LD_W_ABS, OFFSET_NR),
+    ]
+    lines += [(JEQ_K, numbers[name], "deny") for name in FORK_FENCED if name in numbers]
+    lines += [
+        (JEQ_K, numbers["socket"], "socket"),
+        (RET_K, RET_ALLOW),
+        ("label", "socket"),
+        (LD_W_ABS, arg_offset(0)),
+        (JEQ_K, AF_INET, "socket_type"),
+        (JEQ_K, AF_INET6, "socket_type", "allow"),
+        ("label", "socket_type"),
+        (LD_W_ABS, arg_offset(1)),
+        (ALU_AND_K, SOCK_TYPE_MASK),
+        (JEQ_K, SOCK_DGRAM, "deny", "allow"),
+        ("label", "deny"),
+        (RET_K, RET_ERRNO | errno.EPERM),
+        ("label", "allow"),
+        (RET_K, RET_ALLOW),
+    ]
+    return _assemble(lines)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from host_node.sandbox import cloning, init, linux, protocol
+from host_node.sandbox import cloning, forks, init, linux, protocol
 from host_node.sandbox.cgroups import Slot
 from host_node.sandbox.cloning import close_all
 from host_node.sandbox.ids import SandboxIds
@@ -69,6 +69,7 @@ class Shard:
         self.own_mount_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         self.building: set[int] = set()  # pidfds of prewarming sandboxes not yet ready
         self.prewarmed: deque[Sandbox] = deque()
+        self.forks = forks.Forks(self.slots, self.watch, self.unwatch, self.reply)  # templates' forks
         self.stopping = False
         self._last_state: PoolShard | None = None
         self._state_sent_at = 0.0
@@ -120,10 +121,15 @@ class Shard:
             self.on_launch(message, fds)
         elif isinstance(message, protocol.Assign):
             self.on_assign(message)
+        elif isinstance(message, protocol.Adopt):
+            template = self.by_id.get(message.template)
+            self.forks.adopt(message, fds, template.pid if template and template.launched else None)
         elif isinstance(message, protocol.Kill):
             sandbox = self.by_id.get(message.id)
             if sandbox is not None:
                 kill_sandbox(sandbox)
+            else:
+                self.forks.kill(message.id)
         else:
             self.stopping = True
 
@@ -403,7 +409,7 @@ class Shard:
             mode=self.config.mode,
             free=len(pool.free),
             prewarmed=len(self.prewarmed),
-            busy=len(self.by_id),
+            busy=len(self.by_id) + len(self.forks),
             recycling=len(self.slots.recycling),
             created=pool.created,
             recycled=pool.recycled,
@@ -429,6 +435,7 @@ class Shard:
         """Kill every sandbox of this shard; the slots stay for the next start to adopt."""
         for sandbox in [*self.by_id.values(), *self.prewarmed]:
             kill_sandbox(sandbox)
+        self.forks.kill_all()
 
 
 def open_trees(code_dir: str, deps_dir: str) -> list[int]:

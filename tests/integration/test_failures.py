@@ -45,10 +45,22 @@ async def fresh(tmp_path: Path) -> AsyncIterator[tuple[launcher.ClusterInfo, Cli
             {"main.py": SLOW_ECHO},
         )
         await client.deploy(fn, tenant="load")
+        await every_replica_knows_functions(client, 1)
         yield info, client
     finally:
         await client.close()
         launcher.stop(info)
+
+
+async def every_replica_knows_functions(client: Client, count: int) -> None:
+    """Until every scheduler replica's view holds `count` functions: a deploy reaches the other
+    replicas by etcd's watch, and a test that kills etcd right after it must not race that."""
+    async with asyncio.timeout(10):
+        while True:
+            beats = (await client.status()).replicas
+            if len(beats) == 2 and all(beat.functions >= count for beat in beats):
+                return
+            await asyncio.sleep(0.05)  # replicas beat every heartbeat interval: polled
 
 
 async def test_node_key_disappears_when_its_lease_expires(fresh) -> None:

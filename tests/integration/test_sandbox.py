@@ -107,6 +107,10 @@ def handle(payload):
     if action == "writes":
         paths = ["/x", "/code/x", "/usr/x", "/etc/x", "/proc/sys/kernel/hostname", "/tmp/x"]
         return {p: attempt(lambda p=p: write(p)) for p in paths}
+    if action == "tmpdir":  # where tempfile puts a scratch file (a forked instance's own $TMPDIR)
+        import tempfile
+        where = tempfile.gettempdir()
+        return {"dir": where, "write": attempt(lambda: write(where + "/y"))}
     if action == "processes":
         return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     if action == "network":

@@ -1,6 +1,8 @@
-"""Every way a python instance starts gives the same sandbox: a fresh start (sandbox, then the
-interpreter) and a stem cell (an interpreter already waiting in its sandbox, given the function
-later) each pass the isolation checks of test_sandbox.py, with the function's own limits."""
+"""Every way a python instance starts gives the sandbox's isolation: a fresh start (sandbox, then
+the interpreter), a stem cell (an interpreter already waiting in its sandbox, given the function
+later) and a fork of the function's template (its imports done) each pass the isolation checks of
+test_sandbox.py, with the function's own limits; forks are fenced off from each other and from
+their template."""
 
 import json
 import os
@@ -10,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from host_node.runtimes.errors import FunctionFailed
-from host_node.runtimes.python import PythonInstance
+from host_node.runtimes.python import FunctionCode, PythonInstance
 from host_node.runtimes.python_stem import StemCell, StemLost
+from host_node.runtimes.python_template import Template
 from host_node.sandbox import cgroups
 from host_node.sandbox.agent import ShardedSpawner
 from host_node.sandbox.pool import PoolSettings
@@ -30,7 +33,7 @@ SETTINGS = SandboxSettings(
     pool=PoolSettings(low_water=2, target=4),
 )
 FUNCTION_MB = 256  # not the idle size class (128 MB) a stem cell waits in
-PATHS = ("fresh", "stem_cell")
+PATHS = ("fresh", "stem_cell", "template_fork")
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +63,23 @@ async def start(spawner: ShardedSpawner, path: str, code: Path, log: Path, handl
     try:
         if path == "fresh":
             return await PythonInstance.start(spawner, handler, code, log_fd, 1 << 20, 20.0, limits, {})
+        if path == "template_fork":
+            template = await Template.start(
+                spawner, handler, FunctionCode(code), log_fd, 1 << 20, 20.0, limits
+            )
+            instance = await template.fork(spawner, 20.0, {})
+            instance.template = template  # type: ignore[attr-defined]  # stopped with it (teardown)
+            return instance
         stem = await StemCell.start(spawner, SETTINGS.limits_for(SETTINGS.idle_memory_mb), 20.0)
         return await stem.become(spawner, handler, code, None, log_fd, 1 << 20, 20.0, limits, {})
     finally:
         os.close(log_fd)
+
+
+def stop(instance: PythonInstance) -> None:
+    instance.kill()
+    if (template := getattr(instance, "template", None)) is not None:
+        template.kill()
 
 
 @pytest.fixture(params=PATHS)
@@ -71,8 +87,9 @@ async def instance(
     request, spawner: ShardedSpawner, code: Path, tmp_path: Path
 ) -> AsyncIterator[PythonInstance]:
     started = await start(spawner, request.param, code, tmp_path / "function.log")
+    started.path = request.param  # type: ignore[attr-defined]
     yield started
-    started.kill()
+    stop(started)
 
 
 def invocation(payload: bytes) -> NodeInvoke:
@@ -110,9 +127,20 @@ async def test_every_path_runs_unprivileged_alone_and_cut_off(instance: PythonIn
     assert status["Uid"].split() == ["65534"] * 4
     assert all(int(status[s], 16) == 0 for s in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")), status
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
-    assert await ask(instance, "processes") == [1]
-    writes = await ask(instance, "writes")
-    assert writes.pop("/tmp/x") is None and set(writes.values()) <= {"EROFS", "EACCES", "ENOENT"}, writes
+    processes, writes, tmpdir = (
+        await ask(instance, "processes"),
+        await ask(instance, "writes"),
+        await ask(instance, "tmpdir"),
+    )
+    tmp_write = writes.pop("/tmp/x")
+    assert set(writes.values()) <= {"EROFS", "EACCES", "ENOENT"}, writes
+    assert tmpdir["write"] is None, tmpdir
+    if instance.path == "template_fork":  # type: ignore[attr-defined]
+        # its template's pid namespace: the template is its pid 1; its scratch is its own directory
+        assert len(processes) == 2 and processes[0] == 1, processes
+        assert tmp_write == "EACCES" and tmpdir["dir"].startswith("/tmp/f"), (tmp_write, tmpdir)
+    else:
+        assert processes == [1] and tmp_write is None and tmpdir["dir"] == "/tmp", (processes, tmp_write)
     network = await ask(instance, "network 4222")
     assert network["interfaces"] == ["lo"] and network["outside"] == "ENETUNREACH"
     privileged = await ask(instance, "privileged")
@@ -163,7 +191,7 @@ async def test_a_stem_cells_output_goes_to_its_functions_log(spawner, tmp_path: 
     try:
         assert await instance.invoke(invocation(b"hello"), 20.0) == b"hello"
     finally:
-        instance.kill()
+        stop(instance)
     assert log.read_text().split("\n")[:2] == ["imported", "said hello"]
 
 
@@ -192,3 +220,134 @@ async def test_a_stem_cell_lost_before_it_takes_its_function_says_so(
             )
     finally:
         os.close(null)
+
+
+SIBLINGS = """
+import ctypes, errno, os, signal, socket, tempfile
+
+libc = ctypes.CDLL(None, use_errno=True)
+STATE = {"count": 0}
+KEPT = []
+
+
+def attempt(call):
+    try:
+        result = call()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    if isinstance(result, int) and result < 0:
+        return errno.errorcode[ctypes.get_errno()]
+    return None
+
+
+def listen_abstract(name):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind("\\0" + name)
+    server.listen()
+    KEPT.append(server)
+
+
+def handle(payload):
+    return {"result": act(payload)}
+
+
+def act(payload):
+    action, _, arg = payload.decode().partition(" ")
+    if action == "who":
+        return {"pid": os.getpid(), "tmp": tempfile.gettempdir()}
+    if action == "count":
+        STATE["count"] += 1
+        return STATE["count"]
+    if action == "plant":
+        with open(os.path.join(tempfile.gettempdir(), "secret"), "w") as f:
+            f.write("mine")
+        return "planted"
+    if action == "read":
+        return attempt(lambda: open(arg).read())
+    if action == "list":
+        return attempt(lambda: os.listdir(arg))
+    if action == "signal":
+        return attempt(lambda: os.kill(int(arg), signal.SIGUSR1 if arg != str(os.getpid()) else 0))
+    if action == "environ":
+        return attempt(lambda: open(f"/proc/{arg}/environ", "rb").read())
+    if action == "ipc":
+        return {
+            "shm": attempt(lambda: libc.syscall(29, 0, 4096, 0o1600)),
+            "msg": attempt(lambda: libc.syscall(68, 0, 0o1600)),
+            "udp": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)),
+            "tcp_bind": attempt(lambda: socket.socket().bind(("127.0.0.1", 0))),
+            "tcp_client": attempt(lambda: socket.socket().close()),
+        }
+    if action == "listen":
+        return attempt(lambda: listen_abstract(arg))
+    if action == "connect":
+        return attempt(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\\0" + arg))
+    return "?"
+"""
+
+
+async def test_forks_of_one_template_are_fenced_off_from_each_other_and_from_it(
+    spawner: ShardedSpawner, tmp_path: Path
+) -> None:
+    """Memory, files under /tmp, signals, /proc of the other, System V IPC and UDP, TCP ports,
+    abstract unix sockets: nothing one fork does reaches its sibling or its template."""
+    code = tmp_path / "code"
+    code.mkdir(mode=0o755)
+    (code / "siblings.py").write_text(SIBLINGS)
+    log = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o644)
+    template = await Template.start(
+        spawner, "siblings:handle", FunctionCode(code), log, 1 << 20, 20.0, SETTINGS.limits_for(FUNCTION_MB)
+    )
+    os.close(log)
+    first, second = await template.fork(spawner, 20.0, {}), await template.fork(spawner, 20.0, {})
+
+    async def ask(instance: PythonInstance, action: str):
+        return json.loads(await instance.invoke(invocation(action.encode()), 20.0))["result"]
+
+    try:
+        me, sibling = await ask(first, "who"), await ask(second, "who")
+        assert [await ask(first, "count"), await ask(first, "count"), await ask(second, "count")] == [1, 2, 1]
+        assert await ask(first, "plant") == "planted" and await ask(first, f"read {me['tmp']}/secret") is None
+        assert await ask(second, f"read {me['tmp']}/secret") == "EACCES", (
+            "a sibling's /tmp is not its to read"
+        )
+        assert (
+            await ask(second, "list /tmp") == "EACCES" and await ask(second, f"list {me['tmp']}") == "EACCES"
+        )
+        assert await ask(first, f"signal {me['pid']}") is None, "it may signal itself"
+        for target in (sibling["pid"], 1):  # its sibling, and its template (pid 1 of their namespace)
+            assert await ask(first, f"signal {target}") == "EPERM", target
+            assert await ask(first, f"environ {target}") in ("EACCES", "EPERM"), target
+        ipc = await ask(first, "ipc")
+        assert ipc == {
+            "shm": "EPERM",
+            "msg": "EPERM",
+            "udp": "EPERM",
+            "tcp_bind": "EACCES",
+            "tcp_client": None,
+        }, ipc
+        assert await ask(first, "listen hetfaas-fork-test") is None
+        assert await ask(second, "connect hetfaas-fork-test") == "EPERM", (
+            "a sibling's abstract socket is fenced"
+        )
+        assert await ask(second, "count") == 2, "after all of it, the sibling serves on"
+    finally:
+        for instance in (first, second):
+            instance.kill()
+        template.kill()
+
+
+def cgroup_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+async def test_a_forks_cgroup_is_its_own_and_not_its_templates(
+    spawner: ShardedSpawner, code: Path, tmp_path: Path
+) -> None:
+    instance = await start(spawner, "template_fork", code, tmp_path / "log")
+    try:
+        fork_pid = host_pid((await instance.invoke(invocation(b"identity"), 20.0)).decode())
+        template_pid = instance.template.proc.pid  # type: ignore[attr-defined]
+        assert cgroup_of(fork_pid) != cgroup_of(template_pid), "moved out of its template's slot"
+    finally:
+        stop(instance)
