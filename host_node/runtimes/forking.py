@@ -30,6 +30,7 @@ import socket
 import struct
 import sys
 import traceback
+from collections import deque
 from collections.abc import Callable
 
 import protocol
@@ -118,25 +119,41 @@ def isolate(meta: dict, fence: bytes) -> None:
 
 def serve_template(sock: socket.socket, become_instance: Callable[[socket.socket], None]) -> None:
     """Fork an instance per FORK until the node closes the socket; a fork that fails to fence
-    itself says INIT_ERROR on its socket and exits."""
+    itself says INIT_ERROR on its socket and exits. The socket is a stream: one read may hold
+    several frames (a FORK_ENDED and the next FORK), and each FORK's socket arrives, in order,
+    with the bytes of its own frame."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forks are reaped by the kernel: no zombies
+    data, sockets = b"", deque[int]()
     while True:
-        data, fds, _flags, _address = socket.recv_fds(sock, MAX_FORK_FRAME + protocol.HEADER.size, 1)
-        if not data:
-            return
-        size, kind = protocol.HEADER.unpack_from(data)
-        body = data[protocol.HEADER.size : protocol.HEADER.size + size]
+        while (need := _frame_length(data)) is None or len(data) < need:
+            more, fds, _flags, _address = socket.recv_fds(sock, MAX_FORK_FRAME + protocol.HEADER.size, 4)
+            if not more:
+                return
+            data += more
+            sockets.extend(fds)
+        _, kind = protocol.HEADER.unpack_from(data)
+        body, data = data[protocol.HEADER.size : need], data[need:]
         if kind == protocol.FORK_ENDED:
             shutil.rmtree(f"/tmp/f{int(body)}", ignore_errors=True)
-            continue
-        if kind != protocol.FORK or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            continue
-        if os.fork() == 0:
-            sock.close()
-            _fork_main(socket.socket(fileno=fds[0]), body, become_instance)
-        os.close(fds[0])
+        elif kind == protocol.FORK and sockets:
+            own = sockets.popleft()
+            if os.fork() == 0:
+                sock.close()
+                for other in sockets:
+                    os.close(other)
+                _fork_main(socket.socket(fileno=own), body, become_instance)
+            os.close(own)
+
+
+def _frame_length(data: bytes) -> int | None:
+    """The first frame's length with its header, once the header is in (SystemExit for a frame
+    the node never sends: larger than any FORK)."""
+    if len(data) < protocol.HEADER.size:
+        return None
+    size, _ = protocol.HEADER.unpack_from(data)
+    if size > MAX_FORK_FRAME:
+        raise SystemExit(1)
+    return protocol.HEADER.size + size
 
 
 def _fork_main(sock: socket.socket, body: bytes, become_instance: Callable[[socket.socket], None]) -> None:

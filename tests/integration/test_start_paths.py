@@ -4,13 +4,16 @@ later) and a fork of the function's template (its imports done) each pass the is
 test_sandbox.py, with the function's own limits; forks are fenced off from each other and from
 their template."""
 
+import asyncio
 import json
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.python import FunctionCode, PythonInstance
 from host_node.runtimes.python_stem import StemCell, StemLost
@@ -351,3 +354,26 @@ async def test_a_forks_cgroup_is_its_own_and_not_its_templates(
         assert cgroup_of(fork_pid) != cgroup_of(template_pid), "moved out of its template's slot"
     finally:
         stop(instance)
+
+
+async def test_a_fork_asked_for_right_after_another_ended_is_made(
+    spawner: ShardedSpawner, code: Path, tmp_path: Path
+) -> None:
+    """The template's socket is a stream: a FORK_ENDED and the next FORK can arrive in one read
+    (here: both sent while the template is stopped). Both are served; before, the FORK was lost
+    and the start waited out its deadline."""
+    log = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o644)
+    limits = SETTINGS.limits_for(FUNCTION_MB)
+    template = await Template.start(spawner, "probe:handle", FunctionCode(code), log, 1 << 20, 20.0, limits)
+    os.close(log)
+    try:
+        os.kill(template.proc.pid, signal.SIGSTOP)
+        template._sock.send(protocol.frame(protocol.FORK_ENDED, b"7"))  # as the node says when a fork ends
+        forking = asyncio.ensure_future(template.fork(spawner, 20.0, {}))
+        await asyncio.sleep(0)  # the fork's FORK frame is sent before its first wait
+        os.kill(template.proc.pid, signal.SIGCONT)
+        instance = await forking
+        assert await instance.invoke(invocation(b"ok"), 20.0) == b"fine"
+        instance.kill()
+    finally:
+        template.kill()
