@@ -100,9 +100,12 @@ class Worker(asyncio.Protocol):
                 return
             body = bytes(self.buffer[header : header + size])
             del self.buffer[: header + size]
-            if kind != protocol.READY:
-                self.node.nc.publish_now(self.replies.popleft(), body)
+            if kind != protocol.READY:  # an answer: the call's number (protocol.SEQ), then the output
+                self.node.nc.publish_now(self.replies.popleft(), body[protocol.SEQ.size :])
             self.node.free(self)
+
+
+NO_SEQ = protocol.SEQ.pack(0)
 
 
 class Node:
@@ -129,7 +132,7 @@ class Node:
     def send(self, worker: Worker, reply: str, data: bytes) -> None:
         worker.replies.append(reply)
         assert worker.transport is not None
-        worker.transport.write(protocol.frame(protocol.INVOKE, data))
+        worker.transport.write(protocol.frame(protocol.INVOKE, NO_SEQ + data))  # answers come in order
 
     def free(self, worker: Worker) -> None:
         if self.waiting:

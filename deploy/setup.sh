@@ -88,6 +88,17 @@ if [ -e /usr/lib/python3/dist-packages/bcc/__init__.py ]; then
     echo "$VENV/bcc-shim" > "$site/hetfaas_bcc.pth"
 fi
 
+# Wheels the tests build into python functions' dependency layers with pip offline (PIP_NO_INDEX):
+# the OpenTelemetry SDK a handler's own spans are made with (tests/integration/test_handler_spans.py).
+TEST_WHEELS="$ROOT/.state/test-wheels"
+test_wheels="opentelemetry-sdk==1.45.2"
+if [ "$(cat "$TEST_WHEELS/.wanted" 2>/dev/null)" != "$test_wheels" ]; then
+    say "downloading the wheels the tests deploy ($test_wheels)"
+    rm -rf "$TEST_WHEELS" && mkdir -p "$TEST_WHEELS"
+    "$VENV/bin/python" -m pip download -q --only-binary=:all: --disable-pip-version-check -d "$TEST_WHEELS" $test_wheels
+    echo "$test_wheels" > "$TEST_WHEELS/.wanted"
+fi
+
 "$VENV/bin/python" -m host_node.sandbox.waiter >/dev/null  # rebuilt only when its source changed
 "$VENV/bin/python" -m deploy.build_ebpf >/dev/null          # the eBPF examples' objects, likewise
 "$VENV/bin/nats-server" --version >/dev/null

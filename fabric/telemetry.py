@@ -145,6 +145,26 @@ def record(
     return _tracer.record(name, parent, start_ns, end_ns, attributes, events)
 
 
+def record_given(
+    parent: Span,
+    name: str,
+    span_id: int,
+    parent_id: int,
+    start_ns: int,
+    end_ns: int,
+    attributes: dict[str, Any],
+    error: str = "",
+) -> None:
+    """A finished span in `parent`'s trace whose ids were made elsewhere (a handler's own, sent
+    through its node: host_node/handler_spans.py checks them first)."""
+    if _tracer is None:
+        return
+    span = Span(name, parent.trace_id, parent_id, parent.sampled, SpanKind.INTERNAL, attributes, start_ns)
+    span.span_id = span_id
+    span.error = error
+    _tracer.finish(span, end_ns)
+
+
 def current() -> Span | None:
     return current_span() if _tracer is not None else None
 

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
+from fabric import telemetry
 from fabric.tasks import TaskSet
-from host_node import function_logs
+from host_node import function_logs, handler_spans
 from host_node.removals import Removals
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
@@ -119,6 +120,8 @@ class CpuRuntime:
         try:
             output = await instance.invoke(req, run_budget(req, deadline, handler_started), cold)
         finally:
+            if (spans := instance.take_spans()) and (span := telemetry.current()) is not None:
+                handler_spans.record(span, spans)
             self.give_back(req, key, code, instance)
         phases["handler_ms"] = ms_since(handler_started)
         return output, instance.start_path if cold else ""

@@ -64,11 +64,13 @@ class Templates:
         self.started += 1
 
     def drop(self, key: str) -> None:
+        """No more forks from the function's template; it stops once its forks have."""
         if (template := self._by_key.pop(key, None)) is not None:
-            template.kill()
+            template.retire()
 
     def stop_function(self, function: str) -> int:
-        """The function was removed: its templates stop (their forks with them)."""
+        """The function was removed: its templates fork no more, and stop once the calls their
+        forks run have ended."""
         keys = [key for key in self._by_key if function_of(key) == function]
         for key in keys:
             self.drop(key)
@@ -83,6 +85,8 @@ class Templates:
         return len(idle)
 
     def close(self) -> None:
+        """The node stops: every template and its forks now (the calls were given their grace)."""
         self.enabled = False
-        for key in list(self._by_key):
-            self.drop(key)
+        for template in self._by_key.values():
+            template.kill()
+        self._by_key.clear()

@@ -24,6 +24,7 @@ from typing import Any
 from fabric import bus
 from fabric.tasks import TaskSet
 from fabric.tracing import Span, Unsampled
+from host_node import handler_spans
 from host_node.cpu_runtime import CpuRuntime, ms_since, run_budget
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.python import Frame, FunctionCode, PythonInstance, output_of
@@ -158,6 +159,8 @@ class WarmCalls:
             return
         try:
             assert call.instance is not None
+            if (spans := call.instance.take_spans()) and isinstance(call.span, Span):
+                handler_spans.record(call.span, spans)
             self._runtime.give_back(call.req, call.key, call.code, call.instance)
             call.instance = None  # given back: it may serve another call already
             output = output_of(outcome)

@@ -29,6 +29,7 @@ class FunctionCode(NamedTuple):
 
 
 WORKER_FD = 3  # the instance's end of the socket, as numbered inside its process
+SEQ_SIZE = protocol.SEQ.size
 NO_DEPS = "-"  # the worker's DEPS_DIR argument when there is no layer (python_worker.py)
 
 # How a cold start got its instance (InvokeReply.start_path, the trace's hetfaas.start_path)
@@ -62,6 +63,9 @@ class FrameChannel(asyncio.Protocol):
     def __init__(self, max_output: int) -> None:
         self._max_output = max_output
         self._asked = 1  # frames the node waits for: READY (or INIT_ERROR) first
+        self.spans = b""  # the handler's own spans sent before the answer (SPANS), until taken
+        self._seq = b""  # the number of the call asked for (protocol.SEQ)
+        self._spans_allowed = False  # one SPANS frame per answer asked for
         self.violation = ""  # why the instance was cut off, if it was
         self._buffer = bytearray()
         self._frames: deque[Frame] = deque()
@@ -89,18 +93,32 @@ class FrameChannel(asyncio.Protocol):
                 return
             if len(buffer) < header + size:
                 return
-            self._asked -= 1
-            self._deliver((kind, bytes(buffer[header : header + size])))
+            if kind == protocol.SPANS:
+                self._spans_allowed = False
+                self.spans = bytes(buffer[header : header + size])
+            elif kind in protocol.ANSWERS:
+                if buffer[header : header + SEQ_SIZE] != self._seq:
+                    self._cut_off("an answer to another call than the one it was given")
+                    return
+                self._asked -= 1
+                self._deliver((kind, bytes(buffer[header + SEQ_SIZE : header + size])))
+            else:
+                self._asked -= 1
+                self._deliver((kind, bytes(buffer[header : header + size])))
             del buffer[: header + size]
 
     def _refused(self, size: int, kind: int) -> str:
         if kind not in protocol.FROM_WORKER:
             return f"a frame of kind {kind}, which the worker never sends"
         limit = self._max_output if kind == protocol.OUTPUT else protocol.MAX_TEXT_FRAME
-        if size > limit:
+        if size > limit + (SEQ_SIZE if kind in protocol.ANSWERS else 0):  # an answer's number besides
             return f"a frame of {size} bytes, over the {limit} a frame of its kind may be"
+        if kind in protocol.ANSWERS and size < SEQ_SIZE:
+            return "an answer without the number of its call"
         if self._asked <= 0:
             return "a frame the node did not ask for"
+        if kind == protocol.SPANS and not self._spans_allowed:
+            return "a second SPANS frame for one invocation"
         return ""
 
     def _cut_off(self, problem: str) -> None:
@@ -131,11 +149,14 @@ class FrameChannel(asyncio.Protocol):
         elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(error)
 
-    def send(self, data: bytes) -> None:
-        """Send an INVOKE (its answer is the next frame the node takes)."""
+    def send(self, data: bytes, seq: bytes) -> None:
+        """Send an INVOKE numbered `seq` (its answer is the next frame the node takes, and must
+        say that number)."""
         if self.closed or self._transport is None:
             raise ConnectionError(self.violation or "python instance closed its socket")
+        self._seq = seq
         self._asked += 1
+        self._spans_allowed = True
         self._transport.write(data)  # type: ignore[attr-defined]
 
     def expect(self, timeout_s: float, on_frame: OnFrame) -> None:
@@ -190,6 +211,7 @@ class PythonInstance:
         self.init_ms = init_ms
         self.wants_context = wants_context  # handle(event, context): INVOKE_WITH_CONTEXT frames
         self.start_path = START_FRESH
+        self._calls = 0  # calls sent, numbering each (protocol.SEQ)
         self._killed = False
 
     @property
@@ -262,16 +284,20 @@ class PythonInstance:
         wants = body.endswith(protocol.WANTS_CONTEXT)
         return cls(proc, channel, float(body.removesuffix(protocol.WANTS_CONTEXT)), wants)
 
-    def _invoke_frame(self, req: NodeInvoke, cold_start: bool, timeout_s: float, span: Traced) -> bytes:
+    def _send(self, req: NodeInvoke, cold_start: bool, timeout_s: float, span: Traced) -> None:
+        """The call's INVOKE, numbered (protocol.SEQ)."""
+        self._calls += 1
+        seq = protocol.SEQ.pack(self._calls & 0xFFFFFFFF)
         if not self.wants_context:
-            return protocol.frame(protocol.INVOKE, req.payload)
+            self._channel.send(protocol.frame(protocol.INVOKE, seq + req.payload), seq)
+            return
         context = context_line(req, cold_start, timeout_s, span.traceparent() if span is not None else "")
-        return protocol.frame(protocol.INVOKE_WITH_CONTEXT, context + req.payload)
+        self._channel.send(protocol.frame(protocol.INVOKE_WITH_CONTEXT, seq + context + req.payload), seq)
 
     async def invoke(self, req: NodeInvoke, timeout_s: float, cold_start: bool = False) -> bytes:
         """Run the handler once; any failure that leaves the worker unusable marks it unhealthy."""
         try:
-            self._channel.send(self._invoke_frame(req, cold_start, timeout_s, tracing.current_context()))
+            self._send(req, cold_start, timeout_s, tracing.current_context())
             frame = await self._channel.receive(timeout_s)
         except (TimeoutError, ConnectionError) as exc:
             raise await self.failure(exc, timeout_s) from None
@@ -281,7 +307,7 @@ class PythonInstance:
         """`invoke` without a coroutine (a warm call): the answer goes to `on_frame` as it is
         read; read it with `output_of`, and a TimeoutError or ConnectionError with `failure`.
         Raises ConnectionError if the instance's socket is closed already."""
-        self._channel.send(self._invoke_frame(req, False, timeout_s, span))
+        self._send(req, False, timeout_s, span)
         self._channel.expect(timeout_s, on_frame)
 
     async def failure(self, exc: TimeoutError | ConnectionError, timeout_s: float) -> FunctionFailed:
@@ -295,6 +321,11 @@ class PythonInstance:
         why = await death_of(self._proc)
         self.kill()
         return FunctionFailed("function_error", f"python instance died during the invocation: {why}")
+
+    def take_spans(self) -> bytes:
+        """The handler's own spans of its last invocation (a SPANS body; b"" when none)."""
+        spans, self._channel.spans = self._channel.spans, b""
+        return spans
 
     def kill(self) -> None:
         self._killed = True

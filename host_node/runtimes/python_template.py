@@ -71,6 +71,7 @@ class Template:
         self._forks = 0
         self.live_forks = 0
         self.last_used = time.monotonic()
+        self.retired = False  # forks no more; stops once its last fork has
 
     @property
     def alive(self) -> bool:
@@ -123,8 +124,8 @@ class Template:
 
     async def fork(self, spawner: Spawner, timeout_s: float, phases: dict[str, float]) -> PythonInstance:
         """An instance forked from this template, in a cgroup of its own; ForkFailed if not."""
-        if not self.alive:
-            raise ForkFailed("the template has exited")
+        if not self.alive or self.retired:
+            raise ForkFailed("the template has exited" if not self.alive else "the template is retired")
         started = time.monotonic()
         self._forks += 1
         fork_id = self._forks
@@ -170,10 +171,20 @@ class Template:
 
     def _ended(self, fork_id: int) -> None:
         self.live_forks -= 1
+        if self.retired and not self.live_forks:
+            self.kill()
+            return
         try:
             self._sock.send(protocol.frame(protocol.FORK_ENDED, str(fork_id).encode()))
         except OSError:
             pass  # the template is gone, and its /tmp with it
+
+    def retire(self) -> None:
+        """Fork no more, and stop once no fork is alive: its forks live in its pid namespace, so
+        stopping it now would end the calls they are running."""
+        self.retired = True
+        if not self.live_forks:
+            self.kill()
 
     def kill(self) -> None:
         self.proc.kill()

@@ -159,13 +159,36 @@ def receive_load(sock: socket.socket) -> dict | None:
     return json.loads(data[protocol.HEADER.size : end]) if len(data) >= end else None
 
 
-def serve(sock: socket.socket, handler, max_output: int, as_json: bool = False) -> None:
+def handler_spans():
+    """What takes the handler's own spans after each call (worker_spans.py), when the handler
+    imported OpenTelemetry (and its layer has the SDK); None otherwise, and nothing imported for
+    it: a handler without it pays nothing."""
+    if "opentelemetry" not in sys.modules:
+        return None
+    import worker_spans
+
+    return worker_spans.install()
+
+
+def send_spans(sock: socket.socket, take) -> None:
+    """The spans of the call just made, as one SPANS frame within the node's bound (the newest
+    dropped to fit)."""
+    body = take()
+    while len(body) > protocol.MAX_TEXT_FRAME:
+        spans = json.loads(body)
+        body = json.dumps(spans[: len(spans) // 2], separators=(",", ":")).encode()
+    if body:
+        sock.sendall(protocol.frame(protocol.SPANS, body))
+
+
+def serve(sock: socket.socket, handler, max_output: int, as_json: bool = False, spans=None) -> None:
     frames = Frames(sock)
     while True:
         framed = frames.next_frame()
         if framed is None:
             return
         kind, body = framed
+        seq, body = body[: protocol.SEQ.size], body[protocol.SEQ.size :]  # the answer says which call
         try:
             if kind == protocol.INVOKE_WITH_CONTEXT:
                 meta, _, payload = body.partition(b"\n")
@@ -174,12 +197,16 @@ def serve(sock: socket.socket, handler, max_output: int, as_json: bool = False) 
             else:
                 output = to_bytes(handler(body))
         except Exception:
-            sock.sendall(protocol.frame(protocol.HANDLER_ERROR, last_of(traceback.format_exc())))
+            if spans is not None:
+                send_spans(sock, spans)
+            sock.sendall(protocol.frame(protocol.HANDLER_ERROR, seq + last_of(traceback.format_exc())))
             continue
+        if spans is not None:
+            send_spans(sock, spans)
         if len(output) > max_output:
-            sock.sendall(protocol.frame(protocol.OUTPUT_TOO_LARGE, str(len(output)).encode()))
+            sock.sendall(protocol.frame(protocol.OUTPUT_TOO_LARGE, seq + str(len(output)).encode()))
         else:
-            sock.sendall(protocol.frame(protocol.OUTPUT, output))
+            sock.sendall(protocol.frame(protocol.OUTPUT, seq + output))
 
 
 def main() -> None:
@@ -211,8 +238,10 @@ def become(
 ) -> None:
     """Import the handler, say READY (or INIT_ERROR), serve; a template forks instances instead."""
     started = time.perf_counter()
+    spans = None
     try:
         handler = load_handler(handler_spec, code_dir, deps_dir)
+        spans = handler_spans()
         if not callable(handler):
             raise TypeError(f"{handler_spec} is not callable")
     except BaseException:
@@ -226,11 +255,11 @@ def become(
 
         def instance(own: socket.socket) -> None:
             own.sendall(protocol.frame(protocol.READY, b"0.000" + form))
-            serve(own, handler, max_output, payload == "json")
+            serve(own, handler, max_output, payload == "json", spans)
 
         forking.serve_template(sock, instance)
         return
-    serve(sock, handler, max_output, payload == "json")
+    serve(sock, handler, max_output, payload == "json", spans)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ async def templates_become(client: Client, count: int) -> None:
             await asyncio.sleep(0.05)  # heartbeats come every 0.2 s here: polled
 
 
+async def inflight_becomes(client: Client, count: int) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            if (await client.status()).nodes[0].inflight >= count:
+                return
+            await asyncio.sleep(0.02)  # heartbeats come every 0.2 s here: polled
+
+
 async def together(client: Client, tenant: str, calls: int) -> list[str]:
     """`calls` invocations at once; the start path of each ("" for a warm one)."""
     outcomes = await asyncio.gather(
@@ -82,8 +90,18 @@ async def test_later_cold_starts_fork_from_the_functions_template_which_is_repla
     await templates_become(client, 1)
     assert await together(client, tenant, 3) == ["", "", "template_fork"], "forking again"
 
+    # Removed while a fork runs a call: the template forks no more, but lets the call finish.
+    running = asyncio.ensure_future(together(client, tenant, 4))  # three warm, one forked
+    await inflight_becomes(client, 4)
+    await client.remove(tenant, "slow")
+    assert sorted(await running) == ["", "", "", "template_fork"], "every call it had finished"
+    await templates_become(client, 0)
+
+    await client.deploy(
+        make_function(tmp_path / "again", "slow", manifest, {"slowfork.py": SLOW}), tenant=tenant
+    )
     verbose = hetfaas(one_host.state_dir, "invoke", "slow", "--tenant", tenant, "-v", "--data", "v")
-    assert verbose.returncode == 0 and b"warm" in verbose.stderr, verbose.stderr
+    assert verbose.returncode == 0 and b"cold (" in verbose.stderr, verbose.stderr
     summary = hetfaas(one_host.state_dir, "coldstarts", "--function", "slow", "--json")
     paths = {row["start_path"] for row in json.loads(summary.stdout)}
     assert "template_fork" in paths and paths & {"stem_cell", "fresh"}, paths
