@@ -23,6 +23,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench.coldstart import ensure_matplotlib
 from bench.coldstart_e2e import function_dir
 from bench.python_imports import FUNCTIONS as HEAVY
 from cli.client import Client
@@ -68,7 +69,9 @@ async def measure_config(config: str, concurrency: int, rounds: int, work: Path)
     overrides = {"keep_alive_s": KEEP_ALIVE_S, "max_instances_per_function": concurrency * 2} | CONFIGS[
         config
     ]
-    info = launcher.up(work / config, hosts=1, host_overrides=overrides)
+    # the node's keep-alive, not the scheduler's histogram (60 s bins: it would keep them a minute)
+    no_policy = {"keep_alive": {"enabled": False}}
+    info = launcher.up(work / config, hosts=1, host_overrides=overrides, scheduler_overrides=no_policy)
     cells: dict = {}
     try:
         client = await Client.connect(info.nats_url, "bench", creds=info.nats_creds)
@@ -103,10 +106,15 @@ def summary(cells: dict) -> str:
 
 
 def _cell(values: list[tuple[float, str]]) -> str:
+    """p50 / p99 of the cell, then p50 and count per start path (a call of a cold round may have
+    waited for an instance another started, and run warm)."""
     latencies = sorted(latency for latency, _ in values)
-    paths = sorted({path or "warm" for _, path in values})
     p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
-    return f"{statistics.median(latencies):.1f} / {p99:.1f} ms ({', '.join(paths)})"
+    by_path: dict[str, list[float]] = {}
+    for latency, path in values:
+        by_path.setdefault(path or "warm", []).append(latency)
+    paths = ", ".join(f"{p} {statistics.median(v):.1f} ms, {len(v)}x" for p, v in sorted(by_path.items()))
+    return f"{statistics.median(latencies):.1f} / {p99:.1f} ms ({paths})"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -116,10 +124,15 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(FUNCTIONS), figsize=(4 * len(FUNCTIONS), 4.5), sharey=True)
-    kinds = ("first", "cold", "warm")
+    kinds = ("first start", "later cold starts", "warm")
     for axis, name in zip(axes, FUNCTIONS, strict=True):
         for offset, config in enumerate(CONFIGS):
-            medians = [statistics.median(v for v, _ in results[config][name][kind]) for kind in kinds]
+            cells = results[config][name]
+            cold = [v for v, path in cells["cold"] if path] or [
+                v for v, _ in cells["cold"]
+            ]  # the cold starts
+            medians = [statistics.median(v for v, _ in cells["first"]), statistics.median(cold)]
+            medians.append(statistics.median(v for v, _ in cells["warm"]))
             positions = [k + offset * 0.4 for k in range(len(kinds))]
             axis.bar(positions, medians, width=0.4, label=config)
         axis.set(title=name, yscale="log", xticks=[k + 0.2 for k in range(len(kinds))], xticklabels=kinds)
@@ -138,7 +151,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--from-json", type=Path, help="only redraw the plot and table of a saved run")
     args = parser.parse_args()
+    ensure_matplotlib()
+    if args.from_json:
+        report(json.loads(args.from_json.read_text()), args.out)
+        return
     results = {}
     with tempfile.TemporaryDirectory(prefix="hetfaas-python-e2e-") as tmp:
         for config in CONFIGS:
@@ -147,7 +165,11 @@ def main() -> None:
             print(f"{config}: {time.monotonic() - started:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "python_e2e.json").write_text(json.dumps(results))
-    plot(results, args.out / "python_e2e.png")
+    report(results, args.out)
+
+
+def report(results: dict, out: Path) -> None:
+    plot(results, out / "python_e2e.png")
     for config, functions in results.items():
         for name, cells in functions.items():
             print(f"| {config} | {name} | {summary(cells)} |")

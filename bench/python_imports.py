@@ -140,6 +140,7 @@ async def one_run(levels: list[int], samples: int, work: Path, codes: dict[str, 
                 for level in levels:
                     for method in METHODS:
                         stems.restock(level if method == "stem" else 0)
+                        await _settled(spawner, stems)()  # the warm-up burst too starts from a full stock
                         start = (
                             floor(code)
                             if method == "floor"

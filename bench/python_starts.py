@@ -28,6 +28,7 @@ from bench.coldstart import (
     LIMITS,
     Start,
     _cell,
+    ensure_matplotlib,
     floor_python,
     measure,
     median_cells,
@@ -165,6 +166,24 @@ def report(results: dict, levels: list[int]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, levels: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for method in METHODS:
+        axis.plot(levels, [results[f"{method}/{c}"]["p99_ms"] for c in levels], marker="o", label=method)
+    axis.set(xscale="log", yscale="log", xlabel="concurrent cold starts (C)", ylabel="p99 start latency (ms)")
+    axis.set_xticks(levels, [str(c) for c in levels])
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.suptitle("python cold starts by start path: p99 against concurrency")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,7 +192,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="starts per cell and run")
     parser.add_argument("--repeat", type=int, default=3, help="runs; each cell reports the median run")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--from-json", type=Path, help="only redraw the table and plot of a saved run")
     args = parser.parse_args()
+    ensure_matplotlib()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        levels = [int(level) for level in saved["args"]["levels"].split(",")]
+        results = median_cells(saved["runs"])
+        plot(results, levels, args.out / "python_starts_p99.png")
+        print(report(results, levels))
+        return
     if os.geteuid() != 0:
         raise SystemExit("the python start benchmark needs root (cgroups, namespaces)")
     levels = [int(level) for level in args.levels.split(",")]
@@ -190,6 +218,7 @@ def main() -> None:
             runs.append(uvloop.run(one_run(levels, args.samples, work, code)))
     results = median_cells(runs)
     args.out.mkdir(parents=True, exist_ok=True)
+    plot(results, levels, args.out / "python_starts_p99.png")
     (args.out / "python_starts.json").write_text(
         json.dumps({"args": vars(args) | {"out": str(args.out)}, "runs": runs})
     )

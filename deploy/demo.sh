@@ -14,7 +14,7 @@ if [ "$(id -u)" -eq 0 ]; then
     examples=(examples/*/)
 else
     run hetfaas up --hosts 2 --schedulers 2
-    examples=(examples/hello-python/ examples/wordcount-exec/)
+    examples=(examples/hello-python/ examples/wordcount-exec/ examples/greet-jinja2/)
 fi
 for fn in "${examples[@]}"; do run hetfaas deploy "$fn"; done
 run hetfaas ls
@@ -30,6 +30,12 @@ for text in "one two three" "a b"; do
     echo "$text" | hetfaas invoke wordcount -v
 done
 run hetfaas invoke hello --data Linus --json
+echo
+echo "# greet has a dependency (jinja2, built into its layer at deploy) and takes handle(event, context)."
+echo "# Its first call on a node takes a stem cell (an interpreter already waiting in its sandbox);"
+echo "# once it has run there, a template of it forks its later cold starts (-v says which)."
+for name in Ada Grace; do run hetfaas invoke greet --data "{\"name\": \"$name\"}" -v; done
+run hetfaas logs greet --tail 2
 if [ "$(id -u)" -eq 0 ]; then
     echo
     echo "# eBPF functions run on the DPU node: the payload is the packet; the reply gives the"

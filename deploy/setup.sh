@@ -89,9 +89,10 @@ if [ -e /usr/lib/python3/dist-packages/bcc/__init__.py ]; then
 fi
 
 # Wheels the tests build into python functions' dependency layers with pip offline (PIP_NO_INDEX):
-# the OpenTelemetry SDK a handler's own spans are made with (tests/integration/test_handler_spans.py).
+# the OpenTelemetry SDK a handler's own spans are made with (tests/integration/test_handler_spans.py),
+# and jinja2 for examples/greet-jinja2 (test_dependencies.py).
 TEST_WHEELS="$ROOT/.state/test-wheels"
-test_wheels="opentelemetry-sdk==1.45.2"
+test_wheels="opentelemetry-sdk==1.45.2 jinja2==3.1.6"
 if [ "$(cat "$TEST_WHEELS/.wanted" 2>/dev/null)" != "$test_wheels" ]; then
     say "downloading the wheels the tests deploy ($test_wheels)"
     rm -rf "$TEST_WHEELS" && mkdir -p "$TEST_WHEELS"

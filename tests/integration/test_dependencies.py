@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from deploy import launcher
-from tests.integration.conftest import make_function
+from tests.integration.conftest import EXAMPLES, make_function
 from tests.integration.test_cli import hetfaas as run_cli
 
 pytestmark = pytest.mark.integration
@@ -196,3 +196,22 @@ def test_requirements_given_twice_or_as_urls_are_refused(
     for function, said in ((twice, "requirements are given twice"), (url, "names a URL")):
         refused = hetfaas(cluster, pip_env, "deploy", str(function), "--tenant", tenant)
         assert refused.returncode != 0 and said in refused.stderr.decode(), refused.stderr
+
+
+def test_the_jinja2_example_deploys_with_its_layer_and_greets(
+    cluster: launcher.ClusterInfo, tenant: str, tmp_path: Path
+) -> None:
+    """examples/greet-jinja2, as `deploy/demo.sh` deploys it (its jinja2 wheel from the wheels
+    deploy/setup.sh fetched, as PyPI would give it)."""
+    wheels = Path(__file__).resolve().parents[2] / ".state" / "test-wheels"
+    assert (wheels / ".wanted").is_file(), f"{wheels} is missing: run deploy/setup.sh"
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    deployed = hetfaas(cluster, env, "deploy", str(EXAMPLES / "greet-jinja2"), "--tenant", tenant)
+    assert deployed.returncode == 0, deployed.stderr
+    invoked = hetfaas(
+        cluster, env, "invoke", "greet", "--tenant", tenant, "--data", '{"name": "Ada"}', "--json"
+    )
+    output = json.loads(json.loads(invoked.stdout)["output"])
+    assert output["html"].startswith("<h1>Hello, Ada!</h1>") and output["cold_start"] is True, output
+    logs = hetfaas(cluster, env, "logs", "greet", "--tenant", tenant)
+    assert b"greeting Ada" in logs.stdout, logs.stdout
