@@ -17,6 +17,7 @@ from pathlib import Path
 from fabric import telemetry
 from fabric.tasks import TaskSet
 from host_node import function_logs, handler_spans
+from host_node.quiet import Quiet
 from host_node.removals import Removals
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.exec import run_exec
@@ -43,7 +44,14 @@ PREWARM_INIT_S = 30.0  # a prewarmed instance's start may take this long
 
 
 class CpuRuntime:
-    def __init__(self, settings: HostNodeSettings, spawner: Spawner, logs: Path, tasks: TaskSet):
+    def __init__(
+        self,
+        settings: HostNodeSettings,
+        spawner: Spawner,
+        logs: Path,
+        tasks: TaskSet,
+        quiet: Quiet | None = None,
+    ):
         self.settings = settings
         self._spawner = spawner
         self._logs = logs
@@ -59,9 +67,10 @@ class CpuRuntime:
         self.draining = False  # `hetfaas node drain`: instances stop when free, none is prewarmed
         self.prewarmed = 0  # instances started ahead of a predicted invocation
         idle = settings.sandbox.limits_for(settings.sandbox.idle_memory_mb)
-        self.stems = StemCells(spawner, idle, settings.python_stem_cells)
+        self.quiet = quiet or Quiet()  # background starts wait while invocations run
+        self.stems = StemCells(spawner, idle, settings.python_stem_cells, self.quiet)
         forking = settings.python_templates and settings.sandbox.mode != "plain" and forks_possible()
-        self.templates = Templates(tasks, forking)
+        self.templates = Templates(tasks, forking, self.quiet)
 
     def instance_limit(self, spec: FunctionSpec) -> int:
         return min(spec.concurrency, self.settings.max_instances_per_function)

@@ -18,6 +18,7 @@ from host_node import function_logs, phase_spans
 from host_node.bundle_cache import BundleCache
 from host_node.cpu_runtime import CpuRuntime, ms_since
 from host_node.kernel_probe import KernelProbe
+from host_node.quiet import Quiet
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.python import FunctionCode
 from host_node.settings import HostNodeSettings
@@ -61,7 +62,7 @@ class HostNode:
         self._spawner = spawner
         self.logs = Path(settings.work_dir) / "logs"
         self._tasks = TaskSet()
-        self.runtime = CpuRuntime(settings, spawner, self.logs, self._tasks)
+        self.runtime = CpuRuntime(settings, spawner, self.logs, self._tasks, Quiet(lambda: self.inflight > 0))
         self.calls = WarmCalls(self.runtime, self._tasks, self._answer_call)
         self.programs = programs  # set when this host takes eBPF functions too
         self.once = nodes.Once(settings.node_id)
@@ -157,6 +158,8 @@ class HostNode:
             reply = bus.internal_error(exc, req.invocation_id)
         telemetry.close_span(call.span)
         self.inflight -= 1
+        if not self.inflight:
+            self.runtime.quiet.idle()
         self.once.settle(nodes.run_key(req), call.answer, reply)
         try:
             self._respond(nodes.answer(req, reply), call.ctx)
@@ -182,6 +185,8 @@ class HostNode:
                 return reply
         finally:
             self.inflight -= 1
+            if not self.inflight:
+                self.runtime.quiet.idle()
 
     def _observe(self, req: NodeInvoke, reply: InvokeReply | ErrorReply, span: Any) -> None:
         """Metrics, and the node span's attributes (with a start's phases under it)."""

@@ -1,10 +1,11 @@
 """The node's stock of python stem cells (runtimes/python_stem.py): kept at its target, one
-started at a time, so refilling takes at most one CPU's worth of a burst's time."""
+started at a time, each when the node is quiet (quiet.py)."""
 
 import asyncio
 import logging
 from collections import deque
 
+from host_node.quiet import Quiet
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.python_stem import StemCell
 from host_node.sandbox.cgroups import Limits
@@ -17,8 +18,9 @@ MAX_BACKOFF_S = 10.0
 
 
 class StemCells:
-    def __init__(self, spawner: Spawner, limits: Limits, target: int):
+    def __init__(self, spawner: Spawner, limits: Limits, target: int, quiet: Quiet | None = None):
         self._spawner = spawner
+        self._quiet = quiet or Quiet()  # starts wait while the node runs invocations
         self._limits = limits  # the idle size class: the function's own are set when one is taken
         self.target = target
         self._idle: deque[StemCell] = deque()
@@ -46,6 +48,7 @@ class StemCells:
         """Run for the node's life (a tracked task): start stem cells up to the target."""
         while True:
             while len(self._idle) < self.target:
+                await self._quiet.wait()
                 try:
                     stem = await StemCell.start(self._spawner, self._limits, START_TIMEOUT_S)
                 except (FunctionFailed, OSError, TimeoutError) as exc:

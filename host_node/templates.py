@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fabric.tasks import TaskSet
+from host_node.quiet import Quiet
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.python_template import Template
 from schemas.messages import function_of
@@ -17,8 +18,9 @@ log = logging.getLogger(__name__)
 
 
 class Templates:
-    def __init__(self, tasks: TaskSet, enabled: bool):
+    def __init__(self, tasks: TaskSet, enabled: bool, quiet: Quiet | None = None):
         self._tasks = tasks
+        self._quiet = quiet or Quiet()  # a template's start waits while the node runs invocations
         self.enabled = enabled
         self._by_key: dict[str, Template] = {}
         self._starting: set[str] = set()
@@ -51,6 +53,7 @@ class Templates:
 
     async def _start(self, key: str, start: Callable[[], Awaitable[Template]]) -> None:
         try:
+            await self._quiet.wait()
             template = await start()
         except (FunctionFailed, OSError) as exc:
             log.warning("no template for %s: %s", key, getattr(exc, "message", exc))
