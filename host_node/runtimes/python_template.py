@@ -146,7 +146,7 @@ class Template:
             kind, body, fds = await receive(ours, timeout_s, max_fds=1)
         except (TimeoutError, ConnectionError, OSError) as exc:
             ours.close()
-            raise ForkFailed(f"the fork did not report: {exc or type(exc).__name__}") from None
+            raise ForkFailed(f"the fork did not report: {str(exc) or type(exc).__name__}") from None
         if kind != protocol.FORKED or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -165,7 +165,12 @@ class Template:
         self.last_used = time.monotonic()
         self.live_forks += 1
         proc.exited.add_done_callback(lambda _: self._ended(fork_id))
-        ours.send(protocol.frame(protocol.GO, b""))
+        try:
+            ours.send(protocol.frame(protocol.GO, b""))
+        except OSError as exc:  # it died after it was moved
+            proc.kill()
+            ours.close()
+            raise ForkFailed(f"the fork was lost: {exc}") from None
         remaining = timeout_s - (time.monotonic() - started)
         return await PythonInstance.ready(proc, ours, self._handler, self._max_output, remaining)
 
