@@ -84,7 +84,11 @@ def fence_filesystem_and_peers(own_dir: str) -> None:
 
 
 def _allow(ruleset: int, path: str, rights: int) -> None:
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # a dangling link at the root (a host without /lib64, say): nothing to reach there
+
     try:
         if not os.path.isdir(path):
             rights &= EXECUTE | WRITE_FILE | READ_FILE | IOCTL_DEV  # a file takes file rights only
