@@ -1,5 +1,7 @@
 """Starting a function's process through the node's spawner, recording the start's phases."""
 
+import os
+import socket
 from pathlib import Path
 
 from fabric import telemetry
@@ -40,3 +42,31 @@ def describe(proc: Process) -> None:
     span.set_attribute("hetfaas.prewarmed", proc.phases.prewarmed)
     span.set_attribute("hetfaas.slot_reused", proc.phases.slot_reused)
     span.set_attribute("hetfaas.borrowed", proc.phases.borrowed)
+
+
+async def launch_worker(
+    spawner: Spawner,
+    argv: list[str],
+    code_dir: Path | None,
+    limits: Limits,
+    log_fd: int | None,
+    phases: dict[str, float],
+    deps_dir: Path | None = None,
+) -> tuple[Process, socket.socket]:
+    """A python worker: stdin from /dev/null, stdout and stderr to `log_fd` (/dev/null when
+    None: a stem cell gets its function's log later), its socket to the node as fd 3. Returns
+    the process and the node's end of the socket."""
+    parent, child = socket.socketpair()
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    out = devnull if log_fd is None else log_fd
+    try:
+        proc = await launch(
+            spawner, argv, code_dir, limits, [devnull, out, out, child.fileno()], phases, deps_dir
+        )
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+        os.close(devnull)
+    return proc, parent

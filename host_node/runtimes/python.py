@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from fabric import tracing
 from fabric.deadlines import of_loop, timeouts
 from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
-from host_node.runtimes.launch import launch
+from host_node.runtimes.launch import launch_worker
 from host_node.sandbox.cgroups import Limits
 from host_node.spawner import Process, Spawner, death_of
 from schemas.messages import NodeInvoke
@@ -238,18 +237,7 @@ class PythonInstance:
         view = spawner.view(code_dir, deps_dir)
         argv = [view.python, "-I", "-S", f"{view.runtime_dir}/python_worker.py", str(WORKER_FD), handler]
         argv += [view.code_dir, str(max_output), payload_form] + ([view.deps_dir] if view.deps_dir else [])
-        parent, child = socket.socketpair()
-        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            proc = await launch(
-                spawner, argv, code_dir, limits, [devnull, log_fd, log_fd, child.fileno()], phases, deps_dir
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-            os.close(devnull)
+        proc, parent = await launch_worker(spawner, argv, code_dir, limits, log_fd, phases, deps_dir)
         return await cls.ready(proc, parent, handler, max_output, timeout_s)
 
     @classmethod

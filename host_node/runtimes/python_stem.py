@@ -12,14 +12,13 @@ serves that one function only, as a fresh instance does.
 import array
 import asyncio
 import json
-import os
 import socket
 import time
 from pathlib import Path
 
 from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
-from host_node.runtimes.launch import describe, launch
+from host_node.runtimes.launch import describe, launch_worker
 from host_node.runtimes.python import WORKER_FD, PythonInstance
 from host_node.sandbox.cgroups import Limits
 from host_node.spawner import Process, Spawner
@@ -44,16 +43,7 @@ class StemCell:
         """A stem cell in a sandbox of `limits` (the idle size class), once its interpreter is up."""
         view = spawner.view(None)
         argv = [view.python, "-I", "-S", f"{view.runtime_dir}/python_worker.py", str(WORKER_FD), "--stem"]
-        parent, child = socket.socketpair()
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            proc = await launch(spawner, argv, None, limits, [devnull, devnull, devnull, child.fileno()], {})
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-            os.close(devnull)
+        proc, parent = await launch_worker(spawner, argv, None, limits, None, {})
         parent.setblocking(False)
         try:
             async with asyncio.timeout(timeout_s):

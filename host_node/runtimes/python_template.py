@@ -19,7 +19,7 @@ import time
 
 from host_node.runtimes import protocol
 from host_node.runtimes.errors import FunctionFailed
-from host_node.runtimes.launch import describe, launch
+from host_node.runtimes.launch import describe, launch_worker
 from host_node.runtimes.python import NO_DEPS, WORKER_FD, FunctionCode, PythonInstance
 from host_node.sandbox import seccomp
 from host_node.sandbox.cgroups import Limits
@@ -94,17 +94,7 @@ class Template:
         argv = [view.python, "-I", "-S", f"{view.runtime_dir}/python_worker.py", str(WORKER_FD), handler]
         # no empty argument: the sandbox's launch ends argv at one (hetfaas-waiter.c)
         argv += [view.code_dir, str(max_output), payload_form, view.deps_dir or NO_DEPS, "template"]
-        parent, child = socket.socketpair()
-        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fds = [devnull, log_fd, log_fd, child.fileno()]
-            proc = await launch(spawner, argv, code.code_dir, limits, fds, {}, code.deps_dir)
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-            os.close(devnull)
+        proc, parent = await launch_worker(spawner, argv, code.code_dir, limits, log_fd, {}, code.deps_dir)
         parent.setblocking(False)
         try:
             kind, body, _ = await receive(parent, timeout_s)
