@@ -22,7 +22,9 @@ from typing import Any
 
 import uvloop
 
-from fabric.tracing import BatchExporter, SpanKind, Tracer, file_writer, sampler_from_env
+from fabric.sampling import sampler_from_env
+from fabric.span_export import BatchExporter, file_writer
+from fabric.tracing import SpanKind, Tracer
 
 PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
 VARIANTS = ("none", "dropped", "exported", "exported_on_loop")

@@ -11,9 +11,8 @@ from typing import Any
 import msgspec
 import nats.errors
 
-from cli import function_dir, layers
-from fabric import bus, credentials, telemetry, trace_stream
-from fabric.bundles import digest_of
+from cli import deploying, function_dir, layers
+from fabric import bus, credentials, otel_bridge, telemetry, trace_stream
 from fabric.connection import Connection
 from schemas import codec, subjects
 from schemas.ebpf import (
@@ -47,12 +46,9 @@ from schemas.messages import (
     SetTenant,
     StatusRequest,
     TenantReply,
-    UploadBundle,
 )
 
 CONTROL_TIMEOUT_S = 10.0
-# a bundle's upload: the scheduler tries JetStream again for up to 15 s while it elects a leader
-UPLOAD_TIMEOUT_S = 30.0
 VERIFY_TIMEOUT_S = 30.0  # a verification runs the kernel verifier: seconds, not milliseconds
 VERIFY_WAIT_S = 10.0
 REPLY_GRACE_S = 1.0  # the scheduler answers before the deadline; this covers the trip back
@@ -258,10 +254,14 @@ class Client:
             timeout_ms=timeout_ms,
         )
         started = time.monotonic()
-        traced = None  # with tracing off, no attributes built for nothing
+        traced = parent = None  # with tracing off, no attributes built for nothing
         if telemetry.enabled():
             traced = {"faas.invocation_id": invocation_id, "faas.name": function, "hetfaas.tenant": tenant}
-        with telemetry.span("client.invoke", kind=telemetry.SpanKind.CLIENT, attributes=traced):
+            parent = otel_bridge.api_context()
+        client_span = telemetry.span(
+            "client.invoke", parent=parent, kind=telemetry.SpanKind.CLIENT, attributes=traced, deferrable=True
+        )
+        with client_span as span:
             try:
                 resend = None
                 if 0 < retry_after_ms < timeout_ms:
@@ -288,6 +288,7 @@ class Client:
                     error=Error(code="timeout", message=f"no answer within {timeout_ms} ms"),
                     invocation_id=invocation_id,
                 )
+            telemetry.ended(span, result)
         latency_ms = (time.monotonic() - started) * 1000
         if isinstance(result, ErrorReply):
             return InvokeOutcome(invocation_id, None, result.error, result.node, latency_ms)
@@ -308,7 +309,10 @@ class Client:
         if tenant is not None:
             spec = msgspec.structs.replace(spec, tenant=tenant)
         attributes = {"faas.name": spec.name, "hetfaas.tenant": spec.tenant, "hetfaas.runtime": spec.runtime}
-        with telemetry.span("client.deploy", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
+        parent = otel_bridge.api_context()
+        with telemetry.span(
+            "client.deploy", parent=parent, kind=telemetry.SpanKind.CLIENT, attributes=attributes
+        ):
             program = None
             if spec.runtime == "ebpf":
                 try:
@@ -318,8 +322,13 @@ class Client:
                 program = await self._approve(spec, obj)
             layer_digest = ""
             if spec.python is not None and spec.python.requirements:
-                layer_digest = await self._layer(spec.tenant, spec.python.requirements, progress or _quiet)
-            digest = await self._upload(spec.tenant, bundle)
+                try:
+                    layer_digest = await deploying.layer(
+                        self._control, spec.tenant, spec.python.requirements, progress or _quiet
+                    )
+                except layers.LayerError as exc:
+                    raise ClientError(Error(code="bad_request", message=str(exc))) from None
+            digest = await deploying.upload(self._control, spec.tenant, bundle)
             request = DeployRequest(
                 spec=spec,
                 bundle_digest=digest,
@@ -330,44 +339,6 @@ class Client:
             return await self._control(
                 subjects.control(spec.tenant, subjects.DEPLOY), request, codec.deploy_result, spec.tenant
             )
-
-    async def _layer(self, tenant: str, requirements: list[str], progress: layers.Progress) -> str:
-        """The requirements' layer in the bundle store: built (or taken from the cache), then
-        sent in parts unless the store has it; its digest."""
-        try:
-            layer = await asyncio.to_thread(layers.build, requirements, progress)
-        except layers.LayerError as exc:
-            raise ClientError(Error(code="bad_request", message=str(exc))) from None
-        subject = subjects.control(tenant, subjects.UPLOAD)
-        held = await self._control(subject, UploadBundle(digest=layer.digest), codec.upload_result, tenant)
-        if held.stored:
-            progress(f"layer {layer.digest[:19]} is in the cluster already: reused")
-            return layer.digest
-        pieces = layers.parts(layer.data)
-        for number, piece in enumerate(pieces, 1):
-            await self._upload(tenant, piece, part=True)
-            progress(f"uploading layer {layer.digest[:19]}: part {number} of {len(pieces)}")
-        names = [digest_of(piece) for piece in pieces]
-        whole = UploadBundle(digest=layer.digest, parts=names)
-        await self._control(subject, whole, codec.upload_result, tenant, timeout_s=UPLOAD_TIMEOUT_S)
-        return layer.digest
-
-    async def _upload(self, tenant: str, bundle: bytes, part: bool = False) -> str:
-        """Send the bundle (or a layer's part) to the scheduler unless the store has it already
-        (content-addressed: unchanged code is not sent again)."""
-        digest = digest_of(bundle)
-        subject = subjects.control(tenant, subjects.UPLOAD)
-        asked = UploadBundle(digest=digest, part=part)
-        reply = await self._control(subject, asked, codec.upload_result, tenant)
-        if not reply.stored:
-            await self._control(
-                subject,
-                UploadBundle(digest=digest, data=bundle, part=part),
-                codec.upload_result,
-                tenant,
-                timeout_s=UPLOAD_TIMEOUT_S,
-            )
-        return digest
 
     async def _approve(self, spec: FunctionSpec, obj: bytes) -> ApprovedProgram:
         """Have the verifier check and sign the function's program."""
@@ -394,7 +365,10 @@ class Client:
     async def remove(self, tenant: str, name: str) -> RemoveReply:
         """Take the function out of service (see `RemoveFunction`)."""
         attributes = {"faas.name": name, "hetfaas.tenant": tenant}
-        with telemetry.span("client.remove", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
+        parent = otel_bridge.api_context()
+        with telemetry.span(
+            "client.remove", parent=parent, kind=telemetry.SpanKind.CLIENT, attributes=attributes
+        ):
             request = RemoveFunction(tenant=tenant, name=name)
             return await self._control(  # not sent again: a second copy would say "not deployed"
                 subjects.control(tenant, subjects.REMOVE), request, codec.remove_result, tenant, False
@@ -451,7 +425,10 @@ class Client:
         """Verify (and, for a function, sign) an eBPF object. Waits up to `wait_s` for a verifier
         to answer (one may still be starting)."""
         attributes = {"faas.name": request.function, "hetfaas.tenant": request.tenant}
-        with telemetry.span("client.verify", kind=telemetry.SpanKind.CLIENT, attributes=attributes):
+        parent = otel_bridge.api_context()
+        with telemetry.span(
+            "client.verify", parent=parent, kind=telemetry.SpanKind.CLIENT, attributes=attributes
+        ):
             return await self._verify(request, wait_s)
 
     async def _verify(self, request: VerifyRequest, wait_s: float) -> VerifyReply:

@@ -76,10 +76,13 @@ def _chosen(option: str, variable: str, local: Callable[[launcher.ClusterInfo], 
     return local(info) if info and not os.environ.get("HETFAAS_NATS_URL") else ""
 
 
-def run(coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    """Run one client operation with tracing into the state directory, mapping errors to exit 1."""
+def run(coro_fn: Callable[..., Awaitable[Any]], *args: Any, trace_all: bool = False) -> Any:
+    """Run one client operation with tracing into the state directory, mapping errors to exit 1.
+    `trace_all`: this command's trace is kept whatever the sampler (`invoke --trace`)."""
     state = state_dir()
-    provider = setup_tracing("cli", str(state) if state.is_dir() else None, enabled=True)
+    provider = setup_tracing(
+        "cli", str(state) if state.is_dir() else None, enabled=True, sample_all=trace_all
+    )
 
     async def main() -> Any:
         client = await Client.connect(nats_url(), creds=creds(), ca=ca())

@@ -245,7 +245,8 @@ def invoke(
     else:
         payload = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     outcome = run(
-        lambda c: c.invoke(acting_as(c, tenant), name, payload, timeout_ms, retry_after_ms=retry_after_ms)
+        lambda c: c.invoke(acting_as(c, tenant), name, payload, timeout_ms, retry_after_ms=retry_after_ms),
+        trace_all=show_trace,
     )
     if as_json:
         print_json(render.invoke_json(outcome))

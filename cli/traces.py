@@ -162,6 +162,7 @@ def span_json(span: Span) -> dict:
         "duration_ms": round(span.duration_ms, 3),
         "attributes": span.attributes,
         "error": span.error or None,
+        "events": span.events,  # as exported: OTLP's {name, timeUnixNano, attributes: [KeyValue]}
     }
 
 

@@ -19,7 +19,7 @@ from ebpf_runtime.settings import EbpfRuntimeSettings
 from fabric import bpf, bus, nodes, signing, telemetry
 from fabric.store import Entry, Event, Store, follow_prefix
 from fabric.tasks import TaskSet
-from fabric.tracing import Span
+from fabric.tracing import Span, recording
 from schemas import keys
 from schemas.ebpf import MapDump, MapEntry, MapSpec, MapsReply, MapsRequest
 from schemas.errors import ErrorCode
@@ -133,7 +133,7 @@ class ProgramRuntime:
         self, req: NodeInvoke, span: Span | Any, reply: InvokeReply | ErrorReply
     ) -> InvokeReply | ErrorReply:
         self._metrics.ended(req, reply, span, "dpu")
-        if isinstance(reply, InvokeReply) and reply.cold_start and isinstance(span, Span):
+        if isinstance(reply, InvokeReply) and reply.cold_start and recording(span):
             self._record_load_and_run(span, reply)
         return reply
 

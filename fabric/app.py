@@ -10,10 +10,10 @@ from typing import Protocol, Self
 from fabric import bus, credentials, health, metrics, trace_stream
 from fabric.connection import Connection
 from fabric.fatal import Fatal
+from fabric.span_export import http_writer, protocol_of
 from fabric.store import Store
 from fabric.tasks import TaskSet
 from fabric.telemetry import setup_tracing
-from fabric.tracing import http_writer
 from schemas import subjects
 from schemas.permissions import Role
 
@@ -154,5 +154,5 @@ async def open_metrics(stack: contextlib.AsyncExitStack, name: str, listen: str)
         server = await health.serve(listen)
         stack.callback(server.close)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
-        pusher = metrics.OtlpPusher(name, http_writer("metrics"))
+        pusher = metrics.OtlpPusher(name, http_writer("metrics"), protocol=protocol_of("metrics"))
         stack.callback(pusher.shutdown)

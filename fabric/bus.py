@@ -23,6 +23,7 @@ from fabric.requesting import (
 from fabric.serving import (
     MAX_BACKLOG,
     PASS,
+    TRACE_KEPT,
     Context,
     FastHandler,
     Handler,
@@ -42,6 +43,7 @@ __all__ = [
     "MAX_BACKLOG",
     "NO_RESPONDERS_STATUS",
     "PASS",
+    "TRACE_KEPT",
     "Answer",
     "Context",
     "FastHandler",

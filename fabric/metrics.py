@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from fabric import otlp, otlp_proto
+
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
 Labels = tuple[str, ...]
@@ -162,7 +164,11 @@ class Registry:
                     )
                 else:
                     metrics.append({**base, "gauge": {"dataPoints": points}})
-        resource = {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]}
+        resource = {
+            "attributes": [
+                {"key": k, "value": {"stringValue": v}} for k, v in otlp.resource_attributes(service).items()
+            ]
+        }
         return {
             "resourceMetrics": [
                 {"resource": resource, "scopeMetrics": [{"scope": {"name": "hetfaas"}, "metrics": metrics}]}
@@ -200,9 +206,16 @@ REGISTRY = Registry()  # one per process, like the tracer
 class OtlpPusher:
     """Pushes every OTEL_METRIC_EXPORT_INTERVAL ms (default 60 000) to the OTLP endpoint."""
 
-    def __init__(self, service: str, write: Callable[[bytes], None], registry: Registry = REGISTRY):
+    def __init__(
+        self,
+        service: str,
+        write: Callable[[bytes], None],
+        registry: Registry = REGISTRY,
+        protocol: str = "json",
+    ):
         self._service = service
         self._write = write
+        self._protobuf = protocol == "protobuf"
         self._registry = registry
         self._interval_s = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000")) / 1000
         self._stop = threading.Event()
@@ -215,7 +228,8 @@ class OtlpPusher:
 
     def push(self) -> None:
         try:
-            self._write(_json.encode(self._registry.otlp(self._service)))
+            body = self._registry.otlp(self._service)
+            self._write(otlp_proto.encode_metrics(body) if self._protobuf else _json.encode(body))
         except Exception as exc:  # the collector is down: try again next interval
             log.warning("could not export metrics: %s", exc)
 

@@ -16,7 +16,7 @@ from fabric import bus, metrics, telemetry
 from fabric.connection import Connection
 from fabric.leased import LeasedKey
 from fabric.store import Store
-from fabric.tracing import NoScope, Scope, Span, Unsampled
+from fabric.tracing import Context, NoScope, Scope
 from schemas import codec, keys, subjects, version
 from schemas.errors import RETRIED_ELSEWHERE
 from schemas.messages import (
@@ -86,19 +86,25 @@ def invoke_span(req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any) -
         return telemetry.span("node.invoke")  # the shared no-op: no attributes built for nothing
     attributes = invoke_attributes(req, node_id, extra)
     return telemetry.span(
-        "node.invoke", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
+        "node.invoke",
+        parent=ctx.headers,
+        kind=telemetry.SpanKind.SERVER,
+        attributes=attributes,
+        deferrable=True,
     )
 
 
-def open_invoke_span(
-    req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any
-) -> Span | Unsampled | None:
+def open_invoke_span(req: NodeInvoke, ctx: bus.Context, node_id: str, **extra: Any) -> Context | None:
     """`invoke_span` for an invocation answered by callback: finish it with `telemetry.close_span`."""
     if not telemetry.enabled():
         return None
     attributes = invoke_attributes(req, node_id, extra)
     return telemetry.open_span(
-        "node.invoke", parent=ctx.headers, kind=telemetry.SpanKind.SERVER, attributes=attributes
+        "node.invoke",
+        parent=ctx.headers,
+        kind=telemetry.SpanKind.SERVER,
+        attributes=attributes,
+        deferrable=True,
     )
 
 
@@ -130,9 +136,10 @@ class InvokeMetrics:
         self.coldstarts = registry.counter("faas.coldstarts", "Cold starts", (*labels, "hetfaas.pool_mode"))
 
     def ended(self, req: NodeInvoke, reply: InvokeReply | ErrorReply, span: Any, mode: str) -> None:
-        """An invocation's end in the metrics and on its node span (a Span or a no-op)."""
+        """An invocation's end in the metrics and on its node span (a Span, a deferred one, or a
+        no-op): a cold start or a failure keeps a deferred trace."""
+        telemetry.ended(span, reply)
         if isinstance(reply, ErrorReply):
-            span.set_attribute("hetfaas.error", reply.error.code)
             return
         span.set_attribute("faas.coldstart", reply.cold_start)
         if reply.start_path:
@@ -152,7 +159,7 @@ class InvokeMetrics:
 def answer(req: NodeInvoke, reply: InvokeReply | ErrorReply) -> InvokeReply | ErrorReply | bus.ReplyTo:
     """Straight to the caller when the scheduler asked for it, except refusals it retries elsewhere."""
     if req.reply_to and not (isinstance(reply, ErrorReply) and reply.error.code in RETRIED_ELSEWHERE):
-        return bus.ReplyTo(req.reply_to, reply, batch_ack=req.batch_acks)
+        return bus.ReplyTo(req.reply_to, reply, batch_ack=req.batch_acks, keep_trace=telemetry.keeps(reply))
     return reply
 
 

@@ -6,10 +6,14 @@ against ~16 µs for nested dicts built by helper functions. Ids are hex, enums i
 64-bit integers strings, as the OTLP/JSON mapping says.
 """
 
+import os
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+from fabric import propagation
 
 if TYPE_CHECKING:
     from fabric.tracing import Span as FinishedSpan  # the tracer's own (it imports this module)
@@ -54,6 +58,7 @@ class Span(msgspec.Struct, omit_defaults=True, rename="camel"):
     status: Status
     parent_span_id: str | None = None
     events: list[Event] | None = None
+    trace_state: str | None = None
 
 
 class InstrumentationScope(msgspec.Struct):
@@ -128,6 +133,13 @@ def attributes(items: Mapping[str, Any]) -> list[KeyValue]:
     return out
 
 
+def span_attributes(s: "FinishedSpan") -> Mapping[str, Any]:
+    """A span's attributes, with its trace's baggage entries beside them (never over them)."""
+    if s.carried is None or not s.carried.baggage:
+        return s.attributes
+    return {**propagation.baggage_entries(s.carried.baggage), **s.attributes}
+
+
 def span(s: "FinishedSpan") -> Span:
     encoded = Span(
         f"{s.trace_id:032x}",
@@ -136,20 +148,34 @@ def span(s: "FinishedSpan") -> Span:
         int(s.kind),
         str(s.start_ns),
         str(s.end_ns),
-        attributes(s.attributes),
+        attributes(span_attributes(s)),
         Status(2, s.error) if s.error else _OK,
         f"{s.parent_id:016x}" if s.parent_id else None,
     )
     if s.events:
         encoded.events = [Event(name, str(at), attributes(attrs)) for name, at, attrs in s.events]
+    if s.carried is not None and s.carried.tracestate:
+        encoded.trace_state = s.carried.tracestate
     return encoded
 
 
-def resource(service: str) -> Resource:
-    return Resource(attributes({"service.name": service}))
+def resource_attributes(service: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The process's resource, as OpenTelemetry's environment says: `service.instance.id` is
+    always the service's own name (scheduler-0, host-1, cli); OTEL_RESOURCE_ATTRIBUTES adds to
+    it (`key=value,...`, percent-encoded) and OTEL_SERVICE_NAME, then its `service.name`, name
+    the service (by default the same name)."""
+    found: dict[str, str] = {}
+    for pair in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip():
+            found[urllib.parse.unquote(key.strip())] = urllib.parse.unquote(value.strip())
+    name = environ.get("OTEL_SERVICE_NAME", "").strip() or found.get("service.name") or service
+    return {**found, "service.name": name, "service.instance.id": service}
 
 
-def encode(res: Resource, spans: Iterable["FinishedSpan"]) -> bytes:
+def encode(resource: Mapping[str, str], spans: Iterable["FinishedSpan"]) -> bytes:
     """One ExportTraceServiceRequest, JSON-encoded."""
     scope_spans = ScopeSpans(_SCOPE, [span(s) for s in spans])
-    return _encoder.encode(ExportTraceServiceRequest([ResourceSpans(res, [scope_spans])]))
+    return _encoder.encode(
+        ExportTraceServiceRequest([ResourceSpans(Resource(attributes(resource)), [scope_spans])])
+    )

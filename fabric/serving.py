@@ -46,6 +46,14 @@ class ReplyTo(msgspec.Struct, frozen=True):
     subject: str
     message: msgspec.Struct
     batch_ack: bool = False
+    # The answer keeps the invocation's trace (fabric/sampling.py): the acknowledgement says so
+    # (TRACE_KEPT, alone), so that the requester's deferred spans are kept too.
+    keep_trace: bool = False
+
+
+# An acknowledgement's body when the answer kept the trace: 0xc1 is never used by msgpack, so
+# no reply (and no empty acknowledgement) can look like it.
+TRACE_KEPT = b"\xc1"
 
 
 # A handler returns a reply Struct, bytes already encoded (a relayed reply), a ReplyTo, or None.
@@ -86,6 +94,7 @@ class Traced:
     name: str
     attributes: Callable[[Any], dict[str, Any]]
     ended: Callable[[Any, Any], None] = mark_failed
+    deferrable: bool = False  # an invocation's: its trace may be decided at its end
 
 
 @dataclass(frozen=True)
@@ -233,9 +242,12 @@ class Server:
         """Send a handler's answer: what a fast path that answers later (it returned None) calls."""
         if isinstance(reply, ReplyTo):
             self.nc.publish_now(reply.subject, encode(reply.message))
-            if reply.batch_ack and ctx.reply and self._batch_ack(ctx.reply):
+            if reply.keep_trace:
+                reply = TRACE_KEPT
+            elif reply.batch_ack and ctx.reply and self._batch_ack(ctx.reply):
                 return
-            reply = b""
+            else:
+                reply = b""
         answer(self.nc, reply, ctx)
 
     def _batch_ack(self, reply: str) -> bool:
@@ -299,7 +311,9 @@ async def traced_call(
     """The handler's call in the route's span (what dispatch does when tracing is on)."""
     attributes = traced.attributes(request)
     kind = telemetry.SpanKind.SERVER
-    with telemetry.span(traced.name, parent=ctx.headers, kind=kind, attributes=attributes) as span:
+    with telemetry.span(
+        traced.name, parent=ctx.headers, kind=kind, attributes=attributes, deferrable=traced.deferrable
+    ) as span:
         reply = await handler(request, ctx)
         traced.ended(span, reply)
         return reply

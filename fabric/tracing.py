@@ -4,29 +4,30 @@ The OpenTelemetry SDK costs 50-65 µs of CPU per span here (measured: start, att
 context attach/detach, propagation, batch export); three spans per invocation would cost a warm
 invocation a third of its throughput. This tracer keeps what the platform uses: spans with
 attributes and events, parent/child links within a process (a context variable) and across NATS
-hops (`traceparent`), the OTEL_TRACES_SAMPLER samplers, and batch export on a background thread
-as OTLP/JSON (lines in a file, or OTLP/HTTP), so any OpenTelemetry backend reads its output.
-A span costs a few µs: an object, two clock reads, and its encoding later, off the hot path.
+hops (fabric/propagation.py), the OTEL_TRACES_SAMPLER samplers with the decision for
+invocations made late (fabric/sampling.py), and batch export on a background thread
+(fabric/span_export.py) as OTLP, so any OpenTelemetry backend reads its output.
+A span costs a few µs: an object, two clock reads, and its encoding later, off the hot path; a
+deferred one (a warm invocation's, until its end says whether it is kept) less than one.
 """
 
 import contextvars
 import enum
-import logging
 import os
 import random
-import threading
 import time
-import urllib.parse
-import urllib.request
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from fabric import otlp
+from fabric import propagation
+from fabric.propagation import Carried, Propagators
+from fabric.sampling import DEFER, SAMPLE, Sampler
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from fabric.span_export import BatchExporter
+
 _ids = random.Random(int.from_bytes(os.urandom(16), "little"))
+MAX_PENDING = 64  # children recorded under a deferred span before its decision (a cold start's phases)
 
 
 class SpanKind(enum.IntEnum):
@@ -42,6 +43,7 @@ class SpanKind(enum.IntEnum):
 class Span:
     __slots__ = (
         "attributes",
+        "carried",
         "end_ns",
         "error",
         "events",
@@ -53,6 +55,7 @@ class Span:
         "start_ns",
         "trace_id",
     )
+    deferred = False
 
     def __init__(
         self,
@@ -63,6 +66,7 @@ class Span:
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: dict[str, Any] | None = None,
         start_ns: int | None = None,
+        carried: Carried | None = None,
     ):
         self.trace_id = trace_id
         self.span_id = _ids.getrandbits(64) or 1
@@ -75,6 +79,7 @@ class Span:
         self.events: list[tuple[str, int, Mapping[str, Any]]] = []
         self.sampled = sampled
         self.error = ""
+        self.carried = carried
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.attributes[key] = value
@@ -87,6 +92,9 @@ class Span:
     def set_error(self, message: str) -> None:
         self.error = message
 
+    def keep(self) -> None:
+        """A sampled span is kept anyway (see Deferred.keep)."""
+
     def traceparent(self) -> str:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
@@ -96,6 +104,7 @@ class NoSpan:
 
     __slots__ = ()
     sampled = False
+    deferred = False
 
     def set_attribute(self, key: str, value: Any) -> None:
         pass
@@ -108,202 +117,161 @@ class NoSpan:
     def set_error(self, message: str) -> None:
         pass
 
+    def keep(self) -> None:
+        pass
+
 
 class Unsampled(NoSpan):
     """A span the sampler left out: it carries the trace onward (children and the next hop stay
     unsampled) and records nothing, so an unsampled invocation costs almost nothing."""
 
-    __slots__ = ("span_id", "trace_id")
+    __slots__ = ("carried", "span_id", "trace_id")
     attributes: dict[str, Any] = {}
     start_ns = 0
 
-    def __init__(self, trace_id: int, span_id: int):
+    def __init__(self, trace_id: int, span_id: int, carried: Carried | None = None):
         self.trace_id = trace_id
         self.span_id = span_id  # the parent's: nothing here will ever refer to this span
+        self.carried = carried
 
     def traceparent(self) -> str:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-00"
 
 
+class Deferred:
+    """A span whose trace's decision waits for the invocation's end (fabric/sampling.py): its
+    ids, which the next hop's `traceparent` already names, its start, and what was said of it.
+    Finished unkept, it is forgotten: no Span is built, nothing is encoded. `keep()` (a cold
+    start, a failure) keeps it and the deferred spans above it in this process; finished kept,
+    it becomes the Span it would have been, with the children recorded under it meanwhile."""
+
+    __slots__ = (
+        "attributes",
+        "carried",
+        "end_ns",
+        "error",
+        "kept",
+        "kind",
+        "name",
+        "parent",
+        "parent_id",
+        "pending",
+        "span_id",
+        "start_ns",
+        "trace_id",
+    )
+    sampled = False
+    deferred = True
+
+    def __init__(
+        self,
+        name: str,
+        trace_id: int,
+        parent_id: int,
+        parent: "Deferred | None",
+        kind: SpanKind,
+        attributes: dict[str, Any] | None,
+        start_ns: int | None,
+        carried: Carried | None,
+    ):
+        self.trace_id = trace_id
+        self.span_id = _ids.getrandbits(64) or 1
+        self.parent_id = parent_id
+        self.parent = parent  # the deferred span above it in this process, if any
+        self.name = name
+        self.kind = kind
+        self.start_ns = time.time_ns() if start_ns is None else start_ns
+        self.attributes: dict[str, Any] = attributes if attributes is not None else {}
+        self.carried = carried
+        self.error = ""
+        self.kept: bool = parent is not None and parent.kept
+        self.end_ns = 0
+        # spans finished under it before its decision: recorded children, and deferred ones
+        # that ended first (an attempt before its invocation), exported with it if it is kept
+        self.pending: list[Span | Deferred] | None = None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, at_ns: int | None = None
+    ) -> None:
+        pass  # events come from spans recorded whole (Tracer.record), never a deferred one's own
+
+    def set_error(self, message: str) -> None:
+        self.error = message
+        self.keep()
+
+    def keep(self) -> None:
+        span: Deferred | None = self
+        while span is not None and not span.kept:
+            span.kept = True
+            span = span.parent
+
+    def traceparent(self) -> str:
+        # kept already (an attempt after a failed one): the next hop keeps its part too
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.kept else '00'}"
+
+    def hold(self, child: "Span | Deferred") -> bool:
+        """Keep `child` until this span's decision (False: it holds MAX_PENDING already)."""
+        if self.pending is None:
+            self.pending = []
+        elif len(self.pending) >= MAX_PENDING:
+            return False
+        self.pending.append(child)
+        return True
+
+    def built(self, end_ns: int) -> Span:
+        span = Span(
+            self.name,
+            self.trace_id,
+            self.parent_id,
+            True,
+            self.kind,
+            self.attributes,
+            self.start_ns,
+            self.carried,
+        )
+        span.span_id, span.error, span.end_ns = self.span_id, self.error, end_ns
+        return span
+
+
+Context = Span | Unsampled | Deferred  # what the current span may be
 NO_SPAN = NoSpan()
-_current: contextvars.ContextVar["Span | Unsampled | None"] = contextvars.ContextVar(
-    "hetfaas_span", default=None
-)
+_current: contextvars.ContextVar["Context | None"] = contextvars.ContextVar("hetfaas_span", default=None)
 
 
-def current_context() -> "Span | Unsampled | None":
+def current_context() -> "Context | None":
     """The current span, recording or not: what the next hop's `traceparent` continues."""
     return _current.get()
 
 
-def current_span() -> "Span | None":
-    """The current span if it records (None for none, or an unsampled one)."""
+def current_span() -> "Span | Deferred | None":
+    """The current span if it records or may (None for none, or an unsampled one)."""
     span = _current.get()
-    return span if isinstance(span, Span) else None
+    return None if span is None or type(span) is Unsampled else span  # type: ignore[return-value]
 
 
-def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
-    """(trace id, parent span id, sampled) from a W3C `traceparent`, or None if malformed."""
-    # version(2)-trace id(32)-parent id(16)-flags(2); sliced rather than split: this runs per message
-    if len(value) != 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
-        return None
-    try:
-        trace_id, span_id, flags = int(value[3:35], 16), int(value[36:52], 16), int(value[53:], 16)
-    except ValueError:
-        return None
-    if not trace_id or not span_id:
-        return None
-    return trace_id, span_id, bool(flags & 1)
+def recording(span: object) -> bool:
+    """Whether children recorded under `span` will be exported: it is sampled, or deferred and
+    kept already."""
+    kind = type(span)
+    return kind is Span or (kind is Deferred and span.kept)  # type: ignore[attr-defined]
 
 
-# --- sampling (the OTEL_TRACES_SAMPLER values) -----------------------------------------------
-
-Sampler = Callable[[int, bool | None], bool]  # (trace id, parent's sampled flag or None) -> sample?
-
-
-def sampler_from_env(environ: Mapping[str, str] = os.environ) -> Sampler:
-    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    try:
-        ratio = float(environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
-    except ValueError:
-        ratio = 1.0
-    bound = int(max(0.0, min(ratio, 1.0)) * (1 << 64))
-
-    def by_ratio(trace_id: int) -> bool:
-        return (trace_id & 0xFFFFFFFFFFFFFFFF) < bound
-
-    roots: dict[str, Callable[[int], bool]] = {
-        "always_on": lambda _: True,
-        "always_off": lambda _: False,
-        "traceidratio": by_ratio,
-    }
-    base = name.removeprefix("parentbased_")
-    root = roots.get(base)
-    if root is None:
-        log.warning("unknown OTEL_TRACES_SAMPLER %r: sampling everything", name)
-        root = roots["always_on"]
-    if name.startswith("parentbased_"):
-        return lambda trace_id, parent: root(trace_id) if parent is None else parent
-    return lambda trace_id, parent: root(trace_id)
-
-
-# --- export ------------------------------------------------------------------------------------
-
-
-class BatchExporter:
-    """Finished spans queue here and leave in batches (OTEL_BSP_*) as OTLP/JSON.
-
-    A full batch is encoded by the thread that finished its last span, the service's event
-    loop: handing spans to another thread to encode cost the scheduler ~5 µs more per span
-    (the GIL passed back and forth) than encoding them itself. The background thread writes the
-    encoded batches (a file append or an HTTP POST, which must not block the loop) and, every
-    OTEL_BSP_SCHEDULE_DELAY, encodes and writes what a quiet service left short of a batch."""
-
-    def __init__(self, service: str, write: Callable[[bytes], None], environ: Mapping[str, str] = os.environ):
-        self._resource = otlp.resource(service)
-        self._write = write
-        # 1 s rather than OpenTelemetry's 5 s: `hetfaas invoke --trace` waits for the spans
-        self._delay_s = int(environ.get("OTEL_BSP_SCHEDULE_DELAY", "1000")) / 1000
-        self._max_queue = int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "2048"))
-        self._batch = max(1, int(environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")))
-        self._spans: deque[Span] = deque()
-        self._bodies: deque[tuple[int, bytes]] = deque()  # (spans in it, encoded batch) to write
-        self._wake = threading.Event()
-        self._stopping = False
-        self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name=f"span-export-{service}", daemon=True)
-        self._thread.start()
-
-    def add(self, span: Span) -> None:
-        queued = len(self._spans)
-        if queued >= self._max_queue:
-            self.dropped += 1  # a slow backend must not grow the process without bound
-            return
-        self._spans.append(span)
-        if queued + 1 >= self._batch:
-            self._encode_batch()
-
-    def _encode_batch(self) -> None:
-        """Encode up to a batch of queued spans (here or on the background thread: deque
-        operations are atomic, so each span goes in exactly one batch)."""
-        batch: list[Span] = []
-        try:
-            while len(batch) < self._batch:
-                batch.append(self._spans.popleft())
-        except IndexError:
-            pass
-        if not batch:
-            return
-        if (len(self._bodies) + 1) * self._batch > max(self._max_queue, self._batch):
-            self.dropped += len(batch)  # the writer is behind: bounded, like the span queue
-            return
-        try:
-            self._bodies.append((len(batch), otlp.encode(self._resource, batch)))
-        except Exception as exc:  # a span that cannot be encoded costs its batch, not the service
-            log.warning("could not encode %d spans: %s", len(batch), exc)
-            return
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stopping:
-            self._wake.wait(self._delay_s)
-            self._wake.clear()
-            self._export_all()
-        self._export_all()
-
-    def _export_all(self) -> None:
-        while self._spans:
-            self._encode_batch()
-        while self._bodies:
-            count, body = self._bodies.popleft()
-            try:
-                self._write(body)
-            except Exception as exc:  # backend down, disk full: the spans are lost, the service is not
-                log.warning("could not export %d spans: %s", count, exc)
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-
-def file_writer(path: Path) -> Callable[[bytes], None]:
-    """OTLP-JSON lines: one ExportTraceServiceRequest per line, appended."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(body: bytes) -> None:
-        with open(path, "ab") as out:
-            out.write(body + b"\n")
-
-    return write
-
-
-def http_writer(signal: str = "traces", environ: Mapping[str, str] = os.environ) -> Callable[[bytes], None]:
-    """OTLP/HTTP with the JSON encoding, to OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT or
-    OTEL_EXPORTER_OTLP_ENDPOINT + /v1/<signal>, with OTEL_EXPORTER_OTLP_HEADERS."""
-    url = environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or (
-        environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + f"/v1/{signal}"
-    )
-    headers = {"Content-Type": "application/json"}
-    for pair in filter(None, environ.get("OTEL_EXPORTER_OTLP_HEADERS", "").split(",")):
-        key, _, value = pair.partition("=")
-        headers[key.strip()] = urllib.parse.unquote(value.strip())
-    timeout_s = int(environ.get("OTEL_EXPORTER_OTLP_TIMEOUT", "10000")) / 1000
-
-    def write(body: bytes) -> None:
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read()
-
-    return write
+def headers(span: Context, using: Propagators) -> dict[str, str]:
+    """The NATS headers that continue `span`'s trace on the next hop."""
+    undecided = type(span) is Deferred and not span.kept
+    return propagation.inject(span.traceparent(), undecided, span.carried, using)
 
 
 class Tracer:
     """One per process: starts spans, finishes them into the exporter."""
 
-    def __init__(self, exporter: BatchExporter, sampler: Sampler):
+    def __init__(self, exporter: "BatchExporter", sampler: Sampler, using: Propagators | None = None):
         self.exporter = exporter
         self._sample = sampler
+        self.propagators = using or propagation.propagators_from_env()
 
     def start(
         self,
@@ -312,45 +280,83 @@ class Tracer:
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: dict[str, Any] | None = None,
         start_ns: int | None = None,
-    ) -> "Span | Unsampled":
-        """A span under `parent` (incoming `traceparent` headers), else under the current span,
-        else a new trace."""
-        remote = parse_traceparent(parent["traceparent"]) if parent and "traceparent" in parent else None
+        deferrable: bool = False,
+    ) -> Context:
+        """A span under `parent` (incoming headers), else under the current span, else a new
+        trace. `deferrable`: an invocation's, whose decision may wait for its outcome."""
+        remote = propagation.extract(parent, self.propagators) if parent else None
+        local: Context | None = None
         if remote is not None:
-            trace_id, parent_id, parent_sampled = remote
-            sampled = self._sample(trace_id, parent_sampled)
+            trace_id, parent_id, carried = remote.trace_id, remote.span_id, remote.carried
+            decision = self._sample(trace_id, remote.decision, deferrable)
         elif (local := _current.get()) is not None:
-            trace_id, parent_id, sampled = local.trace_id, local.span_id, local.sampled
+            trace_id, parent_id, carried = local.trace_id, local.span_id, local.carried
+            decision = SAMPLE if local.sampled else DEFER if local.deferred else 0
         else:
-            trace_id, parent_id = _ids.getrandbits(128) or 1, 0
-            sampled = self._sample(trace_id, None)
-        if not sampled:
-            return Unsampled(trace_id, parent_id or _ids.getrandbits(64) or 1)
-        return Span(name, trace_id, parent_id, sampled, kind, attributes, start_ns)
+            trace_id, parent_id, carried = _ids.getrandbits(128) or 1, 0, None
+            decision = self._sample(trace_id, None, deferrable)
+        if decision == SAMPLE:
+            return Span(name, trace_id, parent_id, True, kind, attributes, start_ns, carried)
+        if decision == DEFER:
+            above = local if type(local) is Deferred else None
+            return Deferred(name, trace_id, parent_id, above, kind, attributes, start_ns, carried)
+        return Unsampled(trace_id, parent_id or _ids.getrandbits(64) or 1, carried)
 
-    def finish(self, span: "Span | Unsampled", end_ns: int | None = None) -> None:
-        if isinstance(span, Span):
+    def finish(self, span: Context, end_ns: int | None = None) -> None:
+        if type(span) is Span:
             span.end_ns = time.time_ns() if end_ns is None else end_ns
             self.exporter.add(span)
+        elif type(span) is Deferred:
+            span.end_ns = time.time_ns() if end_ns is None else end_ns
+            if span.kept:
+                self._export_kept(span)
+            elif span.parent is not None and not span.parent.end_ns:
+                span.parent.hold(span)  # decided with its parent, which is still open
+            # else: forgotten, and nothing was built
+
+    def _export_kept(self, span: Deferred) -> None:
+        self.exporter.add(span.built(span.end_ns))
+        pending, span.pending = span.pending or [], None
+        for child in pending:
+            if type(child) is Deferred:
+                self._export_kept(child)
+            else:
+                self.exporter.add(child)  # type: ignore[arg-type]
 
     def record(
         self,
         name: str,
-        parent: Span,
+        parent: Span | Deferred,
         start_ns: int,
         end_ns: int,
         attributes: dict[str, Any] | None = None,
         events: Sequence[tuple[str, int, Mapping[str, Any]]] | None = None,
-    ) -> Span:
+    ) -> Span | None:
         """A finished child of `parent` for something already timed (a phase of a cold start),
-        with `events` (name, time, attributes) already known."""
+        with `events` (name, time, attributes) already known. Under a deferred parent it waits
+        for the parent's decision (None: the parent has MAX_PENDING waiting already)."""
         child = Span(
-            name, parent.trace_id, parent.span_id, parent.sampled, SpanKind.INTERNAL, attributes, start_ns
+            name,
+            parent.trace_id,
+            parent.span_id,
+            True,
+            SpanKind.INTERNAL,
+            attributes,
+            start_ns,
+            parent.carried,
         )
         if events:
             child.events.extend(events)
-        self.finish(child, end_ns)
-        return child
+        child.end_ns = end_ns
+        return child if self.add_child(parent, child) else None
+
+    def add_child(self, parent: Span | Deferred, child: Span) -> bool:
+        """Export a finished child of `parent`, or hold it for a deferred parent's decision
+        (False: held too many already, dropped)."""
+        if type(parent) is Deferred and not parent.kept:
+            return parent.hold(child)
+        self.exporter.add(child)
+        return True
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
@@ -361,17 +367,17 @@ class Scope:
 
     __slots__ = ("_token", "_tracer", "span")
 
-    def __init__(self, tracer: Tracer, span: "Span | Unsampled"):
+    def __init__(self, tracer: Tracer, span: Context):
         self._tracer = tracer
         self.span = span
 
-    def __enter__(self) -> "Span | Unsampled":
+    def __enter__(self) -> Context:
         self._token = _current.set(self.span)
         return self.span
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         _current.reset(self._token)
-        if exc is not None and isinstance(self.span, Span) and not self.span.error:
+        if exc is not None and not getattr(self.span, "error", "x"):
             self.span.set_error(f"{type(exc).__name__}: {exc}")
         self._tracer.finish(self.span)
 
@@ -382,10 +388,10 @@ class Within:
 
     __slots__ = ("_token", "span")
 
-    def __init__(self, span: "Span | Unsampled | None"):
+    def __init__(self, span: "Context | None"):
         self.span = span
 
-    def __enter__(self) -> "Span | Unsampled | None":
+    def __enter__(self) -> "Context | None":
         self._token = _current.set(self.span)
         return self.span
 

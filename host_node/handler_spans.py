@@ -11,7 +11,7 @@ import logging
 import msgspec
 
 from fabric import telemetry
-from fabric.tracing import Span
+from fabric.tracing import Deferred, Span
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class HandlerSpan(msgspec.Struct, frozen=True, kw_only=True):
 _decoder = msgspec.json.Decoder(list[HandlerSpan])
 
 
-def record(node_span: Span, body: bytes) -> int:
+def record(node_span: Span | Deferred, body: bytes) -> int:
     """Export the batch's spans that belong under `node_span`; how many were."""
     try:
         spans = _decoder.decode(body)[:MAX_SPANS]

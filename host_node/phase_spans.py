@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from fabric import telemetry
-from fabric.tracing import Span
+from fabric.tracing import Deferred, Span
 from host_node.kernel_probe import KernelProbe
 from schemas.messages import InvokeReply
 
@@ -75,18 +75,20 @@ def _ns(ms: float) -> int:
     return round(ms * MS)
 
 
-def record_phases(span: Span, reply: InvokeReply, runtime: str) -> Span | None:
+def record_phases(span: Span | Deferred, reply: InvokeReply, runtime: str) -> Span | Deferred | None:
     """The start's phases as children of the node's span (slot, sandbox, exec, init, handler);
     returns the span the kernel's part of the start belongs under (None: no process started)."""
     laid_out = layout(reply.phases_ms, span.start_ns, time.time_ns(), reply.cold_start, runtime)
-    parents: dict[str, Span | None] = {"": span}
+    parents: dict[str, Span | Deferred | None] = {"": span}
     for phase in laid_out:
         parent = parents.get(phase.parent) or span
         parents[phase.name] = telemetry.record(phase.name, phase.start_ns, phase.end_ns, parent=parent)
     return parents.get("node.cold_start") or (parents.get("node.handler") if runtime == "exec" else None)
 
 
-async def record_kernel(probe: KernelProbe, node_id: str, start: Span, node_span: Span) -> None:
+async def record_kernel(
+    probe: KernelProbe, node_id: str, start: Span | Deferred, node_span: Span | Deferred
+) -> None:
     """The kernel's events for this start (fork, exec, cgroup attach, the slot's mkdir), as a
     `kernel` span under it with one event per tracepoint hit, at the kernel's timestamps."""
     pid, slot = node_span.attributes.get("hetfaas.host_pid"), node_span.attributes.get("hetfaas.slot", "")

@@ -13,7 +13,7 @@ from ebpf_runtime.programs import ProgramRuntime
 from fabric import bus, nodes, telemetry
 from fabric.bundles import BundleError
 from fabric.tasks import TaskSet
-from fabric.tracing import NO_SPAN, Span
+from fabric.tracing import NO_SPAN, recording
 from host_node import function_logs, phase_spans
 from host_node.bundle_cache import BundleCache
 from host_node.cpu_runtime import CpuRuntime, ms_since
@@ -191,7 +191,7 @@ class HostNode:
     def _observe(self, req: NodeInvoke, reply: InvokeReply | ErrorReply, span: Any) -> None:
         """Metrics, and the node span's attributes (with a start's phases under it)."""
         self._metrics.ended(req, reply, span, self.settings.sandbox.mode)
-        if isinstance(reply, InvokeReply) and isinstance(span, Span) and span.sampled:
+        if isinstance(reply, InvokeReply) and recording(span):
             start = phase_spans.record_phases(span, reply, req.spec.runtime)
             if start is not None and self._probe is not None:
                 kernel = phase_spans.record_kernel(self._probe, self.settings.node_id, start, span)

@@ -23,7 +23,7 @@ from typing import Any
 
 from fabric import bus
 from fabric.tasks import TaskSet
-from fabric.tracing import Span, Unsampled
+from fabric.tracing import Context, Deferred, Span
 from host_node import handler_spans
 from host_node.cpu_runtime import CpuRuntime, ms_since, run_budget
 from host_node.runtimes.errors import FunctionFailed
@@ -78,7 +78,7 @@ class WarmCall:
         key: str,
         code: FunctionCode,
         answer: "asyncio.Future[InvokeReply | ErrorReply]",
-        span: Span | Unsampled | None,
+        span: Context | None,
     ):
         self.req, self.ctx, self.key, self.code = req, ctx, key, code
         self.answer = answer  # what copies of the invocation wait for (nodes.Once)
@@ -159,7 +159,7 @@ class WarmCalls:
             return
         try:
             assert call.instance is not None
-            if (spans := call.instance.take_spans()) and isinstance(call.span, Span):
+            if (spans := call.instance.take_spans()) and isinstance(call.span, Span | Deferred):
                 handler_spans.record(call.span, spans)
             self._runtime.give_back(call.req, call.key, call.code, call.instance)
             call.instance = None  # given back: it may serve another call already

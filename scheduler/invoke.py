@@ -13,7 +13,7 @@ import msgspec
 from fabric import bus, telemetry
 from fabric.connection import Connection
 from fabric.tasks import TaskSet
-from fabric.tracing import Span, Within
+from fabric.tracing import Unsampled, Within
 from scheduler import framework, keepalive, plugins, shares
 from scheduler.gate import CAPACITY, AdmissionGate
 from scheduler.settings import SchedulerSettings
@@ -75,10 +75,24 @@ def invoke_attributes(req: InvokeRequest) -> dict[str, Any]:
     return {
         "faas.invocation_id": req.invocation_id,
         "faas.name": req.function,
-        "faas.trigger": req.trigger,
+        "faas.trigger": trigger_of(req),
         "hetfaas.tenant": req.tenant,
         "hetfaas.attempt": req.attempt,
     }
+
+
+FAAS_TRIGGERS = frozenset({"datasource", "http", "pubsub", "timer", "other"})  # the semantic conventions
+
+
+def trigger_of(req: InvokeRequest) -> str:
+    """The caller's trigger if the conventions name it, else "other" (a caller's word, bounded)."""
+    return req.trigger if req.trigger in FAAS_TRIGGERS else "other"
+
+
+def recording_or_deferred(span: object) -> bool:
+    """Whether a span may be exported (sampled, or deferred: kept if the node starts cold),
+    so that its attempt is worth the placement's explanation."""
+    return span is not None and not isinstance(span, Unsampled)
 
 
 def attempt_attributes(node_id: str, attempt: int, why: "str | Explanation") -> dict[str, Any]:
@@ -122,10 +136,10 @@ class Invoker:
         if telemetry.enabled():
             attributes = invoke_attributes(req)
             span = telemetry.open_span(
-                "scheduler.invoke", parent=ctx.headers, kind=SERVER, attributes=attributes
+                "scheduler.invoke", parent=ctx.headers, kind=SERVER, attributes=attributes, deferrable=True
             )
         key, now = warm_key(record), time.monotonic()
-        decision, _ = self._place(req, record, key, set(), now, explain=isinstance(span, Span))
+        decision, _ = self._place(req, record, key, set(), now, explain=recording_or_deferred(span))
         if not isinstance(decision, framework.Placed):
             return False  # the span was never finished: nothing of it is exported
         deadline = ctx.received_at + (req.timeout_ms - self.settings.reply_margin_ms) / 1000
@@ -165,6 +179,8 @@ class Invoker:
             self._finish(flight, error_reply("internal", why_not, flight.req.invocation_id))
 
     def _answered(self, flight: Flight, node_id: str, span: Any, outcome: bytes | BaseException) -> None:
+        if outcome == bus.TRACE_KEPT and span is not None:
+            span.keep()
         try:
             reply = self._outcome(node_id, flight.key, flight.req.invocation_id, outcome)
         except TryElsewhere as exc:
@@ -205,6 +221,7 @@ class Invoker:
         if flight.span is not None:
             if isinstance(reply, ErrorReply):
                 flight.span.set_attribute("hetfaas.error", reply.error.code)
+                flight.span.keep()
             telemetry.close_span(flight.span)
 
     def is_resent(self, req: InvokeRequest, reply: str) -> bool:
@@ -217,6 +234,17 @@ class Invoker:
             return False
         self.counters.resent += 1
         return True
+
+    def _removed_meanwhile(self, req: InvokeRequest, record: FunctionRecord) -> ErrorReply | None:
+        """not_found for an invocation whose function was removed while it waited its turn: a
+        removed function runs nothing more. (Known by the view: the record it was admitted
+        with was in the view, and the view no longer has the function.)"""
+        current = self._view.functions.get((req.tenant, req.function))
+        removed = (req.tenant, req.function, record.deployed_at)
+        if current is not None or removed not in self._view.removed_deployments:
+            return None
+        why = f"function {req.function!r} was removed while the invocation waited its turn"
+        return error_reply("not_found", why, req.invocation_id)
 
     def _stop_handling(self, invocation_id: str, reply: str) -> None:
         if self._handling.get(invocation_id) == reply:
@@ -235,6 +263,9 @@ class Invoker:
             admitted = await self.gate.admit(req, record, deadline, ctx)
             if admitted != "admitted":
                 return None if admitted == "handed_over" else admitted
+            if (removed := self._removed_meanwhile(req, record)) is not None:
+                self.gate.leave((req.tenant, req.function))
+                return removed
             try:
                 wait_until = self.gate.wait_until(ctx, deadline)
                 return await self._place_and_forward(req, record, deadline, wait_until, ctx.reply)
@@ -275,6 +306,8 @@ class Invoker:
             if isinstance(choice, ErrorReply):
                 return choice
             if choice is None:
+                if (removed := self._removed_meanwhile(req, record)) is not None:
+                    return removed
                 continue  # waited for room: look again
             node_id, why_here = choice
             attempts.tried.add(node_id)
@@ -311,7 +344,7 @@ class Invoker:
             batch_acks=True,
             keep_alive_ms=keep_alive[0],
             prewarm_after_ms=keep_alive[1],
-            trigger=req.trigger,
+            trigger=trigger_of(req),
             deployed_at=record.deployed_at,
         )
 
@@ -407,6 +440,8 @@ class Invoker:
         except BaseException:
             self._release_node(node_id, key)
             raise
+        if outcome == bus.TRACE_KEPT:
+            telemetry.keep_current()  # the attempt's span, and the invocation's above it
         return self._outcome(node_id, key, message.invocation_id, outcome)
 
     def _release_node(self, node_id: str, key: str) -> None:
@@ -433,6 +468,9 @@ class Invoker:
             )
         if isinstance(outcome, BaseException):
             raise outcome
+        if outcome == bus.TRACE_KEPT:  # the node answered the caller, and kept the trace
+            self._view.ran(node_id, key)
+            return None
         if is_error_reply(outcome):
             result = codec.invoke_result.decode(outcome)
             if result.error.code in RETRIED_ELSEWHERE:

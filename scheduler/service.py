@@ -46,12 +46,14 @@ ROOM_REFRESH_S = 0.1  # how often the room tenants keep for their recent use is 
 
 
 def _note_error_code(span: Any, reply: ErrorReply | bytes | None) -> None:
-    """An invocation's error is an attribute of the scheduler's span (the outcome is the node's)."""
+    """An invocation's error is an attribute of the scheduler's span (the outcome is the node's),
+    and keeps its trace."""
     if isinstance(reply, ErrorReply):
         span.set_attribute("hetfaas.error", reply.error.code)
+        span.keep()
 
 
-INVOKE_SPAN = bus.Traced("scheduler.invoke", invoke_attributes, _note_error_code)
+INVOKE_SPAN = bus.Traced("scheduler.invoke", invoke_attributes, _note_error_code, deferrable=True)
 
 
 class Scheduler:

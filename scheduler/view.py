@@ -4,6 +4,7 @@ The shell feeds it etcd watch events and heartbeats; placement reads immutable s
 (`snapshot()`). Time is passed in.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from scheduler import snapshot
@@ -56,6 +57,7 @@ class NodeView:
 # watch event, so this holds only nodes starting at once; a flood of unknown ids (300 000 grew
 # a replica by 346 MB when this was unbounded) evicts the oldest.
 MAX_EARLY_HEARTBEATS = 256
+MAX_REMOVED_REMEMBERED = 4096  # removed deployments remembered for invocations still queued
 
 
 class ClusterView:
@@ -63,6 +65,9 @@ class ClusterView:
         self.nodes: dict[str, NodeView] = {}
         self.cordoned: frozenset[str] = frozenset()  # drained by an operator: placed on no more
         self.functions: dict[tuple[str, str], FunctionRecord] = {}
+        # deployments removed lately (tenant, name, deployed_at): invocations still queued for
+        # one are answered not_found, not run (Invoker._removed_meanwhile)
+        self.removed_deployments: OrderedDict[tuple[str, str, float], None] = OrderedDict()
         # Heartbeats of nodes not registered now: not seen yet (etcd's watch lags NATS), or
         # whose registration lapsed (`remove_node`).
         self._early_heartbeats: dict[str, tuple[Heartbeat, float]] = {}
@@ -190,10 +195,17 @@ class ClusterView:
         self.functions[(record.spec.tenant, record.spec.name)] = record
 
     def remove_function(self, tenant: str, name: str) -> None:
-        self.functions.pop((tenant, name), None)
+        record = self.functions.pop((tenant, name), None)
+        if record is not None:
+            self.removed_deployments[(tenant, name, record.deployed_at)] = None
+            if len(self.removed_deployments) > MAX_REMOVED_REMEMBERED:
+                self.removed_deployments.popitem(last=False)
 
     def reset_functions(self, records: list[FunctionRecord]) -> None:
-        self.functions = {(r.spec.tenant, r.spec.name): r for r in records}
+        fresh = {(r.spec.tenant, r.spec.name): r for r in records}
+        for gone in self.functions.keys() - fresh.keys():
+            self.remove_function(*gone)
+        self.functions = fresh
 
     def explain_no_node(self, now: float, stale_after_s: float) -> str:
         """Why placement found nothing, for the error message a user sees."""

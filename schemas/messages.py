@@ -168,7 +168,9 @@ class InvokeRequest(msgspec.Struct, frozen=True, kw_only=True, tag="invoke"):
     function: str
     payload: bytes = b""
     timeout_ms: int = 30_000  # the caller's whole deadline, measured from when the scheduler receives it
-    trigger: str = "cli"
+    # what invoked it, as OpenTelemetry's faas.trigger names it (datasource, http, pubsub,
+    # timer, other); anything else is traced as "other"
+    trigger: str = "other"
     # > 1: the caller sent this invocation before and heard nothing (its scheduler may have died);
     # the scheduler first asks the nodes whether one of them has it already.
     attempt: int = 1

@@ -17,7 +17,16 @@ from host_node.sandbox.cgroups import Limits
 from host_node.spawner import Process, Spawner, death_of
 from schemas.messages import NodeInvoke
 
-Traced = tracing.Span | tracing.Unsampled | None  # the invocation's span on this node, if any
+Traced = tracing.Context | None  # the invocation's span on this node, if any
+
+
+def handler_traceparent(span: Traced) -> str:
+    """The handler's parent: the node's span. A deferred one is given as sampled, so that the
+    handler's own spans are recorded and sent; the node keeps them only if it keeps its span."""
+    if span is None:
+        return ""
+    parent = span.traceparent()
+    return parent[:-2] + "01" if type(span) is tracing.Deferred else parent
 
 
 class FunctionCode(NamedTuple):
@@ -279,7 +288,7 @@ class PythonInstance:
         if not self.wants_context:
             self._channel.send(protocol.frame(protocol.INVOKE, seq + req.payload), seq)
             return
-        context = context_line(req, cold_start, timeout_s, span.traceparent() if span is not None else "")
+        context = context_line(req, cold_start, timeout_s, handler_traceparent(span))
         self._channel.send(protocol.frame(protocol.INVOKE_WITH_CONTEXT, seq + context + req.payload), seq)
 
     async def invoke(self, req: NodeInvoke, timeout_s: float, cold_start: bool = False) -> bytes:

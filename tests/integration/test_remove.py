@@ -80,3 +80,33 @@ async def test_removing_checks_the_name_and_the_function(client: Client, tenant:
         invalid.value.error.code == "bad_request" and "'not a name' must match" in invalid.value.error.message
     )
     assert unknown.value.error.code == "not_found" and "'never-deployed'" in unknown.value.error.message
+
+
+async def test_an_invocation_queued_at_removal_is_answered_not_found_not_run(
+    client: Client, harness: Connection, tenant: str, tmp_path
+) -> None:
+    """One at a time (max_concurrency = 1): the second waits in the scheduler's queue while the
+    first runs, and the function is removed meanwhile."""
+    manifest = MANIFEST + "max_concurrency = 1\ntimeout_ms = 10000\n"
+    slower = SLOW.replace("time.sleep(2)", "time.sleep(4)")  # past a replica beat or two (queued)
+    await client.deploy(make_function(tmp_path, "single", manifest, {"main.py": slower}), tenant=tenant)
+    forwarded: list[bytes] = []
+    watch = await harness.subscribe_inline(subjects.node_invoke("*"), lambda *a: forwarded.append(a))
+    running = asyncio.create_task(client.invoke(tenant, "single", b"", timeout_ms=20_000))
+    assert await wait_until(lambda: len(forwarded) == 1)
+    queued = asyncio.create_task(client.invoke(tenant, "single", b"", timeout_ms=20_000, retry_after_ms=0))
+
+    async def waiting() -> bool:
+        return sum(beat.queued for beat in (await client.status()).replicas) == 1
+
+    deadline = asyncio.get_running_loop().time() + 3.5
+    while not await waiting():
+        assert asyncio.get_running_loop().time() < deadline, "the second invocation never queued"
+    await client.remove(tenant, "single")
+    first, second = await running, await queued
+    await watch.unsubscribe()
+
+    assert first.ok, first.error
+    assert second.error is not None and second.error.code == "not_found", second
+    assert "removed while the invocation waited" in second.error.message
+    assert len(forwarded) == 1, "the queued invocation was never sent to a node"

@@ -1,6 +1,7 @@
 """One trace per invocation across processes, exported as OTLP-JSON lines into the state directory."""
 
 import asyncio
+import base64
 import http.server
 import json
 import os
@@ -9,11 +10,15 @@ import threading
 import time
 import tomllib
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cli.client import Client, InvokeOutcome
 from deploy import launcher
+from fabric import telemetry
 from tests.integration.conftest import EXAMPLES, start_cluster, wait_for_nodes
 from tests.integration.test_cli import HETFAAS, hetfaas
 
@@ -102,7 +107,7 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
     assert attempt["attrs"]["hetfaas.node"] == result["node"] and attempt["attrs"]["hetfaas.attempt"] == "1"
     assert "warm" in attempt["attrs"]["hetfaas.placement"], "the attempt says why this node"
     assert node["attrs"]["faas.coldstart"] is True and node["attrs"]["faas.name"] == "hello"
-    assert node["attrs"]["faas.trigger"] == "cli" and node["attrs"]["hetfaas.pool_mode"]
+    assert node["attrs"]["faas.trigger"] == "other" and node["attrs"]["hetfaas.pool_mode"]
     assert node["attrs"]["hetfaas.start_path"] == path
     assert {"hetfaas.shard", "hetfaas.slot_reused", "hetfaas.prewarmed"} <= set(node["attrs"])
 
@@ -124,9 +129,13 @@ def test_a_cold_start_is_one_trace_with_every_phase_parented_across_processes(
 
 
 def test_a_warm_invocation_has_no_start_phases(cluster: launcher.ClusterInfo, tenant: str) -> None:
+    """Sampled by its caller (a warm success is otherwise kept at the ratio), every hop follows."""
     hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
     hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant)
-    warm = json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
+    sampled = {"OTEL_TRACES_SAMPLER": "always_on"}
+    warm = json.loads(
+        hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json", env=sampled).stdout
+    )
     trace = trace_of(cluster.state_dir, warm["invocation_id"], HOPS)
 
     node = next(s for s in trace if s["name"] == "node.invoke")
@@ -243,6 +252,10 @@ def test_a_cold_start_carries_the_kernels_events(
     exec_at = int(events["kernel.sched_process_exec"]["timeUnixNano"])
     assert int(node["startTimeUnixNano"]) <= exec_at <= int(node["endTimeUnixNano"]), "kernel time lines up"
 
+    as_json = json.loads(hetfaas(cluster.state_dir, "trace", result["invocation_id"], "--json").stdout)
+    shown = {e["name"]: e for e in next(s for s in as_json if s["name"] == "kernel")["events"]}
+    assert shown["kernel.sched_process_exec"] == events["kernel.sched_process_exec"], "OTLP's shape"
+
 
 def scrape(state_dir: str, service: str) -> str:
     """The service's Prometheus endpoint, as the launcher configured it."""
@@ -279,12 +292,21 @@ def test_every_service_serves_prometheus_metrics(cluster: launcher.ClusterInfo, 
 
 
 class Collector(http.server.BaseHTTPRequestHandler):
-    """A stand-in OTLP/HTTP collector: keeps what each path received."""
+    """A stand-in OTLP/HTTP collector: keeps what each path received, decoded as its Content-Type
+    says (protobuf with OpenTelemetry's own messages, turned into OTLP/JSON's shape), and the
+    headers it came with."""
 
     received: dict[str, list[dict]] = {}
+    headers_seen: list[Any] = []  # each request's headers (case-insensitive, as HTTP's are)
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        data = self.rfile.read(int(self.headers["Content-Length"]))
+        Collector.headers_seen.append(self.headers)
+        if self.headers["Content-Type"] == "application/x-protobuf":
+            body = decode_protobuf(self.path, data)
+        else:
+            assert self.headers["Content-Type"] == "application/json"
+            body = json.loads(data)
         Collector.received.setdefault(self.path, []).append(body)
         self.send_response(200)
         self.end_headers()
@@ -293,37 +315,138 @@ class Collector(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_with_an_otlp_endpoint_spans_and_metrics_go_there(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    threading.Thread(target=collector.serve_forever, daemon=True).start()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}")
+def decode_protobuf(path: str, data: bytes) -> dict:
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    message = ExportTraceServiceRequest() if path == "/v1/traces" else ExportMetricsServiceRequest()
+    message.ParseFromString(data)
+    body = json_format.MessageToDict(message)
+    for rs in body.get("resourceSpans", []):  # ids: base64 in protobuf's JSON, hex in OTLP's
+        for span in (span for ss in rs["scopeSpans"] for span in ss["spans"]):
+            for key in ("traceId", "spanId", "parentSpanId"):
+                if key in span:
+                    span[key] = base64.b64decode(span[key]).hex()
+    return body
+
+
+@pytest.fixture
+def collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[http.server.ThreadingHTTPServer]:
+    Collector.received, Collector.headers_seen = {}, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "300")
+    yield server
+    server.shutdown()
+
+
+def wait_for_collector(invocation_id: str) -> None:
+    deadline = time.monotonic() + 10
+    while not ({"/v1/traces", "/v1/metrics"} <= set(Collector.received) and node_spans(invocation_id)):
+        assert time.monotonic() < deadline, (invocation_id, sorted(Collector.received))
+        time.sleep(0.1)
+
+
+def metric_names() -> set[str]:
+    return {
+        m["name"]
+        for body in Collector.received["/v1/metrics"]
+        for rm in body["resourceMetrics"]
+        for sm in rm["scopeMetrics"]
+        for m in sm.get("metrics", [])
+    }
+
+
+def test_with_an_otlp_endpoint_spans_and_metrics_go_there_as_json_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, collector: http.server.ThreadingHTTPServer
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
     info = start_cluster(tmp_path / "state", hosts=1)
     try:
         asyncio.run(wait_for_nodes(info, 1))
         hetfaas(info.state_dir, "deploy", str(EXAMPLES / "hello-python"))
         invoked = json.loads(hetfaas(info.state_dir, "invoke", "hello", "--json").stdout)
-        deadline = time.monotonic() + 10
-        while not (
-            {"/v1/traces", "/v1/metrics"} <= set(Collector.received) and node_spans(invoked["invocation_id"])
-        ):
-            assert time.monotonic() < deadline, (invoked, sorted(Collector.received))
-            time.sleep(0.1)
+        wait_for_collector(invoked["invocation_id"])
     finally:
         launcher.stop(info)
-        collector.shutdown()
 
     assert not list((tmp_path / "state" / "traces").glob("*.jsonl")), "nothing went to files"
-    names = {
-        m["name"]
-        for body in Collector.received["/v1/metrics"]
-        for rm in body["resourceMetrics"]
-        for sm in rm["scopeMetrics"]
-        for m in sm["metrics"]
+    assert {h["Content-Type"] for h in Collector.headers_seen} == {"application/json"}
+    assert {"faas.invoke_duration", "faas.coldstarts"} <= metric_names()
+
+
+def test_over_http_protobuf_a_collector_sees_the_resource_headers_baggage_and_the_callers_span(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, collector: http.server.ThreadingHTTPServer
+) -> None:
+    """The collector's default protocol, by default. A program using the OpenTelemetry API calls
+    the client library inside its own span, with baggage: the invocation's spans are children of
+    that span, and every hop's spans carry the baggage as attributes."""
+    from opentelemetry import baggage, context, trace
+
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=ci,team=faas%2Cplatform")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20s3cret,x-tenant=ci")
+    info = start_cluster(tmp_path / "state", hosts=1)
+    theirs = trace.SpanContext(
+        trace_id=0x5B8AA5A2D2C872E8321CF37308D69DF2,
+        span_id=0x051581BF3CB55C13,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    try:
+        asyncio.run(wait_for_nodes(info, 1))
+        hetfaas(info.state_dir, "deploy", str(EXAMPLES / "hello-python"))
+        ctx = baggage.set_baggage(
+            "user.id", "u-42", trace.set_span_in_context(trace.NonRecordingSpan(theirs))
+        )
+        token = context.attach(ctx)
+        try:
+            invoked = asyncio.run(invoke_as_a_library(info))
+        finally:
+            context.detach(token)
+        wait_for_collector(invoked.invocation_id)
+    finally:
+        launcher.stop(info)
+
+    assert {h["Content-Type"] for h in Collector.headers_seen} == {"application/x-protobuf"}
+    assert all(
+        h["authorization"] == "Bearer s3cret" and h["x-tenant"] == "ci" for h in Collector.headers_seen
+    )
+    spans = {
+        (span["name"], service): (span, resource)
+        for body in Collector.received["/v1/traces"]
+        for rs in body["resourceSpans"]
+        for resource in [{a["key"]: a["value"]["stringValue"] for a in rs["resource"]["attributes"]}]
+        for service in [resource["service.name"]]
+        for ss in rs["scopeSpans"]
+        for span in ss["spans"]
+        if span["traceId"] == f"{theirs.trace_id:032x}"
     }
-    assert {"faas.invoke_duration", "faas.coldstarts"} <= names
+    client, _ = spans[("client.invoke", "library-user")]
+    _, node_resource = spans[("node.invoke", "host-1")]
+    assert client["parentSpanId"] == f"{theirs.span_id:016x}", "the invocation hangs off the caller's span"
+    assert node_resource["deployment.environment"] == "ci" and node_resource["team"] == "faas,platform"
+    assert node_resource["service.instance.id"] == "host-1"
+    for span, _ in spans.values():
+        attrs = {a["key"]: a["value"].get("stringValue") for a in span["attributes"]}
+        assert attrs.get("user.id") == "u-42", span["name"]
+    assert {("scheduler.invoke", "scheduler-0"), ("scheduler.attempt", "scheduler-0")} <= set(spans)
+    assert {"faas.invoke_duration", "faas.coldstarts"} <= metric_names()
+
+
+async def invoke_as_a_library(info: launcher.ClusterInfo) -> InvokeOutcome:
+    telemetry.setup_tracing("library-user", None, True)
+    try:
+        client = await Client.connect(info.nats_url, "library-user", creds=info.nats_creds, ca=info.nats_ca)
+        try:
+            outcome = await client.invoke("default", "hello", b"Ada")
+        finally:
+            await client.close()
+    finally:
+        telemetry.stop_tracing()
+    assert outcome.ok, outcome.error
+    return outcome
 
 
 def node_spans(invocation_id: str) -> list[dict]:

@@ -4,16 +4,10 @@ import json
 import threading
 
 from fabric import otlp
-from fabric.tracing import (
-    BatchExporter,
-    Scope,
-    Span,
-    Tracer,
-    Unsampled,
-    current_context,
-    parse_traceparent,
-    sampler_from_env,
-)
+from fabric.propagation import parse_traceparent
+from fabric.sampling import DEFER, DROP, SAMPLE, sampler_from_env
+from fabric.span_export import BatchExporter
+from fabric.tracing import Scope, Span, Tracer, Unsampled, current_context
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -77,8 +71,8 @@ def test_errors_end_the_span_in_error() -> None:
 
 
 def test_unsampled_spans_record_nothing_and_carry_the_decision_on() -> None:
-    t, written = tracer("parentbased_traceidratio", "0")
-    root = t.start("root")
+    t, written = tracer("parentbased_always_off")
+    root = t.start("root", deferrable=True)
     assert isinstance(root, Unsampled) and root.traceparent().endswith("-00")
     with Scope(t, root):
         child = t.start("child")
@@ -93,10 +87,16 @@ def test_unsampled_spans_record_nothing_and_carry_the_decision_on() -> None:
 def test_samplers() -> None:
     always_off = sampler_from_env({"OTEL_TRACES_SAMPLER": "always_off"})
     ratio = sampler_from_env({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"})
-    assert always_off(123, True) is False
-    assert ratio(1, None) is True and ratio((1 << 64) - 1, None) is False
-    assert ratio(1, False) is True, "not parent-based: the parent's flag does not count"
-    assert sampler_from_env({"OTEL_TRACES_SAMPLER": "nonsense"})(5, False) is True
+    assert always_off(123, SAMPLE, True) == DROP and always_off(123, None, True) == DROP
+    assert ratio(1, None, False) == SAMPLE and ratio((1 << 64) - 1, None, False) == SAMPLE, (
+        "a control request's trace (not deferrable) is always kept"
+    )
+    assert ratio((1 << 64) - 1, None, True) == DEFER, "an invocation the ratio leaves out waits for its end"
+    assert ratio(1, DROP, True) == SAMPLE, "not parent-based: the parent's flag does not count"
+    default = sampler_from_env({})
+    assert default((1 << 64) - 1, None, True) == DEFER and default(1, None, True) == SAMPLE
+    assert default(1, DROP, True) == DROP and default(1, DEFER, True) == DEFER, "parent-based by default"
+    assert sampler_from_env({"OTEL_TRACES_SAMPLER": "nonsense"})(1, None, True) == SAMPLE
 
 
 def test_attribute_values_are_encoded_as_otlp_json_says() -> None:
@@ -118,7 +118,12 @@ def test_attribute_values_are_encoded_as_otlp_json_says() -> None:
         "o": {"stringValue": "None"},
     }
     resource = written[0]["resourceSpans"][0]["resource"]
-    assert resource == {"attributes": [{"key": "service.name", "value": {"stringValue": "svc"}}]}
+    assert resource == {
+        "attributes": [
+            {"key": "service.name", "value": {"stringValue": "svc"}},
+            {"key": "service.instance.id", "value": {"stringValue": "svc"}},
+        ]
+    }
 
 
 def test_repeated_attributes_keep_their_types() -> None:
