@@ -262,37 +262,39 @@ class Client:
             "client.invoke", parent=parent, kind=telemetry.SpanKind.CLIENT, attributes=traced, deferrable=True
         )
         with client_span as span:
-            try:
-                resend = None
-                if 0 < retry_after_ms < timeout_ms:
-                    resend = bus.Resend(retry_after_ms / 1000, lambda n: _copy(request, n, started))
-                data = await _while_no_scheduler(
-                    lambda: requester.request(
-                        subjects.invoke(tenant, function),
-                        codec.encode(request),
-                        timeout_ms / 1000 + REPLY_GRACE_S,
-                        telemetry.trace_headers(),
-                        "scheduler",
-                        resend,
-                    ),
-                    started + min(timeout_ms / 1000, NO_SCHEDULER_PATIENCE_S),
-                )
-                result = codec.invoke_result.decode(data)
-            except bus.NoResponders:
-                result = ErrorReply(
-                    error=Error(code="unavailable", message="no scheduler is running"),
-                    invocation_id=invocation_id,
-                )
-            except bus.RequestTimeout:
-                result = ErrorReply(
-                    error=Error(code="timeout", message=f"no answer within {timeout_ms} ms"),
-                    invocation_id=invocation_id,
-                )
+            result = await self._send_invoke(requester, request, retry_after_ms, started)
             telemetry.ended(span, result)
         latency_ms = (time.monotonic() - started) * 1000
         if isinstance(result, ErrorReply):
             return InvokeOutcome(invocation_id, None, result.error, result.node, latency_ms)
         return InvokeOutcome(invocation_id, result, None, result.node, latency_ms)
+
+    async def _send_invoke(
+        self, requester: bus.Requester, request: InvokeRequest, retry_after_ms: int, started: float
+    ) -> InvokeReply | ErrorReply:
+        """The answer, or the error the caller hears when none comes (no scheduler, no answer in time)."""
+        timeout_ms = request.timeout_ms
+        try:
+            resend = None
+            if 0 < retry_after_ms < timeout_ms:
+                resend = bus.Resend(retry_after_ms / 1000, lambda n: _copy(request, n, started))
+            data = await _while_no_scheduler(
+                lambda: requester.request(
+                    subjects.invoke(request.tenant, request.function),
+                    codec.encode(request),
+                    timeout_ms / 1000 + REPLY_GRACE_S,
+                    telemetry.trace_headers(),
+                    "scheduler",
+                    resend,
+                ),
+                started + min(timeout_ms / 1000, NO_SCHEDULER_PATIENCE_S),
+            )
+            return codec.invoke_result.decode(data)
+        except bus.NoResponders:
+            why = Error(code="unavailable", message="no scheduler is running")
+        except bus.RequestTimeout:
+            why = Error(code="timeout", message=f"no answer within {timeout_ms} ms")
+        return ErrorReply(error=why, invocation_id=request.invocation_id)
 
     async def deploy(
         self, path: Path, tenant: str | None = None, progress: layers.Progress | None = None

@@ -11,6 +11,8 @@ from schemas.messages import (
     Heartbeat,
     InvokeReply,
     NodeInvoke,
+    RecentReply,
+    RecentRequest,
     error_reply,
 )
 
@@ -34,8 +36,12 @@ class DpuNode:
             ),
             bus.Route(subjects.node_maps(self.node_id), codec.maps_request, self.on_maps),
             bus.Route(subjects.node_drain(self.node_id), codec.drain_node, self.on_drain),
+            bus.Route(subjects.node_recent(self.node_id), codec.recent_request, self.on_recent),
             self.once.route(),
         ]
+
+    async def on_recent(self, req: RecentRequest, ctx: bus.Context) -> RecentReply:
+        return RecentReply(invocations=self.runtime.recent.of(req.tenant, req.function))
 
     async def on_drain(self, req: DrainNode, ctx: bus.Context) -> DrainReply:
         """Drained: the schedulers place nothing more here; its loaded programs stay (a program

@@ -71,7 +71,8 @@ class ProgramRuntime:
         self._tenant_running: defaultdict[str, int] = defaultdict(int)
         self.tenant_runs: defaultdict[str, int] = defaultdict(int)  # accounted per tenant
         self.inflight = 0
-        self._metrics = nodes.InvokeMetrics()
+        self._metrics = nodes.InvokeMetrics(node_id)
+        self.recent = self._metrics.recent  # `hetfaas describe`
 
     def partition(self) -> Partition:
         return partition_of(self.settings)
@@ -111,7 +112,7 @@ class ProgramRuntime:
 
     async def traced_invoke(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply:
         """`invoke` in the invocation's trace: on a first use, the program's load and its run."""
-        with nodes.invoke_span(req, ctx, self.node_id, **{"hetfaas.program": req.program_digest}) as span:
+        with nodes.invoke_span(req, ctx, self.node_id, **self._span_attributes(req)) as span:
             return self._observed(req, span, await self.invoke(req, ctx.received_at))
 
     def run_now(self, req: NodeInvoke, ctx: bus.Context) -> InvokeReply | ErrorReply | None:
@@ -123,11 +124,16 @@ class ProgramRuntime:
         program = self.loaded.get((req.spec.tenant, req.spec.name, req.program_digest))
         if program is None:
             return None
-        with nodes.invoke_span(req, ctx, self.node_id, **{"hetfaas.program": req.program_digest}) as span:
+        with nodes.invoke_span(req, ctx, self.node_id, **self._span_attributes(req)) as span:
             busy = self._tenant_busy(req)
             # No yield from here to its end: it holds its core (and its tenant's slot) meanwhile.
             reply = busy if busy is not None else self._ran(req, program, False, 0.0, ctx.received_at)
             return self._observed(req, span, reply)
+
+    def _span_attributes(self, req: NodeInvoke) -> dict[str, str]:
+        """faas.instance: the program as this node loaded it (its instance, shared by every call)."""
+        digest = req.program_digest
+        return {"hetfaas.program": digest, "faas.instance": f"{self.node_id}/{digest}"}
 
     def _observed(
         self, req: NodeInvoke, span: Span | Any, reply: InvokeReply | ErrorReply

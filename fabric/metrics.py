@@ -23,8 +23,22 @@ log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
 Labels = tuple[str, ...]
 
-# Milliseconds, from a warm call's fraction of a millisecond to a slow cold start.
-DURATION_BOUNDS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+# Seconds, from a warm call's fraction of a millisecond to a slow cold start.
+DURATION_BOUNDS_S = (
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)  # fmt: skip
+# The unit's word in a Prometheus name, as OpenTelemetry's Prometheus exporters write it.
+UNIT_SUFFIXES = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": ""}
+# Label sets one instrument keeps (OpenTelemetry's default cardinality limit): names come from
+# tenants' deployments, so past it values add up under one set whose labels all say OVERFLOW.
+MAX_SERIES = 2000
+OVERFLOW = "_overflow"
+
+
+def _bounded(values: dict, labels: Labels) -> Labels:
+    if labels in values or len(values) < MAX_SERIES:
+        return labels
+    return (OVERFLOW,) * len(labels)
 
 
 @dataclass
@@ -36,7 +50,10 @@ class Counter:
     values: dict[Labels, float] = field(default_factory=dict)
 
     def add(self, labels: Labels, amount: float = 1.0) -> None:
-        self.values[labels] = self.values.get(labels, 0.0) + amount
+        values = self.values
+        if labels not in values:
+            labels = _bounded(values, labels)
+        values[labels] = values.get(labels, 0.0) + amount
 
 
 @dataclass
@@ -44,16 +61,19 @@ class Histogram:
     name: str
     description: str
     label_names: tuple[str, ...]
-    unit: str = "ms"
-    bounds: tuple[float, ...] = DURATION_BOUNDS_MS
+    unit: str = "s"
+    bounds: tuple[float, ...] = DURATION_BOUNDS_S
     buckets: dict[Labels, list[int]] = field(default_factory=dict)  # per bound, and one past the last
     sums: dict[Labels, float] = field(default_factory=dict)
 
     def record(self, labels: Labels, value: float) -> None:
         counts = self.buckets.get(labels)
         if counts is None:
-            counts = self.buckets[labels] = [0] * (len(self.bounds) + 1)
-            self.sums[labels] = 0.0
+            labels = _bounded(self.buckets, labels)
+            counts = self.buckets.get(labels)
+            if counts is None:
+                counts = self.buckets[labels] = [0] * (len(self.bounds) + 1)
+                self.sums[labels] = 0.0
         counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sums[labels] += value
 
@@ -79,9 +99,14 @@ class Registry:
         return self._add(Counter(name, description, label_names, unit))
 
     def histogram(
-        self, name: str, description: str, label_names: tuple[str, ...], unit: str = "ms"
+        self,
+        name: str,
+        description: str,
+        label_names: tuple[str, ...],
+        unit: str = "s",
+        bounds: tuple[float, ...] = DURATION_BOUNDS_S,
     ) -> Histogram:
-        return self._add(Histogram(name, description, label_names, unit))
+        return self._add(Histogram(name, description, label_names, unit, bounds))
 
     def gauge(
         self,
@@ -90,8 +115,9 @@ class Registry:
         label_names: tuple[str, ...],
         read: Callable[[], Mapping[Labels, float]],
         monotonic: bool = False,
+        unit: str = "1",
     ) -> Gauge:
-        return self._add(Gauge(name, description, label_names, read, monotonic=monotonic))
+        return self._add(Gauge(name, description, label_names, read, unit, monotonic))
 
     def _add(self, instrument: Any) -> Any:
         existing = self.instruments.get(instrument.name)
@@ -105,12 +131,11 @@ class Registry:
     def prometheus(self) -> str:
         lines: list[str] = []
         for inst in self.instruments.values():
-            name = inst.name.replace(".", "_")
+            name = prometheus_name(inst)
             if isinstance(inst, Counter):
                 lines += [f"# HELP {name}_total {inst.description}", f"# TYPE {name}_total counter"]
                 lines += [f"{name}_total{_labels(inst.label_names, k)} {v:g}" for k, v in inst.values.items()]
             elif isinstance(inst, Histogram):
-                name = f"{name}_{inst.unit}" if inst.unit != "1" else name
                 lines += [f"# HELP {name} {inst.description}", f"# TYPE {name} histogram"]
                 for k, counts in inst.buckets.items():
                     running = 0
@@ -174,6 +199,14 @@ class Registry:
                 {"resource": resource, "scopeMetrics": [{"scope": {"name": "hetfaas"}, "metrics": metrics}]}
             ]
         }
+
+
+def prometheus_name(inst: Counter | Histogram | Gauge) -> str:
+    """The name before any `_total`: dots as underscores, then the unit's word (an unknown unit,
+    such as "{invocation}", adds none)."""
+    name = inst.name.replace(".", "_")
+    suffix = UNIT_SUFFIXES.get(inst.unit, "")
+    return f"{name}_{suffix}" if suffix and not name.endswith(f"_{suffix}") else name
 
 
 def _read(gauge: Gauge) -> Mapping[Labels, float]:

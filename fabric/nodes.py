@@ -15,6 +15,7 @@ import nats
 from fabric import bus, metrics, telemetry
 from fabric.connection import Connection
 from fabric.leased import LeasedKey
+from fabric.recent import RecentInvocations
 from fabric.store import Store
 from fabric.tracing import Context, NoScope, Scope
 from schemas import codec, keys, subjects, version
@@ -112,7 +113,6 @@ def invoke_attributes(req: NodeInvoke, node_id: str, extra: dict[str, Any]) -> d
     return {
         "faas.invocation_id": req.invocation_id,
         "faas.name": req.spec.name,
-        "faas.instance": node_id,
         "faas.trigger": req.trigger,
         "hetfaas.tenant": req.spec.tenant,
         "hetfaas.attempt": req.attempt,
@@ -121,9 +121,10 @@ def invoke_attributes(req: NodeInvoke, node_id: str, extra: dict[str, Any]) -> d
 
 
 class InvokeMetrics:
-    """faas.invoke_duration, faas.init_duration and faas.coldstarts, as every node kind records them."""
+    """The OpenTelemetry FaaS metrics every node kind records (seconds, per function), and each
+    function's recent invocations for `hetfaas describe`."""
 
-    def __init__(self, registry: metrics.Registry = metrics.REGISTRY):
+    def __init__(self, node_id: str = "", registry: metrics.Registry = metrics.REGISTRY):
         labels = ("faas.name", "hetfaas.tenant")
         self.duration = registry.histogram(
             "faas.invoke_duration", "Time on the node, from receipt to answer", (*labels, "faas.coldstart")
@@ -133,13 +134,35 @@ class InvokeMetrics:
             "A cold start's getting ready (instance or program)",
             (*labels, "hetfaas.pool_mode"),
         )
-        self.coldstarts = registry.counter("faas.coldstarts", "Cold starts", (*labels, "hetfaas.pool_mode"))
+        self.coldstarts = registry.counter(
+            "faas.coldstarts", "Cold starts", (*labels, "hetfaas.pool_mode"), unit="{coldstart}"
+        )
+        self.invocations = registry.counter(
+            "faas.invocations", "Invocations answered, whatever their outcome", labels, unit="{invocation}"
+        )
+        self.errors = registry.counter(
+            "faas.errors",
+            "Invocations answered with an error, by its code",
+            (*labels, "error.type"),
+            "{error}",
+        )
+        self.timeouts = registry.counter(
+            "faas.timeouts", "Invocations that ran out of time", labels, unit="{timeout}"
+        )
+        self.recent = RecentInvocations(node_id)
 
     def ended(self, req: NodeInvoke, reply: InvokeReply | ErrorReply, span: Any, mode: str) -> None:
         """An invocation's end in the metrics and on its node span (a Span, a deferred one, or a
         no-op): a cold start or a failure keeps a deferred trace."""
         telemetry.ended(span, reply)
+        labels = (req.spec.name, req.spec.tenant)
+        self.invocations.add(labels)
+        self.recent.add(req, reply)
         if isinstance(reply, ErrorReply):
+            code = reply.error.code
+            self.errors.add((*labels, code))
+            if code == "timeout":
+                self.timeouts.add(labels)
             return
         span.set_attribute("faas.coldstart", reply.cold_start)
         if reply.start_path:
@@ -149,11 +172,13 @@ class InvokeMetrics:
 
     def observe(self, req: NodeInvoke, reply: InvokeReply, mode: str, init_ms: float | None) -> None:
         name, tenant = req.spec.name, req.spec.tenant
-        self.duration.record((name, tenant, "true" if reply.cold_start else "false"), reply.duration_ms)
+        self.duration.record(
+            (name, tenant, "true" if reply.cold_start else "false"), reply.duration_ms / 1000
+        )
         if reply.cold_start:
             self.coldstarts.add((name, tenant, mode))
             if init_ms is not None:
-                self.init.record((name, tenant, mode), init_ms)
+                self.init.record((name, tenant, mode), init_ms / 1000)
 
 
 def answer(req: NodeInvoke, reply: InvokeReply | ErrorReply) -> InvokeReply | ErrorReply | bus.ReplyTo:

@@ -7,6 +7,7 @@ for functions whose next call is predictably far off, to stop it now and start a
 (prewarm) just before that call is due. Without a word from the scheduler `keep_alive_s` holds."""
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ from host_node.settings import HostNodeSettings
 from host_node.spawner import Spawner
 from host_node.stem_cells import StemCells
 from host_node.templates import Templates
+from host_node.usage import FunctionUsage
 from host_node.warm import WarmInstances
 from schemas.messages import FunctionSpec, NodeInvoke, function_of, instance_key
 
@@ -66,6 +68,8 @@ class CpuRuntime:
         self._removed = Removals()  # an instance running or starting then stops once free
         self.draining = False  # `hetfaas node drain`: instances stop when free, none is prewarmed
         self.prewarmed = 0  # instances started ahead of a predicted invocation
+        self._instance_numbers = itertools.count(1)
+        self.usage = FunctionUsage()  # CPU and memory per function, read when metrics are collected
         idle = settings.sandbox.limits_for(settings.sandbox.idle_memory_mb)
         self.quiet = quiet or Quiet()  # background starts wait while invocations run
         self.stems = StemCells(spawner, idle, settings.python_stem_cells, self.quiet)
@@ -123,6 +127,8 @@ class CpuRuntime:
             key, self.instance_limit(spec), start, deadline - acquire_started
         )
         phases["acquire_ms"] = ms_since(acquire_started)
+        if (span := telemetry.current()) is not None:
+            span.set_attribute("faas.instance", instance.instance_id)
         if cold:
             phases["runtime_init_ms"] = instance.init_ms
         handler_started = time.monotonic()
@@ -154,6 +160,9 @@ class CpuRuntime:
                 instance = await self._start_instance(key, spec, code, deadline, phases, log_fd)
             finally:
                 os.close(log_fd)
+            instance.instance_id = f"{self.settings.node_id}/python-{next(self._instance_numbers)}"
+            self.usage.track((spec.name, spec.tenant), instance.process)
+            instance.before_kill = partial(self.usage.read, instance.process)
             if instance.start_path != START_TEMPLATE_FORK:  # the function ran here: its later starts fork
                 self.templates.want(key, partial(self._start_template, spec, code))
             return instance

@@ -37,6 +37,8 @@ from schemas.messages import (
     LogsRequest,
     NodeInvoke,
     NodeLogs,
+    RecentReply,
+    RecentRequest,
     error_reply,
 )
 
@@ -67,8 +69,9 @@ class HostNode:
         self.programs = programs  # set when this host takes eBPF functions too
         self.once = nodes.Once(settings.node_id)
         self.inflight = 0
-        self._metrics = nodes.InvokeMetrics()
+        self._metrics = nodes.InvokeMetrics(settings.node_id)
         spawner_gauges(spawner)
+        self.runtime.usage.register()
 
     def routes(self) -> list[bus.Route]:
         node_id = self.settings.node_id
@@ -82,6 +85,7 @@ class HostNode:
             ),
             bus.Route(subjects.node_logs(node_id), codec.logs_request, self.on_logs),
             bus.Route(subjects.node_drain(node_id), codec.drain_node, self.on_drain),
+            bus.Route(subjects.node_recent(node_id), codec.recent_request, self.on_recent),
         ]
         if self.programs is not None:
             routes.append(bus.Route(subjects.node_maps(node_id), codec.maps_request, self.on_maps))
@@ -97,6 +101,13 @@ class HostNode:
         if not lines:
             return LogsReply(logs=[])
         return LogsReply(logs=[NodeLogs(node=self.settings.node_id, lines=lines, truncated=truncated)])
+
+    async def on_recent(self, req: RecentRequest, ctx: bus.Context) -> RecentReply:
+        """The function's last invocations here (an eBPF function's too, on a host that runs them)."""
+        found = self._metrics.recent.of(req.tenant, req.function)
+        if self.programs is not None:
+            found = sorted(found + self.programs.recent.of(req.tenant, req.function), key=lambda r: r.at)
+        return RecentReply(invocations=found)
 
     async def on_drain(self, req: DrainNode, ctx: bus.Context) -> DrainReply:
         """Drained (the schedulers place nothing more here): release the warm instances now, and

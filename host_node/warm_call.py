@@ -144,6 +144,8 @@ class WarmCalls:
         now = call.handler_started = time.monotonic()
         call.phases["acquire_ms"] = round((now - call.ctx.received_at) * 1000, 3)
         call.timeout_s = run_budget(call.req, call.deadline, now)
+        if call.span is not None:
+            call.span.set_attribute("faas.instance", instance.instance_id)
         try:
             instance.call(call.req, call.timeout_s, partial(self._called, call), call.span)
         except ConnectionError as exc:  # it died while idle

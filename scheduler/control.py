@@ -15,6 +15,7 @@ from fabric.bundles import BundleError, BundleStore, digest_of
 from fabric.connection import Connection
 from fabric.store import STORE_ERRORS, Store
 from scheduler import state
+from scheduler.describe import describe
 from scheduler.layers import LayerAssembly, LayerRefused
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView
@@ -25,6 +26,8 @@ from schemas.messages import (
     ApprovedProgram,
     DeployReply,
     DeployRequest,
+    DescribeReply,
+    DescribeRequest,
     DrainNode,
     DrainReply,
     ErrorReply,
@@ -91,6 +94,7 @@ class Control:
             (subjects.LOGS, codec.logs_request, self.on_logs, lambda r: r.tenant, None),
             (subjects.LIST_FUNCTIONS, codec.list_functions, self.on_list, lambda r: r.tenant, None),
             (subjects.MAPS, codec.maps_request, self.on_maps, lambda r: r.tenant, None),
+            (subjects.DESCRIBE, codec.describe_request, self.on_describe, lambda r: r.tenant, None),
         ]
         routes = [
             bus.Route(
@@ -286,6 +290,24 @@ class Control:
         if not found and (req.tenant, req.function) not in self._view.functions:
             return not_deployed(req.tenant, req.function)
         return LogsReply(logs=found)
+
+    async def on_describe(self, req: DescribeRequest, ctx: bus.Context) -> DescribeReply | ErrorReply:
+        """The function's record and revision, where it is warm, and what it ran lately."""
+        if problems := name_problems(tenant=req.tenant, function=req.function):
+            return error_reply("bad_request", "; ".join(problems))
+        record = self._view.functions.get((req.tenant, req.function))
+        if record is None:
+            try:
+                record = await state.read_function(self._store, req.tenant, req.function)
+            except STORE_ERRORS:
+                return error_reply(
+                    "unavailable", f"function {req.function!r} is unknown here and etcd is unreachable"
+                )
+        if record is None:
+            return not_deployed(req.tenant, req.function)
+        ebpf_function = record.spec.runtime == "ebpf"
+        nodes = self._healthy(lambda n: n.record.runs_ebpf if ebpf_function else n.record.kind == "host")
+        return await describe(req, record, self._view, self._store, sorted(nodes), self._ask_node)
 
     async def on_drain(self, req: DrainNode, ctx: bus.Context) -> DrainReply | ErrorReply:
         """Cordon a node in etcd (every replica follows the cordons: nothing more is placed on it)

@@ -16,6 +16,7 @@ from fabric.tasks import TaskSet
 from fabric.tracing import Unsampled, Within
 from scheduler import framework, keepalive, plugins, shares
 from scheduler.gate import CAPACITY, AdmissionGate
+from scheduler.metrics import SchedulerMetrics
 from scheduler.settings import SchedulerSettings
 from scheduler.view import ClusterView, warm_key
 from scheduler.where_is import REPLICA_PREFIX, SILENT, where_is
@@ -119,6 +120,7 @@ class Invoker:
         self._profile = plugins.profile(settings.placement)
         self.gate = AdmissionGate(settings, nc, replicas, tenant_limit, tenant_weight)
         self.counters = self.gate.counters
+        self.metrics = SchedulerMetrics()
         # invocation id -> the reply subject of the copy this replica is handling
         self._handling: dict[str, str] = {}
         self.arrivals = keepalive.ArrivalBook(settings.keep_alive)
@@ -146,6 +148,7 @@ class Invoker:
         flight = Flight(req, record, ctx, key, deadline, self._keep_alive(req, record), span)
         self._handling[req.invocation_id] = ctx.reply  # from here on, `_finish` undoes these
         self.gate.enter((req.tenant, req.function))
+        self.metrics.admitted(req.tenant, now - ctx.received_at)
         self._send_first(flight, decision.node_id, Explanation(decision), now)
         return True
 
@@ -217,6 +220,7 @@ class Invoker:
         req = flight.req
         self.gate.leave((req.tenant, req.function))
         self._stop_handling(req.invocation_id, flight.ctx.reply)
+        self.metrics.answered(reply)
         bus.answer(self._nc, reply, flight.ctx)
         if flight.span is not None:
             if isinstance(reply, ErrorReply):
@@ -263,6 +267,7 @@ class Invoker:
             admitted = await self.gate.admit(req, record, deadline, ctx)
             if admitted != "admitted":
                 return None if admitted == "handed_over" else admitted
+            self.metrics.admitted(req.tenant, time.monotonic() - ctx.received_at)
             if (removed := self._removed_meanwhile(req, record)) is not None:
                 self.gate.leave((req.tenant, req.function))
                 return removed

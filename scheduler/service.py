@@ -187,6 +187,11 @@ class Scheduler:
         return None if record is not None and self.invoker.try_now(req, record, ctx) else bus.PASS
 
     async def on_invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
+        reply = await self._invoke(req, ctx)
+        self.invoker.metrics.answered(reply)
+        return reply
+
+    async def _invoke(self, req: InvokeRequest, ctx: bus.Context) -> ErrorReply | bytes | None:
         problem = self._check_invoke(req, ctx.subject)
         if problem:
             return error_reply("bad_request", problem, req.invocation_id)

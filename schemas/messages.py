@@ -336,6 +336,44 @@ class LogsReply(msgspec.Struct, frozen=True, kw_only=True, tag="logs_reply"):
     logs: list[NodeLogs]  # the nodes holding any, by node id
 
 
+class RecentInvocation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One invocation as the node that answered it remembers it (fabric/recent.py)."""
+
+    invocation_id: str
+    node: str
+    at: float  # unix seconds, when it was answered
+    cold_start: bool = False
+    duration_ms: float | None = None  # None: it failed
+    error: str = ""  # the error's code
+    message: str = ""  # its message, cut to 200 characters
+
+
+class RecentRequest(msgspec.Struct, frozen=True, kw_only=True, tag="recent"):
+    """Scheduler -> node: a function's last invocations there (`node_recent`)."""
+
+    tenant: str
+    function: str
+
+
+class RecentReply(msgspec.Struct, frozen=True, kw_only=True, tag="recent_reply"):
+    invocations: list[RecentInvocation]  # oldest first
+
+
+class DescribeRequest(msgspec.Struct, frozen=True, kw_only=True, tag="describe"):
+    """Client -> scheduler: one function in full (`hetfaas describe`)."""
+
+    tenant: str
+    function: str
+
+
+class DescribeReply(msgspec.Struct, frozen=True, kw_only=True, tag="describe_reply"):
+    function: FunctionRecord
+    revision: int  # etcd's revision of its record (0: not known, etcd unreachable)
+    warm: dict[str, int]  # node id -> its idle warm instances (a DPU: the program, loaded)
+    recent: list[RecentInvocation]  # every node's, newest first
+    unanswered: list[str] = []  # nodes that did not say what they ran
+
+
 class ListFunctions(msgspec.Struct, frozen=True, kw_only=True, tag="list_functions"):
     tenant: str | None = None
 

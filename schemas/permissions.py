@@ -112,6 +112,7 @@ def _scheduler(
         pub=(
             subjects.node_invoke("*"),
             subjects.node_logs("*"),
+            subjects.node_recent("*"),
             subjects.node_maps("*"),
             subjects.node_drain("*"),
             subjects.WHERE_IS,

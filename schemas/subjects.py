@@ -19,7 +19,8 @@ REMOVE = "remove"
 LOGS = "logs"
 LIST_FUNCTIONS = "functions"
 MAPS = "maps"
-CONTROL_VERBS = (DEPLOY, UPLOAD, REMOVE, LOGS, LIST_FUNCTIONS, MAPS)
+DESCRIBE = "describe"
+CONTROL_VERBS = (DEPLOY, UPLOAD, REMOVE, LOGS, LIST_FUNCTIONS, MAPS, DESCRIBE)
 # The operator's requests: cluster-wide, published only with operator credentials.
 STATUS = "hetfaas.admin.status"
 REVOKE = "hetfaas.admin.revoke"
@@ -136,6 +137,11 @@ def node_maps(node_id: str) -> str:
 
 def node_logs(node_id: str) -> str:
     return f"hetfaas.node.{node_id}.logs"
+
+
+def node_recent(node_id: str) -> str:
+    """A function's last invocations on the node (`hetfaas describe`)."""
+    return f"hetfaas.node.{node_id}.recent"
 
 
 def node_drain(node_id: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fabric import bus, signing, telemetry
+from fabric import bus, metrics, signing, telemetry
 from schemas import codec, subjects
 from schemas.ebpf import PROG_TYPES, Attestation, VerifyReply, VerifyRequest
 from schemas.manifest import NAME_RE
@@ -42,6 +42,7 @@ class Verifier:
             proven_cpu_budget_s=settings.proven_cpu_budget_s,
             modes=tuple(settings.modes),
         )
+        self.metrics = VerifierMetrics()
 
     def routes(self) -> list[bus.Route]:
         traced = bus.Traced("verifier.verify", _verify_attributes, _verified)
@@ -57,6 +58,12 @@ class Verifier:
         ]
 
     async def on_verify(self, req: VerifyRequest, ctx: bus.Context) -> VerifyReply | ErrorReply:
+        started = time.monotonic()
+        reply = await self._verify(req, ctx)
+        self.metrics.verdict(reply, time.monotonic() - started)
+        return reply
+
+    async def _verify(self, req: VerifyRequest, ctx: bus.Context) -> VerifyReply | ErrorReply:
         """Verify, and sign for the tenant whose subject it came on (NATS let only that tenant,
         or the operator, publish there): never for a tenant named only in the body."""
         asker = subjects.parse_verify(ctx.subject)
@@ -120,6 +127,33 @@ class Verifier:
             kernel_types=reply.kernel_types,
         )
         return msgspec.structs.replace(reply, signed=attestation.sign(approved, self._key))
+
+
+class VerifierMetrics:
+    """Verdicts (accepted, rejected with the first reason's code, or refused unread with the
+    error's code) and how long each took, queueing for a worker included."""
+
+    def __init__(self, registry: metrics.Registry = metrics.REGISTRY):
+        self.verdicts = registry.counter(
+            "hetfaas.verifier.verdicts",
+            "Programs judged, by verdict and reason",
+            ("hetfaas.verdict", "hetfaas.reason"),
+            unit="{program}",
+        )
+        self.duration = registry.histogram(
+            "hetfaas.verifier.duration", "From a request's arrival to its verdict", ("hetfaas.verdict",)
+        )
+
+    def verdict(self, reply: VerifyReply | ErrorReply, took_s: float) -> None:
+        reason: str
+        if isinstance(reply, ErrorReply):
+            verdict, reason = "refused", reply.error.code
+        elif reply.accepted:
+            verdict, reason = "accepted", ""
+        else:
+            verdict, reason = "rejected", reply.reasons[0].code if reply.reasons else ""
+        self.verdicts.add((verdict, reason))
+        self.duration.record((verdict,), took_s)
 
 
 def ensure_root() -> None:

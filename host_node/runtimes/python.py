@@ -219,8 +219,14 @@ class PythonInstance:
         self.init_ms = init_ms
         self.wants_context = wants_context  # handle(event, context): INVOKE_WITH_CONTEXT frames
         self.start_path = START_FRESH
+        self.instance_id = ""  # faas.instance: set by the node that started it (cpu_runtime.py)
+        self.before_kill: Callable[[], None] | None = None
         self._calls = 0  # calls sent, numbering each (protocol.SEQ)
         self._killed = False
+
+    @property
+    def process(self) -> Process:
+        return self._proc
 
     @property
     def healthy(self) -> bool:
@@ -325,6 +331,8 @@ class PythonInstance:
         return spans
 
     def kill(self) -> None:
+        if not self._killed and self.before_kill is not None:
+            self.before_kill()  # its last CPU reading (host_node/usage.py), while /proc has it
         self._killed = True
         self._proc.kill()
         self._channel.close()

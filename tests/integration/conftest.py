@@ -5,6 +5,8 @@ import asyncio
 import itertools
 import os
 import time
+import tomllib
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -224,3 +226,16 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
         running += step
         peak = max(peak, running)
     return peak
+
+
+def scrape(state_dir: str | Path, service: str) -> str:
+    """The service's Prometheus endpoint, as the launcher configured it."""
+    settings = tomllib.loads((Path(state_dir) / "config" / f"{service}.toml").read_text())
+    with urllib.request.urlopen(f"http://{settings['metrics_listen']}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return response.read().decode()
+
+
+def metric_value(text: str, prefix: str) -> float:
+    """The sum of the samples whose line starts with `prefix` (a name and some of its labels)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))

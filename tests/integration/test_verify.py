@@ -17,6 +17,7 @@ from deploy import launcher
 from fabric import signing
 from schemas.ebpf import VerifyRequest
 from tests.bpf_build import COUNTER, bpf_builder
+from tests.integration.conftest import metric_value, scrape
 from tests.integration.test_tracing import read_spans
 from verifier_service import attestation
 
@@ -90,6 +91,21 @@ def test_verify_explains_a_rejection(verifier_cluster, objects) -> None:
         reason["code"] == "kernel_verifier" and "packet" in reason["message"] and reason["insn"] is not None
     )
     assert policy.returncode == 1 and b"tail_call at instruction" in policy.stdout
+
+
+def test_the_verifier_counts_its_verdicts(verifier_cluster, objects) -> None:
+    before = scrape(verifier_cluster.state_dir, "verifier-0")
+    hetfaas(verifier_cluster, "verify", str(objects["counter"]))
+    hetfaas(verifier_cluster, "verify", str(objects["peek"]))
+    after = scrape(verifier_cluster.state_dir, "verifier-0")
+
+    def grew(series: str) -> float:
+        return metric_value(after, series) - metric_value(before, series)
+
+    accepted = 'hetfaas_verifier_verdicts_total{hetfaas_verdict="accepted",hetfaas_reason=""}'
+    rejected = 'hetfaas_verifier_verdicts_total{hetfaas_verdict="rejected",hetfaas_reason="kernel_verifier"}'
+    assert grew(accepted) == 1 and grew(rejected) == 1
+    assert grew('hetfaas_verifier_duration_seconds_count{hetfaas_verdict="accepted"}') == 1
 
 
 async def test_an_approved_function_comes_back_signed(vclient: Client, verifier_cluster, objects) -> None:

@@ -1,0 +1,120 @@
+"""Metrics as Prometheus scrapes them from the real services: OpenTelemetry's FaaS names in seconds,
+the counters an operator alerts on, CPU and memory per function, queue time, and the Grafana
+dashboard's queries naming only metrics the services serve."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from cli.client import Client
+from deploy import launcher
+from tests.integration.conftest import EXAMPLES, make_function, metric_value, scrape
+from tests.integration.test_cli import hetfaas
+
+pytestmark = pytest.mark.integration
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "observability" / "grafana-dashboard.json"
+WORKS = """
+def handle(payload):
+    if payload == b"fail":
+        raise ValueError("asked to fail")
+    if payload == b"hang":
+        import time
+        time.sleep(5)
+    if payload == b"burn":
+        import time
+        started = time.process_time()
+        while time.process_time() - started < 0.3:  # CPU time, which /proc counts in 10 ms ticks
+            pass
+    return b"ok"
+"""
+
+
+def test_every_service_serves_prometheus_metrics(cluster: launcher.ClusterInfo, tenant: str) -> None:
+    hetfaas(cluster.state_dir, "deploy", str(EXAMPLES / "hello-python"), "--tenant", tenant)
+    runs = [
+        json.loads(hetfaas(cluster.state_dir, "invoke", "hello", "--tenant", tenant, "--json").stdout)
+        for _ in range(3)
+    ]
+    node = runs[0]["node"]
+    assert {r["node"] for r in runs} == {node}, "warm calls stay on the node that started it"
+    host, scheduler = scrape(cluster.state_dir, node), scrape(cluster.state_dir, "scheduler-0")
+
+    mine = f'faas_name="hello",hetfaas_tenant="{tenant}"'
+    assert metric_value(host, f"faas_invocations_total{{{mine}}}") == 3
+    assert metric_value(host, f"faas_coldstarts_total{{{mine}") == 1
+    assert "# TYPE faas_invoke_duration_seconds histogram" in host
+    assert metric_value(host, f'faas_invoke_duration_seconds_count{{{mine},faas_coldstart="false"}}') == 2
+    assert metric_value(host, f"faas_init_duration_seconds_count{{{mine}") == 1
+    warm_s = metric_value(host, f'faas_invoke_duration_seconds_sum{{{mine},faas_coldstart="false"}}')
+    assert 0 < warm_s < 2, f"seconds, not milliseconds: two warm calls took {warm_s}"
+    assert f'faas_invoke_duration_seconds_bucket{{{mine},faas_coldstart="false",le="0.001"}}' in host
+    if os.geteuid() == 0:  # sandbox pools (plain processes otherwise)
+        assert "hetfaas_pool_ready{" in host and "hetfaas_pool_created_total{" in host
+    assert "# TYPE hetfaas_scheduler_queued gauge" in scheduler
+    assert "hetfaas_scheduler_throttled_total" in scheduler
+    queued = f'hetfaas_scheduler_queue_duration_seconds_count{{hetfaas_tenant="{tenant}"}}'
+    assert metric_value(scheduler, queued) == 3, "each invocation's wait, the fast path's too"
+
+
+async def test_errors_timeouts_cpu_and_memory_per_function(
+    cluster: launcher.ClusterInfo, client: Client, tenant: str, tmp_path: Path
+) -> None:
+    manifest = 'runtime = "python"\nhandler = "main:handle"\ntimeout_ms = 1000\n'
+    fn = make_function(tmp_path, "works", manifest, {"main.py": WORKS})
+    await client.deploy(fn, tenant=tenant)
+    burned = await client.invoke(tenant, "works", b"burn")
+    failed = await client.invoke(tenant, "works", b"fail")
+    hung = await client.invoke(tenant, "works", b"hang", timeout_ms=10_000)
+    scheduler_before = scrape(cluster.state_dir, "scheduler-0")
+    unknown = await client.invoke(tenant, "no-such-function")
+    assert burned.ok and failed.error.code == "function_error" and hung.error.code == "timeout"
+    assert unknown.error.code == "not_found"
+    host = scrape(cluster.state_dir, "host-1") + scrape(cluster.state_dir, "host-2")
+    scheduler = scrape(cluster.state_dir, "scheduler-0")
+
+    mine = f'faas_name="works",hetfaas_tenant="{tenant}"'
+    assert metric_value(host, f"faas_invocations_total{{{mine}}}") == 3
+    assert metric_value(host, f'faas_errors_total{{{mine},error_type="function_error"}}') == 1
+    assert metric_value(host, f'faas_errors_total{{{mine},error_type="timeout"}}') == 1
+    assert metric_value(host, f"faas_timeouts_total{{{mine}}}") == 1
+    cpu_s = metric_value(host, f"hetfaas_function_cpu_time_seconds_total{{{mine}}}")
+    assert cpu_s >= 0.25, f"the burn's 0.3 s of CPU is counted: {cpu_s}"
+    assert "# TYPE hetfaas_function_cpu_time_seconds_total counter" in host
+    assert metric_value(host, f"hetfaas_function_memory_bytes{{{mine}}}") > 4 << 20, "an interpreter's RSS"
+    not_found = 'hetfaas_scheduler_errors_total{error_type="not_found"}'
+    assert metric_value(scheduler, not_found) == metric_value(scheduler_before, not_found) + 1
+
+
+def dashboard_metrics() -> set[str]:
+    """The metric names the dashboard's queries use (histogram series named by their family)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs.append(dashboard["templating"]["list"][1]["query"]["query"])
+    names = {n for e in exprs for n in re.findall(r"\b((?:faas|hetfaas)_[a-z_]+)\b", e)}
+    return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+
+
+def served_metrics(text: str) -> set[str]:
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def test_the_dashboard_queries_only_metrics_the_services_serve(
+    cluster: launcher.ClusterInfo, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the verifier's metrics come from a verifier, which needs root")
+    served = served_metrics(scrape(cluster.state_dir, "host-1")) | served_metrics(
+        scrape(cluster.state_dir, "scheduler-0")
+    )
+    verifier = launcher.up(tmp_path / "state", hosts=0, verifiers=1)
+    try:
+        served |= served_metrics(scrape(verifier.state_dir, "verifier-0"))
+    finally:
+        launcher.stop(verifier)
+    missing = dashboard_metrics() - served
+    assert not missing, f"the dashboard asks for metrics no service serves: {sorted(missing)}"
+    assert {"faas_invocations_total", "faas_errors_total", "hetfaas_verifier_verdicts_total"} <= served
