@@ -101,6 +101,18 @@ def attempt_attributes(node_id: str, attempt: int, why: "str | Explanation") -> 
     return {"hetfaas.node": node_id, "hetfaas.attempt": attempt, "hetfaas.placement": why}
 
 
+def removed_meanwhile(view: ClusterView, req: InvokeRequest, record: FunctionRecord) -> ErrorReply | None:
+    """not_found for an invocation whose function was removed while it waited its turn: a
+    removed function runs nothing more. (Known by the view: the record it was admitted
+    with was in the view, and the view no longer has the function.)"""
+    current = view.functions.get((req.tenant, req.function))
+    removed = (req.tenant, req.function, record.deployed_at)
+    if current is not None or removed not in view.removed_deployments:
+        return None
+    why = f"function {req.function!r} was removed while the invocation waited its turn"
+    return error_reply("not_found", why, req.invocation_id)
+
+
 class Invoker:
     def __init__(
         self,
@@ -239,17 +251,6 @@ class Invoker:
         self.counters.resent += 1
         return True
 
-    def _removed_meanwhile(self, req: InvokeRequest, record: FunctionRecord) -> ErrorReply | None:
-        """not_found for an invocation whose function was removed while it waited its turn: a
-        removed function runs nothing more. (Known by the view: the record it was admitted
-        with was in the view, and the view no longer has the function.)"""
-        current = self._view.functions.get((req.tenant, req.function))
-        removed = (req.tenant, req.function, record.deployed_at)
-        if current is not None or removed not in self._view.removed_deployments:
-            return None
-        why = f"function {req.function!r} was removed while the invocation waited its turn"
-        return error_reply("not_found", why, req.invocation_id)
-
     def _stop_handling(self, invocation_id: str, reply: str) -> None:
         if self._handling.get(invocation_id) == reply:
             del self._handling[invocation_id]
@@ -268,7 +269,7 @@ class Invoker:
             if admitted != "admitted":
                 return None if admitted == "handed_over" else admitted
             self.metrics.admitted(req.tenant, time.monotonic() - ctx.received_at)
-            if (removed := self._removed_meanwhile(req, record)) is not None:
+            if (removed := removed_meanwhile(self._view, req, record)) is not None:
                 self.gate.leave((req.tenant, req.function))
                 return removed
             try:
@@ -311,7 +312,7 @@ class Invoker:
             if isinstance(choice, ErrorReply):
                 return choice
             if choice is None:
-                if (removed := self._removed_meanwhile(req, record)) is not None:
+                if (removed := removed_meanwhile(self._view, req, record)) is not None:
                     return removed
                 continue  # waited for room: look again
             node_id, why_here = choice

@@ -66,7 +66,7 @@ class ClusterView:
         self.cordoned: frozenset[str] = frozenset()  # drained by an operator: placed on no more
         self.functions: dict[tuple[str, str], FunctionRecord] = {}
         # deployments removed lately (tenant, name, deployed_at): invocations still queued for
-        # one are answered not_found, not run (Invoker._removed_meanwhile)
+        # one are answered not_found, not run (invoke.removed_meanwhile)
         self.removed_deployments: OrderedDict[tuple[str, str, float], None] = OrderedDict()
         # Heartbeats of nodes not registered now: not seen yet (etcd's watch lags NATS), or
         # whose registration lapsed (`remove_node`).
