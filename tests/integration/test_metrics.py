@@ -69,22 +69,23 @@ async def test_errors_timeouts_cpu_and_memory_per_function(
     burned = await client.invoke(tenant, "works", b"burn")
     failed = await client.invoke(tenant, "works", b"fail")
     hung = await client.invoke(tenant, "works", b"hang", timeout_ms=10_000)
+    fresh = await client.invoke(tenant, "works", b"")  # in a new instance: the hung one was stopped
     scheduler_before = scrape(cluster.state_dir, "scheduler-0")
     unknown = await client.invoke(tenant, "no-such-function")
     assert burned.ok and failed.error.code == "function_error" and hung.error.code == "timeout"
-    assert unknown.error.code == "not_found"
+    assert fresh.ok and fresh.reply.cold_start and unknown.error.code == "not_found"
     host = scrape(cluster.state_dir, "host-1") + scrape(cluster.state_dir, "host-2")
     scheduler = scrape(cluster.state_dir, "scheduler-0")
 
     mine = f'faas_name="works",hetfaas_tenant="{tenant}"'
-    assert metric_value(host, f"faas_invocations_total{{{mine}}}") == 3
+    assert metric_value(host, f"faas_invocations_total{{{mine}}}") == 4
     assert metric_value(host, f'faas_errors_total{{{mine},error_type="function_error"}}') == 1
     assert metric_value(host, f'faas_errors_total{{{mine},error_type="timeout"}}') == 1
     assert metric_value(host, f"faas_timeouts_total{{{mine}}}") == 1
     cpu_s = metric_value(host, f"hetfaas_function_cpu_time_seconds_total{{{mine}}}")
-    assert cpu_s >= 0.25, f"the burn's 0.3 s of CPU is counted: {cpu_s}"
+    assert cpu_s >= 0.25, f"the burn's 0.3 s of CPU counts, read as its instance was stopped: {cpu_s}"
     assert "# TYPE hetfaas_function_cpu_time_seconds_total counter" in host
-    assert metric_value(host, f"hetfaas_function_memory_bytes{{{mine}}}") > 4 << 20, "an interpreter's RSS"
+    assert metric_value(host, f"hetfaas_function_memory_bytes{{{mine}}}") > 4 << 20, "the live instance's RSS"
     not_found = 'hetfaas_scheduler_errors_total{error_type="not_found"}'
     assert metric_value(scheduler, not_found) == metric_value(scheduler_before, not_found) + 1
 
