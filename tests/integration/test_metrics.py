@@ -11,7 +11,7 @@ import pytest
 
 from cli.client import Client
 from deploy import launcher
-from tests.integration.conftest import EXAMPLES, make_function, metric_value, scrape
+from tests.integration.conftest import EXAMPLES, make_function, metric_value, scrape, wait_until
 from tests.integration.test_cli import hetfaas
 
 pytestmark = pytest.mark.integration
@@ -103,7 +103,15 @@ def served_metrics(text: str) -> set[str]:
     return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
 
 
-def test_the_dashboard_queries_only_metrics_the_services_serve(
+def answers(state_dir: str, service: str) -> bool:
+    try:
+        scrape(state_dir, service)
+        return True
+    except OSError:  # not listening yet
+        return False
+
+
+async def test_the_dashboard_queries_only_metrics_the_services_serve(
     cluster: launcher.ClusterInfo, tmp_path: Path
 ) -> None:
     if os.geteuid() != 0:
@@ -113,6 +121,7 @@ def test_the_dashboard_queries_only_metrics_the_services_serve(
     )
     verifier = launcher.up(tmp_path / "state", hosts=0, verifiers=1)
     try:
+        assert await wait_until(lambda: answers(verifier.state_dir, "verifier-0"), timeout_s=30)
         served |= served_metrics(scrape(verifier.state_dir, "verifier-0"))
     finally:
         launcher.stop(verifier)
