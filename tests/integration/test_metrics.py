@@ -5,6 +5,8 @@ dashboard's queries naming only metrics the services serve."""
 import json
 import os
 import re
+import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -95,7 +97,9 @@ def dashboard_metrics() -> set[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     exprs.append(dashboard["templating"]["list"][1]["query"]["query"])
-    names = {n for e in exprs for n in re.findall(r"\b((?:faas|hetfaas)_[a-z_]+)\b", e)}
+    # Label names stand in selectors ({...}) and groupings (by (...)): leave those out.
+    bare = [re.sub(r"\{[^}]*\}|\bby \([^)]*\)|, [a-z_]+\)$", "", e) for e in exprs]
+    names = {n for e in bare for n in re.findall(r"\b((?:faas|hetfaas)_[a-z_]+)\b", e)}
     return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
 
 
@@ -103,11 +107,13 @@ def served_metrics(text: str) -> set[str]:
     return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
 
 
-def answers(state_dir: str, service: str) -> bool:
+def ready(state_dir: str, service: str) -> bool:
+    """/readyz says 200: the service is serving (its instruments exist)."""
+    settings = tomllib.loads((Path(state_dir) / "config" / f"{service}.toml").read_text())
     try:
-        scrape(state_dir, service)
-        return True
-    except OSError:  # not listening yet
+        with urllib.request.urlopen(f"http://{settings['metrics_listen']}/readyz", timeout=5) as response:
+            return response.status == 200
+    except OSError:  # not listening yet, or 503 (an HTTPError)
         return False
 
 
@@ -121,7 +127,7 @@ async def test_the_dashboard_queries_only_metrics_the_services_serve(
     )
     verifier = launcher.up(tmp_path / "state", hosts=0, verifiers=1)
     try:
-        assert await wait_until(lambda: answers(verifier.state_dir, "verifier-0"), timeout_s=30)
+        assert await wait_until(lambda: ready(verifier.state_dir, "verifier-0"), timeout_s=30)
         served |= served_metrics(scrape(verifier.state_dir, "verifier-0"))
     finally:
         launcher.stop(verifier)
