@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from cli.context import print_json, state_dir
+from cli.context import state_dir
+from cli.output import CommandError, emit, output_option, structured
 from cli.tenants import authority_of_cluster, save_and_push
 from deploy import authority, launcher
 from fabric import credentials
@@ -27,13 +28,13 @@ def account() -> None:
 
 
 @account.command("show")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def account_show(as_json: bool) -> None:
+@output_option
+def account_show(fmt: str) -> None:
     """The account's public key and its signing keys, newest (the one that signs) first."""
     keys = authority_of_cluster()
     shown = {"account": keys.account, "signing_keys": keys.signing_keys, "users": len(keys.issued)}
-    if as_json:
-        print_json(shown)
+    if structured():
+        emit(shown)
         return
     click.echo(f"account {keys.account}")
     for i, key in enumerate(keys.signing_keys):
@@ -43,16 +44,16 @@ def account_show(as_json: bool) -> None:
 
 
 @account.command("rotate-signing-key")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def rotate(as_json: bool) -> None:
+@output_option
+def rotate(fmt: str) -> None:
     """Step 1: add a new signing key (to every account); issue the services' credentials again."""
     keys = authority_of_cluster()
     new_key = keys.add_signing_key()
     save_and_push(keys, "the new signing key is kept", all_accounts(keys))
     reissued = reissue_service_creds(keys)
     authority.save(keys, launcher.secrets_dir(state_dir()))
-    if as_json:
-        print_json({"signing_key": new_key, "reissued": reissued, "retiring": keys.signing_keys[1:]})
+    if structured():
+        emit({"signing_key": new_key, "reissued": reissued, "retiring": keys.signing_keys[1:]})
         return
     click.echo(f"new signing key {new_key}; {len(reissued)} service credential(s) issued again under it")
     click.echo(
@@ -62,18 +63,18 @@ def rotate(as_json: bool) -> None:
 
 
 @account.command("retire-signing-keys")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def retire(as_json: bool) -> None:
+@output_option
+def retire(fmt: str) -> None:
     """Step 2: remove every signing key but the newest; users they signed are refused."""
     keys = authority_of_cluster()
     retired = keys.retire_signing_keys()
     if not retired:
-        raise click.ClickException(
-            "bad_request: the account has one signing key; `hetfaas account rotate-signing-key` adds one"
+        raise CommandError(
+            "bad_request", "the account has one signing key; `hetfaas account rotate-signing-key` adds one"
         )
     save_and_push(keys, "retired", all_accounts(keys))
-    if as_json:
-        print_json({"retired": retired, "signing_key": keys.signing_keys[0]})
+    if structured():
+        emit({"retired": retired, "signing_key": keys.signing_keys[0]})
     else:
         click.echo(f"{len(retired)} signing key(s) retired; users they signed are refused from now on")
 

@@ -31,6 +31,8 @@ from schemas.messages import (
     ClusterStatus,
     DeployReply,
     DeployRequest,
+    DescribeReply,
+    DescribeRequest,
     DrainNode,
     DrainReply,
     ErrorReply,
@@ -39,6 +41,7 @@ from schemas.messages import (
     InvokeReply,
     InvokeRequest,
     ListFunctions,
+    LogPosition,
     LogsReply,
     LogsRequest,
     RemoveFunction,
@@ -376,12 +379,26 @@ class Client:
                 subjects.control(tenant, subjects.REMOVE), request, codec.remove_result, tenant, False
             )
 
-    async def logs(self, tenant: str, function: str, lines: int = 100) -> LogsReply:
-        """The last `lines` lines of the function's output on each host node holding any."""
-        request = LogsRequest(tenant=tenant, function=function, lines=lines)
+    async def logs(
+        self,
+        tenant: str,
+        function: str,
+        lines: int = 100,
+        since: float = 0.0,
+        after: dict[str, LogPosition] | None = None,
+    ) -> LogsReply:
+        """The last `lines` lines of the function's output on each host node holding any (only
+        those written since `since`, unix seconds; or after each node's position in `after`)."""
+        request = LogsRequest(tenant=tenant, function=function, lines=lines, since=since, after=after or {})
         return await self._control(
             subjects.control(tenant, subjects.LOGS), request, codec.logs_result, tenant
         )
+
+    async def describe(self, tenant: str, function: str) -> DescribeReply:
+        """The function's record, where it is warm, and its recent invocations (every node's)."""
+        request = DescribeRequest(tenant=tenant, function=function)
+        subject = subjects.control(tenant, subjects.DESCRIBE)
+        return await self._control(subject, request, codec.describe_result, tenant)
 
     async def functions(self, tenant: str | None = None) -> list[FunctionRecord]:
         """One tenant's functions (a tenant's credentials: its own), or, for the operator,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from cli.output import CommandError
 from deploy import launcher, machine, plan, probe, supervisor
 
 UNIT = "hetfaas-machine@.service"
@@ -46,7 +47,7 @@ def cluster_plan(spec: Path, out: Path, rotate_signing_key: bool, retire_signing
             progress=lambda m: click.echo(f"  {m}", err=True),
         )
     except (plan.PlanError, machine.MachineError) as exc:
-        raise click.ClickException(f"bad_request: {exc}") from None
+        raise CommandError("bad_request", f"{exc}") from None
     click.echo(f"wrote {len(written) - 1} machine directories and the operator's context in {out}")
     click.echo(f"  on each machine: hetfaas machine install {out}/<machine>  (or: hetfaas machine run ...)")
     click.echo(f"  then here:       export HETFAAS_CONTEXT={out / plan.OPERATOR}; hetfaas status")
@@ -68,7 +69,7 @@ def machine_run(directory: Path, data_dir: Path | None, restart_after: float) ->
     try:
         status = supervisor.run(directory, data_dir, restart_after)
     except machine.MachineError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CommandError("unavailable", str(exc)) from None
     sys.exit(status)
 
 
@@ -80,9 +81,9 @@ def machine_install(directory: Path, no_start: bool) -> None:
     try:
         config = machine.read(directory)
     except machine.MachineError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CommandError("unavailable", str(exc)) from None
     if os.geteuid() != 0:
-        raise click.ClickException("unauthorized: installing a machine needs root")
+        raise CommandError("unauthorized", "installing a machine needs root")
     target = install_files(directory, config.name, INSTALL_ROOT, UNIT_DIR)
     click.echo(f"installed {target} and {UNIT_DIR / UNIT}")
     if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
@@ -111,5 +112,5 @@ def machine_health(info: launcher.ClusterInfo) -> list[probe.RoleHealth]:
     """Every planned machine's roles and their health (`hetfaas status` with a context)."""
     context = plan.read_context(Path(info.state_dir))
     if context is None:
-        raise click.ClickException(f"bad_request: {info.state_dir} has no machines.json (plan it again)")
+        raise CommandError("bad_request", f"{info.state_dir} has no machines.json (plan it again)")
     return asyncio.run(probe.machines(info, context))

@@ -13,6 +13,7 @@ import nats
 
 from cli import render
 from cli.client import Client, ClientError, ProgramRejected
+from cli.output import CommandError
 from deploy import launcher
 from fabric.bundles import BundleError
 from fabric.telemetry import setup_tracing, stop_tracing
@@ -34,9 +35,10 @@ def state_dir() -> Path:
     if given := given or os.environ.get("HETFAAS_CONTEXT"):
         path = Path(given).resolve()
         if not (path / launcher.CLUSTER_FILE).is_file():
-            raise click.ClickException(
-                f"bad_request: {path} is not a cluster context (no {launcher.CLUSTER_FILE}): "
-                "`hetfaas cluster plan SPEC --out DIR` writes one in DIR/operator"
+            raise CommandError(
+                "bad_request",
+                f"{path} is not a cluster context (no {launcher.CLUSTER_FILE}): "
+                "`hetfaas cluster plan SPEC --out DIR` writes one in DIR/operator",
             )
         return path
     return launcher.default_state_dir()
@@ -47,8 +49,8 @@ def nats_url() -> str:
         return url
     info = launcher.read_cluster(state_dir())
     if info is None or not (info.processes or info.planned):
-        raise click.ClickException(
-            f"no cluster found in {state_dir()}: run `hetfaas up` or set HETFAAS_NATS_URL"
+        raise CommandError(
+            "not_found", f"no cluster found in {state_dir()}: run `hetfaas up` or set HETFAAS_NATS_URL"
         )
     return info.nats_url
 
@@ -95,13 +97,13 @@ def run(coro_fn: Callable[..., Awaitable[Any]], *args: Any, trace_all: bool = Fa
         return asyncio.run(main())
     except ProgramRejected as exc:
         click.echo(render.verdict(exc.verdict, "the function's program"), err=True)
-        raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
+        raise CommandError(exc.error.code, exc.error.message, exc.error.detail) from None
     except ClientError as exc:
-        raise click.ClickException(f"{exc.error.code}: {exc.error.message}") from None
+        raise CommandError(exc.error.code, exc.error.message, exc.error.detail) from None
     except (ManifestError, BundleError) as exc:
-        raise click.ClickException(f"bad_request: {exc}") from None
+        raise CommandError("bad_request", f"{exc}") from None
     except (OSError, nats.errors.Error) as exc:
-        raise click.ClickException(f"unavailable: cannot reach the cluster at {nats_url()} ({exc})") from None
+        raise CommandError("unavailable", f"cannot reach the cluster at {nats_url()} ({exc})") from None
     finally:
         if provider:
             stop_tracing()  # flushes the client's spans before the command returns

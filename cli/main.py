@@ -2,20 +2,17 @@
 
 import logging
 import os
-import sys
-import time
 from pathlib import Path
-from typing import IO
 
 import click
 import msgspec
 
-from cli import account, cluster, maps, nodes, render, tenants, traces
-from cli.client import RETRY_AFTER_MS, Client
-from cli.context import TENANT_HELP, acting_as, print_json, run, state_dir
+from cli import account, cluster, functions, invoking, maps, meta, nodes, observe, render, tenants
+from cli.client import Client
+from cli.context import TENANT_HELP, acting_as, run, state_dir
+from cli.output import CommandError, emit, exit_for, output_option, structured
 from deploy import launcher
 from deploy.services import ServiceError
-from fabric import trace_stream
 from fabric.runner import quiet_tls_close
 from schemas.ebpf import PROG_TYPES, VerifyRequest
 
@@ -101,7 +98,7 @@ def up(hosts: int, schedulers: int, verifiers: int, dpus: int, use_tls: bool) ->
             use_tls=use_tls,
         )
     except ServiceError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CommandError("unavailable", str(exc)) from None
     nodes = hosts + (dpus if os.geteuid() == 0 else 0)
     click.echo(f"  waiting for {nodes} node(s) to register", err=True)
     status = run(_wait_for_nodes, nodes, info)
@@ -134,143 +131,21 @@ def down() -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def status(as_json: bool) -> None:
+@output_option
+def status(fmt: str) -> None:
     """Show the cluster's nodes, their health and load (and a planned cluster's machines)."""
     state = state_dir()
     info = launcher.read_cluster(state)
     processes = launcher.running_processes(info) if info else {}
     machines = cluster.machine_health(info) if info and info.planned else None
-    if machines is not None and not as_json:
+    if machines is not None and not structured():
         click.echo(render.machines_table(machines) + "\n")
     found = run(lambda c: c.status())
-    if as_json:
+    if structured():
         shown = {"state_dir": str(state), "processes": processes, **msgspec.to_builtins(found)}
-        print_json(shown | ({"machines": msgspec.to_builtins(machines)} if machines is not None else {}))
+        emit(shown | ({"machines": msgspec.to_builtins(machines)} if machines is not None else {}))
     else:
         click.echo(render.status_table(found, state, processes))
-
-
-@cli.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--tenant", default=None, help="deploy under this tenant instead of the manifest's")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def deploy(path: Path, tenant: str | None, as_json: bool) -> None:
-    """Register the function in PATH (a directory holding function.toml, or the file itself).
-    A python function's requirements are built into its dependency layer first (progress on
-    stderr)."""
-    reply = run(lambda c: c.deploy(path, tenant, progress=lambda line: click.echo(line, err=True)))
-    if as_json:
-        print_json(msgspec.to_builtins(reply))
-        return
-    spec = reply.function.spec
-    verb = "deployed" if reply.updated else "unchanged"
-    layer = f", layer {reply.function.layer_digest[:19]}" if reply.function.layer_digest else ""
-    click.echo(
-        f"{verb} {spec.tenant}/{spec.name} ({spec.runtime}, {reply.function.bundle_size} bytes, "
-        f"{reply.function.bundle_digest[:19]}{layer}, revision {reply.revision})"
-    )
-
-
-@cli.command("rm")
-@click.argument("name")
-@click.option("--tenant", default=None, help=TENANT_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def remove(name: str, tenant: str | None, as_json: bool) -> None:
-    """Remove function NAME: no new invocations; those running finish; its idle instances stop
-    (an eBPF function's program is unloaded). Its code stays in the bundle store."""
-    reply = run(lambda c: c.remove(acting_as(c, tenant), name))
-    if as_json:
-        print_json(msgspec.to_builtins(reply))
-        return
-    click.echo(f"removed {tenant}/{name} ({reply.function.bundle_digest[:19]})")
-
-
-@cli.command()
-@click.argument("name")
-@click.option("--tenant", default=None, help=TENANT_HELP)
-@click.option(
-    "--tail", "lines", default=100, show_default=True, type=click.IntRange(1, 10_000), help="lines per node"
-)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def logs(name: str, tenant: str | None, lines: int, as_json: bool) -> None:
-    """Print the last lines of function NAME's output (its stdout and stderr) from every host
-    node that ran it, each line prefixed with its node when more than one did."""
-    reply = run(lambda c: c.logs(acting_as(c, tenant), name, lines))
-    if as_json:
-        print_json(msgspec.to_builtins(reply))
-        return
-    if not reply.logs:
-        click.echo(f"{tenant}/{name} has written nothing yet", err=True)
-    for node_logs in reply.logs:
-        prefix = f"{node_logs.node} | " if len(reply.logs) > 1 else ""
-        for line in node_logs.lines:
-            click.echo(prefix + line)
-
-
-@cli.command()
-@click.argument("name")
-@click.option("--tenant", default=None, help=TENANT_HELP)
-@click.option("--data", help="payload text")
-@click.option("--data-file", type=click.File("rb"), help="payload file ('-' for stdin)")
-@click.option("--timeout-ms", default=30_000, show_default=True, type=click.IntRange(1, 900_000))
-@click.option(
-    "--retry-after-ms",
-    default=RETRY_AFTER_MS,
-    show_default=True,
-    type=click.IntRange(0, 900_000),
-    help="send the invocation again (same id) if unanswered this long, then after 2x, 4x...; 0: never",
-)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-@click.option("-v", "--verbose", is_flag=True, help="also print node, cold/warm and latency to stderr")
-@click.option("--trace", "show_trace", is_flag=True, help="then draw the invocation's trace (stderr)")
-def invoke(
-    name: str,
-    tenant: str | None,
-    data: str | None,
-    data_file: IO[bytes] | None,
-    timeout_ms: int,
-    retry_after_ms: int,
-    as_json: bool,
-    verbose: bool,
-    show_trace: bool,
-) -> None:
-    """Invoke function NAME; the payload is --data, --data-file, or stdin when it is not a terminal."""
-    if data is not None and data_file is not None:
-        raise click.UsageError("give --data or --data-file, not both")
-    if data is not None:
-        payload = data.encode()
-    elif data_file is not None:
-        payload = data_file.read()
-    else:
-        payload = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    outcome = run(
-        lambda c: c.invoke(acting_as(c, tenant), name, payload, timeout_ms, retry_after_ms=retry_after_ms),
-        trace_all=show_trace,
-    )
-    if as_json:
-        print_json(render.invoke_json(outcome))
-    elif outcome.ok:
-        sys.stdout.buffer.write(outcome.reply.output)
-        if outcome.reply.output and not outcome.reply.output.endswith(b"\n") and sys.stdout.isatty():
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-    # Output without a final newline, then stderr into the same pipe: start stderr on a line of
-    # its own (stdout itself stays byte for byte what the function returned).
-    unterminated = (
-        outcome.ok and not as_json and not sys.stdout.isatty() and not outcome.reply.output.endswith(b"\n")
-    )
-    if verbose:
-        click.echo(("\n" if unterminated else "") + render.invoke_summary(outcome), err=True)
-    if show_trace:
-        separator = "\n" if unterminated and not verbose else ""
-        click.echo(separator + _wait_for_trace(outcome.invocation_id), err=True)
-    if not outcome.ok:
-        if not as_json:
-            click.echo(f"error: {outcome.error.code}: {outcome.error.message}", err=True)
-            if outcome.error.detail:
-                click.echo(outcome.error.detail.rstrip(), err=True)
-        sys.exit(1)
 
 
 @cli.command()
@@ -286,10 +161,8 @@ def invoke(
     "and bounded loops, no pointer leaks proven from the kernel's log; auto: strict if it passes",
 )
 @click.option("--tenant", default=None, help=TENANT_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def verify(
-    obj: Path, program: str | None, prog_type: str, mode: str, tenant: str | None, as_json: bool
-) -> None:
+@output_option
+def verify(obj: Path, program: str | None, prog_type: str, mode: str, tenant: str | None, fmt: str) -> None:
     """Check an eBPF object (clang -O2 -g -target bpf) against the platform's policy and the
     kernel verifier, without deploying it. Exit status 1 when it is rejected."""
     data = obj.read_bytes()
@@ -305,123 +178,45 @@ def verify(
             )
         )
     )
-    if as_json:
+    if structured():
         body = msgspec.to_builtins(reply)
         body.pop("instructions", None)
-        print_json(body)
+        emit(body)
     else:
         click.echo(render.verdict(reply, str(obj)))
     if not reply.accepted:
-        sys.exit(1)
+        exit_for("rejected")
 
 
 @cli.command()
 @click.argument("digest")
 @click.option("--reason", default="", help="why (kept with the revocation)")
-def revoke(digest: str, reason: str) -> None:
+@output_option
+def revoke(digest: str, reason: str, fmt: str) -> None:
     """Revoke an approved eBPF program by digest: DPU nodes unload it and refuse to load it again."""
     reply = run(lambda c: c.revoke(digest, reason))
-    click.echo(f"revoked {reply.digest}")
-
-
-TRACE_WAIT_S = 10.0  # services export spans every second (OTEL_BSP_SCHEDULE_DELAY)
-
-
-def _traces_dir() -> Path:
-    traces = state_dir() / "traces"
-    if not traces.is_dir():
-        raise click.ClickException(
-            f"no traces in {state_dir()}: `hetfaas trace` reads the local cluster's OTLP-JSON files "
-            "(with OTEL_EXPORTER_OTLP_ENDPOINT set, spans go to your collector instead)"
-        )
-    return traces
-
-
-TRACE_WINDOW_S = 3600.0  # how far back `hetfaas trace` looks in a planned cluster's trace stream
-
-
-def _spans(since_s: float = TRACE_WINDOW_S) -> list[traces.Span]:
-    """The local files' spans (the CLI's own, and a local cluster's), and a planned cluster's
-    from its trace stream (every machine's services publish there)."""
-    spans = traces.read_spans(_traces_dir())
-    info = launcher.read_cluster(state_dir())
-    if info is not None and info.planned:
-        spans += traces.decode_batches(run(lambda c: c.trace_batches(since_s)))
-    return spans
-
-
-HOPS = {"scheduler.invoke", "scheduler.attempt", "node.invoke"}
-
-
-def _wait_for_trace(invocation_id: str) -> str:
-    """The waterfall once every hop's spans have been exported (services flush every second)."""
-    deadline = time.monotonic() + TRACE_WAIT_S
-    while True:
-        spans = traces.trace_of(_spans(), invocation_id)
-        if HOPS <= {s.name for s in spans} or time.monotonic() > deadline:
-            return traces.waterfall(spans) or f"no trace found for {invocation_id}"
-        time.sleep(0.2)
-
-
-@cli.command()
-@click.argument("invocation_id")
-@click.option("--json", "as_json", is_flag=True, help="print the spans as a JSON array")
-def trace(invocation_id: str, as_json: bool) -> None:
-    """Draw an invocation's trace as a waterfall: each hop and phase, where it ran, how long."""
-    spans = traces.trace_of(_spans(), invocation_id)
-    if not spans:
-        raise click.ClickException(f"not_found: no trace for invocation {invocation_id} in {_traces_dir()}")
-    if as_json:
-        print_json([traces.span_json(s) for s in spans])
+    if structured():
+        emit(msgspec.to_builtins(reply))
     else:
-        click.echo(traces.waterfall(spans))
+        click.echo(f"revoked {reply.digest}")
 
 
-@cli.command()
-@click.option("--function", "function", default=None, help="only this function's cold starts")
-@click.option("--since", default=None, help="only the last DURATION (30s, 10m, 2h, 1d)")
-@click.option("--json", "as_json", is_flag=True, help="print the rows as a JSON array")
-def coldstarts(function: str | None, since: str | None, as_json: bool) -> None:
-    """Summarise cold starts: how many, p50/p99 of each phase, its share of the time, by pool mode."""
-    since_s = parse_duration(since) if since else trace_stream.MAX_AGE_S
-    since_ns = time.time_ns() - round(since_s * 1e9) if since else 0
-    summary = traces.cold_starts(_spans(since_s), function, since_ns)
-    rows = traces.cold_start_rows(summary)
-    if as_json:
-        print_json(rows)
-    elif not rows:
-        click.echo(
-            "no cold starts traced"
-            + (f" for {function}" if function else "")
-            + (f" in the last {since}" if since else "")
-        )
-    else:
-        click.echo(render.cold_start_table(rows))
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in "30s", "10m", "2h", "1d" (a bare number is seconds)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if text[-1:] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m, 2h or 1d") from None
-
-
-@cli.command("ls")
-@click.option("--tenant", default=None, help="only this tenant's functions")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON array")
-def list_functions(tenant: str | None, as_json: bool) -> None:
-    """List deployed functions."""
-    records = run(lambda c: c.functions(tenant))
-    if as_json:
-        print_json(msgspec.to_builtins(records))
-    else:
-        click.echo(render.functions_table(records))
-
-
+for command in (
+    functions.deploy,
+    functions.remove,
+    functions.list_functions,
+    functions.get,
+    functions.describe,
+    functions.logs,
+    invoking.invoke,
+    invoking.result,
+    invoking.await_result,
+    observe.trace,
+    observe.coldstarts,
+    meta.version_command,
+    meta.completion,
+):
+    cli.add_command(command)
 cli.add_command(tenants.tenant)
 cli.add_command(maps.maps)
 cli.add_command(account.account)

@@ -6,7 +6,8 @@ import sys
 import click
 
 from cli import render
-from cli.context import TENANT_HELP, acting_as, print_json, run
+from cli.context import TENANT_HELP, acting_as, run
+from cli.output import emit, output_option, structured
 from schemas.ebpf import MapWrite
 
 
@@ -30,12 +31,12 @@ def maps() -> None:
 @maps.command("show")
 @click.argument("name")
 @click.option("--tenant", default=None, help=TENANT_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object (keys and values in hex)")
-def maps_show(name: str, tenant: str | None, as_json: bool) -> None:
+@output_option
+def maps_show(name: str, tenant: str | None, fmt: str) -> None:
     """Show the maps of an ebpf function, as each node running it holds them."""
     reply = run(lambda c: c.maps(acting_as(c, tenant), name))
-    if as_json:
-        print_json([render.map_json(dump) for dump in reply.maps])
+    if structured():
+        emit([render.map_json(dump) for dump in reply.maps])
     else:
         click.echo(render.maps_table(reply.maps) if reply.maps else f"{name} is not loaded on any node yet")
 
@@ -46,10 +47,10 @@ def maps_show(name: str, tenant: str | None, as_json: bool) -> None:
 @click.option("--key", default="", help="the key (none for a queue or stack, whose value is pushed)")
 @click.option("--value", required=True, help="the value")
 @click.option("--tenant", default=None, help=TENANT_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def maps_set(name: str, map_name: str, key: str, value: str, tenant: str | None, as_json: bool) -> None:
+@output_option
+def maps_set(name: str, map_name: str, key: str, value: str, tenant: str | None, fmt: str) -> None:
     """Set one entry of a map of an ebpf function, on every node that has it loaded."""
-    _write_map(name, MapWrite(map=map_name, key=key, value=value), tenant, as_json)
+    _write_map(name, MapWrite(map=map_name, key=key, value=value), tenant)
 
 
 @maps.command("delete")
@@ -57,16 +58,16 @@ def maps_set(name: str, map_name: str, key: str, value: str, tenant: str | None,
 @click.option("--map", "map_name", required=True, help="the map (as the C names it)")
 @click.option("--key", required=True, help="the key")
 @click.option("--tenant", default=None, help=TENANT_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def maps_delete(name: str, map_name: str, key: str, tenant: str | None, as_json: bool) -> None:
+@output_option
+def maps_delete(name: str, map_name: str, key: str, tenant: str | None, fmt: str) -> None:
     """Delete one entry of a map of an ebpf function, on every node that has it loaded."""
-    _write_map(name, MapWrite(map=map_name, key=key), tenant, as_json)
+    _write_map(name, MapWrite(map=map_name, key=key), tenant)
 
 
-def _write_map(name: str, write: MapWrite, tenant: str | None, as_json: bool) -> None:
+def _write_map(name: str, write: MapWrite, tenant: str | None) -> None:
     reply = run(lambda c: c.maps(acting_as(c, tenant), name, write))
-    if as_json:
-        print_json(
+    if structured():
+        emit(
             {
                 "applied": reply.applied,
                 "refused": reply.refused,

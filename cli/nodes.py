@@ -6,7 +6,8 @@ started later, honours it until `uncordon`."""
 import click
 import msgspec
 
-from cli.context import print_json, run
+from cli.context import run
+from cli.output import emit, output_option, structured
 
 
 @click.group()
@@ -16,12 +17,12 @@ def node() -> None:
 
 @node.command("drain")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def node_drain(name: str, as_json: bool) -> None:
+@output_option
+def node_drain(name: str, fmt: str) -> None:
     """No new placements on node NAME; its running invocations finish; its warm instances go."""
     reply = run(lambda c: c.drain(name, True))
-    if as_json:
-        print_json(msgspec.to_builtins(reply))
+    if structured():
+        emit(msgspec.to_builtins(reply))
         return
     click.echo(
         f"node {reply.node_id} drained: nothing more is placed on it; released {reply.released} warm "
@@ -31,11 +32,11 @@ def node_drain(name: str, as_json: bool) -> None:
 
 @node.command("uncordon")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def node_uncordon(name: str, as_json: bool) -> None:
+@output_option
+def node_uncordon(name: str, fmt: str) -> None:
     """Place invocations on node NAME again."""
     reply = run(lambda c: c.drain(name, False))
-    if as_json:
-        print_json(msgspec.to_builtins(reply))
+    if structured():
+        emit(msgspec.to_builtins(reply))
         return
     click.echo(f"node {reply.node_id} uncordoned: placements may go to it again")

@@ -9,7 +9,7 @@ import msgspec
 from cli.client import InvokeOutcome
 from deploy.probe import RoleHealth
 from schemas.ebpf import MapDump, VerifyReply
-from schemas.messages import ClusterStatus, FunctionRecord
+from schemas.messages import ClusterStatus, DescribeReply, FunctionRecord
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -126,11 +126,17 @@ def pool_table(status: ClusterStatus) -> str:
     return table([*headers, "CREATED/RECYCLED/INLINE/VANISHED"], rows)
 
 
-def functions_table(records: list[FunctionRecord]) -> str:
+def functions_table(records: list[FunctionRecord], wide: bool = False) -> str:
+    """One row per function; `wide` (-o wide) adds its concurrency, placement, layer and when it
+    was deployed."""
     if not records:
         return "no functions deployed"
-    rows = [
-        [
+    header = ["TENANT", "NAME", "RUNTIME", "HANDLER/COMMAND", "MEMORY", "TIMEOUT", "BUNDLE"]
+    if wide:
+        header += ["CONCURRENCY", "PLACEMENT", "LAYER", "DEPLOYED"]
+    rows = []
+    for r in records:
+        row = [
             r.spec.tenant,
             r.spec.name,
             r.spec.runtime,
@@ -139,9 +145,55 @@ def functions_table(records: list[FunctionRecord]) -> str:
             f"{r.spec.timeout_ms}ms",
             r.bundle_digest[:19],
         ]
-        for r in records
+        if wide:
+            deployed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.deployed_at))
+            row += [str(r.spec.concurrency), r.spec.placement, r.layer_digest[:19] or "-", deployed]
+        rows.append(row)
+    return table(header, rows)
+
+
+def description(reply: DescribeReply, now: float) -> str:
+    """`hetfaas describe`, as kubectl describe reads: the function, then where it is warm, then
+    its recent invocations, newest first."""
+    record, spec = reply.function, reply.function.spec
+    fields = [
+        ("Name", f"{spec.tenant}/{spec.name}"),
+        ("Runtime", spec.runtime),
+        ("Handler", spec.handler or " ".join(spec.command or []) or "-"),
+        ("Memory", f"{spec.memory_mb}MB"),
+        ("Timeout", f"{spec.timeout_ms}ms"),
+        ("Concurrency", str(spec.concurrency)),
+        ("Placement", spec.placement),
+        ("Revision", str(reply.revision or "-")),
+        ("Bundle", f"{record.bundle_digest} ({record.bundle_size} bytes)"),
+        ("Deployed", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.deployed_at))),
     ]
-    return table(["TENANT", "NAME", "RUNTIME", "HANDLER/COMMAND", "MEMORY", "TIMEOUT", "BUNDLE"], rows)
+    if record.layer_digest:
+        fields.append(("Layer", record.layer_digest))
+    if record.program_digest:
+        fields.append(("Program", record.program_digest))
+    lines = [f"{key + ':':<13}{value}" for key, value in fields]
+    warm = ", ".join(f"{node} ({idle} idle)" for node, idle in sorted(reply.warm.items())) or "nowhere"
+    lines += [f"{'Warm on:':<13}{warm}", "", "Recent invocations:"]
+    rows = [
+        [
+            r.invocation_id,
+            r.node,
+            f"{max(0.0, now - r.at):.0f}s ago",
+            "cold" if r.cold_start else "warm" if r.duration_ms is not None else "-",
+            f"{r.duration_ms:.1f}ms" if r.duration_ms is not None else "-",
+            f"{r.error}: {r.message}" if r.error else "ok",
+        ]
+        for r in reply.recent
+    ]
+    lines.append(
+        table(["ID", "NODE", "WHEN", "START", "DURATION", "OUTCOME"], rows) if rows else "  none yet"
+    )
+    errors = sum(1 for r in reply.recent if r.error)
+    lines.append(f"\n{errors} error(s) in the last {len(reply.recent)} invocation(s)")
+    if reply.unanswered:
+        lines.append(f"(no answer from {', '.join(reply.unanswered)}: their invocations are not shown)")
+    return "\n".join(lines)
 
 
 def invoke_json(outcome: InvokeOutcome) -> dict:

@@ -9,7 +9,8 @@ import click
 import msgspec
 
 from cli import render
-from cli.context import print_json, run, state_dir
+from cli.context import run, state_dir
+from cli.output import CommandError, emit, output_option, structured
 from deploy import authority, launcher
 from fabric import credentials
 from schemas.manifest import name_problems
@@ -27,8 +28,8 @@ def save_and_push(keys: authority.Authority, done: str, jwts: list[str]) -> None
                 authority.push_accounts(info.nats_url, directory / authority.SYSTEM_CREDS, jwts, info.nats_ca)
             )
         except authority.PushError as exc:
-            raise click.ClickException(
-                f"unavailable: {done} in {directory}, not yet on the servers: {exc}"
+            raise CommandError(
+                "unavailable", f"{done} in {directory}, not yet on the servers: {exc}"
             ) from None
 
 
@@ -36,16 +37,17 @@ def authority_of_cluster() -> authority.Authority:
     directory = launcher.secrets_dir(state_dir())
     keys = authority.load(directory)
     if keys is None:
-        raise click.ClickException(
-            f"unauthorized: no cluster authority in {directory}: tenants are managed by the operator "
-            "of a cluster started with `hetfaas up`"
+        raise CommandError(
+            "unauthorized",
+            f"no cluster authority in {directory}: tenants are managed by the operator "
+            "of a cluster started with `hetfaas up`",
         )
     return keys
 
 
 def _check_name(name: str) -> None:
     if problems := name_problems(tenant=name):
-        raise click.ClickException("bad_request: " + "; ".join(problems))
+        raise CommandError("bad_request", "" + "; ".join(problems))
 
 
 @click.group()
@@ -58,8 +60,8 @@ def tenant() -> None:
 @click.option(
     "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="creds file"
 )
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def tenant_create(name: str, out: Path, as_json: bool) -> None:
+@output_option
+def tenant_create(name: str, out: Path, fmt: str) -> None:
     """Create tenant NAME's credentials in OUT (a NATS .creds file, mode 0600): with them every
     command (`--creds OUT` or $HETFAAS_CREDS) acts for NAME, and only for NAME."""
     _check_name(name)
@@ -67,33 +69,33 @@ def tenant_create(name: str, out: Path, as_json: bool) -> None:
     credentials.write_secret(out, keys.issue("tenant", name))
     save_and_push(keys, f"{out} is written, tenant {name}'s account kept", [keys.tenant_account_jwt(name)])
     identity = credentials.read_creds(out)
-    if as_json:
-        print_json({"tenant": name, "creds": str(out.resolve()), "user": identity.user})
+    if structured():
+        emit({"tenant": name, "creds": str(out.resolve()), "user": identity.user})
     else:
         click.echo(f"tenant {name}: credentials written to {out} (user {identity.user[:12]}...)")
 
 
 @tenant.command("revoke")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def tenant_revoke(name: str, as_json: bool) -> None:
+@output_option
+def tenant_revoke(name: str, fmt: str) -> None:
     """Revoke every credential of tenant NAME: new connections are refused at once, open ones
     closed as soon as the servers hear of it. Other tenants are not affected."""
     _check_name(name)
     keys = authority_of_cluster()
     revoked = keys.revoke("tenant", name)
     if not revoked:
-        raise click.ClickException(f"not_found: tenant {name!r} has no credentials that are not revoked")
+        raise CommandError("not_found", f"tenant {name!r} has no credentials that are not revoked")
     save_and_push(keys, "revoked", [keys.tenant_account_jwt(name)])
-    if as_json:
-        print_json({"tenant": name, "revoked": revoked})
+    if structured():
+        emit({"tenant": name, "revoked": revoked})
     else:
         click.echo(f"tenant {name}: {len(revoked)} credential(s) revoked")
 
 
 @tenant.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON array")
-def tenant_list(as_json: bool) -> None:
+@output_option
+def tenant_list(fmt: str) -> None:
     """The tenants credentials were issued to, and which are revoked."""
     rows = [
         {
@@ -104,8 +106,8 @@ def tenant_list(as_json: bool) -> None:
         }
         for name, issued in sorted(authority_of_cluster().tenants().items())
     ]
-    if as_json:
-        print_json(rows)
+    if structured():
+        emit(rows)
     else:
         click.echo(render.tenants_table(rows))
 
@@ -125,12 +127,12 @@ def tenant_list(as_json: bool) -> None:
     type=click.IntRange(1, 1000),
     help="its share of the nodes' room against other tenants' weights, while invocations wait for room",
 )
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def tenant_set(name: str, max_concurrency: int, weight: int, as_json: bool) -> None:
+@output_option
+def tenant_set(name: str, max_concurrency: int, weight: int, fmt: str) -> None:
     """Set tenant NAME's limits (stored in etcd; every scheduler replica follows them)."""
     reply = run(lambda c: c.set_tenant(name, max_concurrency, weight))
-    if as_json:
-        print_json(msgspec.to_builtins(reply.record))
+    if structured():
+        emit(msgspec.to_builtins(reply.record))
     else:
         record = reply.record
         click.echo(

@@ -65,7 +65,9 @@ class HostNodeApp(ServiceApp):
         tasks.spawn(node.runtime.reap_idle(), "reap-idle")
         if settings.python_stem_cells > 0:
             tasks.spawn(node.runtime.stems.keep_stocked(), "stem-cells")
-        tasks.spawn(function_logs.keep_bounded(node.logs, settings.max_log_bytes), "function-logs")
+        tasks.spawn(
+            function_logs.keep_bounded(node.logs, settings.max_log_bytes, node.log_clock), "function-logs"
+        )
         health.READINESS.check = lambda: health.unready(nc, registration)
         log.info("host node %s serving", settings.node_id)
 

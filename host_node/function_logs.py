@@ -12,8 +12,10 @@ the limit on each node, plus what it writes between two checks.
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 
+from host_node.log_clock import LogClock
 from schemas.manifest import NAME_RE
 
 log = logging.getLogger(__name__)
@@ -29,19 +31,29 @@ def log_of(logs_dir: Path, tenant: str, function: str) -> Path:
     return logs_dir / tenant / f"{function}.log"
 
 
-def rotate_oversized(logs_dir: Path, max_bytes: int) -> list[Path]:
+def rotate_oversized(logs_dir: Path, max_bytes: int, clock: LogClock | None = None) -> list[Path]:
     """Rotate every function log in `logs_dir` over `max_bytes`; the logs rotated. A log that
-    cannot be rotated (a full disk) is logged and left for the next check."""
+    cannot be rotated (a full disk) is logged and left for the next check. The clock notes each
+    log's size now, and its rotations."""
     rotated = []
+    now, present = time.time(), set[Path]()
     for path in logs_dir.glob("*/*.log"):
         try:
-            if path.stat().st_size > max_bytes:
+            size = path.stat().st_size
+            present.add(path)
+            if clock is not None:
+                clock.observe(path, size, now)
+            if size > max_bytes:
                 rotate(path, max_bytes)
                 rotated.append(path)
+                if clock is not None:
+                    clock.rotated(path)
         except FileNotFoundError:
             continue  # gone meanwhile
         except OSError as exc:
             log.warning("could not rotate %s: %s", path, exc)
+    if clock is not None:
+        clock.forget_except(present)
     return rotated
 
 
@@ -75,6 +87,36 @@ def tail(path: Path, lines: int, max_bytes: int = MAX_TAIL_BYTES) -> tuple[list[
     return found[-lines:] if lines else [], cut or len(found) > lines
 
 
+def read_from(
+    path: Path, offset: int, lines: int, max_bytes: int = MAX_TAIL_BYTES
+) -> tuple[list[str], bool, int]:
+    """The whole lines written from `offset` on, the last `lines` of them: (lines, whether earlier
+    ones were left out, the offset to read from next: past the last whole line). An offset past
+    the end (the log was emptied since) reads from its start."""
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            start = offset if 0 <= offset <= size else 0
+            start = max(start, size - max_bytes)
+            file.seek(start)
+            data = file.read(size - start)
+    except FileNotFoundError:
+        return [], False, 0
+    whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for its end
+    found = whole.decode(errors="replace").splitlines()
+    cut = start > offset >= 0 and start > 0
+    if cut and found:
+        found = found[1:]  # it may start inside a line
+    return found[-lines:], cut or len(found) > lines, start + len(whole)
+
+
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _end_of(path: Path, max_bytes: int) -> tuple[bytes, bool]:
     """The file's last `max_bytes` bytes, and whether it holds more."""
     try:
@@ -86,9 +128,9 @@ def _end_of(path: Path, max_bytes: int) -> tuple[bytes, bool]:
         return b"", False
 
 
-async def keep_bounded(logs_dir: Path, max_bytes: int) -> None:
+async def keep_bounded(logs_dir: Path, max_bytes: int, clock: LogClock | None = None) -> None:
     """Rotate function logs past `max_bytes` every CHECK_S, off the event loop."""
     while True:
         await asyncio.sleep(CHECK_S)
-        for path in await asyncio.to_thread(rotate_oversized, logs_dir, max_bytes):
+        for path in await asyncio.to_thread(rotate_oversized, logs_dir, max_bytes, clock):
             log.info("rotated %s (over %d bytes)", path, max_bytes)

@@ -18,6 +18,7 @@ from host_node import function_logs, phase_spans
 from host_node.bundle_cache import BundleCache
 from host_node.cpu_runtime import CpuRuntime, ms_since
 from host_node.kernel_probe import KernelProbe
+from host_node.log_clock import LogClock
 from host_node.quiet import Quiet
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.python import FunctionCode
@@ -33,6 +34,7 @@ from schemas.messages import (
     FunctionRemoved,
     Heartbeat,
     InvokeReply,
+    LogPosition,
     LogsReply,
     LogsRequest,
     NodeInvoke,
@@ -63,6 +65,7 @@ class HostNode:
         self._bundles = bundles
         self._spawner = spawner
         self.logs = Path(settings.work_dir) / "logs"
+        self.log_clock = LogClock()  # when each function log grew (logs --since, -f)
         self._tasks = TaskSet()
         self.runtime = CpuRuntime(settings, spawner, self.logs, self._tasks, Quiet(lambda: self.inflight > 0))
         self.calls = WarmCalls(self.runtime, self._tasks, self._answer_call)
@@ -97,10 +100,27 @@ class HostNode:
             log_path = function_logs.log_of(self.logs, req.tenant, req.function)
         except ValueError as exc:
             return error_reply("bad_request", str(exc))
-        lines, truncated = await asyncio.to_thread(function_logs.tail, log_path, max(0, req.lines))
-        if not lines:
+        node_id, clock = self.settings.node_id, self.log_clock
+        after, lines_wanted, generation = (
+            req.after.get(node_id),
+            max(0, req.lines),
+            clock.generation(log_path),
+        )
+        if after is None and not req.since:  # the last lines, and where the log ends now
+            lines, truncated = await asyncio.to_thread(function_logs.tail, log_path, lines_wanted)
+            end = await asyncio.to_thread(function_logs.size_of, log_path)
+        else:
+            if after is not None:
+                start = after.offset if after.generation == generation else 0
+            else:
+                start = clock.offset_at(log_path, req.since)
+            read = await asyncio.to_thread(function_logs.read_from, log_path, start, lines_wanted)
+            lines, truncated, end = read
+        if not lines and not end:
             return LogsReply(logs=[])
-        return LogsReply(logs=[NodeLogs(node=self.settings.node_id, lines=lines, truncated=truncated)])
+        position = LogPosition(generation=generation, offset=end)
+        logs = NodeLogs(node=node_id, lines=lines, truncated=truncated, position=position)
+        return LogsReply(logs=[logs])
 
     async def on_recent(self, req: RecentRequest, ctx: bus.Context) -> RecentReply:
         """The function's last invocations here (an eBPF function's too, on a host that runs them)."""

@@ -318,18 +318,30 @@ class FunctionRemoved(msgspec.Struct, frozen=True, kw_only=True, tag="function_r
     deployed_at: float = 0.0  # the removed deployment's (FunctionRecord.deployed_at)
 
 
+class LogPosition(msgspec.Struct, frozen=True, array_like=True):
+    """Where a read of a node's log of a function ended: `hetfaas logs -f` reads on from there."""
+
+    generation: int  # the log's rotations: an offset of another generation means nothing
+    offset: int
+
+
 class LogsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="logs"):
-    """Client -> scheduler -> every host node: the last `lines` lines of a function's output."""
+    """Client -> scheduler -> every host node: the last `lines` lines of a function's output;
+    only those written since `since` (unix seconds, to the node's 2 s resolution), or after each
+    node's position in `after` (a node not named there: its last lines)."""
 
     tenant: str
     function: str
     lines: int = 100
+    since: float = 0.0
+    after: dict[str, LogPosition] = {}
 
 
 class NodeLogs(msgspec.Struct, frozen=True, kw_only=True):
     node: str
     lines: list[str]  # oldest first, without their newlines
     truncated: bool = False  # the node holds earlier lines too
+    position: LogPosition | None = None  # where this read ended
 
 
 class LogsReply(msgspec.Struct, frozen=True, kw_only=True, tag="logs_reply"):

@@ -220,7 +220,7 @@ class PythonInstance:
         self.wants_context = wants_context  # handle(event, context): INVOKE_WITH_CONTEXT frames
         self.start_path = START_FRESH
         self.instance_id = ""  # faas.instance: set by the node that started it (cpu_runtime.py)
-        self.before_kill: Callable[[], None] | None = None
+        self.before_kill: Callable[[], object] | None = None
         self._calls = 0  # calls sent, numbering each (protocol.SEQ)
         self._killed = False
 

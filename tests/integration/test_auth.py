@@ -121,7 +121,7 @@ async def test_a_tenant_cannot_act_for_another(
         "--tenant",
         tenant,
     )
-    assert as_victim.returncode == 1 and b"unauthorized" in as_victim.stderr
+    assert as_victim.returncode == 4 and b"unauthorized" in as_victim.stderr
     # the server refuses what a raw client tries
     await nc.publish(subjects.invoke(tenant, "secret"), b"x")
     assert await mallory.refused("publish", subjects.invoke(tenant, "secret"))
@@ -267,7 +267,7 @@ async def test_a_revoked_tenant_is_shut_out_and_others_keep_working(
             await Client.connect(cluster.nats_url, "again", creds=doomed_creds)
         assert refused.value.error.code == "unauthorized"
         again = hetfaas(cluster.state_dir, "--creds", doomed_creds, "ls")
-        assert again.returncode == 1 and b"unauthorized" in again.stderr
+        assert again.returncode == 4 and b"unauthorized" in again.stderr
         outcome = await keeps.invoke("keeps", "fn", b"2")
         assert outcome.ok and outcome.reply.output == b"ran:2"
         listed = hetfaas(cluster.state_dir, "tenant", "ls", "--json")

@@ -85,10 +85,10 @@ def test_errors_exit_non_zero(cluster: launcher.ClusterInfo, tenant: str, tmp_pa
     bad = make_function(tmp_path, "bad", 'runtime = "python"\nhandlr = "m:f"\n', {})
     invalid = hetfaas(cluster.state_dir, "deploy", str(bad))
 
-    assert missing.returncode == 1 and b"error: not_found:" in missing.stderr
+    assert missing.returncode == 3 and b"error: not_found:" in missing.stderr
     body = json.loads(missing_json.stdout)
-    assert missing_json.returncode == 1 and body["ok"] is False and body["error"]["code"] == "not_found"
-    assert invalid.returncode == 1 and b"unknown key 'handlr'" in invalid.stderr
+    assert missing_json.returncode == 3 and body["ok"] is False and body["error"]["code"] == "not_found"
+    assert invalid.returncode == 8 and b"unknown key 'handlr'" in invalid.stderr
 
 
 def test_rm_removes_a_function_and_says_so(cluster: launcher.ClusterInfo, tenant: str) -> None:
@@ -101,7 +101,7 @@ def test_rm_removes_a_function_and_says_so(cluster: launcher.ClusterInfo, tenant
 
     assert removed.returncode == 0 and removed.stdout.startswith(f"removed {tenant}/hello (sha256-".encode())
     assert json.loads(listed.stdout) == []
-    assert again.returncode == 1 and b"not_found: function 'hello' is not deployed" in again.stderr
+    assert again.returncode == 3 and b"not_found: function 'hello' is not deployed" in again.stderr
     body = json.loads(as_json.stdout)
     assert as_json.returncode == 0 and body["function"]["spec"]["name"] == "hello"
 
@@ -120,7 +120,7 @@ def test_logs_prints_the_function_s_output(
     unknown = hetfaas(cluster.state_dir, "logs", "ghost", "--tenant", tenant)
 
     assert printed.returncode == 0 and printed.stdout == b"said two\nsaid three\n", printed
-    assert unknown.returncode == 1 and b"not_found" in unknown.stderr
+    assert unknown.returncode == 3 and b"not_found" in unknown.stderr
 
 
 def test_tenant_limits_and_the_replica_table(cluster: launcher.ClusterInfo, tenant: str) -> None:
@@ -140,7 +140,7 @@ def test_tenant_limits_and_the_replica_table(cluster: launcher.ClusterInfo, tena
 
 def test_no_cluster_is_a_clear_error(tmp_path: Path) -> None:
     result = hetfaas(tmp_path / "nothing", "ls")
-    assert result.returncode == 1 and b"no cluster found" in result.stderr and b"hetfaas up" in result.stderr
+    assert result.returncode == 3 and b"no cluster found" in result.stderr and b"hetfaas up" in result.stderr
 
 
 def test_unreachable_nats_fails_fast_and_plainly(tmp_path: Path) -> None:
@@ -148,8 +148,8 @@ def test_unreachable_nats_fails_fast_and_plainly(tmp_path: Path) -> None:
     result = subprocess.run(
         [*HETFAAS, "invoke", "hello"], capture_output=True, env=env, timeout=20, stdin=subprocess.DEVNULL
     )
-    assert result.returncode == 1
-    assert result.stderr.startswith(b"Error: unavailable: cannot reach the cluster at nats://127.0.0.1:")
+    assert result.returncode == 7
+    assert result.stderr.startswith(b"error: unavailable: cannot reach the cluster at nats://127.0.0.1:")
     assert b"Traceback" not in result.stderr
 
 

@@ -162,7 +162,7 @@ def test_the_trace_viewer_draws_the_waterfall_and_gives_the_spans(
     assert {s["name"] for s in as_json} >= {"client.invoke", "node.invoke", "runtime.init"}
     node = next(s for s in as_json if s["name"] == "node.invoke")
     assert node["attributes"]["faas.invocation_id"] == invocation_id and node["duration_ms"] > 0
-    assert unknown.returncode == 1 and b"not_found" in unknown.stderr
+    assert unknown.returncode == 3 and b"not_found" in unknown.stderr
 
 
 def test_invoke_trace_into_one_pipe_starts_the_waterfall_on_a_line_of_its_own(
