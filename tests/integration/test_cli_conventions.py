@@ -73,9 +73,7 @@ def test_errors_are_json_under_o_json_and_exit_statuses_name_the_outcome(
     )
     outsider = create_tenant(cluster, f"{talker}o", tmp_path)
     forbidden = hetfaas(cluster.state_dir, "--creds", outsider, "ls", "--tenant", talker, "-o", "json")
-    bad = hetfaas(
-        cluster.state_dir, "invoke", "talker", "--tenant", talker, "--timeout-ms", "900000", "-o", "json"
-    )
+    bad = hetfaas(cluster.state_dir, "invoke", "no/such", "--tenant", talker, "-o", "json")
     env = {"HETFAAS_NATS_URL": "nats://127.0.0.1:9", "HETFAAS_CREDS": cluster.nats_creds}
     away = subprocess.run(
         [*HETFAAS, "ls", "-o", "json"], capture_output=True, env={**os.environ, **env}, timeout=30

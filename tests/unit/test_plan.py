@@ -201,7 +201,7 @@ def test_a_context_that_is_not_one_is_refused_clearly(tmp_path: Path) -> None:
         cli, ["cluster", "plan", str(tmp_path / "spec.toml"), "--out", str(planned_out)]
     )
 
-    assert result.exit_code == 1 and "is not a cluster context" in result.output
+    assert result.exit_code == 8 and "is not a cluster context" in result.output
     assert plan_result.exit_code == 0 and "export HETFAAS_CONTEXT=" in plan_result.output
 
 
