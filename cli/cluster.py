@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from cli.output import CommandError
+from cli.output import CommandError, emit, output_option, structured
 from deploy import launcher, machine, plan, probe, supervisor
 
 UNIT = "hetfaas-machine@.service"
@@ -33,7 +33,10 @@ def cluster() -> None:
 @click.option(
     "--retire-signing-keys", is_flag=True, help="nodes stop trusting every verifier key but the newest"
 )
-def cluster_plan(spec: Path, out: Path, rotate_signing_key: bool, retire_signing_keys: bool) -> None:
+@output_option
+def cluster_plan(
+    spec: Path, out: Path, rotate_signing_key: bool, retire_signing_keys: bool, fmt: str
+) -> None:
     """Write OUT/<machine>/ for every machine of SPEC and OUT/operator/, the operator's context.
 
     Planning again into the same OUT keeps the cluster's CA, keys and identities."""
@@ -48,6 +51,11 @@ def cluster_plan(spec: Path, out: Path, rotate_signing_key: bool, retire_signing
         )
     except (plan.PlanError, machine.MachineError) as exc:
         raise CommandError("bad_request", f"{exc}") from None
+    if structured():
+        emit(
+            {"out": str(out), "written": [str(path) for path in written], "context": str(out / plan.OPERATOR)}
+        )
+        return
     click.echo(f"wrote {len(written) - 1} machine directories and the operator's context in {out}")
     click.echo(f"  on each machine: hetfaas machine install {out}/<machine>  (or: hetfaas machine run ...)")
     click.echo(f"  then here:       export HETFAAS_CONTEXT={out / plan.OPERATOR}; hetfaas status")
@@ -76,7 +84,8 @@ def machine_run(directory: Path, data_dir: Path | None, restart_after: float) ->
 @machine_group.command("install")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-start", is_flag=True, help="install and enable, but do not start it now")
-def machine_install(directory: Path, no_start: bool) -> None:
+@output_option
+def machine_install(directory: Path, no_start: bool, fmt: str) -> None:
     """Put DIRECTORY in /var/lib/hetfaas/<machine> and enable hetfaas-machine@<machine> (root)."""
     try:
         config = machine.read(directory)
@@ -85,13 +94,20 @@ def machine_install(directory: Path, no_start: bool) -> None:
     if os.geteuid() != 0:
         raise CommandError("unauthorized", "installing a machine needs root")
     target = install_files(directory, config.name, INSTALL_ROOT, UNIT_DIR)
+    unit = f"hetfaas-machine@{config.name}"
+    systemd = shutil.which("systemctl") is not None and Path("/run/systemd/system").is_dir()
+    if systemd:
+        subprocess.run(["systemctl", "daemon-reload"], check=True)
+        subprocess.run(["systemctl", "enable", *([] if no_start else ["--now"]), unit], check=True)
+    if structured():
+        emit(
+            {"installed": str(target), "unit": unit if systemd else None, "started": systemd and not no_start}
+        )
+        return
     click.echo(f"installed {target} and {UNIT_DIR / UNIT}")
-    if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
+    if not systemd:
         click.echo(f"systemd is not running here: start the machine with `hetfaas machine run {target}`")
         return
-    unit = f"hetfaas-machine@{config.name}"
-    subprocess.run(["systemctl", "daemon-reload"], check=True)
-    subprocess.run(["systemctl", "enable", *([] if no_start else ["--now"]), unit], check=True)
     click.echo(f"{unit} enabled" + ("" if no_start else " and started: `journalctl -u " + unit + " -f`"))
 
 

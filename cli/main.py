@@ -71,7 +71,8 @@ def cli(creds: str | None, ca: str | None, context: str | None) -> None:
     show_default=True,
     help="clients reach NATS and etcd over TLS (a CA and certificate are made in the state directory)",
 )
-def up(hosts: int, schedulers: int, verifiers: int, dpus: int, use_tls: bool) -> None:
+@output_option
+def up(hosts: int, schedulers: int, verifiers: int, dpus: int, use_tls: bool, fmt: str) -> None:
     """Start a local cluster in the background; returns when every node has registered.
     Secured: every connection to NATS and etcd authenticates, each identity with only its
     role's permissions; the operator's credentials are kept in the state directory."""
@@ -79,6 +80,9 @@ def up(hosts: int, schedulers: int, verifiers: int, dpus: int, use_tls: bool) ->
     info = launcher.read_cluster(state)
     if info and info.processes and all(launcher.running_processes(info).values()):
         running_hosts = sum(name.startswith("host-") for name in info.processes)
+        if structured():
+            emit({"state_dir": str(state), "already_running": True, "nats_url": info.nats_url})
+            return
         click.echo(
             f"cluster already running with {running_hosts} host node(s) (state directory {state}); "
             "`hetfaas down` stops it"
@@ -102,6 +106,10 @@ def up(hosts: int, schedulers: int, verifiers: int, dpus: int, use_tls: bool) ->
     nodes = hosts + (dpus if os.geteuid() == 0 else 0)
     click.echo(f"  waiting for {nodes} node(s) to register", err=True)
     status = run(_wait_for_nodes, nodes, info)
+    if structured():
+        shown = {"state_dir": str(state), "nats_url": info.nats_url, "etcd": info.etcd_endpoint}
+        emit(shown | {"nats_ca": info.nats_ca or None, **msgspec.to_builtins(status)})
+        return
     click.echo(render.status_table(status, state, launcher.running_processes(info)))
     click.echo(
         f"\ncluster is up: NATS {info.nats_url}, etcd {info.etcd_endpoint}; stop it with `hetfaas down`"
@@ -119,15 +127,20 @@ async def _wait_for_nodes(client: Client, hosts: int, info: launcher.ClusterInfo
 
 
 @cli.command()
-def down() -> None:
+@output_option
+def down(fmt: str) -> None:
     """Stop the local cluster and everything it started (data stays in the state directory)."""
     state = state_dir()
     info = launcher.read_cluster(state)
-    if info is None or not info.processes:
+    stopped = []
+    if info is not None and info.processes:
+        stopped = launcher.stop(info, progress=lambda m: click.echo(f"  {m}", err=True))
+    if structured():
+        emit({"state_dir": str(state), "stopped": list(stopped)})
+    elif info is None or not info.processes:
         click.echo(f"no cluster running in {state}")
-        return
-    stopped = launcher.stop(info, progress=lambda m: click.echo(f"  {m}", err=True))
-    click.echo(f"stopped {len(stopped)} process(es); data kept in {state}")
+    else:
+        click.echo(f"stopped {len(stopped)} process(es); data kept in {state}")
 
 
 @cli.command()

@@ -69,3 +69,24 @@ def test_yaml_of_plain_data() -> None:
         "    - - 2\n"
         "      - 3\n"
     )
+
+
+def test_every_command_that_answers_takes_o() -> None:
+    from cli.main import cli
+
+    def commands(group: click.Group, path: str) -> list[tuple[str, click.Command]]:
+        found = []
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                found += commands(command, f"{path} {name}")
+            else:
+                found.append((f"{path} {name}".strip(), command))
+        return found
+
+    exempt = {"machine run", "completion", "_await"}  # a foreground daemon, a script, the waiter
+    missing = [
+        name
+        for name, command in commands(cli, "")
+        if name not in exempt and not {"output", "as_json"} <= {p.name for p in command.params}
+    ]
+    assert not missing, f"commands without -o/--json: {missing}"
