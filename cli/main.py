@@ -132,12 +132,14 @@ def down(fmt: str) -> None:
     """Stop the local cluster and everything it started (data stays in the state directory)."""
     state = state_dir()
     info = launcher.read_cluster(state)
+    running = info is not None and bool(info.processes)
     stopped = []
-    if info is not None and info.processes:
+    if info is not None and running:
+        # stop() forgets the processes it stopped, so whether any ran is read before
         stopped = launcher.stop(info, progress=lambda m: click.echo(f"  {m}", err=True))
     if structured():
         emit({"state_dir": str(state), "stopped": list(stopped)})
-    elif info is None or not info.processes:
+    elif not running:
         click.echo(f"no cluster running in {state}")
     else:
         click.echo(f"stopped {len(stopped)} process(es); data kept in {state}")
