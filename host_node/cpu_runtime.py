@@ -274,6 +274,7 @@ class CpuRuntime:
                 self.settings.max_output_bytes,
                 self._limits(req.spec),
                 phases,
+                lambda proc: self.usage.track((req.spec.name, req.spec.tenant), proc),
             )
         finally:
             self._exec_memory_mb -= req.spec.memory_mb

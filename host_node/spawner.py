@@ -36,6 +36,7 @@ class Process(Protocol):
     phases: Phases | None
     exited: "asyncio.Future[int]"  # exit status, or -N when killed by signal N
     oom_killed: bool  # set before `exited` completes: the kernel's OOM killer struck
+    cpu_s: float | None  # set before `exited` completes: CPU it (and what it started) used; None unknown
 
     def kill(self) -> None:
         """Kill the process and everything it started."""
@@ -98,6 +99,7 @@ class PlainProcess:
             slot_acquire_us=0, sandbox_setup_us=0, exec_us=spawn_us, prewarmed=False, slot_reused=False
         )
         self.oom_killed = False
+        self.cpu_s: float | None = None
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = loop.create_future()
         self._pidfd = os.pidfd_open(pid)
@@ -106,7 +108,8 @@ class PlainProcess:
     def _reap(self) -> None:
         asyncio.get_running_loop().remove_reader(self._pidfd)
         os.close(self._pidfd)
-        _, status = os.waitpid(self.pid, 0)
+        _, status, usage = os.wait4(self.pid, 0)  # its children's too, those it waited for
+        self.cpu_s = usage.ru_utime + usage.ru_stime
         if not self.exited.done():
             self.exited.set_result(os.waitstatus_to_exitcode(status))
 
@@ -127,6 +130,7 @@ class ForkedProcess:
         self.pid = forks.pid_of(pidfd)
         self.phases: Phases | None = None
         self.oom_killed = False
+        self.cpu_s: float | None = None  # its template reaps it: counted up to the last reading
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = loop.create_future()
         loop.add_reader(pidfd, self._gone)

@@ -1,9 +1,11 @@
-"""CPU time and resident memory of each function's python instances on this node, read from /proc
-when the metrics are collected, never on the invocation path.
+"""CPU time and resident memory of each function's processes on this node (python instances, and
+exec functions' process per call), read from /proc when the metrics are collected, never on the
+invocation path.
 
-An instance's CPU is read at each collection and once more when the node stops it (a timeout, its
-keep-alive over, the function removed); one that dies by itself is counted up to the last reading.
-Exec functions, a process per call, are not counted here.
+A process's CPU is read at each collection and once more when the node stops it (a timeout, its
+keep-alive over, the function removed); when it exits, its spawner's count replaces the readings
+where it is higher: the sandbox's cgroup (everything it started, since the function began) or
+wait4's. So an exec call that lives a few milliseconds, between two collections, is counted whole.
 """
 
 import os
@@ -57,6 +59,8 @@ class FunctionUsage:
 
     def _exited(self, proc: Process) -> None:
         labels, used = self._live.pop(proc, ((), 0.0))
+        if proc.cpu_s is not None:
+            used = max(used, proc.cpu_s)
         if labels:
             self._exited_cpu[labels] = self._exited_cpu.get(labels, 0.0) + used
 
@@ -91,7 +95,7 @@ class FunctionUsage:
         labels = ("faas.name", "hetfaas.tenant")
         registry.gauge(
             "hetfaas.function.cpu_time",
-            "CPU time of the function's python instances on this node",
+            "CPU time of the function's processes on this node",
             labels,
             self.cpu,
             monotonic=True,
@@ -99,7 +103,7 @@ class FunctionUsage:
         )
         registry.gauge(
             "hetfaas.function.memory",
-            "Resident memory of the function's live python instances on this node",
+            "Resident memory of the function's live processes on this node",
             labels,
             self.memory,
             unit="By",

@@ -2,12 +2,13 @@
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from host_node.runtimes.errors import FunctionFailed
 from host_node.runtimes.launch import launch
 from host_node.sandbox.cgroups import Limits
-from host_node.spawner import Spawner, death_of
+from host_node.spawner import Process, Spawner, death_of
 
 STDERR_TAIL = 2000
 
@@ -21,7 +22,9 @@ async def run_exec(
     max_output: int,
     limits: Limits,
     phases: dict[str, float],
+    started: Callable[[Process], None] = lambda _: None,
 ) -> bytes:
+    """Run `command` once on `payload`; `started` is told of its process (for its CPU and memory)."""
     stdin_r, stdin_w = os.pipe()
     stdout_r, stdout_w = os.pipe()
     stderr_r, stderr_w = os.pipe()
@@ -34,6 +37,7 @@ async def run_exec(
     finally:
         for fd in (stdin_r, stdout_w, stderr_w):
             os.close(fd)
+    started(proc)
     try:
         async with asyncio.timeout(timeout_s):
             output, stderr = await _communicate(stdin_w, stdout_r, stderr_r, payload, max_output)

@@ -42,6 +42,7 @@ class SandboxProcess:
         self.slot = launched.slot
         self.phases: protocol.Phases | None = launched.phases
         self.oom_killed = False
+        self.cpu_s: float | None = None  # the slot's count at exit (protocol.Exited)
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def kill(self) -> None:
@@ -349,7 +350,7 @@ class ShardedSpawner:
                 )
             exited = self._running.pop(message.id, None)
             if exited is not None and not exited.exited.done():
-                exited.oom_killed = message.oom_killed
+                exited.oom_killed, exited.cpu_s = message.oom_killed, message.cpu_s
                 exited.exited.set_result(message.status)
 
     def _on_shard_lost(self, link: ShardLink) -> None:

@@ -16,7 +16,7 @@ from functools import partial
 import msgspec
 
 from host_node.sandbox import cgroups, protocol
-from host_node.sandbox.cgroups import Limits, Slot
+from host_node.sandbox.cgroups import Limits, Slot, SlotMark
 from host_node.sandbox.slots import SlotStock, Watch
 
 # A fork is its template's child, reaped by it: its exit status is not the shard's to read
@@ -34,7 +34,7 @@ class Fork:
     pidfd: int
     slot: Slot
     limits: Limits
-    oom_kills_before: int
+    mark: SlotMark  # the slot's counters when the fork was moved in
 
 
 def pid_of(pidfd: int) -> int:
@@ -73,12 +73,12 @@ def adopt(fork_id: int, pidfd: int, template_pid: int, slot: Slot, limits: Limit
             raise NotAFork(f"process {pid} is not a child of its template ({template_pid})")
     except OSError as exc:
         raise NotAFork(f"the fork is gone: {exc}") from None
-    oom_kills = slot.oom_kills()
+    mark = slot.mark()
     for path in slot.procs_files(include_v2=True):
         cgroups.attach(path, pid)
     if not alive(pidfd):  # it died meanwhile: what was moved, if anything, was it
         raise NotAFork(f"process {pid} exited while it was moved")
-    return Fork(fork_id, pid, pidfd, slot, limits, oom_kills)
+    return Fork(fork_id, pid, pidfd, slot, limits, mark)
 
 
 def kill(fork: Fork) -> None:
@@ -147,8 +147,8 @@ class Forks:
         self._unwatch(fork.pidfd)
         close(fork)
         self._by_id.pop(fork.id, None)
-        oom = fork.slot.oom_kills() > fork.oom_kills_before
-        self._reply(protocol.Exited(id=fork.id, status=EXIT_UNKNOWN, oom_killed=oom))
+        oom, cpu_s = fork.slot.since(fork.mark)
+        self._reply(protocol.Exited(id=fork.id, status=EXIT_UNKNOWN, oom_killed=oom, cpu_s=cpu_s))
         self._slots.recycle(fork.slot, ran_launch=True)
 
     def kill(self, fork_id: int) -> None:

@@ -89,6 +89,7 @@ class Exited(msgspec.Struct, tag="exited", frozen=True, kw_only=True):
     id: int
     status: int  # exit code, or -N when killed by signal N
     oom_killed: bool = False  # the kernel's OOM killer struck in the sandbox's cgroup
+    cpu_s: float | None = None  # CPU its processes used since the function began (None: unknown)
 
 
 ToShard = Launch | Assign | Adopt | Kill | Stop

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from host_node.sandbox import cloning, forks, init, linux, protocol
-from host_node.sandbox.cgroups import Slot
+from host_node.sandbox.cgroups import Slot, SlotMark
 from host_node.sandbox.cloning import close_all
 from host_node.sandbox.ids import SandboxIds
 from host_node.sandbox.pool import Backoff, RefillPlanner
@@ -48,7 +48,7 @@ class Sandbox:
     exec_ready_at: float = 0.0
     prewarmed: bool = False
     launched: bool = False
-    oom_kills_before: int = 0
+    mark: SlotMark | None = None  # the slot's counters when the function began
     # code and layer trees (-1: none), then fds, kept until the sandbox is built
     deferred: list[int] = field(default_factory=list)
     error: str = ""
@@ -184,7 +184,7 @@ class Shard:
             close_all([tree for tree in trees if tree >= 0])
         launch = sandbox.launch
         sandbox.launch = msgspec.structs.replace(launch, code_dir=assign.code_dir, limits=assign.limits)
-        sandbox.oom_kills_before = sandbox.slot.oom_kills()
+        sandbox.mark = sandbox.slot.mark()
         self.reply(protocol.Assigned(id=assign.id, assign_us=(time.monotonic() - started) * 1e6))
 
     def reply(self, message: msgspec.Struct) -> None:
@@ -199,7 +199,7 @@ class Shard:
         """naive and pool (and a prewarm miss): clone and set up on the start path; the launch goes
         to the child's socket at once, for hetfaas-waiter to read when the sandbox is built."""
         slot, reused = self.slots.acquire(launch.limits)
-        oom_kills = slot.oom_kills()
+        mark = slot.mark()
         slot_ready = time.monotonic()
         into = self.config.mode != "naive"
         pid, pidfd, parent, child, uid = self.clone(slot, into)
@@ -210,7 +210,7 @@ class Shard:
             )
         child.close()
         sandbox = Sandbox(pid, pidfd, slot, uid, parent, reused, launch, received, slot_ready)
-        sandbox.oom_kills_before = oom_kills
+        sandbox.mark = mark
         self.track(sandbox)
         if userns:  # the code can be mounted once the sandbox is built: on its W
             sandbox.deferred = [os.dup(tree) if tree >= 0 else -1 for tree in trees] + [
@@ -277,7 +277,7 @@ class Shard:
         self, sandbox: Sandbox, launch: protocol.Launch, trees: list[int], fds: list[int], received: float
     ) -> None:
         self.slots.set_limits(sandbox.slot, launch.limits)
-        sandbox.oom_kills_before = sandbox.slot.oom_kills()
+        sandbox.mark = sandbox.slot.mark()
         sandbox.launch, sandbox.started_at = launch, received
         sandbox.slot_ready_at = time.monotonic()
         self.send_activation(sandbox, launch, trees, fds)
@@ -353,12 +353,12 @@ class Shard:
         launch = sandbox.launch
         if launch is not None:
             self.by_id.pop(launch.id, None)
+            oom, cpu_s = sandbox.slot.since(sandbox.mark) if sandbox.mark else (False, None)
             if sandbox.launched:
-                oom = sandbox.slot.oom_kills() > sandbox.oom_kills_before
-                self.reply(protocol.Exited(id=launch.id, status=status, oom_killed=oom))
+                self.reply(protocol.Exited(id=launch.id, status=status, oom_killed=oom, cpu_s=cpu_s))
             else:
                 why = sandbox.error or f"the sandbox exited with status {status} before exec"
-                if sandbox.slot.oom_kills() > sandbox.oom_kills_before:
+                if oom:
                     why += f" (out of memory: {launch.limits.memory_mb} MB is too little to set up in)"
                 self.reply(protocol.LaunchFailed(id=launch.id, message=why))
         self.ids.give_back(sandbox.uid)  # its pid namespace, and every process in it, is gone

@@ -13,6 +13,9 @@ import pytest
 
 from cli.client import Client
 from deploy import launcher
+from host_node.runtimes.exec import run_exec
+from host_node.sandbox.settings import SandboxSettings
+from host_node.spawner import PlainSpawner, Process
 from tests.integration.conftest import EXAMPLES, make_function, metric_value, scrape, wait_until
 from tests.integration.test_cli import hetfaas
 
@@ -90,6 +93,62 @@ async def test_errors_timeouts_cpu_and_memory_per_function(
     assert metric_value(host, f"hetfaas_function_memory_bytes{{{mine}}}") > 4 << 20, "the live instance's RSS"
     not_found = 'hetfaas_scheduler_errors_total{error_type="not_found"}'
     assert metric_value(scheduler, not_found) == metric_value(scheduler_before, not_found) + 1
+
+
+# Burns CPU in a child (a subshell), then prints `times`: the shell's and its children's CPU.
+BURN_IN_A_CHILD = """#!/bin/sh
+( i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done )
+times
+"""
+
+
+def seconds_of(times_line: str) -> float:
+    """`0m0.31s 0m0.02s` (user, system) as seconds."""
+    total = 0.0
+    for field in times_line.split():
+        minutes, _, rest = field.partition("m")
+        total += int(minutes) * 60 + float(rest.rstrip("s"))
+    return total
+
+
+async def test_an_exec_functions_cpu_counts_each_short_call_whole(
+    cluster: launcher.ClusterInfo, client: Client, tenant: str, tmp_path: Path
+) -> None:
+    """A process per call lives between two scrapes: its CPU (what it started, too) is counted at
+    its exit, from its sandbox's cgroup (wait4 in plain mode)."""
+    fn = make_function(
+        tmp_path,
+        "burner",
+        'runtime = "exec"\ncommand = ["./burn.sh"]\ntimeout_ms = 20000\n',
+        {"burn.sh": BURN_IN_A_CHILD},
+    )
+    await client.deploy(fn, tenant=tenant)
+    outcomes = [await client.invoke(tenant, "burner") for _ in range(2)]
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    said = sum(seconds_of(line) for o in outcomes for line in o.reply.output.decode().splitlines())
+    host = scrape(cluster.state_dir, "host-1") + scrape(cluster.state_dir, "host-2")
+
+    counted = metric_value(
+        host, f'hetfaas_function_cpu_time_seconds_total{{faas_name="burner",hetfaas_tenant="{tenant}"}}'
+    )
+    assert said >= 0.05, f"the loops burned some CPU: {said}"
+    # `times` counts in 10 ms ticks, two lines a call; the cgroup's count is exact
+    assert counted >= said - 0.04 * len(outcomes), f"counted {counted} s of the {said} s the calls used"
+    assert counted < said + 1.0, "no other function's CPU"
+
+
+async def test_a_plain_process_reports_its_cpu_and_its_childrens_at_exit(tmp_path: Path) -> None:
+    """Plain mode (no sandbox, no cgroup): wait4's count, which holds the children it waited for."""
+    (tmp_path / "burn.sh").write_text(BURN_IN_A_CHILD)
+    (tmp_path / "burn.sh").chmod(0o755)
+    seen: list[Process] = []
+    limits = SandboxSettings(mode="plain").limits_for(128)
+    output = await run_exec(PlainSpawner(), ["./burn.sh"], tmp_path, b"", 20.0, 4096, limits, {}, seen.append)
+
+    said = sum(seconds_of(line) for line in output.decode().splitlines())
+    [proc] = seen
+    assert proc.exited.done() and proc.cpu_s is not None
+    assert said >= 0.05 and said - 0.04 <= proc.cpu_s < said + 0.5, (said, proc.cpu_s)
 
 
 def dashboard_metrics() -> set[str]:

@@ -12,6 +12,7 @@ class FakeProcess:
         self.pid = pid
         self.phases = None
         self.oom_killed = False
+        self.cpu_s: float | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def kill(self) -> None:
@@ -46,6 +47,22 @@ async def test_a_reading_never_goes_back() -> None:
     cpu[7] = 0.1  # the pid now names another process
     assert usage.cpu() == {("f", "t"): 1.0}
     assert usage.memory() == {}
+
+
+async def test_the_spawners_count_at_exit_replaces_a_lower_reading() -> None:
+    cpu: dict[int, float] = {}  # an exec call: gone before any collection read it
+    usage = FunctionUsage(read_cpu=cpu.get, read_memory=lambda pid: None)
+    short, long_lived = FakeProcess(3), FakeProcess(4)
+    usage.track(("f", "t"), short)
+    usage.track(("g", "t"), long_lived)
+    cpu[4] = 0.75
+    assert usage.cpu() == {("f", "t"): 0.0, ("g", "t"): 0.75}
+    short.cpu_s, long_lived.cpu_s = 0.5, 0.25  # the cgroup's since the function began; none for /proc's
+    short.kill()
+    long_lived.kill()
+    await asyncio.sleep(0)  # the exits' callbacks
+
+    assert usage.cpu() == {("f", "t"): 0.5, ("g", "t"): 0.75}, "the higher of the two, never less"
 
 
 def test_this_process_as_proc_shows_it() -> None:
