@@ -130,5 +130,8 @@ def _print_logs(reply: LogsReply, multi: bool, first: bool) -> None:
         return
     for node_logs in reply.logs:
         prefix = f"{node_logs.node} | " if multi else ""
+        if node_logs.truncated and not first:
+            why = "rotated away before this read, or more than one read returns"
+            click.echo(f"({node_logs.node}: lines left out: {why})", err=True)
         for line in node_logs.lines:
             click.echo(prefix + line)

@@ -101,21 +101,21 @@ class HostNode:
         except ValueError as exc:
             return error_reply("bad_request", str(exc))
         node_id, clock = self.settings.node_id, self.log_clock
-        after, lines_wanted, generation = (
-            req.after.get(node_id),
-            max(0, req.lines),
-            clock.generation(log_path),
-        )
-        if after is None and not req.since:  # the last lines, and where the log ends now
-            lines, truncated = await asyncio.to_thread(function_logs.tail, log_path, lines_wanted)
-            end = await asyncio.to_thread(function_logs.size_of, log_path)
-        else:
+        after, lines_wanted = req.after.get(node_id), max(0, req.lines)
+        for _ in range(3):  # a rotation (on its thread) between the generation and the read: again
+            generation = clock.generation(log_path)
             if after is not None:
-                start = after.offset if after.generation == generation else 0
-            else:
+                read_on, was = function_logs.read_on, (after.generation, after.offset)
+                lines, truncated, end = await asyncio.to_thread(read_on, log_path, clock, *was, lines_wanted)
+            elif req.since:
                 start = clock.offset_at(log_path, req.since)
-            read = await asyncio.to_thread(function_logs.read_from, log_path, start, lines_wanted)
-            lines, truncated, end = read
+                read_from = function_logs.read_from
+                lines, truncated, end = await asyncio.to_thread(read_from, log_path, start, lines_wanted)
+            else:  # the last lines, and where the log ends now
+                lines, truncated = await asyncio.to_thread(function_logs.tail, log_path, lines_wanted)
+                end = await asyncio.to_thread(function_logs.size_of, log_path)
+            if clock.generation(log_path) == generation:
+                break
         if not lines and not end:
             return LogsReply(logs=[])
         position = LogPosition(generation=generation, offset=end)
