@@ -48,7 +48,7 @@ class Sandbox:
     exec_ready_at: float = 0.0
     prewarmed: bool = False
     launched: bool = False
-    mark: SlotMark | None = None  # the slot's counters when the function began
+    mark: SlotMark | None = None  # the slot's counters when the function began (prewarmed: went idle)
     # code and layer trees (-1: none), then fds, kept until the sandbox is built
     deferred: list[int] = field(default_factory=list)
     error: str = ""
@@ -260,6 +260,9 @@ class Shard:
         if data.startswith(init.READY):
             self.building.discard(sandbox.pidfd)
             self.unwatch(sandbox.status.fileno())
+            # Idle from here until its activation, which so need not read the slot's counters
+            # on the start path (two cgroupfs reads, ~11 µs each on this VM).
+            sandbox.mark = sandbox.slot.mark()
             self.prewarmed.append(sandbox)
             self.backoff.succeeded()
             return
@@ -277,7 +280,6 @@ class Shard:
         self, sandbox: Sandbox, launch: protocol.Launch, trees: list[int], fds: list[int], received: float
     ) -> None:
         self.slots.set_limits(sandbox.slot, launch.limits)
-        sandbox.mark = sandbox.slot.mark()
         sandbox.launch, sandbox.started_at = launch, received
         sandbox.slot_ready_at = time.monotonic()
         self.send_activation(sandbox, launch, trees, fds)

@@ -43,6 +43,12 @@ def test_a_rotation_starts_a_new_generation(tmp_path: Path) -> None:
     assert clock.generation(log) == 0, "a log gone from disk is forgotten"
 
 
+def new_log(root: Path) -> Path:
+    log = root / "acme" / "f.log"
+    log.parent.mkdir()
+    return log
+
+
 def follower_read(
     log: Path, clock: LogClock, position: tuple[int, int]
 ) -> tuple[list[str], bool, tuple[int, int]]:
@@ -53,9 +59,7 @@ def follower_read(
 
 
 def test_a_follower_reads_on_across_a_rotation_and_loses_nothing(tmp_path: Path) -> None:
-    log = tmp_path / "acme" / "f.log"
-    log.parent.mkdir()
-    clock = LogClock()
+    log, clock = new_log(tmp_path), LogClock()
     log.write_bytes(b"one\ntwo\n")
     first, _, position = follower_read(log, clock, (0, 0))
     with log.open("ab") as f:
@@ -72,9 +76,7 @@ def test_a_follower_reads_on_across_a_rotation_and_loses_nothing(tmp_path: Path)
 
 
 def test_a_follower_is_told_when_lines_went_before_it_read_them(tmp_path: Path) -> None:
-    log = tmp_path / "acme" / "f.log"
-    log.parent.mkdir()
-    clock = LogClock()
+    log, clock = new_log(tmp_path), LogClock()
     log.write_bytes(b"one\n")
     _, _, position = follower_read(log, clock, (0, 0))
     log.write_bytes(b"one\n" + b"".join(b"line %d\n" % n for n in range(20)))
